@@ -1,0 +1,9 @@
+"""nf4lora: hand-written kernels for QLoRA (NF4/FP4 4-bit weights + LoRA adapters).
+
+The format is bitsandbytes' byte for byte; see README.md for the API and numbers.
+"""
+from . import _ops, functional  # noqa: F401  (registers the torch.library ops)
+from .backends import available_backends, get_backend, set_backend  # noqa: F401
+from .functional import QuantState  # noqa: F401
+
+__version__ = "0.1.0"

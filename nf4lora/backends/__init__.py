@@ -1,0 +1,103 @@
+"""Backend selection: which implementation runs an op for a tensor on a device.
+
+Every backend module exposes the same functions, all taking tensors the caller has
+already validated (dtypes, shapes, contiguity; see `nf4lora.functional`):
+
+  quantize_4bit(A, blocksize, quant_type) -> (packed uint8 [ceil(n/2)], absmax f32 [blocks])
+  dequantize_4bit(packed, absmax, blocksize, quant_type, out, nested) -> None  (fills `out`)
+  quantize_blockwise(A, code, blocksize) -> (codes uint8 [n], absmax f32 [blocks])
+  dequantize_blockwise(codes, absmax, code, blocksize, out) -> None           (fills `out`)
+
+`nested` is a `NestedAbsmax` when `absmax` holds 8-bit codes of double quantization,
+otherwise None. Each module also has `availability() -> str | None`: None when usable,
+otherwise the reason it is not (shown to the user who asked for it).
+
+Choice, first match wins: `set_backend(name)`, then the NF4LORA_BACKEND environment
+variable, then the device's default ("cpu" for CPU tensors when the C++ extension is
+built, else "reference"; "cuda" then "triton" for CUDA tensors). A backend that was
+asked for but cannot run raises; it never falls back silently.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from typing import NamedTuple
+
+import torch
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+ENV_VAR = "NF4LORA_BACKEND"
+
+_override: str | None = None
+
+
+class NestedAbsmax(NamedTuple):
+    """The second level of double quantization: absmax[i] = code[q[i]] * absmax[i // blocksize] + offset."""
+    absmax: torch.Tensor
+    code: torch.Tensor
+    offset: float
+    blocksize: int
+
+
+def _module(name: str):
+    return importlib.import_module(f"nf4lora.backends.{name}")
+
+
+def availability(name: str) -> str | None:
+    """None if backend `name` can run here, else why not."""
+    if name not in BACKENDS:
+        return f"unknown backend {name!r}; choose one of {BACKENDS}"
+    try:
+        return _module(name).availability()
+    except ImportError as error:  # a backend whose own imports fail is unavailable
+        return f"importing it failed: {error}"
+
+
+def available_backends() -> list[str]:
+    return [name for name in BACKENDS if availability(name) is None]
+
+
+def set_backend(name: str | None) -> None:
+    """Force one backend for every op (None restores automatic choice)."""
+    if name is not None:
+        reason = availability(name)
+        if reason is not None:
+            raise RuntimeError(f"nf4lora backend {name!r} is not available: {reason}")
+    global _override
+    _override = name
+
+
+def get_backend() -> str | None:
+    """The forced backend, from `set_backend` or NF4LORA_BACKEND, or None."""
+    return _override or os.environ.get(ENV_VAR) or None
+
+
+_warned_reference_fallback = False
+
+
+def _default_for(device: torch.device) -> str:
+    global _warned_reference_fallback
+    if device.type == "cuda":
+        return "cuda" if availability("cuda") is None else "triton"
+    if availability("cpu") is None:
+        return "cpu"
+    if not _warned_reference_fallback:
+        _warned_reference_fallback = True
+        warnings.warn("nf4lora's C++ CPU extension is not built (" + str(availability("cpu"))
+                      + "); using the slow pure-PyTorch reference backend.", stacklevel=3)
+    return "reference"
+
+
+def backend_for(device: torch.device):
+    """The backend module that runs ops on `device`."""
+    name = get_backend() or _default_for(device)
+    reason = availability(name)
+    if reason is not None:
+        raise RuntimeError(f"nf4lora backend {name!r} (requested via "
+                           f"{'set_backend' if _override else ENV_VAR}) is not available: {reason}")
+    module = _module(name)
+    if device.type not in module.DEVICE_TYPES:
+        raise RuntimeError(f"nf4lora backend {name!r} runs on {module.DEVICE_TYPES} tensors, "
+                           f"not {device.type}")
+    return module

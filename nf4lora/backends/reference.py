@@ -1,0 +1,33 @@
+"""The reference backend: `nf4lora.reference` (the spec) behind the backend interface."""
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def availability() -> str | None:
+    return None
+
+
+def quantize_4bit(A, blocksize, quant_type):
+    return reference.quantize_4bit(A, blocksize, quant_type)
+
+
+def dequantize_4bit(packed, absmax, blocksize, quant_type, out, nested):
+    if nested is not None:
+        absmax = reference.dequantize_absmax(absmax, nested.absmax, nested.code,
+                                             nested.offset, nested.blocksize)
+    out.copy_(reference.dequantize_4bit(packed, absmax, blocksize, quant_type,
+                                        out.shape, out.dtype))
+
+
+def quantize_blockwise(A, code, blocksize):
+    return reference.quantize_blockwise(A, code, blocksize)
+
+
+def dequantize_blockwise(codes, absmax, code, blocksize, out):
+    out.copy_(reference.dequantize_blockwise(codes, absmax, code, blocksize, out.dtype)
+              .reshape(out.shape))

@@ -1,0 +1,245 @@
+"""bitsandbytes' functional API for 4-bit and 8-bit blockwise quantization.
+
+`import nf4lora.functional as F` where `import bitsandbytes.functional as F` was:
+same names, signatures, defaults, returned shapes and bytes. Where this module
+behaves differently it says so at the function (all are stricter checks or fixes
+of degenerate cases, never a different format).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _ops
+from .codebook import create_dynamic_map, create_normal_map, get_4bit_type  # noqa: F401  (public)
+from .quant_state import QuantState
+
+__all__ = [
+    "QuantState", "get_4bit_type", "create_normal_map", "create_dynamic_map",
+    "quantize_4bit", "dequantize_4bit", "quantize_nf4", "dequantize_nf4", "quantize_fp4",
+    "dequantize_fp4", "quantize_blockwise", "dequantize_blockwise", "gemv_4bit",
+]
+
+DEFAULT_BLOCKSIZE = 64          # bitsandbytes' 4-bit default on every platform since 0.50
+NESTED_BLOCKSIZE = 256          # double quantization: one float32 absmax2 per 256 absmax codes
+DEFAULT_8BIT_BLOCKSIZE = 4096   # bitsandbytes' quantize_blockwise default
+
+
+@functools.lru_cache(maxsize=None)
+def _dynamic_map_on(device: torch.device) -> Tensor:
+    return create_dynamic_map().to(device)
+
+
+def dynamic_map(device) -> Tensor:
+    """A fresh copy of the dynamic 8-bit map on `device` (states own their tables)."""
+    return _dynamic_map_on(torch.device(device)).clone()
+
+
+def _raise_on_nonfinite(absmax: Tensor, blocksize: int, name: str = "A") -> None:
+    """absmax is NaN or Inf exactly for the blocks holding a NaN or Inf, so this check
+    costs one pass over n/blocksize floats instead of one over the input."""
+    bad = torch.nonzero(~torch.isfinite(absmax))
+    if bad.numel():
+        block = int(bad[0, 0])
+        raise ValueError(f"{name} contains NaN or Inf: first in block {block} (flat elements "
+                         f"{block * blocksize}..{(block + 1) * blocksize - 1}); "
+                         f"{bad.shape[0]} bad block(s) in all")
+
+
+def _store_as(packed: Tensor, quant_storage: torch.dtype) -> Tensor:
+    """Packed bytes as a [k, 1] tensor of `quant_storage`, the same bytes reinterpreted.
+
+    bitsandbytes allocates (n+1) // (2 * itemsize) elements and so drops the last bytes
+    when they do not fill a whole element (e.g. 3 elements in bfloat16 storage); here the
+    tail is zero-padded to a whole element instead, so no code is lost.
+    """
+    if not isinstance(quant_storage, torch.dtype):
+        raise TypeError(f"quant_storage must be a torch.dtype, got {quant_storage!r}")
+    if quant_storage == torch.uint8:
+        return packed.unsqueeze(1)
+    if quant_storage.is_complex or quant_storage == torch.bool:
+        raise ValueError(f"quant_storage must be an integer or float dtype, got {quant_storage}")
+    itemsize = quant_storage.itemsize
+    padded = torch.nn.functional.pad(packed, (0, -packed.numel() % itemsize))
+    return padded.view(quant_storage).unsqueeze(1)
+
+
+def _as_bytes(A: Tensor) -> Tensor:
+    if not isinstance(A, Tensor):
+        raise TypeError(f"A must be a tensor of packed 4-bit codes, got {type(A).__name__}")
+    flat = A.reshape(-1)
+    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
+
+
+def quantize_4bit(A: Tensor, absmax: Optional[Tensor] = None, out: Optional[Tensor] = None,
+                  blocksize: Optional[int] = None, compress_statistics: bool = False,
+                  quant_type: str = "fp4",
+                  quant_storage: torch.dtype = torch.uint8) -> tuple[Tensor, QuantState]:
+    """Quantize A (fp32/fp16/bf16, any shape) to 4 bits per element, blockwise.
+
+    Returns (packed [(bytes) / itemsize, 1] of `quant_storage`, QuantState). With
+    compress_statistics the float32 absmax is double-quantized: its mean is subtracted
+    and the rest is stored as 8-bit dynamic-map codes with one float32 per 256 blocks.
+    NaN or Inf in A raises ValueError naming the first bad block.
+    `absmax` and `out`, if given, receive copies of the results (bitsandbytes' legacy
+    out-parameters).
+    """
+    blocksize = DEFAULT_BLOCKSIZE if blocksize is None else blocksize
+    _ops.check_float("A", A)
+    _ops.check_quant_args(blocksize, quant_type)
+    packed, block_absmax = _ops.quantize_4bit(A, blocksize, quant_type)
+    _raise_on_nonfinite(block_absmax, blocksize)
+    code = get_4bit_type(quant_type, device=A.device)
+    if compress_statistics:
+        offset = _offset(block_absmax)
+        qabsmax, state2 = quantize_blockwise(block_absmax - offset, blocksize=NESTED_BLOCKSIZE)
+        state = QuantState(absmax=qabsmax, shape=A.shape, dtype=A.dtype, blocksize=blocksize,
+                           code=code, quant_type=quant_type, offset=offset, state2=state2)
+    else:
+        state = QuantState(absmax=block_absmax, shape=A.shape, dtype=A.dtype, blocksize=blocksize,
+                           code=code, quant_type=quant_type)
+    stored = _store_as(packed, quant_storage)
+    if absmax is not None:
+        absmax.copy_(state.absmax)
+    return (out.copy_(stored) if out is not None else stored), state
+
+
+def _offset(absmax: Tensor) -> Tensor:
+    """torch's float32 mean, the reduction bitsandbytes uses (0 for no blocks)."""
+    return absmax.mean() if absmax.numel() else absmax.new_zeros(())
+
+
+def _check_state_4bit(state: QuantState) -> None:
+    # Duck-typed, so a bitsandbytes QuantState works too.
+    if not all(hasattr(state, f) for f in ("absmax", "shape", "blocksize", "quant_type", "state2")):
+        raise TypeError(f"quant_state must be a QuantState, got {type(state).__name__}")
+    _ops.check_quant_args(state.blocksize, state.quant_type)
+    if state.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"quant_state.dtype must be float32, float16 or bfloat16, got {state.dtype}")
+    if state.shape is None:
+        raise ValueError("quant_state.shape is None; a 4-bit state needs the original shape")
+
+
+def dequantize_4bit(A: Tensor, quant_state: Optional[QuantState] = None,
+                    absmax: Optional[Tensor] = None, out: Optional[Tensor] = None,
+                    blocksize: Optional[int] = None, quant_type: str = "fp4") -> Tensor:
+    """Dequantize packed 4-bit codes to quant_state.dtype and quant_state.shape.
+
+    Without a quant_state, `absmax` (float32) and `out` (giving shape and dtype) are
+    required, as in bitsandbytes. The nested absmax of a double-quantized state is
+    decoded inside the same kernel pass, not materialized first.
+    """
+    if quant_state is None:
+        if absmax is None or out is None:
+            raise ValueError("dequantize_4bit needs quant_state, or both absmax and out")
+        quant_state = QuantState(absmax=absmax, shape=out.shape, dtype=out.dtype,
+                                 blocksize=DEFAULT_BLOCKSIZE if blocksize is None else blocksize,
+                                 quant_type=quant_type)
+    _check_state_4bit(quant_state)
+    packed = _as_bytes(A)
+    nested = {}
+    if quant_state.nested:
+        state2 = quant_state.state2
+        nested = dict(nested_absmax=state2.absmax, nested_code=state2.code,
+                      nested_offset=float(quant_state.offset), nested_blocksize=state2.blocksize)
+    args = (packed, quant_state.absmax, quant_state.blocksize, quant_state.quant_type)
+    if out is None:
+        out = _ops.dequantize_4bit(*args, list(quant_state.shape), quant_state.dtype, **nested)
+    else:
+        if out.numel() != math.prod(quant_state.shape):
+            raise ValueError(f"out has {out.numel()} elements, the state describes shape "
+                             f"{tuple(quant_state.shape)}")
+        _ops.dequantize_4bit_out(*args, out, **nested)
+    # bitsandbytes' compatibility shim: a packed weight passed transposed, as [1, bytes],
+    # comes back transposed. (bitsandbytes also does this for a [1, 1] input, i.e. a
+    # 1- or 2-element tensor, which only scrambles tiny shapes; that case is left alone.)
+    if A.dim() == 2 and A.shape[0] == 1 and A.shape[1] > 1 and out.dim() == 2:
+        return out.t()
+    return out
+
+
+def quantize_nf4(A: Tensor, absmax: Optional[Tensor] = None, out: Optional[Tensor] = None,
+                 blocksize: Optional[int] = None, compress_statistics: bool = False,
+                 quant_storage: torch.dtype = torch.uint8):
+    return quantize_4bit(A, absmax, out, blocksize, compress_statistics, "nf4", quant_storage)
+
+
+def quantize_fp4(A: Tensor, absmax: Optional[Tensor] = None, out: Optional[Tensor] = None,
+                 blocksize: Optional[int] = None, compress_statistics: bool = False,
+                 quant_storage: torch.dtype = torch.uint8):
+    return quantize_4bit(A, absmax, out, blocksize, compress_statistics, "fp4", quant_storage)
+
+
+def dequantize_nf4(A: Tensor, quant_state: Optional[QuantState] = None,
+                   absmax: Optional[Tensor] = None, out: Optional[Tensor] = None,
+                   blocksize: Optional[int] = None) -> Tensor:
+    return dequantize_4bit(A, quant_state, absmax, out, blocksize, "nf4")
+
+
+def dequantize_fp4(A: Tensor, quant_state: Optional[QuantState] = None,
+                   absmax: Optional[Tensor] = None, out: Optional[Tensor] = None,
+                   blocksize: Optional[int] = None) -> Tensor:
+    return dequantize_4bit(A, quant_state, absmax, out, blocksize, "fp4")
+
+
+def quantize_blockwise(A: Tensor, code: Optional[Tensor] = None, absmax: Optional[Tensor] = None,
+                       out: Optional[Tensor] = None, blocksize: int = DEFAULT_8BIT_BLOCKSIZE,
+                       nested: bool = False) -> tuple[Tensor, QuantState]:
+    """8-bit blockwise quantization with a 256-entry code (default: the dynamic map).
+
+    Encoding follows bitsandbytes' CUDA kernel (exact nearest code by binary search);
+    its CPU build reads an approximate 65536-bin table instead and so can pick the
+    neighbouring code for values near a midpoint.
+    """
+    _ops.check_float("A", A)
+    code = dynamic_map(A.device) if code is None else code
+    codes, block_absmax = _ops.quantize_blockwise(A, code, blocksize)
+    _raise_on_nonfinite(block_absmax, blocksize)
+    if nested:
+        offset = _offset(block_absmax)
+        qabsmax, state2 = quantize_blockwise(block_absmax - offset, blocksize=blocksize)
+        state = QuantState(absmax=qabsmax, code=code.clone(), blocksize=blocksize, dtype=A.dtype,
+                           offset=offset, state2=state2)
+    else:
+        state = QuantState(absmax=block_absmax, code=code, blocksize=blocksize, dtype=A.dtype)
+    if absmax is not None:
+        absmax.copy_(state.absmax)
+    return (out.copy_(codes) if out is not None else codes), state
+
+
+def dequantize_blockwise(A: Tensor, quant_state: Optional[QuantState] = None,
+                         absmax: Optional[Tensor] = None, code: Optional[Tensor] = None,
+                         out: Optional[Tensor] = None, blocksize: int = DEFAULT_8BIT_BLOCKSIZE,
+                         nested: bool = False) -> Tensor:
+    """code[q] * absmax[block] in quant_state.dtype (float32 without a state)."""
+    if quant_state is None:
+        if absmax is None:
+            raise ValueError("dequantize_blockwise needs quant_state or absmax")
+        quant_state = QuantState(absmax=absmax, blocksize=blocksize, dtype=torch.float32,
+                                 code=dynamic_map(A.device) if code is None else code)
+    block_absmax = quant_state.absmax
+    if quant_state.nested:
+        block_absmax = dequantize_blockwise(quant_state.absmax, quant_state.state2)
+        block_absmax = block_absmax + quant_state.offset
+    result = _ops.dequantize_blockwise(A, block_absmax.float(), quant_state.code,
+                                       quant_state.blocksize, quant_state.dtype)
+    return out.copy_(result) if out is not None else result
+
+
+def gemv_4bit(A: Tensor, B: Tensor, out: Optional[Tensor] = None, transposed_A: bool = False,
+              transposed_B: bool = False, state: Optional[QuantState] = None) -> Tensor:
+    """A @ W^T for a 4-bit W (bitsandbytes passes B = packed_weight.t()).
+
+    For now this is dequantize + torch's matmul; the fused kernels arrive with the
+    matmul ops.
+    """
+    if state is None:
+        raise ValueError("gemv_4bit needs the weight's quant state (state=...)")
+    weight = dequantize_4bit(B.t() if B.dim() == 2 and B.shape[0] == 1 else B, state)
+    result = torch.nn.functional.linear(A, weight.to(A.dtype))
+    return out.copy_(result) if out is not None else result
+

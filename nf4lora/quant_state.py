@@ -1,0 +1,239 @@
+"""QuantState: what it takes to dequantize a 4-bit tensor, and its state-dict form.
+
+The fields, their meaning and the serialized keys are bitsandbytes' (see
+shared/reference/nf4_format.md section 4), so states move between the two libraries
+through `as_dict(packed=True)` / `from_dict`. Unlike bitsandbytes, `from_dict`
+checks everything it reads and says what is wrong, instead of failing later in a
+kernel with a shape error.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import torch
+
+from .codebook import QUANT_TYPES, get_4bit_type
+
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+PACKED_KEY_PREFIX = "quant_state.bitsandbytes__"
+TENSOR_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+JSON_KEYS = ("quant_type", "blocksize", "dtype", "shape",
+             "nested_blocksize", "nested_dtype", "nested_offset")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'bfloat16' for torch.bfloat16: the spelling bitsandbytes writes."""
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: Any, key: str) -> torch.dtype:
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"quant state {key!r} must name a torch dtype, got {name!r}")
+    return dtype
+
+
+class QuantState:
+    """State of a blockwise-quantized tensor (bitsandbytes' field names).
+
+    absmax:     float32 [blocks], or uint8 [blocks] codes when double-quantized (nested)
+    shape:      torch.Size of the original tensor
+    code:       the 16-entry table (4-bit) or 256-entry map (8-bit)
+    dtype:      the original dtype, and the dtype dequantization returns by default
+    blocksize, quant_type ('nf4' | 'fp4', None for 8-bit states)
+    offset:     float32 0-d tensor, the mean subtracted before double quantization
+    state2:     the nested QuantState (absmax2 float32, code = dynamic map, blocksize 256)
+    """
+
+    def __init__(self, absmax, shape=None, code=None, blocksize=None, quant_type=None,
+                 dtype=None, offset=None, state2=None):
+        self.absmax = absmax
+        self.shape = shape
+        self.code = code
+        self.dtype = dtype
+        self.blocksize = blocksize
+        self.quant_type = quant_type
+        self.offset = offset
+        self.state2 = state2
+
+    @property
+    def nested(self) -> bool:
+        return self.state2 is not None
+
+    def __getattr__(self, name):
+        # FSDP's state-dict traversal resolves the key "weight.quant_state.bitsandbytes__nf4"
+        # with getattr on this object; answer it with the packed blob.
+        if name.startswith("bitsandbytes__"):
+            packed = self.as_dict(packed=True)
+            if "quant_state." + name in packed:
+                return packed["quant_state." + name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __getitem__(self, index):
+        """The list layout of bitsandbytes < 0.41 states, for old call sites."""
+        nested = [self.offset, self.state2] if self.nested else None
+        return [self.absmax, self.shape, self.dtype, self.blocksize, nested, self.quant_type][index]
+
+    def __repr__(self) -> str:
+        return (f"QuantState(quant_type={self.quant_type!r}, shape={tuple(self.shape or ())}, "
+                f"dtype={self.dtype}, blocksize={self.blocksize}, nested={self.nested}, "
+                f"device={self.absmax.device})")
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, QuantState):
+            return NotImplemented
+        def same(a, b):
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+                return a.shape == b.shape and torch.equal(a.cpu(), b.cpu())
+            return a == b
+        return all(same(getattr(self, f), getattr(other, f)) for f in
+                   ("absmax", "shape", "code", "dtype", "blocksize", "quant_type",
+                    "offset", "state2"))
+
+    __hash__ = None
+
+    def to(self, device) -> "QuantState":
+        """Move every tensor to `device`, in place (as bitsandbytes does); returns self."""
+        self.absmax = self.absmax.to(device)
+        if self.code is not None:
+            self.code = self.code.to(device)
+        if self.nested:
+            self.offset = self.offset.to(device)
+            self.state2.to(device)
+        return self
+
+    def as_dict(self, packed: bool = False) -> dict[str, Any]:
+        """The state-dict form. packed=True: tensors only, the scalars JSON-encoded into
+        one uint8 tensor under 'quant_state.bitsandbytes__<quant_type>' (safetensors-safe),
+        byte for byte what bitsandbytes writes."""
+        items: dict[str, Any] = {
+            "quant_type": self.quant_type,
+            "absmax": self.absmax,
+            "blocksize": self.blocksize,
+            "quant_map": self.code,
+            "dtype": dtype_name(self.dtype),
+            "shape": tuple(self.shape) if self.shape is not None else None,
+        }
+        if self.nested:
+            items.update({
+                "nested_absmax": self.state2.absmax,
+                "nested_blocksize": self.state2.blocksize,
+                # A copy, so safetensors does not see the dynamic map shared between layers.
+                "nested_quant_map": self.state2.code.clone(),
+                "nested_dtype": dtype_name(self.state2.dtype),
+                "nested_offset": self.offset.item(),
+            })
+        if not packed or self.quant_type is None:
+            return items
+        tensors = {k: v for k, v in items.items() if isinstance(v, torch.Tensor)}
+        scalars = {k: v for k, v in items.items() if not isinstance(v, torch.Tensor)}
+        blob = json.dumps(scalars).encode("utf-8")
+        tensors[PACKED_KEY_PREFIX + self.quant_type] = torch.tensor(list(blob), dtype=torch.uint8)
+        return tensors
+
+    @classmethod
+    def from_dict(cls, qs_dict: dict[str, Any], device=None) -> "QuantState":
+        """Rebuild a 4-bit state from `as_dict` output, packed or not.
+
+        Keys may carry a prefix (e.g. 'weight.absmax'); only the last component counts.
+        Every key, type, size and value is checked; a bad one raises ValueError naming it.
+        """
+        items = _unpack(qs_dict)
+        quant_type = items.get("quant_type")
+        if quant_type not in QUANT_TYPES:
+            raise ValueError(f"quant state 'quant_type' must be one of {QUANT_TYPES}, got {quant_type!r}")
+        for key in ("absmax", "quant_map", "blocksize", "dtype", "shape"):
+            if key not in items:
+                raise ValueError(f"quant state is missing {key!r}")
+        blocksize = items["blocksize"]
+        if blocksize not in BLOCKSIZES:
+            raise ValueError(f"quant state 'blocksize' must be one of {BLOCKSIZES}, got {blocksize!r}")
+        dtype = dtype_from_name(items["dtype"], "dtype")
+        shape = items["shape"]
+        if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise ValueError(f"quant state 'shape' must be a list of sizes, got {shape!r}")
+        shape = torch.Size(shape)
+        blocks = math.ceil(math.prod(shape) / blocksize)
+
+        quant_map = _tensor(items, "quant_map", torch.float32, (16,))
+        if not torch.equal(quant_map.cpu(), get_4bit_type(quant_type)):
+            raise ValueError(f"quant state 'quant_map' is not the {quant_type} table")
+
+        nested_keys = [k for k in items if k.startswith("nested_")]
+        if nested_keys:
+            for key in ("nested_absmax", "nested_quant_map", "nested_blocksize",
+                        "nested_dtype", "nested_offset"):
+                if key not in items:
+                    raise ValueError(f"quant state has {nested_keys} but is missing {key!r}")
+            nested_blocksize = items["nested_blocksize"]
+            if not isinstance(nested_blocksize, int) or nested_blocksize <= 0:
+                raise ValueError(f"quant state 'nested_blocksize' must be a positive int, got {nested_blocksize!r}")
+            if not isinstance(items["nested_offset"], (int, float)):
+                raise ValueError(f"quant state 'nested_offset' must be a number, got {items['nested_offset']!r}")
+            absmax = _tensor(items, "absmax", torch.uint8, (blocks,))
+            state2 = cls(
+                absmax=_tensor(items, "nested_absmax", torch.float32,
+                               (math.ceil(blocks / nested_blocksize),)).to(device),
+                code=_tensor(items, "nested_quant_map", torch.float32, (256,)).to(device),
+                blocksize=nested_blocksize,
+                dtype=dtype_from_name(items["nested_dtype"], "nested_dtype"),
+            )
+            offset = torch.tensor(float(items["nested_offset"]), dtype=torch.float32, device=device)
+        else:
+            absmax = _tensor(items, "absmax", torch.float32, (blocks,))
+            state2 = offset = None
+        return cls(absmax=absmax.to(device), shape=shape, code=quant_map.to(device),
+                   blocksize=blocksize, quant_type=quant_type, dtype=dtype,
+                   offset=offset, state2=state2)
+
+
+def _unpack(qs_dict: dict[str, Any]) -> dict[str, Any]:
+    """Strip key prefixes and decode the packed JSON blob; reject unknown keys."""
+    if not isinstance(qs_dict, dict):
+        raise ValueError(f"quant state must be a dict, got {type(qs_dict).__name__}")
+    items: dict[str, Any] = {}
+    blobs = [k for k in qs_dict if "quant_state." in k or k.startswith("bitsandbytes__")]
+    if len(blobs) > 1:
+        raise ValueError(f"quant state has more than one packed entry: {blobs}")
+    for key, value in qs_dict.items():
+        if key in blobs:
+            name = key.split(".")[-1]
+            if name not in {"bitsandbytes__" + q for q in QUANT_TYPES}:
+                raise ValueError(f"quant state key {key!r} must end in one of "
+                                 f"{['bitsandbytes__' + q for q in QUANT_TYPES]}")
+            if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
+                raise ValueError(f"quant state {key!r} must be a uint8 tensor of JSON bytes")
+            try:
+                decoded = json.loads(bytes(value.cpu().reshape(-1).tolist()).decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                raise ValueError(f"quant state {key!r} holds malformed JSON: {error}") from None
+            if not isinstance(decoded, dict):
+                raise ValueError(f"quant state {key!r} must hold a JSON object")
+            unknown = set(decoded) - set(JSON_KEYS)
+            if unknown:
+                raise ValueError(f"quant state {key!r} has unknown entries {sorted(unknown)}")
+            if decoded.get("quant_type", name.removeprefix("bitsandbytes__")) != name.removeprefix("bitsandbytes__"):
+                raise ValueError(f"quant state {key!r} says quant_type {decoded.get('quant_type')!r}")
+            items.update(decoded)
+        else:
+            name = key.split(".")[-1]
+            if name not in TENSOR_KEYS + JSON_KEYS:
+                raise ValueError(f"quant state has unknown key {key!r}; expected keys ending in "
+                                 f"{TENSOR_KEYS + ('quant_state.bitsandbytes__nf4|fp4',)}")
+            items[name] = value
+    return items
+
+
+def _tensor(items: dict[str, Any], key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    value = items[key]
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"quant state {key!r} must be a tensor, got {type(value).__name__}")
+    if value.dtype != dtype:
+        raise ValueError(f"quant state {key!r} must be {dtype}, got {value.dtype}")
+    if value.numel() != math.prod(shape):
+        raise ValueError(f"quant state {key!r} must have {math.prod(shape)} elements "
+                         f"(shape {tuple(shape)}), got shape {tuple(value.shape)}")
+    return value.reshape(shape)
