@@ -55,20 +55,27 @@ def _check_tensor(name: str, tensor: Tensor, dtype: torch.dtype, numel: int, dev
 
 
 def _nested(absmax: Tensor, blocks: int, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
-            nested_offset: float, nested_blocksize: int, device) -> Optional[NestedAbsmax]:
-    """Check the absmax arguments and bundle the double-quantization level, if any."""
+            nested_offset: Optional[Tensor], nested_blocksize: int, device) -> Optional[NestedAbsmax]:
+    """Check the absmax arguments and bundle the double-quantization level, if any.
+
+    The offset travels as a 0-d tensor, not a float, so that torch.compile can trace
+    callers without reading its value (a graph break)."""
     if nested_absmax is None:
-        _check(nested_code is None, ValueError, "nested_code given without nested_absmax")
+        _check(nested_code is None and nested_offset is None, ValueError,
+               "nested_code/nested_offset given without nested_absmax")
         _check_tensor("absmax", absmax, torch.float32, blocks, device)
         return None
-    _check(nested_code is not None, ValueError, "nested_absmax given without nested_code")
+    _check(nested_code is not None and nested_offset is not None, ValueError,
+           "nested_absmax needs nested_code and nested_offset")
     _check(nested_blocksize > 0, ValueError, f"nested_blocksize must be positive, got {nested_blocksize}")
     _check_tensor("absmax (8-bit codes when nested)", absmax, torch.uint8, blocks, device)
     _check_tensor("nested_absmax", nested_absmax, torch.float32, blocks_of(blocks, nested_blocksize), device)
     _check_tensor("nested_code", nested_code, torch.float32, 256, device)
-    _check(math.isfinite(nested_offset), ValueError, f"nested_offset must be finite, got {nested_offset}")
-    return NestedAbsmax(nested_absmax.contiguous(), nested_code.contiguous(), float(nested_offset),
-                        nested_blocksize)
+    _check(nested_offset.numel() == 1, ValueError,
+           f"nested_offset must hold one value, got shape {tuple(nested_offset.shape)}")
+    offset = float(nested_offset)
+    _check(math.isfinite(offset), ValueError, f"nested_offset must be finite, got {offset}")
+    return NestedAbsmax(nested_absmax.contiguous(), nested_code.contiguous(), offset, nested_blocksize)
 
 
 @torch.library.custom_op("nf4lora::quantize_4bit", mutates_args=())
@@ -104,7 +111,7 @@ def _dequantize_4bit_into(out: Tensor, A: Tensor, absmax: Tensor, blocksize: int
 @torch.library.custom_op("nf4lora::dequantize_4bit", mutates_args=())
 def dequantize_4bit(A: Tensor, absmax: Tensor, blocksize: int, quant_type: str, shape: list[int],
                     dtype: torch.dtype, nested_absmax: Optional[Tensor] = None,
-                    nested_code: Optional[Tensor] = None, nested_offset: float = 0.0,
+                    nested_code: Optional[Tensor] = None, nested_offset: Optional[Tensor] = None,
                     nested_blocksize: int = 256) -> Tensor:
     """table[code] * absmax, to `dtype` and `shape`. With nested_*, absmax holds uint8 codes
     and is decoded first as nested_code[q] * nested_absmax[i // nested_blocksize] + nested_offset."""
@@ -117,14 +124,14 @@ def dequantize_4bit(A: Tensor, absmax: Tensor, blocksize: int, quant_type: str, 
 
 @dequantize_4bit.register_fake
 def _(A, absmax, blocksize, quant_type, shape, dtype, nested_absmax=None, nested_code=None,
-      nested_offset=0.0, nested_blocksize=256):
+      nested_offset=None, nested_blocksize=256):
     return A.new_empty(shape, dtype=dtype)
 
 
 @torch.library.custom_op("nf4lora::dequantize_4bit_out", mutates_args=("out",))
 def dequantize_4bit_out(A: Tensor, absmax: Tensor, blocksize: int, quant_type: str, out: Tensor,
                         nested_absmax: Optional[Tensor] = None, nested_code: Optional[Tensor] = None,
-                        nested_offset: float = 0.0, nested_blocksize: int = 256) -> None:
+                        nested_offset: Optional[Tensor] = None, nested_blocksize: int = 256) -> None:
     """dequantize_4bit into an existing contiguous tensor (its shape and dtype are the output's)."""
     _dequantize_4bit_into(out, A, absmax, blocksize, quant_type, nested_absmax, nested_code,
                           nested_offset, nested_blocksize)
@@ -132,7 +139,7 @@ def dequantize_4bit_out(A: Tensor, absmax: Tensor, blocksize: int, quant_type: s
 
 @dequantize_4bit_out.register_fake
 def _(A, absmax, blocksize, quant_type, out, nested_absmax=None, nested_code=None,
-      nested_offset=0.0, nested_blocksize=256):
+      nested_offset=None, nested_blocksize=256):
     return None
 
 

@@ -110,7 +110,13 @@ def quantize_4bit(A: Tensor, absmax: Optional[Tensor] = None, out: Optional[Tens
 
 def _offset(absmax: Tensor) -> Tensor:
     """torch's float32 mean, the reduction bitsandbytes uses (0 for no blocks)."""
-    return absmax.mean() if absmax.numel() else absmax.new_zeros(())
+    offset = absmax.mean() if absmax.numel() else absmax.new_zeros(())
+    if not torch.isfinite(offset):
+        # Block maxima near float32's limit (3.4e38) overflow the float32 sum; bitsandbytes
+        # would silently store an infinite offset and decode garbage.
+        raise ValueError("double quantization (compress_statistics/nested) cannot store these "
+                         "block maxima: their float32 mean overflows; quantize without it")
+    return offset
 
 
 def _check_state_4bit(state: QuantState) -> None:
@@ -145,7 +151,7 @@ def dequantize_4bit(A: Tensor, quant_state: Optional[QuantState] = None,
     if quant_state.nested:
         state2 = quant_state.state2
         nested = dict(nested_absmax=state2.absmax, nested_code=state2.code,
-                      nested_offset=float(quant_state.offset), nested_blocksize=state2.blocksize)
+                      nested_offset=torch.as_tensor(quant_state.offset, dtype=torch.float32), nested_blocksize=state2.blocksize)
     args = (packed, quant_state.absmax, quant_state.blocksize, quant_state.quant_type)
     if out is None:
         out = _ops.dequantize_4bit(*args, list(quant_state.shape), quant_state.dtype, **nested)

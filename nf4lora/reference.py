@@ -151,11 +151,12 @@ def quantize_blockwise(values: torch.Tensor, code: torch.Tensor,
                        blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """8-bit blockwise quantization with a 256-entry code (the dynamic map).
 
-    Returns (codes uint8 [n], absmax float32 [ceil(n/blocksize)]).
+    Returns (codes uint8 in values' shape, absmax float32 [ceil(n/blocksize)]).
     """
     n = values.numel()
     absmax, scaled = _scale_blocks(values, blocksize)
-    return encode_dynamic(scaled, code.float()).reshape(-1)[:n], absmax
+    codes = encode_dynamic(scaled, code.float()).reshape(-1)[:n]
+    return codes.reshape(values.shape), absmax
 
 
 def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,

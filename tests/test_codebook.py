@@ -1,0 +1,59 @@
+"""The code books equal bitsandbytes' value for value."""
+import pytest
+import torch
+
+from nf4lora import codebook, reference
+
+
+def test_4bit_tables_equal_bitsandbytes(bnb):
+    for name in codebook.QUANT_TYPES:
+        assert torch.equal(codebook.get_4bit_type(name), bnb.get_4bit_type(name, device="cpu"))
+
+
+def test_normal_map_rederives_nf4_within_one_ulp():
+    derived = codebook.create_normal_map()
+    nonzero = torch.cat([derived[:7], derived[7:8], derived[-8:]])  # 7 negative, 0, 8 positive
+    table = codebook.get_4bit_type("nf4")
+    ulp = torch.nextafter(table.abs(), torch.tensor(float("inf"))) - table.abs()
+    assert ((nonzero - table).abs() <= ulp).all()
+    assert derived.shape == (256,) and (derived == 0).sum() == 256 - 15
+
+
+def test_normal_map_equals_bitsandbytes(bnb):
+    for extra in (True, False):
+        assert torch.equal(codebook.create_normal_map(use_extra_value=extra),
+                           bnb.create_normal_map(use_extra_value=extra))
+
+
+@pytest.mark.parametrize("args", [(True, 7, 8), (False, 7, 8), (True, 4, 8), (True, 5, 8)])
+def test_dynamic_map_equals_bitsandbytes(bnb, args):
+    ours = codebook.create_dynamic_map(*args)
+    assert ours.shape == (256,) and torch.equal(ours, bnb.create_dynamic_map(*args))
+
+
+def test_dynamic_map_range():
+    table = codebook.create_dynamic_map()
+    assert table[-1] == 1.0 and abs(table[0].item() + 0.99297) < 1e-5
+    assert (table[1:] >= table[:-1]).all()
+
+
+def test_nf4_thresholds_are_the_cuda_literals():
+    # The literals of bitsandbytes' CUDA decision tree (kernels.cu dQuantizeNF4).
+    literals = torch.tensor([-0.8480964, -0.6106329, -0.4599953, -0.3396794, -0.2346074,
+                             -0.1379117, -0.0455250, 0.0397901, 0.1202553, 0.2035213,
+                             0.2920138, 0.3893125, 0.5016634, 0.6427869, 0.8614784])
+    assert (reference.nf4_thresholds() - literals).abs().max() < 1e-7
+
+
+def test_fp4_thresholds_sit_between_the_magnitudes():
+    table = codebook.get_4bit_type("fp4")
+    magnitudes = table[list(codebook.FP4_CODE_BY_RANK)]
+    assert (magnitudes[1:] > magnitudes[:-1]).all()  # ranks are ascending magnitudes
+    midpoints = (magnitudes[1:] + magnitudes[:-1]) / 2
+    thresholds = torch.tensor(codebook.FP4_ABS_THRESHOLDS)
+    assert (thresholds - midpoints).abs().max() < 1e-6  # hand-rounded, a few ulp off
+
+
+def test_unknown_type_is_rejected():
+    with pytest.raises(ValueError, match="nf4"):
+        codebook.get_4bit_type("int4")

@@ -1,0 +1,62 @@
+"""The op registry: schemas and fake functions (opcheck), torch.compile, backend choice."""
+import pytest
+import torch
+from torch.library import opcheck
+
+import nf4lora
+import nf4lora.functional as F
+from nf4lora import _ops, backends
+
+
+def _cases():
+    x = torch.randn(3, 130, dtype=torch.bfloat16)
+    packed, absmax = _ops.quantize_4bit(x, 64, "nf4")
+    code = F.dynamic_map("cpu")
+    offset = absmax.mean()
+    qabsmax, absmax2 = _ops.quantize_blockwise(absmax - offset, code, 256)
+    nested = dict(nested_absmax=absmax2, nested_code=code, nested_offset=offset,
+                  nested_blocksize=256)
+    ops = torch.ops.nf4lora
+    return [
+        (ops.quantize_4bit.default, (x, 64, "fp4"), {}),
+        (ops.dequantize_4bit.default, (packed, absmax, 64, "nf4", [3, 130], torch.float16), {}),
+        (ops.dequantize_4bit.default, (packed, qabsmax, 64, "nf4", [390], torch.bfloat16), nested),
+        (ops.dequantize_4bit_out.default, (packed, qabsmax, 64, "nf4", torch.empty(390)), nested),
+        (ops.quantize_blockwise.default, (x, code, 256), {}),
+        (ops.dequantize_blockwise.default, (qabsmax, absmax2, code, 256, torch.float32), {}),
+    ]
+
+
+def test_opcheck_every_op(backend):
+    for op, args, kwargs in _cases():
+        opcheck(op, args, kwargs)
+
+
+def test_compiles_as_one_graph(backend):
+    x = torch.randn(64, 96, dtype=torch.bfloat16)
+    packed, state = F.quantize_4bit(x, quant_type="nf4", compress_statistics=True)
+
+    def restore(packed):
+        return F.dequantize_4bit(packed, state) * 2
+
+    compiled = torch.compile(restore, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(packed), restore(packed))
+
+
+def test_set_backend_and_environment(monkeypatch):
+    assert "reference" in nf4lora.available_backends()
+    nf4lora.set_backend("reference")
+    assert nf4lora.get_backend() == "reference"
+    nf4lora.set_backend(None)
+    monkeypatch.setenv("NF4LORA_BACKEND", "reference")
+    assert backends.backend_for(torch.device("cpu")).__name__ == "nf4lora.backends.reference"
+
+
+def test_unavailable_backend_is_an_error_not_a_fallback(monkeypatch):
+    with pytest.raises(RuntimeError, match="unknown backend 'nope'"):
+        nf4lora.set_backend("nope")
+    monkeypatch.setenv("NF4LORA_BACKEND", "cuda")
+    if backends.availability("cuda") is None:
+        pytest.skip("a CUDA build is present")
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' \(requested via NF4LORA_BACKEND\) is not available"):
+        F.quantize_4bit(torch.randn(64))
