@@ -153,7 +153,8 @@ def quantize_blockwise(A: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor,
     check_float("A", A)
     _check_code(code, A.device)
     _check(blocksize > 0, ValueError, f"blocksize must be positive, got {blocksize}")
-    return backend_for(A.device).quantize_blockwise(A.contiguous(), code.contiguous(), blocksize)
+    codes, absmax = backend_for(A.device).quantize_blockwise(A.contiguous(), code.contiguous(), blocksize)
+    return codes.reshape(A.shape), absmax
 
 
 @quantize_blockwise.register_fake

@@ -5,7 +5,7 @@ already validated (dtypes, shapes, contiguity; see `nf4lora.functional`):
 
   quantize_4bit(A, blocksize, quant_type) -> (packed uint8 [ceil(n/2)], absmax f32 [blocks])
   dequantize_4bit(packed, absmax, blocksize, quant_type, out, nested) -> None  (fills `out`)
-  quantize_blockwise(A, code, blocksize) -> (codes uint8 in A's shape, absmax f32 [blocks])
+  quantize_blockwise(A, code, blocksize) -> (codes uint8 [n], absmax f32 [blocks])
   dequantize_blockwise(codes, absmax, code, blocksize, out) -> None           (fills `out`)
 
 `nested` is a `NestedAbsmax` when `absmax` holds 8-bit codes of double quantization,

@@ -1,0 +1,360 @@
+"""Benchmark NF4 quantize and dequantize (bf16 weights, double quantization, blocksize 64).
+
+    python -m bench.bench_codec [--quick] [--providers NAME ...] [--threads N] [--out DIR] [--warm]
+
+Providers, all on CPU tensors in one run (perf.md):
+  nf4lora[<backend>]  nf4lora.functional, once per backend usable on CPU ("cpu", "reference")
+  bitsandbytes        bitsandbytes.functional (its CPU path: which one ran is in the JSON)
+  torchao             torchao's NF4Tensor: to_nf4 / get_original_weight
+  copy-bf16           dequantize only: a dense bf16 clone of the output size, the practical
+                      ceiling for an op that writes a fresh bf16 tensor
+
+Bytes an op must move, per weight of n elements with b = n / 64 blocks
+(4096 x 4096: 42.2 MB for dequantize, 42.2 MB for quantize, 1.4 ms at 30 GB/s):
+  dequantize: n/2 packed + b qabsmax (uint8) + 4 * ceil(b/256) absmax2 + 2n output
+  quantize:   2n input + n/2 packed + b qabsmax + 4 * ceil(b/256) absmax2
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import harness
+from .harness import Provider
+
+SHAPES = [(4096, 4096), (11008, 4096)]    # Llama-7B q/k/v/o and up/gate projections
+QUICK_SHAPES = [(256, 256), (768, 256)]   # whole scaler blocks, as torchao requires
+GUARD_SHAPE = (160, 330)                  # 825 blocks: a partial last block and nested block
+DTYPE = torch.bfloat16
+BLOCKSIZE = 64
+NESTED_BLOCKSIZE = 256
+QUANT_TYPE = "nf4"
+BASELINE = "bitsandbytes"
+OPS = ("dequantize", "quantize")
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+# Full and --quick presets: probe buffer, cold footprint, and a cap on reps.
+FULL = dict(shapes=SHAPES, probe_bytes=harness.GIB, footprint=harness.COLD_FOOTPRINT, max_reps=None)
+QUICK = dict(shapes=QUICK_SHAPES, probe_bytes=64 * harness.MIB, footprint=harness.MIB, max_reps=2)
+
+# Per-call time on this machine kind at 4096 x 4096, which sets the reps below:
+# reference dequantize ~0.6 s, quantize ~13 s; torchao dequantize ~0.4 s, to_nf4 ~3 s;
+# bitsandbytes quantize ~0.9 s (pure PyTorch on CPU). Those runs are >100x the memory
+# time and allocate temporaries far beyond the L3, so a short rotation is already cold.
+FAST = dict(reps=5)
+SLOW = dict(reps=2)
+VERY_SLOW = dict(reps=1, max_layers=2)
+
+
+# --- cases and bytes -----------------------------------------------------------------
+
+def num_blocks(n: int, blocksize: int) -> int:
+    return -(-n // blocksize)
+
+
+def quantized_bytes(n: int) -> int:
+    """Packed codes + uint8 qabsmax + float32 absmax2 of a double-quantized weight."""
+    blocks = num_blocks(n, BLOCKSIZE)
+    return num_blocks(n, 2) + blocks + 4 * num_blocks(blocks, NESTED_BLOCKSIZE)
+
+
+@dataclass
+class Case:
+    """One op on one weight shape; caches the inputs every provider derives from."""
+    op: str
+    shape: tuple[int, int]
+    quantizer: "Quantizer"
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def labels(self) -> dict:
+        return {"op": self.op, "shape": list(self.shape), "dtype": str(DTYPE).removeprefix("torch."),
+                "quant_type": QUANT_TYPE, "blocksize": BLOCKSIZE, "nested_blocksize": NESTED_BLOCKSIZE}
+
+    def cached(self, key: str, make):
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def weight(self) -> torch.Tensor:
+        return self.cached("weight", lambda: random_weight(self.shape))
+
+    def quantized(self):
+        """(packed uint8 [n/2, 1], nf4lora QuantState) of weight(), from the fastest quantizer."""
+        return self.cached("quantized", lambda: self.quantizer.quantize(self.weight()))
+
+
+def op_bytes(case: Case) -> int:
+    return quantized_bytes(case.numel) + 2 * case.numel  # bf16 in or out, packed out or in
+
+
+def copy_bytes(case: Case) -> int:
+    return 2 * 2 * case.numel
+
+
+def random_weight(shape, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(DTYPE)
+
+
+def clones(tensor: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """n independent copies: same values, separate memory (contents do not change timing)."""
+    return [tensor.clone() for _ in range(n)]
+
+
+# --- the quantizer that makes dequantize inputs ------------------------------------------
+
+class Quantizer:
+    """Quantizes each case's weight once for every dequantize provider.
+
+    nf4lora's own cpu backend when built; otherwise bitsandbytes, whose bytes are the
+    same format (its states are converted with as_dict/from_dict), since the reference
+    takes ~13 s per 4096 x 4096; otherwise the reference.
+    """
+
+    def __init__(self, nf4lora_backends: list[str], bnb=None):
+        self.bnb = bnb
+        if "cpu" in nf4lora_backends:
+            self.backend = "cpu"
+        elif bnb is not None:
+            self.backend = None  # bitsandbytes
+        else:
+            self.backend = "reference"
+        self.name = f"nf4lora[{self.backend}]" if self.backend else "bitsandbytes"
+
+    def quantize(self, weight: torch.Tensor):
+        from nf4lora import functional as F
+        args = dict(blocksize=BLOCKSIZE, compress_statistics=True, quant_type=QUANT_TYPE)
+        if self.backend is None:
+            packed, state = self.bnb.quantize_4bit(weight, **args)
+            return packed, F.QuantState.from_dict(state.as_dict(packed=True), weight.device)
+        with harness.using_backend(self.backend):
+            return F.quantize_4bit(weight, **args)
+
+
+# --- providers -----------------------------------------------------------------------
+
+def nf4lora_provider(op: str, backend: str) -> Provider:
+    from nf4lora import functional as F
+
+    def setup(case: Case, n: int):
+        if op == "dequantize":
+            packed, state = case.quantized()
+            return [functools.partial(F.dequantize_4bit, p, copy.deepcopy(state))
+                    for p in clones(packed, n)]
+        return [functools.partial(F.quantize_4bit, w, blocksize=BLOCKSIZE, compress_statistics=True,
+                                  quant_type=QUANT_TYPE) for w in clones(case.weight(), n)]
+
+    speed = FAST if backend != "reference" else (SLOW if op == "dequantize" else VERY_SLOW)
+    return Provider(f"nf4lora[{backend}]", setup, op_bytes, **speed,
+                    context=functools.partial(harness.using_backend, backend),
+                    # the reference is the oracle; every other backend must match it
+                    check=None if backend == "reference" else
+                    functools.partial(check_against_reference, op, backend))
+
+
+def bitsandbytes_provider(op: str, bnb) -> Provider:
+    def setup(case: Case, n: int):
+        if op == "dequantize":
+            packed, state = case.quantized()
+            bnb_state = bnb.QuantState.from_dict(state.as_dict(packed=True), packed.device)
+            return [functools.partial(bnb.dequantize_4bit, p, copy.deepcopy(bnb_state))
+                    for p in clones(packed, n)]
+        return [functools.partial(bnb.quantize_4bit, w, blocksize=BLOCKSIZE, compress_statistics=True,
+                                  quant_type=QUANT_TYPE) for w in clones(case.weight(), n)]
+
+    return Provider(BASELINE, setup, op_bytes, **(FAST if op == "dequantize" else dict(reps=3)))
+
+
+def torchao_provider(op: str, to_nf4, NF4Tensor) -> Provider:
+    def copy_nf4(t):
+        # NF4Tensor.clone() re-quantizes (seconds); copying the inner tensors does not.
+        names, meta = t.__tensor_flatten__()
+        inner = {name: getattr(t, name).clone() for name in names}
+        return NF4Tensor.__tensor_unflatten__(inner, meta, t.size(), t.stride())
+
+    def setup(case: Case, n: int):
+        if op == "dequantize":
+            base = case.cached("torchao", lambda: to_nf4(case.weight(), BLOCKSIZE, NESTED_BLOCKSIZE))
+            return [copy_nf4(base).get_original_weight for _ in range(n)]
+        return [functools.partial(to_nf4, w, BLOCKSIZE, NESTED_BLOCKSIZE)
+                for w in clones(case.weight(), n)]
+
+    return Provider("torchao", setup, op_bytes, **(SLOW if op == "dequantize" else VERY_SLOW))
+
+
+def copy_provider() -> Provider:
+    def setup(case: Case, n: int):
+        return [w.clone for w in clones(case.weight(), n)]
+    return Provider("copy-bf16", setup, copy_bytes, **FAST)
+
+
+def import_torchao_nf4():
+    """(to_nf4, NF4Tensor, where) from torchao: its home moved between releases."""
+    for where in ("torchao.quantization", "torchao.dtypes.nf4tensor", "torchao.dtypes"):
+        module, _, _ = harness.import_optional(where)
+        if module is not None and hasattr(module, "to_nf4") and hasattr(module, "NF4Tensor"):
+            return module.to_nf4, module.NF4Tensor, where
+    return None, None, None
+
+
+def build_providers(op: str, backends: list[str], bnb, torchao_nf4) -> list[Provider]:
+    providers = [nf4lora_provider(op, backend) for backend in backends]
+    if bnb is not None:
+        providers.append(bitsandbytes_provider(op, bnb))
+    if torchao_nf4[0] is not None:
+        providers.append(torchao_provider(op, *torchao_nf4[:2]))
+    if op == "dequantize":
+        providers.append(copy_provider())
+    return providers
+
+
+# --- correctness guard ---------------------------------------------------------------
+
+def check_against_reference(op: str, backend: str) -> Optional[str]:
+    """None if nf4lora `backend` matches the reference bit for bit on one small layer,
+    else what differs."""
+    from nf4lora import functional as F
+    weight = random_weight(GUARD_SHAPE, seed=1)
+    args = dict(blocksize=BLOCKSIZE, compress_statistics=True, quant_type=QUANT_TYPE)
+    with harness.using_backend("reference"):
+        ref_packed, ref_state = F.quantize_4bit(weight, **args)
+        ref_dequantized = F.dequantize_4bit(ref_packed, ref_state)
+    with harness.using_backend(backend):
+        if op == "dequantize":
+            dequantized = F.dequantize_4bit(ref_packed, ref_state)
+            bad = int((dequantized != ref_dequantized).sum())
+            return f"dequantize_4bit differs in {bad} of {weight.numel()} elements" if bad else None
+        packed, state = F.quantize_4bit(weight, **args)
+    pairs = {"packed codes": (packed, ref_packed), "qabsmax": (state.absmax, ref_state.absmax),
+             "absmax2": (state.state2.absmax, ref_state.state2.absmax),
+             "offset": (state.offset, ref_state.offset)}
+    wrong = [name for name, (got, want) in pairs.items() if not torch.equal(got, want)]
+    return f"quantize_4bit differs in {', '.join(wrong)}" if wrong else None
+
+
+# --- bitsandbytes' CPU path ----------------------------------------------------------
+
+def bitsandbytes_path(import_messages: list[str]) -> dict:
+    """Which bitsandbytes implementation runs each op here: its native CPU library
+    (a "CPU" kernel registered for the op) or the pure-PyTorch "default" kernel."""
+    import bitsandbytes.cextension as ext
+    from bitsandbytes.functional import has_avx512bf16
+    native = getattr(getattr(ext.lib, "_lib", None), "_name", None)
+    ops = {}
+    for op in ("quantize_4bit", "dequantize_4bit", "quantize_blockwise", "dequantize_blockwise"):
+        has_cpu = torch._C._dispatch_has_kernel_for_dispatch_key(f"bitsandbytes::{op}", "CPU")
+        ops[op] = "cpu: native library" if has_cpu else "default: pure PyTorch"
+    return {"backend": getattr(ext, "BNB_BACKEND", None), "native_library": native, "ops": ops,
+            # bitsandbytes fetches a faster CPU gemm from the hub only with AVX512-BF16.
+            "hub_kernel": "attempted" if has_avx512bf16() else "not attempted (no avx512_bf16)",
+            "import_messages": import_messages}
+
+
+# --- main ----------------------------------------------------------------------------
+
+COLUMNS = [("op", "op", ""), ("shape", "shape", ""), ("provider", "provider", ""),
+           ("mode", "mode", ""), ("layers", "layers", "d"), ("median ms", "median_ms", ".3f"),
+           ("GB/s", "gbs", ".2f"), ("% copy BW", "pct_copy_bw", ".1f"),
+           (f"x vs {BASELINE}", f"x_vs_{BASELINE}", ".2f")]
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_codec", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny shapes, 64 MiB probe, 2 reps: a smoke run, not numbers")
+    parser.add_argument("--providers", nargs="+", metavar="NAME",
+                        help="only these (nf4lora, nf4lora[cpu], nf4lora[reference], bitsandbytes, "
+                             "torchao, copy-bf16)")
+    parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
+    parser.add_argument("--threads", type=int, help="torch threads and OMP_NUM_THREADS")
+    parser.add_argument("--warm", action="store_true", help="also time one layer looped (warm rows)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON directory ({DEFAULT_OUT})")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        # torch's pool takes set_num_threads; other OpenMP runtimes (bitsandbytes links the
+        # system libgomp) read OMP_NUM_THREADS when they first start threads.
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
+    preset = QUICK if args.quick else FULL
+
+    def wanted(name: str) -> bool:
+        return not args.providers or name in args.providers
+
+    backends, notes = harness.nf4lora_cpu_backends()
+    bnb, bnb_messages, torchao_nf4 = None, [], (None, None, None)
+    if wanted(BASELINE):
+        bnb, why, bnb_messages = harness.import_optional("bitsandbytes.functional")
+        if bnb is None:
+            notes.append(f"bitsandbytes: skipped, {why}")
+    if wanted("torchao"):
+        torchao_nf4 = import_torchao_nf4()
+        if torchao_nf4[0] is None:
+            notes.append("torchao: skipped, no to_nf4/NF4Tensor in torchao.quantization or torchao.dtypes")
+    if bnb is None and "cpu" not in backends and not args.quick:
+        # not timed, but it makes the dequantize inputs 15x faster than the reference
+        bnb, _, bnb_messages = harness.import_optional("bitsandbytes.functional")
+    quantizer = Quantizer(backends, bnb)
+
+    print("probing memory bandwidth ...", flush=True)
+    bandwidth = harness.probe_bandwidth(preset["probe_bytes"])
+    print(f"read {bandwidth['read_gbs']:.1f} GB/s, copy {bandwidth['copy_gbs']:.1f} GB/s "
+          f"({bandwidth['bytes'] / harness.MIB:.0f} MiB, {bandwidth['threads']} threads)", flush=True)
+
+    rows = []
+    for op in args.ops:
+        providers = harness.select(build_providers(op, backends, bnb, torchao_nf4), args.providers)
+        providers, failed = harness.run_checks(providers)
+        notes += [f"{op}: {note}" for note in failed]
+        for shape in preset["shapes"]:
+            print(f"{op} {shape[0]}x{shape[1]}: {', '.join(p.name for p in providers)}", flush=True)
+            case_rows, case_notes = harness.measure_all(
+                providers, [Case(op, shape, quantizer)], footprint=preset["footprint"],
+                max_reps=preset["max_reps"], warm=args.warm)
+            rows += case_rows
+            notes += case_notes
+
+    harness.add_rates(rows, bandwidth)
+    harness.add_speedups(rows, BASELINE, ["op", "shape", "mode"])
+    print()
+    print(harness.format_table(rows, COLUMNS))
+    for note in notes:
+        print("note:", note)
+
+    payload = {
+        "benchmark": "codec",
+        "metadata": harness.metadata(
+            bitsandbytes_path=bitsandbytes_path(bnb_messages) if bnb is not None else None,
+            torchao_nf4_module=torchao_nf4[2], dequantize_inputs_from=quantizer.name),
+        "config": {"quick": args.quick, "providers": args.providers, "ops": args.ops,
+                   "shapes": [list(s) for s in preset["shapes"]],
+                   "footprint_bytes": preset["footprint"], "max_reps": preset["max_reps"],
+                   "warm": args.warm, "argv": sys.argv[1:] if argv is None else list(argv)},
+        "bandwidth": bandwidth,
+        "rows": rows,
+        "notes": notes,
+    }
+    stamped, latest = harness.save_json(payload, args.out, "codec")
+    print(f"saved {stamped} and {latest.name}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

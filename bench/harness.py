@@ -1,0 +1,380 @@
+"""Shared benchmark machinery: timing, bandwidth probe, cold-cache rotation, metadata,
+table printing and JSON saving. The rules it implements are /work/shared/perf.md.
+
+A benchmark script describes each implementation it times as a `Provider`: a name, a
+setup function that builds `n_layers` independent copies of the work and returns one
+zero-argument callable per copy, and the bytes one call must move. `measure` then
+
+  1. asks for enough layers that their footprint (bytes moved per call x layers) exceeds
+     COLD_FOOTPRINT, so a call never finds its inputs in the 32 MiB L3 left by the last one;
+  2. makes one warm-up call (lazy initialization, first-touch page faults of the inputs);
+  3. calls every layer once per rep, timing each call, and reports quantiles per call;
+  4. optionally loops one layer (cache-resident where it fits) for rows labelled "warm".
+
+Effective bandwidth is provider bytes / median time, set against the copy bandwidth that
+`probe_bandwidth` measures in the same run: ratios survive a noisy, shared machine;
+absolute numbers do not.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Optional, Sequence
+
+import torch
+
+MIB = 1 << 20
+GIB = 1 << 30
+# perf.md: cold numbers rotate through layers whose total footprint exceeds 256 MB,
+# 8x the 32 MiB L3 of the machines here.
+COLD_FOOTPRINT = 256 * MIB
+MIN_LAYERS = 2  # even a huge layer alternates with a second one
+
+
+# --- providers and timing ------------------------------------------------------------
+
+@dataclass
+class Provider:
+    """One implementation to time.
+
+    setup(case, n_layers) -> list of n_layers zero-argument callables, each running the op
+        on its own, independent copy of the inputs (one "layer").
+    bytes_moved(case) -> bytes one call must read plus write, the basis of its GB/s.
+    reps: passes over the layer set; slow providers ask for fewer.
+    max_layers: cap on the rotation, for providers so slow (100x the memory time) that
+        their own temporaries flush the caches anyway; the row records the count used.
+    context: entered around setup, check and timing (e.g. selecting a backend).
+    check: run once before any timing; returns None if the provider's output is right,
+        else the reason to skip it (so a fast but wrong kernel cannot post a number).
+    """
+    name: str
+    setup: Callable[[Any, int], list[Callable[[], Any]]]
+    bytes_moved: Callable[[Any], int]
+    reps: int = 5
+    max_layers: Optional[int] = None
+    context: Callable[[], ContextManager] = contextlib.nullcontext
+    check: Optional[Callable[[], Optional[str]]] = None
+
+
+def time_calls(calls: Sequence[Callable[[], Any]], reps: int) -> list[float]:
+    """Seconds per call: one warm-up call, then `reps` passes calling each callable once.
+
+    The result of a call is kept alive until its clock stops, so freeing a large output
+    (munmap) is not charged to the op.
+    """
+    result = calls[0]()
+    del result
+    times = []
+    for _ in range(reps):
+        for call in calls:
+            start = time.perf_counter()
+            result = call()
+            times.append(time.perf_counter() - start)
+            del result
+    return times
+
+
+def quantiles_ms(times: Sequence[float]) -> dict:
+    t = torch.tensor(times, dtype=torch.float64) * 1e3
+    p20, p50, p80 = torch.quantile(t, torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)).tolist()
+    return {"median_ms": p50, "p20_ms": p20, "p80_ms": p80, "min_ms": float(t.min()),
+            "calls": len(times)}
+
+
+def layers_for(bytes_per_call: int, footprint: int, max_layers: Optional[int] = None) -> int:
+    layers = max(MIN_LAYERS, math.ceil(footprint / max(bytes_per_call, 1)))
+    return min(layers, max_layers) if max_layers else layers
+
+
+def measure(provider: Provider, case: Any, *, footprint: int = COLD_FOOTPRINT,
+            max_reps: Optional[int] = None, warm: bool = False) -> list[dict]:
+    """Rows for one provider on one case: "cold" (rotation), and "warm" if asked.
+
+    `case` is whatever the providers' setup understands; its `labels` dict (op, shape, ...)
+    is copied into each row.
+    """
+    nbytes = provider.bytes_moved(case)
+    reps = min(provider.reps, max_reps) if max_reps else provider.reps
+    n_layers = layers_for(nbytes, footprint, provider.max_layers)
+
+    def row(mode: str, layers: int, times: list[float]) -> dict:
+        return {**case.labels, "provider": provider.name, "mode": mode, "layers": layers,
+                "footprint_bytes": nbytes * layers, "bytes": nbytes, **quantiles_ms(times)}
+
+    with provider.context():
+        calls = provider.setup(case, n_layers)
+        rows = [row("cold", len(calls), time_calls(calls, reps))]
+        if warm:  # the same layer again and again: cache-resident when it fits
+            rows.append(row("warm", 1, time_calls([calls[0]] * len(calls), reps)))
+    del calls
+    gc.collect()
+    return rows
+
+
+def run_checks(providers: Sequence[Provider]) -> tuple[list[Provider], list[str]]:
+    """Providers whose check passes (or that have none), and a note for each other one."""
+    passed, notes = [], []
+    for provider in providers:
+        try:
+            with provider.context():
+                why = provider.check() if provider.check else None
+        except Exception as error:  # a crashing check is a failed check
+            why = f"check raised {type(error).__name__}: {error}"
+        if why is None:
+            passed.append(provider)
+        else:
+            notes.append(f"{provider.name}: skipped, correctness check failed: {why}")
+    return passed, notes
+
+
+def measure_all(providers: Sequence[Provider], cases: Sequence[Any],
+                **options) -> tuple[list[dict], list[str]]:
+    """`measure` for every case x provider; a provider that raises is noted, not fatal."""
+    rows, notes = [], []
+    for case in cases:
+        for provider in providers:
+            try:
+                rows += measure(provider, case, **options)
+            except Exception as error:
+                notes.append(f"{provider.name} on {case.labels}: failed, "
+                             f"{type(error).__name__}: {error}")
+                gc.collect()
+    return rows, notes
+
+
+def add_rates(rows: list[dict], bandwidth: dict) -> None:
+    """GB/s from bytes and median time, and its share of the probed bandwidths."""
+    for row in rows:
+        gbs = row["bytes"] / (row["median_ms"] * 1e-3) / 1e9
+        row["gbs"] = gbs
+        row["pct_copy_bw"] = 100 * gbs / bandwidth["copy_gbs"]
+        row["pct_read_bw"] = 100 * gbs / bandwidth["read_gbs"]
+
+
+def add_speedups(rows: list[dict], baseline: str, group_keys: Sequence[str]) -> None:
+    """row["x_vs_<baseline>"] = baseline median / row median, within rows equal on group_keys."""
+    key = "x_vs_" + baseline
+    base = {tuple(str(r[k]) for k in group_keys): r["median_ms"]
+            for r in rows if r["provider"] == baseline}
+    for row in rows:
+        ms = base.get(tuple(str(row[k]) for k in group_keys))
+        row[key] = ms / row["median_ms"] if ms is not None else None
+
+
+# --- memory bandwidth ----------------------------------------------------------------
+
+def probe_bandwidth(nbytes: int = GIB, reps: int = 5) -> dict:
+    """Streaming read and copy bandwidth over buffers far larger than the L3, in GB/s.
+
+    read: float32 `sum` over nbytes (it keeps up with memory on AVX2);
+    copy: `dst.copy_(src)` of nbytes, counted as nbytes read + nbytes written.
+    Both buffers are written before timing, so no page is faulted in while timed.
+    """
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.zeros_like(src)
+    read_s = quantiles_ms(time_calls([src.sum], reps))["median_ms"] * 1e-3
+    copy_s = quantiles_ms(time_calls([lambda: dst.copy_(src)], reps))["median_ms"] * 1e-3
+    del src, dst
+    gc.collect()
+    return {"bytes": nbytes, "reps": reps, "threads": torch.get_num_threads(),
+            "read_gbs": nbytes / read_s / 1e9, "copy_gbs": 2 * nbytes / copy_s / 1e9,
+            "read_op": "float32 tensor.sum()", "copy_op": "dst.copy_(src), read + write counted"}
+
+
+# --- optional imports and nf4lora backends --------------------------------------------
+
+def import_optional(name: str) -> tuple[Any, Optional[str], list[str]]:
+    """(module or None, why not, the package's own warnings and log records while importing)."""
+    package = name.split(".")[0]
+    messages: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record):
+            if record.name.startswith(package):
+                messages.append(f"{record.name}: {record.getMessage()}")
+
+    handler = _Collect(level=logging.WARNING)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            module = importlib.import_module(name)
+        # not, say, the torch deprecation warnings the import triggers
+        messages += [f"{w.category.__name__}: {w.message}" for w in caught if package in w.filename]
+        return module, None, messages
+    except Exception as error:  # any failure to import means: skip this provider
+        return None, f"import {name} failed: {type(error).__name__}: {error}", messages
+    finally:
+        root.removeHandler(handler)
+
+
+@contextlib.contextmanager
+def using_backend(name: str):
+    """Force nf4lora backend `name` inside the block, then restore the previous choice."""
+    import nf4lora
+    previous = nf4lora.get_backend()
+    nf4lora.set_backend(name)
+    try:
+        yield
+    finally:
+        try:
+            nf4lora.set_backend(previous)
+        except RuntimeError:  # the previous choice came from an unusable NF4LORA_BACKEND
+            nf4lora.set_backend(None)
+
+
+def nf4lora_cpu_backends() -> tuple[list[str], list[str]]:
+    """(backends that can run on CPU tensors here, notes on the others).
+
+    Triton on CPU runs only under its interpreter, which is a test vehicle, not a
+    performance path; GPU backends would need a GPU benchmark, which this is not.
+    """
+    nf4lora, reason, _ = import_optional("nf4lora")
+    if nf4lora is None:
+        return [], [f"nf4lora: skipped, {reason}"]
+    from nf4lora import backends
+    usable, notes = [], []
+    for name in backends.BACKENDS:
+        why = backends.availability(name)
+        if why is None and name in ("cuda", "triton"):
+            why = "a GPU backend; this benchmark runs on CPU tensors"
+        if why is None and "cpu" not in importlib.import_module(f"nf4lora.backends.{name}").DEVICE_TYPES:
+            why = "does not run on CPU tensors"
+        if why is None:
+            usable.append(name)
+        else:
+            notes.append(f"nf4lora[{name}]: skipped, {why}")
+    return usable, notes
+
+
+def select(providers: list[Provider], wanted: Optional[Sequence[str]]) -> list[Provider]:
+    """Providers named in `wanted`; "nf4lora" selects every nf4lora[<backend>]."""
+    if not wanted:
+        return providers
+    return [p for p in providers if any(p.name == w or p.name.startswith(w + "[") for w in wanted)]
+
+
+# --- metadata ------------------------------------------------------------------------
+
+CPU_FLAGS_OF_INTEREST = ("avx", "avx2", "fma", "f16c", "amx", "avx512", "avx_vnni")
+
+
+def cpu_info() -> dict:
+    model, flags = platform.processor() or platform.machine(), []
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = value.split()
+                break
+    l3 = None
+    with contextlib.suppress(OSError), open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+        l3 = f.read().strip()
+    thp = None
+    with contextlib.suppress(OSError), open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+        thp = f.read().strip()
+    return {"model": model, "logical_cpus": os.cpu_count(), "l3": l3,
+            "flags": sorted(f for f in flags if f.startswith(CPU_FLAGS_OF_INTEREST)),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "transparent_hugepage": thp}
+
+
+def package_versions(names: Sequence[str]) -> dict:
+    """Installed versions, read from package metadata (no import); None if absent."""
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def nf4lora_info() -> dict:
+    """nf4lora's version, and its C++ extension's ISA path if the extension is built."""
+    info = {"version": None, "cpu_isa": None}
+    nf4lora, reason, _ = import_optional("nf4lora")
+    if nf4lora is None:
+        info["error"] = reason
+        return info
+    info["version"] = getattr(nf4lora, "__version__", None)
+    ext, reason, _ = import_optional("nf4lora._C")
+    if ext is None:
+        info["cpu_isa"] = f"no extension ({reason})"
+    elif hasattr(ext, "isa"):
+        info["cpu_isa"] = ext.isa()
+    return info
+
+
+def git_revision(path: Path) -> Optional[str]:
+    """HEAD's sha, with "-dirty" when tracked files differ from it; None outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return sha + ("-dirty" if dirty else "")
+
+
+def metadata(**extra) -> dict:
+    return {
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cpu": cpu_info(),
+        "threads": torch.get_num_threads(),
+        "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "THP_MEM_ALLOC_ENABLE",
+                                                "NF4LORA_BACKEND", "TRITON_INTERPRET")},
+        "python": platform.python_version(),
+        "versions": package_versions(["torch", "triton", "bitsandbytes", "torchao"]),
+        "nf4lora": nf4lora_info(),
+        "cuda_available": torch.cuda.is_available(),
+        "git_sha": git_revision(Path(__file__).resolve().parent),
+        **extra,
+    }
+
+
+# --- output --------------------------------------------------------------------------
+
+def format_table(rows: list[dict], columns: Sequence[tuple[str, str, str]]) -> str:
+    """columns: (header, row key, format spec); a missing or None value prints as "-"."""
+    def cell(row, key, spec):
+        value = row.get(key)
+        if isinstance(value, (list, tuple)):  # a shape
+            return "x".join(map(str, value))
+        return "-" if value is None else format(value, spec)
+
+    cells = [[header for header, _, _ in columns]]
+    cells += [[cell(row, key, spec) for _, key, spec in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    lines = ["  ".join(text.rjust(w) if i else text.ljust(w) for i, (text, w) in
+                       enumerate(zip(line, widths))) for line in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def save_json(payload: dict, out_dir: Path, name: str) -> tuple[Path, Path]:
+    """Write <name>-<timestamp>.json and <name>-latest.json into out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(payload, indent=1, default=str) + "\n"
+    stamped = out_dir / f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"
+    latest = out_dir / f"{name}-latest.json"
+    stamped.write_text(text)
+    latest.write_text(text)
+    return stamped, latest

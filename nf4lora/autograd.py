@@ -1,0 +1,207 @@
+"""Autograd Functions over 4-bit weights: `matmul_4bit` and `lora_matmul_4bit`.
+
+    y = x @ W^T + scaling * (x @ A^T) @ B^T + bias          W = dequantize_4bit(weight) [out, in]
+
+Only the packed weight and its QuantState are kept for backward, never a dequantized
+copy: W is dequantized again there (QLoRA's memory saving; dequantization is cheap next to
+the matmul). The 4-bit weight gets no gradient; x, lora_A, lora_B and bias do when they
+require it.
+
+Everything that touches W goes through the small helpers `_dense_weight`, `_forward` and
+`_grad_input` below. They are the composite path (dequantize, then torch matmuls in
+x.dtype, which accumulate in fp32 for fp16/bf16 as torch does). A fused kernel
+(`torch.ops.nf4lora.lora_matmul_4bit` and friends, added to the op registry later)
+replaces these helpers' bodies and nothing else: the Functions, the argument checks and
+the layers above stay as they are.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import functional
+from .quant_state import FLOAT_DTYPES
+
+__all__ = ["matmul_4bit", "lora_matmul_4bit"]
+
+
+# --------------------------------------------------------------------------------------
+# The composite path: the one place a fused kernel plugs in.
+# --------------------------------------------------------------------------------------
+
+def _dense_weight(weight: Tensor, quant_state, dtype: torch.dtype) -> Tensor:
+    """W [out, in] in `dtype`, dequantized straight into that dtype.
+
+    Straight into `dtype` (table * absmax in fp32, one rounding) rather than into
+    quant_state.dtype and then cast: a bf16-quantized weight used in fp16 would otherwise
+    be rounded twice. bitsandbytes' gemm_4bit also dequantizes to the input's dtype.
+    """
+    out = torch.empty(tuple(quant_state.shape), dtype=dtype, device=weight.device)
+    # Flat, so dequantize_4bit's "[1, n] means transposed" shim never applies.
+    functional.dequantize_4bit(weight.detach().reshape(-1), quant_state, out=out)
+    return out
+
+
+def _forward(x2: Tensor, weight: Tensor, quant_state, lora_A: Optional[Tensor],
+             lora_B: Optional[Tensor], scaling: float, bias: Optional[Tensor]):
+    """-> (y [M, out], h = x @ A^T [M, r] or None). x2 is [M, in]."""
+    y = F.linear(x2, _dense_weight(weight, quant_state, x2.dtype), bias)
+    if lora_A is None:
+        return y, None
+    h = F.linear(x2, lora_A)
+    # y += scaling * h @ B^T in one addmm: one rounding of the sum, as a fused kernel
+    # accumulating both products into the same output tile would do.
+    return torch.addmm(y, h, lora_B.t(), alpha=scaling), h
+
+
+def _grad_input(g2: Tensor, weight: Tensor, quant_state, lora_A: Optional[Tensor],
+                gBs: Optional[Tensor]) -> Tensor:
+    """dL/dx [M, in] = g @ W + (scaling * g @ B) @ A, with gBs = scaling * g @ B given."""
+    dx = g2 @ _dense_weight(weight, quant_state, g2.dtype)
+    if gBs is None:
+        return dx
+    return torch.addmm(dx, gBs, lora_A)
+
+
+# --------------------------------------------------------------------------------------
+# The autograd Function (one for both entry points: lora_A/lora_B None means no adapter).
+# --------------------------------------------------------------------------------------
+
+class _Matmul4bit(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, weight, quant_state, lora_A, lora_B, scaling, bias):
+        x2 = x.reshape(-1, x.shape[-1])
+        y, h = _forward(x2, weight, quant_state, lora_A, lora_B, scaling, bias)
+        ctx.quant_state = quant_state
+        ctx.scaling = scaling
+        ctx.has_bias = bias is not None
+        ctx.x_shape = x.shape
+        _, _, _, need_A, need_B, _, _ = ctx.needs_input_grad
+        # The packed weight, not W: W is dequantized again in backward. The activations
+        # only when a gradient needs them: x for dA, h = x @ A^T for dB.
+        ctx.save_for_backward(x if need_A else None, weight, lora_A, lora_B,
+                              h if need_B else None)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, lora_A, lora_B, h = ctx.saved_tensors
+        need_x, _, _, need_A, need_B, _, need_bias = ctx.needs_input_grad
+        g2 = grad.reshape(-1, grad.shape[-1])
+        dx = dA = dB = dbias = None
+        gBs = None
+        if lora_A is not None and (need_x or need_A):
+            gBs = (g2 @ lora_B) * ctx.scaling                      # [M, r]
+        if need_x:
+            dx = _grad_input(g2, weight, ctx.quant_state, lora_A, gBs).reshape(ctx.x_shape)
+        if need_A:
+            dA = gBs.t() @ x.reshape(-1, x.shape[-1])               # [r, in]
+        if need_B:
+            dB = (g2.t() @ h) * ctx.scaling                         # [out, r]
+        if need_bias and ctx.has_bias:
+            dbias = g2.sum(0)
+        return dx, None, None, dA, dB, None, dbias
+
+
+# --------------------------------------------------------------------------------------
+# Public entry points: check arguments (naming the bad one), then run.
+# --------------------------------------------------------------------------------------
+
+def _check_state(quant_state) -> tuple[int, int]:
+    if quant_state is None:
+        raise ValueError("quant_state is required (the weight's QuantState)")
+    shape = getattr(quant_state, "shape", None)
+    if shape is None or len(shape) != 2:
+        raise ValueError(f"quant_state.shape must be 2-D [out_features, in_features], got {shape}")
+    return int(shape[0]), int(shape[1])
+
+
+def _check_x(x: Tensor, in_features: int) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be one of {FLOAT_DTYPES}, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have last dimension in_features={in_features} (from "
+                         f"quant_state.shape), got shape {tuple(x.shape)}. A weight quantized "
+                         "from a [in, out] tensor must be re-quantized as [out, in].")
+
+
+def _check_weight(weight: Tensor, quant_state, x: Tensor) -> None:
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be the packed 4-bit tensor, got {type(weight).__name__}")
+    needed = (math.prod(quant_state.shape) + 1) // 2
+    have = weight.numel() * weight.element_size()
+    if have < needed:
+        raise ValueError(f"weight holds {have} bytes, fewer than the {needed} that "
+                         f"quant_state.shape={list(quant_state.shape)} needs")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device}, x on {x.device}")
+
+
+def _check_operand(name: str, t: Optional[Tensor], shape: tuple, x: Tensor) -> None:
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype} "
+                        f"(cast it, e.g. {name}.to(x.dtype))")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+
+
+def matmul_4bit(A: Tensor, B: Tensor, quant_state, out: Optional[Tensor] = None,
+                bias: Optional[Tensor] = None) -> Tensor:
+    """A @ W^T + bias for a 4-bit W, bitsandbytes' signature and convention.
+
+    B is the packed weight, usually passed transposed (`layer.weight.t()`); either
+    orientation works since quant_state.shape ([out, in]) is the source of truth.
+    A has any leading dims; the result has A's dtype. Unlike bitsandbytes, a weight
+    quantized in [in, out] orientation is an error, not a deprecation warning.
+    """
+    out_features, in_features = _check_state(quant_state)
+    _check_x(A, in_features)
+    _check_weight(B, quant_state, A)
+    _check_operand("bias", bias, (out_features,), A)
+    if torch.is_grad_enabled() and (A.requires_grad or (bias is not None and bias.requires_grad)):
+        result = _Matmul4bit.apply(A, B, quant_state, None, None, 1.0, bias)
+    else:  # no graph to record: skip the Function (and its saved tensors)
+        x2 = A.reshape(-1, in_features)
+        result = _forward(x2, B, quant_state, None, None, 1.0, bias)[0]
+        result = result.reshape(*A.shape[:-1], out_features)
+    if out is not None:
+        return out.copy_(result)
+    return result
+
+
+def lora_matmul_4bit(x: Tensor, weight: Tensor, quant_state, lora_A: Tensor, lora_B: Tensor,
+                     scaling: float, bias: Optional[Tensor] = None) -> Tensor:
+    """x @ W^T + scaling * (x @ lora_A^T) @ lora_B^T + bias.
+
+    weight: packed 4-bit [out*in/2, 1] (any quant_storage), W = its dequantization [out, in];
+    lora_A [r, in], lora_B [out, r] and bias [out] in x's dtype; x has any leading dims.
+    Gradients flow to x, lora_A, lora_B and bias (when they require grad), never to weight.
+    """
+    out_features, in_features = _check_state(quant_state)
+    _check_x(x, in_features)
+    _check_weight(weight, quant_state, x)
+    if not isinstance(lora_A, Tensor) or lora_A.dim() != 2:
+        raise ValueError(f"lora_A must be a 2-D tensor [r, in_features={in_features}], got "
+                         f"{getattr(lora_A, 'shape', type(lora_A).__name__)}")
+    r = lora_A.shape[0]
+    _check_operand("lora_A", lora_A, (r, in_features), x)
+    if lora_B is None:
+        raise ValueError("lora_B is required")
+    _check_operand("lora_B", lora_B, (out_features, r), x)
+    _check_operand("bias", bias, (out_features,), x)
+    if isinstance(scaling, Tensor) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling must be a Python number, got {type(scaling).__name__}")
+    return _Matmul4bit.apply(x, weight, quant_state, lora_A, lora_B, float(scaling), bias)

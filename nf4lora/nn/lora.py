@@ -1,0 +1,136 @@
+"""LoraLinear4bit: a LoRA adapter on a frozen Linear4bit (QLoRA), PEFT's math and init.
+
+    y = base(x) + lora_B(lora_A(dropout(x))) * scaling,   scaling = lora_alpha / r
+                                                          (lora_alpha / sqrt(r) with rsLoRA)
+
+Without dropout (or in eval mode) the whole layer is one `lora_matmul_4bit` call, so the
+fused kernel, when there is one, runs base and adapter together. With active dropout the
+adapter sees dropout(x) while the base sees x, which one fused call cannot express: the
+base then runs through `matmul_4bit` and the adapter through two small matmuls.
+
+Precision, unlike PEFT: the adapter weights are stored in float32 (as PEFT keeps them) but
+are cast to the layer's compute dtype for the matmul, so the adapter branch runs in the
+compute dtype (bf16, typically) rather than in float32. That is what a fused kernel does;
+gradients still reach the float32 parameters through the cast.
+
+Parameter names are `lora_A.weight` and `lora_B.weight` (nn.Linear submodules), with the
+4-bit layer under `base_layer` as in PEFT. PEFT itself nests one more level per adapter
+name (`lora_A.default.weight`); mapping to and from that is the PEFT integration's job.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..autograd import lora_matmul_4bit, matmul_4bit
+from .linear4bit import Linear4bit, Params4bit
+
+__all__ = ["LoraLinear4bit"]
+
+
+class LoraLinear4bit(nn.Module):
+    """A LoRA adapter (rank r) around a Linear4bit. Only lora_A and lora_B train."""
+
+    def __init__(self, base: Linear4bit, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                 use_rslora: bool = False):
+        super().__init__()
+        if not isinstance(base, Linear4bit):
+            raise TypeError(f"base must be a nf4lora Linear4bit, got {type(base).__name__}")
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        self.base_layer = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.use_rslora = use_rslora
+        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        device = base.weight.device
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device)
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.merged = False
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """PEFT's default init: A Kaiming-uniform (a=sqrt(5), nn.Linear's own init), B zero,
+        so a fresh adapter leaves the base layer's output unchanged."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    # Read-through to the base layer, for code that expects a Linear's attributes.
+    @property
+    def weight(self) -> Params4bit:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        return self.base_layer.bias
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, merged={self.merged}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        base = self.base_layer
+        if self.merged:
+            return base(x)
+        dtype = base.prepare(x)    # quantize on first use, fix the compute dtype
+        xc = x.to(dtype)
+        bias = None if base.bias is None else base.bias.to(dtype)
+        lora_A = self.lora_A.weight.to(dtype)
+        lora_B = self.lora_B.weight.to(dtype)
+        weight, state = base.weight, base.weight.quant_state
+        if self.training and isinstance(self.lora_dropout, nn.Dropout):
+            y = matmul_4bit(xc, weight.t(), state, bias=bias)
+            y = y + F.linear(F.linear(self.lora_dropout(xc), lora_A), lora_B) * self.scaling
+        else:
+            y = lora_matmul_4bit(xc, weight, state, lora_A, lora_B, self.scaling, bias)
+        return y.to(x.dtype)
+
+    # -- merging ---------------------------------------------------------------------------
+
+    def _delta(self) -> Tensor:
+        """scaling * B @ A in float32 [out, in]."""
+        return (self.lora_B.weight.detach().float() @ self.lora_A.weight.detach().float()) * self.scaling
+
+    def _requantize_with(self, sign: float) -> float:
+        base = self.base_layer
+        if not base.weight.bnb_quantized:
+            base.weight._quantize(base.weight.device)
+        exact = base.dequantized_weight(torch.float32) + sign * self._delta()
+        # Quantized from the weight's original dtype, with the same blocksize, quant type,
+        # double quantization and storage.
+        base.weight._quantize_from(exact.to(base.weight.quant_state.dtype))
+        return (base.dequantized_weight(torch.float32) - exact).abs().max().item() if exact.numel() else 0.0
+
+    @torch.no_grad()
+    def merge(self) -> float:
+        """Fold the adapter into the 4-bit weight: W' = quantize(dequantize(W) + scaling * B @ A).
+
+        Returns the largest absolute error the re-quantization introduced against the exact
+        merged weight (in float32). After merging, forward is the base layer alone.
+        """
+        if self.merged:
+            raise RuntimeError("the adapter is already merged")
+        error = self._requantize_with(+1.0)
+        self.merged = True
+        return error
+
+    @torch.no_grad()
+    def unmerge(self) -> float:
+        """Take the adapter back out: W = quantize(dequantize(W') - scaling * B @ A).
+
+        Lossy: each merge and unmerge rounds the weight to the 4-bit grid again, so after
+        merge + unmerge the weight is close to, but not byte-identical with, the original.
+        Returns the largest absolute error this re-quantization introduced (float32).
+        """
+        if not self.merged:
+            raise RuntimeError("the adapter is not merged")
+        error = self._requantize_with(-1.0)
+        self.merged = False
+        return error
