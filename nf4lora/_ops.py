@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends import NestedAbsmax, backend_for
+from .backends import NestedAbsmax, PackedWeight, backend_for, composite
 from .codebook import QUANT_TYPES
 from .quant_state import BLOCKSIZES, FLOAT_DTYPES
 
@@ -182,3 +182,101 @@ def dequantize_blockwise(A: Tensor, absmax: Tensor, code: Tensor, blocksize: int
 @dequantize_blockwise.register_fake
 def _(A, absmax, code, blocksize, dtype):
     return A.new_empty(A.shape, dtype=dtype)
+
+
+def _packed_weight(packed: Tensor, absmax: Tensor, blocksize: int, quant_type: str, out_features: int,
+                   in_features: int, nested_absmax, nested_code, nested_offset, nested_blocksize,
+                   device) -> PackedWeight:
+    check_quant_args(blocksize, quant_type)
+    _check(out_features >= 0 and in_features >= 0, ValueError,
+           f"weight shape must be non-negative, got [{out_features}, {in_features}]")
+    n = out_features * in_features
+    _check(packed.dtype == torch.uint8, ValueError, f"packed weight must be uint8, got {packed.dtype}")
+    _check(packed.numel() >= packed_bytes(n), ValueError,
+           f"packed weight holds {packed.numel()} bytes, fewer than the {packed_bytes(n)} that "
+           f"[{out_features}, {in_features}] needs")
+    _check(packed.device == device, ValueError, f"packed weight is on {packed.device}, expected {device}")
+    nested = _nested(absmax, blocks_of(n, blocksize), nested_absmax, nested_code, nested_offset,
+                     nested_blocksize, device)
+    return PackedWeight(packed.contiguous().reshape(-1), absmax.contiguous(), blocksize, quant_type,
+                        out_features, in_features, nested)
+
+
+def _check_matrix(name: str, t: Optional[Tensor], shape: tuple, like: Tensor) -> None:
+    if t is None:
+        return
+    _check(tuple(t.shape) == shape, ValueError, f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+    _check(t.dtype == like.dtype, ValueError, f"{name} must be {like.dtype}, got {t.dtype}")
+    _check(t.device == like.device, ValueError, f"{name} is on {t.device}, expected {like.device}")
+
+
+def _run(name: str, device, *args):
+    """Call the backend's fused op, or the composite path when it has none."""
+    backend = backend_for(device)
+    fused = getattr(backend, name, None)
+    return fused(*args) if fused is not None else getattr(composite, name)(backend, *args)
+
+
+@torch.library.custom_op("nf4lora::lora_matmul_4bit", mutates_args=())
+def lora_matmul_4bit(x: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, quant_type: str,
+                     out_features: int, in_features: int, nested_absmax: Optional[Tensor],
+                     nested_code: Optional[Tensor], nested_offset: Optional[Tensor], nested_blocksize: int,
+                     lora_A: Optional[Tensor], lora_B: Optional[Tensor], scaling: float,
+                     bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """y = x @ W^T + scaling * (x @ lora_A^T) @ lora_B^T + bias for x [M, in], W 4-bit [out, in].
+
+    Returns (y [M, out], h = x @ lora_A^T [M, r]); h is [M, 0] without LoRA. h is returned
+    because the backward pass needs it for lora_B's gradient and the kernel has it anyway.
+    """
+    check_float("x", x)
+    _check(x.dim() == 2 and x.shape[1] == in_features, ValueError,
+           f"x must be [M, in_features={in_features}], got {list(x.shape)}")
+    weight = _packed_weight(packed, absmax, blocksize, quant_type, out_features, in_features,
+                            nested_absmax, nested_code, nested_offset, nested_blocksize, x.device)
+    _check((lora_A is None) == (lora_B is None), ValueError, "lora_A and lora_B go together")
+    if lora_A is not None:
+        _check(lora_A.dim() == 2, ValueError, f"lora_A must be [r, in], got {list(lora_A.shape)}")
+        r = lora_A.shape[0]
+        _check_matrix("lora_A", lora_A, (r, in_features), x)
+        _check_matrix("lora_B", lora_B, (out_features, r), x)
+        lora_A, lora_B = lora_A.contiguous(), lora_B.contiguous()
+    _check_matrix("bias", bias, (out_features,), x)
+    return _run("lora_matmul_4bit", x.device, x.contiguous(), weight, lora_A, lora_B, float(scaling),
+                bias)
+
+
+@lora_matmul_4bit.register_fake
+def _(x, packed, absmax, blocksize, quant_type, out_features, in_features, nested_absmax,
+      nested_code, nested_offset, nested_blocksize, lora_A, lora_B, scaling, bias):
+    r = 0 if lora_A is None else lora_A.shape[0]
+    return x.new_empty((x.shape[0], out_features)), x.new_empty((x.shape[0], r))
+
+
+@torch.library.custom_op("nf4lora::lora_matmul_4bit_grad_input", mutates_args=())
+def lora_matmul_4bit_grad_input(grad: Tensor, packed: Tensor, absmax: Tensor, blocksize: int,
+                                quant_type: str, out_features: int, in_features: int,
+                                nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
+                                nested_offset: Optional[Tensor], nested_blocksize: int,
+                                lora_A: Optional[Tensor], grad_h: Optional[Tensor]) -> Tensor:
+    """dx = grad @ W + grad_h @ lora_A for grad [M, out]; grad_h = scaling * grad @ lora_B [M, r].
+
+    W is read packed: no dense copy of it is kept anywhere between calls.
+    """
+    check_float("grad", grad)
+    _check(grad.dim() == 2 and grad.shape[1] == out_features, ValueError,
+           f"grad must be [M, out_features={out_features}], got {list(grad.shape)}")
+    weight = _packed_weight(packed, absmax, blocksize, quant_type, out_features, in_features,
+                            nested_absmax, nested_code, nested_offset, nested_blocksize, grad.device)
+    _check((lora_A is None) == (grad_h is None), ValueError, "lora_A and grad_h go together")
+    if lora_A is not None:
+        _check(lora_A.dim() == 2, ValueError, f"lora_A must be [r, in], got {list(lora_A.shape)}")
+        _check_matrix("lora_A", lora_A, (lora_A.shape[0], in_features), grad)
+        _check_matrix("grad_h", grad_h, (grad.shape[0], lora_A.shape[0]), grad)
+        lora_A, grad_h = lora_A.contiguous(), grad_h.contiguous()
+    return _run("lora_matmul_4bit_grad_input", grad.device, grad.contiguous(), weight, lora_A, grad_h)
+
+
+@lora_matmul_4bit_grad_input.register_fake
+def _(grad, packed, absmax, blocksize, quant_type, out_features, in_features, nested_absmax,
+      nested_code, nested_offset, nested_blocksize, lora_A, grad_h):
+    return grad.new_empty((grad.shape[0], in_features))

@@ -7,12 +7,11 @@ copy: W is dequantized again there (QLoRA's memory saving; dequantization is che
 the matmul). The 4-bit weight gets no gradient; x, lora_A, lora_B and bias do when they
 require it.
 
-Everything that touches W goes through the small helpers `_dense_weight`, `_forward` and
-`_grad_input` below. They are the composite path (dequantize, then torch matmuls in
-x.dtype, which accumulate in fp32 for fp16/bf16 as torch does). A fused kernel
-(`torch.ops.nf4lora.lora_matmul_4bit` and friends, added to the op registry later)
-replaces these helpers' bodies and nothing else: the Functions, the argument checks and
-the layers above stay as they are.
+Everything that touches W goes through the ops `nf4lora::lora_matmul_4bit` and
+`nf4lora::lora_matmul_4bit_grad_input` (nf4lora/_ops.py), via `_forward` and `_grad_input`
+below; each backend runs them with its fused kernels, or with the composite path
+(dequantize, then torch matmuls in x.dtype, accumulating in fp32 for fp16/bf16 as torch
+does) where it has none.
 """
 from __future__ import annotations
 
@@ -20,51 +19,42 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from . import functional
+from . import _ops, functional
 from .quant_state import FLOAT_DTYPES
 
 __all__ = ["matmul_4bit", "lora_matmul_4bit"]
 
 
 # --------------------------------------------------------------------------------------
-# The composite path: the one place a fused kernel plugs in.
+# The one place the kernels are called.
 # --------------------------------------------------------------------------------------
 
-def _dense_weight(weight: Tensor, quant_state, dtype: torch.dtype) -> Tensor:
-    """W [out, in] in `dtype`, dequantized straight into that dtype.
-
-    Straight into `dtype` (table * absmax in fp32, one rounding) rather than into
-    quant_state.dtype and then cast: a bf16-quantized weight used in fp16 would otherwise
-    be rounded twice. bitsandbytes' gemm_4bit also dequantizes to the input's dtype.
-    """
-    out = torch.empty(tuple(quant_state.shape), dtype=dtype, device=weight.device)
-    # Flat, so dequantize_4bit's "[1, n] means transposed" shim never applies.
-    functional.dequantize_4bit(weight.detach().reshape(-1), quant_state, out=out)
-    return out
+def _weight_args(weight: Tensor, quant_state) -> tuple:
+    """The packed weight and its state as the positional arguments of the matmul ops."""
+    packed = weight.detach().reshape(-1)
+    packed = packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)
+    nested = functional.nested_args(quant_state)
+    out_features, in_features = quant_state.shape
+    return (packed, quant_state.absmax, quant_state.blocksize, quant_state.quant_type,
+            int(out_features), int(in_features), nested.get("nested_absmax"),
+            nested.get("nested_code"), nested.get("nested_offset"),
+            nested.get("nested_blocksize", 256))
 
 
 def _forward(x2: Tensor, weight: Tensor, quant_state, lora_A: Optional[Tensor],
              lora_B: Optional[Tensor], scaling: float, bias: Optional[Tensor]):
     """-> (y [M, out], h = x @ A^T [M, r] or None). x2 is [M, in]."""
-    y = F.linear(x2, _dense_weight(weight, quant_state, x2.dtype), bias)
-    if lora_A is None:
-        return y, None
-    h = F.linear(x2, lora_A)
-    # y += scaling * h @ B^T in one addmm: one rounding of the sum, as a fused kernel
-    # accumulating both products into the same output tile would do.
-    return torch.addmm(y, h, lora_B.t(), alpha=scaling), h
+    y, h = _ops.lora_matmul_4bit(x2, *_weight_args(weight, quant_state), lora_A, lora_B,
+                                 scaling, bias)
+    return y, (h if lora_A is not None else None)
 
 
 def _grad_input(g2: Tensor, weight: Tensor, quant_state, lora_A: Optional[Tensor],
                 gBs: Optional[Tensor]) -> Tensor:
     """dL/dx [M, in] = g @ W + (scaling * g @ B) @ A, with gBs = scaling * g @ B given."""
-    dx = g2 @ _dense_weight(weight, quant_state, g2.dtype)
-    if gBs is None:
-        return dx
-    return torch.addmm(dx, gBs, lora_A)
+    return _ops.lora_matmul_4bit_grad_input(g2, *_weight_args(weight, quant_state), lora_A, gBs)
 
 
 # --------------------------------------------------------------------------------------

@@ -119,6 +119,17 @@ def _offset(absmax: Tensor) -> Tensor:
     return offset
 
 
+def nested_args(quant_state) -> dict:
+    """The double-quantization level of a state as op keyword arguments ({} if none).
+    The offset goes as a 0-d tensor so torch.compile never has to read its value."""
+    if not quant_state.nested:
+        return {}
+    state2 = quant_state.state2
+    return dict(nested_absmax=state2.absmax, nested_code=state2.code,
+                nested_offset=torch.as_tensor(quant_state.offset, dtype=torch.float32),
+                nested_blocksize=state2.blocksize)
+
+
 def _check_state_4bit(state: QuantState) -> None:
     # Duck-typed, so a bitsandbytes QuantState works too.
     if not all(hasattr(state, f) for f in ("absmax", "shape", "blocksize", "quant_type", "state2")):
@@ -147,11 +158,7 @@ def dequantize_4bit(A: Tensor, quant_state: Optional[QuantState] = None,
                                  quant_type=quant_type)
     _check_state_4bit(quant_state)
     packed = _as_bytes(A)
-    nested = {}
-    if quant_state.nested:
-        state2 = quant_state.state2
-        nested = dict(nested_absmax=state2.absmax, nested_code=state2.code,
-                      nested_offset=torch.as_tensor(quant_state.offset, dtype=torch.float32), nested_blocksize=state2.blocksize)
+    nested = nested_args(quant_state)
     args = (packed, quant_state.absmax, quant_state.blocksize, quant_state.quant_type)
     if out is None:
         out = _ops.dequantize_4bit(*args, list(quant_state.shape), quant_state.dtype, **nested)

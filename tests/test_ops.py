@@ -17,7 +17,15 @@ def _cases():
     nested = dict(nested_absmax=absmax2, nested_code=code, nested_offset=offset,
                   nested_blocksize=256)
     ops = torch.ops.nf4lora
+    weight = (packed, qabsmax, 64, "nf4", 3, 130, absmax2, code, offset, 256)
+    xs = torch.randn(5, 130, dtype=torch.bfloat16)
+    lora_A = torch.randn(4, 130, dtype=torch.bfloat16)
+    lora_B = torch.randn(3, 4, dtype=torch.bfloat16)
     return [
+        (ops.lora_matmul_4bit.default, (xs, *weight, lora_A, lora_B, 0.5, torch.randn(3).bfloat16()), {}),
+        (ops.lora_matmul_4bit.default, (xs, *weight, None, None, 1.0, None), {}),
+        (ops.lora_matmul_4bit_grad_input.default,
+         (torch.randn(5, 3, dtype=torch.bfloat16), *weight, lora_A, torch.randn(5, 4).bfloat16()), {}),
         (ops.quantize_4bit.default, (x, 64, "fp4"), {}),
         (ops.dequantize_4bit.default, (packed, absmax, 64, "nf4", [3, 130], torch.float16), {}),
         (ops.dequantize_4bit.default, (packed, qabsmax, 64, "nf4", [390], torch.bfloat16), nested),

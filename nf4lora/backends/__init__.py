@@ -9,7 +9,17 @@ already validated (dtypes, shapes, contiguity; see `nf4lora.functional`):
   dequantize_blockwise(codes, absmax, code, blocksize, out) -> None           (fills `out`)
 
 `nested` is a `NestedAbsmax` when `absmax` holds 8-bit codes of double quantization,
-otherwise None. Each module also has `availability() -> str | None`: None when usable,
+otherwise None.
+
+The matmul ops are optional per backend; a backend without them gets the composite
+path of `nf4lora.backends.composite` (its own dequantize, then torch's matmul):
+
+  lora_matmul_4bit(x, weight, lora_A, lora_B, scaling, bias) -> (y [M, out], h [M, r])
+      y = x @ W^T + scaling * h @ lora_B^T + bias, h = x @ lora_A^T ([M, 0] without LoRA)
+  lora_matmul_4bit_grad_input(grad, weight, lora_A, grad_h) -> dx [M, in]
+      dx = grad @ W + grad_h @ lora_A, grad_h = scaling * grad @ lora_B (or None)
+
+with `weight` a `PackedWeight` and x / grad 2-D, contiguous, in the compute dtype. Each module also has `availability() -> str | None`: None when usable,
 otherwise the reason it is not (shown to the user who asked for it).
 
 Choice, first match wins: `set_backend(name)`, then the NF4LORA_BACKEND environment
@@ -38,6 +48,17 @@ class NestedAbsmax(NamedTuple):
     code: torch.Tensor
     offset: float
     blocksize: int
+
+
+class PackedWeight(NamedTuple):
+    """A 4-bit weight W [out_features, in_features] as the kernels read it."""
+    packed: torch.Tensor            # uint8, flat, >= ceil(out*in/2) bytes
+    absmax: torch.Tensor            # float32 [blocks], or uint8 codes when nested
+    blocksize: int
+    quant_type: str
+    out_features: int
+    in_features: int
+    nested: NestedAbsmax | None
 
 
 def _module(name: str):
