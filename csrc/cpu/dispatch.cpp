@@ -1,0 +1,206 @@
+// The public CPU API (kernels.h): argument checks, ISA choice, and the OpenMP split.
+//
+// Threads get contiguous, statically assigned ranges of quantization blocks. Blocks
+// are independent (each has its own absmax and its own bytes: blocksize is even, so
+// no packed byte straddles two blocks), so the output does not depend on the number
+// of threads or on the split.
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include <atomic>
+#include <stdexcept>
+
+#include "isa.h"
+
+namespace nf4lora {
+namespace cpu {
+namespace {
+
+// Below this many elements one thread does it all: an OpenMP fork/join costs a few
+// microseconds, as much as dequantizing ~30k elements.
+constexpr int64_t kMinElementsPerThread = 1 << 15;
+
+std::atomic<int> g_num_threads{0};
+
+bool cpu_has(const char* isa) {
+  __builtin_cpu_init();
+  if (strcmp(isa, "scalar") == 0) return true;
+  // F16C is on every AVX2 CPU made, but check it: the AVX2 path uses vcvtph2ps.
+  if (strcmp(isa, "avx2") == 0)
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  if (strcmp(isa, "avx512") == 0)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  return false;
+}
+
+const char* const kIsaNames[] = {"scalar", "avx2", "avx512"};  // worst to best
+
+const IsaKernels& kernels_for(const char* name) {
+  if (strcmp(name, "avx512") == 0) return avx512::kernels();
+  if (strcmp(name, "avx2") == 0) return avx2::kernels();
+  return scalar::kernels();
+}
+
+// Read NF4LORA_CPU_ISA at every call (a getenv is ~100 ns) so tests can switch paths.
+const IsaKernels& select_kernels() {
+  const char* requested = getenv("NF4LORA_CPU_ISA");
+  if (requested != nullptr && requested[0] != '\0' && strcmp(requested, "auto") != 0) {
+    for (const char* name : kIsaNames) {
+      if (strcmp(requested, name) == 0) {
+        if (!cpu_has(name))
+          throw std::runtime_error(std::string("NF4LORA_CPU_ISA=") + requested +
+                                   ": this CPU does not support it");
+        return kernels_for(name);
+      }
+    }
+    throw std::runtime_error(std::string("NF4LORA_CPU_ISA=") + requested +
+                             ": expected one of auto, scalar, avx2, avx512");
+  }
+  static const IsaKernels* best = [] {
+    const IsaKernels* k = &scalar::kernels();
+    for (const char* name : kIsaNames)
+      if (cpu_has(name)) k = &kernels_for(name);
+    return k;
+  }();
+  return *best;
+}
+
+// Run fn(b0, b1) over [0, blocks) split into one contiguous range per thread.
+template <class Fn>
+void parallel_blocks(int64_t blocks, int64_t elements, Fn fn) {
+  int64_t threads = num_threads();
+  if (threads > elements / kMinElementsPerThread) threads = elements / kMinElementsPerThread;
+  if (threads > blocks) threads = blocks;
+  if (threads <= 1) {
+    fn(int64_t(0), blocks);
+    return;
+  }
+#pragma omp parallel num_threads((int)threads)
+  {
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+    fn(blocks * t / nt, blocks * (t + 1) / nt);
+  }
+}
+
+// Large outputs are usually fresh allocations (torch.empty -> mmap) whose first touch
+// faults in one 4 KiB page at a time. On the VMs this was tuned on a fault costs ~3 us,
+// so writing a 33.5 MB output took 45 ms of faults against ~5 ms of kernel. Asking for
+// transparent huge pages first (what torch does itself under THP_MEM_ALLOC_ENABLE=1)
+// makes that 16 faults of 2 MiB. Advisory only: errors are ignored, pages already
+// present are untouched, and NF4LORA_CPU_HUGEPAGES=0 turns it off.
+void advise_huge_pages(void* data, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr int64_t kMinBytes = int64_t(4) << 20;  // at least two huge pages' worth
+  if (bytes < kMinBytes) return;
+  const char* env = getenv("NF4LORA_CPU_HUGEPAGES");
+  if (env != nullptr && strcmp(env, "0") == 0) return;
+  const uintptr_t page = 4096;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + page - 1) & ~(page - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + uintptr_t(bytes)) & ~(page - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
+
+int64_t dtype_size(int dtype) { return dtype == kF32 ? 4 : 2; }
+
+int64_t num_blocks(int64_t n, int64_t blocksize) { return (n + blocksize - 1) / blocksize; }
+
+void check(bool ok, const char* what) {
+  if (!ok) throw std::invalid_argument(what);
+}
+
+void check_common(int64_t n, int64_t blocksize, int dtype, const char* dtype_name) {
+  check(n >= 0, "n must be >= 0");
+  check(blocksize > 0, "blocksize must be > 0");
+  check(dtype == kF32 || dtype == kF16 || dtype == kBF16, dtype_name);
+}
+
+}  // namespace
+
+int num_threads() {
+  const int k = g_num_threads.load();
+  return k > 0 ? k : omp_get_max_threads();
+}
+
+void set_num_threads(int k) { g_num_threads.store(k > 0 ? k : 0); }
+
+std::string active_isa() { return select_kernels().name; }
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> out;
+  for (const char* name : kIsaNames)
+    if (cpu_has(name)) out.push_back(name);
+  return out;
+}
+
+void quantize_4bit(const void* A, int dtype, int64_t n, int64_t blocksize, int quant_type,
+                   uint8_t* packed, float* absmax) {
+  check_common(n, blocksize, dtype, "dtype must be 0 (float32), 1 (float16) or 2 (bfloat16)");
+  check(blocksize % 2 == 0, "4-bit blocksize must be even");
+  check(quant_type == kNF4 || quant_type == kFP4, "quant_type must be 0 (nf4) or 1 (fp4)");
+  if (n == 0) return;
+  check(A && packed && absmax, "null pointer");
+  const IsaKernels& k = select_kernels();
+  advise_huge_pages(packed, (n + 1) / 2);
+  const Quant4Args args{A, dtype, n, blocksize, quant_type, packed, absmax};
+  parallel_blocks(num_blocks(n, blocksize), n,
+                  [&](int64_t b0, int64_t b1) { k.quantize_4bit(args, b0, b1); });
+}
+
+void dequantize_4bit(const uint8_t* packed, const float* absmax, const NestedAbsmax* nested,
+                     int64_t n, int64_t blocksize, int quant_type, void* out, int out_dtype) {
+  check_common(n, blocksize, out_dtype,
+               "out_dtype must be 0 (float32), 1 (float16) or 2 (bfloat16)");
+  check(blocksize % 2 == 0, "4-bit blocksize must be even");
+  check(quant_type == kNF4 || quant_type == kFP4, "quant_type must be 0 (nf4) or 1 (fp4)");
+  if (n == 0) return;
+  check(packed && out, "null pointer");
+  if (nested) {
+    check(nested->q && nested->absmax2 && nested->code2, "null pointer in nested absmax");
+    check(nested->blocksize > 0, "nested blocksize must be > 0");
+  } else {
+    check(absmax != nullptr, "null absmax");
+  }
+  const IsaKernels& k = select_kernels();
+  const int64_t out_bytes = n * dtype_size(out_dtype);
+  advise_huge_pages(out, out_bytes);
+  const Dequant4Args args{packed, absmax, nested ? *nested : NestedAbsmax{}, nested != nullptr,
+                          n, blocksize, quant_type, out, out_dtype};
+  parallel_blocks(num_blocks(n, blocksize), n,
+                  [&](int64_t b0, int64_t b1) { k.dequantize_4bit(args, b0, b1); });
+}
+
+void quantize_blockwise(const void* A, int dtype, const float* code, int64_t n,
+                        int64_t blocksize, uint8_t* q, float* absmax) {
+  check_common(n, blocksize, dtype, "dtype must be 0 (float32), 1 (float16) or 2 (bfloat16)");
+  if (n == 0) return;
+  check(A && code && q && absmax, "null pointer");
+  const IsaKernels& k = select_kernels();
+  advise_huge_pages(q, n);
+  const Quant8Args args{A, dtype, code, n, blocksize, q, absmax};
+  parallel_blocks(num_blocks(n, blocksize), n,
+                  [&](int64_t b0, int64_t b1) { k.quantize_blockwise(args, b0, b1); });
+}
+
+void dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code, int64_t n,
+                          int64_t blocksize, void* out, int out_dtype) {
+  check_common(n, blocksize, out_dtype,
+               "out_dtype must be 0 (float32), 1 (float16) or 2 (bfloat16)");
+  if (n == 0) return;
+  check(q && absmax && code && out, "null pointer");
+  const IsaKernels& k = select_kernels();
+  advise_huge_pages(out, n * dtype_size(out_dtype));
+  const Dequant8Args args{q, absmax, code, n, blocksize, out, out_dtype};
+  parallel_blocks(num_blocks(n, blocksize), n,
+                  [&](int64_t b0, int64_t b1) { k.dequantize_blockwise(args, b0, b1); });
+}
+
+}  // namespace cpu
+}  // namespace nf4lora

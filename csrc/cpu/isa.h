@@ -1,0 +1,65 @@
+// Internal interface between the dispatcher (dispatch.cpp) and the per-ISA kernel
+// translation units (isa_scalar.cpp, isa_avx2.cpp, isa_avx512.cpp). Every ISA TU
+// compiles the same kernel templates (kernel_body.h) against its own vector
+// primitives and exports one table of entry points. Each entry point processes the
+// quantization blocks [b0, b1); the dispatcher splits blocks across OpenMP threads.
+#pragma once
+
+#include <stdint.h>
+
+#include "../nf4_codec.h"
+#include "kernels.h"
+
+namespace nf4lora {
+namespace cpu {
+
+// 16-bit storage types: distinct types so templates can tell bf16 from fp16.
+struct bf16 { uint16_t bits; };
+struct fp16 { uint16_t bits; };
+
+inline float to_float(float x) { return x; }
+inline float to_float(bf16 x) { return bf16_bits_to_float(x.bits); }
+inline float to_float(fp16 x) { return fp16_bits_to_float(x.bits); }
+
+template <class T> T from_float(float x);
+template <> inline float from_float<float>(float x) { return x; }
+template <> inline bf16 from_float<bf16>(float x) { return bf16{float_to_bf16_bits(x)}; }
+template <> inline fp16 from_float<fp16>(float x) { return fp16{float_to_fp16_bits(x)}; }
+
+// The 16 table values of a 4-bit type, for building per-block lookup tables.
+inline const float* codebook_4bit(int quant_type) {
+  alignas(64) static const float tables[2][16] = {{NF4LORA_NF4_VALUES}, {NF4LORA_FP4_VALUES}};
+  return tables[quant_type == kNF4 ? 0 : 1];
+}
+
+struct Quant4Args {
+  const void* A; int dtype; int64_t n; int64_t blocksize; int quant_type;
+  uint8_t* packed; float* absmax;
+};
+struct Dequant4Args {
+  const uint8_t* packed; const float* absmax; NestedAbsmax nested; bool has_nested;
+  int64_t n; int64_t blocksize; int quant_type; void* out; int out_dtype;
+};
+struct Quant8Args {
+  const void* A; int dtype; const float* code; int64_t n; int64_t blocksize;
+  uint8_t* q; float* absmax;
+};
+struct Dequant8Args {
+  const uint8_t* q; const float* absmax; const float* code; int64_t n; int64_t blocksize;
+  void* out; int out_dtype;
+};
+
+struct IsaKernels {
+  const char* name;
+  void (*quantize_4bit)(const Quant4Args&, int64_t b0, int64_t b1);
+  void (*dequantize_4bit)(const Dequant4Args&, int64_t b0, int64_t b1);
+  void (*quantize_blockwise)(const Quant8Args&, int64_t b0, int64_t b1);
+  void (*dequantize_blockwise)(const Dequant8Args&, int64_t b0, int64_t b1);
+};
+
+namespace scalar { const IsaKernels& kernels(); }
+namespace avx2 { const IsaKernels& kernels(); }
+namespace avx512 { const IsaKernels& kernels(); }
+
+}  // namespace cpu
+}  // namespace nf4lora

@@ -1,0 +1,290 @@
+// AVX-512 path (F + BW): isa_avx2.cpp with 16-float vectors and mask registers.
+// Same primitives, same order of operations, same tables; only the register width
+// and the idioms that AVX-512 makes shorter differ:
+//   * compares give __mmask16 and counting is a masked add;
+//   * the float 16-entry lookup is one _mm512_permutexvar_ps instead of two permutes
+//     and a blend;
+//   * narrowing int32 -> int16/int8 is vpmovdw/vpmovdb instead of packus + permutes.
+// The 16-bit decode keeps AVX2's byte-plane pshufb lookup (vpshufb is per 128-bit
+// lane on both, so the tables are broadcast to every lane in the same way).
+//
+// Not using AVX512-BF16's vcvtneps2bf16: it flushes subnormals, torch does not.
+// This machine class may lack AVX-512; the path is compiled everywhere and picked
+// only when __builtin_cpu_supports("avx512f") and ("avx512bw") are both true.
+#include <immintrin.h>
+#include <string.h>
+
+#include "isa.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx2,f16c")
+// gcc 12's avx512fintrin.h builds some results from _mm512_undefined_*() and then
+// trips its own -Wmaybe-uninitialized (a known false positive), once per intrinsic use.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace nf4lora {
+namespace cpu {
+namespace avx512 {
+
+constexpr int kW = 16;
+using F = __m512;
+using I = __m512i;
+
+// ---- loads -------------------------------------------------------------------------
+inline F load(const float* p) { return _mm512_loadu_ps(p); }
+inline F load(const bf16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline F load(const fp16* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// ---- float32 -> 16-bit, round to nearest even --------------------------------------
+template <class Out> __m256i to_u16(F x);
+template <>
+inline __m256i to_u16<bf16>(F x) {
+  const I u = _mm512_castps_si512(x);
+  const I lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  I r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  const I quiet_nan = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), quiet_nan);
+  return _mm512_cvtepi32_epi16(r);
+}
+template <>
+inline __m256i to_u16<fp16>(F x) {
+  return _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+template <class Out>
+inline void store_out(Out* o, F x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), to_u16<Out>(x));
+}
+template <>
+inline void store_out<float>(float* o, F x) { _mm512_storeu_ps(o, x); }
+
+// ---- absmax ------------------------------------------------------------------------
+struct AbsMax {
+  F m;
+  __mmask16 nan;
+  AbsMax() : m(_mm512_setzero_ps()), nan(0) {}
+  void add(F x) {
+    nan = (__mmask16)(nan | _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q));
+    m = _mm512_max_ps(m, _mm512_abs_ps(x));
+  }
+  float result() const {
+    if (nan) return bits_float(0x7fc00000u);
+    return _mm512_reduce_max_ps(m);  // no NaN here, so the order does not matter
+  }
+};
+
+inline F splat(float x) { return _mm512_set1_ps(x); }
+inline F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+
+// ---- 4-bit encode: the decision tree of isa_avx2.cpp, with mask registers ---------
+inline __mmask16 gt_mask(F x, F t) { return _mm512_cmp_ps_mask(x, t, _CMP_GT_OQ); }
+inline I add_if(I index, __mmask16 mask, int amount) {
+  return _mm512_mask_add_epi32(index, mask, index, _mm512_set1_epi32(amount));
+}
+
+template <int QT> struct Encoder;
+
+template <>
+struct Encoder<kNF4> {
+  F t7, t3, t11, odd, even;  // odd: t1,t5,t9,t13 by index/4; even: t0,t2,..,t14 by index/2
+  Encoder() {
+    const float t[15] = {NF4LORA_NF4_THRESHOLDS};
+    t7 = _mm512_set1_ps(t[7]);
+    t3 = _mm512_set1_ps(t[3]);
+    t11 = _mm512_set1_ps(t[11]);
+    const float o[16] = {t[1], t[5], t[9], t[13]};
+    const float e[16] = {t[0], t[2], t[4], t[6], t[8], t[10], t[12], t[14]};
+    odd = _mm512_loadu_ps(o);
+    even = _mm512_loadu_ps(e);
+  }
+  I operator()(F x) const {
+    const __mmask16 m8 = gt_mask(x, t7);
+    I code = _mm512_maskz_mov_epi32(m8, _mm512_set1_epi32(8));
+    code = add_if(code, gt_mask(x, _mm512_mask_blend_ps(m8, t3, t11)), 4);
+    code = add_if(code, gt_mask(x, _mm512_permutexvar_ps(_mm512_srli_epi32(code, 2), odd)), 2);
+    code = add_if(code, gt_mask(x, _mm512_permutexvar_ps(_mm512_srli_epi32(code, 1), even)), 1);
+    return code;
+  }
+};
+
+template <>
+struct Encoder<kFP4> {
+  F t3, t1, t5, even;  // even: t0,t2,t4,t6 by rank/2
+  I by_rank;
+  Encoder() {
+    const float t[7] = {NF4LORA_FP4_ABS_THRESHOLDS};
+    t3 = _mm512_set1_ps(t[3]);
+    t1 = _mm512_set1_ps(t[1]);
+    t5 = _mm512_set1_ps(t[5]);
+    const float e[16] = {t[0], t[2], t[4], t[6]};
+    even = _mm512_loadu_ps(e);
+    const int codes[16] = {NF4LORA_FP4_CODE_BY_RANK};  // rank <= 7: the rest unused
+    by_rank = _mm512_loadu_si512(codes);
+  }
+  I operator()(F x) const {
+    const F a = _mm512_abs_ps(x);
+    const __mmask16 m4 = gt_mask(a, t3);
+    I rank = _mm512_maskz_mov_epi32(m4, _mm512_set1_epi32(4));
+    rank = add_if(rank, gt_mask(a, _mm512_mask_blend_ps(m4, t1, t5)), 2);
+    rank = add_if(rank, gt_mask(a, _mm512_permutexvar_ps(_mm512_srli_epi32(rank, 1), even)), 1);
+    const I code = _mm512_permutexvar_epi32(rank, by_rank);
+    const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+    return _mm512_mask_or_epi32(code, negative, code, _mm512_set1_epi32(8));
+  }
+};
+
+// 32 codes (int32) -> 16 bytes, code 2j in the high nibble of byte j.
+inline void store_packed(uint8_t* out, I first, I second) {
+  // narrow to 32 codes as u16, in element order
+  I w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(first)),
+                           _mm512_cvtepi32_epi16(second), 1);
+  // each 32-bit lane holds codes 2j (low half) and 2j+1 (high half): make the byte
+  w = _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(w, _mm512_set1_epi32(0xF)), 4),
+                      _mm512_srli_epi32(w, 16));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtepi32_epi8(w));
+}
+
+// ---- 4-bit decode ------------------------------------------------------------------
+// float output: 16 codes in 32-bit lanes (one byte per 64-bit lane).
+inline I codes32(const uint8_t* p) {
+  const I q = _mm512_cvtepu8_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  return _mm512_or_si512(_mm512_srli_epi64(q, 4),
+                         _mm512_slli_epi64(_mm512_and_si512(q, _mm512_set1_epi64(0xF)), 32));
+}
+// 16-bit output: 32 codes in 16-bit lanes (one byte per 32-bit lane).
+inline I codes16(const uint8_t* p) {
+  const I d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm512_or_si512(_mm512_srli_epi32(d, 4),
+                         _mm512_slli_epi32(_mm512_and_si512(d, _mm512_set1_epi32(0xF)), 16));
+}
+
+template <class Out>
+struct Decoder {
+  static constexpr int kStep = 32;  // 16 packed bytes -> 32 outputs (64 bytes)
+  I lo, hi;                         // byte planes, the same 16 bytes in all four lanes
+  Decoder(int qt, float scale) {
+    const float* table = codebook_4bit(qt);
+    const __m256i v = to_u16<Out>(_mm512_mul_ps(_mm512_loadu_ps(table), _mm512_set1_ps(scale)));
+    const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                           0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    const __m256i planes = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, split), 0xD8);
+    lo = _mm512_broadcast_i32x4(_mm256_castsi256_si128(planes));
+    hi = _mm512_broadcast_i32x4(_mm256_extracti128_si256(planes, 1));
+  }
+  void operator()(const uint8_t* p, Out* o) const {
+    const I c = codes16(p);
+    const I from_lo = _mm512_shuffle_epi8(lo, _mm512_or_si512(c, _mm512_set1_epi16((short)0x8000)));
+    const I from_hi = _mm512_shuffle_epi8(
+        hi, _mm512_or_si512(_mm512_slli_epi16(c, 8), _mm512_set1_epi16(0x0080)));
+    _mm512_storeu_si512(o, _mm512_or_si512(from_lo, from_hi));
+  }
+};
+
+template <>
+struct Decoder<float> {
+  static constexpr int kStep = 16;  // 8 packed bytes -> 16 floats
+  F t;
+  Decoder(int qt, float scale) {
+    t = _mm512_mul_ps(_mm512_loadu_ps(codebook_4bit(qt)), _mm512_set1_ps(scale));
+  }
+  void operator()(const uint8_t* p, float* o) const {
+    _mm512_storeu_ps(o, _mm512_permutexvar_ps(codes32(p), t));
+  }
+};
+
+// ---- dynamic 8-bit (double quantization) -------------------------------------------
+inline F gather(const float* code, I index) { return _mm512_i32gather_ps(index, code, 4); }
+
+// isa_avx2.cpp's DynEncoder: the first five steps from registers (the 16 pivots of
+// step 4 fit one register here), the last two and the final value gathered.
+struct DynEncoder {
+  const float* code;
+  F c127, c63, c191, by64, by32, by16, first, last;
+  explicit DynEncoder(const float* c) : code(c) {
+    c127 = _mm512_set1_ps(c[127]);
+    c63 = _mm512_set1_ps(c[63]);
+    c191 = _mm512_set1_ps(c[191]);
+    float t64[16] = {c[31], c[95], c[159], c[223]}, t32[16] = {}, t16[16];
+    for (int k = 0; k < 8; ++k) t32[k] = c[32 * k + 15];
+    for (int k = 0; k < 16; ++k) t16[k] = c[16 * k + 7];
+    by64 = _mm512_loadu_ps(t64);
+    by32 = _mm512_loadu_ps(t32);
+    by16 = _mm512_loadu_ps(t16);
+    first = _mm512_set1_ps(c[0]);
+    last = _mm512_set1_ps(c[255]);
+  }
+  I operator()(F x) const {
+    I pivot = _mm512_set1_epi32(127), lower = _mm512_setzero_si512(),
+      upper = _mm512_set1_epi32(255);
+    F lower_value = first, upper_value = last;
+    auto step = [&](F v, int s) {
+      const __mmask16 up = _mm512_cmp_ps_mask(x, v, _CMP_GT_OQ);
+      lower = _mm512_mask_mov_epi32(lower, up, pivot);
+      lower_value = _mm512_mask_mov_ps(lower_value, up, v);
+      upper = _mm512_mask_mov_epi32(pivot, up, upper);
+      upper_value = _mm512_mask_mov_ps(v, up, upper_value);
+      const I down = _mm512_sub_epi32(pivot, _mm512_set1_epi32(s));
+      pivot = _mm512_mask_add_epi32(down, up, down, _mm512_set1_epi32(2 * s));
+    };
+    step(c127, 64);
+    step(_mm512_mask_blend_ps(_mm512_test_epi32_mask(pivot, _mm512_set1_epi32(128)), c63, c191), 32);
+    step(_mm512_permutexvar_ps(_mm512_srli_epi32(pivot, 6), by64), 16);
+    step(_mm512_permutexvar_ps(_mm512_srli_epi32(pivot, 5), by32), 8);
+    step(_mm512_permutexvar_ps(_mm512_srli_epi32(pivot, 4), by16), 4);
+    step(gather(code, pivot), 2);
+    step(gather(code, pivot), 1);
+    const F value = gather(code, pivot);
+    const F half = _mm512_set1_ps(0.5f);
+    const F mid_up = _mm512_mul_ps(_mm512_add_ps(upper_value, value), half);
+    const F mid_lo = _mm512_mul_ps(_mm512_add_ps(lower_value, value), half);
+    const __mmask16 above = _mm512_cmp_ps_mask(x, value, _CMP_GT_OQ);
+    const __mmask16 to_upper = _mm512_cmp_ps_mask(x, mid_up, _CMP_GT_OQ);
+    const __mmask16 to_lower = _mm512_cmp_ps_mask(x, mid_lo, _CMP_LT_OQ);
+    return _mm512_mask_mov_epi32(_mm512_mask_mov_epi32(pivot, to_lower, lower), above,
+                                 _mm512_mask_mov_epi32(pivot, to_upper, upper));
+  }
+};
+
+inline void store_bytes(uint8_t* q, I v) {  // 16 codes 0..255 -> 16 bytes
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(v));
+}
+
+template <class Out>
+struct Decoder8 {
+  static constexpr int kStep = kW;
+  const float* code;
+  F scale;
+  Decoder8(const float* c, float s) : code(c), scale(_mm512_set1_ps(s)) {}
+  void operator()(const uint8_t* q, Out* o) const {
+    const I index = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+    store_out(o, _mm512_mul_ps(gather(code, index), scale));
+  }
+};
+
+#include "kernel_body.h"
+
+}  // namespace avx512
+}  // namespace cpu
+}  // namespace nf4lora
+
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+
+namespace nf4lora {
+namespace cpu {
+namespace avx512 {
+// Outside the target region: the dispatcher calls this before checking the CPU.
+const IsaKernels& kernels() {
+  static const IsaKernels k{"avx512", &quantize_4bit_entry, &dequantize_4bit_entry,
+                            &quantize_blockwise_entry, &dequantize_blockwise_entry};
+  return k;
+}
+}  // namespace avx512
+}  // namespace cpu
+}  // namespace nf4lora

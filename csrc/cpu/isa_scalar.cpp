@@ -1,0 +1,79 @@
+// Scalar path: the kernel templates with one element per "vector", every primitive a
+// direct call of the per-element codec in nf4_codec.h. It is the fallback on CPUs
+// without AVX2 and, in the tests, an independent check of the SIMD primitives
+// (NF4LORA_CPU_ISA=scalar). Built for baseline x86-64 (the compiler may still use SSE2).
+#include "isa.h"
+
+namespace nf4lora {
+namespace cpu {
+namespace scalar {
+
+constexpr int kW = 1;
+using F = float;
+using I = int;
+
+inline F load(const float* p) { return *p; }
+inline F load(const bf16* p) { return to_float(*p); }
+inline F load(const fp16* p) { return to_float(*p); }
+
+struct AbsMax {
+  float m = 0.0f;
+  bool nan = false;
+  void add(F x) {
+    nan = nan || is_nan(x);
+    const float a = abs_f(x);
+    m = a > m ? a : m;
+  }
+  float result() const { return nan ? bits_float(0x7fc00000u) : m; }
+};
+
+inline F splat(float x) { return x; }
+inline F mul(F a, F b) { return mul_rn(a, b); }
+
+template <int QT>
+struct Encoder {
+  I operator()(F x) const { return encode_4bit(x, QT); }
+};
+
+inline void store_packed(uint8_t* out, I first, I second) { *out = pack_nibbles(first, second); }
+
+template <class Out>
+struct Decoder {
+  static constexpr int kStep = 2;  // one packed byte
+  int qt;
+  float scale;
+  Decoder(int quant_type, float s) : qt(quant_type), scale(s) {}
+  void operator()(const uint8_t* p, Out* o) const {
+    o[0] = from_float<Out>(mul_rn(decode_4bit(unpack_first(*p), qt), scale));
+    o[1] = from_float<Out>(mul_rn(decode_4bit(unpack_second(*p), qt), scale));
+  }
+};
+
+struct DynEncoder {
+  const float* code;
+  explicit DynEncoder(const float* c) : code(c) {}
+  I operator()(F x) const { return encode_dynamic(code, x); }
+};
+
+inline void store_bytes(uint8_t* q, I v) { *q = (uint8_t)v; }
+
+template <class Out>
+struct Decoder8 {
+  static constexpr int kStep = 1;
+  const float* code;
+  float scale;
+  Decoder8(const float* c, float s) : code(c), scale(s) {}
+  void operator()(const uint8_t* q, Out* o) const { *o = from_float<Out>(mul_rn(code[*q], scale)); }
+};
+
+#include "kernel_body.h"
+
+const IsaKernels& kernels() {
+  static const IsaKernels k{"scalar", &quantize_4bit_entry, &dequantize_4bit_entry,
+                            &quantize_blockwise_entry, &dequantize_blockwise_entry};
+  return k;
+}
+
+}  // namespace scalar
+}  // namespace cpu
+}  // namespace nf4lora

@@ -1,0 +1,194 @@
+// kernel_body.h: the ONE implementation of each CPU op, shared by every ISA.
+//
+// NOT a normal header (no include guard, on purpose): each ISA translation unit
+// (isa_scalar.cpp, isa_avx2.cpp, isa_avx512.cpp) includes it once, inside its own
+// namespace nf4lora::cpu::<isa> and, for the SIMD ones, inside a
+// `#pragma GCC target(...)` region, after defining these primitives:
+//
+//   kW                          floats per vector (1, 8 or 16)
+//   F, I                        float vector, int32 vector
+//   load(const In*)             kW elements of float / bf16 / fp16 -> F (exact)
+//   AbsMax{add(F), result()}    max |x| over the added vectors; NaN if any lane was NaN
+//   splat(float), mul(F, F)     broadcast; IEEE multiply (never fused)
+//   Encoder<QT>{operator()(F)}  4-bit codes (NF4 or FP4) of scaled values -> I
+//   store_packed(u8*, I, I)     2*kW codes (first vector first) -> kW packed bytes
+//   Decoder<Out>(qt, scale)     kStep elements from kStep/2 packed bytes, table*scale,
+//                               rounded once to Out (float / bf16 / fp16)
+//   DynEncoder(code)(F) -> I    dynamic 8-bit codes (binary search + midpoints)
+//   store_bytes(u8*, I)         kW codes -> kW bytes
+//   Decoder8<Out>(code, scale)  kStep elements: code[q] * scale rounded to Out
+//
+// The loops here are the whole algorithm; the primitives are the per-ISA
+// vocabulary. Everything a primitive cannot cover (the tail of a partial last block,
+// an odd element count) goes through the scalar codec in nf4_codec.h, which is the
+// same arithmetic, so every path gives the same bytes.
+//
+// Each entry point processes quantization blocks [b0, b1); blocks are independent, so
+// any split across threads gives identical output.
+
+inline int64_t block_length(int64_t block, int64_t blocksize, int64_t n) {
+  const int64_t left = n - block * blocksize;
+  return left < blocksize ? left : blocksize;
+}
+
+// max(|m|, |x|) that keeps a NaN once seen (torch.amax propagates NaN; that is how
+// callers detect bad input). m is a running max of magnitudes, possibly NaN.
+inline float nan_max_abs(float m, float x) {
+  const float a = abs_f(x);
+  if (is_nan(m) || is_nan(a)) return bits_float(0x7fc00000u);
+  return a > m ? a : m;
+}
+
+template <class In>
+inline float block_absmax(const In* x, int64_t len) {
+  AbsMax vmax;
+  int64_t i = 0;
+  for (; i + kW <= len; i += kW) vmax.add(load(x + i));
+  float m = vmax.result();
+  for (; i < len; ++i) m = nan_max_abs(m, to_float(x[i]));
+  return m;
+}
+
+// ---- 4-bit quantize: absmax, scaled = x * (1 / absmax), encode, pack. -------------
+template <class In, int QT>
+void quantize_4bit_impl(const Quant4Args& args, int64_t b0, int64_t b1) {
+  const In* A = static_cast<const In*>(args.A);
+  const Encoder<QT> encode;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t begin = b * args.blocksize;  // even: blocksize is even
+    const int64_t len = block_length(b, args.blocksize, args.n);
+    const In* x = A + begin;
+    uint8_t* out = args.packed + begin / 2;
+
+    const float absmax = block_absmax(x, len);
+    args.absmax[b] = absmax;
+    // IEEE reciprocal, then a multiply per element (the reference and bitsandbytes'
+    // kernel do the same; x / absmax would round differently). An all-zero block has
+    // reciprocal inf and scaled 0 * inf = NaN, which every encoder maps to code 0.
+    const float r = div_rn(1.0f, absmax);
+    const F rv = splat(r);
+
+    int64_t i = 0;
+    for (; i + 2 * kW <= len; i += 2 * kW)
+      store_packed(out + i / 2, encode(mul(load(x + i), rv)), encode(mul(load(x + i + kW), rv)));
+    for (; i < len; i += 2) {
+      const float first = mul_rn(to_float(x[i]), r);
+      // Odd n: the last byte's low nibble encodes a padding 0.0 with this block's scale.
+      const float second = (i + 1 < len) ? mul_rn(to_float(x[i + 1]), r) : mul_rn(0.0f, r);
+      out[i / 2] = pack_nibbles(encode_4bit(first, QT), encode_4bit(second, QT));
+    }
+  }
+}
+
+// ---- 4-bit dequantize: table[code] * absmax, rounded once to Out. -----------------
+// With double quantization each block's absmax is decoded here, once, from its 8-bit
+// code (two float32 roundings, as reference.dequantize_absmax); no absmax array.
+template <class Out, int QT>
+void dequantize_4bit_impl(const Dequant4Args& args, int64_t b0, int64_t b1) {
+  Out* out = static_cast<Out*>(args.out);
+  const NestedAbsmax& nested = args.nested;
+  for (int64_t b = b0; b < b1; ++b) {
+    const float scale =
+        args.has_nested
+            ? decode_nested_absmax(nested.code2, nested.q[b], nested.absmax2[b / nested.blocksize],
+                                   nested.offset)
+            : args.absmax[b];
+    const int64_t begin = b * args.blocksize;
+    const int64_t len = block_length(b, args.blocksize, args.n);
+    const uint8_t* p = args.packed + begin / 2;
+    Out* o = out + begin;
+
+    const Decoder<Out> decode(QT, scale);
+    constexpr int kStep = Decoder<Out>::kStep;
+    int64_t i = 0;
+    for (; i + kStep <= len; i += kStep) decode(p + i / 2, o + i);
+    for (; i < len; ++i)
+      o[i] = from_float<Out>(mul_rn(decode_4bit(unpack_code(p, i), QT), scale));
+  }
+}
+
+// ---- 8-bit blockwise quantize with a sorted 256-entry code (the dynamic map). ------
+template <class In>
+void quantize_blockwise_impl(const Quant8Args& args, int64_t b0, int64_t b1) {
+  const In* A = static_cast<const In*>(args.A);
+  const DynEncoder encode(args.code);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t begin = b * args.blocksize;
+    const int64_t len = block_length(b, args.blocksize, args.n);
+    const In* x = A + begin;
+    uint8_t* q = args.q + begin;
+
+    const float absmax = block_absmax(x, len);
+    args.absmax[b] = absmax;
+    const float r = div_rn(1.0f, absmax);
+    const F rv = splat(r);
+
+    int64_t i = 0;
+    for (; i + kW <= len; i += kW) store_bytes(q + i, encode(mul(load(x + i), rv)));
+    for (; i < len; ++i) q[i] = (uint8_t)encode_dynamic(args.code, mul_rn(to_float(x[i]), r));
+  }
+}
+
+// ---- 8-bit blockwise dequantize: code[q] * absmax, rounded once to Out. -----------
+template <class Out>
+void dequantize_blockwise_impl(const Dequant8Args& args, int64_t b0, int64_t b1) {
+  Out* out = static_cast<Out*>(args.out);
+  for (int64_t b = b0; b < b1; ++b) {
+    const float scale = args.absmax[b];
+    const int64_t begin = b * args.blocksize;
+    const int64_t len = block_length(b, args.blocksize, args.n);
+    const uint8_t* q = args.q + begin;
+    Out* o = out + begin;
+
+    const Decoder8<Out> decode(args.code, scale);
+    constexpr int kStep = Decoder8<Out>::kStep;
+    int64_t i = 0;
+    for (; i + kStep <= len; i += kStep) decode(q + i, o + i);
+    for (; i < len; ++i) o[i] = from_float<Out>(mul_rn(args.code[q[i]], scale));
+  }
+}
+
+// ---- Entry points: pick the template instance for (dtype, quant type). -------------
+template <int QT>
+void quantize_4bit_qt(const Quant4Args& a, int64_t b0, int64_t b1) {
+  switch (a.dtype) {
+    case kF32: return quantize_4bit_impl<float, QT>(a, b0, b1);
+    case kF16: return quantize_4bit_impl<fp16, QT>(a, b0, b1);
+    default: return quantize_4bit_impl<bf16, QT>(a, b0, b1);
+  }
+}
+
+void quantize_4bit_entry(const Quant4Args& a, int64_t b0, int64_t b1) {
+  if (a.quant_type == kNF4) quantize_4bit_qt<kNF4>(a, b0, b1);
+  else quantize_4bit_qt<kFP4>(a, b0, b1);
+}
+
+template <int QT>
+void dequantize_4bit_qt(const Dequant4Args& a, int64_t b0, int64_t b1) {
+  switch (a.out_dtype) {
+    case kF32: return dequantize_4bit_impl<float, QT>(a, b0, b1);
+    case kF16: return dequantize_4bit_impl<fp16, QT>(a, b0, b1);
+    default: return dequantize_4bit_impl<bf16, QT>(a, b0, b1);
+  }
+}
+
+void dequantize_4bit_entry(const Dequant4Args& a, int64_t b0, int64_t b1) {
+  if (a.quant_type == kNF4) dequantize_4bit_qt<kNF4>(a, b0, b1);
+  else dequantize_4bit_qt<kFP4>(a, b0, b1);
+}
+
+void quantize_blockwise_entry(const Quant8Args& a, int64_t b0, int64_t b1) {
+  switch (a.dtype) {
+    case kF32: return quantize_blockwise_impl<float>(a, b0, b1);
+    case kF16: return quantize_blockwise_impl<fp16>(a, b0, b1);
+    default: return quantize_blockwise_impl<bf16>(a, b0, b1);
+  }
+}
+
+void dequantize_blockwise_entry(const Dequant8Args& a, int64_t b0, int64_t b1) {
+  switch (a.out_dtype) {
+    case kF32: return dequantize_blockwise_impl<float>(a, b0, b1);
+    case kF16: return dequantize_blockwise_impl<fp16>(a, b0, b1);
+    default: return dequantize_blockwise_impl<bf16>(a, b0, b1);
+  }
+}

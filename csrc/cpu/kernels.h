@@ -1,0 +1,61 @@
+// The CPU kernels' public C++ API: raw pointers and sizes, no torch types.
+// The Python side (nf4lora/backends/cpu.py) validates dtypes, shapes and contiguity
+// and allocates every output; these functions only check what would otherwise be
+// undefined behaviour (null pointers, block sizes) and throw std::invalid_argument.
+//
+// Outputs of >= 4 MiB get madvise(MADV_HUGEPAGE) before the kernel writes them (a
+// fresh torch.empty faults in page by page otherwise; see dispatch.cpp);
+// NF4LORA_CPU_HUGEPAGES=0 turns that off.
+//
+// Layouts (all flat, row-major), n = number of elements, blocks = ceil(n / blocksize):
+//   A / out      n elements of dtype (kF32 / kF16 / kBF16, see nf4_codec.h)
+//   packed       ceil(n / 2) bytes, element 2j in the high nibble of byte j
+//   absmax       blocks float32
+//   q (8-bit)    n bytes, codes into a sorted 256-entry float32 `code`
+#pragma once
+
+#include <stdint.h>
+
+#include <string>
+#include <vector>
+
+namespace nf4lora {
+namespace cpu {
+
+// The second level of double quantization:
+//   absmax[i] = code2[q[i]] * absmax2[i / blocksize] + offset   (two float32 roundings)
+struct NestedAbsmax {
+  const uint8_t* q = nullptr;        // [blocks] 8-bit codes of (absmax - offset)
+  const float* absmax2 = nullptr;    // [ceil(blocks / blocksize)]
+  const float* code2 = nullptr;      // [256] dynamic map
+  float offset = 0.0f;
+  int64_t blocksize = 256;
+};
+
+void quantize_4bit(const void* A, int dtype, int64_t n, int64_t blocksize, int quant_type,
+                   uint8_t* packed, float* absmax);
+
+// `nested` null: absmax holds float32 block constants; otherwise absmax is ignored
+// (may be null) and each block's constant is decoded from `nested` on the fly.
+void dequantize_4bit(const uint8_t* packed, const float* absmax, const NestedAbsmax* nested,
+                     int64_t n, int64_t blocksize, int quant_type, void* out, int out_dtype);
+
+void quantize_blockwise(const void* A, int dtype, const float* code, int64_t n,
+                        int64_t blocksize, uint8_t* q, float* absmax);
+
+void dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code, int64_t n,
+                          int64_t blocksize, void* out, int out_dtype);
+
+// ISA selection. The active path is the best one this CPU supports, unless the
+// environment variable NF4LORA_CPU_ISA (read at every call) names another supported
+// one: "scalar", "avx2" or "avx512". Naming an unsupported or unknown one throws.
+std::string active_isa();
+std::vector<std::string> supported_isas();  // best last, always starts with "scalar"
+
+// OpenMP threads used by the kernels: set_num_threads(k > 0) fixes it, 0 restores the
+// default (omp_get_max_threads(), which follows torch.set_num_threads / OMP_NUM_THREADS).
+int num_threads();
+void set_num_threads(int k);
+
+}  // namespace cpu
+}  // namespace nf4lora

@@ -1,0 +1,216 @@
+// plan.h (host only): from a launch.h call to what a kernel launch needs: validated
+// arguments, the kernel's parameter struct, and the grid. Shared by the real launchers
+// (*.cu) and the host test driver (csrc/cuda_host), so the tests also cover argument
+// checks, the choice between the 16-byte and element-wise paths, and the grid size.
+#pragma once
+
+#include <stdexcept>
+#include <type_traits>
+
+#include "launch.h"
+#include "thread_work.cuh"
+
+namespace nf4lora {
+namespace cuda {
+
+inline void require(bool ok, const char* what) {
+  if (!ok) throw std::invalid_argument(what);
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// CUDA caps gridDim.x at 2^31 - 1.
+inline void require_grid(int64_t blocks) {
+  require(blocks <= 0x7fffffffLL, "tensor too large for one launch (grid > 2^31 - 1 blocks)");
+}
+
+// fn(F32{}) / fn(F16{}) / fn(BF16{}) for a dtype id.
+template <class Fn>
+void with_float_type(int dtype, Fn&& fn) {
+  switch (dtype) {
+    case kF32: fn(F32{}); return;
+    case kF16: fn(F16{}); return;
+    case kBF16: fn(BF16{}); return;
+    default: throw std::invalid_argument("dtype must be 0 (float32), 1 (float16) or 2 (bfloat16)");
+  }
+}
+
+template <class Fn>
+void with_half_type(int dtype, Fn&& fn) {
+  switch (dtype) {
+    case kF16: fn(F16{}); return;
+    case kBF16: fn(BF16{}); return;
+    default: throw std::invalid_argument("GEMV dtype must be 1 (float16) or 2 (bfloat16)");
+  }
+}
+
+// fn(std::integral_constant<int, M>{}) for M in 1..8.
+template <class Fn>
+void with_rows(int64_t M, Fn&& fn) {
+  switch (M) {
+    case 1: fn(std::integral_constant<int, 1>{}); return;
+    case 2: fn(std::integral_constant<int, 2>{}); return;
+    case 3: fn(std::integral_constant<int, 3>{}); return;
+    case 4: fn(std::integral_constant<int, 4>{}); return;
+    case 5: fn(std::integral_constant<int, 5>{}); return;
+    case 6: fn(std::integral_constant<int, 6>{}); return;
+    case 7: fn(std::integral_constant<int, 7>{}); return;
+    case 8: fn(std::integral_constant<int, 8>{}); return;
+    default: throw std::invalid_argument("GEMV: M (rows of x) must be 1..8");
+  }
+}
+
+inline void require_quant_type(int quant_type) {
+  require(quant_type == kNF4 || quant_type == kFP4, "quant_type must be 0 (nf4) or 1 (fp4)");
+}
+
+// 4-bit dequantize and GEMV: a thread's 32 elements must lie in one block.
+inline int blocksize_shift_4bit(int64_t blocksize) {
+  const int shift = log2_exact(blocksize);
+  require(shift >= 5, "4-bit blocksize must be a power of two >= 32");
+  return shift;
+}
+
+// `blocks`: how many 4-bit blocks the kernel may touch.
+inline Scales make_scales(const float* absmax, const Nested* nested, int64_t blocks) {
+  Scales s;
+  if (nested == nullptr) {
+    require(absmax != nullptr, "null absmax");
+    s.absmax = absmax;
+    return s;
+  }
+  require(nested->q && nested->absmax2 && nested->code2, "null pointer in nested absmax");
+  require(nested->blocksize > 0, "nested blocksize must be > 0");
+  s.q = nested->q;
+  s.absmax2 = nested->absmax2;
+  s.code2 = nested->code2;
+  s.offset = nested->offset;
+  s.nested_blocksize = nested->blocksize;
+  s.nested_shift = log2_exact(nested->blocksize);
+  require(s.nested_shift >= 0 || (blocks <= 0xffffffffLL && nested->blocksize <= 0xffffffffLL),
+          "nested blocksize that is not a power of two: at most 2^32 blocks");
+  return s;
+}
+
+// ---- quantize (4-bit and 8-bit): one warp per quantization block ------------------
+struct QuantPlan {
+  QuantParams params;
+  int64_t quant_blocks;  // = warps
+  int64_t grid;          // CUDA blocks of kQuantWarps warps
+};
+
+inline QuantPlan plan_quantize(const void* A, int64_t n, int64_t blocksize, uint8_t* out,
+                               float* absmax, bool four_bit) {
+  require(n >= 0, "n must be >= 0");
+  require(blocksize > 0, "blocksize must be > 0");
+  require(!four_bit || blocksize % 2 == 0, "4-bit blocksize must be even");
+  require(n == 0 || (A && out && absmax), "null pointer");
+  QuantPlan plan{QuantParams{A, n, blocksize, out, absmax}, ceil_div(n, blocksize), 0};
+  plan.grid = ceil_div(plan.quant_blocks, kQuantWarps);
+  require_grid(plan.grid);
+  return plan;
+}
+
+// ---- dequantize 4-bit: one thread per 32 elements ---------------------------------
+struct Dequant4Plan {
+  Dequant4Params params;
+  Lut16 lut;
+  int64_t threads;  // ceil(n / 32)
+  int64_t grid;     // CUDA blocks of kDequantThreads
+};
+
+inline Dequant4Plan plan_dequantize_4bit(const uint8_t* packed, const float* absmax,
+                                         const Nested* nested, int64_t n, int64_t blocksize,
+                                         int quant_type, void* out) {
+  require(n >= 0, "n must be >= 0");
+  require_quant_type(quant_type);
+  Dequant4Plan plan{};
+  plan.params.n = n;
+  plan.params.blocksize_shift = blocksize_shift_4bit(blocksize);
+  plan.lut = make_lut16(quant_type);
+  if (n == 0) return plan;
+  require(packed && out, "null pointer");
+  plan.params.packed = packed;
+  plan.params.scales = make_scales(absmax, nested, ceil_div(n, blocksize));
+  plan.params.out = out;
+  plan.params.vector_ok = aligned16(packed) && aligned16(out);
+  plan.threads = ceil_div(n, kDequant4PerThread);
+  plan.grid = ceil_div(plan.threads, kDequantThreads);
+  require_grid(plan.grid);
+  return plan;
+}
+
+// ---- dequantize 8-bit: one thread per 16 codes -----------------------------------
+struct Dequant8Plan {
+  Dequant8Params params;
+  int64_t threads;
+  int64_t grid;
+};
+
+inline Dequant8Plan plan_dequantize_blockwise(const uint8_t* q, const float* absmax,
+                                              const float* code, int64_t n, int64_t blocksize,
+                                              void* out) {
+  require(n >= 0, "n must be >= 0");
+  require(blocksize > 0, "blocksize must be > 0");
+  Dequant8Plan plan{Dequant8Params{q, absmax, n, blocksize, out, false}, 0, 0};
+  if (n == 0) return plan;
+  require(q && absmax && code && out, "null pointer");
+  plan.params.vector_ok = aligned16(q) && aligned16(out) && blocksize % kDequant8PerThread == 0;
+  plan.threads = ceil_div(n, kDequant8PerThread);
+  plan.grid = ceil_div(plan.threads, kDequantThreads);
+  require_grid(plan.grid);
+  return plan;
+}
+
+// ---- GEMV + LoRA --------------------------------------------------------------------
+struct GemvPlan {
+  GemvParams params;
+  Lut16 lut;
+  GemvGrid grid;
+  int* counters;  // [2] in the workspace: block tickets, finished shrink warps
+  bool empty;     // nothing to launch (M * N == 0)
+};
+
+inline GemvPlan plan_gemv(const GemvArgs& a) {
+  require(a.M >= 1 && a.M <= kGemvMaxM, "GEMV: M (rows of x) must be 1..8");
+  require(a.dtype == kF16 || a.dtype == kBF16, "GEMV dtype must be 1 (float16) or 2 (bfloat16)");
+  require(a.N >= 0 && a.K >= 0, "GEMV: N and K must be >= 0");
+  require(a.rank >= 0 && a.rank <= 0x7fffffff, "GEMV: rank must be >= 0");
+  require_quant_type(a.quant_type);
+  GemvPlan plan{};
+  plan.lut = make_lut16(a.quant_type);
+  GemvParams& p = plan.params;
+  p.blocksize_shift = blocksize_shift_4bit(a.blocksize);
+  plan.empty = a.N == 0;
+  if (plan.empty) return plan;
+  require(a.x != nullptr || a.K == 0, "GEMV: null x");
+  require(a.y != nullptr, "GEMV: null y");
+  require(a.packed != nullptr || a.K == 0, "GEMV: null weight");
+  if (a.rank > 0) {
+    require(a.lora_A && a.lora_B, "GEMV: rank > 0 needs lora_A and lora_B");
+    require(a.workspace != nullptr, "GEMV: rank > 0 needs a workspace (gemv_workspace_bytes)");
+  }
+  p.x = a.x;
+  p.packed = a.packed;
+  p.scales = a.K > 0 ? make_scales(a.absmax, a.nested, ceil_div(a.N * a.K, a.blocksize)) : Scales{};
+  p.lora_A = a.lora_A;
+  p.lora_B = a.lora_B;
+  p.scaling = a.scaling;
+  p.rank = (int)a.rank;
+  p.bias = a.bias;
+  plan.counters = a.rank > 0 ? static_cast<int*>(a.workspace) : nullptr;
+  p.t = a.rank > 0 ? reinterpret_cast<float*>(static_cast<char*>(a.workspace) + 8) : nullptr;
+  p.y = a.y;
+  p.N = a.N;
+  p.K = a.K;
+  // K % 32 == 0 puts every row, and every lane's 32-weight chunk, on a 16-byte boundary
+  // of the packed weight and of x and A (64 bytes of fp16/bf16).
+  p.vector_ok = a.K % kGemvChunk == 0 && aligned16(a.x) && aligned16(a.packed) &&
+                (a.rank == 0 || aligned16(a.lora_A));
+  plan.grid = gemv_grid((int)a.M, a.N, (int)a.rank);
+  require_grid(plan.grid.blocks);
+  return plan;
+}
+
+}  // namespace cuda
+}  // namespace nf4lora

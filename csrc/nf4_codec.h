@@ -1,0 +1,287 @@
+// nf4_codec.h: the ONE per-element codec of the nf4lora format, shared by the CPU
+// kernels (csrc/cpu) and the CUDA kernels (csrc/cuda). Everything here is a pure
+// function of its arguments, usable on host and device.
+//
+// The spec is nf4lora/reference.py (pure PyTorch). Every function below matches it
+// bit for bit; that is why:
+//   * every float operation is a single IEEE float32 op: host code is compiled with
+//     -ffp-contract=off, and device code uses __fmul_rn/__fadd_rn, which nvcc never
+//     fuses into an FMA (a fused a*b+c rounds once and would differ from the spec);
+//   * comparisons are strict and ordered, so NaN compares false everywhere, which is
+//     what gives NaN its fixed codes (NF4 0, FP4 0, dynamic 8-bit 0);
+//   * the float -> bf16/fp16 conversions round to nearest even, like torch's `.to()`.
+//
+// No std:: calls: CUDA device code has no <cmath>/<cstring>; bit casts use memcpy-free
+// unions on host and __float_as_uint on device.
+#pragma once
+
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define NF4_HD __host__ __device__ __forceinline__
+#else
+#define NF4_HD inline
+#endif
+
+namespace nf4lora {
+
+// ---------------------------------------------------------------------------------
+// Code books. Kept as literal lists so a CUDA file can also put them in __constant__
+// or shared memory (`__constant__ float t[16] = {NF4LORA_NF4_VALUES};`).
+// ---------------------------------------------------------------------------------
+
+// NF4, indexed by the 4-bit code (nf4lora/codebook.py NF4_CODE; bitsandbytes'
+// hard-coded table, NOT recomputed from normal quantiles: that is 1 ulp off in 3 places).
+#define NF4LORA_NF4_VALUES                                                        \
+  -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,       \
+  -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,      \
+  0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f,               \
+  0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,                \
+  0.7229568362236023f, 1.0f
+
+// The 15 NF4 decision thresholds: the float32 midpoints (c[i] + c[i+1]) / 2 that the
+// reference computes (checked by static_assert below and by the tests). These are also
+// bitsandbytes' CUDA dQuantizeNF4 literals, rounded to float32.
+#define NF4LORA_NF4_THRESHOLDS                                                    \
+  -0.848096371f, -0.610632896f, -0.45999527f, -0.33967942f, -0.234607399f,        \
+  -0.137911737f, -0.0455250181f, 0.0397901498f, 0.120255247f, 0.203521252f,       \
+  0.292013764f, 0.389312536f, 0.501663446f, 0.64278692f, 0.861478448f
+
+// FP4 (1 sign, 2 exponent, 1 mantissa bit) in bit-pattern order: [0, .0625, 8, 12, 4,
+// 6, 2, 3] / 12 and their negatives; bit 3 is the sign. float32(k / 12.0f) each.
+#define NF4LORA_FP4_VALUES                                                        \
+  0.0f, 0.0052083334885537624f, 0.6666666865348816f, 1.0f, 0.3333333432674408f,   \
+  0.5f, 0.1666666716337204f, 0.25f, -0.0f, -0.0052083334885537624f,              \
+  -0.6666666865348816f, -1.0f, -0.3333333432674408f, -0.5f, -0.1666666716337204f, \
+  -0.25f
+
+// bitsandbytes' CUDA dQuantizeFP4 thresholds on |x|, sorted ascending. Hand-rounded
+// literals a few ulp off the true midpoints; they are part of the format as CUDA
+// writes it (codebook.py FP4_ABS_THRESHOLDS).
+#define NF4LORA_FP4_ABS_THRESHOLDS                                                \
+  0.00260417f, 0.0859375f, 0.20833333f, 0.29166667f, 0.4166667f, 0.583333f,       \
+  0.8333333f
+
+// The positive FP4 code of each interval between those thresholds (the "rank" =
+// number of thresholds strictly below |x|): 0, 1/192, 1/6, 1/4, 1/3, 1/2, 2/3, 1.
+#define NF4LORA_FP4_CODE_BY_RANK 0, 1, 6, 7, 4, 5, 2, 3
+
+enum QuantType : int { kNF4 = 0, kFP4 = 1 };
+// dtype ids used across the C ABI (bindings and kernels).
+enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+// ---------------------------------------------------------------------------------
+// Bit casts and strictly-rounded arithmetic.
+// ---------------------------------------------------------------------------------
+NF4_HD uint32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  union { float f; uint32_t u; } v;
+  v.f = x;
+  return v.u;
+#endif
+}
+
+NF4_HD float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  union { uint32_t u; float f; } v;
+  v.u = u;
+  return v.f;
+#endif
+}
+
+// a * b and a + b rounded once each, never contracted into an FMA.
+NF4_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;  // host: -ffp-contract=off keeps this a plain multiply
+#endif
+}
+
+NF4_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+NF4_HD float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);  // IEEE division even under --use_fast_math
+#else
+  return a / b;
+#endif
+}
+
+NF4_HD float abs_f(float x) { return bits_float(float_bits(x) & 0x7fffffffu); }
+NF4_HD bool is_nan(float x) { return (float_bits(x) & 0x7fffffffu) > 0x7f800000u; }
+
+// ---------------------------------------------------------------------------------
+// Tables as functions (a local constant array indexed in an unrolled loop is folded
+// into immediates by both gcc and nvcc; a namespace-scope array would need
+// __constant__ on the device side).
+// ---------------------------------------------------------------------------------
+NF4_HD float nf4_value(int code) {
+  const float t[16] = {NF4LORA_NF4_VALUES};
+  return t[code & 15];
+}
+
+NF4_HD float fp4_value(int code) {
+  const float t[16] = {NF4LORA_FP4_VALUES};
+  return t[code & 15];
+}
+
+// decode_4bit: the table value of a 4-bit code (no scale).
+NF4_HD float decode_4bit(int code, int quant_type) {
+  return quant_type == kNF4 ? nf4_value(code) : fp4_value(code);
+}
+
+// ---------------------------------------------------------------------------------
+// Encoders. Input is the already-scaled value x * (1 / absmax).
+// ---------------------------------------------------------------------------------
+
+// NF4: the number of thresholds strictly below x. A value exactly on a midpoint is not
+// above it, so it keeps the lower code (nearest, ties to lower); NaN is above nothing
+// and gets code 0 (bitsandbytes CUDA; its CPU path would give 7 for all-zero blocks).
+NF4_HD int encode_nf4(float x) {
+  const float t[15] = {NF4LORA_NF4_THRESHOLDS};
+  int code = 0;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int i = 0; i < 15; ++i) code += (x > t[i]) ? 1 : 0;
+  return code;
+}
+
+// FP4: sign bit 0b1000 for x < 0 (so -0.0 and NaN get a clear sign bit), magnitude
+// from the rank of |x| among the 7 thresholds.
+NF4_HD int encode_fp4(float x) {
+  const float t[7] = {NF4LORA_FP4_ABS_THRESHOLDS};
+  const int by_rank[8] = {NF4LORA_FP4_CODE_BY_RANK};
+  const float a = abs_f(x);
+  int rank = 0;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int i = 0; i < 7; ++i) rank += (a > t[i]) ? 1 : 0;
+  return by_rank[rank] | ((x < 0.0f) ? 8 : 0);
+}
+
+NF4_HD int encode_4bit(float x, int quant_type) {
+  return quant_type == kNF4 ? encode_nf4(x) : encode_fp4(x);
+}
+
+// Nibble packing: element 2j in the high nibble of byte j, element 2j+1 in the low one.
+NF4_HD uint8_t pack_nibbles(int first, int second) {
+  return (uint8_t)((first << 4) | (second & 15));
+}
+NF4_HD int unpack_first(uint8_t byte) { return byte >> 4; }
+NF4_HD int unpack_second(uint8_t byte) { return byte & 15; }
+// The code of element i of a packed array.
+NF4_HD int unpack_code(const uint8_t* packed, int64_t i) {
+  const uint8_t byte = packed[i >> 1];
+  return (i & 1) ? unpack_second(byte) : unpack_first(byte);
+}
+
+// Dynamic 8-bit encode, EXACTLY reference.encode_dynamic (= bitsandbytes CUDA
+// dQuantize): a 7-step binary search over the sorted 256-entry `code` (start at 127,
+// steps 64..1, go up while x > code[pivot]) brackets x as code[lower] < x <=
+// code[upper]; then the nearest of lower/pivot/upper by float32 midpoints, a value
+// exactly on a midpoint going to the pivot. NaN goes down every step and ends at 0.
+NF4_HD int encode_dynamic(const float* code, float x) {
+  int pivot = 127, lower = 0, upper = 255;
+  for (int step = 64; step > 0; step >>= 1) {
+    const bool up = x > code[pivot];
+    lower = up ? pivot : lower;
+    upper = up ? upper : pivot;
+    pivot = up ? pivot + step : pivot - step;
+  }
+  const float value = code[pivot];
+  if (x > value) {
+    return (x > mul_rn(add_rn(code[upper], value), 0.5f)) ? upper : pivot;
+  }
+  return (x < mul_rn(add_rn(code[lower], value), 0.5f)) ? lower : pivot;
+}
+
+// Double quantization: absmax[i] = code2[q[i]] * absmax2[i / nested_blocksize] + offset,
+// two float32 roundings in this order (reference.dequantize_absmax), never fused.
+NF4_HD float decode_nested_absmax(const float* code2, uint8_t q, float absmax2,
+                                  float offset) {
+  return add_rn(mul_rn(code2[q], absmax2), offset);
+}
+
+// ---------------------------------------------------------------------------------
+// float32 -> bf16 / fp16, round to nearest even, NaN stays NaN; same bits as torch's
+// `.to(torch.bfloat16 / torch.float16)` for every non-NaN input, including subnormals
+// and overflow to inf (NaN payloads may differ; torch itself is not consistent there).
+// ---------------------------------------------------------------------------------
+NF4_HD uint16_t float_to_bf16_bits(float f) {
+  const uint32_t u = float_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);  // quiet NaN
+  // RNE at bit 16: add 0x7fff plus the lowest kept bit; a carry into the exponent is
+  // the correct result (including rounding up to inf).
+  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+NF4_HD uint16_t float_to_fp16_bits(float f) {
+  const uint32_t u = float_bits(f);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);  // NaN -> quiet NaN
+  // >= 65520 (half way between 65504, the largest half, and 65536) rounds to inf;
+  // the tie goes up because 65504's mantissa is odd.
+  if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);
+  if (a >= 0x38800000u) {  // >= 2^-14: a normal half. Rebias the exponent by 127 - 15.
+    const uint32_t rounded = a + 0xfffu + ((a >> 13) & 1u);
+    return (uint16_t)(sign | ((rounded - (112u << 23)) >> 13));
+  }
+  // Subnormal half: the result is round(|f| / 2^-24), RNE, in 0..1024 (1024 is the
+  // smallest normal, 0x0400, which is also the right encoding). |f| = m * 2^(e - 150)
+  // with the implicit bit in m, so |f| / 2^-24 = m >> (126 - e).
+  const uint32_t e = a >> 23;
+  const uint32_t shift = 126u - e;  // >= 14 here
+  if (shift > 24u) return (uint16_t)sign;  // < 2^-25: rounds to zero
+  const uint32_t m = (a & 0x7fffffu) | 0x800000u;
+  uint32_t r = m >> shift;
+  const uint32_t rem = m & ((1u << shift) - 1u);
+  const uint32_t half = 1u << (shift - 1u);
+  r += (rem > half || (rem == half && (r & 1u))) ? 1u : 0u;
+  return (uint16_t)(sign | r);
+}
+
+// bf16 / fp16 -> float32 is exact.
+NF4_HD float bf16_bits_to_float(uint16_t h) { return bits_float((uint32_t)h << 16); }
+
+NF4_HD float fp16_bits_to_float(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  const uint32_t e = (h >> 10) & 0x1fu;
+  const uint32_t m = h & 0x3ffu;
+  if (e == 0x1fu) return bits_float(sign | 0x7f800000u | (m << 13));  // inf / NaN
+  if (e != 0) return bits_float(sign | ((e + 112u) << 23) | (m << 13));
+  // zero or subnormal: m * 2^-24, exact in float32 (one rounding-free multiply).
+  return bits_float(sign | float_bits(mul_rn((float)m, 5.9604644775390625e-8f)));
+}
+
+}  // namespace nf4lora
+
+#if !defined(__CUDACC__) && defined(__cplusplus) && __cplusplus >= 201703L
+// Host compile-time check that the threshold literals are the float32 midpoints the
+// reference computes: (c[i] + c[i+1]) / 2 in float32 (constexpr float math is IEEE).
+namespace nf4lora {
+namespace codec_check {
+constexpr float kNF4[16] = {NF4LORA_NF4_VALUES};
+constexpr float kThr[15] = {NF4LORA_NF4_THRESHOLDS};
+constexpr bool midpoints_match() {
+  for (int i = 0; i < 15; ++i)
+    if ((kNF4[i] + kNF4[i + 1]) / 2.0f != kThr[i]) return false;
+  return true;
+}
+static_assert(midpoints_match(), "NF4 thresholds must equal the float32 midpoints");
+}  // namespace codec_check
+}  // namespace nf4lora
+#endif

@@ -1,0 +1,309 @@
+"""The CUDA backend: launch glue for `nf4lora._C_cuda` (csrc/cuda), plus the on-paper
+roofline of each CUDA kernel.
+
+The kernels take raw device addresses (`tensor.data_ptr()`), sizes, dtype ids and the
+current stream as an integer (`torch.cuda.current_stream().cuda_stream`), and launch
+asynchronously on it, on the tensors' device. Callers (nf4lora._ops) have validated
+dtypes, sizes and devices; here only cheap asserts guard what would otherwise read or
+write out of bounds. Build: `pip install -e .` with nvcc on PATH (or CUDA_HOME set)
+compiles the extension; NF4LORA_CUDA_ARCHS picks the architectures (default 80;86;89;90).
+
+Beyond the backend interface, `gemv_4bit_lora` is the fused decode kernel
+(y = x @ W^T + scaling * (x @ A^T) @ B^T + bias for up to 8 rows of x, one launch).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+
+import torch
+
+from ..codebook import QUANT_TYPES
+from . import composite
+
+DEVICE_TYPES = ("cuda",)
+BUILD_HINT = ("build it with `pip install -e .` on a machine where nvcc is on PATH "
+              "(or CUDA_HOME points at the CUDA toolkit)")
+
+try:
+    from .. import _C_cuda
+    _IMPORT_ERROR: str | None = None
+except ImportError as error:  # not built (no nvcc at install time) or built broken
+    _C_cuda = None
+    _IMPORT_ERROR = f"the CUDA extension nf4lora._C_cuda is not importable ({error}); {BUILD_HINT}"
+
+_DTYPE_IDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_QUANT_TYPE_IDS = {name: i for i, name in enumerate(QUANT_TYPES)}  # nf4 0, fp4 1
+GEMV_MAX_M = 8  # rows of x the GEMV kernel takes (decode); larger M: dequantize + matmul
+
+
+def availability() -> str | None:
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        return (f"no usable CUDA device: torch.cuda.is_available() is False (torch "
+                f"{torch.__version__}, {build}); the CUDA runtime says: "
+                f"{_C_cuda.runtime_status()}")
+    return None
+
+
+# The two hooks below are all that ties this glue to a real GPU; tests replace them (and
+# _C_cuda) to drive this module on CPU tensors through the host replay of the kernels.
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _on_device(device: torch.device):
+    """Make `device` current: the kernels launch on the current device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _blocks(n: int, blocksize: int) -> int:
+    return (n + blocksize - 1) // blocksize
+
+
+def _check_input(t: torch.Tensor, name: str, device: torch.device) -> None:
+    assert t.device == device, f"{name} is on {t.device}, expected {device}"
+    assert t.is_contiguous(), f"{name} must be contiguous"
+
+
+def quantize_4bit(A, blocksize, quant_type):
+    _check_input(A, "A", A.device)
+    n = A.numel()
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=A.device)
+    absmax = torch.empty(_blocks(n, blocksize), dtype=torch.float32, device=A.device)
+    with _on_device(A.device):
+        _C_cuda.quantize_4bit(A.data_ptr(), _DTYPE_IDS[A.dtype], n, blocksize,
+                              _QUANT_TYPE_IDS[quant_type], packed.data_ptr(), absmax.data_ptr(),
+                              _stream(A.device))
+    return packed, absmax
+
+
+def _nested_args(absmax, blocks, nested, device):
+    """(qabsmax, absmax2, code2, offset, nested_blocksize) addresses/values for the kernels."""
+    code = nested.code.to(device=device, dtype=torch.float32).contiguous()
+    _check_input(nested.absmax, "nested.absmax", device)
+    assert absmax.dtype == torch.uint8 and absmax.numel() >= blocks, "nested absmax: u8 [blocks]"
+    assert nested.absmax.dtype == torch.float32
+    assert nested.absmax.numel() >= _blocks(blocks, nested.blocksize), "nested.absmax too small"
+    assert code.numel() == 256, "nested.code must have 256 entries"
+    return code, (absmax.data_ptr(), nested.absmax.data_ptr(), code.data_ptr(),
+                  float(nested.offset), nested.blocksize)
+
+
+def dequantize_4bit(packed, absmax, blocksize, quant_type, out, nested):
+    n, device = out.numel(), out.device
+    blocks = _blocks(n, blocksize)
+    for t, name in ((packed, "packed"), (absmax, "absmax"), (out, "out")):
+        _check_input(t, name, device)
+    assert packed.dtype == torch.uint8 and packed.numel() >= (n + 1) // 2, "packed too small"
+    qt, out_dtype = _QUANT_TYPE_IDS[quant_type], _DTYPE_IDS[out.dtype]
+    with _on_device(device):
+        if nested is None:
+            assert absmax.dtype == torch.float32 and absmax.numel() >= blocks, "absmax: f32 [blocks]"
+            _C_cuda.dequantize_4bit(packed.data_ptr(), absmax.data_ptr(), n, blocksize, qt,
+                                    out.data_ptr(), out_dtype, _stream(device))
+            return
+        code, args = _nested_args(absmax, blocks, nested, device)  # keep `code` alive
+        _C_cuda.dequantize_4bit_nested(packed.data_ptr(), *args, n, blocksize, qt,
+                                       out.data_ptr(), out_dtype, _stream(device))
+        del code
+
+
+def quantize_blockwise(A, code, blocksize):
+    _check_input(A, "A", A.device)
+    code = code.to(device=A.device, dtype=torch.float32).contiguous()
+    assert code.numel() == 256, "code must have 256 entries"
+    n = A.numel()
+    codes = torch.empty(n, dtype=torch.uint8, device=A.device)
+    absmax = torch.empty(_blocks(n, blocksize), dtype=torch.float32, device=A.device)
+    with _on_device(A.device):
+        _C_cuda.quantize_blockwise(A.data_ptr(), _DTYPE_IDS[A.dtype], code.data_ptr(), n,
+                                   blocksize, codes.data_ptr(), absmax.data_ptr(),
+                                   _stream(A.device))
+    return codes, absmax
+
+
+def dequantize_blockwise(codes, absmax, code, blocksize, out):
+    n, device = out.numel(), out.device
+    for t, name in ((codes, "codes"), (absmax, "absmax"), (out, "out")):
+        _check_input(t, name, device)
+    code = code.to(device=device, dtype=torch.float32).contiguous()
+    assert codes.dtype == torch.uint8 and codes.numel() >= n, "codes: u8 [n]"
+    assert absmax.dtype == torch.float32 and absmax.numel() >= _blocks(n, blocksize)
+    assert code.numel() == 256, "code must have 256 entries"
+    with _on_device(device):
+        _C_cuda.dequantize_blockwise(codes.data_ptr(), absmax.data_ptr(), code.data_ptr(), n,
+                                     blocksize, out.data_ptr(), _DTYPE_IDS[out.dtype],
+                                     _stream(device))
+
+
+def gemv_4bit_lora(x, packed, absmax, shape, blocksize, quant_type, nested=None,
+                   lora_A=None, lora_B=None, scaling=1.0, bias=None):
+    """y = x @ W^T + scaling * (x @ A^T) @ B^T + bias, for x [..., K] with at most 8 rows.
+
+    W is the 4-bit weight of `shape` (N, K) (`packed`, `absmax`, `nested` as in
+    dequantize_4bit); x, lora_A [r, K], lora_B [N, r], bias [N] are all float16 or all
+    bfloat16. Accumulation is float32; y has x's dtype and shape [..., N].
+    """
+    N, K = (int(s) for s in shape)
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"x must be float16 or bfloat16 for the CUDA GEMV, got {x.dtype}")
+    if x.shape[-1] != K:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight has K = {K}")
+    M = math.prod(x.shape[:-1])
+    if not 1 <= M <= GEMV_MAX_M:
+        raise ValueError(f"the CUDA GEMV takes 1..{GEMV_MAX_M} rows of x, got {M}")
+    device = x.device
+    x2 = x.reshape(M, K).contiguous()
+    rank = 0
+    if lora_A is not None or lora_B is not None:
+        if lora_A is None or lora_B is None:
+            raise ValueError("lora_A and lora_B go together")
+        rank = lora_A.shape[0]
+        if tuple(lora_A.shape) != (rank, K) or tuple(lora_B.shape) != (N, rank):
+            raise ValueError(f"lora_A must be [r, {K}] and lora_B [{N}, r], got "
+                             f"{tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
+    for t, name in ((lora_A, "lora_A"), (lora_B, "lora_B"), (bias, "bias")):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name} must be {x.dtype} like x, got {t.dtype}")
+    if bias is not None and bias.numel() != N:
+        raise ValueError(f"bias must have {N} elements, got {bias.numel()}")
+    lora_A = lora_A.contiguous() if rank else None
+    lora_B = lora_B.contiguous() if rank else None
+    bias = bias.contiguous() if bias is not None else None
+    for t, name in ((packed, "packed"), (absmax, "absmax")):
+        _check_input(t, name, device)
+    assert packed.dtype == torch.uint8 and packed.numel() >= (N * K + 1) // 2, "packed too small"
+
+    y = torch.empty(M, N, dtype=x.dtype, device=device)
+    workspace = torch.empty(max(1, _C_cuda.gemv_workspace_bytes(M, rank) // 4),
+                            dtype=torch.int32, device=device)
+    blocks = _blocks(N * K, blocksize)
+    code = None
+    if nested is None:
+        assert absmax.dtype == torch.float32 and absmax.numel() >= blocks, "absmax: f32 [blocks]"
+        scale_args = (absmax.data_ptr(), 0, 0, 0, 0.0, 256)
+    else:
+        code, args = _nested_args(absmax, blocks, nested, device)
+        scale_args = (0, *args)
+    address = lambda t: t.data_ptr() if t is not None else 0  # noqa: E731
+    with _on_device(device):
+        _C_cuda.gemv_4bit_lora(x2.data_ptr(), _DTYPE_IDS[x.dtype], M, N, K, packed.data_ptr(),
+                               *scale_args, blocksize, _QUANT_TYPE_IDS[quant_type],
+                               address(lora_A), address(lora_B), rank, float(scaling),
+                               address(bias), workspace.data_ptr(), y.data_ptr(), _stream(device))
+    del code
+    return y.reshape(*x.shape[:-1], N)
+
+
+def lora_matmul_4bit(x, weight, lora_A, lora_B, scaling, bias):
+    """The registry's fused op: the GEMV for decode (1..8 rows, fp16/bf16), otherwise
+    dequantize + cuBLAS (composite), which wins once W's bytes are amortized over rows."""
+    if 1 <= x.shape[0] <= GEMV_MAX_M and x.dtype in (torch.float16, torch.bfloat16):
+        y = gemv_4bit_lora(x, weight.packed, weight.absmax,
+                           (weight.out_features, weight.in_features), weight.blocksize,
+                           weight.quant_type, weight.nested, lora_A, lora_B, scaling, bias)
+        # h = x @ A^T for lora_B's gradient: r x K, tiny next to W; the kernel keeps its
+        # own copy in a workspace that is not returned.
+        h = x.new_empty((x.shape[0], 0)) if lora_A is None else x @ lora_A.t()
+        return y, h
+    return composite.lora_matmul_4bit(sys.modules[__name__], x, weight, lora_A, lora_B,
+                                      scaling, bias)
+
+
+# ------------------------------------------------------------------------------------
+# Roofline on paper (no GPU here): bytes each kernel must move, the FLOPs it does, and
+# the ideal time on H100 / A100. The benchmark prints these next to measured numbers.
+# ------------------------------------------------------------------------------------
+GPUS = {
+    # HBM bandwidth; dense bf16 tensor-core peak; fp32 CUDA-core (FMA) peak, which bounds
+    # a SIMT kernel like ours (NVIDIA datasheets: H100 SXM5, A100 80GB SXM4).
+    "H100": {"bytes_per_s": 3.35e12, "tensor_flops": 989e12, "simt_flops": 67e12},
+    "A100": {"bytes_per_s": 2.039e12, "tensor_flops": 312e12, "simt_flops": 19.5e12},
+}
+_ITEMSIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, "float32": 4,
+             "float16": 2, "bfloat16": 2}
+
+
+def _absmax_bytes(n: int, blocksize: int, nested: bool, nested_blocksize: int = 256) -> int:
+    blocks = _blocks(n, blocksize)
+    if not nested:
+        return 4 * blocks
+    return blocks + 4 * _blocks(blocks, nested_blocksize) + 4 * 256  # codes, absmax2, map
+
+
+def roofline(op: str, gpus=("H100", "A100"), **shape) -> dict:
+    """Bytes, FLOPs and ideal time of one call of CUDA kernel `op`.
+
+    op and its shape arguments (dtype: a torch dtype or its name; default bfloat16):
+      quantize_4bit(n, dtype, blocksize=64)
+      dequantize_4bit(n, dtype, blocksize=64, nested=True)
+      quantize_blockwise(n, dtype=float32, blocksize=256)
+      dequantize_blockwise(n, dtype=float32, blocksize=256)
+      gemv_4bit_lora(M, N, K, rank=0, dtype, blocksize=64, nested=True, bias=False)
+
+    Per GPU: memory_us = bytes / HBM bandwidth; tensor_us = FLOPs / bf16 tensor peak;
+    simt_us = FLOPs / fp32 CUDA-core peak; ideal_us = max(memory_us, tensor_us) is the
+    physical limit of any kernel; kernel_us = max(memory_us, simt_us) is the limit of
+    these SIMT kernels (the GEMV does its FMAs on CUDA cores: at M = 8 on A100 that, not
+    memory, is the bound). Codec ops count one FLOP per element (the scale multiply).
+    simt_us counts FMAs only: the GEMV also spends ~4 instructions per weight and row
+    group on decoding (nibble, table load, scale multiply), which at M = 1 costs about
+    as much issue time as the memory time (~2.8 vs 2.6 us for 4096x4096 on H100).
+    """
+    dtype_bytes = _ITEMSIZE[shape.get("dtype", torch.bfloat16 if op != "quantize_blockwise"
+                                       and op != "dequantize_blockwise" else torch.float32)]
+    blocksize = shape.get("blocksize", 256 if op.endswith("blockwise") else 64)
+    nested = shape.get("nested", True)
+    if op == "quantize_4bit":
+        n = shape["n"]
+        moved = n * dtype_bytes + (n + 1) // 2 + 4 * _blocks(n, blocksize)
+        flops = n
+    elif op == "dequantize_4bit":
+        n = shape["n"]
+        moved = (n + 1) // 2 + _absmax_bytes(n, blocksize, nested) + n * dtype_bytes
+        flops = n
+    elif op == "quantize_blockwise":
+        n = shape["n"]
+        moved = n * dtype_bytes + 4 * 256 + n + 4 * _blocks(n, blocksize)
+        flops = n
+    elif op == "dequantize_blockwise":
+        n = shape["n"]
+        moved = n + 4 * _blocks(n, blocksize) + 4 * 256 + n * dtype_bytes
+        flops = n
+    elif op == "gemv_4bit_lora":
+        M, N, K, r = shape["M"], shape["N"], shape["K"], shape.get("rank", 0)
+        weight = (N * K + 1) // 2 + _absmax_bytes(N * K, blocksize, nested)
+        activations = dtype_bytes * (M * K + M * N + r * K + N * r + (N if shape.get("bias") else 0))
+        moved = weight + activations + 2 * 4 * M * r  # t: written once, read back from L2
+        flops = 2 * M * N * K + 2 * M * r * K + 2 * M * N * r
+    else:
+        raise ValueError(f"unknown op {op!r}")
+    row = {"op": op, **{k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in shape.items()},
+           "bytes": moved, "flops": flops}
+    for name in gpus:
+        gpu = GPUS[name]
+        memory = moved / gpu["bytes_per_s"] * 1e6
+        tensor = flops / gpu["tensor_flops"] * 1e6
+        simt = flops / gpu["simt_flops"] * 1e6
+        row[name] = {"memory_us": memory, "tensor_us": tensor, "simt_us": simt,
+                     "ideal_us": max(memory, tensor), "kernel_us": max(memory, simt),
+                     "kernel_bound": "memory" if memory >= simt else "fp32 FMA"}
+    return row
+
+
+def format_roofline(row: dict) -> str:
+    """One line per GPU, e.g. for a benchmark's output."""
+    skip = {"op", "bytes", "flops", *GPUS}
+    shape = ", ".join(f"{k}={v}" for k, v in row.items() if k not in skip)
+    lines = []
+    for name in GPUS:
+        if name in row:
+            g = row[name]
+            lines.append(f"{row['op']}({shape}) on {name}: {row['bytes'] / 1e6:.3f} MB, "
+                         f"{row['flops'] / 1e9:.3f} GFLOP, ideal {g['ideal_us']:.2f} us, "
+                         f"SIMT-kernel bound {g['kernel_us']:.2f} us ({g['kernel_bound']})")
+    return "\n".join(lines)

@@ -1,0 +1,483 @@
+"""The CUDA kernels, run on the CPU through their own source (no GPU needed).
+
+Every CUDA kernel in csrc/cuda is written as __host__ __device__ per-thread functions of
+explicit indices (csrc/cuda/thread_work.cuh) behind thin __global__ shells. Here g++
+builds csrc/cuda_host/host_driver.cpp, which runs those functions over the whole grid
+(every CUDA block, warp and lane), through the same launch plan as the real launcher
+(csrc/cuda/plan.h: argument checks, the 16-byte-vector vs element-wise choice, the grid),
+with each warp's shuffle reduction replayed as the same butterfly over the 32 lanes. The
+tests drive nf4lora/backends/cuda.py (the real Python glue) with that replay standing in
+for nf4lora._C_cuda, on CPU tensors, and compare with nf4lora.reference:
+  * quantize (4-bit and 8-bit) codes and absmax: bit-exact, edge cases included;
+  * dequantize (4-bit with float or nested absmax, 8-bit), every output dtype: bit-exact;
+  * the GEMV + LoRA (M = 1..8, K not a multiple of the 32-wide chunk or of the 1024-wide
+    warp step, rows past N, rank > 32): within the error that the same computation done
+    by torch in the activation dtype makes against float64.
+
+On a machine with a GPU and the extension built, every such test runs a second time
+through the real nf4lora._C_cuda on CUDA tensors (the "gpu" variant, skipped elsewhere).
+
+NOT covered by the host replay (it needs a GPU; `scripts/check_cuda.sh` compiles it):
+  * the device-only lines: __shfl_xor_sync (the driver replays the butterfly instead),
+    shared-memory staging and __syncthreads, __ldg/__ldcs/__ldcg cache hints, 16-byte
+    LDG/STG instructions (the host copies 16 bytes with memcpy), and the hardware
+    conversions to fp16/bf16 (cvt.rn, IEEE round-to-nearest-even like the codec's
+    integer version that the host uses; only NaN payloads may differ);
+  * the GEMV's inter-block protocol: atomic tickets, the shrink warps' fence + counter,
+    the spin-wait (the host runs the shrink blocks first, the order the tickets enforce);
+  * concurrency and memory-model effects, launch errors, streams and devices, speed.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nf4lora import backends, reference
+from nf4lora.backends import NestedAbsmax
+from nf4lora.backends import cuda as cuda_backend
+from nf4lora.codebook import FP4_ABS_THRESHOLDS, create_dynamic_map, get_4bit_type
+
+ROOT = Path(__file__).resolve().parents[1]
+CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+QUANT_TYPES = ("nf4", "fp4")
+DYNAMIC = create_dynamic_map()
+
+
+class HostKernels:
+    """nf4lora._C_cuda's functions, served by the CPU replay (the stream is ignored)."""
+
+    _SIGNATURES = {  # P pointer, I int, L int64, F float; mirrors bindings_cuda.cpp
+        "quantize_4bit": "PILLIPP",
+        "quantize_blockwise": "PIPLLPP",
+        "dequantize_4bit": "PPLLIPI",
+        "dequantize_4bit_nested": "PPPPFLLLIPI",
+        "dequantize_blockwise": "PPPLLPI",
+        "gemv_4bit_lora": "PILLLPPPPPFLLIPPLFPPP",
+    }
+    _CTYPES = {"P": ctypes.c_void_p, "I": ctypes.c_int, "L": ctypes.c_int64, "F": ctypes.c_float}
+
+    def __init__(self, path: Path):
+        self._lib = ctypes.CDLL(str(path))
+        self._lib.nf4h_last_error.restype = ctypes.c_char_p
+        for name, signature in self._SIGNATURES.items():
+            fn = getattr(self._lib, "nf4h_" + name)
+            fn.argtypes = [self._CTYPES[c] for c in signature]
+            fn.restype = ctypes.c_int
+            setattr(self, name, self._checked(fn, len(signature)))
+        for name in ("gemv_workspace_bytes", "gemv_rows_per_warp"):
+            getattr(self._lib, "nf4h_" + name).restype = ctypes.c_int64
+        self._lib.nf4h_gemv_workspace_bytes.argtypes = [ctypes.c_int64, ctypes.c_int64]
+        self._lib.nf4h_gemv_rows_per_warp.argtypes = [ctypes.c_int]
+
+    def _checked(self, fn, nargs):
+        def call(*args):
+            assert len(args) == nargs + 1, f"expected {nargs} arguments and a stream"
+            if fn(*args[:-1]) != 0:  # the plan threw std::invalid_argument
+                raise ValueError(self._lib.nf4h_last_error().decode())
+        return call
+
+    def gemv_workspace_bytes(self, M, rank):
+        return self._lib.nf4h_gemv_workspace_bytes(M, rank)
+
+    def gemv_rows_per_warp(self, M):
+        return self._lib.nf4h_gemv_rows_per_warp(M)
+
+    def runtime_status(self):
+        return "host replay"
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    """Build the host driver once per test session (~10 s with g++ -O1)."""
+    if CXX is None:
+        pytest.skip("no C++ compiler (g++) to build csrc/cuda_host/host_driver.cpp")
+    out = tmp_path_factory.mktemp("cuda_host") / "libnf4lora_cuda_host.so"
+    # -ffp-contract=off as for the CPU kernels: the codec's a * b + c is two roundings.
+    cmd = [CXX, "-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-Wall", "-Wextra",
+           "-Werror", f"-I{ROOT / 'csrc'}", str(ROOT / "csrc/cuda_host/host_driver.cpp"),
+           "-o", str(out)]
+    built = subprocess.run(cmd, capture_output=True, text=True)
+    if built.returncode != 0:
+        pytest.fail(f"building the host driver failed:\n{' '.join(cmd)}\n{built.stderr}")
+    return HostKernels(out)
+
+
+class OnDevice:
+    """The backend module with tensors moved to `device` and results moved back, so the
+    same test runs the host replay (CPU tensors) or the real kernels (CUDA tensors)."""
+
+    def __init__(self, module, device: torch.device):
+        self.module, self.device = module, device
+
+    def _to(self, value):
+        if isinstance(value, NestedAbsmax):
+            return value._replace(absmax=self._to(value.absmax), code=self._to(value.code))
+        if not isinstance(value, torch.Tensor) or self.device.type == "cpu":
+            return value
+        # Keep the storage offset, so an unaligned view stays unaligned on the device.
+        base = torch.empty(value.storage_offset() + value.numel(), dtype=value.dtype, device=self.device)
+        view = base[value.storage_offset():].view(value.shape)
+        return view.copy_(value)
+
+    def _back(self, value):
+        if isinstance(value, tuple):
+            return tuple(self._back(v) for v in value)
+        return value.cpu() if isinstance(value, torch.Tensor) else value
+
+    def __getattr__(self, name):
+        fn = getattr(self.module, name)
+
+        def call(*args, **kwargs):
+            moved = [self._to(a) for a in args]
+            moved_kw = {k: self._to(v) for k, v in kwargs.items()}
+            result = fn(*moved, **moved_kw)
+            for original, on_device in zip(args, moved):  # outputs written in place
+                if isinstance(original, torch.Tensor) and on_device is not original:
+                    original.copy_(on_device.cpu())
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            return self._back(result)
+        return call
+
+
+@pytest.fixture(params=["host", "gpu"])
+def glue(request, monkeypatch):
+    """nf4lora.backends.cuda driven either by the CPU replay of the kernels ("host": CPU
+    tensors, always) or by the real nf4lora._C_cuda ("gpu": CUDA tensors, only where a
+    GPU and the built extension are available; skipped otherwise)."""
+    if request.param == "gpu":
+        reason = cuda_backend.availability()
+        if reason is not None:
+            pytest.skip(f"real CUDA kernels unavailable: {reason}")
+        return OnDevice(cuda_backend, torch.device("cuda"))
+    monkeypatch.setattr(cuda_backend, "_C_cuda", request.getfixturevalue("host"))
+    monkeypatch.setattr(cuda_backend, "_stream", lambda device: 0)
+    return OnDevice(cuda_backend, torch.device("cpu"))
+
+
+# ---- helpers ----------------------------------------------------------------------------
+def assert_same(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    """Equal dtype, shape, NaN positions, and bits everywhere else (the sign of zero too)."""
+    assert actual.dtype == expected.dtype, what
+    assert actual.shape == expected.shape, f"{what}: {actual.shape} != {expected.shape}"
+    if not actual.is_floating_point():
+        bad = (actual != expected).nonzero().flatten()[:5].tolist()
+        assert not bad, f"{what}: differ at {bad}"
+        return
+    nan_a, nan_e = actual.isnan(), expected.isnan()
+    assert torch.equal(nan_a, nan_e), f"{what}: NaN positions differ"
+    bits = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+    a, e = actual[~nan_a].view(bits[actual.dtype]), expected[~nan_e].view(bits[actual.dtype])
+    bad = (a != e).nonzero().flatten()[:5].tolist()
+    assert not bad, f"{what}: differ at {bad}: {actual[~nan_a][bad]} vs {expected[~nan_e][bad]}"
+
+
+def make_values(n: int, dtype: torch.dtype, blocksize: int, seed: int, nan: bool = False):
+    """Normal values at scales 1e-3..1e3, with -0.0, subnormals, an all-zero block, a
+    block with a huge outlier, and (nan=True) a NaN in a later block."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.logspace(-3, 3, 7)[torch.randint(0, 7, (n,), generator=g)]
+    x = (torch.randn(n, generator=g) * scale).to(dtype)
+    if n == 0:
+        return x
+    tiny = {torch.float32: 1e-40, torch.float16: 6e-8, torch.bfloat16: 1e-40}[dtype]
+    x[torch.randint(0, n, (max(1, n // 50),), generator=g)] = -0.0
+    x[torch.randint(0, n, (max(1, n // 50),), generator=g)] = tiny
+    if n >= 3 * blocksize:
+        x[blocksize:2 * blocksize] = 0.0
+        x[2 * blocksize + 1] = 6e4 if dtype == torch.float16 else 1e30
+        if nan and n >= 4 * blocksize:
+            x[3 * blocksize + 5] = float("nan")
+    return x
+
+
+def tie_values(dtype: torch.dtype, quant_type: str) -> torch.Tensor:
+    """Blocks of 64 whose scaled values sit exactly on (and 1 ulp around) every decision
+    threshold: absmax is 1.0 or 0.5, so x * (1 / absmax) is exact."""
+    if quant_type == "nf4":
+        thresholds = reference.nf4_thresholds()
+    else:
+        t = torch.tensor(FP4_ABS_THRESHOLDS, dtype=torch.float32)
+        thresholds = torch.cat([t, -t])
+    pieces = []
+    for scale in (1.0, 0.5):
+        t = (thresholds * scale).to(dtype)
+        up = torch.nextafter(t, torch.full_like(t, math.inf))
+        down = torch.nextafter(t, torch.full_like(t, -math.inf))
+        block = torch.cat([t, up, down, torch.tensor([scale], dtype=dtype)])
+        pieces.append(torch.cat([block, torch.zeros(64 - block.numel(), dtype=dtype)]))
+    return torch.cat(pieces)
+
+
+def quantized(n, blocksize, quant_type, seed, nested):
+    """(packed, absmax-or-codes, NestedAbsmax or None, float32 absmax) from the reference."""
+    values = make_values(n, torch.float32, blocksize, seed)
+    packed, absmax = reference.quantize_4bit(values, blocksize, quant_type)
+    if not nested:
+        return packed, absmax, None, absmax
+    q, absmax2, offset = reference.double_quantize(absmax, DYNAMIC)
+    decoded = reference.dequantize_absmax(q, absmax2, DYNAMIC, float(offset))
+    return packed, q, NestedAbsmax(absmax2, DYNAMIC, float(offset), 256), decoded
+
+
+# ---- quantize ---------------------------------------------------------------------------
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("blocksize", (32, 64, 256, 4096))
+@pytest.mark.parametrize("n", (0, 1, 2, 63, 64, 65, 1000, 4097, 3 * 4096 + 7))
+def test_quantize_4bit_bit_exact(glue, n, blocksize, dtype, quant_type):
+    values = make_values(n, dtype, blocksize, seed=n + blocksize, nan=True)
+    packed, absmax = glue.quantize_4bit(values, blocksize, quant_type)
+    want_packed, want_absmax = reference.quantize_4bit(values, blocksize, quant_type)
+    assert_same(packed, want_packed, "packed")
+    assert_same(absmax, want_absmax, "absmax")
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_4bit_ties_go_to_the_lower_code(glue, dtype, quant_type):
+    values = tie_values(dtype, quant_type)
+    packed, absmax = glue.quantize_4bit(values, 64, quant_type)
+    want_packed, want_absmax = reference.quantize_4bit(values, 64, quant_type)
+    assert_same(packed, want_packed, "packed")
+    assert_same(absmax, want_absmax, "absmax")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("blocksize", (256, 64, 100, 1))
+@pytest.mark.parametrize("n", (1, 255, 256, 257, 5000))
+def test_quantize_blockwise_bit_exact(glue, n, blocksize, dtype):
+    values = make_values(n, dtype, blocksize, seed=7 * n + blocksize, nan=True)
+    codes, absmax = glue.quantize_blockwise(values, DYNAMIC, blocksize)
+    want_codes, want_absmax = reference.quantize_blockwise(values, DYNAMIC, blocksize)
+    assert_same(codes, want_codes.reshape(-1), "codes")
+    assert_same(absmax, want_absmax, "absmax")
+
+
+@pytest.mark.parametrize("n", (64, 64 * 1000 + 3, 64 * 4096))
+def test_double_quantization_of_absmax_bit_exact(glue, n):
+    """The nested level: absmax - mean, 8-bit blockwise with blocksize 256."""
+    _, absmax = reference.quantize_4bit(make_values(n, torch.float32, 64, seed=n), 64, "nf4")
+    offset = absmax.mean()
+    codes, absmax2 = glue.quantize_blockwise(absmax - offset, DYNAMIC, 256)
+    want_q, want_absmax2, _ = reference.double_quantize(absmax, DYNAMIC)
+    assert_same(codes, want_q, "qabsmax")
+    assert_same(absmax2, want_absmax2, "nested absmax")
+
+
+# ---- dequantize -------------------------------------------------------------------------
+@pytest.mark.parametrize("nested", (False, True))
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("blocksize", (32, 64, 4096))
+@pytest.mark.parametrize("n", (1, 31, 32, 33, 4097, 3 * 4096 + 7))
+def test_dequantize_4bit_bit_exact(glue, n, blocksize, out_dtype, quant_type, nested):
+    packed, absmax, nest, decoded = quantized(n, blocksize, quant_type, seed=n, nested=nested)
+    out = torch.empty(n, dtype=out_dtype)
+    glue.dequantize_4bit(packed, absmax, blocksize, quant_type, out, nest)
+    want = reference.dequantize_4bit(packed, decoded, blocksize, quant_type, (n,), out_dtype)
+    assert_same(out, want, "dequantized")
+
+
+@pytest.mark.parametrize("nested", (False, True))
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_dequantize_4bit_unaligned_takes_the_element_path(glue, out_dtype, nested):
+    """Views that start 1 element/byte into their storage: no 16-byte loads or stores."""
+    n, blocksize = 4096 + 96, 64
+    packed, absmax, nest, decoded = quantized(n, blocksize, "nf4", seed=3, nested=nested)
+    packed_view = torch.cat([torch.zeros(1, dtype=torch.uint8), packed])[1:]
+    out = torch.empty(n + 1, dtype=out_dtype)[1:]
+    assert packed_view.data_ptr() % 16 and out.data_ptr() % 16
+    glue.dequantize_4bit(packed_view, absmax, blocksize, "nf4", out, nest)
+    want = reference.dequantize_4bit(packed, decoded, blocksize, "nf4", (n,), out_dtype)
+    assert_same(out, want, "dequantized")
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("blocksize", (256, 64, 100))
+@pytest.mark.parametrize("n", (1, 15, 16, 17, 5000))
+def test_dequantize_blockwise_bit_exact(glue, n, blocksize, out_dtype):
+    values = make_values(n, torch.float32, blocksize, seed=n)
+    codes, absmax = reference.quantize_blockwise(values, DYNAMIC, blocksize)
+    out = torch.empty(n, dtype=out_dtype)
+    glue.dequantize_blockwise(codes, absmax, DYNAMIC, blocksize, out)
+    want = reference.dequantize_blockwise(codes, absmax, DYNAMIC, blocksize, out_dtype)
+    assert_same(out, want, "dequantized")
+
+
+def test_plan_rejects_what_the_kernels_cannot_do(host):
+    packed = torch.zeros(64, dtype=torch.uint8)
+    absmax = torch.ones(4, dtype=torch.float32)
+    out = torch.empty(128)
+    with pytest.raises(ValueError, match="power of two >= 32"):
+        host.dequantize_4bit(packed.data_ptr(), absmax.data_ptr(), 128, 48, 0, out.data_ptr(), 0, 0)
+    with pytest.raises(ValueError, match="dtype"):
+        host.dequantize_4bit(packed.data_ptr(), absmax.data_ptr(), 128, 64, 0, out.data_ptr(), 7, 0)
+    with pytest.raises(ValueError, match="quant_type"):
+        host.quantize_4bit(out.data_ptr(), 0, 128, 64, 2, packed.data_ptr(), absmax.data_ptr(), 0)
+    with pytest.raises(ValueError, match="even"):
+        host.quantize_4bit(out.data_ptr(), 0, 128, 63, 0, packed.data_ptr(), absmax.data_ptr(), 0)
+
+
+# ---- GEMV + LoRA -------------------------------------------------------------------------
+def gemv_case(M, N, K, rank, dtype, quant_type, nested, with_bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(N, K, generator=g) * 0.05
+    packed, absmax = reference.quantize_4bit(weight, 64, quant_type)
+    W = reference.dequantize_4bit(packed, absmax, 64, quant_type, (N, K), torch.float32)
+    nest = None
+    if nested:
+        q, absmax2, offset = reference.double_quantize(absmax, DYNAMIC)
+        W = reference.dequantize_4bit(packed, reference.dequantize_absmax(
+            q, absmax2, DYNAMIC, float(offset)), 64, quant_type, (N, K), torch.float32)
+        absmax, nest = q, NestedAbsmax(absmax2, DYNAMIC, float(offset), 256)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    A = (torch.randn(rank, K, generator=g) / math.sqrt(K)).to(dtype) if rank else None
+    B = (torch.randn(N, rank, generator=g) * 0.1).to(dtype) if rank else None
+    bias = torch.randn(N, generator=g).to(dtype) if with_bias else None
+    return dict(x=x, packed=packed, absmax=absmax, nested=nest, W=W, A=A, B=B, bias=bias)
+
+
+def lora_linear(x, W, A, B, bias, scaling, dtype):
+    """x @ W^T + scaling * (x @ A^T) @ B^T + bias, every tensor cast to `dtype` first."""
+    y = torch.nn.functional.linear(x.to(dtype), W.to(dtype), None if bias is None else bias.to(dtype))
+    if A is not None:
+        y = y + scaling * torch.nn.functional.linear(
+            torch.nn.functional.linear(x.to(dtype), A.to(dtype)), B.to(dtype))
+    return y
+
+
+GEMV_CASES = [  # (M, N, K, rank): every M; K a multiple of 1024, of 32 only, of nothing;
+    # N not a multiple of the rows a CUDA block covers; rank 0, small, and > 32 lanes
+    (1, 1, 64, 0), (1, 37, 2048, 16), (2, 19, 96, 3), (3, 50, 1000, 5), (4, 64, 1024, 16),
+    (5, 23, 2080, 40), (6, 17, 33, 1), (7, 70, 320, 8), (8, 65, 4096, 16), (8, 9, 1, 2),
+]
+
+
+@pytest.mark.parametrize("with_bias", (False, True))
+@pytest.mark.parametrize("nested", (False, True))
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("M,N,K,rank", GEMV_CASES)
+def test_gemv_4bit_lora_within_the_dtype_baseline(glue, M, N, K, rank, dtype, nested, with_bias):
+    quant_type = "fp4" if (M + N) % 3 == 0 else "nf4"
+    case = gemv_case(M, N, K, rank, dtype, quant_type, nested, with_bias, seed=M * N + K)
+    scaling = 0.5
+    y = glue.gemv_4bit_lora(case["x"], case["packed"], case["absmax"], (N, K), 64, quant_type,
+                            case["nested"], case["A"], case["B"], scaling, case["bias"])
+    assert y.shape == (M, N) and y.dtype == dtype
+    args = (case["x"], case["W"], case["A"], case["B"], case["bias"], scaling)
+    exact = lora_linear(*args, torch.float64)
+    baseline = lora_linear(*args, dtype).double()  # what torch does in the same dtype
+    # The tolerance is the baseline's own worst error, but never below one unit in the
+    # last place of dtype at the output's largest magnitude (small cases can be lucky).
+    ulp = torch.finfo(dtype).eps * exact.abs().max().item()
+    tolerance = max((baseline - exact).abs().max().item(), ulp)
+    error = (y.double() - exact).abs().max().item()
+    assert error <= tolerance, f"GEMV error {error:.3g} > tolerance {tolerance:.3g}"
+
+
+@pytest.mark.parametrize("M", range(1, 9))
+def test_gemv_writes_every_output_exactly(host, M):
+    """Geometry: with W = identity-like rows and no LoRA, y[m, n] = x[m, n] exactly, so a
+    row written twice, skipped or swapped shows (y starts as NaN)."""
+    N = K = 96 + M  # not a multiple of the rows per warp or per block
+    weight = torch.eye(N, K)
+    packed, absmax = reference.quantize_4bit(weight, 64, "nf4")
+    x = torch.arange(M * K, dtype=torch.float32).remainder(251).sub(125).to(torch.bfloat16).reshape(M, K)
+    y = torch.full((M, N), float("nan"), dtype=torch.bfloat16)
+    host.gemv_4bit_lora(x.data_ptr(), 2, M, N, K, packed.data_ptr(), absmax.data_ptr(), 0, 0, 0,
+                        0.0, 256, 64, 0, 0, 0, 0, 1.0, 0, 0, y.data_ptr(), 0)
+    assert torch.equal(y, x[:, :N])
+    assert host.gemv_rows_per_warp(M) == (1 if M == 1 else 2 if M <= 3 else 4)
+
+
+def test_gemv_rejects_bad_shapes(glue):
+    x = torch.randn(9, 64, dtype=torch.bfloat16)
+    packed, absmax = reference.quantize_4bit(torch.randn(8, 64), 64, "nf4")
+    with pytest.raises(ValueError, match="1..8 rows"):
+        glue.gemv_4bit_lora(x, packed, absmax, (8, 64), 64, "nf4")
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        glue.gemv_4bit_lora(x[:2].float(), packed, absmax, (8, 64), 64, "nf4")
+    with pytest.raises(ValueError, match="lora_A must be"):
+        glue.gemv_4bit_lora(x[:2], packed, absmax, (8, 64), 64, "nf4",
+                            lora_A=torch.zeros(4, 63, dtype=torch.bfloat16),
+                            lora_B=torch.zeros(8, 4, dtype=torch.bfloat16))
+
+
+# ---- availability, build, roofline ---------------------------------------------------------
+def test_backend_without_the_extension_says_how_to_build_it(monkeypatch):
+    """NF4LORA_BACKEND=cuda when nf4lora._C_cuda cannot be imported: the error says how
+    to build it. The import failure is real: the module is hidden (a None entry in
+    sys.modules makes `import` raise ImportError) and nf4lora.backends.cuda re-executed."""
+    import nf4lora
+
+    def reload_backend():
+        importlib.reload(cuda_backend)
+
+    monkeypatch.setitem(sys.modules, "nf4lora._C_cuda", None)
+    monkeypatch.delattr(nf4lora, "_C_cuda", raising=False)
+    monkeypatch.setenv("NF4LORA_BACKEND", "cuda")
+    try:
+        reload_backend()
+        assert cuda_backend._C_cuda is None
+        with pytest.raises(RuntimeError) as error:
+            backends.backend_for(torch.device("cuda"))
+        message = str(error.value)
+        assert "NF4LORA_BACKEND" in message and "nf4lora._C_cuda" in message, message
+        assert "pip install -e ." in message and "nvcc" in message, message
+    finally:
+        monkeypatch.undo()
+        reload_backend()
+    assert cuda_backend.DEVICE_TYPES == ("cuda",)
+
+
+def test_availability_reports_why_not():
+    reason = backends.availability("cuda")
+    if torch.cuda.is_available() and cuda_backend._C_cuda is not None:
+        assert reason is None
+    else:
+        assert reason and ("pip install -e ." in reason or "torch.cuda.is_available() is False" in reason)
+
+
+@pytest.mark.skipif(cuda_backend._C_cuda is None, reason="nf4lora._C_cuda not built here")
+def test_extension_imports_without_a_gpu():
+    """Built with the static CUDA runtime, the extension imports on a GPU-less machine;
+    the runtime then reports why it cannot run (no driver / no device)."""
+    status = cuda_backend._C_cuda.runtime_status()
+    assert isinstance(status, str) and status
+    assert cuda_backend._C_cuda.gemv_workspace_bytes(8, 16) == 8 + 4 * 8 * 16
+
+
+def test_roofline_matches_the_published_lower_bounds():
+    """shared/reference/kernel_techniques.md: batch-1 GEMV lower bounds (weights + absmax
+    + absmax2 + x + y): 4096x4096 8.67 MB, 2.59 us on H100, 4.25 us on A100;
+    11008x4096 23.29 MB, 6.95 us on H100."""
+    small = cuda_backend.roofline("gemv_4bit_lora", M=1, N=4096, K=4096)
+    assert small["bytes"] / 1e6 == pytest.approx(8.67, abs=0.01)
+    assert small["H100"]["ideal_us"] == pytest.approx(2.59, abs=0.01)
+    assert small["A100"]["ideal_us"] == pytest.approx(4.25, abs=0.01)
+    large = cuda_backend.roofline("gemv_4bit_lora", M=1, N=11008, K=4096)
+    assert large["bytes"] / 1e6 == pytest.approx(23.29, abs=0.01)
+    assert large["H100"]["ideal_us"] == pytest.approx(6.95, abs=0.01)
+    # M = 8 with LoRA: still memory-bound for tensor cores, but the SIMT kernel's FMAs
+    # (2*8*4096*4096 = 268 MFLOP at 19.5 TFLOP/s) bound it on A100.
+    decode = cuda_backend.roofline("gemv_4bit_lora", M=8, N=4096, K=4096, rank=16, bias=True)
+    assert decode["A100"]["kernel_bound"] == "fp32 FMA"
+    assert decode["H100"]["ideal_us"] == pytest.approx(decode["H100"]["memory_us"])
+    dq = cuda_backend.roofline("dequantize_4bit", n=4096 * 4096, dtype=torch.bfloat16)
+    assert dq["bytes"] == 4096 * 4096 // 2 + 4096 * 4096 // 64 + 4 * 1024 + 1024 + 2 * 4096 * 4096
+    for op, shape in (("quantize_4bit", dict(n=4096)), ("quantize_blockwise", dict(n=4096)),
+                      ("dequantize_blockwise", dict(n=4096))):
+        assert cuda_backend.roofline(op, **shape)["H100"]["ideal_us"] > 0
+    assert "H100" in cuda_backend.format_roofline(decode)
