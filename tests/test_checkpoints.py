@@ -30,22 +30,7 @@ with warnings.catch_warnings():
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models: threads only add synchronization, which on a loaded machine costs 10-30x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _no_dynamo():
-    # bitsandbytes' CPU dequantize is wrapped in torch.compile and would recompile for every
-    # layer shape (seconds each); eager is what we compare against anyway.
-    with torch._dynamo.config.patch(disable=True), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread", "quiet_eager")
 
 
 def _llama(seed=0, **overrides):

@@ -33,22 +33,7 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 N_LAYERS = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models: threads only add synchronization, which on a loaded machine costs 10-30x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    # bitsandbytes' CPU dequantize is wrapped in torch.compile and would recompile for every
-    # layer shape; PEFT and transformers warn about things irrelevant here.
-    with torch._dynamo.config.patch(disable=True), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread", "quiet_eager")
 
 
 @pytest.fixture
