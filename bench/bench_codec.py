@@ -147,19 +147,23 @@ class Quantizer:
 
 # --- providers -----------------------------------------------------------------------
 
-def nf4lora_provider(op: str, backend: str) -> Provider:
+def nf4lora_provider(op: str, backend: str, into_out: bool = False) -> Provider:
+    """into_out: dequantize into a preallocated tensor (`out=`, what a reused weight
+    buffer does), which leaves out the page faults of a fresh 33 MB output: on this VM
+    those cost more than the kernel itself."""
     from nf4lora import functional as F
 
     def setup(case: Case, n: int):
         if op == "dequantize":
             packed, state = case.quantized()
-            return [functools.partial(F.dequantize_4bit, p, copy.deepcopy(state))
+            return [functools.partial(F.dequantize_4bit, p, copy.deepcopy(state),
+                                      out=torch.empty(case.shape, dtype=DTYPE) if into_out else None)
                     for p in clones(packed, n)]
         return [functools.partial(F.quantize_4bit, w, blocksize=BLOCKSIZE, compress_statistics=True,
                                   quant_type=QUANT_TYPE) for w in clones(case.weight(), n)]
 
     speed = FAST if backend != "reference" else (SLOW if op == "dequantize" else VERY_SLOW)
-    return Provider(f"nf4lora[{backend}]", setup, op_bytes, **speed,
+    return Provider(f"nf4lora[{backend}]" + (" out=" if into_out else ""), setup, op_bytes, **speed,
                     context=functools.partial(harness.using_backend, backend),
                     # the reference is the oracle; every other backend must match it
                     check=None if backend == "reference" else
@@ -196,10 +200,13 @@ def torchao_provider(op: str, to_nf4, NF4Tensor) -> Provider:
     return Provider("torchao", setup, op_bytes, **(SLOW if op == "dequantize" else VERY_SLOW))
 
 
-def copy_provider() -> Provider:
+def copy_provider(into_out: bool = False) -> Provider:
+    """A bf16 copy of the output's size: clone (fresh memory) or copy_ into existing memory."""
     def setup(case: Case, n: int):
+        if into_out:
+            return [functools.partial(torch.empty_like(w).copy_, w) for w in clones(case.weight(), n)]
         return [w.clone for w in clones(case.weight(), n)]
-    return Provider("copy-bf16", setup, copy_bytes, **FAST)
+    return Provider("copy-bf16" + (" out=" if into_out else ""), setup, copy_bytes, **FAST)
 
 
 def import_torchao_nf4():
@@ -213,12 +220,15 @@ def import_torchao_nf4():
 
 def build_providers(op: str, backends: list[str], bnb, torchao_nf4) -> list[Provider]:
     providers = [nf4lora_provider(op, backend) for backend in backends]
+    if op == "dequantize":
+        providers += [nf4lora_provider(op, backend, into_out=True)
+                      for backend in backends if backend != "reference"]
     if bnb is not None:
         providers.append(bitsandbytes_provider(op, bnb))
     if torchao_nf4[0] is not None:
         providers.append(torchao_provider(op, *torchao_nf4[:2]))
     if op == "dequantize":
-        providers.append(copy_provider())
+        providers += [copy_provider(), copy_provider(into_out=True)]
     return providers
 
 

@@ -261,10 +261,12 @@ def nf4lora_cpu_backends() -> tuple[list[str], list[str]]:
 
 
 def select(providers: list[Provider], wanted: Optional[Sequence[str]]) -> list[Provider]:
-    """Providers named in `wanted`; "nf4lora" selects every nf4lora[<backend>]."""
+    """Providers named in `wanted`; "nf4lora" selects every nf4lora[<backend>], and a name
+    selects its variants too ("copy-bf16" also picks "copy-bf16 out=")."""
     if not wanted:
         return providers
-    return [p for p in providers if any(p.name == w or p.name.startswith(w + "[") for w in wanted)]
+    return [p for p in providers
+            if any(p.name == w or p.name.startswith((w + "[", w + " ")) for w in wanted)]
 
 
 # --- metadata ------------------------------------------------------------------------

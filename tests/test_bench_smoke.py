@@ -40,8 +40,9 @@ def test_quick_run_writes_every_row_and_key(tmp_path):
     assert METADATA_KEYS <= saved["metadata"].keys()
     assert {"read_gbs", "copy_gbs", "bytes", "threads"} <= saved["bandwidth"].keys()
 
-    expected = {("dequantize", "copy-bf16")}
+    expected = {("dequantize", "copy-bf16"), ("dequantize", "copy-bf16 out=")}
     expected |= {(op, f"nf4lora[{name}]") for op in bench_codec.OPS for name in cpu_backends()}
+    expected |= {("dequantize", f"nf4lora[{name}] out=") for name in cpu_backends() if name != "reference"}
     if saved["metadata"]["bitsandbytes_path"] is not None:
         expected |= {(op, "bitsandbytes") for op in bench_codec.OPS}
     for shape in bench_codec.QUICK_SHAPES:
@@ -65,7 +66,7 @@ def test_missing_provider_is_a_note_not_a_crash(tmp_path, monkeypatch):
     payload = bench_codec.main(["--quick", "--ops", "dequantize", "--out", str(tmp_path),
                                 "--providers", "bitsandbytes", "copy-bf16"])
     assert any("bitsandbytes: skipped" in note for note in payload["notes"])
-    assert {row["provider"] for row in payload["rows"]} == {"copy-bf16"}
+    assert {row["provider"] for row in payload["rows"]} == {"copy-bf16", "copy-bf16 out="}
     assert all(row["x_vs_bitsandbytes"] is None for row in payload["rows"])
 
 
