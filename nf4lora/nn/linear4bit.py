@@ -314,6 +314,10 @@ class Linear4bit(nn.Linear):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)   # weight, bias
         state = getattr(self.weight, "quant_state", None)
+        if state is None and not isinstance(self.weight, Params4bit):
+            # FSDP2 swaps the weight for a plain (DTensor) parameter without the quant
+            # state; the module's copy still describes the packed bytes (as in forward).
+            state = self.quant_state
         if state is not None:
             for key, value in state.as_dict(packed=True).items():
                 destination[prefix + "weight." + key] = value if keep_vars else value.detach()
