@@ -76,7 +76,8 @@ class _Matmul4bit(torch.autograd.Function):
         # only when a gradient needs them: x for dA, h = x @ A^T for dB.
         ctx.save_for_backward(x if need_A else None, weight, lora_A, lora_B,
                               h if need_B else None)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        # y itself for 2-D x: a reshape would return a view, which FSDP2 warns about.
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
