@@ -282,6 +282,19 @@ COLUMNS = [("op", "op", ""), ("shape", "shape", ""), ("provider", "provider", ""
            (f"x vs {BASELINE}", f"x_vs_{BASELINE}", ".2f")]
 
 
+def gpu_roofline(ops, shapes) -> list[dict]:
+    """GPU speed on paper (no GPU here): bytes, FLOPs and ideal time on H100 / A100 of the
+    CUDA and Triton codec kernels for the same shapes, printed under the CPU table."""
+    from nf4lora.backends import cuda
+
+    rows = [cuda.roofline(f"{op}_4bit", n=math.prod(shape), dtype=DTYPE, blocksize=BLOCKSIZE)
+            for op in ops for shape in shapes]
+    print("\nGPU roofline (on paper; the same bytes bound the CUDA and Triton kernels):")
+    for row in rows:
+        print(cuda.format_roofline(row))
+    return rows
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m bench.bench_codec", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -347,6 +360,7 @@ def main(argv=None) -> dict:
     print(harness.format_table(rows, COLUMNS))
     for note in notes:
         print("note:", note)
+    roofline = gpu_roofline(args.ops, preset["shapes"])
 
     payload = {
         "benchmark": "codec",
@@ -360,6 +374,7 @@ def main(argv=None) -> dict:
         "bandwidth": bandwidth,
         "rows": rows,
         "notes": notes,
+        "gpu_roofline": roofline,
     }
     stamped, latest = harness.save_json(payload, args.out, "codec")
     print(f"saved {stamped} and {latest.name}")

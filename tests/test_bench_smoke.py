@@ -106,3 +106,13 @@ def test_layers_rotate_past_the_cold_footprint():
     assert harness.layers_for(10**9, harness.COLD_FOOTPRINT) == harness.MIN_LAYERS
     assert harness.layers_for(1000, harness.COLD_FOOTPRINT, max_layers=2) == 2
     assert torch.get_num_threads() >= 1
+
+
+def test_memory_benchmark_quick_run(tmp_path):
+    from bench import bench_memory
+    payload = bench_memory.main(["--quick", "--out", str(tmp_path)])
+    rows = {row["config"]: row for row in payload["rows"]}
+    assert {"nf4lora QLoRA", "dense bf16 LoRA"} <= set(rows)
+    # The 4-bit layer holds ~0.52 byte per weight against bf16's 2 (plus the same adapter).
+    assert rows["nf4lora QLoRA"]["held_mb"] < 0.5 * rows["dense bf16 LoRA"]["held_mb"]
+    assert (tmp_path / "memory-latest.json").exists()
