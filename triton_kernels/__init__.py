@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable, Iterable, NamedTuple
 
 from . import blockwise_8bit, dequantize_4bit, quantize_4bit
+from . import gemv, lora_matmul, lora_matmul_backward
 
 # Lets nf4lora.backends.triton tell this package from another top-level
 # `triton_kernels` distribution when it falls back to that name in a source checkout.
@@ -34,6 +35,12 @@ KERNELS: list[KernelVariants] = [
                    blockwise_8bit.quantize_compile_targets),
     KernelVariants("dequantize_blockwise", blockwise_8bit.dequantize_blockwise_kernel,
                    blockwise_8bit.dequantize_compile_targets),
+    KernelVariants("lora_matmul", lora_matmul.lora_matmul_kernel,
+                   lora_matmul.compile_targets),
+    KernelVariants("gemv_split_k", gemv.gemv_split_k_kernel, gemv.compile_targets),
+    KernelVariants("gemv_epilogue", gemv.gemv_epilogue_kernel, gemv.epilogue_compile_targets),
+    KernelVariants("lora_matmul_grad_input", lora_matmul_backward.lora_matmul_grad_input_kernel,
+                   lora_matmul_backward.compile_targets),
 ]
 
 

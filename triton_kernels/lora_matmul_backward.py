@@ -1,0 +1,127 @@
+"""Input gradient of the 4-bit LoRA matmul, with W read packed:
+
+    dx = dy @ W + grad_h @ A,   grad_h = scaling * dy @ B (computed by the caller)
+    dy [M, N], W 4-bit [N, K], A [R, K], dx [M, K]
+
+Spec: `nf4lora.backends.composite.lora_matmul_4bit_grad_input`. Nothing dense of W
+exists between calls (the autograd Function saves the packed weight and its state only);
+this kernel decodes W tile by tile where the composite path writes and re-reads a
+dense [N, K] copy.
+
+The access pattern is the forward's transposed: W is stored [out, in] row-major with
+its quantization blocks running along `in`, and dx's reduction runs over `out`. One
+program owns a [BLOCK_M, BLOCK_K] tile of dx (BLOCK_K input features) and walks down
+the rows of W: each step reads BLOCK_N rows x BLOCK_K / 2 bytes, a 32-byte segment per
+row (one DRAM sector; 16 bytes for fp32's narrower tile, the other half read by the
+neighbouring program from L2) at a stride of K / 2 bytes, decodes the [BLOCK_N, BLOCK_K] tile
+with the same helper as the forward, and feeds it to the MMA untransposed
+(dy tile [BLOCK_M, BLOCK_N] @ W tile [BLOCK_N, BLOCK_K]). Two absmax per 32-element
+chunk of a row are decoded per tile (lora_matmul.load_weight_tile), never one per element.
+
+The LoRA term is the epilogue: grad_h [M, R] @ A[:, k tile], R in chunks of 16, into
+the same fp32 accumulator, so dx is rounded once (the composite path rounds after
+dy @ W and again after the addmm).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .codec import to_output_dtype
+from .lora_matmul import LORA_CHUNK, NUM_STAGES, TILES, dot_accumulate, load_weight_tile
+
+X_TYPES = ("fp32", "fp16", "bf16")
+
+
+# The shifts gain nothing from Triton's divisible-by-16 specialization: one binary for all.
+@triton.jit(do_not_specialize=["blocksize_log2", "nested_blocksize_log2"])
+def lora_matmul_grad_input_kernel(
+    # pointers
+    grad_ptr,           # fp32/fp16/bf16 [M, N], dy
+    packed_ptr,         # uint8 [ceil(N * K / 2)]
+    absmax_ptr,         # fp32 [blocks], or uint8 codes [blocks] when NESTED
+    table_ptr,          # fp32 [16], the 4-bit code book
+    nested_code_ptr,    # fp32 [256] (NESTED only)
+    nested_absmax_ptr,  # fp32 [ceil(blocks / nested blocksize)] (NESTED only)
+    lora_A_ptr,         # dy's dtype [R, K] (HAS_LORA only)
+    grad_h_ptr,         # dy's dtype [M, R] (HAS_LORA only)
+    dx_ptr,             # dy's dtype [M, K]
+    # sizes
+    M, N, K, R,
+    row_bytes,              # K // 2, its own argument so Triton can see it divisible by 16
+    num_blocks,             # ceil(N * K / blocksize)
+    blocksize_log2,
+    nested_blocksize_log2,
+    nested_offset,          # fp32 (NESTED only)
+    # meta-parameters
+    NESTED: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,   # the reduction step, over rows of W
+    BLOCK_K: tl.constexpr,   # dx columns per program
+):
+    # The M tiles of one column tile are neighbours in launch order (W tiles from L2).
+    pid = tl.program_id(0)
+    tiles_m = (M + BLOCK_M - 1) // BLOCK_M
+    pid_m = pid % tiles_m
+    pid_k = pid // tiles_m
+    rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rows_m < M
+    DY_DTYPE: tl.constexpr = grad_ptr.dtype.element_ty
+
+    acc = tl.full([BLOCK_M, BLOCK_K], 0.0, tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        ns = n0 + tl.arange(0, BLOCK_N)
+        # Rows of dy past N are zero: they cancel the garbage rows of a partial W tile.
+        dy = tl.load(grad_ptr + rows_m[:, None] * N + ns[None, :],
+                     mask=row_ok[:, None] & (ns < N)[None, :], other=0.0)
+        w = load_weight_tile(packed_ptr, absmax_ptr, table_ptr, nested_code_ptr,
+                             nested_absmax_ptr, nested_offset, n0, pid_k * BLOCK_K, N,
+                             row_bytes, num_blocks, blocksize_log2, nested_blocksize_log2,
+                             NESTED, BLOCK_N, BLOCK_K)
+        # W rounded once to dy's dtype, as the composite path's dequantize_4bit does.
+        acc = dot_accumulate(dy, to_output_dtype(w, DY_DTYPE), acc)
+
+    if HAS_LORA:
+        for r0 in range(0, R, LORA_CHUNK):
+            ranks = r0 + tl.arange(0, LORA_CHUNK)
+            grad_h = tl.load(grad_h_ptr + rows_m[:, None] * R + ranks[None, :],
+                             mask=row_ok[:, None] & (ranks < R)[None, :], other=0.0)
+            lora_A = tl.load(lora_A_ptr + ranks[:, None] * K + cols_k[None, :],
+                             mask=(ranks < R)[:, None] & (cols_k < K)[None, :], other=0.0)
+            acc = dot_accumulate(grad_h, lora_A, acc)
+    tl.store(dx_ptr + rows_m[:, None] * K + cols_k[None, :], to_output_dtype(acc, DY_DTYPE),
+             mask=row_ok[:, None] & (cols_k < K)[None, :])
+
+
+def launch_config(x_type: str, nested: bool, has_lora: bool) -> dict:
+    """The forward's tiles (lora_matmul.TILES) with BLOCK_N and BLOCK_K in their roles
+    swapped: BLOCK_K is the output width here, BLOCK_N the reduction step. Each W tile
+    is [BLOCK_N, BLOCK_K] either way. enable_fp_fusion=False as in the forward."""
+    block_m, block_n, block_k, num_warps = TILES[x_type]
+    return dict(NESTED=nested, HAS_LORA=has_lora, BLOCK_M=block_m, BLOCK_N=block_k,
+                BLOCK_K=block_n, num_warps=num_warps, num_stages=NUM_STAGES,
+                enable_fp_fusion=False)
+
+
+def grid(m: int, k: int, config: dict) -> tuple:
+    return (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(k, config["BLOCK_K"]),)
+
+
+def compile_targets():
+    """Every (signature, config) the launcher can choose: dy dtype x nested x LoRA."""
+    for x_type in X_TYPES:
+        for nested in (False, True):
+            for has_lora in (False, True):
+                signature = {"grad_ptr": f"*{x_type}", "packed_ptr": "*u8",
+                             "absmax_ptr": "*u8" if nested else "*fp32",
+                             "table_ptr": "*fp32", "nested_code_ptr": "*fp32",
+                             "nested_absmax_ptr": "*fp32", "lora_A_ptr": f"*{x_type}",
+                             "grad_h_ptr": f"*{x_type}", "dx_ptr": f"*{x_type}",
+                             "M": "i32", "N": "i32", "K": "i32", "R": "i32",
+                             "row_bytes": "i32", "num_blocks": "i32",
+                             "blocksize_log2": "i32", "nested_blocksize_log2": "i32",
+                             "nested_offset": "fp32"}
+                yield (f"dy={x_type} nested={nested} lora={has_lora}", signature,
+                       launch_config(x_type, nested, has_lora))
