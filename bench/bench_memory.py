@@ -13,7 +13,7 @@ in another's peak. Three figures per configuration:
            transient buffers such as a dequantized W count, and page-level noise of a few
            MB is possible
 
-Shape: a Llama-7B MLP projection (11008 x 4096), M = 512 tokens, rank 16, bf16
+Shape: a Llama-7B attention projection (4096 x 4096), M = 512 tokens, rank 16, bf16
 activations (perf.md). Time per forward + backward is printed beside, for information
 (the speed targets are benchmarked elsewhere).
 """
@@ -28,7 +28,7 @@ import torch
 
 from . import harness
 
-SHAPE = (11008, 4096)
+SHAPE = (4096, 4096)
 QUICK_SHAPE = (512, 256)
 TOKENS, QUICK_TOKENS = 512, 32
 RANK = 16
