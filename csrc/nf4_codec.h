@@ -120,6 +120,15 @@ NF4_HD float div_rn(float a, float b) {
 
 NF4_HD float abs_f(float x) { return bits_float(float_bits(x) & 0x7fffffffu); }
 NF4_HD bool is_nan(float x) { return (float_bits(x) & 0x7fffffffu) > 0x7f800000u; }
+NF4_HD float quiet_nan() { return bits_float(0x7fc00000u); }
+
+// The max of two magnitudes (non-negative or NaN) that keeps a NaN once seen, as
+// torch.amax does: a block holding a NaN gets a NaN absmax, which is how callers detect
+// bad input. Commutative and associative, so every reduction order gives the same bits.
+NF4_HD float nan_max(float a, float b) {
+  if (is_nan(a) || is_nan(b)) return quiet_nan();
+  return a > b ? a : b;
+}
 
 // ---------------------------------------------------------------------------------
 // Tables as functions (a local constant array indexed in an unrolled loop is folded

@@ -31,13 +31,8 @@ inline int64_t block_length(int64_t block, int64_t blocksize, int64_t n) {
   return left < blocksize ? left : blocksize;
 }
 
-// max(|m|, |x|) that keeps a NaN once seen (torch.amax propagates NaN; that is how
-// callers detect bad input). m is a running max of magnitudes, possibly NaN.
-inline float nan_max_abs(float m, float x) {
-  const float a = abs_f(x);
-  if (is_nan(m) || is_nan(a)) return bits_float(0x7fc00000u);
-  return a > m ? a : m;
-}
+// max(|m|, |x|) that keeps a NaN once seen; m is a running max of magnitudes.
+inline float nan_max_abs(float m, float x) { return nan_max(m, abs_f(x)); }
 
 template <class In>
 inline float block_absmax(const In* x, int64_t len) {

@@ -43,19 +43,8 @@ namespace cuda {
 
 constexpr int kWarp = 32;
 
-// ---------------------------------------------------------------------------------
-// Candidates for nf4_codec.h (kept here because that header belongs to another owner):
-// the NaN-propagating max that torch.amax implements. csrc/cpu/kernel_body.h has the
-// same `nan_max_abs` privately.
-// ---------------------------------------------------------------------------------
-NF4K_HD float quiet_nan() { return bits_float(0x7fc00000u); }
-
-// max of two magnitudes (non-negative or NaN) that keeps a NaN once seen, like
-// torch.amax; commutative and associative, so any reduction order gives the same bits.
-NF4K_HD float nan_max(float a, float b) {
-  if (is_nan(a) || is_nan(b)) return quiet_nan();
-  return a > b ? a : b;
-}
+// quiet_nan and nan_max (the NaN-propagating max torch.amax implements) come from
+// nf4_codec.h, shared with the CPU kernels.
 
 // acc + a * b with one rounding. An explicit FMA: setup.py compiles with --fmad=false
 // (so the codec's separate multiply/add are never contracted), which would otherwise
