@@ -289,6 +289,9 @@ def gpu_roofline(ops, shapes) -> list[dict]:
 
     rows = [cuda.roofline(f"{op}_4bit", n=math.prod(shape), dtype=DTYPE, blocksize=BLOCKSIZE)
             for op in ops for shape in shapes]
+    # The CUDA decode GEMV with fused LoRA (rank 16), at the batch sizes it serves.
+    rows += [cuda.roofline("gemv_4bit_lora", M=m, N=shape[0], K=shape[1], rank=16, dtype=DTYPE,
+                           blocksize=BLOCKSIZE) for shape in shapes for m in (1, 8)]
     print("\nGPU roofline (on paper; the same bytes bound the CUDA and Triton kernels):")
     for row in rows:
         print(cuda.format_roofline(row))

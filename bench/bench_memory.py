@@ -7,7 +7,8 @@ Each configuration runs in its own fresh process, so one run's allocations canno
 in another's peak. Three figures per configuration:
 
   held     bytes of the layer's parameters, buffers and quant state (what stays between steps)
-  saved    bytes autograd keeps for backward (counted with saved_tensors_hooks)
+  saved    bytes autograd keeps for backward beyond the held weights (saved_tensors_hooks;
+           a saved tensor that is a held weight, e.g. the packed W, is not counted again)
   peak     the process's peak resident memory during forward + backward above its resident
            memory just before (Linux VmHWM, reset through /proc/self/clear_refs), so
            transient buffers such as a dequantized W count, and page-level noise of a few
@@ -84,8 +85,7 @@ def _build(config: str, shape, dtype):
     return forward, [base, lora_A, lora_B]
 
 
-def _held_bytes(objects) -> int:
-    seen, total = set(), 0
+def _held_tensors(objects) -> list:
     tensors = []
     for obj in objects:
         if isinstance(obj, torch.nn.Module):
@@ -95,7 +95,12 @@ def _held_bytes(objects) -> int:
                 tensors += [t for t in state.as_dict().values() if isinstance(t, torch.Tensor)]
         else:
             tensors.append(obj)
-    for t in tensors:
+    return tensors
+
+
+def _held_bytes(objects) -> int:
+    seen, total = set(), 0
+    for t in _held_tensors(objects):
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
@@ -118,14 +123,18 @@ def _measure(config: str, shape, tokens: int, queue) -> None:
             rss_before = _rss_bytes("VmRSS")
             _reset_peak()
             start = time.perf_counter()
+            held_storage = {t.untyped_storage().data_ptr() for t in _held_tensors(held)}
             with torch.autograd.graph.saved_tensors_hooks(
-                    lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+                    lambda t: saved.append((t.untyped_storage().data_ptr(),
+                                            t.numel() * t.element_size())) or t, lambda t: t):
                 y = forward(x)
             y.float().sum().backward()
             seconds = time.perf_counter() - start
             peak = _rss_bytes("VmHWM") - rss_before
         queue.put(dict(config=config, shape=list(shape), tokens=tokens, rank=RANK,
-                       held_mb=_held_bytes(held) / 1e6, saved_mb=sum(saved) / 1e6,
+                       held_mb=_held_bytes(held) / 1e6,
+                       # only what backward keeps beyond the held weights (x, h, ...)
+                       saved_mb=sum(b for ptr, b in dict(saved).items() if ptr not in held_storage) / 1e6,
                        peak_mb=peak / 1e6, fwd_bwd_ms=seconds * 1e3))
     except ImportError as error:
         queue.put(dict(config=config, note=f"skipped: {error}"))
@@ -135,9 +144,12 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_memory",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tiny layer: a smoke run")
+    parser.add_argument("--tokens", type=int, help=f"rows of x (default {TOKENS}; bf16 GEMMs "
+                        "are slow on CPUs without avx512_bf16/AMX, so fewer rows keep it short)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     shape, tokens = (QUICK_SHAPE, QUICK_TOKENS) if args.quick else (SHAPE, TOKENS)
+    tokens = args.tokens or tokens
     context = multiprocessing.get_context("spawn")
     rows, notes = [], []
     for config in CONFIGS:
