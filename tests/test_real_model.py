@@ -100,6 +100,23 @@ def cosine(a, b) -> torch.Tensor:
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
 
 
+def assert_embeddings_close(ours, theirs, tokenizer, sentences, reference, atol, label, extra=""):
+    """Per compute dtype: print both models' cosine to the fp32 embeddings, then require
+    nf4lora's embeddings within `atol` of bitsandbytes'. Returns nf4lora's cosines per dtype."""
+    cosines = []
+    for dtype in DTYPES:
+        e_ours = embed(ours, tokenizer, sentences, dtype)
+        e_theirs = embed(theirs, tokenizer, sentences, dtype)
+        diff = (e_ours - e_theirs).abs().max().item()
+        c_ours, c_theirs = cosine(e_ours, reference), cosine(e_theirs, reference)
+        print(f"MiniLM NF4 ({dtype}, {label}): cosine to fp32 embeddings: nf4lora mean "
+              f"{c_ours.mean():.5f} min {c_ours.min():.5f}; bitsandbytes mean {c_theirs.mean():.5f} "
+              f"min {c_theirs.min():.5f}; max |nf4lora - bnb| {diff:.2e}{extra}")
+        torch.testing.assert_close(e_ours, e_theirs, rtol=0, atol=atol)
+        cosines.append(c_ours)
+    return cosines
+
+
 def test_minilm_embeddings_match_bitsandbytes(minilm, sentences):
     model, tokenizer = minilm
     reference = embed(model, tokenizer, sentences)
@@ -111,15 +128,8 @@ def test_minilm_embeddings_match_bitsandbytes(minilm, sentences):
         assert torch.equal(a.weight.quant_state.absmax, b.weight.quant_state.absmax), name
 
     print()
-    for dtype in DTYPES:
-        e_ours = embed(ours, tokenizer, sentences, dtype)
-        e_theirs = embed(theirs, tokenizer, sentences, dtype)
-        diff = (e_ours - e_theirs).abs().max().item()
-        c_ours, c_theirs = cosine(e_ours, reference), cosine(e_theirs, reference)
-        print(f"MiniLM NF4 ({dtype}, no double quant): cosine to fp32 embeddings: nf4lora mean "
-              f"{c_ours.mean():.5f} min {c_ours.min():.5f}; bitsandbytes mean {c_theirs.mean():.5f} "
-              f"min {c_theirs.min():.5f}; max |nf4lora - bnb| {diff:.2e}")
-        torch.testing.assert_close(e_ours, e_theirs, rtol=0, atol=SAME_BYTES_ATOL)
+    for c_ours in assert_embeddings_close(ours, theirs, tokenizer, sentences, reference,
+                                          SAME_BYTES_ATOL, "no double quant"):
         # 4 bits per weight keep the embeddings close to float32 (measured min 0.9707)
         assert c_ours.min() > 0.93, c_ours
 
@@ -160,16 +170,9 @@ def test_minilm_double_quant_vs_bitsandbytes(minilm, sentences):
     assert 0 < differing < 0.01 * total, (differing, total)
 
     print()
-    for dtype in DTYPES:
-        e_ours = embed(ours, tokenizer, sentences, dtype)
-        e_theirs = embed(theirs, tokenizer, sentences, dtype)
-        diff = (e_ours - e_theirs).abs().max().item()
-        c_ours, c_theirs = cosine(e_ours, reference), cosine(e_theirs, reference)
-        print(f"MiniLM NF4 ({dtype}, double quant): cosine to fp32 embeddings: nf4lora mean "
-              f"{c_ours.mean():.5f} min {c_ours.min():.5f}; bitsandbytes mean {c_theirs.mean():.5f} "
-              f"min {c_theirs.min():.5f}; max |nf4lora - bnb| {diff:.2e} "
-              f"({differing} of {total} nested absmax codes differ; code distance: {dict(steps)})")
-        torch.testing.assert_close(e_ours, e_theirs, rtol=0, atol=NESTED_ATOL)
+    assert_embeddings_close(ours, theirs, tokenizer, sentences, reference, NESTED_ATOL,
+                            "double quant", f" ({differing} of {total} nested absmax codes "
+                            f"differ; code distance: {dict(steps)})")
 
     # bitsandbytes' own nested codes, loaded into nf4lora: its embeddings, exactly.
     with torch._dynamo.config.patch(disable=True):
