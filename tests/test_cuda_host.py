@@ -44,7 +44,7 @@ import torch
 from nf4lora import backends, reference
 from nf4lora.backends import NestedAbsmax
 from nf4lora.backends import cuda as cuda_backend
-from nf4lora.codebook import FP4_ABS_THRESHOLDS, create_dynamic_map, get_4bit_type
+from nf4lora.codebook import FP4_ABS_THRESHOLDS, create_dynamic_map
 
 ROOT = Path(__file__).resolve().parents[1]
 CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")

@@ -1,8 +1,6 @@
 """The reference backend: `nf4lora.reference` (the spec) behind the backend interface."""
 from __future__ import annotations
 
-import torch
-
 from .. import reference
 
 DEVICE_TYPES = ("cpu", "cuda")
