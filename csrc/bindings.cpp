@@ -120,6 +120,39 @@ PYBIND11_MODULE(_C, m) {
       py::arg("q"), py::arg("absmax"), py::arg("code"), py::arg("n"), py::arg("blocksize"),
       py::arg("out"), py::arg("out_dtype"), "out[n] of out_dtype <- code[q] * absmax");
 
+  m.def(
+      "lora_gemv_4bit",
+      [](uintptr_t x, int dtype, int64_t M, int64_t K, int64_t N, uintptr_t packed,
+         uintptr_t absmax, uintptr_t absmax2, uintptr_t code2, float offset,
+         int64_t nested_blocksize, int64_t blocksize, int quant_type, uintptr_t lora_A,
+         uintptr_t lora_B, int64_t rank, float scaling, uintptr_t bias, uintptr_t y,
+         uintptr_t h) {
+        cpu::NestedAbsmax nested;
+        nested.q = as_ptr<const uint8_t>(absmax);
+        nested.absmax2 = as_ptr<const float>(absmax2);
+        nested.code2 = as_ptr<const float>(code2);
+        nested.offset = offset;
+        nested.blocksize = nested_blocksize;
+        const bool is_nested = absmax2 != 0;
+        py::gil_scoped_release release;
+        cpu::lora_gemv_4bit(as_ptr<const void>(x), dtype, M, K, N, as_ptr<const uint8_t>(packed),
+                            is_nested ? nullptr : as_ptr<const float>(absmax),
+                            is_nested ? &nested : nullptr, blocksize, quant_type,
+                            as_ptr<const void>(lora_A), as_ptr<const void>(lora_B), rank, scaling,
+                            as_ptr<const void>(bias), as_ptr<void>(y), as_ptr<void>(h));
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("M"), py::arg("K"), py::arg("N"),
+      py::arg("packed"), py::arg("absmax"), py::arg("absmax2"), py::arg("code2"),
+      py::arg("offset"), py::arg("nested_blocksize"), py::arg("blocksize"),
+      py::arg("quant_type"), py::arg("lora_A"), py::arg("lora_B"), py::arg("rank"),
+      py::arg("scaling"), py::arg("bias"), py::arg("y"), py::arg("h"),
+      "y[M,N] = x @ W^T + scaling * h @ lora_B^T + bias, h[M,rank] = x @ lora_A^T; absmax2 = 0: "
+      "absmax is float32, else absmax holds the 8-bit codes of double quantization; bias = 0: none");
+  m.def(
+      "native_16bit_gemm", &cpu::native_16bit_gemm, py::arg("dtype"),
+      "Whether this CPU has native GEMM instructions for dtype (2 bf16: AVX512-BF16/AMX; 1 fp16: "
+      "AVX512-FP16; 0 float32: always).");
+
   m.def("isa", &cpu::active_isa,
         "The SIMD path the next call will use: scalar, avx2 or avx512 (NF4LORA_CPU_ISA picks "
         "another supported one).");

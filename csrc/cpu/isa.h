@@ -49,12 +49,27 @@ struct Dequant8Args {
   void* out; int out_dtype;
 };
 
+// The fused small-M matmul (gemv_body.h). x_paired / x_natural / h_scaled are float32
+// workspaces the dispatcher allocates: [M, K], [M, K] (only with LoRA), [M, rank].
+struct GemvArgs {
+  const void* x; int dtype; int64_t M; int64_t K; int64_t N;
+  const uint8_t* packed; const float* absmax; NestedAbsmax nested; bool has_nested;
+  int64_t blocksize; int quant_type;
+  const void* lora_A; const void* lora_B; int64_t rank; float scaling; const void* bias;
+  void* y; void* h;
+  float* x_paired; float* x_natural; float* h_scaled;
+};
+
 struct IsaKernels {
   const char* name;
   void (*quantize_4bit)(const Quant4Args&, int64_t b0, int64_t b1);
   void (*dequantize_4bit)(const Dequant4Args&, int64_t b0, int64_t b1);
   void (*quantize_blockwise)(const Quant8Args&, int64_t b0, int64_t b1);
   void (*dequantize_blockwise)(const Dequant8Args&, int64_t b0, int64_t b1);
+  // the three phases of lora_gemv_4bit: per row m of x; per element (m, j) of h; rows of y
+  void (*gemv_prepare)(const GemvArgs&, int64_t m);
+  void (*gemv_lora_h)(const GemvArgs&, int64_t m, int64_t j);
+  void (*gemv_rows)(const GemvArgs&, int64_t n0, int64_t n1);
 };
 
 namespace scalar { const IsaKernels& kernels(); }

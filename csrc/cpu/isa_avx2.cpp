@@ -14,7 +14,7 @@
 #include "isa.h"
 
 #pragma GCC push_options
-#pragma GCC target("avx2,f16c")
+#pragma GCC target("avx2,f16c,fma")
 
 namespace nf4lora {
 namespace cpu {
@@ -77,6 +77,14 @@ struct AbsMax {
 
 inline F splat(float x) { return _mm256_set1_ps(x); }
 inline F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+inline F add(F a, F b) { return _mm256_add_ps(a, b); }
+inline F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+inline float hsum(F v) {  // (0+4, 1+5, 2+6, 3+7), then pairs, then the last two
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
 
 // ---- 4-bit encode -----------------------------------------------------------------
 // The code is the number of thresholds strictly below x (nf4_codec.h encode_nf4); with
@@ -294,7 +302,45 @@ struct Decoder8 {
   }
 };
 
+// ---- gemv_body.h: 32 weights per step, all lookups in-lane ---------------------------
+// The float Decoder above needs 4 vpermps + 2 blends per 16 weights; vpermps crosses
+// 128-bit lanes and is the bottleneck on Zen 3 (measured: ~9 cycles per 16 weights, so
+// M = 1 ran at 1/4 of memory bandwidth). Here a 16-entry float lookup is 4 pshufb, one
+// per byte of the float32 table entries (byte planes, the same 16 bytes in both lanes),
+// followed by byte and word interleaves that rebuild the floats.
+// 16 packed bytes go to both lanes; lane 0 keeps the high nibbles (elements 0, 2, ..,
+// 30), lane 1 the low ones (1, 3, .., 31). The interleaves (in-lane) then put elements
+// 8i + {0, 2, 4, 6} in lane 0 and 8i + {1, 3, 5, 7} in lane 1 of w[i]: source() is that
+// order, which gemv_body.h applies to x once.
+struct GemvDecoder {
+  static constexpr int kGroup = 32;  // 16 packed bytes -> 4 vectors
+  static int source(int j) { return (j & ~7) + ((j & 3) << 1) + ((j >> 2) & 1); }
+  I plane[4];  // plane[k]: byte k of the 16 float32 table entries
+  explicit GemvDecoder(int qt) {
+    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(codebook_4bit(qt));
+    for (int k = 0; k < 4; ++k) {
+      alignas(16) uint8_t column[16];
+      for (int c = 0; c < 16; ++c) column[c] = bytes[4 * c + k];
+      plane[k] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(column)));
+    }
+  }
+  void operator()(const uint8_t* p, F scale, F* w) const {
+    const I q = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const I codes = _mm256_and_si256(_mm256_srlv_epi32(q, _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0)),
+                                     _mm256_set1_epi8(0x0F));
+    const I b0 = _mm256_shuffle_epi8(plane[0], codes), b1 = _mm256_shuffle_epi8(plane[1], codes);
+    const I b2 = _mm256_shuffle_epi8(plane[2], codes), b3 = _mm256_shuffle_epi8(plane[3], codes);
+    const I low01 = _mm256_unpacklo_epi8(b0, b1), high01 = _mm256_unpackhi_epi8(b0, b1);
+    const I low23 = _mm256_unpacklo_epi8(b2, b3), high23 = _mm256_unpackhi_epi8(b2, b3);
+    w[0] = mul(_mm256_castsi256_ps(_mm256_unpacklo_epi16(low01, low23)), scale);
+    w[1] = mul(_mm256_castsi256_ps(_mm256_unpackhi_epi16(low01, low23)), scale);
+    w[2] = mul(_mm256_castsi256_ps(_mm256_unpacklo_epi16(high01, high23)), scale);
+    w[3] = mul(_mm256_castsi256_ps(_mm256_unpackhi_epi16(high01, high23)), scale);
+  }
+};
+
 #include "kernel_body.h"
+#include "gemv_body.h"
 
 }  // namespace avx2
 }  // namespace cpu
@@ -308,7 +354,9 @@ namespace avx2 {
 // Outside the target region: the dispatcher calls this before knowing the CPU has AVX2.
 const IsaKernels& kernels() {
   static const IsaKernels k{"avx2", &quantize_4bit_entry, &dequantize_4bit_entry,
-                            &quantize_blockwise_entry, &dequantize_blockwise_entry};
+                            &quantize_blockwise_entry, &dequantize_blockwise_entry,
+                            &gemv_prepare_entry,      &gemv_lora_h_entry,
+                            &gemv_rows_entry};
   return k;
 }
 }  // namespace avx2

@@ -19,9 +19,11 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx2,f16c")
 // gcc 12's avx512fintrin.h builds some results from _mm512_undefined_*() and then
-// trips its own -Wmaybe-uninitialized (a known false positive), once per intrinsic use.
+// trips its own -Wmaybe-uninitialized / -Wuninitialized (a known false positive), once
+// per intrinsic use.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 namespace nf4lora {
 namespace cpu {
@@ -81,6 +83,16 @@ struct AbsMax {
 
 inline F splat(float x) { return _mm512_set1_ps(x); }
 inline F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+inline F add(F a, F b) { return _mm512_add_ps(a, b); }
+inline F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+inline float hsum(F v) {  // halve to 8 lanes, then as isa_avx2.cpp
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
 
 // ---- 4-bit encode: the decision tree of isa_avx2.cpp, with mask registers ---------
 inline __mmask16 gt_mask(F x, F t) { return _mm512_cmp_ps_mask(x, t, _CMP_GT_OQ); }
@@ -267,7 +279,24 @@ struct Decoder8 {
   }
 };
 
+// gemv_body.h: 16 packed bytes -> the 16 high-nibble weights (even elements), then the
+// 16 low-nibble ones (odd). permutexvar reads the low 4 bits of each lane, so the low
+// nibble needs no mask; it is one cheap instruction on AVX-512 cores (unlike AVX2's
+// two-table vpermps + blend, see isa_avx2.cpp).
+struct GemvDecoder {
+  static constexpr int kGroup = 32;
+  static int source(int j) { return j < 16 ? 2 * j : 2 * (j - 16) + 1; }
+  F table;
+  explicit GemvDecoder(int qt) : table(_mm512_loadu_ps(codebook_4bit(qt))) {}
+  void operator()(const uint8_t* p, F scale, F* w) const {
+    const I v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    w[0] = mul(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table), scale);
+    w[1] = mul(_mm512_permutexvar_ps(v, table), scale);
+  }
+};
+
 #include "kernel_body.h"
+#include "gemv_body.h"
 
 }  // namespace avx512
 }  // namespace cpu
@@ -282,7 +311,9 @@ namespace avx512 {
 // Outside the target region: the dispatcher calls this before checking the CPU.
 const IsaKernels& kernels() {
   static const IsaKernels k{"avx512", &quantize_4bit_entry, &dequantize_4bit_entry,
-                            &quantize_blockwise_entry, &dequantize_blockwise_entry};
+                            &quantize_blockwise_entry, &dequantize_blockwise_entry,
+                            &gemv_prepare_entry,      &gemv_lora_h_entry,
+                            &gemv_rows_entry};
   return k;
 }
 }  // namespace avx512

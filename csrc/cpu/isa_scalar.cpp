@@ -29,6 +29,9 @@ struct AbsMax {
 
 inline F splat(float x) { return x; }
 inline F mul(F a, F b) { return mul_rn(a, b); }
+inline F add(F a, F b) { return add_rn(a, b); }
+inline F fmadd(F a, F b, F c) { return add_rn(mul_rn(a, b), c); }  // two roundings here
+inline float hsum(F x) { return x; }
 
 template <int QT>
 struct Encoder {
@@ -66,11 +69,26 @@ struct Decoder8 {
   void operator()(const uint8_t* q, Out* o) const { *o = from_float<Out>(mul_rn(code[*q], scale)); }
 };
 
+// gemv_body.h: one packed byte -> its two weights, in element order.
+struct GemvDecoder {
+  static constexpr int kGroup = 2;
+  static int source(int j) { return j; }
+  const float* table;
+  explicit GemvDecoder(int qt) : table(codebook_4bit(qt)) {}
+  void operator()(const uint8_t* p, F scale, F* w) const {
+    w[0] = mul_rn(table[unpack_first(*p)], scale);
+    w[1] = mul_rn(table[unpack_second(*p)], scale);
+  }
+};
+
 #include "kernel_body.h"
+#include "gemv_body.h"
 
 const IsaKernels& kernels() {
   static const IsaKernels k{"scalar", &quantize_4bit_entry, &dequantize_4bit_entry,
-                            &quantize_blockwise_entry, &dequantize_blockwise_entry};
+                            &quantize_blockwise_entry, &dequantize_blockwise_entry,
+                            &gemv_prepare_entry,      &gemv_lora_h_entry,
+                            &gemv_rows_entry};
   return k;
 }
 

@@ -46,6 +46,22 @@ void quantize_blockwise(const void* A, int dtype, const float* code, int64_t n,
 void dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code, int64_t n,
                           int64_t blocksize, void* out, int out_dtype);
 
+// Fused small-M matmul (decode): y = x @ W^T + (scaling * h) @ lora_B^T + bias with
+// h = x @ lora_A^T, W [N, K] 4-bit as in dequantize_4bit. x [M, K], lora_A [rank, K],
+// lora_B [N, rank], bias [N] (may be null), y [M, N], h [M, rank]: all of `dtype`.
+// rank 0: no LoRA (lora_A, lora_B, h may be null). K must be a multiple of blocksize,
+// blocksize a multiple of 32. Accumulates in float32; output bytes do not depend on the
+// thread count.
+void lora_gemv_4bit(const void* x, int dtype, int64_t M, int64_t K, int64_t N,
+                    const uint8_t* packed, const float* absmax, const NestedAbsmax* nested,
+                    int64_t blocksize, int quant_type, const void* lora_A, const void* lora_B,
+                    int64_t rank, float scaling, const void* bias, void* y, void* h);
+
+// True when this CPU has native instructions for GEMMs in `dtype` (kBF16:
+// AVX512-BF16 or AMX-BF16; kF16: AVX512-FP16; float32 always). Without them torch's
+// 16-bit CPU matmuls run several times slower than float32 ones.
+bool native_16bit_gemm(int dtype);
+
 // ISA selection. The active path is the best one this CPU supports, unless the
 // environment variable NF4LORA_CPU_ISA (read at every call) names another supported
 // one: "scalar", "avx2" or "avx512". Naming an unsupported or unknown one throws.

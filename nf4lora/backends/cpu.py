@@ -7,8 +7,24 @@ one; `nf4lora._C.supported_isas()` lists what the CPU can run). Threads:
 `nf4lora._C.set_num_threads(k)`, default torch's/OpenMP's thread count. Callers
 (nf4lora._ops) have validated dtypes, sizes and devices; here only cheap asserts guard
 what would otherwise read or write out of bounds.
+
+The matmul ops take one of two paths (`matmul_path` tells which):
+
+* "fused", M <= FUSED_MAX_M rows (decode, small batches): `_C.lora_gemv_4bit` reads W
+  packed, decodes it in registers and does the LoRA and bias epilogue in the same pass.
+* "dequantize+gemm", everything else: W is dequantized chunk by chunk into a reused
+  per-thread workspace and multiplied with torch's GEMM (oneDNN). On CPUs without
+  native 16-bit GEMM instructions (no AVX512-BF16 / AMX / AVX512-FP16) torch's bf16 and
+  fp16 matmuls run 4-6x slower than float32 ones (4096x4096 at M = 512, 2-core EPYC:
+  bf16 836 ms, fp32 133 ms), so there W is dequantized to float32 and the GEMMs run in
+  float32, rounding the result once to the activation dtype. That is also more
+  accurate than a bf16 GEMM on a bf16 copy of W. The backward's grad_input is the
+  same path.
 """
 from __future__ import annotations
+
+import math
+import threading
 
 import torch
 
@@ -97,3 +113,141 @@ def dequantize_blockwise(codes, absmax, code, blocksize, out):
     assert code.numel() == 256, "code must have 256 entries"
     _C.dequantize_blockwise(codes.data_ptr(), absmax.data_ptr(), code.data_ptr(), n, blocksize,
                             out.data_ptr(), _DTYPE_IDS[out.dtype])
+
+
+# ---------------------------------------------------------------------------------------
+# Matmul ops (see the module docstring for the two paths).
+# ---------------------------------------------------------------------------------------
+
+# Largest M that takes the fused kernel. Measured with bench/bench_matmul.py on a 2-core
+# AVX2 EPYC (bf16, 4096x4096, NF4 + double quant): the fused kernel wins at every M up
+# to 16 (the largest it was designed for); see README "CPU matmul" for the numbers.
+FUSED_MAX_M = 16
+
+# Size of one dequantized chunk of W on the float32 path: small enough that the chunk
+# the dequantizer just wrote is still in the 32 MiB L3 when the GEMM reads it, large
+# enough that each GEMM is big (16 MiB = 1024 rows of a 4096-wide layer).
+CHUNK_BYTES = 16 << 20
+
+_thread = threading.local()  # per-thread workspaces: concurrent calls never share one
+
+
+def matmul_path(M: int, weight) -> str:
+    """Which path lora_matmul_4bit takes for M rows of x: "fused" or "dequantize+gemm"."""
+    fused = (0 < M <= FUSED_MAX_M and weight.in_features > 0
+             and weight.in_features % weight.blocksize == 0)
+    return "fused" if fused else "dequantize+gemm"
+
+
+def _address(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _fused(x, weight, lora_A, lora_B, scaling, bias):
+    M, K = x.shape
+    N, rank = weight.out_features, (0 if lora_A is None else lora_A.shape[0])
+    _check_input(weight.packed, "packed")
+    _check_input(weight.absmax, "absmax")
+    assert weight.packed.numel() >= (N * K + 1) // 2, "packed too small"
+    y = torch.empty((M, N), dtype=x.dtype)
+    h = torch.empty((M, rank), dtype=x.dtype)
+    bias = None if bias is None else bias.contiguous()
+    absmax2 = code2 = 0
+    offset, nested_blocksize, code = 0.0, 256, None
+    if weight.nested is not None:
+        code = weight.nested.code.float().contiguous()  # kept alive for the call
+        _check_input(weight.nested.absmax, "nested.absmax")
+        absmax2, code2 = weight.nested.absmax.data_ptr(), code.data_ptr()
+        offset, nested_blocksize = float(weight.nested.offset), weight.nested.blocksize
+    _C.lora_gemv_4bit(x.data_ptr(), _DTYPE_IDS[x.dtype], M, K, N, weight.packed.data_ptr(),
+                      weight.absmax.data_ptr(), absmax2, code2, offset, nested_blocksize,
+                      weight.blocksize, _QUANT_TYPE_IDS[weight.quant_type], _address(lora_A),
+                      _address(lora_B), rank, float(scaling), _address(bias), y.data_ptr(),
+                      h.data_ptr())
+    return y, h
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The GEMM dtype of the dequantize+gemm path: float32 unless the CPU does `dtype` natively."""
+    return dtype if _C.native_16bit_gemm(_DTYPE_IDS[dtype]) else torch.float32
+
+
+def _workspace(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """This thread's scratch buffer of `dtype`, grown to at least numel, reused across calls."""
+    buffers = getattr(_thread, "buffers", None)
+    if buffers is None:
+        buffers = _thread.buffers = {}
+    buffer = buffers.get(dtype)
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[dtype] = torch.empty(numel, dtype=dtype)
+    return buffer[:numel]
+
+
+def release_workspace() -> None:
+    """Free this thread's dequantization workspace (it is reallocated on the next large-M call)."""
+    _thread.buffers = {}
+
+
+def _row_chunks(weight, dtype: torch.dtype):
+    """Yield (n0, n1, W[n0:n1] dequantized into the workspace, in dtype).
+
+    With a native 16-bit GEMM the whole W is one chunk (a product per chunk would add a
+    rounding in bf16); on the float32 path chunks of ~CHUNK_BYTES. A chunk starts on a
+    block boundary, and with double quantization on a nested-block boundary, so its
+    constants are a suffix of the weight's arrays.
+    """
+    N, K = weight.out_features, weight.in_features
+    unit = weight.blocksize * (weight.nested.blocksize if weight.nested is not None else 1)
+    granule = unit // math.gcd(K, unit)  # rows between chunk starts that land on a unit
+    rows = N
+    if dtype == torch.float32:
+        rows = max(granule, CHUNK_BYTES // (4 * K) // granule * granule)
+    buffer = _workspace(min(rows, N) * K, dtype)
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
+        w = buffer[: (n1 - n0) * K].view(n1 - n0, K)
+        _dequantize_rows(weight, n0, w)
+        yield n0, n1, w
+
+
+def _dequantize_rows(weight, n0: int, out: torch.Tensor) -> None:
+    """out <- rows n0 .. n0 + out.shape[0] of W (n0 * in_features on a block boundary)."""
+    start = n0 * weight.in_features
+    block = start // weight.blocksize
+    nested = weight.nested
+    if nested is not None:
+        nested = nested._replace(absmax=nested.absmax[block // nested.blocksize:])
+    dequantize_4bit(weight.packed[start // 2:], weight.absmax[block:], weight.blocksize,
+                    weight.quant_type, out, nested)
+
+
+def _dequantize_gemm(x, weight, lora_A, lora_B, scaling, bias):
+    dtype = _compute_dtype(x.dtype)
+    xc = x.to(dtype)
+    y = torch.empty((x.shape[0], weight.out_features), dtype=dtype)
+    for n0, n1, w in _row_chunks(weight, dtype):
+        torch.mm(xc, w.t(), out=y[:, n0:n1])
+    h = x.new_empty((x.shape[0], 0))
+    if lora_A is not None:
+        h = torch.nn.functional.linear(xc, lora_A.to(dtype)).to(x.dtype)  # rounded as saved
+        y.addmm_(h.to(dtype), lora_B.to(dtype).t(), alpha=scaling)
+    if bias is not None:
+        y += bias.to(dtype)
+    return y.to(x.dtype), h
+
+
+def lora_matmul_4bit(x, weight, lora_A, lora_B, scaling, bias):
+    if matmul_path(x.shape[0], weight) == "fused":
+        return _fused(x, weight, lora_A, lora_B, scaling, bias)
+    return _dequantize_gemm(x, weight, lora_A, lora_B, scaling, bias)
+
+
+def lora_matmul_4bit_grad_input(grad, weight, lora_A, grad_h):
+    dtype = _compute_dtype(grad.dtype)
+    gc = grad.to(dtype)
+    dx = torch.zeros((grad.shape[0], weight.in_features), dtype=dtype)
+    for n0, n1, w in _row_chunks(weight, dtype):
+        dx.addmm_(gc[:, n0:n1], w)
+    if grad_h is not None:
+        dx.addmm_(grad_h.to(dtype), lora_A.to(dtype))
+    return dx.to(grad.dtype)

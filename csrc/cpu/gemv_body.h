@@ -1,0 +1,185 @@
+// gemv_body.h: the fused 4-bit matmul for a few rows of activations (decode, M <= 16),
+//
+//     y = x @ W^T + (scaling * (x @ A^T)) @ B^T + bias        h = x @ A^T (returned)
+//
+// with W [N, K] NF4/FP4 (nested absmax decoded on the fly), x [M, K], lora_A [r, K],
+// lora_B [N, r], bias [N], y [M, N], h [M, r], all activations in one dtype. Included
+// by every ISA translation unit after kernel_body.h, like it (no include guard); it
+// uses the same primitives plus:
+//
+//   fmadd(a, b, c)                a * b + c (one rounding where the ISA has FMA)
+//   hsum(F)                       sum of the kW lanes in a fixed order
+//   GemvDecoder(qt)               decode(p, scale, w): kGroup weights from kGroup / 2
+//                                 packed bytes into kGroup / kW vectors, each weight
+//                                 table[code] * scale; in the order source(j) gives
+//                                 (position j of the group holds element source(j))
+//
+// Why this shape: at M = 1 the op reads 0.52 bytes of W per 2 FLOPs, so it is bound by
+// memory bandwidth, and W must be decoded in registers, never written out. Each
+// weight is table[code] * absmax, exactly what dequantize_4bit to float32 computes, so
+// the only difference from dequantize + matmul is the summation order. Accumulation is
+// float32 for every activation dtype.
+//
+// x is copied once into float32 in the decoder's order (x_paired: per group of kGroup
+// elements, position j holds element source(j); the rows of a tile interleaved by
+// group), so the decoded vectors multiply x with plain loads. K is a multiple of the blocksize (the caller checks), and the
+// blocksize (>= 32) of kGroup, so every row of W starts on a block boundary and every
+// block is whole groups.
+//
+// Determinism: each output element is computed by one thread in a fixed order, so the
+// bytes do not depend on the thread count or on which thread takes which rows.
+
+// Tiles of up to kMaxTile rows of x share one decode of W (8 accumulators; the decoder's
+// tables and temporaries take the rest of AVX2's 16 registers, or spill to L1).
+constexpr int kMaxTile = 8;
+
+// ---- phase 1, per row m of x: float32 copies (natural order for h, pair order for W).
+template <class In>
+void gemv_prepare_impl(const GemvArgs& a, int64_t m) {
+  const In* x = static_cast<const In*>(a.x) + m * a.K;
+  // Tile-interleaved: the tile's rows of one group are adjacent, so the inner loop
+  // reads x at constant offsets from one pointer (a base register per row of x ran out
+  // of registers at 8 rows and spilled).
+  constexpr int kGroup = GemvDecoder::kGroup;
+  const int64_t m0 = m - m % kMaxTile;
+  const int64_t tile = a.M - m0 < kMaxTile ? a.M - m0 : kMaxTile;
+  float* paired = a.x_paired + m0 * a.K + (m - m0) * kGroup;
+  for (int64_t g = 0; g < a.K; g += kGroup)
+    for (int j = 0; j < kGroup; ++j)
+      paired[g * tile + j] = to_float(x[g + GemvDecoder::source(j)]);
+  if (a.x_natural != nullptr)
+    for (int64_t k = 0; k < a.K; ++k) a.x_natural[m * a.K + k] = to_float(x[k]);
+}
+
+// ---- phase 2, per (m, j): h[m, j] = x[m] . A[j], rounded to the activation dtype as
+// the h that backward saves; the epilogue uses that rounded value times scaling.
+template <class T>
+void gemv_lora_h_impl(const GemvArgs& a, int64_t m, int64_t j) {
+  const float* x = a.x_natural + m * a.K;
+  const T* row = static_cast<const T*>(a.lora_A) + j * a.K;
+  F acc = splat(0.0f);
+  int64_t k = 0;
+  for (; k + kW <= a.K; k += kW) acc = fmadd(load(x + k), load(row + k), acc);
+  float sum = hsum(acc);
+  for (; k < a.K; ++k) sum = add_rn(sum, mul_rn(x[k], to_float(row[k])));
+  const T rounded = from_float<T>(sum);
+  static_cast<T*>(a.h)[m * a.rank + j] = rounded;
+  a.h_scaled[m * a.rank + j] = mul_rn(to_float(rounded), a.scaling);
+}
+
+// Walks the block constants of consecutive blocks. With double quantization each is
+// code2[q[b]] * absmax2[b / nested blocksize] + offset; the index of absmax2 is carried
+// along, because a 64-bit division per 64-weight block costs ~40 cycles, as much as
+// decoding the block.
+class BlockScales {
+ public:
+  BlockScales(const GemvArgs& a, int64_t first_block) : a_(a), b_(first_block) {
+    if (a.has_nested) {
+      group_ = first_block / a.nested.blocksize;
+      left_ = a.nested.blocksize - first_block % a.nested.blocksize;
+    }
+  }
+  float next() {  // the constant of the current block, then move to the next block
+    const int64_t b = b_++;
+    if (!a_.has_nested) return a_.absmax[b];
+    const float scale = decode_nested_absmax(a_.nested.code2, a_.nested.q[b],
+                                             a_.nested.absmax2[group_], a_.nested.offset);
+    if (--left_ == 0) {
+      ++group_;
+      left_ = a_.nested.blocksize;
+    }
+    return scale;
+  }
+
+ private:
+  const GemvArgs& a_;
+  int64_t b_, group_ = 0, left_ = 0;
+};
+
+// ---- phase 3: rows [n0, n1) of y for MT consecutive rows of x starting at m0. -------
+template <class T, int MT>
+void gemv_tile(const GemvArgs& a, const GemvDecoder& decode, int64_t m0, int64_t n0, int64_t n1) {
+  constexpr int kGroup = GemvDecoder::kGroup, kVectors = kGroup / kW;
+  // Independent accumulator chains per row of x: an FMA has 4 cycles of latency and a
+  // group issues kVectors of them per row, so small tiles split them over up to
+  // kVectors chains (8 accumulators in all at most: AVX2 has 16 registers).
+  constexpr int kChains = MT * kVectors <= 8 ? kVectors : (MT * 2 <= 8 ? 2 : 1);
+  const int64_t blocks_per_row = a.K / a.blocksize;
+  const float* x = a.x_paired + m0 * a.K;
+  T* y = static_cast<T*>(a.y);
+  const T* lora_B = static_cast<const T*>(a.lora_B);
+  const T* bias = static_cast<const T*>(a.bias);
+  for (int64_t n = n0; n < n1; ++n) {
+    F acc[MT][kChains];
+    for (int m = 0; m < MT; ++m)
+      for (int c = 0; c < kChains; ++c) acc[m][c] = splat(0.0f);
+    BlockScales scales(a, n * blocks_per_row);
+    const uint8_t* p = a.packed + n * (a.K / 2);
+    const float* xg = x;  // the tile's x for the current group
+    for (int64_t k = 0; k < a.K; k += a.blocksize) {
+      const F scale = splat(scales.next());
+      for (int64_t g = 0; g < a.blocksize; g += kGroup, p += kGroup / 2, xg += MT * kGroup) {
+        F w[kVectors];
+        decode(p, scale, w);
+        for (int m = 0; m < MT; ++m)
+          for (int v = 0; v < kVectors; ++v)
+            acc[m][v % kChains] = fmadd(w[v], load(xg + m * kGroup + v * kW), acc[m][v % kChains]);
+      }
+    }
+    for (int m = 0; m < MT; ++m) {
+      F sum_v = acc[m][0];
+      for (int c = 1; c < kChains; ++c) sum_v = add(sum_v, acc[m][c]);
+      // LoRA: sum_j (scaling * h[m, j]) * B[n, j], folded into the same lanes.
+      const float* hs = a.h_scaled + (m0 + m) * a.rank;
+      const T* b_row = lora_B + n * a.rank;
+      int64_t j = 0;
+      for (; j + kW <= a.rank; j += kW) sum_v = fmadd(load(hs + j), load(b_row + j), sum_v);
+      float sum = hsum(sum_v);
+      for (; j < a.rank; ++j) sum = add_rn(sum, mul_rn(hs[j], to_float(b_row[j])));
+      if (bias != nullptr) sum = add_rn(sum, to_float(bias[n]));
+      y[(m0 + m) * a.N + n] = from_float<T>(sum);
+    }
+  }
+}
+
+template <class T>
+void gemv_rows_impl(const GemvArgs& a, int64_t n0, int64_t n1) {
+  const GemvDecoder decode(a.quant_type);
+  for (int64_t m0 = 0; m0 < a.M; m0 += kMaxTile) {
+    switch (a.M - m0 < kMaxTile ? a.M - m0 : kMaxTile) {
+      case 1: gemv_tile<T, 1>(a, decode, m0, n0, n1); break;
+      case 2: gemv_tile<T, 2>(a, decode, m0, n0, n1); break;
+      case 3: gemv_tile<T, 3>(a, decode, m0, n0, n1); break;
+      case 4: gemv_tile<T, 4>(a, decode, m0, n0, n1); break;
+      case 5: gemv_tile<T, 5>(a, decode, m0, n0, n1); break;
+      case 6: gemv_tile<T, 6>(a, decode, m0, n0, n1); break;
+      case 7: gemv_tile<T, 7>(a, decode, m0, n0, n1); break;
+      default: gemv_tile<T, 8>(a, decode, m0, n0, n1); break;
+    }
+  }
+}
+
+// ---- Entry points: pick the instance for the activation dtype. ----------------------
+void gemv_prepare_entry(const GemvArgs& a, int64_t m) {
+  switch (a.dtype) {
+    case kF32: return gemv_prepare_impl<float>(a, m);
+    case kF16: return gemv_prepare_impl<fp16>(a, m);
+    default: return gemv_prepare_impl<bf16>(a, m);
+  }
+}
+
+void gemv_lora_h_entry(const GemvArgs& a, int64_t m, int64_t j) {
+  switch (a.dtype) {
+    case kF32: return gemv_lora_h_impl<float>(a, m, j);
+    case kF16: return gemv_lora_h_impl<fp16>(a, m, j);
+    default: return gemv_lora_h_impl<bf16>(a, m, j);
+  }
+}
+
+void gemv_rows_entry(const GemvArgs& a, int64_t n0, int64_t n1) {
+  switch (a.dtype) {
+    case kF32: return gemv_rows_impl<float>(a, n0, n1);
+    case kF16: return gemv_rows_impl<fp16>(a, n0, n1);
+    default: return gemv_rows_impl<bf16>(a, n0, n1);
+  }
+}

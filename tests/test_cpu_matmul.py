@@ -1,0 +1,213 @@
+"""The cpu backend's matmul ops: the fused small-M kernel (`_C.lora_gemv_4bit`) and the
+dequantize+gemm path for large M, against float64 math on the dequantized weight.
+
+Tolerances as in test_autograd.py: the same product is also computed with plain torch
+ops in the same dtype (W dequantized to that dtype, F.linear); nf4lora's error against
+float64 must stay within twice that baseline's error plus one ulp of the output scale.
+Every SIMD path this CPU supports runs (NF4LORA_CPU_ISA). Determinism: identical bytes
+for 1 and 2 threads, across runs, and from concurrent Python threads.
+"""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nf4lora.functional as nf
+from nf4lora import _ops
+from nf4lora.autograd import _weight_args
+from nf4lora.backends import cpu as cpu_backend
+
+from conftest import DTYPES
+
+pytestmark = pytest.mark.skipif(cpu_backend.availability() is not None,
+                                reason=str(cpu_backend.availability()))
+
+ISAS = cpu_backend._C.supported_isas() if cpu_backend._C is not None else []
+
+
+@pytest.fixture(params=["scalar", "avx2", "avx512"])
+def isa(request, monkeypatch):
+    if request.param not in ISAS:
+        pytest.skip(f"this CPU cannot run the {request.param} path")
+    monkeypatch.setenv("NF4LORA_CPU_ISA", request.param)
+    return request.param
+
+
+def quantized(out_f, in_f, *, quant_type="nf4", nested=True, blocksize=64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=gen)
+    packed, state = nf.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
+                                     compress_statistics=nested)
+    return packed, state, nf.dequantize_4bit(packed, state).double()
+
+
+def operands(M, in_f, out_f, r, dtype, bias=True, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+    A = rnd(r, in_f, scale=in_f ** -0.5) if r else None
+    B = rnd(out_f, r, scale=r ** -0.5) if r else None
+    return rnd(M, in_f), A, B, (rnd(out_f) if bias else None)
+
+
+def run_op(x, packed, state, A, B, scaling, bias):
+    return _ops.lora_matmul_4bit(x, *_weight_args(packed, state), A, B, scaling, bias)
+
+
+def assert_within_baseline(ours, baseline, exact, dtype, label):
+    base_err = (baseline.double() - exact).abs().max().item()
+    our_err = (ours.double() - exact).abs().max().item()
+    ulp = torch.finfo(dtype).eps * exact.abs().max().item()
+    assert our_err <= 2 * base_err + ulp, (
+        f"{label}: error {our_err:.3g} vs float64, same-dtype torch baseline {base_err:.3g}")
+
+
+def check_forward(M, in_f, out_f, r, dtype, *, bias=True, scaling=2.0, **quant):
+    packed, state, W = quantized(out_f, in_f, **quant)
+    x, A, B, b = operands(M, in_f, out_f, r, dtype, bias)
+    y, h = run_op(x, packed, state, A, B, scaling, b)
+    assert y.dtype == h.dtype == dtype and y.shape == (M, out_f) and h.shape == (M, r)
+    # float64 truth; the LoRA term from the h the op returned (rounded to dtype, as saved)
+    exact = x.double() @ W.t()
+    base = F.linear(x, W.to(dtype), b)
+    if r:
+        exact_h = x.double() @ A.double().t()
+        assert_within_baseline(h, F.linear(x, A), exact_h, dtype, "h")
+        exact = exact + scaling * (h.double() @ B.double().t())
+        base = base + scaling * F.linear(F.linear(x, A), B)
+    if b is not None:
+        exact = exact + b.double()
+    assert_within_baseline(y, base, exact, dtype, f"y M={M} {in_f}x{out_f} r={r} {dtype}")
+    return y, h
+
+
+# ---- the fused kernel ----------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 3, 8, 9, 16])
+def test_fused_matches_float64(isa, dtype, M):
+    check_forward(M, 256, 40, 16, dtype)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 256])
+def test_fused_quant_formats(isa, quant_type, nested, blocksize):
+    # 768 / blocksize = 24, 12, 6, 3 blocks per row: the nested blocks of 256 blocks
+    # start mid-row (the kernel carries the nested index across rows)
+    check_forward(2, 768, 23, 5, torch.bfloat16, quant_type=quant_type, nested=nested,
+                  blocksize=blocksize)
+
+
+@pytest.mark.parametrize("r,bias", [(0, True), (0, False), (1, True), (7, False), (24, True)])
+def test_fused_lora_ranks_and_bias(isa, r, bias):
+    check_forward(4, 128, 17, r, torch.float32, bias=bias)
+
+
+def test_fused_is_used_for_small_M_and_dequantize_gemm_otherwise():
+    packed, state, _ = quantized(8, 128)
+    weight = _ops._packed_weight(*_weight_args(packed, state), torch.device("cpu"))
+    assert cpu_backend.matmul_path(1, weight) == "fused"
+    assert cpu_backend.matmul_path(cpu_backend.FUSED_MAX_M, weight) == "fused"
+    assert cpu_backend.matmul_path(cpu_backend.FUSED_MAX_M + 1, weight) == "dequantize+gemm"
+    packed, state, _ = quantized(8, 100)  # rows do not start on block boundaries
+    weight = _ops._packed_weight(*_weight_args(packed, state), torch.device("cpu"))
+    assert cpu_backend.matmul_path(1, weight) == "dequantize+gemm"
+
+
+def test_fused_kernel_rejects_what_it_cannot_do():
+    x = torch.zeros(1, 100)
+    y = torch.empty(1, 4)
+    with pytest.raises(ValueError, match="multiple of blocksize"):
+        cpu_backend._C.lora_gemv_4bit(x.data_ptr(), 0, 1, 100, 4, 0, 0, 0, 0, 0.0, 256, 64, 0,
+                                      0, 0, 0, 1.0, 0, y.data_ptr(), 0)
+    with pytest.raises(ValueError, match="null LoRA pointer"):
+        cpu_backend._C.lora_gemv_4bit(x.data_ptr(), 0, 1, 64, 4, x.data_ptr(), x.data_ptr(), 0,
+                                      0, 0.0, 256, 64, 0, 0, 0, 4, 1.0, 0, y.data_ptr(), 0)
+
+
+# ---- dequantize + gemm ---------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("in_f,out_f", [(256, 40), (100, 33), (1, 5), (33, 1)])
+def test_dequantize_gemm_matches_float64(dtype, in_f, out_f):
+    check_forward(20, in_f, out_f, 4, dtype)
+
+
+@pytest.mark.parametrize("in_f", [256, 192, 100])
+def test_dequantize_gemm_in_chunks(monkeypatch, in_f):
+    # a chunk of ~2 KiB: many chunks, each starting on a nested-block boundary
+    monkeypatch.setattr(cpu_backend, "CHUNK_BYTES", 2048)
+    y, _ = check_forward(32, in_f, 300, 3, torch.bfloat16)
+    monkeypatch.setattr(cpu_backend, "CHUNK_BYTES", 1 << 30)
+    y_one_chunk, _ = check_forward(32, in_f, 300, 3, torch.bfloat16)
+    torch.testing.assert_close(y, y_one_chunk, rtol=0, atol=0)  # float32 sums, one rounding
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 40])
+def test_grad_input_matches_float64(monkeypatch, dtype, M):
+    monkeypatch.setattr(cpu_backend, "CHUNK_BYTES", 4096)
+    packed, state, W = quantized(70, 128)
+    gen = torch.Generator().manual_seed(3)
+    grad = torch.randn(M, 70, generator=gen).to(dtype)
+    A = (torch.randn(6, 128, generator=gen) * 0.1).to(dtype)
+    grad_h = torch.randn(M, 6, generator=gen).to(dtype)
+    dx = _ops.lora_matmul_4bit_grad_input(grad, *_weight_args(packed, state), A, grad_h)
+    exact = grad.double() @ W + grad_h.double() @ A.double()
+    base = grad @ W.to(dtype) + grad_h @ A
+    assert_within_baseline(dx, base, exact, dtype, f"dx M={M} {dtype}")
+
+
+def test_workspace_is_reused_and_released():
+    packed, state, _ = quantized(64, 128)
+    x = torch.randn(40, 128, dtype=torch.bfloat16)
+    run_op(x, packed, state, None, None, 1.0, None)
+    first = cpu_backend._thread.buffers[torch.float32].data_ptr()
+    run_op(x, packed, state, None, None, 1.0, None)
+    assert cpu_backend._thread.buffers[torch.float32].data_ptr() == first
+    cpu_backend.release_workspace()
+    assert cpu_backend._thread.buffers == {}
+
+
+# ---- determinism and threads -----------------------------------------------------------
+
+@pytest.mark.parametrize("M", [1, 5, 40])
+def test_same_bytes_for_any_thread_count_and_run(M):
+    packed, state, _ = quantized(1000, 512)
+    x, A, B, b = operands(M, 512, 1000, 8, torch.bfloat16)
+    results = []
+    try:
+        for threads in (1, 2, 1, 2):
+            cpu_backend._C.set_num_threads(threads)
+            results.append(run_op(x, packed, state, A, B, 0.5, b))
+    finally:
+        cpu_backend._C.set_num_threads(0)
+    for y, h in results[1:]:
+        assert torch.equal(y, results[0][0]) and torch.equal(h, results[0][1])
+
+
+def test_concurrent_python_threads_get_the_same_outputs():
+    layers = [quantized(300, 256, seed=s)[:2] for s in range(3)]
+    inputs = [operands(M, 256, 300, 4, torch.bfloat16, seed=M) for M in (1, 7, 33)]
+    expected = {(i, j): run_op(x, *layers[i], A, B, 1.5, b)[0]
+                for i in range(3) for j, (x, A, B, b) in enumerate(inputs)}
+    failures = []
+
+    def worker(seed):
+        order = sorted(expected, key=lambda key: hash((seed, key)))
+        for _ in range(3):
+            for i, j in order:
+                x, A, B, b = inputs[j]
+                if not torch.equal(run_op(x, *layers[i], A, B, 1.5, b)[0], expected[i, j]):
+                    failures.append((seed, i, j))
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
