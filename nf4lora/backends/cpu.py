@@ -149,6 +149,7 @@ def _fused(x, weight, lora_A, lora_B, scaling, bias):
     _check_input(weight.packed, "packed")
     _check_input(weight.absmax, "absmax")
     assert weight.packed.numel() >= (N * K + 1) // 2, "packed too small"
+    assert weight.absmax.numel() >= _blocks(N * K, weight.blocksize), "absmax too small"
     y = torch.empty((M, N), dtype=x.dtype)
     h = torch.empty((M, rank), dtype=x.dtype)
     bias = None if bias is None else bias.contiguous()
@@ -199,7 +200,7 @@ def _row_chunks(weight, dtype: torch.dtype):
     N, K = weight.out_features, weight.in_features
     unit = weight.blocksize * (weight.nested.blocksize if weight.nested is not None else 1)
     granule = unit // math.gcd(K, unit)  # rows between chunk starts that land on a unit
-    rows = N
+    rows = max(N, 1)
     if dtype == torch.float32:
         rows = max(granule, CHUNK_BYTES // (4 * K) // granule * granule)
     buffer = _workspace(min(rows, N) * K, dtype)
@@ -245,9 +246,11 @@ def lora_matmul_4bit(x, weight, lora_A, lora_B, scaling, bias):
 def lora_matmul_4bit_grad_input(grad, weight, lora_A, grad_h):
     dtype = _compute_dtype(grad.dtype)
     gc = grad.to(dtype)
-    dx = torch.zeros((grad.shape[0], weight.in_features), dtype=dtype)
+    dx = None
     for n0, n1, w in _row_chunks(weight, dtype):
-        dx.addmm_(gc[:, n0:n1], w)
+        dx = gc[:, n0:n1] @ w if dx is None else dx.addmm_(gc[:, n0:n1], w)
+    if dx is None:  # no rows in W
+        dx = torch.zeros((grad.shape[0], weight.in_features), dtype=dtype)
     if grad_h is not None:
         dx.addmm_(grad_h.to(dtype), lora_A.to(dtype))
     return dx.to(grad.dtype)
