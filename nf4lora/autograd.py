@@ -46,15 +46,16 @@ def _weight_args(weight: Tensor, quant_state) -> tuple:
 def _forward(x2: Tensor, weight: Tensor, quant_state, lora_A: Optional[Tensor],
              lora_B: Optional[Tensor], scaling: float, bias: Optional[Tensor]):
     """-> (y [M, out], h = x @ A^T [M, r] or None). x2 is [M, in]."""
-    y, h = _ops.lora_matmul_4bit(x2, *_weight_args(weight, quant_state), lora_A, lora_B,
-                                 scaling, bias)
+    y, h = _ops.call_lora_matmul_4bit(x2, *_weight_args(weight, quant_state), lora_A, lora_B,
+                                      scaling, bias)
     return y, (h if lora_A is not None else None)
 
 
 def _grad_input(g2: Tensor, weight: Tensor, quant_state, lora_A: Optional[Tensor],
                 gBs: Optional[Tensor]) -> Tensor:
     """dL/dx [M, in] = g @ W + (scaling * g @ B) @ A, with gBs = scaling * g @ B given."""
-    return _ops.lora_matmul_4bit_grad_input(g2, *_weight_args(weight, quant_state), lora_A, gBs)
+    return _ops.call_lora_matmul_4bit_grad_input(g2, *_weight_args(weight, quant_state), lora_A,
+                                                 gBs)
 
 
 # --------------------------------------------------------------------------------------

@@ -145,7 +145,7 @@ def test_saves_packed_weight_only_and_dequantizes_again(monkeypatch):
     out_f, in_f = 48, 80
     packed, state, _ = _quantized(out_f, in_f)
     calls = []
-    for name in ("lora_matmul_4bit", "lora_matmul_4bit_grad_input"):
+    for name in ("call_lora_matmul_4bit", "call_lora_matmul_4bit_grad_input"):
         original = getattr(ag._ops, name)
         monkeypatch.setattr(ag._ops, name, lambda *a, _op=original: calls.append(1) or _op(*a))
     saved = []

@@ -21,8 +21,13 @@ def _cases():
     xs = torch.randn(5, 130, dtype=torch.bfloat16)
     lora_A = torch.randn(4, 130, dtype=torch.bfloat16)
     lora_B = torch.randn(3, 4, dtype=torch.bfloat16)
+    # in_features 128, a multiple of the blocksize: the cpu backend's fused kernel for M <= 16
+    packed128, absmax128 = _ops.quantize_4bit(torch.randn(3, 128), 64, "nf4")
+    weight128 = (packed128, absmax128, 64, "nf4", 3, 128, None, None, None, 256)
     return [
         (ops.lora_matmul_4bit.default, (xs, *weight, lora_A, lora_B, 0.5, torch.randn(3).bfloat16()), {}),
+        (ops.lora_matmul_4bit.default, (xs[:, :128].contiguous(), *weight128, lora_A[:, :128].contiguous(),
+                                        lora_B, 0.5, None), {}),
         (ops.lora_matmul_4bit.default, (xs, *weight, None, None, 1.0, None), {}),
         (ops.lora_matmul_4bit_grad_input.default,
          (torch.randn(5, 3, dtype=torch.bfloat16), *weight, lora_A, torch.randn(5, 4).bfloat16()), {}),
@@ -68,3 +73,23 @@ def test_unavailable_backend_is_an_error_not_a_fallback(monkeypatch):
         pytest.skip("a CUDA build is present")
     with pytest.raises(RuntimeError, match=r"backend 'cuda' \(requested via NF4LORA_BACKEND\) is not available"):
         F.quantize_4bit(torch.randn(64))
+
+
+def test_eager_calls_skip_the_dispatcher_only_when_nothing_needs_the_op(monkeypatch):
+    """call_lora_matmul_4bit runs the op's function directly in plain eager mode (same
+    result) and goes through torch's dispatcher under a dispatch mode such as fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    packed, absmax = _ops.quantize_4bit(torch.randn(8, 128), 64, "nf4")
+    weight = (packed, absmax, 64, "nf4", 8, 128, None, None, None, 256)
+    x = torch.randn(2, 128)
+    direct = _ops.call_lora_matmul_4bit(x, *weight, None, None, 1.0, None)
+    through_op = _ops.lora_matmul_4bit(x, *weight, None, None, 1.0, None)
+    assert torch.equal(direct[0], through_op[0])
+
+    used = []
+    monkeypatch.setattr(_ops, "_lora_matmul_4bit", lambda *a: used.append(a) or through_op)
+    _ops.call_lora_matmul_4bit(x, *weight, None, None, 1.0, None)
+    assert len(used) == 1
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake_y, _ = _ops.call_lora_matmul_4bit(mode.from_tensor(x), *weight, None, None, 1.0, None)
+    assert len(used) == 1 and fake_y.shape == (2, 8)
