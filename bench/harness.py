@@ -7,7 +7,8 @@ zero-argument callable per copy, and the bytes one call must move. `measure` the
 
   1. asks for enough layers that their footprint (bytes moved per call x layers) exceeds
      COLD_FOOTPRINT, so a call never finds its inputs in the 32 MiB L3 left by the last one;
-  2. makes one warm-up call (lazy initialization, first-touch page faults of the inputs);
+  2. makes one warm-up call (lazy initialization, first-touch page faults of the inputs;
+     kept as a sample instead if it takes many seconds and the provider allows it);
   3. calls every layer once per rep, timing each call, and reports quantiles per call;
   4. optionally loops one layer (cache-resident where it fits) for rows labelled "warm".
 
@@ -58,6 +59,9 @@ class Provider:
     context: entered around setup, check and timing (e.g. selecting a backend).
     check: run once before any timing; returns None if the provider's output is right,
         else the reason to skip it (so a fast but wrong kernel cannot post a number).
+    warmup_is_sample_after_s: a warm-up call that takes at least this long counts as the
+        first timed call instead of being thrown away: against a call of many seconds the
+        first-call costs (milliseconds) vanish, and a second call would double the run.
     """
     name: str
     setup: Callable[[Any, int], list[Callable[[], Any]]]
@@ -66,19 +70,26 @@ class Provider:
     max_layers: Optional[int] = None
     context: Callable[[], ContextManager] = contextlib.nullcontext
     check: Optional[Callable[[], Optional[str]]] = None
+    warmup_is_sample_after_s: Optional[float] = None
 
 
-def time_calls(calls: Sequence[Callable[[], Any]], reps: int) -> list[float]:
+def time_calls(calls: Sequence[Callable[[], Any]], reps: int,
+               warmup_is_sample_after_s: Optional[float] = None) -> list[float]:
     """Seconds per call: one warm-up call, then `reps` passes calling each callable once.
 
     The result of a call is kept alive until its clock stops, so freeing a large output
-    (munmap) is not charged to the op.
+    (munmap) is not charged to the op. A warm-up of at least `warmup_is_sample_after_s`
+    seconds is kept as the first pass's first call (see Provider).
     """
+    start = time.perf_counter()
     result = calls[0]()
+    warmup = time.perf_counter() - start
     del result
-    times = []
-    for _ in range(reps):
-        for call in calls:
+    times, skip = [], 0
+    if warmup_is_sample_after_s is not None and warmup >= warmup_is_sample_after_s:
+        times, skip = [warmup], 1
+    for rep in range(reps):
+        for call in calls[skip if rep == 0 else 0:]:
             start = time.perf_counter()
             result = call()
             times.append(time.perf_counter() - start)
@@ -115,12 +126,27 @@ def measure(provider: Provider, case: Any, *, footprint: int = COLD_FOOTPRINT,
 
     with provider.context():
         calls = provider.setup(case, n_layers)
-        rows = [row("cold", len(calls), time_calls(calls, reps))]
+        rows = [row("cold", len(calls), time_calls(calls, reps, provider.warmup_is_sample_after_s))]
         if warm:  # the same layer again and again: cache-resident when it fits
             rows.append(row("warm", 1, time_calls([calls[0]] * len(calls), reps)))
     del calls
     gc.collect()
     return rows
+
+
+@contextlib.contextmanager
+def gc_frozen():
+    """Hide every object alive now from the garbage collector inside the block.
+
+    The objects torch, bitsandbytes and their imports create (~400k with bitsandbytes) are
+    never garbage, yet each full gc.collect() walks them: 0.2-0.4 s here, paid by `measure`
+    after every provider. Frozen, a collection takes milliseconds. Enter it after the imports.
+    """
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def run_checks(providers: Sequence[Provider]) -> tuple[list[Provider], list[str]]:
@@ -161,6 +187,13 @@ def add_rates(rows: list[dict], bandwidth: dict) -> None:
         row["gbs"] = gbs
         row["pct_copy_bw"] = 100 * gbs / bandwidth["copy_gbs"]
         row["pct_read_bw"] = 100 * gbs / bandwidth["read_gbs"]
+
+
+def add_tflops(rows: list[dict]) -> None:
+    """row["tflops"] = row["flops"] / median time, for rows that count their FLOPs."""
+    for row in rows:
+        flops = row.get("flops")
+        row["tflops"] = flops / (row["median_ms"] * 1e-3) / 1e12 if flops else None
 
 
 def add_speedups(rows: list[dict], baseline: str, group_keys: Sequence[str]) -> None:
@@ -219,6 +252,31 @@ def import_optional(name: str) -> tuple[Any, Optional[str], list[str]]:
         return None, f"import {name} failed: {type(error).__name__}: {error}", messages
     finally:
         root.removeHandler(handler)
+
+
+def import_first(modules: Sequence[str], names: Sequence[str]) -> tuple[Any, Optional[str]]:
+    """(the first of `modules` that imports and defines every one of `names`, its name),
+    or (None, None): for APIs whose home moved between releases (torchao's NF4)."""
+    for where in modules:
+        module, _, _ = import_optional(where)
+        if module is not None and all(hasattr(module, name) for name in names):
+            return module, where
+    return None, None
+
+
+def copy_nf4tensor(tensor):
+    """An independent copy of a torchao NF4Tensor (a layer for the rotation).
+    NF4Tensor.clone() re-quantizes (seconds for 4096x4096); copying the inner tensors does not."""
+    names, meta = tensor.__tensor_flatten__()
+    inner = {name: getattr(tensor, name).clone() for name in names}
+    return type(tensor).__tensor_unflatten__(inner, meta, tensor.size(), tensor.stride())
+
+
+def set_threads(threads: int) -> None:
+    """torch's pool takes set_num_threads; other OpenMP runtimes (bitsandbytes links the
+    system libgomp) read OMP_NUM_THREADS when they first start threads."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
 
 
 @contextlib.contextmanager

@@ -1,12 +1,18 @@
 """The `nf4lora` command.
 
-  nf4lora info             versions, backends and the CPU kernel path in use
-  nf4lora bench [...]      the quantize/dequantize benchmark (bench/bench_codec.py)
-  nf4lora demo [...]       quantize a real model, QLoRA-train it, memory table, kernel timing
+  nf4lora info                    versions, backends and the CPU kernel path in use
+  nf4lora bench [SUITE] [...]     a benchmark suite of bench/ (options: nf4lora bench SUITE --help)
+      matmul (default)  4-bit matmul, LoRA matmul and a QLoRA layer step vs bitsandbytes,
+                        torchao and dense bf16 (bench/bench_matmul.py)
+      codec             NF4 quantize / dequantize (bench/bench_codec.py)
+      memory            memory of one QLoRA layer's forward + backward (bench/bench_memory.py)
+      train             QLoRA training steps (bench/bench_train.py)
+  nf4lora demo [...]              quantize a real model, QLoRA-train it, memory table, kernel timing
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 
@@ -27,12 +33,49 @@ def _info(_args) -> int:
     return 0
 
 
+# `nf4lora bench SUITE`: the module of bench/ that runs it (its main(argv) parses the rest).
+BENCH_SUITES = {"matmul": "bench_matmul", "codec": "bench_codec", "memory": "bench_memory",
+                "train": "bench_train"}
+DEFAULT_BENCH_SUITE = "matmul"
+
+
+def _load_bench(module: str):
+    """bench/<module>.py, or None if there is no such file.
+
+    bench/ is installed as nf4lora.bench; in a source checkout that was not installed it
+    is the top-level package `bench` (run from the repository root). An import error
+    inside the suite itself (a missing dependency) is raised, not mistaken for absence.
+    """
+    for package in ("nf4lora.bench", "bench"):
+        name = f"{package}.{module}"
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name not in (name, package):
+                raise
+    return None
+
+
 def _bench(argv: list[str]) -> int:
-    try:
-        from nf4lora.bench import bench_codec
-    except ImportError:  # running from a source checkout without installing
-        from bench import bench_codec
-    bench_codec.main(argv)      # returns its results dict, not an exit status
+    if argv and argv[0] in ("-h", "--help"):   # the suites (this module's docstring), then
+        lines = __doc__.splitlines()              # the default suite's own --help
+        start = next(i for i, line in enumerate(lines) if "nf4lora bench" in line)
+        end = next(i for i, line in enumerate(lines) if "nf4lora demo" in line)
+        print("usage:\n" + "\n".join(lines[start:end]))
+        print(f"\nwithout SUITE: {DEFAULT_BENCH_SUITE}, whose options are:\n")
+    suite = argv[0] if argv and argv[0] in BENCH_SUITES else DEFAULT_BENCH_SUITE
+    if argv and argv[0] == suite:
+        argv = argv[1:]
+    elif argv and not argv[0].startswith("-"):
+        print(f"nf4lora bench: unknown suite {argv[0]!r}; choose one of "
+              f"{', '.join(BENCH_SUITES)}", file=sys.stderr)
+        return 2
+    module = _load_bench(BENCH_SUITES[suite])
+    if module is None:
+        print(f"nf4lora bench {suite}: bench/{BENCH_SUITES[suite]}.py is not in this "
+              "installation or checkout", file=sys.stderr)
+        return 2
+    module.main(argv)      # returns its results dict, not an exit status
     return 0
 
 
@@ -52,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, backends, CPU kernel path").set_defaults(run=_info)
-    commands.add_parser("bench", help="quantize/dequantize benchmark (--help for options)")
+    commands.add_parser("bench", help="benchmarks: bench [matmul|codec|memory|train] "
+                        "(default matmul; --help for options)")
     commands.add_parser("demo", help="quantize + QLoRA-train a real model, memory table, "
                         "kernel timing (--help for options)")
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -1,13 +1,16 @@
-"""Smoke tests of the codec benchmark: a --quick run writes the rows and keys it promises,
-a missing provider becomes a note, and the correctness guard rejects a wrong kernel.
+"""Smoke tests of the benchmarks (codec, matmul, memory) and of `nf4lora bench SUITE`:
+a --quick run writes the rows and keys it promises, a missing provider becomes a note,
+and the correctness guard rejects a wrong kernel.
 
 No timing is asserted anywhere (shared/perf.md): the machines are shared and noisy.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -16,8 +19,8 @@ import torch
 # bench/ is a directory of the repository, not part of the installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import bench_codec, harness  # noqa: E402
-from nf4lora import backends  # noqa: E402
+from bench import bench_codec, bench_matmul, harness  # noqa: E402
+from nf4lora import backends, cli  # noqa: E402
 
 ROW_KEYS = {"op", "shape", "dtype", "quant_type", "blocksize", "nested_blocksize", "provider",
             "mode", "layers", "footprint_bytes", "bytes", "median_ms", "p20_ms", "p80_ms",
@@ -108,6 +111,18 @@ def test_layers_rotate_past_the_cold_footprint():
     assert torch.get_num_threads() >= 1
 
 
+def test_a_long_warmup_can_count_as_the_first_sample():
+    calls = []
+    call = functools.partial(calls.append, 1)
+    assert len(harness.time_calls([call, call], reps=2)) == 4 and len(calls) == 5
+    calls.clear()   # any warm-up is "long" at a threshold of 0 s: it becomes the first sample
+    assert len(harness.time_calls([call, call], reps=2, warmup_is_sample_after_s=0.0)) == 4
+    assert len(calls) == 4
+    calls.clear()
+    assert len(harness.time_calls([call], reps=1, warmup_is_sample_after_s=0.0)) == 1
+    assert len(calls) == 1
+
+
 def test_memory_benchmark_quick_run(tmp_path):
     from bench import bench_memory
     payload = bench_memory.main(["--quick", "--out", str(tmp_path)])
@@ -116,3 +131,174 @@ def test_memory_benchmark_quick_run(tmp_path):
     # The 4-bit layer holds ~0.52 byte per weight against bf16's 2 (plus the same adapter).
     assert rows["nf4lora QLoRA"]["held_mb"] < 0.5 * rows["dense bf16 LoRA"]["held_mb"]
     assert (tmp_path / "memory-latest.json").exists()
+
+
+# --- bench_matmul ------------------------------------------------------------------------
+
+MATMUL_ROW_KEYS = {"op", "shape", "tokens", "rank", "dtype", "quant_type", "blocksize", "flops",
+                   "provider", "mode", "layers", "bytes", "median_ms", "gbs", "pct_read_bw",
+                   "tflops", "x_vs_bitsandbytes", "x_vs_dense-bf16"}
+# One small shape and one M per op keeps a run to a few seconds; --quick's own presets are
+# what `python -m bench.bench_matmul --quick` runs.
+MATMUL_SMALL = ["--quick", "--shapes", "256x256", "--tokens", "1"]
+
+
+def test_matmul_quick_run_writes_every_row_key_json_and_plot(tmp_path):
+    payload = bench_matmul.main(MATMUL_SMALL + ["--out", str(tmp_path), "--providers", "nf4lora",
+                                                "bitsandbytes", "dense-bf16"])
+
+    saved = json.loads((tmp_path / "matmul-latest.json").read_text())
+    assert len(list(tmp_path.glob("matmul-2*.json"))) == 1
+    assert saved["rows"] == json.loads(json.dumps(payload["rows"], default=str))
+    assert {"read_gbs", "copy_gbs", "threads"} <= saved["bandwidth"].keys()
+    metadata_keys = METADATA_KEYS - {"dequantize_inputs_from"} | {"weights_quantized_by"}
+    assert metadata_keys <= saved["metadata"].keys()
+    if saved["metadata"]["bitsandbytes_path"] is not None:
+        assert "gemm_4bit" in saved["metadata"]["bitsandbytes_path"]["ops"]
+
+    providers = {f"nf4lora[{name}]" for name in cpu_backends()} | {"dense-bf16"}
+    if saved["metadata"]["bitsandbytes_path"] is not None:
+        providers.add("bitsandbytes")
+    got = {(row["op"], row["tokens"], row["provider"]) for row in saved["rows"]}
+    expected = {(op, 1, p) for op in ("matmul", "lora") for p in providers}
+    # the reference backend is not in the train rows (its backward is torch's bf16 matmul)
+    expected |= {("train", bench_matmul.QUICK_TRAIN_TOKENS, p) for p in providers
+                 if p != "nf4lora[reference]"}
+    assert got == expected
+    for row in saved["rows"]:
+        assert MATMUL_ROW_KEYS <= row.keys(), row["provider"]
+        assert row["shape"] == [256, 256] and row["mode"] == "cold"
+        assert row["median_ms"] > 0 and row["bytes"] > 0
+        # a train step is timed on one layer (tens of seconds for the bf16 baselines)
+        assert row["layers"] == (1 if row["op"] == "train" else max(row["layers"], harness.MIN_LAYERS))
+        assert row["x_vs_dense-bf16"] is not None
+        # TFLOP/s is shown for the compute-bound calls only
+        assert (row["tflops"] is None) == (row["tokens"] < bench_matmul.COMPUTE_BOUND_TOKENS)
+        assert (row["rank"] is None) == (row["op"] == "matmul")
+
+    matplotlib, _, _ = harness.import_optional("matplotlib")
+    assert (tmp_path / "matmul-latest.png").exists() == (matplotlib is not None)
+    assert saved["plot"] == ("matmul-latest.png" if matplotlib is not None else None)
+
+
+def test_matmul_bytes_and_flops_follow_the_docstring():
+    weights = bench_matmul.Weights((4096, 4096), quantizer=None)
+    nf4 = bench_codec.quantized_bytes(4096 * 4096)
+    assert nf4 / (4096 * 4096) == pytest.approx(0.516, abs=1e-3)  # perf.md: 0.516 byte/weight
+    m1 = bench_matmul.Case("matmul", weights, 1)
+    assert m1.bytes_moved(nf4) == nf4 + 2 * (4096 + 4096)
+    assert m1.flops == 2 * 4096 * 4096
+    lora = bench_matmul.Case("lora", weights, 8)
+    assert lora.bytes_moved(nf4) == nf4 + 2 * 8 * 8192 + 2 * bench_matmul.RANK * 8192
+    train = bench_matmul.Case("train", weights, 512)
+    assert train.bytes_moved(nf4) == 2 * bench_matmul.Case("lora", weights, 512).bytes_moved(nf4)
+    assert train.flops == 4 * 512 * 4096 * 4096 + 6 * 512 * bench_matmul.RANK * 8192
+
+
+def test_matmul_missing_provider_is_a_note_not_a_crash(tmp_path, monkeypatch):
+    real_import = harness.import_optional
+
+    def fake_import(name):
+        if name.startswith(("bitsandbytes", "torchao", "matplotlib")):
+            return None, f"import {name} failed: not installed (simulated)", []
+        return real_import(name)
+
+    monkeypatch.setattr(harness, "import_optional", fake_import)
+    payload = bench_matmul.main(MATMUL_SMALL + ["--ops", "matmul", "--out", str(tmp_path),
+                                                "--providers", "bitsandbytes", "torchao", "dense-bf16"])
+    notes = "\n".join(payload["notes"])
+    assert "bitsandbytes: skipped" in notes and "torchao: skipped" in notes
+    assert "plot: skipped" in notes and not (tmp_path / "matmul-latest.png").exists()
+    assert {row["provider"] for row in payload["rows"]} == {"dense-bf16"}
+    assert all(row["x_vs_bitsandbytes"] is None for row in payload["rows"])
+    assert payload["metadata"]["bitsandbytes_path"] is None
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_matmul_guard_passes_the_real_kernels(backend):
+    impl = bench_matmul.nf4lora_impl(backend)
+    with impl.context():
+        assert bench_matmul.check_impl(impl, bench_matmul.OPS, [1, 8, 64]) is None
+
+
+@pytest.mark.skipif(backends.availability("cpu") is not None, reason="nf4lora cpu backend not built")
+@pytest.mark.parametrize("bug", ["adapter dropped", "dx without the adapter"])
+def test_matmul_guard_rejects_a_wrong_kernel(bug, tmp_path, monkeypatch):
+    cpu = importlib.import_module("nf4lora.backends.cpu")
+    composite = importlib.import_module("nf4lora.backends.composite")
+    if bug == "adapter dropped":
+        real = (getattr(cpu, "lora_matmul_4bit", None)
+                or functools.partial(composite.lora_matmul_4bit, cpu))
+
+        def wrong(x, weight, lora_A, lora_B, scaling, bias):
+            y, _ = real(x, weight, None, None, scaling, bias)
+            h = x @ lora_A.t() if lora_A is not None else x.new_empty((x.shape[0], 0))
+            return y, h
+
+        monkeypatch.setattr(cpu, "lora_matmul_4bit", wrong, raising=False)
+        expected = "lora y"
+    else:
+        real = (getattr(cpu, "lora_matmul_4bit_grad_input", None)
+                or functools.partial(composite.lora_matmul_4bit_grad_input, cpu))
+
+        def wrong(grad, weight, lora_A, grad_h):
+            return real(grad, weight, None, None)
+
+        monkeypatch.setattr(cpu, "lora_matmul_4bit_grad_input", wrong, raising=False)
+        expected = "train dx"
+    impl = bench_matmul.nf4lora_impl("cpu")
+    with impl.context():
+        why = bench_matmul.check_impl(impl, bench_matmul.OPS, [1, 64])
+    assert why is not None and expected in why and "elements off" in why
+
+    # and in a run, the wrong kernel posts no number
+    payload = bench_matmul.main(MATMUL_SMALL + ["--out", str(tmp_path), "--providers", "nf4lora[cpu]",
+                                                "dense-bf16"])
+    assert any("nf4lora[cpu]: skipped, correctness check failed" in n for n in payload["notes"])
+    assert {row["provider"] for row in payload["rows"]} == {"dense-bf16"}
+
+
+def test_matmul_guard_tolerance_is_bf16_sized():
+    want = torch.full((4, 4), 10.0)
+    terms = torch.full((4, 4), 10.0)   # root-sum-square of the summed terms
+    assert bench_matmul.mismatch(want * (1 + 2 ** -8), want, terms) is None   # a bf16 rounding
+    assert bench_matmul.mismatch(want * 1.1, want, terms) is not None          # a 10% error
+    assert "shape" in bench_matmul.mismatch(want[:2], want, terms)
+
+
+# --- nf4lora bench SUITE -------------------------------------------------------------------
+
+@pytest.fixture
+def suites(monkeypatch):
+    """Every suite's main replaced by a recorder: [(module name, argv)]."""
+    calls = []
+
+    def load(module):
+        return types.SimpleNamespace(main=lambda argv: calls.append((module, list(argv))))
+
+    monkeypatch.setattr(cli, "_load_bench", load)
+    return calls
+
+
+def test_cli_bench_dispatches_to_the_suite(suites):
+    assert cli.main(["bench", "--quick"]) == 0                    # default suite: matmul
+    assert cli.main(["bench", "codec", "--quick", "--ops", "quantize"]) == 0
+    assert cli.main(["bench", "memory"]) == 0
+    assert cli.main(["bench", "train", "--steps", "1"]) == 0
+    assert suites == [("bench_matmul", ["--quick"]), ("bench_codec", ["--quick", "--ops", "quantize"]),
+                      ("bench_memory", []), ("bench_train", ["--steps", "1"])]
+
+
+def test_cli_bench_unknown_or_missing_suite_is_a_clear_error(monkeypatch, capsys):
+    assert cli.main(["bench", "nosuch"]) == 2
+    assert "unknown suite 'nosuch'" in capsys.readouterr().err
+    # a suite whose file is not there (bench_train.py is written separately)
+    monkeypatch.setitem(cli.BENCH_SUITES, "train", "bench_not_written_yet")
+    assert cli.main(["bench", "train"]) == 2
+    assert "bench/bench_not_written_yet.py is not in this" in capsys.readouterr().err
+
+
+def test_cli_loads_the_real_suites():
+    assert cli._load_bench("bench_matmul").main is not None
+    assert cli._load_bench("bench_codec").main is not None
+    assert cli._load_bench("bench_not_written_yet") is None

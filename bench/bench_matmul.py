@@ -1,0 +1,673 @@
+"""Benchmark 4-bit matmul: decode and prefill GEMV/GEMM, LoRA, and a QLoRA training step.
+
+    python -m bench.bench_matmul [--quick] [--providers NAME ...] [--ops OP ...]
+                                 [--shapes OUTxIN ...] [--tokens M ...] [--threads N]
+                                 [--warm] [--out DIR]
+
+Ops, on Llama-7B projections (out, in) = (4096, 4096), (11008, 4096), (4096, 11008), bf16
+activations x [M, in], NF4 with double quantization, blocksize 64 (perf.md):
+  matmul  y = x @ W^T                                   M = 1, 8, 64, 512
+  lora    y = x @ W^T + s * (x @ A^T) @ B^T, rank 16    M = 1, 8, 64, 512
+  train   the lora layer's forward + backward at M = 512: gradients of x, A and B
+          (4096x4096 only unless --shapes is given: see TRAIN_SHAPES)
+
+Providers, all on CPU tensors in one run:
+  nf4lora[<backend>]  nf4lora.matmul_4bit / lora_matmul_4bit (fused base + adapter), once per
+                      backend usable on CPU ("cpu", "reference"; the reference not in train)
+  bitsandbytes        bitsandbytes.matmul_4bit (its CPU path: which one ran is in the JSON),
+                      plus the adapter as PEFT adds it: y + lora_B(lora_A(x)) * s
+  torchao             linear_nf4 on a to_nf4 weight (matmul rows at M <= 64 only, see below)
+  dense-bf16          torch.nn.functional.linear on the bf16 weight: what a user runs without
+                      quantization (plus the same PEFT-style adapter)
+
+Bytes one call must move (the basis of GB/s and "% read BW"), with n = out * in:
+  4-bit weight  n/2 packed + n/64 qabsmax + 4 per 256 blocks absmax2 = 0.516 n
+                (4096x4096: 8.65 MB, 0.29 ms at 30 GB/s: the M = 1 target)
+  dense weight  2n
+  + x (2 M in) + y (2 M out); lora adds the adapter, 2 r (in + out)
+  train: the weight twice (forward, and backward for dx), x, y, dy and dx, the adapter
+  read twice (forward, backward)
+FLOPs: 2 M n per matmul, + 2 M r (in + out) for the adapter; train: 4 M n + 6 M r (in + out).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import functools
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import harness
+from .bench_codec import (NESTED_BLOCKSIZE, Quantizer, bitsandbytes_path, quantized_bytes,
+                          random_weight)
+from .harness import Provider
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]   # q/k/v/o, up/gate, down projections
+TOKENS = [1, 8, 64, 512]          # decode (1, 8) to a training micro-batch (512)
+TRAIN_TOKENS = 512
+# The train op runs on the first shape only unless --shapes says otherwise: torch's bf16
+# `grad @ W` (the dx of F.linear's backward, W not transposed) takes ~75 s at M = 512,
+# 4096x4096 on this AVX2 CPU (the forward F.linear: 0.8 s; the same product in fp32:
+# 0.4 s), and dense-bf16 and bitsandbytes both run it: ~3 min per shape for the two.
+TRAIN_SHAPES = SHAPES[:1]
+# --quick: the same three orientations, tiny; whole torchao scaler blocks (n % 16384 == 0)
+QUICK_SHAPES = [(256, 256), (768, 256), (256, 768)]
+QUICK_TOKENS = [1, 64]
+QUICK_TRAIN_TOKENS = 64
+# The correctness guard: a partial last block and rows that straddle blocks, then an
+# aligned shape like the ones timed (a fused kernel may take a different path on each).
+GUARD_SHAPES = [(160, 330), (128, 512)]
+OPS = ("matmul", "lora", "train")
+RANK = 16
+SCALING = 2.0                     # lora_alpha 32 / r 16, the usual QLoRA setting
+DTYPE = torch.bfloat16
+BLOCKSIZE = 64
+QUANT_TYPE = "nf4"
+BASELINE = "bitsandbytes"
+DENSE = "dense-bf16"
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+# Full and --quick presets: probe buffer, cold footprint, and a cap on reps.
+FULL = dict(shapes=SHAPES, tokens=TOKENS, train_shapes=TRAIN_SHAPES, train_tokens=TRAIN_TOKENS,
+            probe_bytes=harness.GIB, footprint=harness.COLD_FOOTPRINT, max_reps=None)
+QUICK = dict(shapes=QUICK_SHAPES, tokens=QUICK_TOKENS, train_shapes=QUICK_SHAPES[:1],
+             train_tokens=QUICK_TRAIN_TOKENS, probe_bytes=64 * harness.MIB, footprint=harness.MIB,
+             max_reps=2)
+
+# Timing schedule. On this machine kind (2 cores, AVX2, no native bf16 dot product) torch's
+# bf16 F.linear runs at ~21 GFLOP/s (fp32: ~115): at M = 64 one 4096x4096 layer takes
+# ~200 ms, at M = 512 ~0.8 s (11008x4096: ~2.5 s), against ~1 ms to stream even its dense
+# weight. From M = 64 every provider is that far (>100x) above its memory time, so the
+# cache state cannot show (bitsandbytes also writes a 34 MB dense W per call, more than the
+# 32 MiB L3): two layers alternate, and M = 512 gets one rep. A train step is timed once
+# on one layer; dense-bf16's and bitsandbytes' take ~77 s (see TRAIN_SHAPES), so a warm-up
+# call of 10 s or more is kept as that sample (milliseconds of first-call costs vanish in
+# it) instead of doubling their 2.5 minutes; nf4lora's (~0.4 s) still gets a warm-up.
+COMPUTE_BOUND_TOKENS = 64
+TRAIN_WARMUP_IS_SAMPLE_S = 10.0
+# Slow providers: the reference backend dequantizes in pure PyTorch (~0.6 s per 4096x4096,
+# bench_codec), torchao's linear_nf4 takes ~155 ms at M = 1 (perf.md); both write temporaries
+# far beyond the L3 on every call, so two layers are already cold, and one rep will do.
+# The reference is not in the train rows: its backward is the same bf16 `grad @ W` as
+# dense-bf16's (see TRAIN_SHAPES), ~77 s a call, and tells nothing about nf4lora's kernels.
+# torchao is left out above M = 64: there it is the same bf16 GEMM as every other
+# dequantize-then-matmul provider plus its slow dequantize, ~4 s a call at 11008x4096.
+TORCHAO_MAX_TOKENS = 64
+
+
+def schedule(case: "Case", slow: bool) -> dict:
+    """reps and max_layers of one provider on one case (see the numbers above)."""
+    if case.op == "train":
+        return dict(reps=1, max_layers=1, warmup_is_sample_after_s=TRAIN_WARMUP_IS_SAMPLE_S)
+    if slow or case.tokens >= 512:
+        return dict(reps=1, max_layers=2)
+    if case.tokens >= COMPUTE_BOUND_TOKENS:
+        return dict(reps=3, max_layers=2)
+    return dict(reps=5 if case.tokens == 1 else 3)   # the full cold rotation
+
+
+# --- weights, cases, bytes -------------------------------------------------------------
+
+@dataclass
+class Weights:
+    """One weight shape: the bf16 weight and what every provider derives from it, made once
+    and shared by the cases of that shape."""
+    shape: tuple[int, int]
+    quantizer: Optional[Quantizer]
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def cached(self, key, make):
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def weight(self) -> torch.Tensor:
+        return self.cached("weight", lambda: random_weight(self.shape))
+
+    def quantized(self):
+        """(packed uint8 [n/2, 1], nf4lora QuantState) of weight()."""
+        return self.cached("quantized", lambda: self.quantizer.quantize(self.weight()))
+
+    def dequantized_f32(self) -> torch.Tensor:
+        """W as the reference backend (the spec) decodes it, in float32: the guard's oracle."""
+        def make():
+            from nf4lora import functional
+            packed, state = self.quantized()
+            with harness.using_backend("reference"):
+                return functional.dequantize_4bit(packed, state,
+                                                  out=torch.empty(self.shape, dtype=torch.float32))
+        return self.cached("dequantized_f32", make)
+
+    def lora(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [r, in], B [out, r]) in bf16. B is not PEFT's zero init: a zero B would hide
+        a wrong adapter term from the guard."""
+        def make():
+            generator = torch.Generator().manual_seed(3)
+            out_features, in_features = self.shape
+            A = torch.randn(RANK, in_features, generator=generator) / in_features ** 0.5
+            B = torch.randn(out_features, RANK, generator=generator) / RANK ** 0.5
+            return A.to(DTYPE), B.to(DTYPE)
+        return self.cached("lora", make)
+
+    def activation(self, name: str, rows: int, features: int, seed: int) -> torch.Tensor:
+        def make():
+            generator = torch.Generator().manual_seed(seed)
+            return torch.randn(rows, features, generator=generator).to(DTYPE)
+        return self.cached((name, rows), make)
+
+
+@dataclass
+class Case:
+    """One op at one weight shape and token count."""
+    op: str
+    weights: Weights
+    tokens: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.weights.shape
+
+    @property
+    def rank(self) -> Optional[int]:
+        return None if self.op == "matmul" else RANK
+
+    @property
+    def labels(self) -> dict:
+        return {"op": self.op, "shape": list(self.shape), "tokens": self.tokens, "rank": self.rank,
+                "dtype": str(DTYPE).removeprefix("torch."), "quant_type": QUANT_TYPE,
+                "blocksize": BLOCKSIZE, "flops": self.flops}
+
+    def x(self) -> torch.Tensor:
+        return self.weights.activation("x", self.tokens, self.shape[1], seed=1)
+
+    def grad_output(self) -> torch.Tensor:
+        return self.weights.activation("dy", self.tokens, self.shape[0], seed=2)
+
+    @property
+    def flops(self) -> int:
+        out_features, in_features = self.shape
+        adapter = 2 * self.tokens * RANK * (in_features + out_features)
+        base = 2 * self.tokens * out_features * in_features
+        return {"matmul": base, "lora": base + adapter, "train": 2 * base + 3 * adapter}[self.op]
+
+    def bytes_moved(self, weight_bytes: int) -> int:
+        return op_bytes(self.op, self.shape, self.tokens, weight_bytes)
+
+
+def op_bytes(op: str, shape: tuple[int, int], tokens: int, weight_bytes: int) -> int:
+    """Bytes one call must move, given the bytes of the weight it reads (module docstring)."""
+    out_features, in_features = shape
+    activations = 2 * tokens * (in_features + out_features)   # bf16 x in, y out
+    adapter = 2 * RANK * (in_features + out_features)
+    if op == "matmul":
+        return weight_bytes + activations
+    if op == "lora":
+        return weight_bytes + activations + adapter
+    return 2 * (weight_bytes + activations + adapter)          # train: forward + backward
+
+
+def dense_bytes(n: int) -> int:
+    return 2 * n
+
+
+# --- one layer's call --------------------------------------------------------------------
+
+# forward(x, A, B) -> y over one layer's own copy of the weight; A, B None: no adapter.
+Forward = Callable[[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]], torch.Tensor]
+
+
+def layer_call(case: Case, forward: Forward) -> Callable[[], object]:
+    """The zero-argument call that one rotation step times, with its own inputs.
+    train: forward, then the gradients of x, A and B (autograd.grad: nothing accumulates
+    into .grad between calls), as one QLoRA step of this layer."""
+    x = case.x().clone()
+    if case.op == "matmul":
+        return functools.partial(forward, x, None, None)
+    A, B = (t.clone() for t in case.weights.lora())
+    if case.op == "lora":
+        return functools.partial(forward, x, A, B)
+    inputs = tuple(t.requires_grad_() for t in (x, A, B))
+    dy = case.grad_output()
+
+    def step():
+        return torch.autograd.grad(forward(*inputs), inputs, dy)
+    return step
+
+
+def with_adapter(base: Callable[[torch.Tensor], torch.Tensor]) -> Forward:
+    """An unfused adapter on a base layer, as PEFT adds it: base(x) + lora_B(lora_A(x)) * s."""
+    def forward(x, A, B):
+        y = base(x)
+        return y if A is None else y + F.linear(F.linear(x, A), B) * SCALING
+    return forward
+
+
+# --- providers -----------------------------------------------------------------------
+
+@dataclass
+class Impl:
+    """One implementation: how it builds a layer's forward, what it reads, how slow it is.
+    `provider(case)` turns it into the harness' Provider for one case."""
+    name: str
+    make_forward: Callable[[Case], Forward]     # a fresh, independent copy per call
+    weight_bytes: Callable[[int], int]          # bytes of the weight it reads, given numel
+    ops: tuple = OPS
+    slow: bool = False
+    max_tokens: Optional[int] = None
+    context: Callable = contextlib.nullcontext
+    guarded: bool = False                       # checked against the dequantized weight
+
+    def runs(self, case: Case) -> bool:
+        return case.op in self.ops and (self.max_tokens is None or case.tokens <= self.max_tokens)
+
+    def bytes_moved(self, case: Case) -> int:
+        return case.bytes_moved(self.weight_bytes(case.weights.numel))
+
+    def setup(self, case: Case, n_layers: int):
+        return [layer_call(case, self.make_forward(case)) for _ in range(n_layers)]
+
+    def provider(self, case: Case) -> Provider:
+        return Provider(self.name, self.setup, self.bytes_moved, **schedule(case, self.slow),
+                        context=self.context)
+
+
+def nf4lora_impl(backend: str) -> Impl:
+    import nf4lora
+
+    def make_forward(case: Case) -> Forward:
+        packed, state = case.weights.quantized()
+        packed, state = packed.clone(), copy.deepcopy(state)
+
+        def forward(x, A, B):
+            if A is None:
+                return nf4lora.matmul_4bit(x, packed.t(), state)
+            return nf4lora.lora_matmul_4bit(x, packed, state, A, B, SCALING)
+        return forward
+
+    reference = backend == "reference"
+    return Impl(f"nf4lora[{backend}]", make_forward, quantized_bytes,
+                ops=("matmul", "lora") if reference else OPS, slow=reference,
+                context=functools.partial(harness.using_backend, backend), guarded=True)
+
+
+def bitsandbytes_impl(bnb) -> Impl:
+    def make_forward(case: Case) -> Forward:
+        packed, state = case.weights.quantized()
+        # the same bytes, as a bitsandbytes QuantState
+        bnb_state = case.weights.cached("bnb_state", lambda: bnb.functional.QuantState.from_dict(
+            state.as_dict(packed=True), packed.device))
+        packed, bnb_state = packed.clone(), copy.deepcopy(bnb_state)
+        return with_adapter(lambda x: bnb.matmul_4bit(x, packed.t(), bnb_state))
+
+    return Impl(BASELINE, make_forward, quantized_bytes, guarded=True)
+
+
+def torchao_impl(torchao_nf4) -> Impl:
+    def make_forward(case: Case) -> Forward:
+        base = case.weights.cached("torchao", lambda: torchao_nf4.to_nf4(
+            case.weights.weight(), BLOCKSIZE, NESTED_BLOCKSIZE))
+        weight = harness.copy_nf4tensor(base)
+        return with_adapter(lambda x: torchao_nf4.linear_nf4(x, weight))
+
+    return Impl("torchao", make_forward, quantized_bytes, ops=("matmul",), slow=True,
+                max_tokens=TORCHAO_MAX_TOKENS)
+
+
+def dense_impl() -> Impl:
+    def make_forward(case: Case) -> Forward:
+        weight = case.weights.weight().clone()
+        return with_adapter(lambda x: F.linear(x, weight))
+
+    return Impl(DENSE, make_forward, dense_bytes)
+
+
+def import_torchao_nf4():
+    """torchao's module holding to_nf4 and linear_nf4 (its home moved between releases)."""
+    return harness.import_first(
+        ("torchao.dtypes.nf4tensor", "torchao.quantization.quantize_.workflows.nf4.nf4_tensor",
+         "torchao.dtypes"), ("to_nf4", "linear_nf4", "NF4Tensor"))
+
+
+# --- correctness guard ---------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def guard_weights(shape: tuple[int, int]) -> Weights:
+    """A small layer quantized by the reference backend, the spec."""
+    return Weights(shape, Quantizer([], None))
+
+
+def root_sum_squares(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sqrt(sum_k (a_ik b_kj)^2): the size of the terms summed into each element of a @ b."""
+    return ((a * a) @ (b * b)).sqrt()
+
+
+def expected(case: Case) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, exact value in float32, root-sum-square of its terms) of each output of the
+    case's call: y, or for train (dx, dA, dB), from the weight the reference decodes."""
+    W, x = case.weights.dequantized_f32(), case.x().float()
+    if case.op == "matmul":
+        return [("y", x @ W.t(), root_sum_squares(x, W.t()))]
+    A, B = (t.float() for t in case.weights.lora())
+    h = x @ A.t()
+    y = x @ W.t() + SCALING * h @ B.t()
+    y_terms = root_sum_squares(x, W.t()) + SCALING * root_sum_squares(h, B.t())
+    if case.op == "lora":
+        return [("y", y, y_terms)]
+    g = case.grad_output().float()
+    gB = g @ B
+    return [("dx", g @ W + SCALING * gB @ A,
+             root_sum_squares(g, W) + SCALING * root_sum_squares(gB, A)),
+            ("dA", SCALING * gB.t() @ x, SCALING * root_sum_squares(gB.t(), x)),
+            ("dB", SCALING * g.t() @ h, SCALING * root_sum_squares(g.t(), h))]
+
+
+def mismatch(got: torch.Tensor, want: torch.Tensor, terms: torch.Tensor) -> Optional[str]:
+    """None if got is want up to bf16 arithmetic, else how far off it is.
+
+    bf16 keeps 8 significant bits (unit roundoff u = 2^-9). Each term of a sum carries a
+    rounding or two of random sign (W or h rounded to bf16), so the sum is off by ~u times
+    the root-sum-square of its terms, and the largest of ~10^5 elements by ~4.5 times that;
+    2^-5 = 16 u allows 3.5x more, and 2^-7 |want| two roundings of the result itself.
+    (Measured: dequantize-then-bf16-GEMM paths, bitsandbytes' too, peak at 0.4 of this
+    tolerance.) A wrong code, scale or nibble order is off by whole terms: far outside.
+    """
+    if got.shape != want.shape:
+        return f"shape {list(got.shape)}, expected {list(want.shape)}"
+    error = (got.float() - want).abs()
+    tolerance = 2 ** -5 * terms + 2 ** -7 * want.abs()
+    bad = error > tolerance
+    if not bad.any():
+        return None
+    worst = int(torch.argmax(error - tolerance))
+    return (f"{int(bad.sum())} of {want.numel()} elements off, worst by {error.view(-1)[worst]:.3g} "
+            f"(allowed {tolerance.view(-1)[worst]:.3g})")
+
+
+def check_impl(impl: Impl, ops, tokens) -> Optional[str]:
+    """None if `impl` computes every op it runs, at every token count, on the guard shapes
+    as float32 math on the reference-decoded weight does (up to bf16), else what differs."""
+    for shape in GUARD_SHAPES:
+        for op in ops:
+            for m in tokens:
+                case = Case(op, guard_weights(shape), m)
+                if not impl.runs(case):
+                    continue
+                got = layer_call(case, impl.make_forward(case))()
+                got = got if isinstance(got, tuple) else (got,)
+                wanted = expected(case)
+                if len(got) != len(wanted):
+                    return f"{op} at M={m}: {len(got)} outputs, expected {len(wanted)}"
+                for value, (name, want, terms) in zip(got, wanted):
+                    why = mismatch(value.detach(), want, terms)
+                    if why:
+                        return f"{op} {name} at M={m}, {shape[0]}x{shape[1]}: {why}"
+    return None
+
+
+def guard(impls: list[Impl], ops, tokens) -> tuple[list[Impl], list[str]]:
+    """The impls that pass check_impl (or are not guarded), and a note for each other one."""
+    probes = [Provider(impl.name, impl.setup, impl.bytes_moved, context=impl.context,
+                       check=functools.partial(check_impl, impl, ops, tokens) if impl.guarded else None)
+              for impl in impls]
+    passed, notes = harness.run_checks(probes)
+    names = {p.name for p in passed}
+    return [impl for impl in impls if impl.name in names], notes
+
+
+# --- bitsandbytes' matmul path -------------------------------------------------------
+
+def bitsandbytes_matmul_path(import_messages: list[str]) -> dict:
+    """bench_codec's record of bitsandbytes' CPU path, plus its matmul ops. In 0.50,
+    matmul_4bit runs op gemm_4bit, whose only CPU implementation is the "default" one:
+    dequantize_4bit (native CPU kernel) then F.linear; its fused CPU gemv runs only for
+    weights repacked by Linear4bit in eval mode on CPUs with avx512_bf16."""
+    path = bitsandbytes_path(import_messages)
+    for op in ("gemm_4bit", "gemv_4bit"):
+        has_cpu = torch._C._dispatch_has_kernel_for_dispatch_key(f"bitsandbytes::{op}", "CPU")
+        path["ops"][op] = "cpu: native library" if has_cpu else "default: dequantize_4bit + F.linear"
+    return path
+
+
+# --- output --------------------------------------------------------------------------
+
+COLUMNS = [("op", "op", ""), ("shape", "shape", ""), ("M", "tokens", "d"), ("r", "rank", "d"),
+           ("provider", "provider", ""), ("mode", "mode", ""), ("layers", "layers", "d"),
+           ("median ms", "median_ms", ".3f"), ("GB/s", "gbs", ".2f"),
+           ("% read BW", "pct_read_bw", ".1f"), ("TFLOP/s", "tflops", ".4f"),
+           (f"x vs {BASELINE}", f"x_vs_{BASELINE}", ".2f"), (f"x vs {DENSE}", f"x_vs_{DENSE}", ".2f")]
+
+
+def save_plot(rows: list[dict], bandwidth: dict, path: Path) -> Optional[str]:
+    """Median ms per call vs M, log-log, one panel per op x shape, one line per provider,
+    and the time to read the 4-bit weight at the probed read bandwidth. Returns a note if
+    matplotlib is missing, else None."""
+    matplotlib, why, _ = harness.import_optional("matplotlib")
+    if matplotlib is None:
+        return f"plot: skipped, {why}"
+    matplotlib.use("Agg")   # no display here
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["op"] in ("matmul", "lora") and r["mode"] == "cold"]
+    if not rows:
+        return "plot: skipped, no matmul or lora rows"
+    ops = [op for op in ("matmul", "lora") if any(r["op"] == op for r in rows)]
+    shapes = list(dict.fromkeys(tuple(r["shape"]) for r in rows))
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    colors = {name: f"C{i}" for i, name in enumerate(providers)}
+    fig, axes = plt.subplots(len(ops), len(shapes), figsize=(4.5 * len(shapes), 3.8 * len(ops)),
+                             squeeze=False, sharex=True)
+    # fixed margins: a layout engine doubles the drawing time (seconds on a busy machine)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.1, top=0.88, wspace=0.3, hspace=0.35)
+    for axis_row, op in zip(axes, ops):
+        for ax, shape in zip(axis_row, shapes):
+            here = [r for r in rows if r["op"] == op and tuple(r["shape"]) == shape]
+            for name in providers:
+                points = sorted((r["tokens"], r["median_ms"]) for r in here if r["provider"] == name)
+                if points:
+                    ax.plot(*zip(*points), marker="o", color=colors[name], label=name)
+            tokens = sorted({r["tokens"] for r in here})
+            if tokens:
+                weight = quantized_bytes(math.prod(shape))
+                ideal = [op_bytes(op, shape, m, weight) / (bandwidth["read_gbs"] * 1e9) * 1e3
+                         for m in tokens]
+                ax.plot(tokens, ideal, "--", color="gray", label="4-bit bytes at read BW")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks(tokens, [str(m) for m in tokens])
+            ax.set_title(f"{op} {shape[0]}x{shape[1]}", fontsize=10)
+            ax.grid(True, alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("M (tokens)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("median ms per call (cold)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"bf16 x, NF4 + double quant, blocksize {BLOCKSIZE}, r = {RANK}; "
+                 f"{bandwidth['threads']} threads, read {bandwidth['read_gbs']:.1f} GB/s", fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+# --- main ----------------------------------------------------------------------------
+
+def parse_shape(text: str) -> tuple[int, int]:
+    try:
+        out_features, in_features = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected OUTxIN such as 4096x11008, got {text!r}") from None
+    return out_features, in_features
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_matmul",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny shapes, M = 1 and 64, 64 MiB probe, 2 reps: a smoke run, not numbers")
+    parser.add_argument("--providers", nargs="+", metavar="NAME",
+                        help=f"only these (nf4lora, nf4lora[cpu], nf4lora[reference], {BASELINE}, "
+                             f"torchao, {DENSE})")
+    parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
+    parser.add_argument("--shapes", nargs="+", type=parse_shape, metavar="OUTxIN",
+                        help="weight shapes (default: the three Llama-7B projections; train: "
+                             "4096x4096 only, ~3 min of bf16 baselines per shape)")
+    parser.add_argument("--tokens", nargs="+", type=int, metavar="M",
+                        help="token counts of the matmul and lora ops (default 1 8 64 512); "
+                             "train always runs at M = 512 (64 with --quick)")
+    parser.add_argument("--threads", type=int, help="torch threads and OMP_NUM_THREADS")
+    parser.add_argument("--warm", action="store_true", help="also time one layer looped (warm rows)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help=f"JSON and PNG directory ({DEFAULT_OUT})")
+    return parser.parse_args(argv)
+
+
+@dataclass
+class Found:
+    """The providers that can run here, and what the JSON records about them."""
+    impls: list[Impl]
+    backends: list[str]             # nf4lora backends usable on CPU tensors
+    bnb: object = None              # the bitsandbytes module, if importable
+    bnb_messages: list[str] = field(default_factory=list)   # its warnings on import
+    torchao_where: Optional[str] = None                     # torchao's NF4 module
+
+
+def find_providers(args, notes: list[str]) -> Found:
+    """The selected providers that import; a note for each that cannot run."""
+    def wanted(name: str) -> bool:
+        return not args.providers or name in args.providers
+
+    backends, backend_notes = harness.nf4lora_cpu_backends()
+    notes += backend_notes
+    impls = [nf4lora_impl(backend) for backend in backends]
+    bnb, bnb_messages, torchao_where = None, [], None
+    if wanted(BASELINE):
+        bnb, why, bnb_messages = harness.import_optional("bitsandbytes")
+        if bnb is None:
+            notes.append(f"{BASELINE}: skipped, {why}")
+        else:
+            impls.append(bitsandbytes_impl(bnb))
+    if wanted("torchao"):
+        torchao_nf4, torchao_where = import_torchao_nf4()
+        if torchao_nf4 is None:
+            notes.append("torchao: skipped, no to_nf4/linear_nf4/NF4Tensor in torchao.dtypes "
+                         "or torchao.quantization")
+        else:
+            impls.append(torchao_impl(torchao_nf4))
+            notes.append(f"torchao: matmul rows at M <= {TORCHAO_MAX_TOKENS} only, 2 layers, 1 rep: "
+                         "linear_nf4 dequantizes the whole weight in PyTorch on every "
+                         "call (~155 ms at M = 1, 4096x4096)")
+    impls.append(dense_impl())
+    return Found(harness.select(impls, args.providers), backends, bnb, bnb_messages, torchao_where)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    if args.threads:
+        harness.set_threads(args.threads)
+    preset = QUICK if args.quick else FULL
+    notes: list[str] = []
+    found = find_providers(args, notes)
+    # Every 4-bit provider reads the same bytes, quantized once per shape: by nf4lora's cpu
+    # backend (timed or not), else bitsandbytes, else the reference (~13 s per 4096x4096).
+    quantizer_bnb = found.bnb.functional if found.bnb is not None else None
+    if quantizer_bnb is None and "cpu" not in found.backends and not args.quick:
+        quantizer_bnb, _, _ = harness.import_optional("bitsandbytes.functional")
+    quantizer = Quantizer(found.backends, quantizer_bnb)
+    with harness.gc_frozen():   # after the imports: see gc_frozen
+        return run(args, preset, found, quantizer, notes)
+
+
+def run(args, preset: dict, found: Found, quantizer: Quantizer, notes: list[str]) -> dict:
+    """Guard, probe, time, print, plot and save (main's body once the imports are done)."""
+    impls = found.impls
+    shapes = args.shapes or preset["shapes"]
+    tokens = args.tokens or preset["tokens"]
+    train_shapes = args.shapes or preset["train_shapes"]
+    train_tokens = preset["train_tokens"]
+    guard_tokens = sorted(set(tokens) | ({train_tokens} if "train" in args.ops else set()))
+    print(f"checking {', '.join(i.name for i in impls if i.guarded)} against the reference-decoded "
+          f"weight ...", flush=True)
+    impls, failed = guard(impls, args.ops, guard_tokens)
+    notes += failed
+
+    print("probing memory bandwidth ...", flush=True)
+    bandwidth = harness.probe_bandwidth(preset["probe_bytes"])
+    print(f"read {bandwidth['read_gbs']:.1f} GB/s, copy {bandwidth['copy_gbs']:.1f} GB/s "
+          f"({bandwidth['bytes'] / harness.MIB:.0f} MiB, {bandwidth['threads']} threads)", flush=True)
+
+    weights = {shape: Weights(shape, quantizer) for shape in dict.fromkeys(shapes + train_shapes)}
+    rows = []
+    for op in args.ops:
+        for shape in (train_shapes if op == "train" else shapes):
+            for m in ([train_tokens] if op == "train" else tokens):
+                case = Case(op, weights[shape], m)
+                providers = [impl.provider(case) for impl in impls if impl.runs(case)]
+                print(f"{op} {shape[0]}x{shape[1]} M={m}: {', '.join(p.name for p in providers)}",
+                      flush=True)
+                case_rows, case_notes = harness.measure_all(
+                    providers, [case], footprint=preset["footprint"], max_reps=preset["max_reps"],
+                    warm=args.warm)
+                rows += case_rows
+                notes += case_notes
+
+    harness.add_rates(rows, bandwidth)
+    harness.add_tflops(rows)
+    for row in rows:   # TFLOP/s is the measure of the compute-bound calls only
+        if row["tokens"] < COMPUTE_BOUND_TOKENS:
+            row["tflops"] = None
+    for baseline in (BASELINE, DENSE):
+        harness.add_speedups(rows, baseline, ["op", "shape", "tokens", "mode"])
+    if any(r["op"] == "train" and r["provider"] in (BASELINE, DENSE) for r in rows):
+        notes.append("train: the dense-bf16 and bitsandbytes steps are dominated by torch's bf16 "
+                     "grad @ W (dx of F.linear's backward, W not transposed), which on CPUs without "
+                     "native bf16 GEMM runs ~100x slower than the forward (bench/README.md)")
+    for op in args.ops:
+        op_rows = [r for r in rows if r["op"] == op]
+        if op_rows:
+            print(f"\n{op}:")
+            print(harness.format_table(op_rows, COLUMNS))
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot = args.out / "matmul-latest.png"
+    why = save_plot(rows, bandwidth, plot)
+    if why:
+        notes.append(why)
+        plot = None
+    for note in notes:
+        print("note:", note)
+
+    payload = {
+        "benchmark": "matmul",
+        "metadata": harness.metadata(
+            bitsandbytes_path=(bitsandbytes_matmul_path(found.bnb_messages)
+                               if found.bnb is not None else None),
+            torchao_nf4_module=found.torchao_where, weights_quantized_by=quantizer.name),
+        "config": {"quick": args.quick, "providers": args.providers, "ops": args.ops,
+                   "shapes": [list(s) for s in shapes], "tokens": tokens,
+                   "train_shapes": [list(s) for s in train_shapes], "train_tokens": train_tokens,
+                   "rank": RANK, "scaling": SCALING, "footprint_bytes": preset["footprint"],
+                   "max_reps": preset["max_reps"], "warm": args.warm, "guard_shapes": GUARD_SHAPES,
+                   "argv": args.argv},
+        "bandwidth": bandwidth,
+        "rows": rows,
+        "notes": notes,
+        "plot": plot.name if plot else None,
+    }
+    stamped, latest = harness.save_json(payload, args.out, "matmul")
+    print(f"saved {stamped} and {latest.name}" + (f", {plot.name}" if plot else ""))
+    return payload
+
+
+if __name__ == "__main__":
+    main()

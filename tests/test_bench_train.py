@@ -1,0 +1,115 @@
+"""Smoke tests of the QLoRA training-step benchmark: a --quick run (tiny Llama, one thread)
+writes the JSON with the rows and keys it promises, the providers agree on step 1, and a
+provider that cannot be imported becomes a note, not a crash.
+
+No timing is asserted anywhere (shared/perf.md): the machines are shared and noisy.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# bench/ is a directory of the repository, not part of the installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import bench_train, harness  # noqa: E402
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+ROW_KEYS = {"provider", "how", "base_layers", "batch", "seq", "tokens", "warmup", "steps",
+            "median_s", "p20_s", "p80_s", "min_s", "step_s", "tokens_per_s", "trainable_params",
+            "losses", "loss_first", "loss_last", "check",
+            "x_vs_bitsandbytes+peft", "x_vs_dense-bf16+peft"}
+METADATA_KEYS = {"timestamp", "cpu", "threads", "versions", "versions_extra", "nf4lora", "git_sha",
+                 "load_average"}
+QUICK = ["--quick", "--threads", "1", "--no-probe"]
+
+
+def run(tmp_path, monkeypatch, *extra):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")     # main sets it; restored after the test
+    return bench_train.main(QUICK + ["--out", str(tmp_path), *extra])
+
+
+def test_quick_run_writes_every_row_and_key(tmp_path, monkeypatch):
+    threads = torch.get_num_threads()
+    payload = run(tmp_path, monkeypatch)
+    assert torch.get_num_threads() == threads      # --threads is undone afterwards
+
+    saved = json.loads((tmp_path / "train-latest.json").read_text())
+    assert len(list(tmp_path.glob("train-2*.json"))) == 1
+    assert saved["rows"] == json.loads(json.dumps(payload["rows"], default=str))
+    assert saved["benchmark"] == "train"
+    assert METADATA_KEYS <= saved["metadata"].keys()
+    assert {"model", "why_this_size", "batch", "seq", "lora", "quantization", "optimizer",
+            "tolerance"} <= saved["config"].keys()
+    assert saved["target"] is None                 # --quick numbers mean nothing
+
+    expected = {"nf4lora", "nf4lora+peft", "dense-bf16+peft"}
+    if harness.import_optional("bitsandbytes")[0] is not None:
+        expected.add("bitsandbytes+peft")
+    rows = {row["provider"]: row for row in saved["rows"]}
+    assert set(rows) == expected, saved["notes"]
+    quick = bench_train.QUICK
+    for row in rows.values():
+        assert ROW_KEYS <= row.keys()
+        assert row["tokens"] == quick["batch"] * quick["seq"]
+        assert row["steps"] == len(row["step_s"]) == quick["steps"]
+        assert len(row["losses"]) == quick["warmup"] + quick["steps"]
+        assert row["median_s"] > 0 and row["tokens_per_s"] > 0
+        # same model, data and adapters: every provider agrees on step 1
+        assert row["check"] == "ok", row["check"]
+        assert row["trainable_params"] == rows["dense-bf16+peft"]["trainable_params"]
+    assert rows["dense-bf16+peft"]["x_vs_dense-bf16+peft"] == pytest.approx(1.0)
+    # what each provider really runs on
+    assert "nf4lora.Linear4bit" in rows["nf4lora"]["base_layers"]
+    assert "nf4lora.Linear4bit" in rows["nf4lora+peft"]["base_layers"]
+    if "bitsandbytes+peft" in rows:
+        assert "bitsandbytes.Linear4bit" in rows["bitsandbytes+peft"]["base_layers"]
+        assert abs(rows["nf4lora"]["d_loss_vs_bnb"]) < bench_train.TOLERANCE_SAME_CODES["loss"]
+
+
+def test_missing_provider_is_a_note_not_a_crash(tmp_path, monkeypatch):
+    real_import = harness.import_optional
+
+    def fake_import(name):
+        if name.startswith("bitsandbytes"):
+            return None, "import bitsandbytes failed: not installed (simulated)", []
+        return real_import(name)
+
+    monkeypatch.setattr(harness, "import_optional", fake_import)
+    payload = run(tmp_path, monkeypatch, "--providers", "bitsandbytes+peft", "dense-bf16+peft")
+    assert any(note.startswith("bitsandbytes+peft: skipped") for note in payload["notes"])
+    assert [row["provider"] for row in payload["rows"]] == ["dense-bf16+peft"]
+    assert payload["rows"][0]["x_vs_bitsandbytes+peft"] is None
+
+
+def test_a_broken_provider_is_flagged(tmp_path, monkeypatch):
+    """A 4-bit provider whose adapter path is wrong (scaling dropped) fails the step-1 check
+    and posts no ratio."""
+    real_build = bench_train.build_nf4lora
+
+    def broken(model, mods):
+        model = real_build(model, mods)
+        for module in model.modules():
+            if isinstance(module, mods["nf4lora"].nn.LoraLinear4bit):
+                module.scaling = 0.0
+        return model
+
+    monkeypatch.setattr(bench_train, "build_nf4lora", broken)
+    payload = run(tmp_path, monkeypatch, "--providers", "nf4lora", "dense-bf16+peft")
+    rows = {row["provider"]: row for row in payload["rows"]}
+    assert rows["nf4lora"]["check"].startswith("FAILED")
+    assert rows["nf4lora"]["x_vs_dense-bf16+peft"] is None
+    assert rows["dense-bf16+peft"]["check"] == "ok"
+
+
+def test_adapter_names_map_across_integrations():
+    key = ("model.layers.0.self_attn.q_proj", "A")
+    assert bench_train.adapter_key("model.layers.0.self_attn.q_proj.lora_A.weight") == key
+    assert bench_train.adapter_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight") == key
+    assert bench_train.adapter_key("model.layers.0.self_attn.q_proj.base_layer.weight") is None
