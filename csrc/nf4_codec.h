@@ -120,6 +120,7 @@ NF4_HD float div_rn(float a, float b) {
 
 NF4_HD float abs_f(float x) { return bits_float(float_bits(x) & 0x7fffffffu); }
 NF4_HD bool is_nan(float x) { return (float_bits(x) & 0x7fffffffu) > 0x7f800000u; }
+NF4_HD bool is_finite(float x) { return (float_bits(x) & 0x7f800000u) != 0x7f800000u; }
 NF4_HD float quiet_nan() { return bits_float(0x7fc00000u); }
 
 // The max of two magnitudes (non-negative or NaN) that keeps a NaN once seen, as

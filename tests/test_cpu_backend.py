@@ -250,6 +250,21 @@ def test_dequantize_4bit_misaligned_output(isa, out_dtype):
         assert_same(out, expected, f"offset={out.data_ptr() % 64}")
 
 
+@pytest.mark.parametrize("stream", ["0", "1"])
+@pytest.mark.parametrize("blocksize", [32, 64, 4096])
+def test_dequantize_4bit_streaming_stores(isa, blocksize, stream, monkeypatch):
+    """Non-temporal output stores (automatic only for outputs of 16 MiB and more; forced
+    here with NF4LORA_CPU_STREAM=1, which still declines a misaligned output) and plain
+    ones (=0) give the reference bytes, whole and partial blocks, on both kinds of output."""
+    monkeypatch.setenv("NF4LORA_CPU_STREAM", stream)
+    for n in (63, 4097, 3 * 4096 + 7, 100_003):
+        packed, qabsmax, nested, expected = nested_case("nf4", blocksize, 256, n)
+        for out_dtype in DTYPES:
+            for out in (torch.empty(n, dtype=out_dtype), torch.empty(n + 1, dtype=out_dtype)[1:]):
+                cpu_backend.dequantize_4bit(packed, qabsmax, blocksize, "nf4", out, nested)
+                assert_same(out, expected[out_dtype], f"n={n} -> {out_dtype}, offset={out.data_ptr() % 64}")
+
+
 # ---------------------------------------------------------------------------------
 # 8-bit blockwise (double quantization)
 # ---------------------------------------------------------------------------------
@@ -292,7 +307,8 @@ def test_dequantize_blockwise_matches_reference(isa, out_dtype, blocksize):
 # threads, ISA selection, property test
 # ---------------------------------------------------------------------------------
 def test_thread_count_does_not_change_results(isa):
-    """Static block ranges per thread: 1 and 2 OpenMP threads give identical bytes.
+    """Block ranges per thread (static; chunks taken in turn for dequantize_4bit): 1 and
+    2 OpenMP threads give identical bytes.
     (Large enough for the kernels to actually fork: >= 2 * 32768 elements.)"""
     x = make_values(300_001, torch.bfloat16, 64, seed=11, finite=True)
     results = []

@@ -39,6 +39,7 @@ struct Quant4Args {
 struct Dequant4Args {
   const uint8_t* packed; const float* absmax; NestedAbsmax nested; bool has_nested;
   int64_t n; int64_t blocksize; int quant_type; void* out; int out_dtype;
+  bool stream;  // non-temporal output stores; out and every block start 64-byte aligned
 };
 struct Quant8Args {
   const void* A; int dtype; const float* code; int64_t n; int64_t blocksize;

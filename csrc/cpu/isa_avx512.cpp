@@ -169,44 +169,80 @@ inline I codes32(const uint8_t* p) {
   return _mm512_or_si512(_mm512_srli_epi64(q, 4),
                          _mm512_slli_epi64(_mm512_and_si512(q, _mm512_set1_epi64(0xF)), 32));
 }
-// 16-bit output: 32 codes in 16-bit lanes (one byte per 32-bit lane).
-inline I codes16(const uint8_t* p) {
-  const I d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm512_or_si512(_mm512_srli_epi32(d, 4),
-                         _mm512_slli_epi32(_mm512_and_si512(d, _mm512_set1_epi32(0xF)), 16));
+
+// 16-bit outputs: isa_avx2.cpp's byte planes and lookups, four 128-bit lanes wide.
+// The 16 table values rounded to 16 bits -> lo / hi: the 16 low / high bytes, in all
+// four lanes. `finite`: the scale is finite, so no product is NaN.
+template <class Out> void byte_planes(F t, bool finite, I& lo, I& hi);
+template <>
+inline void byte_planes<bf16>(F t, bool finite, I& lo, I& hi) {
+  const I u = _mm512_castps_si512(t);
+  const I lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  I r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb);
+  if (!finite)  // NaN: truncated and quieted
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(t, t, _CMP_UNORD_Q),
+                              _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
+  // lane k holds entries 4k..4k+3: bytes 2 (low) to dword 0, bytes 3 (high) to dword 1
+  const I d = _mm512_shuffle_epi8(
+      r, _mm512_broadcast_i32x4(_mm_setr_epi8(2, 6, 10, 14, 3, 7, 11, 15, -1, -1, -1, -1, -1,
+                                              -1, -1, -1)));
+  lo = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12), d);
+  hi = _mm512_permutexvar_epi32(_mm512_setr_epi32(1, 5, 9, 13, 1, 5, 9, 13, 1, 5, 9, 13, 1, 5, 9, 13), d);
+}
+template <>
+inline void byte_planes<fp16>(F t, bool, I& lo, I& hi) {
+  // entries 0-7 | 8-15; per 128-bit lane, dwords: low bytes of 4 entries, of the next
+  // 4, then their high bytes
+  const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                         0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  const I d = _mm512_castsi256_si512(_mm256_shuffle_epi8(to_u16<fp16>(t), split));
+  lo = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 1, 4, 5, 0, 1, 4, 5, 0, 1, 4, 5, 0, 1, 4, 5), d);
+  hi = _mm512_permutexvar_epi32(_mm512_setr_epi32(2, 3, 6, 7, 2, 3, 6, 7, 2, 3, 6, 7, 2, 3, 6, 7), d);
 }
 
-template <class Out>
+// Output stores of the 4-bit decoders: plain, or non-temporal (kStream, 64-byte
+// aligned); see isa_avx2.cpp.
+template <bool kStream>
+inline void store_512(void* o, I v) {
+  if (kStream) _mm512_stream_si512(reinterpret_cast<I*>(o), v);
+  else _mm512_storeu_si512(o, v);
+}
+inline void store_fence() { _mm_sfence(); }
+
+template <class Out, bool kStream>
 struct Decoder {
+  // 32 per step, not 64 (two stores, as isa_avx2.cpp does with two lanes): blocksize 32
+  // would otherwise fall through to the scalar tail.
   static constexpr int kStep = 32;  // 16 packed bytes -> 32 outputs (64 bytes)
   I lo, hi;                         // byte planes, the same 16 bytes in all four lanes
   Decoder(int qt, float scale) {
-    const float* table = codebook_4bit(qt);
-    const __m256i v = to_u16<Out>(_mm512_mul_ps(_mm512_loadu_ps(table), _mm512_set1_ps(scale)));
-    const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
-                                           0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
-    const __m256i planes = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, split), 0xD8);
-    lo = _mm512_broadcast_i32x4(_mm256_castsi256_si128(planes));
-    hi = _mm512_broadcast_i32x4(_mm256_extracti128_si256(planes, 1));
+    byte_planes<Out>(_mm512_mul_ps(_mm512_loadu_ps(codebook_4bit(qt)), _mm512_set1_ps(scale)),
+                     is_finite(scale), lo, hi);
   }
   void operator()(const uint8_t* p, Out* o) const {
-    const I c = codes16(p);
-    const I from_lo = _mm512_shuffle_epi8(lo, _mm512_or_si512(c, _mm512_set1_epi16((short)0x8000)));
-    const I from_hi = _mm512_shuffle_epi8(
-        hi, _mm512_or_si512(_mm512_slli_epi16(c, 8), _mm512_set1_epi16(0x0080)));
-    _mm512_storeu_si512(o, _mm512_or_si512(from_lo, from_hi));
+    // Every lane gets the 16 packed bytes; lane k keeps bytes 4k..4k+3, whose nibbles are
+    // the codes of elements 8k..8k+7, so one byte interleave emits elements 0-31 in order.
+    const I arrange = _mm512_setr_epi32(0x03020100, -1, -1, -1, 0x07060504, -1, -1, -1,
+                                        0x0B0A0908, -1, -1, -1, 0x0F0E0D0C, -1, -1, -1);
+    const I x = _mm512_shuffle_epi8(
+        _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), arrange);
+    const I nibble = _mm512_set1_epi8(0x0F);
+    // element 2j is the high nibble of byte j, element 2j+1 the low one
+    const I c = _mm512_unpacklo_epi8(_mm512_and_si512(_mm512_srli_epi16(x, 4), nibble),
+                                     _mm512_and_si512(x, nibble));
+    store_512<kStream>(o, _mm512_unpacklo_epi8(_mm512_shuffle_epi8(lo, c), _mm512_shuffle_epi8(hi, c)));
   }
 };
 
-template <>
-struct Decoder<float> {
+template <bool kStream>
+struct Decoder<float, kStream> {
   static constexpr int kStep = 16;  // 8 packed bytes -> 16 floats
   F t;
   Decoder(int qt, float scale) {
     t = _mm512_mul_ps(_mm512_loadu_ps(codebook_4bit(qt)), _mm512_set1_ps(scale));
   }
   void operator()(const uint8_t* p, float* o) const {
-    _mm512_storeu_ps(o, _mm512_permutexvar_ps(codes32(p), t));
+    store_512<kStream>(o, _mm512_castps_si512(_mm512_permutexvar_ps(codes32(p), t)));
   }
 };
 

@@ -40,7 +40,7 @@ struct Encoder {
 
 inline void store_packed(uint8_t* out, I first, I second) { *out = pack_nibbles(first, second); }
 
-template <class Out>
+template <class Out, bool kStream>  // plain stores only
 struct Decoder {
   static constexpr int kStep = 2;  // one packed byte
   int qt;
@@ -51,6 +51,8 @@ struct Decoder {
     o[1] = from_float<Out>(mul_rn(decode_4bit(unpack_second(*p), qt), scale));
   }
 };
+
+inline void store_fence() {}
 
 struct DynEncoder {
   const float* code;

@@ -12,8 +12,11 @@
 //   splat(float), mul(F, F)     broadcast; IEEE multiply (never fused)
 //   Encoder<QT>{operator()(F)}  4-bit codes (NF4 or FP4) of scaled values -> I
 //   store_packed(u8*, I, I)     2*kW codes (first vector first) -> kW packed bytes
-//   Decoder<Out>(qt, scale)     kStep elements from kStep/2 packed bytes, table*scale,
-//                               rounded once to Out (float / bf16 / fp16)
+//   Decoder<Out, kStream>(qt, scale)  kStep elements from kStep/2 packed bytes,
+//                               table*scale, rounded once to Out (float / bf16 / fp16);
+//                               kStream: with non-temporal stores (kStep * sizeof(Out)
+//                               bytes, aligned to that when the block start is 64-aligned)
+//   store_fence()               orders the streaming stores before what follows
 //   DynEncoder(code)(F) -> I    dynamic 8-bit codes (binary search + midpoints)
 //   store_bytes(u8*, I)         kW codes -> kW bytes
 //   Decoder8<Out>(code, scale)  kStep elements: code[q] * scale rounded to Out
@@ -78,27 +81,53 @@ void quantize_4bit_impl(const Quant4Args& args, int64_t b0, int64_t b1) {
 // ---- 4-bit dequantize: table[code] * absmax, rounded once to Out. -----------------
 // With double quantization each block's absmax is decoded here, once, from its 8-bit
 // code (two float32 roundings, as reference.dequantize_absmax); no absmax array.
+// kStream: the decoder writes with non-temporal stores (args.stream, see dispatch.cpp).
+template <class Out, int QT, bool kStream>
+void dequantize_4bit_blocks(const Dequant4Args& args, int64_t b0, int64_t b1) {
+  // Locals, not args fields: the vector stores may alias anything, so the compiler would
+  // reload every field once per block.
+  Out* const out = static_cast<Out*>(args.out);
+  const uint8_t* const packed = args.packed;
+  const float* const absmax = args.absmax;
+  const NestedAbsmax nested = args.nested;
+  const bool has_nested = args.has_nested;
+  const int64_t n = args.n, blocksize = args.blocksize;
+  using Decode = Decoder<Out, kStream>;
+  constexpr int kStep = Decode::kStep;
+  for (int64_t b = b0; b < b1;) {
+    // One nested group (one absmax2 value) at a time: no 64-bit division per block.
+    int64_t end = b1;
+    float absmax2 = 0.0f;
+    if (has_nested) {
+      const int64_t g = b / nested.blocksize;
+      absmax2 = nested.absmax2[g];
+      if ((g + 1) * nested.blocksize < end) end = (g + 1) * nested.blocksize;
+    }
+    for (; b < end; ++b) {
+      const float scale =
+          has_nested ? decode_nested_absmax(nested.code2, nested.q[b], absmax2, nested.offset)
+                     : absmax[b];
+      const int64_t begin = b * blocksize;
+      const int64_t len = block_length(b, blocksize, n);
+      const uint8_t* p = packed + begin / 2;
+      Out* o = out + begin;
+
+      const Decode decode(QT, scale);
+      int64_t i = 0;
+      for (; i + kStep <= len; i += kStep) decode(p + i / 2, o + i);
+      for (; i < len; ++i)
+        o[i] = from_float<Out>(mul_rn(decode_4bit(unpack_code(p, i), QT), scale));
+    }
+  }
+}
+
 template <class Out, int QT>
 void dequantize_4bit_impl(const Dequant4Args& args, int64_t b0, int64_t b1) {
-  Out* out = static_cast<Out*>(args.out);
-  const NestedAbsmax& nested = args.nested;
-  for (int64_t b = b0; b < b1; ++b) {
-    const float scale =
-        args.has_nested
-            ? decode_nested_absmax(nested.code2, nested.q[b], nested.absmax2[b / nested.blocksize],
-                                   nested.offset)
-            : args.absmax[b];
-    const int64_t begin = b * args.blocksize;
-    const int64_t len = block_length(b, args.blocksize, args.n);
-    const uint8_t* p = args.packed + begin / 2;
-    Out* o = out + begin;
-
-    const Decoder<Out> decode(QT, scale);
-    constexpr int kStep = Decoder<Out>::kStep;
-    int64_t i = 0;
-    for (; i + kStep <= len; i += kStep) decode(p + i / 2, o + i);
-    for (; i < len; ++i)
-      o[i] = from_float<Out>(mul_rn(decode_4bit(unpack_code(p, i), QT), scale));
+  if (args.stream) {
+    dequantize_4bit_blocks<Out, QT, true>(args, b0, b1);
+    store_fence();  // streaming stores are weakly ordered: drain them before returning
+  } else {
+    dequantize_4bit_blocks<Out, QT, false>(args, b0, b1);
   }
 }
 

@@ -6,6 +6,9 @@
 // Outputs of >= 4 MiB get madvise(MADV_HUGEPAGE) before the kernel writes them (a
 // fresh torch.empty faults in page by page otherwise; see dispatch.cpp);
 // NF4LORA_CPU_HUGEPAGES=0 turns that off.
+// dequantize_4bit writes outputs of >= 16 MiB with non-temporal stores when `out` is
+// 64-byte aligned (they would not stay in a 32 MiB L3 anyway; see dispatch.cpp);
+// NF4LORA_CPU_STREAM=0 turns that off, =1 streams every aligned output.
 //
 // Layouts (all flat, row-major), n = number of elements, blocks = ceil(n / blocksize):
 //   A / out      n elements of dtype (kF32 / kF16 / kBF16, see nf4_codec.h)
