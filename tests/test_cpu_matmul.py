@@ -87,7 +87,7 @@ def check_forward(M, in_f, out_f, r, dtype, *, bias=True, scaling=2.0, **quant):
 # ---- the fused kernel ----------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M", [1, 3, 8, 9, 16])
+@pytest.mark.parametrize("M", [1, 3, 8, 9, 16, 32])
 def test_fused_matches_float64(isa, dtype, M):
     check_forward(M, 256, 40, 16, dtype)
 
@@ -134,16 +134,17 @@ def test_fused_kernel_rejects_what_it_cannot_do():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("in_f,out_f", [(256, 40), (100, 33), (1, 5), (33, 1)])
 def test_dequantize_gemm_matches_float64(dtype, in_f, out_f):
-    check_forward(20, in_f, out_f, 4, dtype)
+    check_forward(cpu_backend.FUSED_MAX_M + 8, in_f, out_f, 4, dtype)
 
 
 @pytest.mark.parametrize("in_f", [256, 192, 100])
 def test_dequantize_gemm_in_chunks(monkeypatch, in_f):
     # a chunk of ~2 KiB: many chunks, each starting on a nested-block boundary
     monkeypatch.setattr(cpu_backend, "CHUNK_BYTES", 2048)
-    y, _ = check_forward(32, in_f, 300, 3, torch.bfloat16)
+    M = cpu_backend.FUSED_MAX_M + 8
+    y, _ = check_forward(M, in_f, 300, 3, torch.bfloat16)
     monkeypatch.setattr(cpu_backend, "CHUNK_BYTES", 1 << 30)
-    y_one_chunk, _ = check_forward(32, in_f, 300, 3, torch.bfloat16)
+    y_one_chunk, _ = check_forward(M, in_f, 300, 3, torch.bfloat16)
     torch.testing.assert_close(y, y_one_chunk, rtol=0, atol=0)  # float32 sums, one rounding
 
 
@@ -164,7 +165,7 @@ def test_grad_input_matches_float64(monkeypatch, dtype, M):
 
 def test_workspace_is_reused_and_released():
     packed, state, _ = quantized(64, 128)
-    x = torch.randn(40, 128, dtype=torch.bfloat16)
+    x = torch.randn(cpu_backend.FUSED_MAX_M + 1, 128, dtype=torch.bfloat16)
     run_op(x, packed, state, None, None, 1.0, None)
     first = cpu_backend._thread.buffers[torch.float32].data_ptr()
     run_op(x, packed, state, None, None, 1.0, None)
@@ -175,7 +176,7 @@ def test_workspace_is_reused_and_released():
 
 # ---- determinism and threads -----------------------------------------------------------
 
-@pytest.mark.parametrize("M", [1, 5, 40])
+@pytest.mark.parametrize("M", [1, 5, 48])
 def test_same_bytes_for_any_thread_count_and_run(M):
     packed, state, _ = quantized(1000, 512)
     x, A, B, b = operands(M, 512, 1000, 8, torch.bfloat16)
@@ -192,7 +193,7 @@ def test_same_bytes_for_any_thread_count_and_run(M):
 
 def test_concurrent_python_threads_get_the_same_outputs():
     layers = [quantized(300, 256, seed=s)[:2] for s in range(3)]
-    inputs = [operands(M, 256, 300, 4, torch.bfloat16, seed=M) for M in (1, 7, 33)]
+    inputs = [operands(M, 256, 300, 4, torch.bfloat16, seed=M) for M in (1, 7, 48)]
     expected = {(i, j): run_op(x, *layers[i], A, B, 1.5, b)[0]
                 for i in range(3) for j, (x, A, B, b) in enumerate(inputs)}
     failures = []

@@ -119,10 +119,14 @@ def dequantize_blockwise(codes, absmax, code, blocksize, out):
 # Matmul ops (see the module docstring for the two paths).
 # ---------------------------------------------------------------------------------------
 
-# Largest M that takes the fused kernel. Measured with bench/bench_matmul.py on a 2-core
-# AVX2 EPYC (bf16, 4096x4096, NF4 + double quant): the fused kernel wins at every M up
-# to 16 (the largest it was designed for); see README "CPU matmul" for the numbers.
-FUSED_MAX_M = 16
+# Largest M that takes the fused kernel: the measured crossover. 2-core AVX2 EPYC (Zen 3),
+# bf16 x, 4096x4096 NF4 + double quant, warm, ms per call, fused vs dequantize+gemm:
+#   M = 8: 5.0 vs 17.3;  16: 8.1 vs 18.4;  24: 11.8 vs 20.4;  32: 16.0 vs 20.4
+# The fused kernel costs ~0.5 ms per row of x (float32 FMAs), the other path ~17 ms of
+# dequantization and GEMM setup plus ~0.1 ms per row, so they cross near M = 40; 32
+# keeps a margin. A CPU with native bf16 GEMM (AMX) moves the crossover down: re-measure
+# with `python -m bench.bench_matmul --tokens 8 16 32 64` there.
+FUSED_MAX_M = 32
 
 # Size of one dequantized chunk of W on the float32 path: small enough that the chunk
 # the dequantizer just wrote is still in the 32 MiB L3 when the GEMM reads it, large
