@@ -150,6 +150,16 @@ void check(bool ok, const char* what) {
   if (!ok) throw std::invalid_argument(what);
 }
 
+// Either float32 absmax or the arrays of double quantization, whichever the call uses.
+void check_block_constants(const float* absmax, const NestedAbsmax* nested) {
+  if (nested) {
+    check(nested->q && nested->absmax2 && nested->code2, "null pointer in nested absmax");
+    check(nested->blocksize > 0, "nested blocksize must be > 0");
+  } else {
+    check(absmax != nullptr, "null absmax");
+  }
+}
+
 void check_common(int64_t n, int64_t blocksize, int dtype, const char* dtype_name) {
   check(n >= 0, "n must be >= 0");
   check(blocksize > 0, "blocksize must be > 0");
@@ -209,12 +219,7 @@ void dequantize_4bit(const uint8_t* packed, const float* absmax, const NestedAbs
   check(quant_type == kNF4 || quant_type == kFP4, "quant_type must be 0 (nf4) or 1 (fp4)");
   if (n == 0) return;
   check(packed && out, "null pointer");
-  if (nested) {
-    check(nested->q && nested->absmax2 && nested->code2, "null pointer in nested absmax");
-    check(nested->blocksize > 0, "nested blocksize must be > 0");
-  } else {
-    check(absmax != nullptr, "null absmax");
-  }
+  check_block_constants(absmax, nested);
   const IsaKernels& k = select_kernels();
   const int64_t out_bytes = n * dtype_size(out_dtype);
   advise_huge_pages(out, out_bytes);
@@ -264,14 +269,7 @@ void lora_gemv_4bit(const void* x, int dtype, int64_t M, int64_t K, int64_t N,
   if (M == 0) return;
   check(x && y && (N == 0 || K == 0 || packed), "null pointer");
   check(rank == 0 || (lora_A && lora_B && h), "null LoRA pointer");
-  if (N > 0 && K > 0) {
-    if (nested) {
-      check(nested->q && nested->absmax2 && nested->code2, "null pointer in nested absmax");
-      check(nested->blocksize > 0, "nested blocksize must be > 0");
-    } else {
-      check(absmax != nullptr, "null absmax");
-    }
-  }
+  if (N > 0 && K > 0) check_block_constants(absmax, nested);
   const IsaKernels& k = select_kernels();
   std::vector<float> x_paired(M * K), x_natural(rank > 0 ? M * K : 0), h_scaled(M * rank);
   const GemvArgs args{x, dtype, M, K, N, packed, absmax, nested ? *nested : NestedAbsmax{},
