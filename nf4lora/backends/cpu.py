@@ -227,6 +227,9 @@ def _dequantize_rows(weight, n0: int, out: torch.Tensor) -> None:
 
 
 def _dequantize_gemm(x, weight, lora_A, lora_B, scaling, bias):
+    if x.shape[0] == 0:  # nothing to multiply: skip dequantizing W
+        return (x.new_empty((0, weight.out_features)),
+                x.new_empty((0, 0 if lora_A is None else lora_A.shape[0])))
     dtype = _compute_dtype(x.dtype)
     xc = x.to(dtype)
     y = torch.empty((x.shape[0], weight.out_features), dtype=dtype)
@@ -248,6 +251,8 @@ def lora_matmul_4bit(x, weight, lora_A, lora_B, scaling, bias):
 
 
 def lora_matmul_4bit_grad_input(grad, weight, lora_A, grad_h):
+    if grad.shape[0] == 0:
+        return grad.new_empty((0, weight.in_features))
     dtype = _compute_dtype(grad.dtype)
     gc = grad.to(dtype)
     dx = None
