@@ -1,0 +1,203 @@
+// Full lora GEMV (prepare, lora_h, rows) of scalar / avx2 (native) / avx512 (SIMDe
+// emulated) kernels, each against a double-precision reference computed here.
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <vector>
+
+#include "cpu/isa.h"
+using namespace nf4lora;
+using namespace nf4lora::cpu;
+
+static uint32_t rng = 12345;
+static uint32_t rnd() { rng = rng * 1664525u + 1013904223u; return rng >> 8; }
+static float rndf() { return (rnd() % 2000001) / 1000000.0f - 1.0f; }  // [-1, 1]
+
+static const double kNF4v[16] = {NF4LORA_NF4_VALUES};
+static const double kFP4v[16] = {NF4LORA_FP4_VALUES};
+
+static int es_of(int dt) { return dt == kF32 ? 4 : 2; }
+static float get(const void* p, int dt, int64_t i) {
+  if (dt == kF32) return ((const float*)p)[i];
+  uint16_t b = ((const uint16_t*)p)[i];
+  return dt == kF16 ? fp16_bits_to_float(b) : bf16_bits_to_float(b);
+}
+static void put(void* p, int dt, int64_t i, float v) {
+  if (dt == kF32) ((float*)p)[i] = v;
+  else ((uint16_t*)p)[i] = dt == kF16 ? float_to_fp16_bits(v) : float_to_bf16_bits(v);
+}
+static float round_to(int dt, double v) {  // double -> dtype value (as float)
+  float f = (float)v;
+  if (dt == kF32) return f;
+  return dt == kF16 ? fp16_bits_to_float(float_to_fp16_bits(f))
+                    : bf16_bits_to_float(float_to_bf16_bits(f));
+}
+static double ulp_of(int dt, float r) {  // ulp of a dtype value r (>= its magnitude)
+  r = fabsf(r);
+  if (dt == kF32) return (double)nextafterf(r, INFINITY) - r;
+  if (dt == kF16) { uint16_t b = float_to_fp16_bits(r); return (double)fp16_bits_to_float(b + 1) - fp16_bits_to_float(b); }
+  uint16_t b = float_to_bf16_bits(r); return (double)bf16_bits_to_float(b + 1) - bf16_bits_to_float(b);
+}
+
+struct Stats { double max_excess[3] = {0, 0, 0}; long over1[3] = {0, 0, 0}; double max_err[3] = {0, 0, 0}; long checked[3] = {0, 0, 0}; long fails = 0; long cases = 0; };
+
+static const double kRelTol = 1e-5;
+
+// err metric: f32: |out-ref| / scale ; 16-bit: |out - round(ref)| in ulps, minus slack
+static bool check_val(int dt, double out, double ref, double scale, Stats& st, const char* what,
+                      const char* desc, int64_t m, int64_t idx) {
+  bool ok;
+  double metric;
+  if (dt == kF32) {
+    metric = fabs(out - ref) / (scale > 0 ? scale : 1e-30);
+    ok = fabs(out - ref) <= kRelTol * scale + 1e-30;
+  } else {
+    float r = round_to(dt, ref);
+    double u = ulp_of(dt, r);
+    metric = fabs(out - r) / u;
+    ok = fabs(out - r) <= u + kRelTol * scale;  // one output ulp (+ float32 sum slack)
+    if (fabs(out - r) > u) { st.over1[dt]++; double ex = (fabs(out - r) - u) / scale; if (ex > st.max_excess[dt]) st.max_excess[dt] = ex; }
+  }
+  if (!(metric <= 1e300)) ok = false;  // NaN
+  if (metric > st.max_err[dt]) st.max_err[dt] = metric;
+  st.checked[dt]++;
+  if (!ok && st.fails++ < 12)
+    printf("  FAIL %s %s m=%lld idx=%lld out=%.9g ref=%.9g scale=%.3g\n", what, desc,
+           (long long)m, (long long)idx, out, ref, scale);
+  return ok;
+}
+
+static const uint32_t kCanary = 0xA5A5A5A5u;
+
+static void run_case(const IsaKernels& K_, int64_t M, int64_t K, int64_t N, int64_t bs, int qt,
+                     int nested_bs, int64_t rank, bool has_bias, int dt, Stats& st) {
+  rng = 0x9E3779B9u ^ (uint32_t)(M * 1000003 + K * 10007 + N * 101 + bs * 7 + qt * 3 + nested_bs * 13 + rank * 17 + has_bias * 19 + dt * 23);
+  for (int i = 0; i < 4; ++i) rnd();
+  char desc[200];
+  snprintf(desc, sizeof desc, "[%s M=%lld K=%lld N=%lld bs=%lld qt=%d nbs=%d r=%lld bias=%d dt=%d]",
+           K_.name, (long long)M, (long long)K, (long long)N, (long long)bs, qt, nested_bs,
+           (long long)rank, has_bias, dt);
+  const int es = es_of(dt);
+  const int64_t blocks = N * K / bs;
+  std::vector<uint8_t> x(M * K * es), A(rank * K * es + 4), B(N * rank * es + 4), bias(N * es);
+  for (int64_t i = 0; i < M * K; ++i) put(x.data(), dt, i, rndf());
+  for (int64_t i = 0; i < rank * K; ++i) put(A.data(), dt, i, rndf() * 0.5f);
+  for (int64_t i = 0; i < N * rank; ++i) put(B.data(), dt, i, rndf() * 0.5f);
+  for (int64_t i = 0; i < N; ++i) put(bias.data(), dt, i, rndf());
+  std::vector<uint8_t> packed(N * K / 2 + 64);
+  for (auto& b : packed) b = rnd();
+  std::vector<float> absmax(blocks + 1);
+  for (auto& a : absmax) a = 0.05f + 1.5f * fabsf(rndf());
+  std::vector<float> code2(256);
+  for (int i = 0; i < 256; ++i) code2[i] = (i - 127.5f) / 127.5f;
+  std::vector<uint8_t> q(blocks + 1);
+  for (auto& b : q) b = rnd();
+  const int64_t nb2 = nested_bs ? (blocks + nested_bs - 1) / nested_bs : 1;
+  std::vector<float> absmax2(nb2 + 1);
+  for (auto& a : absmax2) a = 0.2f + fabsf(rndf());
+  const float offset = 0.9f, scaling = 0.75f;
+
+  // outputs with canaries
+  std::vector<uint8_t> y(M * N * es + 64), h(M * rank * es + 64);
+  memset(y.data(), 0xA5, y.size()); memset(h.data(), 0xA5, h.size());
+  // workspaces with canaries
+  const int64_t slack = 64;
+  std::vector<float> x_paired(M * K + slack), x_natural(M * K + slack), h_scaled(M * rank + slack);
+  auto fillc = [](std::vector<float>& v) { for (auto& f : v) memcpy(&f, &kCanary, 4); };
+  fillc(x_paired); fillc(x_natural); fillc(h_scaled);
+
+  NestedAbsmax nest{};
+  nest.q = q.data(); nest.absmax2 = absmax2.data(); nest.code2 = code2.data();
+  nest.offset = offset; nest.blocksize = nested_bs ? nested_bs : 256;
+  const GemvArgs args{x.data(), dt, M, K, N, packed.data(), absmax.data(), nest, nested_bs > 0,
+                      bs, qt, rank ? A.data() : nullptr, rank ? B.data() : nullptr, rank, scaling,
+                      has_bias ? bias.data() : nullptr, y.data(), rank ? h.data() : nullptr,
+                      x_paired.data(), rank > 0 ? x_natural.data() : nullptr, h_scaled.data()};
+  for (int64_t m = 0; m < M; ++m) K_.gemv_prepare(args, m);
+  for (int64_t i = 0; i < M * rank; ++i) K_.gemv_lora_h(args, i / rank, i % rank);
+  // rows in three ranges, out of order
+  const int64_t c1 = N / 3, c2 = (2 * N) / 3;
+  K_.gemv_rows(args, c2, N);
+  K_.gemv_rows(args, 0, c1);
+  K_.gemv_rows(args, c1, c2);
+  st.cases++;
+
+  // canaries
+  auto canary_ok = [&](const uint8_t* p, size_t n) { for (size_t i = 0; i < n; ++i) if (p[i] != 0xA5) return false; return true; };
+  if (!canary_ok(y.data() + M * N * es, 64)) { st.fails++; printf("  FAIL y overrun %s\n", desc); }
+  if (!canary_ok(h.data() + M * rank * es, 64)) { st.fails++; printf("  FAIL h overrun %s\n", desc); }
+  auto wcan = [&](std::vector<float>& v, int64_t used, const char* nm) {
+    for (int64_t i = used; i < (int64_t)v.size(); ++i) { uint32_t u; memcpy(&u, &v[i], 4);
+      if (u != kCanary) { st.fails++; printf("  FAIL workspace %s overrun %s\n", nm, desc); return; } } };
+  wcan(x_paired, M * K, "x_paired"); wcan(x_natural, rank ? M * K : 0, "x_natural"); wcan(h_scaled, M * rank, "h_scaled");
+
+  // reference
+  const double* table = qt == kNF4 ? kNF4v : kFP4v;
+  std::vector<double> W(N * K);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t e = n * K + k, b = e / bs;
+      const uint8_t byte = packed[e / 2];
+      const int code = (e % 2 == 0) ? byte >> 4 : byte & 15;
+      // the block constant as the library defines it (float32 ops, nf4_codec.h)
+      double am = nested_bs ? (double)decode_nested_absmax(code2.data(), q[b], absmax2[b / nested_bs], offset)
+                            : absmax[b];
+      W[e] = table[code] * am;
+    }
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t j = 0; j < rank; ++j) {
+      double s = 0, sa = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        double t = (double)get(x.data(), dt, m * K + k) * get(A.data(), dt, j * K + k);
+        s += t; sa += fabs(t);
+      }
+      check_val(dt, get(h.data(), dt, m * rank + j), s, sa, st, "h", desc, m, j);
+    }
+    for (int64_t n = 0; n < N; ++n) {
+      double s = 0, sa = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        double t = (double)get(x.data(), dt, m * K + k) * W[n * K + k];
+        s += t; sa += fabs(t);
+      }
+      for (int64_t j = 0; j < rank; ++j) {  // epilogue uses the kernel's rounded h
+        double t = (double)get(h.data(), dt, m * rank + j) * scaling * get(B.data(), dt, n * rank + j);
+        s += t; sa += fabs(t);
+      }
+      if (has_bias) { double t = get(bias.data(), dt, n); s += t; sa += fabs(t); }
+      check_val(dt, get(y.data(), dt, m * N + n), s, sa, st, "y", desc, m, n);
+    }
+  }
+}
+
+int main(int argc, char** argv) {
+  const IsaKernels* sets[] = {&scalar::kernels(), &avx2::kernels(), &avx512::kernels()};
+  int total_fails = 0;
+  for (const IsaKernels* ks : sets) {
+    if (argc > 1 && strcmp(argv[1], ks->name) != 0) continue;
+    Stats st;
+    for (int64_t M : {1, 2, 3, 5, 8, 9, 16, 17})
+      for (int64_t K : {32, 64, 96, 256, 512})
+        for (int64_t N : {1, 7, 33})
+          for (int64_t bs : {32, 64, 128, 256}) {
+            if (K % bs) continue;
+            for (int qt : {0, 1})
+              for (int nbs : {0, 4, 256})
+                for (int64_t rank : {0, 5, 16, 24})
+                  for (int bias : {0, 1})
+                    for (int dt : {kF32, kF16, kBF16}) {
+                      // thin the largest combos a little: keep all for M <= 9
+                      if (M > 9 && (((M * 7 + K * 3 + N + bs + qt * 5 + nbs + rank * 11 + bias + dt) % 4) == 0)) continue;
+                      run_case(*ks, M, K, N, bs, qt, nbs, rank, bias, dt, st);
+                    }
+          }
+    printf("%-7s cases=%ld fails=%ld\n  f32: max |out-ref|/sum|terms| = %.3g over %ld values\n", ks->name, st.cases, st.fails, st.max_err[kF32], st.checked[kF32]);
+    for (int d : {kF16, kBF16})
+      printf("  %s: max |out-round(ref)| = %.3g ulp over %ld values; %ld values > 1 ulp (cancellation), their max (excess over 1 ulp)/sum|terms| = %.3g\n",
+             d == kF16 ? "f16 " : "bf16", st.max_err[d], st.checked[d], st.over1[d], st.max_excess[d]);
+    total_fails += st.fails;
+  }
+  printf(total_fails ? "FAILED\n" : "ALL OK\n");
+  return total_fails ? 1 : 0;
+}

@@ -1,0 +1,72 @@
+#pragma once
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+#include <simde/x86/f16c.h>
+#include <string.h>
+#include <immintrin.h>
+// intrinsics simde 0.7.4 lacks, emulated with its portable vector types
+static inline simde__m512i shim_cvtepu16_epi32(simde__m256i a) {
+  simde__m512i_private r; simde__m256i_private x = simde__m256i_to_private(a);
+  for (int i = 0; i < 16; ++i) r.i32[i] = (int32_t)x.u16[i];
+  return simde__m512i_from_private(r);
+}
+#define _mm512_cvtepu16_epi32 shim_cvtepu16_epi32
+static inline simde__m512 shim_cvtph_ps(simde__m256i a) {
+  simde__m256i_private x = simde__m256i_to_private(a);
+  simde__m512_private r;
+  __m128i lo, hi; memcpy(&lo, &x.u16[0], 16); memcpy(&hi, &x.u16[8], 16);
+  __m256 a0 = _mm256_cvtph_ps(lo), a1 = _mm256_cvtph_ps(hi);
+  memcpy(&r.f32[0], &a0, 32); memcpy(&r.f32[8], &a1, 32);
+  return simde__m512_from_private(r);
+}
+#define _mm512_cvtph_ps shim_cvtph_ps
+#define SHIM_I(v) simde__m512i_private v
+static inline simde__m256i shim_cvtepi32_epi16(simde__m512i a) {
+  simde__m512i_private x = simde__m512i_to_private(a); simde__m256i_private r;
+  for (int i = 0; i < 16; ++i) r.i16[i] = (int16_t)x.i32[i];
+  return simde__m256i_from_private(r);
+}
+#define _mm512_cvtepi32_epi16 shim_cvtepi32_epi16
+static inline simde__m128i shim_cvtepi32_epi8(simde__m512i a) {
+  simde__m512i_private x = simde__m512i_to_private(a); simde__m128i_private r;
+  for (int i = 0; i < 16; ++i) r.i8[i] = (int8_t)x.i32[i];
+  return simde__m128i_from_private(r);
+}
+#define _mm512_cvtepi32_epi8 shim_cvtepi32_epi8
+static inline simde__m512i shim_cvtepu8_epi32(simde__m128i a) {
+  simde__m128i_private x = simde__m128i_to_private(a); simde__m512i_private r;
+  for (int i = 0; i < 16; ++i) r.i32[i] = x.u8[i];
+  return simde__m512i_from_private(r);
+}
+#define _mm512_cvtepu8_epi32 shim_cvtepu8_epi32
+static inline simde__m512i shim_cvtepu8_epi64(simde__m128i a) {
+  simde__m128i_private x = simde__m128i_to_private(a); simde__m512i_private r;
+  for (int i = 0; i < 8; ++i) r.i64[i] = x.u8[i];
+  return simde__m512i_from_private(r);
+}
+#define _mm512_cvtepu8_epi64 shim_cvtepu8_epi64
+static inline simde__m256i shim_cvtps_ph(simde__m512 a, int) {
+  simde__m512_private x = simde__m512_to_private(a); simde__m256i_private r;
+  __m256 a0, a1; memcpy(&a0, &x.f32[0], 32); memcpy(&a1, &x.f32[8], 32);
+  __m128i h0 = _mm256_cvtps_ph(a0, 0), h1 = _mm256_cvtps_ph(a1, 0);  // 0 = round to nearest even
+  memcpy(&r.u16[0], &h0, 16); memcpy(&r.u16[8], &h1, 16);
+  return simde__m256i_from_private(r);
+}
+#define _mm512_cvtps_ph shim_cvtps_ph
+static inline simde__m512 shim_i32gather_ps(simde__m512i idx, const float* base, int scale) {
+  simde__m512i_private i = simde__m512i_to_private(idx); simde__m512_private r;
+  for (int k = 0; k < 16; ++k) r.f32[k] = *(const float*)((const char*)base + (int64_t)i.i32[k] * scale);
+  return simde__m512_from_private(r);
+}
+#define _mm512_i32gather_ps shim_i32gather_ps
+static inline float shim_reduce_max_ps(simde__m512 a) {
+  simde__m512_private x = simde__m512_to_private(a); float m = x.f32[0];
+  for (int k = 1; k < 16; ++k) m = x.f32[k] > m ? x.f32[k] : m;
+  return m;
+}
+#define _mm512_reduce_max_ps shim_reduce_max_ps
+static inline void shim_stream_si512(simde__m512i* p, simde__m512i v) {
+  if ((uintptr_t)p % 64) __builtin_trap();  // the real instruction faults when misaligned
+  memcpy(p, &v, 64);
+}
+#define _mm512_stream_si512 shim_stream_si512
