@@ -67,22 +67,13 @@ def quantized_bytes(n: int) -> int:
     return num_blocks(n, 2) + blocks + 4 * num_blocks(blocks, NESTED_BLOCKSIZE)
 
 
-@dataclass
-class Case:
-    """One op on one weight shape; caches the inputs every provider derives from."""
-    op: str
-    shape: tuple[int, int]
-    quantizer: "Quantizer"
-    _cache: dict = field(default_factory=dict, repr=False)
+class CachedWeight:
+    """The random bf16 weight of `self.shape` and what is derived from it, each made once.
+    For dataclasses with the fields shape, quantizer (a Quantizer) and _cache (a dict)."""
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
-
-    @property
-    def labels(self) -> dict:
-        return {"op": self.op, "shape": list(self.shape), "dtype": str(DTYPE).removeprefix("torch."),
-                "quant_type": QUANT_TYPE, "blocksize": BLOCKSIZE, "nested_blocksize": NESTED_BLOCKSIZE}
 
     def cached(self, key: str, make):
         if key not in self._cache:
@@ -95,6 +86,20 @@ class Case:
     def quantized(self):
         """(packed uint8 [n/2, 1], nf4lora QuantState) of weight(), from the fastest quantizer."""
         return self.cached("quantized", lambda: self.quantizer.quantize(self.weight()))
+
+
+@dataclass
+class Case(CachedWeight):
+    """One op on one weight shape; caches the inputs every provider derives from."""
+    op: str
+    shape: tuple[int, int]
+    quantizer: "Quantizer"
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def labels(self) -> dict:
+        return {"op": self.op, "shape": list(self.shape), "dtype": str(DTYPE).removeprefix("torch."),
+                "quant_type": QUANT_TYPE, "blocksize": BLOCKSIZE, "nested_blocksize": NESTED_BLOCKSIZE}
 
 
 def op_bytes(case: Case) -> int:

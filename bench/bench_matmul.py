@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 
 from . import harness
-from .bench_codec import (NESTED_BLOCKSIZE, Quantizer, bitsandbytes_path, quantized_bytes,
-                          random_weight)
+from .bench_codec import (NESTED_BLOCKSIZE, CachedWeight, Quantizer, bitsandbytes_path,
+                          quantized_bytes)
 from .harness import Provider
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]   # q/k/v/o, up/gate, down projections
@@ -116,28 +116,12 @@ def schedule(case: "Case", slow: bool) -> dict:
 # --- weights, cases, bytes -------------------------------------------------------------
 
 @dataclass
-class Weights:
+class Weights(CachedWeight):
     """One weight shape: the bf16 weight and what every provider derives from it, made once
     and shared by the cases of that shape."""
     shape: tuple[int, int]
     quantizer: Optional[Quantizer]
     _cache: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    def cached(self, key, make):
-        if key not in self._cache:
-            self._cache[key] = make()
-        return self._cache[key]
-
-    def weight(self) -> torch.Tensor:
-        return self.cached("weight", lambda: random_weight(self.shape))
-
-    def quantized(self):
-        """(packed uint8 [n/2, 1], nf4lora QuantState) of weight()."""
-        return self.cached("quantized", lambda: self.quantizer.quantize(self.weight()))
 
     def dequantized_f32(self) -> torch.Tensor:
         """W as the reference backend (the spec) decodes it, in float32: the guard's oracle."""

@@ -53,6 +53,23 @@ def bnb():
         yield bnb_functional
 
 
+@pytest.fixture
+def hide_optional_imports(monkeypatch):
+    """hide("bitsandbytes", "torchao"): bench.harness.import_optional fails for modules with
+    those prefixes, as if they were not installed (for the benchmarks' skip-with-a-note
+    tests; the test module has put the repository root on sys.path)."""
+    from bench import harness
+    real_import = harness.import_optional
+
+    def hide(*prefixes: str) -> None:
+        def fake_import(name):
+            if name.startswith(prefixes):
+                return None, f"import {name} failed: not installed (simulated)", []
+            return real_import(name)
+        monkeypatch.setattr(harness, "import_optional", fake_import)
+    return hide
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models: extra threads only add synchronization, which on a loaded 2-core

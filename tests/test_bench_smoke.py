@@ -57,15 +57,8 @@ def test_quick_run_writes_every_row_and_key(tmp_path):
         assert row["median_ms"] > 0 and row["bytes"] > 0
 
 
-def test_missing_provider_is_a_note_not_a_crash(tmp_path, monkeypatch):
-    real_import = harness.import_optional
-
-    def fake_import(name):
-        if name.startswith("bitsandbytes"):
-            return None, "import bitsandbytes failed: not installed (simulated)", []
-        return real_import(name)
-
-    monkeypatch.setattr(harness, "import_optional", fake_import)
+def test_missing_provider_is_a_note_not_a_crash(tmp_path, hide_optional_imports):
+    hide_optional_imports("bitsandbytes")
     payload = bench_codec.main(["--quick", "--ops", "dequantize", "--out", str(tmp_path),
                                 "--providers", "bitsandbytes", "copy-bf16"])
     assert any("bitsandbytes: skipped" in note for note in payload["notes"])
@@ -195,15 +188,8 @@ def test_matmul_bytes_and_flops_follow_the_docstring():
     assert train.flops == 4 * 512 * 4096 * 4096 + 6 * 512 * bench_matmul.RANK * 8192
 
 
-def test_matmul_missing_provider_is_a_note_not_a_crash(tmp_path, monkeypatch):
-    real_import = harness.import_optional
-
-    def fake_import(name):
-        if name.startswith(("bitsandbytes", "torchao", "matplotlib")):
-            return None, f"import {name} failed: not installed (simulated)", []
-        return real_import(name)
-
-    monkeypatch.setattr(harness, "import_optional", fake_import)
+def test_matmul_missing_provider_is_a_note_not_a_crash(tmp_path, hide_optional_imports):
+    hide_optional_imports("bitsandbytes", "torchao", "matplotlib")
     payload = bench_matmul.main(MATMUL_SMALL + ["--ops", "matmul", "--out", str(tmp_path),
                                                 "--providers", "bitsandbytes", "torchao", "dense-bf16"])
     notes = "\n".join(payload["notes"])

@@ -66,25 +66,34 @@ def quantize_4bit(A, blocksize, quant_type):
     return packed, absmax
 
 
-def dequantize_4bit(packed, absmax, blocksize, quant_type, out, nested):
-    n = out.numel()
+def _check_packed_weight(packed, absmax, nested, n: int, blocksize: int):
+    """Guard the reads of a 4-bit weight of n elements; returns the nested code as float32
+    (kept alive by the caller for the kernel call), or None without double quantization."""
     blocks = _blocks(n, blocksize)
     _check_input(packed, "packed")
     _check_input(absmax, "absmax")
-    _check_input(out, "out")
     assert packed.dtype == torch.uint8 and packed.numel() >= (n + 1) // 2, "packed too small"
-    qt, out_dtype = _QUANT_TYPE_IDS[quant_type], _DTYPE_IDS[out.dtype]
     if nested is None:
         assert absmax.dtype == torch.float32 and absmax.numel() >= blocks, "absmax: f32 [blocks]"
-        _C.dequantize_4bit(packed.data_ptr(), absmax.data_ptr(), n, blocksize, qt,
-                           out.data_ptr(), out_dtype)
-        return
+        return None
     code = nested.code.float().contiguous()  # 256 entries: a no-op when already float32
     _check_input(nested.absmax, "nested.absmax")
     assert absmax.dtype == torch.uint8 and absmax.numel() >= blocks, "nested absmax: u8 [blocks]"
     assert nested.absmax.dtype == torch.float32
     assert nested.absmax.numel() >= _blocks(blocks, nested.blocksize), "nested.absmax too small"
     assert code.numel() == 256, "nested.code must have 256 entries"
+    return code
+
+
+def dequantize_4bit(packed, absmax, blocksize, quant_type, out, nested):
+    n = out.numel()
+    _check_input(out, "out")
+    code = _check_packed_weight(packed, absmax, nested, n, blocksize)
+    qt, out_dtype = _QUANT_TYPE_IDS[quant_type], _DTYPE_IDS[out.dtype]
+    if nested is None:
+        _C.dequantize_4bit(packed.data_ptr(), absmax.data_ptr(), n, blocksize, qt,
+                           out.data_ptr(), out_dtype)
+        return
     _C.dequantize_4bit_nested(packed.data_ptr(), absmax.data_ptr(), nested.absmax.data_ptr(),
                               code.data_ptr(), float(nested.offset), nested.blocksize, n,
                               blocksize, qt, out.data_ptr(), out_dtype)
@@ -150,18 +159,13 @@ def _address(t: torch.Tensor | None) -> int:
 def _fused(x, weight, lora_A, lora_B, scaling, bias):
     M, K = x.shape
     N, rank = weight.out_features, (0 if lora_A is None else lora_A.shape[0])
-    _check_input(weight.packed, "packed")
-    _check_input(weight.absmax, "absmax")
-    assert weight.packed.numel() >= (N * K + 1) // 2, "packed too small"
-    assert weight.absmax.numel() >= _blocks(N * K, weight.blocksize), "absmax too small"
+    code = _check_packed_weight(weight.packed, weight.absmax, weight.nested, N * K, weight.blocksize)
     y = torch.empty((M, N), dtype=x.dtype)
     h = torch.empty((M, rank), dtype=x.dtype)
     bias = None if bias is None else bias.contiguous()
     absmax2 = code2 = 0
-    offset, nested_blocksize, code = 0.0, 256, None
+    offset, nested_blocksize = 0.0, 256
     if weight.nested is not None:
-        code = weight.nested.code.float().contiguous()  # kept alive for the call
-        _check_input(weight.nested.absmax, "nested.absmax")
         absmax2, code2 = weight.nested.absmax.data_ptr(), code.data_ptr()
         offset, nested_blocksize = float(weight.nested.offset), weight.nested.blocksize
     _C.lora_gemv_4bit(x.data_ptr(), _DTYPE_IDS[x.dtype], M, K, N, weight.packed.data_ptr(),
