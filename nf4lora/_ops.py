@@ -28,30 +28,30 @@ def blocks_of(n, blocksize: int):
     return (n + blocksize - 1) // blocksize
 
 
-def _check(condition: bool, error: type, message: str) -> None:
-    if not condition:
-        raise error(message)
-
-
 def check_quant_args(blocksize: int, quant_type: str) -> None:
-    _check(blocksize in BLOCKSIZES, ValueError,
-           f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
-    _check(quant_type in QUANT_TYPES, ValueError,
-           f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
 
 
 def check_float(name: str, tensor: Tensor) -> None:
-    _check(isinstance(tensor, Tensor), TypeError, f"{name} must be a tensor, got {type(tensor).__name__}")
-    _check(tensor.dtype in FLOAT_DTYPES, ValueError,
-           f"{name} must be one of {FLOAT_DTYPES}, got {tensor.dtype}")
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be one of {FLOAT_DTYPES}, got {tensor.dtype}")
 
 
 def _check_tensor(name: str, tensor: Tensor, dtype: torch.dtype, numel: int, device) -> None:
-    _check(isinstance(tensor, Tensor), TypeError, f"{name} must be a tensor, got {type(tensor).__name__}")
-    _check(tensor.dtype == dtype, ValueError, f"{name} must be {dtype}, got {tensor.dtype}")
-    _check(tensor.numel() == numel, ValueError,
-           f"{name} must have {numel} elements, got {tensor.numel()} (shape {tuple(tensor.shape)})")
-    _check(tensor.device == device, ValueError, f"{name} is on {tensor.device}, expected {device}")
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
+    if tensor.dtype != dtype:
+        raise ValueError(f"{name} must be {dtype}, got {tensor.dtype}")
+    if tensor.numel() != numel:
+        raise ValueError(f"{name} must have {numel} elements, got {tensor.numel()} "
+                         f"(shape {tuple(tensor.shape)})")
+    if tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device}, expected {device}")
 
 
 def _nested(absmax: Tensor, blocks: int, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
@@ -61,20 +61,22 @@ def _nested(absmax: Tensor, blocks: int, nested_absmax: Optional[Tensor], nested
     The offset travels as a 0-d tensor, not a float, so that torch.compile can trace
     callers without reading its value (a graph break)."""
     if nested_absmax is None:
-        _check(nested_code is None and nested_offset is None, ValueError,
-               "nested_code/nested_offset given without nested_absmax")
+        if nested_code is not None or nested_offset is not None:
+            raise ValueError("nested_code/nested_offset given without nested_absmax")
         _check_tensor("absmax", absmax, torch.float32, blocks, device)
         return None
-    _check(nested_code is not None and nested_offset is not None, ValueError,
-           "nested_absmax needs nested_code and nested_offset")
-    _check(nested_blocksize > 0, ValueError, f"nested_blocksize must be positive, got {nested_blocksize}")
+    if nested_code is None or nested_offset is None:
+        raise ValueError("nested_absmax needs nested_code and nested_offset")
+    if nested_blocksize <= 0:
+        raise ValueError(f"nested_blocksize must be positive, got {nested_blocksize}")
     _check_tensor("absmax (8-bit codes when nested)", absmax, torch.uint8, blocks, device)
     _check_tensor("nested_absmax", nested_absmax, torch.float32, blocks_of(blocks, nested_blocksize), device)
     _check_tensor("nested_code", nested_code, torch.float32, 256, device)
-    _check(nested_offset.numel() == 1, ValueError,
-           f"nested_offset must hold one value, got shape {tuple(nested_offset.shape)}")
+    if nested_offset.numel() != 1:
+        raise ValueError(f"nested_offset must hold one value, got shape {tuple(nested_offset.shape)}")
     offset = float(nested_offset)
-    _check(math.isfinite(offset), ValueError, f"nested_offset must be finite, got {offset}")
+    if not math.isfinite(offset):
+        raise ValueError(f"nested_offset must be finite, got {offset}")
     return NestedAbsmax(nested_absmax.contiguous(), nested_code.contiguous(), offset, nested_blocksize)
 
 
@@ -97,11 +99,14 @@ def _dequantize_4bit_into(out: Tensor, A: Tensor, absmax: Tensor, blocksize: int
                           nested_absmax, nested_code, nested_offset, nested_blocksize) -> None:
     check_quant_args(blocksize, quant_type)
     check_float("out", out)
-    _check(out.is_contiguous(), ValueError, "out must be contiguous")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
     n = out.numel()
-    _check(A.dtype == torch.uint8, ValueError, f"A (packed codes) must be uint8, got {A.dtype}")
-    _check(A.numel() >= packed_bytes(n), ValueError,
-           f"A holds {A.numel()} bytes, fewer than the {packed_bytes(n)} that {n} 4-bit codes need")
+    if A.dtype != torch.uint8:
+        raise ValueError(f"A (packed codes) must be uint8, got {A.dtype}")
+    if A.numel() < packed_bytes(n):
+        raise ValueError(f"A holds {A.numel()} bytes, fewer than the {packed_bytes(n)} that {n} "
+                         "4-bit codes need")
     nested = _nested(absmax, blocks_of(n, blocksize), nested_absmax, nested_code,
                      nested_offset, nested_blocksize, out.device)
     backend_for(out.device).dequantize_4bit(A.contiguous().reshape(-1), absmax.contiguous(), blocksize,
@@ -115,7 +120,8 @@ def dequantize_4bit(A: Tensor, absmax: Tensor, blocksize: int, quant_type: str, 
                     nested_blocksize: int = 256) -> Tensor:
     """table[code] * absmax, to `dtype` and `shape`. With nested_*, absmax holds uint8 codes
     and is decoded first as nested_code[q] * nested_absmax[i // nested_blocksize] + nested_offset."""
-    _check(dtype in FLOAT_DTYPES, ValueError, f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
     out = torch.empty(shape, dtype=dtype, device=A.device)
     _dequantize_4bit_into(out, A, absmax, blocksize, quant_type, nested_absmax, nested_code,
                           nested_offset, nested_blocksize)
@@ -152,7 +158,8 @@ def quantize_blockwise(A: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor,
     """8-bit: -> (codes uint8 [n], absmax float32 [ceil(n/blocksize)])."""
     check_float("A", A)
     _check_code(code, A.device)
-    _check(blocksize > 0, ValueError, f"blocksize must be positive, got {blocksize}")
+    if blocksize <= 0:
+        raise ValueError(f"blocksize must be positive, got {blocksize}")
     codes, absmax = backend_for(A.device).quantize_blockwise(A.contiguous(), code.contiguous(), blocksize)
     return codes.reshape(A.shape), absmax
 
@@ -168,9 +175,12 @@ def _(A, code, blocksize):
 def dequantize_blockwise(A: Tensor, absmax: Tensor, code: Tensor, blocksize: int,
                          dtype: torch.dtype) -> Tensor:
     """8-bit: code[q] * absmax[block], to `dtype`, in A's shape."""
-    _check(A.dtype == torch.uint8, ValueError, f"A (8-bit codes) must be uint8, got {A.dtype}")
-    _check(dtype in FLOAT_DTYPES, ValueError, f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
-    _check(blocksize > 0, ValueError, f"blocksize must be positive, got {blocksize}")
+    if A.dtype != torch.uint8:
+        raise ValueError(f"A (8-bit codes) must be uint8, got {A.dtype}")
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
+    if blocksize <= 0:
+        raise ValueError(f"blocksize must be positive, got {blocksize}")
     _check_code(code, A.device)
     _check_tensor("absmax", absmax, torch.float32, blocks_of(A.numel(), blocksize), A.device)
     out = torch.empty(A.shape, dtype=dtype, device=A.device)
@@ -188,14 +198,16 @@ def _packed_weight(packed: Tensor, absmax: Tensor, blocksize: int, quant_type: s
                    in_features: int, nested_absmax, nested_code, nested_offset, nested_blocksize,
                    device) -> PackedWeight:
     check_quant_args(blocksize, quant_type)
-    _check(out_features >= 0 and in_features >= 0, ValueError,
-           f"weight shape must be non-negative, got [{out_features}, {in_features}]")
+    if (out_features < 0 and in_features >= 0):
+        raise ValueError(f"weight shape must be non-negative, got [{out_features}, {in_features}]")
     n = out_features * in_features
-    _check(packed.dtype == torch.uint8, ValueError, f"packed weight must be uint8, got {packed.dtype}")
-    _check(packed.numel() >= packed_bytes(n), ValueError,
-           f"packed weight holds {packed.numel()} bytes, fewer than the {packed_bytes(n)} that "
-           f"[{out_features}, {in_features}] needs")
-    _check(packed.device == device, ValueError, f"packed weight is on {packed.device}, expected {device}")
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"packed weight must be uint8, got {packed.dtype}")
+    if packed.numel() < packed_bytes(n):
+        raise ValueError(f"packed weight holds {packed.numel()} bytes, fewer than the "
+                         f"{packed_bytes(n)} that [{out_features}, {in_features}] needs")
+    if packed.device != device:
+        raise ValueError(f"packed weight is on {packed.device}, expected {device}")
     nested = _nested(absmax, blocks_of(n, blocksize), nested_absmax, nested_code, nested_offset,
                      nested_blocksize, device)
     return PackedWeight(packed.contiguous().reshape(-1), absmax.contiguous(), blocksize, quant_type,
@@ -205,9 +217,12 @@ def _packed_weight(packed: Tensor, absmax: Tensor, blocksize: int, quant_type: s
 def _check_matrix(name: str, t: Optional[Tensor], shape: tuple, like: Tensor) -> None:
     if t is None:
         return
-    _check(tuple(t.shape) == shape, ValueError, f"{name} must have shape {list(shape)}, got {list(t.shape)}")
-    _check(t.dtype == like.dtype, ValueError, f"{name} must be {like.dtype}, got {t.dtype}")
-    _check(t.device == like.device, ValueError, f"{name} is on {t.device}, expected {like.device}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+    if t.dtype != like.dtype:
+        raise ValueError(f"{name} must be {like.dtype}, got {t.dtype}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device}, expected {like.device}")
 
 
 def _run(name: str, device, *args):
@@ -228,13 +243,15 @@ def _lora_matmul_4bit(x: Tensor, packed: Tensor, absmax: Tensor, blocksize: int,
     because the backward pass needs it for lora_B's gradient and the kernel has it anyway.
     """
     check_float("x", x)
-    _check(x.dim() == 2 and x.shape[1] == in_features, ValueError,
-           f"x must be [M, in_features={in_features}], got {list(x.shape)}")
+    if x.dim() != 2 or x.shape[1] != in_features:
+        raise ValueError(f"x must be [M, in_features={in_features}], got {list(x.shape)}")
     weight = _packed_weight(packed, absmax, blocksize, quant_type, out_features, in_features,
                             nested_absmax, nested_code, nested_offset, nested_blocksize, x.device)
-    _check((lora_A is None) == (lora_B is None), ValueError, "lora_A and lora_B go together")
+    if (lora_A is None) != (lora_B is None):
+        raise ValueError("lora_A and lora_B go together")
     if lora_A is not None:
-        _check(lora_A.dim() == 2, ValueError, f"lora_A must be [r, in], got {list(lora_A.shape)}")
+        if lora_A.dim() != 2:
+            raise ValueError(f"lora_A must be [r, in], got {list(lora_A.shape)}")
         r = lora_A.shape[0]
         _check_matrix("lora_A", lora_A, (r, in_features), x)
         _check_matrix("lora_B", lora_B, (out_features, r), x)
@@ -264,13 +281,15 @@ def _lora_matmul_4bit_grad_input(grad: Tensor, packed: Tensor, absmax: Tensor, b
     W is read packed: no dense copy of it is kept anywhere between calls.
     """
     check_float("grad", grad)
-    _check(grad.dim() == 2 and grad.shape[1] == out_features, ValueError,
-           f"grad must be [M, out_features={out_features}], got {list(grad.shape)}")
+    if grad.dim() != 2 or grad.shape[1] != out_features:
+        raise ValueError(f"grad must be [M, out_features={out_features}], got {list(grad.shape)}")
     weight = _packed_weight(packed, absmax, blocksize, quant_type, out_features, in_features,
                             nested_absmax, nested_code, nested_offset, nested_blocksize, grad.device)
-    _check((lora_A is None) == (grad_h is None), ValueError, "lora_A and grad_h go together")
+    if (lora_A is None) != (grad_h is None):
+        raise ValueError("lora_A and grad_h go together")
     if lora_A is not None:
-        _check(lora_A.dim() == 2, ValueError, f"lora_A must be [r, in], got {list(lora_A.shape)}")
+        if lora_A.dim() != 2:
+            raise ValueError(f"lora_A must be [r, in], got {list(lora_A.shape)}")
         _check_matrix("lora_A", lora_A, (lora_A.shape[0], in_features), grad)
         _check_matrix("grad_h", grad_h, (grad.shape[0], lora_A.shape[0]), grad)
         lora_A, grad_h = lora_A.contiguous(), grad_h.contiguous()
