@@ -3,12 +3,14 @@
 # emulation of the intrinsics (Debian package libsimde-dev), and check them:
 #   cmp_codec  every codec entry point (quantize, dequantize incl. streaming stores,
 #              8-bit blockwise) against the scalar path, byte for byte;
-#   cmp_gemv   the fused GEMV (scalar, native AVX2 and emulated AVX-512) against a
-#              float64 reference (float32 within 1e-5 of the sum of |terms|, 16-bit
-#              outputs within one ulp).
-# csrc/cpu/isa_avx512.cpp is compiled as is except for two lines: immintrin.h becomes
-# the shim (SIMDe + the few intrinsics simde 0.7.4 lacks) and the target pragma goes,
-# so the object holds no AVX-512 instruction (checked). Without libsimde-dev (and no
+#   cmp_gemv   the fused GEMV (scalar, native AVX2, emulated AVX-512 and AVX-512 +
+#              AVX512-BF16) against a float64 reference (float32 within 1e-5 of the
+#              sum of |terms|, 16-bit outputs within one ulp; for the vdpbf16ps path
+#              the reference's weights are rounded to bf16, as that path's are).
+# csrc/cpu/isa_avx512.cpp is compiled as is, twice (the second time with
+# NF4LORA_AVX512_BF16=1, as isa_avx512bf16.cpp does), except for a few lines: immintrin.h
+# becomes the shim (SIMDe + the few intrinsics simde 0.7.4 lacks) and the target pragmas
+# go, so the objects hold no AVX-512 instruction (checked). Without libsimde-dev (and no
 # way to install it) this prints why and exits 0: it checks a path this machine class
 # cannot run, it is not a build requirement.
 set -euo pipefail
@@ -30,19 +32,23 @@ fi
 BUILD=$(mktemp -d)
 trap 'rm -rf "$BUILD"' EXIT
 sed -e 's|#include <immintrin.h>|#include "simde_shim.h"|' \
-    -e 's|^#pragma GCC target("avx512f,avx512bw,avx2,f16c")||' \
+    -e 's|^#pragma GCC target(.*)$||' \
     csrc/cpu/isa_avx512.cpp > "$BUILD/isa_avx512_simde.cpp"
 FLAGS=(-O2 -std=c++17 -ffp-contract=off -Wno-psabi -I"$ROOT/csrc" -I"$ROOT/csrc/cpu" -I"$HERE")
 g++ "${FLAGS[@]}" -c csrc/cpu/isa_scalar.cpp -o "$BUILD/scalar.o"
 g++ "${FLAGS[@]}" -c csrc/cpu/isa_avx2.cpp -o "$BUILD/avx2.o"
 g++ "${FLAGS[@]}" -mavx2 -mf16c -mfma -c "$BUILD/isa_avx512_simde.cpp" -o "$BUILD/avx512.o"
-if objdump -d "$BUILD/avx512.o" | grep -q zmm; then
-  echo "the emulated object holds real AVX-512 instructions: the shim did not take" >&2
-  exit 1
-fi
+g++ "${FLAGS[@]}" -mavx2 -mf16c -mfma -DNF4LORA_AVX512_BF16=1 -c "$BUILD/isa_avx512_simde.cpp" \
+    -o "$BUILD/avx512bf16.o"
+for object in avx512 avx512bf16; do
+  if objdump -d "$BUILD/$object.o" | grep -q "zmm\|bf16ps"; then
+    echo "the emulated $object object holds real AVX-512 instructions: the shim did not take" >&2
+    exit 1
+  fi
+done
 for harness in cmp_codec cmp_gemv; do
   g++ "${FLAGS[@]}" -mavx2 -mf16c -mfma "$HERE/$harness.cpp" "$BUILD/scalar.o" "$BUILD/avx2.o" \
-      "$BUILD/avx512.o" -o "$BUILD/$harness"
+      "$BUILD/avx512.o" "$BUILD/avx512bf16.o" -o "$BUILD/$harness"
   echo "== $harness"
   "$BUILD/$harness"
 done

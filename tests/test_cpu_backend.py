@@ -2,7 +2,7 @@
 
 Every comparison is exact: packed bytes and 8-bit codes with torch.equal, float outputs
 with equal NaN positions and equal bits elsewhere (the sign of zero included). Each test
-runs once per SIMD path this CPU has (NF4LORA_CPU_ISA=scalar|avx2|avx512); a path the
+runs once per SIMD path this CPU has (NF4LORA_CPU_ISA=scalar|avx2|avx512|avx512bf16); a path the
 CPU lacks is skipped with the reason.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ if cpu_backend.availability() is None:
 else:  # keeps collection working; every test is skipped above
     _C = None
 
-ISAS = ("scalar", "avx2", "avx512")
+ISAS = ("scalar", "avx2", "avx512", "avx512bf16")
 SIZES = (0, 1, 2, 63, 64, 65, 127, 4097, 3 * 4096 + 7)
 BLOCKSIZES = (32, 64, 128, 256, 1024, 4096)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(cpu_backend.availability() is not None,
 ISAS = cpu_backend._C.supported_isas() if cpu_backend._C is not None else []
 
 
-@pytest.fixture(params=["scalar", "avx2", "avx512"])
+@pytest.fixture(params=["scalar", "avx2", "avx512", "avx512bf16"])
 def isa(request, monkeypatch):
     if request.param not in ISAS:
         pytest.skip(f"this CPU cannot run the {request.param} path")

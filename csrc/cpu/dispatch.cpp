@@ -39,12 +39,15 @@ bool cpu_has(const char* isa) {
            __builtin_cpu_supports("fma");
   if (strcmp(isa, "avx512") == 0)
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  if (strcmp(isa, "avx512bf16") == 0)
+    return cpu_has("avx512") && __builtin_cpu_supports("avx512bf16");
   return false;
 }
 
-const char* const kIsaNames[] = {"scalar", "avx2", "avx512"};  // worst to best
+const char* const kIsaNames[] = {"scalar", "avx2", "avx512", "avx512bf16"};  // worst to best
 
 const IsaKernels& kernels_for(const char* name) {
+  if (strcmp(name, "avx512bf16") == 0) return avx512bf16::kernels();
   if (strcmp(name, "avx512") == 0) return avx512::kernels();
   if (strcmp(name, "avx2") == 0) return avx2::kernels();
   return scalar::kernels();
@@ -63,7 +66,7 @@ const IsaKernels& select_kernels() {
       }
     }
     throw std::runtime_error(std::string("NF4LORA_CPU_ISA=") + requested +
-                             ": expected one of auto, scalar, avx2, avx512");
+                             ": expected one of auto, scalar, avx2, avx512, avx512bf16");
   }
   static const IsaKernels* best = [] {
     const IsaKernels* k = &scalar::kernels();

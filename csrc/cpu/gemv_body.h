@@ -10,10 +10,19 @@
 //
 //   fmadd(a, b, c)                a * b + c (one rounding where the ISA has FMA)
 //   hsum(F)                       sum of the kW lanes in a fixed order
-//   GemvDecoder(qt)               decode(p, scale, w): kGroup weights from kGroup / 2
-//                                 packed bytes into kGroup / kW vectors, each weight
-//                                 table[code] * scale; in the order source(j) gives
-//                                 (position j of the group holds element source(j))
+//   GemvDecoderFor<T>::type       the decoder for activations of type T (a Decoder below)
+//
+// A Decoder turns packed bytes into weight vectors and multiplies them with x:
+//   kGroup, kVectors              weights per step (from kGroup / 2 bytes), vectors per step
+//   X, Weights                    element type of the x copy; type of a weight vector
+//   to_x(v)                       one activation as X (exact)
+//   source(j)                     position j of a group holds element source(j)
+//   Decoder(qt); block(scale)     per call; per block constant
+//   decoder(p, w)                 the group at p into w[kVectors], in source() order
+//   madd(w, x, acc)               acc + w . x, x the kGroup / kVectors X at that pointer
+// GemvDecoder (every ISA) makes float32 weights table[code] * scale and madd is an
+// FMA; AVX512-BF16's bf16 decoder (isa_avx512.cpp) makes bf16 weights and uses
+// vdpbf16ps. Its blocksize must be a multiple of its kGroup, or GemvDecoder runs.
 //
 // Why this shape: at M = 1 the op reads 0.52 bytes of W per 2 FLOPs, so it is bound by
 // memory bandwidth, and W must be decoded in registers, never written out. Each
@@ -21,7 +30,7 @@
 // the only difference from dequantize + matmul is the summation order. Accumulation is
 // float32 for every activation dtype.
 //
-// x is copied once into float32 in the decoder's order (x_paired: per group of kGroup
+// x is copied once, as X, in the decoder's order (x_paired: per group of kGroup
 // elements, position j holds element source(j); the rows of a tile interleaved by
 // group), so the decoded vectors multiply x with plain loads. K is a multiple of the blocksize (the caller checks), and the
 // blocksize (>= 32) of kGroup, so every row of W starts on a block boundary and every
@@ -34,22 +43,37 @@
 // tables and temporaries take the rest of AVX2's 16 registers, or spill to L1).
 constexpr int kMaxTile = 8;
 
-// ---- phase 1, per row m of x: float32 copies (natural order for h, pair order for W).
-template <class In>
-void gemv_prepare_impl(const GemvArgs& a, int64_t m) {
+// The decoder for activations of type T and this call's blocksize; fn(Decoder()).
+template <class T, class Fn>
+void with_decoder(const GemvArgs& a, Fn fn) {
+  using Special = typename GemvDecoderFor<T>::type;
+  if (a.blocksize % Special::kGroup == 0) fn(Special(a.quant_type));
+  else fn(GemvDecoder(a.quant_type));
+}
+
+// ---- phase 1, per row m of x: copies (float32 in natural order for h, X in the
+// decoder's order for W).
+template <class In, class Decoder>
+void gemv_prepare_rows(const GemvArgs& a, int64_t m) {
+  using X = typename Decoder::X;
   const In* x = static_cast<const In*>(a.x) + m * a.K;
   // Tile-interleaved: the tile's rows of one group are adjacent, so the inner loop
   // reads x at constant offsets from one pointer (a base register per row of x ran out
   // of registers at 8 rows and spilled).
-  constexpr int kGroup = GemvDecoder::kGroup;
+  constexpr int kGroup = Decoder::kGroup;
   const int64_t m0 = m - m % kMaxTile;
   const int64_t tile = a.M - m0 < kMaxTile ? a.M - m0 : kMaxTile;
-  float* paired = a.x_paired + m0 * a.K + (m - m0) * kGroup;
+  X* paired = reinterpret_cast<X*>(a.x_paired) + m0 * a.K + (m - m0) * kGroup;
   for (int64_t g = 0; g < a.K; g += kGroup)
     for (int j = 0; j < kGroup; ++j)
-      paired[g * tile + j] = to_float(x[g + GemvDecoder::source(j)]);
+      paired[g * tile + j] = Decoder::to_x(x[g + Decoder::source(j)]);
   if (a.x_natural != nullptr)
     for (int64_t k = 0; k < a.K; ++k) a.x_natural[m * a.K + k] = to_float(x[k]);
+}
+
+template <class In>
+void gemv_prepare_impl(const GemvArgs& a, int64_t m) {
+  with_decoder<In>(a, [&](auto decoder) { gemv_prepare_rows<In, decltype(decoder)>(a, m); });
 }
 
 // ---- phase 2, per (m, j): h[m, j] = x[m] . A[j], rounded to the activation dtype as
@@ -98,15 +122,16 @@ class BlockScales {
 };
 
 // ---- phase 3: rows [n0, n1) of y for MT consecutive rows of x starting at m0. -------
-template <class T, int MT>
-void gemv_tile(const GemvArgs& a, const GemvDecoder& decode, int64_t m0, int64_t n0, int64_t n1) {
-  constexpr int kGroup = GemvDecoder::kGroup, kVectors = kGroup / kW;
+template <class T, int MT, class Decoder>
+void gemv_tile(const GemvArgs& a, Decoder& decode, int64_t m0, int64_t n0, int64_t n1) {
+  constexpr int kGroup = Decoder::kGroup, kVectors = Decoder::kVectors, kStep = kGroup / kVectors;
+  using X = typename Decoder::X;
   // Independent accumulator chains per row of x: an FMA has 4 cycles of latency and a
   // group issues kVectors of them per row, so small tiles split them over up to
   // kVectors chains (8 accumulators in all at most: AVX2 has 16 registers).
   constexpr int kChains = MT * kVectors <= 8 ? kVectors : (MT * 2 <= 8 ? 2 : 1);
   const int64_t blocks_per_row = a.K / a.blocksize;
-  const float* x = a.x_paired + m0 * a.K;
+  const X* x = reinterpret_cast<const X*>(a.x_paired) + m0 * a.K;
   T* y = static_cast<T*>(a.y);
   const T* lora_B = static_cast<const T*>(a.lora_B);
   const T* bias = static_cast<const T*>(a.bias);
@@ -116,15 +141,15 @@ void gemv_tile(const GemvArgs& a, const GemvDecoder& decode, int64_t m0, int64_t
       for (int c = 0; c < kChains; ++c) acc[m][c] = splat(0.0f);
     BlockScales scales(a, n * blocks_per_row);
     const uint8_t* p = a.packed + n * (a.K / 2);
-    const float* xg = x;  // the tile's x for the current group
+    const X* xg = x;  // the tile's x for the current group
     for (int64_t k = 0; k < a.K; k += a.blocksize) {
-      const F scale = splat(scales.next());
+      decode.block(scales.next());
       for (int64_t g = 0; g < a.blocksize; g += kGroup, p += kGroup / 2, xg += MT * kGroup) {
-        F w[kVectors];
-        decode(p, scale, w);
+        typename Decoder::Weights w[kVectors];
+        decode(p, w);
         for (int m = 0; m < MT; ++m)
           for (int v = 0; v < kVectors; ++v)
-            acc[m][v % kChains] = fmadd(w[v], load(xg + m * kGroup + v * kW), acc[m][v % kChains]);
+            acc[m][v % kChains] = Decoder::madd(w[v], xg + m * kGroup + v * kStep, acc[m][v % kChains]);
       }
     }
     for (int m = 0; m < MT; ++m) {
@@ -143,9 +168,8 @@ void gemv_tile(const GemvArgs& a, const GemvDecoder& decode, int64_t m0, int64_t
   }
 }
 
-template <class T>
-void gemv_rows_impl(const GemvArgs& a, int64_t n0, int64_t n1) {
-  const GemvDecoder decode(a.quant_type);
+template <class T, class Decoder>
+void gemv_rows_tiles(const GemvArgs& a, Decoder& decode, int64_t n0, int64_t n1) {
   for (int64_t m0 = 0; m0 < a.M; m0 += kMaxTile) {
     switch (a.M - m0 < kMaxTile ? a.M - m0 : kMaxTile) {
       case 1: gemv_tile<T, 1>(a, decode, m0, n0, n1); break;
@@ -158,6 +182,11 @@ void gemv_rows_impl(const GemvArgs& a, int64_t n0, int64_t n1) {
       default: gemv_tile<T, 8>(a, decode, m0, n0, n1); break;
     }
   }
+}
+
+template <class T>
+void gemv_rows_impl(const GemvArgs& a, int64_t n0, int64_t n1) {
+  with_decoder<T>(a, [&](auto decoder) { gemv_rows_tiles<T>(a, decoder, n0, n1); });
 }
 
 // ---- Entry points: pick the instance for the activation dtype. ----------------------

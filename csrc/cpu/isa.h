@@ -76,6 +76,7 @@ struct IsaKernels {
 namespace scalar { const IsaKernels& kernels(); }
 namespace avx2 { const IsaKernels& kernels(); }
 namespace avx512 { const IsaKernels& kernels(); }
+namespace avx512bf16 { const IsaKernels& kernels(); }
 
 }  // namespace cpu
 }  // namespace nf4lora

@@ -375,9 +375,13 @@ struct Decoder8 {
 // 8i + {0, 2, 4, 6} in lane 0 and 8i + {1, 3, 5, 7} in lane 1 of w[i]: source() is that
 // order, which gemv_body.h applies to x once.
 struct GemvDecoder {
-  static constexpr int kGroup = 32;  // 16 packed bytes -> 4 vectors
+  static constexpr int kGroup = 32, kVectors = 4;  // 16 packed bytes -> 4 vectors
+  using X = float;
+  using Weights = F;
+  template <class In> static X to_x(In v) { return to_float(v); }
   static int source(int j) { return (j & ~7) + ((j & 3) << 1) + ((j >> 2) & 1); }
   I plane[4];  // plane[k]: byte k of the 16 float32 table entries
+  F scale;
   explicit GemvDecoder(int qt) {
     const uint8_t* bytes = reinterpret_cast<const uint8_t*>(codebook_4bit(qt));
     for (int k = 0; k < 4; ++k) {
@@ -386,7 +390,8 @@ struct GemvDecoder {
       plane[k] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(column)));
     }
   }
-  void operator()(const uint8_t* p, F scale, F* w) const {
+  void block(float s) { scale = splat(s); }
+  void operator()(const uint8_t* p, F* w) const {
     const I q = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     const I codes = _mm256_and_si256(_mm256_srlv_epi32(q, _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0)),
                                      _mm256_set1_epi8(0x0F));
@@ -399,7 +404,9 @@ struct GemvDecoder {
     w[2] = mul(_mm256_castsi256_ps(_mm256_unpacklo_epi16(high01, high23)), scale);
     w[3] = mul(_mm256_castsi256_ps(_mm256_unpackhi_epi16(high01, high23)), scale);
   }
+  static F madd(F w, const X* x, F acc) { return fmadd(w, load(x), acc); }
 };
+template <class T> struct GemvDecoderFor { using type = GemvDecoder; };
 
 #include "kernel_body.h"
 #include "gemv_body.h"

@@ -11,13 +11,33 @@
 // Not using AVX512-BF16's vcvtneps2bf16: it flushes subnormals, torch does not.
 // This machine class may lack AVX-512; the path is compiled everywhere and picked
 // only when __builtin_cpu_supports("avx512f") and ("avx512bw") are both true.
+//
+// isa_avx512bf16.cpp compiles this file again with NF4LORA_AVX512_BF16=1: the same
+// kernels plus AVX512-BF16, in namespace avx512bf16. The only code that differs is the
+// fused GEMV for bf16 activations (GemvBf16Decoder, vdpbf16ps); the dispatcher picks
+// that build when the CPU also has avx512bf16.
 #include <immintrin.h>
 #include <string.h>
 
 #include "isa.h"
 
+#ifndef NF4LORA_AVX512_BF16
+#define NF4LORA_AVX512_BF16 0
+#endif
+#if NF4LORA_AVX512_BF16
+#define NF4LORA_AVX512_NAMESPACE avx512bf16
+#define NF4LORA_AVX512_NAME "avx512bf16"
+#else
+#define NF4LORA_AVX512_NAMESPACE avx512
+#define NF4LORA_AVX512_NAME "avx512"
+#endif
+
 #pragma GCC push_options
+#if NF4LORA_AVX512_BF16
+#pragma GCC target("avx512f,avx512bw,avx2,f16c,avx512bf16")
+#else
 #pragma GCC target("avx512f,avx512bw,avx2,f16c")
+#endif
 // gcc 12's avx512fintrin.h builds some results from _mm512_undefined_*() and then
 // trips its own -Wmaybe-uninitialized / -Wuninitialized (a known false positive), once
 // per intrinsic use.
@@ -27,7 +47,7 @@
 
 namespace nf4lora {
 namespace cpu {
-namespace avx512 {
+namespace NF4LORA_AVX512_NAMESPACE {
 
 constexpr int kW = 16;
 using F = __m512;
@@ -320,21 +340,62 @@ struct Decoder8 {
 // nibble needs no mask; it is one cheap instruction on AVX-512 cores (unlike AVX2's
 // two-table vpermps + blend, see isa_avx2.cpp).
 struct GemvDecoder {
-  static constexpr int kGroup = 32;
+  static constexpr int kGroup = 32, kVectors = 2;
+  using X = float;
+  using Weights = F;
+  template <class In> static X to_x(In v) { return to_float(v); }
   static int source(int j) { return j < 16 ? 2 * j : 2 * (j - 16) + 1; }
-  F table;
+  F table, scale;
   explicit GemvDecoder(int qt) : table(_mm512_loadu_ps(codebook_4bit(qt))) {}
-  void operator()(const uint8_t* p, F scale, F* w) const {
+  void block(float s) { scale = splat(s); }
+  void operator()(const uint8_t* p, F* w) const {
     const I v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     w[0] = mul(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table), scale);
     w[1] = mul(_mm512_permutexvar_ps(v, table), scale);
   }
+  static F madd(F w, const X* x, F acc) { return fmadd(w, load(x), acc); }
 };
+
+#if NF4LORA_AVX512_BF16
+// bf16 activations on CPUs with AVX512-BF16: 64 weights from 32 bytes, as bf16, and
+// vdpbf16ps (16 float32 lanes += the products of 16 pairs of bf16; the products are
+// exact). Each weight is bf16(table[code] * absmax), what dequantize_4bit to bfloat16
+// gives, so this computes x @ dequantize_4bit(W, bf16)^T with float32 sums.
+// vdpbf16ps treats subnormal inputs as zero (|value| < 1.2e-38) and flushes subnormal
+// sums; the lanes add each pair in an order of the hardware's choosing.
+// Decoding costs ~6 instructions per 64 weights plus ~4 per block for its table, against
+// ~14 for the float32 path: at M = 1 the step is bound by memory, not decoding.
+struct GemvBf16Decoder {
+  static constexpr int kGroup = 64, kVectors = 2;
+  using X = bf16;
+  using Weights = I;
+  static X to_x(bf16 v) { return v; }
+  static int source(int j) { return j < 32 ? 2 * j : 2 * (j - 32) + 1; }
+  F table_f32;
+  I table;  // lanes 0-15: this block's 16 weights as bf16
+  explicit GemvBf16Decoder(int qt) : table_f32(_mm512_loadu_ps(codebook_4bit(qt))) {}
+  void block(float s) { table = _mm512_castsi256_si512(to_u16<bf16>(mul(table_f32, splat(s)))); }
+  void operator()(const uint8_t* p, I* w) const {
+    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    const __m256i first = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);  // elements 2i
+    w[0] = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(first), table);
+    w[1] = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm256_and_si256(q, low)), table);
+  }
+  static F madd(I w, const X* x, F acc) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)_mm512_loadu_si512(x));
+  }
+};
+template <class T> struct GemvDecoderFor { using type = GemvDecoder; };
+template <> struct GemvDecoderFor<bf16> { using type = GemvBf16Decoder; };
+#else
+template <class T> struct GemvDecoderFor { using type = GemvDecoder; };
+#endif
 
 #include "kernel_body.h"
 #include "gemv_body.h"
 
-}  // namespace avx512
+}  // namespace NF4LORA_AVX512_NAMESPACE
 }  // namespace cpu
 }  // namespace nf4lora
 
@@ -343,15 +404,15 @@ struct GemvDecoder {
 
 namespace nf4lora {
 namespace cpu {
-namespace avx512 {
+namespace NF4LORA_AVX512_NAMESPACE {
 // Outside the target region: the dispatcher calls this before checking the CPU.
 const IsaKernels& kernels() {
-  static const IsaKernels k{"avx512", &quantize_4bit_entry, &dequantize_4bit_entry,
+  static const IsaKernels k{NF4LORA_AVX512_NAME, &quantize_4bit_entry, &dequantize_4bit_entry,
                             &quantize_blockwise_entry, &dequantize_blockwise_entry,
                             &gemv_prepare_entry,      &gemv_lora_h_entry,
                             &gemv_rows_entry};
   return k;
 }
-}  // namespace avx512
+}  // namespace NF4LORA_AVX512_NAMESPACE
 }  // namespace cpu
 }  // namespace nf4lora

@@ -73,15 +73,22 @@ struct Decoder8 {
 
 // gemv_body.h: one packed byte -> its two weights, in element order.
 struct GemvDecoder {
-  static constexpr int kGroup = 2;
+  static constexpr int kGroup = 2, kVectors = 2;
+  using X = float;
+  using Weights = F;
+  template <class In> static X to_x(In v) { return to_float(v); }
   static int source(int j) { return j; }
   const float* table;
+  F scale = 0.0f;
   explicit GemvDecoder(int qt) : table(codebook_4bit(qt)) {}
-  void operator()(const uint8_t* p, F scale, F* w) const {
+  void block(float s) { scale = s; }
+  void operator()(const uint8_t* p, F* w) const {
     w[0] = mul_rn(table[unpack_first(*p)], scale);
     w[1] = mul_rn(table[unpack_second(*p)], scale);
   }
+  static F madd(F w, const X* x, F acc) { return fmadd(w, load(x), acc); }
 };
+template <class T> struct GemvDecoderFor { using type = GemvDecoder; };
 
 #include "kernel_body.h"
 #include "gemv_body.h"

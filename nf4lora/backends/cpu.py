@@ -2,8 +2,9 @@
 
 The kernels take raw addresses (`tensor.data_ptr()`), element counts and dtype ids, and
 run with the GIL released, OpenMP across blocks, on the best SIMD path the CPU has
-(`nf4lora._C.isa()`; the environment variable NF4LORA_CPU_ISA=scalar|avx2|avx512 forces
-one; `nf4lora._C.supported_isas()` lists what the CPU can run). Threads:
+(`nf4lora._C.isa()`; the environment variable
+NF4LORA_CPU_ISA=scalar|avx2|avx512|avx512bf16 forces one; `nf4lora._C.supported_isas()`
+lists what the CPU can run). Threads:
 `nf4lora._C.set_num_threads(k)`, default torch's/OpenMP's thread count. Callers
 (nf4lora._ops) have validated dtypes, sizes and devices; here only cheap asserts guard
 what would otherwise read or write out of bounds.

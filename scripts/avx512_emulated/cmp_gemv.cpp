@@ -135,6 +135,9 @@ static void run_case(const IsaKernels& K_, int64_t M, int64_t K, int64_t N, int6
 
   // reference
   const double* table = qt == kNF4 ? kNF4v : kFP4v;
+  // the vdpbf16ps path (bf16 activations, blocksize a multiple of its 64-weight step)
+  // multiplies by bf16(table[code] * absmax): dequantize_4bit's bf16 weights
+  const bool bf16_weights = strcmp(K_.name, "avx512bf16") == 0 && dt == kBF16 && bs % 64 == 0;
   std::vector<double> W(N * K);
   for (int64_t n = 0; n < N; ++n)
     for (int64_t k = 0; k < K; ++k) {
@@ -145,6 +148,7 @@ static void run_case(const IsaKernels& K_, int64_t M, int64_t K, int64_t N, int6
       double am = nested_bs ? (double)decode_nested_absmax(code2.data(), q[b], absmax2[b / nested_bs], offset)
                             : absmax[b];
       W[e] = table[code] * am;
+      if (bf16_weights) W[e] = bf16_bits_to_float(float_to_bf16_bits((float)((float)table[code] * am)));
     }
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t j = 0; j < rank; ++j) {
@@ -172,7 +176,8 @@ static void run_case(const IsaKernels& K_, int64_t M, int64_t K, int64_t N, int6
 }
 
 int main(int argc, char** argv) {
-  const IsaKernels* sets[] = {&scalar::kernels(), &avx2::kernels(), &avx512::kernels()};
+  const IsaKernels* sets[] = {&scalar::kernels(), &avx2::kernels(), &avx512::kernels(),
+                              &avx512bf16::kernels()};
   int total_fails = 0;
   for (const IsaKernels* ks : sets) {
     if (argc > 1 && strcmp(argv[1], ks->name) != 0) continue;

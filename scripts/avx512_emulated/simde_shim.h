@@ -70,3 +70,9 @@ static inline void shim_stream_si512(simde__m512i* p, simde__m512i v) {
   memcpy(p, &v, 64);
 }
 #define _mm512_stream_si512 shim_stream_si512
+static inline simde__m512i shim_cvtepu8_epi16(simde__m256i a) {
+  simde__m256i_private x = simde__m256i_to_private(a); simde__m512i_private r;
+  for (int i = 0; i < 32; ++i) r.u16[i] = x.u8[i];
+  return simde__m512i_from_private(r);
+}
+#define _mm512_cvtepu8_epi16 shim_cvtepu8_epi16
