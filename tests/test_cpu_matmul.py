@@ -92,6 +92,16 @@ def test_fused_matches_float64(isa, dtype, M):
     check_forward(M, 256, 40, 16, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,in_f,blocksize", [(8, 1088, 64), (4, 2112, 32), (9, 1024, 1024),
+                                              (2, 4160, 64)])
+def test_fused_k_slices(isa, dtype, M, in_f, blocksize):
+    # x's slice per tile is 16 KiB: 512 float32 columns for an 8-row tile, 1024 for 4,
+    # 2048 for 2 (twice that for bf16 pairs). These rows take 2-9 slices, the last one
+    # short, or one block larger than a slice; 37 rows are 3 groups of 16.
+    check_forward(M, in_f, 37, 3, dtype, blocksize=blocksize)
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("nested", [True, False])
 @pytest.mark.parametrize("blocksize", [32, 64, 128, 256])

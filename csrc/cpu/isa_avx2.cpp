@@ -374,6 +374,7 @@ struct Decoder8 {
 // 30), lane 1 the low ones (1, 3, .., 31). The interleaves (in-lane) then put elements
 // 8i + {0, 2, 4, 6} in lane 0 and 8i + {1, 3, 5, 7} in lane 1 of w[i]: source() is that
 // order, which gemv_body.h applies to x once.
+constexpr int kGemvAccumulators = 8;  // of 16 registers: the rest decode
 struct GemvDecoder {
   static constexpr int kGroup = 32, kVectors = 4;  // 16 packed bytes -> 4 vectors
   using X = float;

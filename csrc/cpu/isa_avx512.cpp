@@ -339,6 +339,7 @@ struct Decoder8 {
 // 16 low-nibble ones (odd). permutexvar reads the low 4 bits of each lane, so the low
 // nibble needs no mask; it is one cheap instruction on AVX-512 cores (unlike AVX2's
 // two-table vpermps + blend, see isa_avx2.cpp).
+constexpr int kGemvAccumulators = 8;
 struct GemvDecoder {
   static constexpr int kGroup = 32, kVectors = 2;
   using X = float;

@@ -71,9 +71,12 @@ struct Decoder8 {
   void operator()(const uint8_t* q, Out* o) const { *o = from_float<Out>(mul_rn(code[*q], scale)); }
 };
 
-// gemv_body.h: one packed byte -> its two weights, in element order.
+// gemv_body.h: four packed bytes -> their eight weights, in element order. Eight
+// "vectors" of one float, so the sums split into as many independent chains as AVX2's
+// 8 lanes (one chain of K products was 8x torch's float32 error at K = 1088).
+constexpr int kGemvAccumulators = 64;
 struct GemvDecoder {
-  static constexpr int kGroup = 2, kVectors = 2;
+  static constexpr int kGroup = 8, kVectors = 8;
   using X = float;
   using Weights = F;
   template <class In> static X to_x(In v) { return to_float(v); }
@@ -83,8 +86,10 @@ struct GemvDecoder {
   explicit GemvDecoder(int qt) : table(codebook_4bit(qt)) {}
   void block(float s) { scale = s; }
   void operator()(const uint8_t* p, F* w) const {
-    w[0] = mul_rn(table[unpack_first(*p)], scale);
-    w[1] = mul_rn(table[unpack_second(*p)], scale);
+    for (int i = 0; i < 4; ++i) {
+      w[2 * i] = mul_rn(table[unpack_first(p[i])], scale);
+      w[2 * i + 1] = mul_rn(table[unpack_second(p[i])], scale);
+    }
   }
   static F madd(F w, const X* x, F acc) { return fmadd(w, load(x), acc); }
 };

@@ -183,7 +183,7 @@ int main(int argc, char** argv) {
     if (argc > 1 && strcmp(argv[1], ks->name) != 0) continue;
     Stats st;
     for (int64_t M : {1, 2, 3, 5, 8, 9, 16, 17})
-      for (int64_t K : {32, 64, 96, 256, 512})
+      for (int64_t K : {32, 64, 96, 256, 512, 1088})  // 1088: K in slices (gemv_tile)
         for (int64_t N : {1, 7, 33})
           for (int64_t bs : {32, 64, 128, 256}) {
             if (K % bs) continue;
