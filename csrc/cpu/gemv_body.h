@@ -18,8 +18,9 @@
 //   X, Weights                    element type of the x copy; type of a weight vector
 //   to_x(v)                       one activation as X (exact)
 //   source(j)                     position j of a group holds element source(j)
-//   Decoder(qt); block(scale)     per call; per block constant
-//   decoder(p, w)                 the group at p into w[kVectors], in source() order
+//   Decoder(qt)                   per call
+//   Table, table(scale)           what decoding a block needs, from its constant
+//   decoder(t, p, w)              the group at p into w[kVectors], in source() order
 //   madd(w, x, acc)               acc + w . x, x the kGroup / kVectors X at that pointer
 // GemvDecoder (every ISA) makes float32 weights table[code] * scale and madd is an
 // FMA; AVX512-BF16's bf16 decoder (isa_avx512.cpp) makes bf16 weights and uses
@@ -185,10 +186,10 @@ void gemv_tile(const GemvArgs& a, Decoder& decode, int64_t m0, int64_t n0, int64
         const uint8_t* p = a.packed + (n * a.K + k0) / 2;
         const X* xg = x + k0 * MT;  // the tile's x for the current group
         for (int64_t k = k0; k < k1; k += a.blocksize) {
-          decode.block(scales.next());
+          const typename Decoder::Table table = decode.table(scales.next());
           for (int64_t g = 0; g < a.blocksize; g += kGroup, p += kGroup / 2, xg += MT * kGroup) {
             typename Decoder::Weights w[kVectors];
-            decode(p, w);
+            decode(table, p, w);
             for (int m = 0; m < MT; ++m)
               for (int v = 0; v < kVectors; ++v)
                 acc[m][v % kChains] =

@@ -379,10 +379,10 @@ struct GemvDecoder {
   static constexpr int kGroup = 32, kVectors = 4;  // 16 packed bytes -> 4 vectors
   using X = float;
   using Weights = F;
+  using Table = F;  // the block constant in every lane
   template <class In> static X to_x(In v) { return to_float(v); }
   static int source(int j) { return (j & ~7) + ((j & 3) << 1) + ((j >> 2) & 1); }
   I plane[4];  // plane[k]: byte k of the 16 float32 table entries
-  F scale;
   explicit GemvDecoder(int qt) {
     const uint8_t* bytes = reinterpret_cast<const uint8_t*>(codebook_4bit(qt));
     for (int k = 0; k < 4; ++k) {
@@ -391,8 +391,8 @@ struct GemvDecoder {
       plane[k] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(column)));
     }
   }
-  void block(float s) { scale = splat(s); }
-  void operator()(const uint8_t* p, F* w) const {
+  Table table(float scale) const { return splat(scale); }
+  void operator()(const Table& scale, const uint8_t* p, F* w) const {
     const I q = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     const I codes = _mm256_and_si256(_mm256_srlv_epi32(q, _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0)),
                                      _mm256_set1_epi8(0x0F));

@@ -344,15 +344,16 @@ struct GemvDecoder {
   static constexpr int kGroup = 32, kVectors = 2;
   using X = float;
   using Weights = F;
+  using Table = F;  // the block constant in every lane
   template <class In> static X to_x(In v) { return to_float(v); }
   static int source(int j) { return j < 16 ? 2 * j : 2 * (j - 16) + 1; }
-  F table, scale;
-  explicit GemvDecoder(int qt) : table(_mm512_loadu_ps(codebook_4bit(qt))) {}
-  void block(float s) { scale = splat(s); }
-  void operator()(const uint8_t* p, F* w) const {
+  F values;
+  explicit GemvDecoder(int qt) : values(_mm512_loadu_ps(codebook_4bit(qt))) {}
+  Table table(float scale) const { return splat(scale); }
+  void operator()(const Table& scale, const uint8_t* p, F* w) const {
     const I v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    w[0] = mul(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table), scale);
-    w[1] = mul(_mm512_permutexvar_ps(v, table), scale);
+    w[0] = mul(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), values), scale);
+    w[1] = mul(_mm512_permutexvar_ps(v, values), scale);
   }
   static F madd(F w, const X* x, F acc) { return fmadd(w, load(x), acc); }
 };
@@ -370,13 +371,15 @@ struct GemvBf16Decoder {
   static constexpr int kGroup = 64, kVectors = 2;
   using X = bf16;
   using Weights = I;
+  using Table = I;  // lanes 0-15: the block's 16 weights as bf16
   static X to_x(bf16 v) { return v; }
   static int source(int j) { return j < 32 ? 2 * j : 2 * (j - 32) + 1; }
-  F table_f32;
-  I table;  // lanes 0-15: this block's 16 weights as bf16
-  explicit GemvBf16Decoder(int qt) : table_f32(_mm512_loadu_ps(codebook_4bit(qt))) {}
-  void block(float s) { table = _mm512_castsi256_si512(to_u16<bf16>(mul(table_f32, splat(s)))); }
-  void operator()(const uint8_t* p, I* w) const {
+  F values;
+  explicit GemvBf16Decoder(int qt) : values(_mm512_loadu_ps(codebook_4bit(qt))) {}
+  Table table(float scale) const {
+    return _mm512_castsi256_si512(to_u16<bf16>(mul(values, splat(scale))));
+  }
+  void operator()(const Table& table, const uint8_t* p, I* w) const {
     const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     const __m256i low = _mm256_set1_epi8(0x0F);
     const __m256i first = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);  // elements 2i

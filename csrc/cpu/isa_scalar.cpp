@@ -79,16 +79,16 @@ struct GemvDecoder {
   static constexpr int kGroup = 8, kVectors = 8;
   using X = float;
   using Weights = F;
+  using Table = F;  // the block constant
   template <class In> static X to_x(In v) { return to_float(v); }
   static int source(int j) { return j; }
-  const float* table;
-  F scale = 0.0f;
-  explicit GemvDecoder(int qt) : table(codebook_4bit(qt)) {}
-  void block(float s) { scale = s; }
-  void operator()(const uint8_t* p, F* w) const {
+  const float* values;
+  explicit GemvDecoder(int qt) : values(codebook_4bit(qt)) {}
+  Table table(float scale) const { return scale; }
+  void operator()(const Table& scale, const uint8_t* p, F* w) const {
     for (int i = 0; i < 4; ++i) {
-      w[2 * i] = mul_rn(table[unpack_first(p[i])], scale);
-      w[2 * i + 1] = mul_rn(table[unpack_second(p[i])], scale);
+      w[2 * i] = mul_rn(values[unpack_first(p[i])], scale);
+      w[2 * i + 1] = mul_rn(values[unpack_second(p[i])], scale);
     }
   }
   static F madd(F w, const X* x, F acc) { return fmadd(w, load(x), acc); }
