@@ -93,12 +93,13 @@ def test_fused_matches_float64(isa, dtype, M):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M,in_f,blocksize", [(8, 1088, 64), (4, 2112, 32), (9, 1024, 1024),
-                                              (2, 4160, 64)])
+@pytest.mark.parametrize("M,in_f,blocksize", [(8, 1088, 64), (16, 2112, 32), (9, 1024, 1024),
+                                              (17, 4160, 64)])
 def test_fused_k_slices(isa, dtype, M, in_f, blocksize):
-    # x's slice per tile is 16 KiB: 512 float32 columns for an 8-row tile, 1024 for 4,
-    # 2048 for 2 (twice that for bf16 pairs). These rows take 2-9 slices, the last one
-    # short, or one block larger than a slice; 37 rows are 3 groups of 16.
+    # 8-row tiles walk W in slices holding 16 KiB of x: 512 float32 columns (1024 for
+    # bf16 pairs). These rows take 2-9 slices, the last one short, or one block larger
+    # than a slice, and the 9th and 17th rows of x take the unsliced 1-row tile; 37 rows
+    # of W are 3 groups of 16.
     check_forward(M, in_f, 37, 3, dtype, blocksize=blocksize)
 
 

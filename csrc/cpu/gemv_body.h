@@ -148,15 +148,18 @@ void gemv_finish_row(const GemvArgs& a, const F (&acc)[MT][kChains], int64_t m0,
   }
 }
 
-// Rows of W are walked in slices of K (k_slice columns) so that the tile's slice of x
-// stays in L1 while up to kSliceRows rows of W go past it. Without the slices an 8-row
-// tile streams its whole x (8 x 4096 float32 = 128 KiB) from L2 for every row of W,
-// 1 KiB per 32 weights against L2's 32 bytes a cycle. Measured at 4096x4096, bf16,
-// AVX2: one thread, W in cache, M = 8: 25.9 -> 22.5 TSC ticks per 32 weights; two
-// threads, cold W, best of 320 calls: M = 8 3.8 -> 2.8-3.5 ms, M = 16 6.5 -> 5.6-6.0 ms,
-// M = 1-4 unchanged within the noise. Every accumulator sees the same FMAs in the same
-// order either way (the slices only interleave rows), so the bytes do not depend on
-// the slicing.
+// An 8-row tile walks W in slices of K (k_slice columns) so that its slice of x stays
+// in L1 while up to kSliceRows rows of W go past it. Without the slices it streams its
+// whole x (8 x 4096 float32 = 128 KiB) from L2 for every row of W, 1 KiB per 32 weights
+// against L2's 32 bytes a cycle. Smaller tiles read W row by row: their x costs L2 less,
+// and the short strided pieces of W that slicing makes defeat the hardware prefetcher.
+// Measured (bf16, AVX2, TSC ticks per 32 weights, one thread): M = 8, 4096x4096 with W
+// in cache 25.9 -> 22.5; cold W (16384x11008) 29.6-31.1 -> 28.2-30.8; M = 1 cold
+// 8.4-9.6 unsliced, 10.4-13.8 sliced. Two threads, cold: within this machine's noise
+// (+-15%) of unsliced at M = 8, slower at M = 1-4.
+// Every accumulator sees the same FMAs in the same order either way (the slices only
+// interleave rows), so the bytes do not depend on the slicing.
+constexpr int kMinSlicedTile = 8;
 constexpr int64_t kSliceRows = 16;
 constexpr int64_t kSliceBytes = 16 << 10;  // of x per slice: half a 32 KiB L1
 
@@ -172,6 +175,7 @@ void gemv_tile(const GemvArgs& a, Decoder& decode, int64_t m0, int64_t n0, int64
   const int64_t blocks_per_row = a.K / a.blocksize;
   int64_t k_slice = kSliceBytes / (MT * int64_t(sizeof(X))) / a.blocksize * a.blocksize;
   if (k_slice < a.blocksize) k_slice = a.blocksize;
+  if (MT < kMinSlicedTile) k_slice = a.K;
   const X* x = reinterpret_cast<const X*>(a.x_paired) + m0 * a.K;
   F saved[kSliceRows][MT][kChains];  // accumulators between slices
   for (int64_t r0 = n0; r0 < n1; r0 += kSliceRows) {
