@@ -28,15 +28,15 @@
 //
 // Why this shape: at M = 1 the op reads 0.52 bytes of W per 2 FLOPs, so it is bound by
 // memory bandwidth, and W must be decoded in registers, never written out. Each
-// weight is table[code] * absmax, exactly what dequantize_4bit to float32 computes, so
-// the only difference from dequantize + matmul is the summation order. Accumulation is
-// float32 for every activation dtype.
+// weight is table[code] * absmax, exactly what dequantize_4bit to float32 computes (to
+// bfloat16 for the bf16 decoder), so the only difference from dequantize + matmul is
+// the summation order. Accumulation is float32 for every activation dtype.
 //
 // x is copied once, as X, in the decoder's order (x_paired: per group of kGroup
 // elements, position j holds element source(j); the rows of a tile interleaved by
-// group), so the decoded vectors multiply x with plain loads. K is a multiple of the blocksize (the caller checks), and the
-// blocksize (>= 32) of kGroup, so every row of W starts on a block boundary and every
-// block is whole groups.
+// group), so the decoded vectors multiply x with plain loads. K is a multiple of the
+// blocksize (the caller checks), and the blocksize (a multiple of 32) of kGroup, so
+// every row of W starts on a block boundary and every block is whole groups.
 //
 // Determinism: each output element is computed by one thread in a fixed order, so the
 // bytes do not depend on the thread count or on which thread takes which rows.
@@ -164,7 +164,7 @@ constexpr int64_t kSliceRows = 16;
 constexpr int64_t kSliceBytes = 16 << 10;  // of x per slice: half a 32 KiB L1
 
 template <class T, int MT, class Decoder>
-void gemv_tile(const GemvArgs& a, Decoder& decode, int64_t m0, int64_t n0, int64_t n1) {
+void gemv_tile(const GemvArgs& a, const Decoder& decode, int64_t m0, int64_t n0, int64_t n1) {
   constexpr int kGroup = Decoder::kGroup, kVectors = Decoder::kVectors, kStep = kGroup / kVectors;
   using X = typename Decoder::X;
   // Independent accumulator chains per row of x: an FMA has 4 cycles of latency and a
@@ -212,7 +212,7 @@ void gemv_tile(const GemvArgs& a, Decoder& decode, int64_t m0, int64_t n0, int64
 }
 
 template <class T, class Decoder>
-void gemv_rows_tiles(const GemvArgs& a, Decoder& decode, int64_t n0, int64_t n1) {
+void gemv_rows_tiles(const GemvArgs& a, const Decoder& decode, int64_t n0, int64_t n1) {
   for (int64_t m0 = 0; m0 < a.M; m0 += kMaxTile) {
     switch (a.M - m0 < kMaxTile ? a.M - m0 : kMaxTile) {
       case 1: gemv_tile<T, 1>(a, decode, m0, n0, n1); break;
