@@ -5,12 +5,26 @@
 #include <string.h>
 #include <immintrin.h>
 // intrinsics simde 0.7.4 lacks, emulated with its portable vector types
-static inline simde__m512i shim_cvtepu16_epi32(simde__m256i a) {
-  simde__m512i_private r; simde__m256i_private x = simde__m256i_to_private(a);
-  for (int i = 0; i < 16; ++i) r.i32[i] = (int32_t)x.u16[i];
-  return simde__m512i_from_private(r);
-}
+// lane-by-lane integer conversions: dst.dst_field[i] = (type)src.src_field[i], i < n
+#define SHIM_CONVERT(name, Dst, Src, n, dst_field, src_field, type)              \
+  static inline Dst shim_##name(Src a) {                                         \
+    Src##_private x = Src##_to_private(a);                                       \
+    Dst##_private r;                                                             \
+    for (int i = 0; i < n; ++i) r.dst_field[i] = (type)x.src_field[i];           \
+    return Dst##_from_private(r);                                                \
+  }
+SHIM_CONVERT(cvtepu16_epi32, simde__m512i, simde__m256i, 16, i32, u16, int32_t)
 #define _mm512_cvtepu16_epi32 shim_cvtepu16_epi32
+SHIM_CONVERT(cvtepi32_epi16, simde__m256i, simde__m512i, 16, i16, i32, int16_t)
+#define _mm512_cvtepi32_epi16 shim_cvtepi32_epi16
+SHIM_CONVERT(cvtepi32_epi8, simde__m128i, simde__m512i, 16, i8, i32, int8_t)
+#define _mm512_cvtepi32_epi8 shim_cvtepi32_epi8
+SHIM_CONVERT(cvtepu8_epi32, simde__m512i, simde__m128i, 16, i32, u8, int32_t)
+#define _mm512_cvtepu8_epi32 shim_cvtepu8_epi32
+SHIM_CONVERT(cvtepu8_epi64, simde__m512i, simde__m128i, 8, i64, u8, int64_t)
+#define _mm512_cvtepu8_epi64 shim_cvtepu8_epi64
+SHIM_CONVERT(cvtepu8_epi16, simde__m512i, simde__m256i, 32, u16, u8, uint16_t)
+#define _mm512_cvtepu8_epi16 shim_cvtepu8_epi16
 static inline simde__m512 shim_cvtph_ps(simde__m256i a) {
   simde__m256i_private x = simde__m256i_to_private(a);
   simde__m512_private r;
@@ -20,31 +34,6 @@ static inline simde__m512 shim_cvtph_ps(simde__m256i a) {
   return simde__m512_from_private(r);
 }
 #define _mm512_cvtph_ps shim_cvtph_ps
-#define SHIM_I(v) simde__m512i_private v
-static inline simde__m256i shim_cvtepi32_epi16(simde__m512i a) {
-  simde__m512i_private x = simde__m512i_to_private(a); simde__m256i_private r;
-  for (int i = 0; i < 16; ++i) r.i16[i] = (int16_t)x.i32[i];
-  return simde__m256i_from_private(r);
-}
-#define _mm512_cvtepi32_epi16 shim_cvtepi32_epi16
-static inline simde__m128i shim_cvtepi32_epi8(simde__m512i a) {
-  simde__m512i_private x = simde__m512i_to_private(a); simde__m128i_private r;
-  for (int i = 0; i < 16; ++i) r.i8[i] = (int8_t)x.i32[i];
-  return simde__m128i_from_private(r);
-}
-#define _mm512_cvtepi32_epi8 shim_cvtepi32_epi8
-static inline simde__m512i shim_cvtepu8_epi32(simde__m128i a) {
-  simde__m128i_private x = simde__m128i_to_private(a); simde__m512i_private r;
-  for (int i = 0; i < 16; ++i) r.i32[i] = x.u8[i];
-  return simde__m512i_from_private(r);
-}
-#define _mm512_cvtepu8_epi32 shim_cvtepu8_epi32
-static inline simde__m512i shim_cvtepu8_epi64(simde__m128i a) {
-  simde__m128i_private x = simde__m128i_to_private(a); simde__m512i_private r;
-  for (int i = 0; i < 8; ++i) r.i64[i] = x.u8[i];
-  return simde__m512i_from_private(r);
-}
-#define _mm512_cvtepu8_epi64 shim_cvtepu8_epi64
 static inline simde__m256i shim_cvtps_ph(simde__m512 a, int) {
   simde__m512_private x = simde__m512_to_private(a); simde__m256i_private r;
   __m256 a0, a1; memcpy(&a0, &x.f32[0], 32); memcpy(&a1, &x.f32[8], 32);
@@ -70,9 +59,3 @@ static inline void shim_stream_si512(simde__m512i* p, simde__m512i v) {
   memcpy(p, &v, 64);
 }
 #define _mm512_stream_si512 shim_stream_si512
-static inline simde__m512i shim_cvtepu8_epi16(simde__m256i a) {
-  simde__m256i_private x = simde__m256i_to_private(a); simde__m512i_private r;
-  for (int i = 0; i < 32; ++i) r.u16[i] = x.u8[i];
-  return simde__m512i_from_private(r);
-}
-#define _mm512_cvtepu8_epi16 shim_cvtepu8_epi16
