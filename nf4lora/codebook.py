@@ -6,6 +6,8 @@ here are the ones bitsandbytes stores in checkpoints, value for value.
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 # NF4: the bitsandbytes table, hard-coded. Recomputing it from the normal quantiles
@@ -68,32 +70,115 @@ def create_normal_map(offset: float = 0.9677083, use_extra_value: bool = True) -
     return table / table.max()
 
 
+def _pad_to_256(values: list[float]) -> list[float]:
+    """Zeros appended up to 256 entries: bitsandbytes keeps every code book 256 long so a
+    narrower type can reuse the 8-bit kernels (longer lists are left as they are)."""
+    return values + [0.0] * (256 - len(values))
+
+
 def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7,
                        total_bits: int = 8) -> torch.Tensor:
-    """bitsandbytes' dynamic 8-bit map: 256 sorted float32 values in [-0.99297, 1].
+    """bitsandbytes' dynamic map: sorted float32, 256 entries (zero-padded below 8 bits;
+    2**total_bits above, as bitsandbytes returns them).
 
     Exponent i (i = 0..max_exponent_bits-1) owns the midpoints of an evenly spaced
-    grid of 2**(free bits)+1 points on [0.1, 1], scaled by 10**(i - max_exponent_bits
-    + 1); the free bits shrink as the exponent grows. 0 and 1.0 complete the table.
+    grid on [0.1, 1], scaled by 10**(i - max_exponent_bits + 1); the grid has
+    2**(fraction bits) intervals, and the fraction bits grow with i (an exponent
+    with a negative count of fraction bits owns nothing). The bits left over when
+    max_exponent_bits < total_bits - 1 add one more grid at the largest exponent.
+    0 and 1.0 complete the table. The default (True, 7, 8) spans [-0.99297, 1].
+
+    Argument combinations for which this does not give exactly 2**total_bits
+    values (bitsandbytes asserts, or fails on an unbound variable) raise ValueError.
     """
     values: list[float] = []
-    # One bit is set aside for the sign even when unsigned; there it adds a fraction bit.
     non_sign_bits = total_bits - 1
-    linear_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
 
-    def grid_midpoints(count: int, exponent: int) -> list[float]:
+    def grid_midpoints(intervals: int, exponent: int) -> list[float]:
+        if intervals < 1:
+            return []
         # bitsandbytes scales the float32 midpoints in float32 arithmetic; doing it in
         # float64 and rounding once moves some entries by 1 ulp, so keep float32 here.
-        grid = torch.linspace(0.1, 1, count, dtype=torch.float32)
-        scaled = (10 ** (exponent - max_exponent_bits + 1)) * ((grid[:-1] + grid[1:]) / 2.0)
-        return scaled.tolist() + ((-scaled).tolist() if signed else [])
+        grid = torch.linspace(0.1, 1, intervals + 1, dtype=torch.float32)
+        midpoints = (grid[:-1] + grid[1:]) / 2.0
+        scale = 10 ** (exponent - max_exponent_bits + 1)
+        positive = (scale * midpoints).tolist()
+        return positive + ((-scale) * midpoints).tolist() if signed else positive
 
     for exponent in range(max_exponent_bits):
+        # Unsigned maps spend the sign bit on one more fraction bit.
         fraction_bits = exponent + non_sign_bits - max_exponent_bits + (0 if signed else 1)
-        values += grid_midpoints(2 ** fraction_bits + 1, exponent)
-    if linear_items > 0:
-        values += grid_midpoints(linear_items + 1, max_exponent_bits - 1)
+        values += grid_midpoints(2 ** fraction_bits if fraction_bits >= 0 else 0, exponent)
+    leftover = non_sign_bits - max_exponent_bits
+    if leftover > 0:
+        if max_exponent_bits < 1:
+            raise ValueError(f"create_dynamic_map: max_exponent_bits must be >= 1 when "
+                             f"total_bits={total_bits}, got {max_exponent_bits}")
+        values += grid_midpoints(2 ** leftover - 1, max_exponent_bits - 1)
     values += [0.0, 1.0]
-    assert len(values) <= 2 ** total_bits
-    values += [0.0] * (2 ** total_bits - len(values))
-    return torch.tensor(values, dtype=torch.float32).sort().values
+    if len(values) != 2 ** total_bits:
+        raise ValueError(f"create_dynamic_map(signed={signed}, max_exponent_bits={max_exponent_bits}, "
+                         f"total_bits={total_bits}) gives {len(values)} values, not 2**total_bits; "
+                         "choose max_exponent_bits so that the values fill the type")
+    # Python's stable sort, as bitsandbytes sorts: it decides where -0.0 and 0.0 land.
+    return torch.tensor(sorted(_pad_to_256(values)), dtype=torch.float32)
+
+
+def create_linear_map(signed: bool = True, total_bits: int = 8, add_zero: bool = True) -> torch.Tensor:
+    """bitsandbytes' linear map: evenly spaced values on [-1, 1] (signed) or [0, 1].
+
+    A signed map has 2**total_bits - 1 points, so that 0 is one of them, when add_zero is
+    set or total_bits < 8; otherwise 2**total_bits. Below 256 points the zeros that pad
+    the table go in the middle (after the first half of the points), not at the end, so
+    the result is not sorted; that is bitsandbytes' layout, kept as is.
+    """
+    if not isinstance(total_bits, int) or total_bits < 0:
+        raise ValueError(f"create_linear_map: total_bits must be a non-negative int, got {total_bits!r}")
+    count = 2 ** total_bits
+    if signed and (add_zero or total_bits < 8):
+        count -= 1
+    values = torch.linspace(-1.0 if signed else 0.0, 1.0, count, dtype=torch.float32)
+    if count == 256:
+        return values
+    half = count // 2
+    padded = values[:half].tolist() + [0.0] * (256 - count) + values[half:].tolist()
+    return torch.tensor(padded, dtype=torch.float32)
+
+
+def create_fp8_map(signed: bool = True, exponent_bits: int = 5, precision_bits: int = 2,
+                   total_bits: int = 8) -> torch.Tensor:
+    """bitsandbytes' small-float map: every value of a (sign, exponent, mantissa) format
+    with exponent bias 2**(exponent_bits-1), sorted, zero-padded to 256 below 8 bits and
+    divided by its maximum. FP4 is create_fp8_map(True, 2, 1, 4), though the 4-bit code
+    book both libraries store is the hard-coded table of get_4bit_type, which differs
+    from this map in its smallest magnitude.
+
+    The field widths must add up: exponent_bits + precision_bits + signed == total_bits
+    (bitsandbytes asserts this); a signed format needs at least one exponent bit and no
+    width may be negative (bitsandbytes fails on those too). Each is a ValueError here.
+    """
+    sign_bits = 1 if signed else 0
+    if exponent_bits + precision_bits + sign_bits != total_bits:
+        raise ValueError(f"create_fp8_map: exponent_bits + precision_bits + sign bit must equal "
+                         f"total_bits, got {exponent_bits} + {precision_bits} + {sign_bits} != {total_bits}")
+    if exponent_bits < sign_bits or precision_bits < 0:
+        raise ValueError(f"create_fp8_map: needs exponent_bits >= {sign_bits} and precision_bits >= 0, "
+                         f"got {exponent_bits} and {precision_bits}")
+    bias = 2 ** (exponent_bits - 1)
+    values: list[float] = []
+    for exponent in range(2 ** exponent_bits):
+        for mantissa_bits in itertools.product((0, 1), repeat=precision_bits):
+            fraction = sum(bit * 2.0 ** -(i + 1) for i, bit in enumerate(mantissa_bits))
+            if exponent == 0:  # subnormal: no implicit leading 1
+                value = fraction * 2.0 ** -bias
+            else:
+                # bitsandbytes' formula: a larger exponent field is a smaller value
+                # (not IEEE's order), which changes how far the subnormals sit below
+                # the normals; kept, since these are the values bitsandbytes returns.
+                value = (1 + fraction) * 2.0 ** -(exponent - bias - 1)
+            values += [value, -value] if signed else [value]
+    values.sort()
+    if total_bits < 8:
+        values = sorted(_pad_to_256(values))
+    table = torch.tensor(values, dtype=torch.float32)
+    return table / table.max()

@@ -15,11 +15,13 @@ import torch
 from torch import Tensor
 
 from . import _ops
-from .codebook import create_dynamic_map, create_normal_map, get_4bit_type  # noqa: F401  (public)
+from .codebook import (create_dynamic_map, create_fp8_map, create_linear_map,  # noqa: F401  (public)
+                       create_normal_map, get_4bit_type)
 from .quant_state import QuantState
 
 __all__ = [
     "QuantState", "get_4bit_type", "create_normal_map", "create_dynamic_map",
+    "create_linear_map", "create_fp8_map", "has_avx512bf16",
     "quantize_4bit", "dequantize_4bit", "quantize_nf4", "dequantize_nf4", "quantize_fp4",
     "dequantize_fp4", "quantize_blockwise", "dequantize_blockwise", "gemv_4bit",
 ]
@@ -68,9 +70,34 @@ def _store_as(packed: Tensor, quant_storage: torch.dtype) -> Tensor:
     return padded.view(quant_storage).unsqueeze(1)
 
 
+def _packed_bytes(shape) -> int:
+    return (math.prod(shape) + 1) // 2   # two codes per byte, an odd tail padded
+
+
+def packed_numel(shape, storage: torch.dtype) -> int:
+    """Elements of `storage` that hold the 4-bit codes of `shape`, as `_store_as` writes
+    them: the packed bytes, the last element zero-padded when they do not fill it."""
+    return -(-_packed_bytes(shape) // storage.itemsize)
+
+
+def check_packed(data: Tensor, shape, name: str = "A") -> None:
+    """Packed codes must fill exactly `packed_numel(shape, data.dtype)` elements, in any
+    layout ([k, 1], its transpose [1, k], or flat). Fewer would read past the end; more
+    means the state belongs to another (larger) tensor, and bitsandbytes refuses it too.
+    The one check of the packed size (nf4lora.nn.linear4bit._check_packed can call it)."""
+    if not isinstance(data, Tensor):
+        raise TypeError(f"{name} must be a tensor of packed 4-bit codes, got {type(data).__name__}")
+    if data.is_complex() or data.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer or float storage dtype, got {data.dtype}")
+    elements = packed_numel(shape, data.dtype)
+    if data.numel() != elements:
+        relation = "fewer" if data.numel() < elements else "more"
+        raise ValueError(f"{name} holds {data.numel()} elements of {data.dtype}, {relation} than the "
+                         f"{elements} that the {_packed_bytes(shape)} bytes of packed codes of shape "
+                         f"{list(shape)} fill (got shape {list(data.shape)})")
+
+
 def _as_bytes(A: Tensor) -> Tensor:
-    if not isinstance(A, Tensor):
-        raise TypeError(f"A must be a tensor of packed 4-bit codes, got {type(A).__name__}")
     flat = A.reshape(-1)
     return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
 
@@ -139,6 +166,15 @@ def _check_state_4bit(state: QuantState) -> None:
         raise ValueError(f"quant_state.dtype must be float32, float16 or bfloat16, got {state.dtype}")
     if state.shape is None:
         raise ValueError("quant_state.shape is None; a 4-bit state needs the original shape")
+    # The table itself is not read (the kernels decode by quant_type), so only its size is
+    # checked: comparing values would cost a device sync on every call.
+    code = getattr(state, "code", None)
+    if code is not None and code.numel() != 16:
+        raise ValueError(f"quant_state.code must be the 16-entry {state.quant_type} table, got "
+                         f"{code.numel()} entries (an 8-bit state's 256-entry map?)")
+    if state.state2 is not None and getattr(state, "offset", None) is None:
+        raise ValueError("quant_state.offset is None, but a nested state (state2) needs the "
+                         "offset its absmax was double-quantized around")
 
 
 def dequantize_4bit(A: Tensor, quant_state: Optional[QuantState] = None,
@@ -157,6 +193,7 @@ def dequantize_4bit(A: Tensor, quant_state: Optional[QuantState] = None,
                                  blocksize=DEFAULT_BLOCKSIZE if blocksize is None else blocksize,
                                  quant_type=quant_type)
     _check_state_4bit(quant_state)
+    check_packed(A, quant_state.shape)
     packed = _as_bytes(A)
     nested = nested_args(quant_state)
     args = (packed, quant_state.absmax, quant_state.blocksize, quant_state.quant_type)
@@ -256,3 +293,18 @@ def gemv_4bit(A: Tensor, B: Tensor, out: Optional[Tensor] = None, transposed_A: 
     result = torch.nn.functional.linear(A, weight.to(A.dtype))
     return out.copy_(result) if out is not None else result
 
+
+@functools.lru_cache(maxsize=None)
+def has_avx512bf16() -> bool:
+    """Whether this CPU has AVX512-BF16 (bitsandbytes' name; it gates its CPU gemv).
+
+    The answer is the C++ extension's: the same CPU probe that picks the kernel path
+    (`nf4lora._C.supported_isas()`, shown by `nf4lora info`), so the two never disagree.
+    It also requires AVX512F and AVX512BW, which every AVX512-BF16 CPU has. Without the
+    extension there is no native path to use it: False, as bitsandbytes answers without
+    its native library."""
+    from . import backends
+    if backends.availability("cpu") is not None:
+        return False
+    from . import _C
+    return "avx512bf16" in _C.supported_isas()

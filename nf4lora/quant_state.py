@@ -1,4 +1,4 @@
-"""QuantState: what it takes to dequantize a 4-bit tensor, and its state-dict form.
+"""QuantState: what dequantizing a 4-bit or 8-bit blockwise tensor takes, and its state-dict form.
 
 The fields, their meaning and the serialized keys are bitsandbytes' (see
 shared/reference/nf4_format.md section 4), so states move between the two libraries
@@ -108,7 +108,8 @@ class QuantState:
     def as_dict(self, packed: bool = False) -> dict[str, Any]:
         """The state-dict form. packed=True: tensors only, the scalars JSON-encoded into
         one uint8 tensor under 'quant_state.bitsandbytes__<quant_type>' (safetensors-safe),
-        byte for byte what bitsandbytes writes."""
+        byte for byte what bitsandbytes writes. An 8-bit state (quant_type None) has no
+        packed form: like bitsandbytes, packed=True then returns the plain dict."""
         items: dict[str, Any] = {
             "quant_type": self.quant_type,
             "absmax": self.absmax,
@@ -136,15 +137,22 @@ class QuantState:
 
     @classmethod
     def from_dict(cls, qs_dict: dict[str, Any], device=None) -> "QuantState":
-        """Rebuild a 4-bit state from `as_dict` output, packed or not.
+        """Rebuild a state from `as_dict` output, packed or not: a 4-bit state, or an 8-bit
+        one from `quantize_blockwise` (quant_type None; bitsandbytes never packs those).
 
         Keys may carry a prefix (e.g. 'weight.absmax'); only the last component counts.
         Every key, type, size and value is checked; a bad one raises ValueError naming it.
         """
         items = _unpack(qs_dict)
-        quant_type = items.get("quant_type")
+        if "quant_type" not in items:
+            raise ValueError("quant state is missing 'quant_type' (and has no packed "
+                             "'quant_state.bitsandbytes__nf4|fp4' entry holding it)")
+        quant_type = items["quant_type"]
+        if quant_type is None:
+            return cls._from_8bit_items(items, device)
         if quant_type not in QUANT_TYPES:
-            raise ValueError(f"quant state 'quant_type' must be one of {QUANT_TYPES}, got {quant_type!r}")
+            raise ValueError(f"quant state 'quant_type' must be one of {QUANT_TYPES}, or None for "
+                             f"an 8-bit state, got {quant_type!r}")
         for key in ("absmax", "quant_map", "blocksize", "dtype", "shape"):
             if key not in items:
                 raise ValueError(f"quant state is missing {key!r}")
@@ -162,32 +170,68 @@ class QuantState:
         if not torch.equal(quant_map.cpu(), get_4bit_type(quant_type)):
             raise ValueError(f"quant state 'quant_map' is not the {quant_type} table")
 
-        nested_keys = [k for k in items if k.startswith("nested_")]
-        if nested_keys:
-            for key in ("nested_absmax", "nested_quant_map", "nested_blocksize",
-                        "nested_dtype", "nested_offset"):
-                if key not in items:
-                    raise ValueError(f"quant state has {nested_keys} but is missing {key!r}")
-            nested_blocksize = items["nested_blocksize"]
-            if not isinstance(nested_blocksize, int) or nested_blocksize <= 0:
-                raise ValueError(f"quant state 'nested_blocksize' must be a positive int, got {nested_blocksize!r}")
-            if not isinstance(items["nested_offset"], (int, float)):
-                raise ValueError(f"quant state 'nested_offset' must be a number, got {items['nested_offset']!r}")
-            absmax = _tensor(items, "absmax", torch.uint8, (blocks,))
-            state2 = cls(
-                absmax=_tensor(items, "nested_absmax", torch.float32,
-                               (math.ceil(blocks / nested_blocksize),)).to(device),
-                code=_tensor(items, "nested_quant_map", torch.float32, (256,)).to(device),
-                blocksize=nested_blocksize,
-                dtype=dtype_from_name(items["nested_dtype"], "nested_dtype"),
-            )
-            offset = torch.tensor(float(items["nested_offset"]), dtype=torch.float32, device=device)
-        else:
-            absmax = _tensor(items, "absmax", torch.float32, (blocks,))
-            state2 = offset = None
-        return cls(absmax=absmax.to(device), shape=shape, code=quant_map.to(device),
+        absmax, offset, state2 = cls._absmax_items(items, blocks, device)
+        return cls(absmax=absmax, shape=shape, code=quant_map.to(device),
                    blocksize=blocksize, quant_type=quant_type, dtype=dtype,
                    offset=offset, state2=state2)
+
+    @classmethod
+    def _from_8bit_items(cls, items: dict[str, Any], device) -> "QuantState":
+        """An 8-bit blockwise state: bitsandbytes writes quant_type None, shape None and the
+        256-entry map as 'quant_map'. Without a shape the block count is absmax's own; a
+        nested absmax is still checked against it."""
+        for key in ("absmax", "quant_map", "blocksize", "dtype"):
+            if key not in items:
+                raise ValueError(f"quant state (8-bit) is missing {key!r}")
+        blocksize = items["blocksize"]
+        if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0:
+            raise ValueError(f"quant state 'blocksize' must be a positive int, got {blocksize!r}")
+        dtype = dtype_from_name(items["dtype"], "dtype")
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"quant state 'dtype' must be one of {FLOAT_DTYPES}, got {dtype}")
+        absmax = items["absmax"]
+        if not isinstance(absmax, torch.Tensor) or absmax.dim() != 1:
+            got = tuple(absmax.shape) if isinstance(absmax, torch.Tensor) else type(absmax).__name__
+            raise ValueError(f"quant state 'absmax' must be a 1-d tensor (one entry per block), got {got}")
+        shape = items.get("shape")
+        if shape is None:
+            blocks = absmax.numel()
+        elif isinstance(shape, (list, tuple)) and all(isinstance(d, int) and d >= 0 for d in shape):
+            shape = torch.Size(shape)
+            blocks = math.ceil(math.prod(shape) / blocksize)
+        else:
+            raise ValueError(f"quant state 'shape' must be None or a list of sizes, got {shape!r}")
+        code = _tensor(items, "quant_map", torch.float32, (256,))
+        absmax, offset, state2 = cls._absmax_items(items, blocks, device)
+        return cls(absmax=absmax, shape=shape, code=code.to(device), blocksize=blocksize,
+                   dtype=dtype, offset=offset, state2=state2)
+
+    @classmethod
+    def _absmax_items(cls, items: dict[str, Any], blocks: int, device):
+        """(absmax, offset, state2) for `blocks` blocks: float32 absmax, or uint8 codes plus
+        the nested level when any 'nested_*' key is present (then all five must be)."""
+        nested_keys = [k for k in items if k.startswith("nested_")]
+        if not nested_keys:
+            return _tensor(items, "absmax", torch.float32, (blocks,)).to(device), None, None
+        for key in ("nested_absmax", "nested_quant_map", "nested_blocksize",
+                    "nested_dtype", "nested_offset"):
+            if key not in items:
+                raise ValueError(f"quant state has {nested_keys} but is missing {key!r}")
+        nested_blocksize = items["nested_blocksize"]
+        if not isinstance(nested_blocksize, int) or nested_blocksize <= 0:
+            raise ValueError(f"quant state 'nested_blocksize' must be a positive int, got {nested_blocksize!r}")
+        if not isinstance(items["nested_offset"], (int, float)):
+            raise ValueError(f"quant state 'nested_offset' must be a number, got {items['nested_offset']!r}")
+        absmax = _tensor(items, "absmax", torch.uint8, (blocks,))
+        state2 = cls(
+            absmax=_tensor(items, "nested_absmax", torch.float32,
+                           (math.ceil(blocks / nested_blocksize),)).to(device),
+            code=_tensor(items, "nested_quant_map", torch.float32, (256,)).to(device),
+            blocksize=nested_blocksize,
+            dtype=dtype_from_name(items["nested_dtype"], "nested_dtype"),
+        )
+        offset = torch.tensor(float(items["nested_offset"]), dtype=torch.float32, device=device)
+        return absmax.to(device), offset, state2
 
 
 def _unpack(qs_dict: dict[str, Any]) -> dict[str, Any]:

@@ -31,6 +31,78 @@ def test_dynamic_map_equals_bitsandbytes(bnb, args):
     assert ours.shape == (256,) and torch.equal(ours, bnb.create_dynamic_map(*args))
 
 
+def _bnb_or_error(builder, *args):
+    """bitsandbytes' table, or None where bitsandbytes refuses the arguments (an assert,
+    or an accidental TypeError/UnboundLocalError on a degenerate width)."""
+    try:
+        return builder(*args)
+    except (AssertionError, TypeError, ValueError, NameError):
+        return None
+
+
+def _same_bits(ours, theirs):
+    """Equal bit for bit: also tells -0.0 from 0.0 (where the sort put them) and NaN."""
+    return (ours.dtype == theirs.dtype == torch.float32 and ours.shape == theirs.shape
+            and torch.equal(ours.view(torch.int32), theirs.view(torch.int32)))
+
+
+def _check_against(builder, ours_builder, args):
+    theirs = _bnb_or_error(builder, *args)
+    if theirs is None:
+        with pytest.raises(ValueError, match=ours_builder.__name__):
+            ours_builder(*args)
+        return False
+    ours = ours_builder(*args)
+    assert _same_bits(ours, theirs), args
+    return True
+
+
+def test_dynamic_map_equals_bitsandbytes_over_every_width(bnb):
+    # Every (signed, max_exponent_bits, total_bits) with widths up to 9 bits, including
+    # max_exponent_bits >= total_bits (which raised TypeError) and the narrow widths
+    # bitsandbytes zero-pads to 256 entries.
+    built = 0
+    for signed in (True, False):
+        for total_bits in range(0, 10):
+            for max_exponent_bits in range(-1, total_bits + 3):
+                built += _check_against(bnb.create_dynamic_map, codebook.create_dynamic_map,
+                                        (signed, max_exponent_bits, total_bits))
+    assert built >= 70  # the comparison ran on many valid widths, not only on refusals
+    assert codebook.create_dynamic_map(True, 5, 5).shape == (256,)
+    assert codebook.create_dynamic_map(True, 8, 8).shape == (256,)
+
+
+def test_linear_map_equals_bitsandbytes(bnb):
+    for signed in (True, False):
+        for add_zero in (True, False):
+            for total_bits in range(0, 10):
+                assert _check_against(bnb.create_linear_map, codebook.create_linear_map,
+                                      (signed, total_bits, add_zero))
+    with pytest.raises(ValueError, match="total_bits"):
+        codebook.create_linear_map(True, -1)
+
+
+def test_fp8_map_equals_bitsandbytes(bnb):
+    built = 0
+    for signed in (True, False):
+        for total_bits in range(0, 10):
+            for exponent_bits in range(-1, total_bits + 2):
+                for precision_bits in range(-1, total_bits + 2):
+                    built += _check_against(bnb.create_fp8_map, codebook.create_fp8_map,
+                                            (signed, exponent_bits, precision_bits, total_bits))
+    assert built > 80
+    # The widths must add up, as bitsandbytes asserts; the message says which.
+    with pytest.raises(ValueError, match="must equal total_bits"):
+        codebook.create_fp8_map(True, 4, 4, 8)
+
+
+def test_map_builders_are_exported_from_functional():
+    import nf4lora.functional as F
+    for name in ("create_linear_map", "create_fp8_map", "create_dynamic_map"):
+        assert name in F.__all__ and getattr(F, name) is getattr(codebook, name)
+    assert torch.equal(F.create_fp8_map(True, 4, 3, 8)[[0, -1]], torch.tensor([-1.0, 1.0]))
+
+
 def test_dynamic_map_range():
     table = codebook.create_dynamic_map()
     assert table[-1] == 1.0 and abs(table[0].item() + 0.99297) < 1e-5

@@ -153,3 +153,83 @@ def test_gemv_4bit_is_x_times_w_transposed():
     x = torch.randn(1, 64)
     expected = x @ F.dequantize_4bit(packed, state).t()
     torch.testing.assert_close(F.gemv_4bit(x, packed.t(), state=state), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("quant_storage", [torch.uint8, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(7, 9), (3, 64), (1,)])
+def test_packed_codes_must_match_the_state_exactly(quant_storage, shape):
+    x = torch.randn(shape)
+    packed, state = F.quantize_4bit(x, quant_type="nf4", quant_storage=quant_storage)
+    expected = F.dequantize_4bit(packed, state)
+    # The exact count works in every layout, including bitsandbytes' transposed [1, k].
+    assert torch.equal(F.dequantize_4bit(packed.reshape(-1), state), expected)
+    if packed.shape[0] > 1:
+        assert torch.equal(F.dequantize_4bit(packed.t(), state).t(), expected)
+    # One element more: the state describes a smaller tensor than these bytes hold.
+    longer = torch.cat([packed, packed[:1]])
+    for dequantize in (F.dequantize_4bit, F.dequantize_nf4):
+        with pytest.raises(ValueError, match=f"A holds {packed.numel() + 1} elements of "
+                                             f".*more than the {packed.numel()}"):
+            dequantize(longer, state)
+    with pytest.raises(ValueError, match="more than the"):
+        F.dequantize_4bit(longer.t(), state)
+    with pytest.raises(ValueError, match="more than the"):
+        F.dequantize_4bit(longer, state, out=torch.empty(shape))
+    with pytest.raises(ValueError, match="fewer than the"):
+        F.dequantize_4bit(packed[:-1], state)
+
+
+def test_fp4_wrapper_rejects_extra_packed_bytes_too():
+    packed, state = F.quantize_fp4(torch.randn(5, 13))
+    with pytest.raises(ValueError, match="more than the 33 that the 33 bytes"):
+        F.dequantize_fp4(torch.cat([packed, packed[:2]]), state)
+
+
+def test_packed_numel_rounds_bytes_up_to_whole_storage_elements():
+    # 63 codes -> 32 bytes: 32 uint8, 16 bfloat16, 8 float32; 65 codes -> 33 bytes.
+    assert [F.packed_numel((7, 9), d) for d in (torch.uint8, torch.bfloat16, torch.float32)] == [32, 16, 8]
+    assert [F.packed_numel((65,), d) for d in (torch.uint8, torch.bfloat16, torch.float32)] == [33, 17, 9]
+    assert F.packed_numel((0, 5), torch.float32) == 0
+    for dtype in (torch.bfloat16, torch.float32, torch.int8):
+        packed, _ = F.quantize_4bit(torch.randn(65), quant_storage=dtype)
+        assert packed.numel() == F.packed_numel((65,), dtype)
+
+
+# A (5, 130) weight: 650 elements, 11 blocks of 64, one nested block of 256.
+@pytest.mark.parametrize("nested, corrupt, match", [
+    (False, lambda s: setattr(s, "absmax", s.absmax[:-1]), "absmax must have 11 elements, got 10"),
+    (False, lambda s: setattr(s, "absmax", torch.cat([s.absmax, s.absmax[:1]])),
+     "absmax must have 11 elements, got 12"),
+    (False, lambda s: setattr(s, "absmax", s.absmax.half()), "absmax must be torch.float32, got torch.float16"),
+    (True, lambda s: setattr(s, "absmax", s.absmax.float()),
+     r"absmax \(8-bit codes when nested\) must be torch.uint8, got torch.float32"),
+    (True, lambda s: setattr(s, "absmax", s.absmax[:-1]), "must have 11 elements, got 10"),
+    (True, lambda s: setattr(s.state2, "absmax", torch.cat([s.state2.absmax] * 2)),
+     "nested_absmax must have 1 elements, got 2"),
+    (True, lambda s: setattr(s.state2, "code", s.state2.code[:16]), "nested_code must have 256 elements"),
+    (False, lambda s: setattr(s, "code", F.create_dynamic_map()),
+     "quant_state.code must be the 16-entry nf4 table, got 256 entries"),
+    (True, lambda s: setattr(s, "code", s.code[:8]), "16-entry nf4 table, got 8 entries"),
+    (True, lambda s: setattr(s, "offset", None), "quant_state.offset is None"),
+])
+def test_state_mismatches_name_the_field(nested, corrupt, match):
+    packed, state = F.quantize_4bit(torch.randn(5, 130), quant_type="nf4", compress_statistics=nested)
+    corrupt(state)
+    with pytest.raises(ValueError, match=match):
+        F.dequantize_4bit(packed, state)
+
+
+def test_has_avx512bf16_agrees_with_proc_cpuinfo():
+    answer = F.has_avx512bf16()
+    assert isinstance(answer, bool)
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith("flags")).split(":", 1)[1].split()
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo flags (not Linux)")
+    from nf4lora import backends
+    if backends.availability("cpu") is not None:
+        assert answer is False  # no native path to use it, as bitsandbytes without its library
+    else:
+        # The extension's probe also wants AVX512F/BW, which every AVX512-BF16 CPU has.
+        assert answer == all(f in flags for f in ("avx512_bf16", "avx512f", "avx512bw"))

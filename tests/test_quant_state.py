@@ -94,3 +94,103 @@ def test_malformed_json_blob():
         QuantState.from_dict(items, "cpu")
     with pytest.raises(ValueError, match="must be a dict"):
         QuantState.from_dict([("absmax", 1)], "cpu")
+
+
+# --- 8-bit blockwise states (quantize_blockwise): quant_type None, shape None, a 256-entry map
+
+
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("shape, dtype, blocksize", [((3, 333), torch.bfloat16, 64),
+                                                      ((1001,), torch.float16, 256),
+                                                      ((2, 5, 700), torch.float32, 4096)])
+def test_8bit_states_round_trip_through_as_dict(nested, packed, shape, dtype, blocksize):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(7)).to(dtype)
+    codes, state = F.quantize_blockwise(x, blocksize=blocksize, nested=nested)
+    items = state.as_dict(packed=packed)
+    # bitsandbytes' form: no packed blob for quant_type None, even with packed=True.
+    assert items["quant_type"] is None and items["shape"] is None
+    assert items["quant_map"].shape == (256,)
+    restored = QuantState.from_dict(items, "cpu")
+    assert restored == state and restored.nested == nested and restored.shape is None
+    ours, theirs = F.dequantize_blockwise(codes, restored), F.dequantize_blockwise(codes, state)
+    assert ours.dtype == dtype and torch.equal(ours.view(torch.uint8), theirs.view(torch.uint8))
+
+
+def _8bit_formula(codes, code, absmax, blocksize):
+    """code[q] * absmax[block], in float32: bitsandbytes' 8-bit semantics."""
+    block = torch.arange(codes.numel()) // blocksize
+    return code[codes.reshape(-1).long()] * absmax[block]
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_8bit_state_dicts_move_between_libraries(bnb, nested):
+    x = torch.randn(3, 700, generator=torch.Generator().manual_seed(3))
+    # bitsandbytes' state -> nf4lora: every field arrives; dequantizing follows the formula.
+    codes, theirs = bnb.quantize_blockwise(x, blocksize=256, nested=nested)
+    ours = QuantState.from_dict(theirs.as_dict(packed=True), "cpu")
+    assert torch.equal(ours.absmax, theirs.absmax) and torch.equal(ours.code, theirs.code)
+    assert (ours.blocksize, ours.dtype, ours.quant_type, ours.shape) == (256, torch.float32, None, None)
+    assert ours.nested == nested
+    if nested:
+        assert torch.equal(ours.offset, theirs.offset)
+        assert torch.equal(ours.state2.absmax, theirs.state2.absmax)
+        assert torch.equal(ours.state2.code, theirs.state2.code)
+        assert ours.state2.blocksize == theirs.state2.blocksize == 256
+        absmax = _8bit_formula(ours.absmax, ours.state2.code, ours.state2.absmax, 256) + ours.offset
+    else:
+        absmax = theirs.absmax
+    expected = _8bit_formula(codes, theirs.code, absmax, 256).reshape(x.shape)
+    assert torch.equal(F.dequantize_blockwise(codes, ours), expected)
+    # nf4lora's state -> bitsandbytes' from_dict: the same fields.
+    _, state = F.quantize_blockwise(x, blocksize=256, nested=nested)
+    loaded = bnb.QuantState.from_dict(state.as_dict(packed=True), torch.device("cpu"))
+    assert torch.equal(loaded.absmax, state.absmax) and torch.equal(loaded.code, state.code)
+    assert (loaded.blocksize, loaded.dtype, loaded.quant_type, loaded.shape) == (256, torch.float32, None, None)
+    assert loaded.nested == nested
+    if nested:
+        assert torch.equal(loaded.offset, state.offset)
+        assert torch.equal(loaded.state2.absmax, state.state2.absmax)
+
+
+def _8bit_dict(nested=True):
+    _, state = F.quantize_blockwise(torch.randn(5, 300), blocksize=64, nested=nested)
+    return state.as_dict()   # 24 blocks; nested: one nested block of 64
+
+
+@pytest.mark.parametrize("nested, mutate, match", [
+    (False, lambda d: d.update(absmax=d["absmax"].half()), "'absmax' must be torch.float32"),
+    (True, lambda d: d.update(absmax=d["absmax"].float()), "'absmax' must be torch.uint8"),
+    (False, lambda d: d.update(absmax=d["absmax"].reshape(4, 6)), "'absmax' must be a 1-d tensor"),
+    (True, lambda d: d.update(nested_absmax=torch.ones(2)), "'nested_absmax' must have 1 elements"),
+    (True, lambda d: d.update(nested_quant_map=d["nested_quant_map"][:16]), "'nested_quant_map' must have 256"),
+    (False, lambda d: d.update(quant_map=d["quant_map"][:16]), "'quant_map' must have 256 elements"),
+    (False, lambda d: d.pop("quant_map"), r"\(8-bit\) is missing 'quant_map'"),
+    (True, lambda d: d.pop("nested_offset"), "missing 'nested_offset'"),
+    (False, lambda d: d.update(blocksize=0), "'blocksize' must be a positive int"),
+    (False, lambda d: d.update(blocksize="64"), "'blocksize' must be a positive int"),
+    (False, lambda d: d.update(dtype="int8"), "'dtype' must be one of"),
+    (False, lambda d: d.update(shape="5x300"), "'shape' must be None or a list of sizes"),
+    (False, lambda d: d.update(shape=[5, 310]), "'absmax' must have 25 elements"),
+    (False, lambda d: d.update(quant_type="int8"), "or None for an 8-bit state"),
+])
+def test_malformed_8bit_dicts_are_rejected_with_the_reason(nested, mutate, match):
+    items = _8bit_dict(nested)
+    mutate(items)
+    with pytest.raises(ValueError, match=match):
+        QuantState.from_dict(items, "cpu")
+
+
+def test_8bit_dict_with_a_consistent_shape_is_accepted():
+    # bitsandbytes writes shape None; a shape, if given, must agree with the block count.
+    items = _8bit_dict(nested=False)
+    items["shape"] = [5, 301]  # 1505 elements in blocks of 64: 24 blocks, as absmax has
+    assert QuantState.from_dict(items, "cpu").shape == (5, 301)
+
+
+def test_4bit_dict_passed_off_as_8bit_is_rejected():
+    # quant_type None with a 4-bit state's 16-entry table: the 8-bit checks catch it.
+    items = _state(nested=False)[1].as_dict()
+    items["quant_type"] = None
+    with pytest.raises(ValueError, match="'quant_map' must have 256 elements"):
+        QuantState.from_dict(items, "cpu")
