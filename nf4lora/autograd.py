@@ -15,7 +15,7 @@ does) where it has none.
 """
 from __future__ import annotations
 
-import math
+import warnings
 from typing import Optional
 
 import torch
@@ -63,41 +63,48 @@ def _grad_input(g2: Tensor, weight: Tensor, quant_state, lora_A: Optional[Tensor
 # --------------------------------------------------------------------------------------
 
 class _Matmul4bit(torch.autograd.Function):
+    """On 2-D x [M, in] only. Callers reshape outside the Function: a view created inside a
+    custom Function may not be modified in place (PEFT's AdaLoRA adds to the output in
+    place), while a view of its output made outside is tracked by autograd as usual."""
 
     @staticmethod
-    def forward(ctx, x, weight, quant_state, lora_A, lora_B, scaling, bias):
-        x2 = x.reshape(-1, x.shape[-1])
+    def forward(ctx, x2, weight, quant_state, lora_A, lora_B, scaling, bias):
         y, h = _forward(x2, weight, quant_state, lora_A, lora_B, scaling, bias)
         ctx.quant_state = quant_state
         ctx.scaling = scaling
         ctx.has_bias = bias is not None
-        ctx.x_shape = x.shape
         _, _, _, need_A, need_B, _, _ = ctx.needs_input_grad
         # The packed weight, not W: W is dequantized again in backward. The activations
         # only when a gradient needs them: x for dA, h = x @ A^T for dB.
-        ctx.save_for_backward(x if need_A else None, weight, lora_A, lora_B,
+        ctx.save_for_backward(x2 if need_A else None, weight, lora_A, lora_B,
                               h if need_B else None)
-        # y itself for 2-D x: a reshape would return a view, which FSDP2 warns about.
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
-    def backward(ctx, grad):
-        x, weight, lora_A, lora_B, h = ctx.saved_tensors
+    def backward(ctx, g2):
+        x2, weight, lora_A, lora_B, h = ctx.saved_tensors
         need_x, _, _, need_A, need_B, _, need_bias = ctx.needs_input_grad
-        g2 = grad.reshape(-1, grad.shape[-1])
         dx = dA = dB = dbias = None
         gBs = None
         if lora_A is not None and (need_x or need_A):
             gBs = (g2 @ lora_B) * ctx.scaling                      # [M, r]
         if need_x:
-            dx = _grad_input(g2, weight, ctx.quant_state, lora_A, gBs).reshape(ctx.x_shape)
+            dx = _grad_input(g2, weight, ctx.quant_state, lora_A, gBs)
         if need_A:
-            dA = gBs.t() @ x.reshape(-1, x.shape[-1])               # [r, in]
+            dA = gBs.t() @ x2                                       # [r, in]
         if need_B:
             dB = (g2.t() @ h) * ctx.scaling                         # [out, r]
         if need_bias and ctx.has_bias:
             dbias = g2.sum(0)
         return dx, None, None, dA, dB, None, dbias
+
+
+def _apply(x: Tensor, weight: Tensor, quant_state, lora_A, lora_B, scaling: float,
+           bias: Optional[Tensor]) -> Tensor:
+    """y [..., out] for x [..., in]; the reshapes stay outside the autograd Function."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = _Matmul4bit.apply(x2, weight, quant_state, lora_A, lora_B, scaling, bias)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 # --------------------------------------------------------------------------------------
@@ -125,13 +132,7 @@ def _check_x(x: Tensor, in_features: int) -> None:
 
 
 def _check_weight(weight: Tensor, quant_state, x: Tensor) -> None:
-    if not isinstance(weight, Tensor):
-        raise TypeError(f"weight must be the packed 4-bit tensor, got {type(weight).__name__}")
-    needed = (math.prod(quant_state.shape) + 1) // 2
-    have = weight.numel() * weight.element_size()
-    if have < needed:
-        raise ValueError(f"weight holds {have} bytes, fewer than the {needed} that "
-                         f"quant_state.shape={list(quant_state.shape)} needs")
+    functional.check_packed(weight, quant_state.shape, "weight")
     if weight.device != x.device:
         raise ValueError(f"weight is on {weight.device}, x on {x.device}")
 
@@ -156,15 +157,18 @@ def matmul_4bit(A: Tensor, B: Tensor, quant_state, out: Optional[Tensor] = None,
 
     B is the packed weight, usually passed transposed (`layer.weight.t()`); either
     orientation works since quant_state.shape ([out, in]) is the source of truth.
-    A has any leading dims; the result has A's dtype. Unlike bitsandbytes, a weight
-    quantized in [in, out] orientation is an error, not a deprecation warning.
+    A has any leading dims; the result has A's dtype. A weight quantized from an [in, out]
+    tensor (A's last dim matches quant_state.shape[0], not [1]) still works, with a
+    DeprecationWarning, as in bitsandbytes.
     """
     out_features, in_features = _check_state(quant_state)
+    if _is_in_out_oriented(A, out_features, in_features):
+        return _matmul_in_out_oriented(A, B, quant_state, out, bias)
     _check_x(A, in_features)
     _check_weight(B, quant_state, A)
     _check_operand("bias", bias, (out_features,), A)
     if torch.is_grad_enabled() and (A.requires_grad or (bias is not None and bias.requires_grad)):
-        result = _Matmul4bit.apply(A, B, quant_state, None, None, 1.0, bias)
+        result = _apply(A, B, quant_state, None, None, 1.0, bias)
     else:  # no graph to record: skip the Function (and its saved tensors)
         x2 = A.reshape(-1, in_features)
         result = _forward(x2, B, quant_state, None, None, 1.0, bias)[0]
@@ -172,6 +176,29 @@ def matmul_4bit(A: Tensor, B: Tensor, quant_state, out: Optional[Tensor] = None,
     if out is not None:
         return out.copy_(result)
     return result
+
+
+def _is_in_out_oriented(A, rows: int, cols: int) -> bool:
+    """bitsandbytes' rule: a state of shape [K, N] with K = A's last dim and K != N was
+    quantized from an [in, out] tensor (a square weight is taken as [out, in])."""
+    return isinstance(A, Tensor) and A.dim() > 0 and A.shape[-1] == rows and rows != cols
+
+
+def _matmul_in_out_oriented(A: Tensor, B: Tensor, quant_state, out, bias) -> Tensor:
+    """A @ W for W [in, out]: dequantize and F.linear, as bitsandbytes does for this legacy
+    layout (no fused kernel: the kernels read W as [out, in] rows)."""
+    if not torch.compiler.is_compiling():
+        warnings.warn(f"matmul_4bit: the weight was quantized from an [in, out] tensor "
+                      f"(quant_state.shape={list(quant_state.shape)}); re-quantize it as "
+                      "[out_features, in_features]. This will be an error in a future version.",
+                      DeprecationWarning, stacklevel=3)
+    in_features, out_features = (int(d) for d in quant_state.shape)
+    _check_x(A, in_features)
+    _check_weight(B, quant_state, A)
+    _check_operand("bias", bias, (out_features,), A)
+    W = functional.dequantize_4bit(B.reshape(-1), quant_state).to(A.dtype)    # [in, out]
+    result = torch.nn.functional.linear(A, W.t(), bias)
+    return out.copy_(result) if out is not None else result
 
 
 def lora_matmul_4bit(x: Tensor, weight: Tensor, quant_state, lora_A: Tensor, lora_B: Tensor,
@@ -196,4 +223,4 @@ def lora_matmul_4bit(x: Tensor, weight: Tensor, quant_state, lora_A: Tensor, lor
     _check_operand("bias", bias, (out_features,), x)
     if isinstance(scaling, Tensor) or not isinstance(scaling, (int, float)):
         raise TypeError(f"scaling must be a Python number, got {type(scaling).__name__}")
-    return _Matmul4bit.apply(x, weight, quant_state, lora_A, lora_B, float(scaling), bias)
+    return _apply(x, weight, quant_state, lora_A, lora_B, float(scaling), bias)

@@ -17,6 +17,8 @@ import nf4lora.autograd as ag
 import nf4lora.functional as nf
 from nf4lora.autograd import lora_matmul_4bit, matmul_4bit
 
+from oracles import spec_dequantize
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (in_features, out_features, leading dims of x)
 SHAPES = [(65, 33, (3,)), (64, 48, (2, 5)), (65, 33, (1,)), (128, 16, (1, 1))]
@@ -119,25 +121,49 @@ def test_matmul_4bit_orientation_out_and_no_grad():
         assert matmul_4bit(x.requires_grad_(), packed.t(), state).grad_fn is None
 
 
-def test_matches_bitsandbytes_matmul_4bit(bnb, backend):
-    """Same forward and input gradient as bitsandbytes' MatMul4Bit on bitsandbytes' own state
-    (nf4lora accepts a bitsandbytes QuantState). The reference backend runs the same torch
-    ops as bitsandbytes (dequantize, F.linear): equal bits. The cpu backend's fused kernel
-    sums in another order: equal to float32 rounding."""
-    import bitsandbytes
+def test_accepts_a_bitsandbytes_state(bnb, backend):
+    """A bitsandbytes QuantState works as is. The expected values are the spec's
+    dequantization of bitsandbytes' bytes followed by F.linear (bitsandbytes' own matmul is
+    not the oracle: its CPU path depends on the CPU's instruction set, see tests/oracles.py).
+    The reference backend runs exactly these torch ops: equal bits. The cpu backend's fused
+    kernel sums in another order: equal to float32 rounding."""
     w = torch.randn(33, 64)
     packed, state = bnb.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
     x = torch.randn(2, 3, 64, requires_grad=True)
     bias = torch.randn(33, requires_grad=True)
     g = torch.randn(2, 3, 33)
-    theirs = bitsandbytes.matmul_4bit(x, packed.t(), state, bias=bias)
-    (dx_theirs,) = torch.autograd.grad(theirs, x, g)
+    W = spec_dequantize(packed, state)
+    expected = F.linear(x, W, bias)
+    (dx_expected,) = torch.autograd.grad(expected, x, g)
     ours = matmul_4bit(x, packed.t(), state, bias=bias)
     dx_ours, db_ours = torch.autograd.grad(ours, (x, bias), g)
     exact = {"rtol": 0, "atol": 0} if backend == "reference" else {}
-    torch.testing.assert_close(ours, theirs, **exact)
-    torch.testing.assert_close(dx_ours, dx_theirs, **exact)
+    torch.testing.assert_close(ours, expected, **exact)
+    torch.testing.assert_close(dx_ours, dx_expected, **exact)
     torch.testing.assert_close(db_ours, g.sum((0, 1)))
+
+
+@pytest.mark.parametrize("lead", [(3,), (2, 3)])
+@pytest.mark.parametrize("lora", [False, True])
+def test_output_may_be_modified_in_place(lead, lora):
+    """PEFT's AdaLoRA adds to the base layer's output in place; the gradients must still be
+    those of the out-of-place sum."""
+    out_f, in_f = 33, 65
+    packed, state, W = _quantized(out_f, in_f)
+    x, A, B, _, _ = _inputs(in_f, out_f, lead, 4, torch.float32, False)
+    for t in (x, A, B):
+        t.requires_grad_()
+    extra = torch.randn(*lead, out_f)
+    if lora:
+        y = lora_matmul_4bit(x, packed, state, A, B, 0.5)
+    else:
+        y = matmul_4bit(x, packed.t(), state)
+    y += extra
+    y.mul_(2).sum().backward()
+    expected = F.linear(x.detach(), W) + (0.5 * (x.detach() @ A.detach().t()) @ B.detach().t() if lora else 0)
+    torch.testing.assert_close(y.detach(), 2 * (expected + extra), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, 2 * (torch.ones(*lead, out_f) @ (W + (0.5 * B.detach() @ A.detach() if lora else 0))),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_saves_packed_weight_only_and_dequantizes_again(monkeypatch):
@@ -236,11 +262,23 @@ def test_bad_arguments_name_the_argument(case, error, word):
             matmul_4bit(args["x"], args["weight"].t(), args["quant_state"], bias=args["bias"])
 
 
-def test_rejects_kn_oriented_weight():
-    """bitsandbytes only warns for a weight quantized as [in, out]; here it is an error."""
+@pytest.mark.parametrize("lead", [(2,), (2, 3)])
+def test_in_out_oriented_weight_works_with_a_deprecation_warning(lead):
+    """bitsandbytes' tests quantize some weights as [in, out] (transpose_B=False): the result
+    is x @ W with a DeprecationWarning, and gradients flow to x and bias."""
     w = torch.randn(65, 33)                      # [in, out]
     packed, state = nf.quantize_4bit(w, quant_type="nf4")
+    W = nf.dequantize_4bit(packed, state)        # [65, 33]
+    x = torch.randn(*lead, 65, requires_grad=True)
+    bias = torch.randn(33, requires_grad=True)
+    with pytest.warns(DeprecationWarning, match=r"\[in, out\]"):
+        y = matmul_4bit(x, packed.t(), state, bias=bias)
+    torch.testing.assert_close(y, F.linear(x, W.t(), bias), rtol=0, atol=0)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(*lead, 33) @ W.t())
+    torch.testing.assert_close(bias.grad, torch.full((33,), float(x[..., 0].numel())))
+    # a square weight is taken as [out, in], as bitsandbytes does: no warning
+    packed, state = nf.quantize_4bit(torch.randn(64, 64), quant_type="nf4")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with pytest.raises(ValueError, match="in_features"):
-            matmul_4bit(torch.randn(2, 65), packed.t(), state)
+        matmul_4bit(torch.randn(2, 64), packed.t(), state)

@@ -1,10 +1,12 @@
-"""Params4bit / Linear4bit against bitsandbytes.nn.Linear4bit (the oracle), plus state-dict
-loading, atomicity on bad input, copy/pickle and device/dtype moves."""
+"""Params4bit / Linear4bit against bitsandbytes.nn.Linear4bit (the oracle for bytes, state
+dicts and behaviour; the spec, tests/oracles.py, for values), plus state-dict loading,
+atomicity on bad input, copy/pickle and device/dtype moves."""
 from __future__ import annotations
 
 import copy
 import io
 import json
+import logging
 import pickle
 import warnings
 
@@ -13,6 +15,8 @@ import torch
 
 import nf4lora.functional as nf
 from nf4lora.nn import Linear4bit, LinearFP4, LinearNF4, Params4bit
+
+from oracles import SpecLinear, spec_dequantize
 
 IN, OUT = 65, 33          # odd sizes: a partial last block and an odd number of codes
 
@@ -99,10 +103,13 @@ def test_state_dict_and_forward_match_bitsandbytes(bnb_nn, quant_type, compress_
         a, b = copy.deepcopy(ours), copy.deepcopy(theirs)
         a.compute_type_is_set = b.compute_type_is_set = False
         x = torch.randn(2, 3, IN, dtype=dtype, requires_grad=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ya, yb = a(x), b(x)
-        assert ya.dtype == yb.dtype == dtype and a.compute_dtype == b.compute_dtype
+        ya = a(x)
+        b.set_compute_type(x)           # bitsandbytes' rule for the compute dtype (pure Python)
+        assert a.compute_dtype == b.compute_dtype
+        # bitsandbytes' semantics on its own bytes, decoded by the spec (its CPU kernels are
+        # not an oracle, tests/oracles.py): dequantize to the compute dtype, F.linear.
+        yb = SpecLinear(spec_dequantize(b.weight, b.weight.quant_state), b.bias, b.compute_dtype)(x)
+        assert ya.dtype == yb.dtype == dtype
         # Both dequantize into the compute dtype and call F.linear: equal up to ulps of W.
         tol = _bound(x, a)
         torch.testing.assert_close(ya, yb, rtol=0, atol=tol)
@@ -120,7 +127,8 @@ def test_quant_storage_bfloat16(bnb_nn):
     assert ours.weight.dtype == torch.bfloat16 and ours.weight.quant_storage == torch.bfloat16
     assert torch.equal(ours.weight.data.view(torch.uint8), theirs.weight.data.view(torch.uint8))
     x = torch.randn(4, 64)
-    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=_bound(x, ours))
+    expected = SpecLinear(spec_dequantize(theirs.weight, theirs.weight.quant_state), theirs.bias, None)(x)
+    torch.testing.assert_close(ours(x), expected, rtol=0, atol=_bound(x, ours))
     # a dtype cast of the model must not touch the packed codes stored as bf16
     before = ours.weight.data.clone()
     ours.half()
@@ -337,9 +345,69 @@ def test_compute_dtype_from_first_input():
     fixed = Linear4bit(IN, OUT, quant_type="nf4", compute_dtype=torch.float32)
     y = fixed(torch.randn(2, IN, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16 and fixed.compute_dtype == torch.float32
+
+
+
+@pytest.mark.parametrize("lead,ending", [((1,), "slow inference."),
+                                         ((2, 3), "slow inference or training speed.")])
+def test_float16_input_logs_bitsandbytes_warning(caplog, lead, ending):
+    """fp16 input with the default float32/None compute dtype: bitsandbytes' logger warning,
+    word for word (single-row inputs say 'inference.')."""
     half = Linear4bit(IN, OUT, quant_type="nf4")
-    with pytest.warns(UserWarning, match="float16"):
-        half(torch.randn(2, IN, dtype=torch.float16))
+    with caplog.at_level(logging.WARNING, logger="nf4lora"), warnings.catch_warnings():
+        warnings.simplefilter("error")          # a logger message, not a Python warning
+        half(torch.randn(*lead, IN, dtype=torch.float16))
+    assert [r.getMessage() for r in caplog.records] == [
+        "Input type into Linear4bit is torch.float16, but bnb_4bit_compute_dtype=torch.float32 "
+        f"(default). This will lead to {ending}"]
+
+
+@pytest.mark.parametrize("compute_dtype", [None, torch.float32, torch.bfloat16])
+def test_float32_bias_and_float16_input(compute_dtype):
+    """Returns float16, as bitsandbytes does; the bias takes the compute dtype (bitsandbytes
+    casts it in place, and its test_linear_kbit_fp32_bias checks for it)."""
+    layer = Linear4bit(32, 64, quant_type="nf4", compute_dtype=compute_dtype).to("cpu")
+    assert layer.bias.dtype == torch.float32
+    x = torch.randn(16, 8, 32, dtype=torch.float16)
+    W = layer.dequantized_weight(torch.float32)
+    bias32 = layer.bias.detach().clone()
+    y = layer(x)
+    assert y.dtype == torch.float16
+    dtype = compute_dtype or torch.float16
+    assert layer.bias.dtype == dtype
+    expected = torch.nn.functional.linear(x.to(dtype), W.to(dtype), bias32.to(dtype)).to(torch.float16)
+    torch.testing.assert_close(y, expected, rtol=0, atol=_bound(x.to(dtype), layer) + 1e-3)
+
+
+@pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_integer_input_is_an_error_and_changes_nothing(compute_dtype, dtype):
+    layer = Linear4bit(IN, OUT, quant_type="nf4", compute_dtype=compute_dtype)   # not yet quantized
+    before = _snapshot(layer)
+    with pytest.raises(TypeError, match="x must be a float tensor"):
+        layer(torch.ones(2, IN, dtype=dtype))
+    _assert_same(before, _snapshot(layer))
+    assert not layer.weight.bnb_quantized
+    quantized = _ours()
+    with pytest.raises(TypeError, match="x must be a float tensor"):
+        quantized(torch.ones(2, IN, dtype=dtype))
+
+
+def test_params4bit_survives_chunk_and_split():
+    """FSDP2 shards a parameter with torch.chunk: each piece is a Params4bit with the whole
+    weight's quant state and settings, as bitsandbytes' __torch_function__ keeps them."""
+    weight = _ours(quant_type="fp4", quant_storage=torch.bfloat16).weight
+    rows = weight.shape[0]
+    for pieces in (torch.chunk(weight, 2), weight.chunk(3), torch.split(weight, 100),
+                   weight.split([5, rows - 5])):
+        assert isinstance(pieces, tuple) and sum(p.shape[0] for p in pieces) == rows
+        for piece in pieces:
+            assert type(piece) is Params4bit and piece.quant_state is weight.quant_state
+            assert (piece.quant_type, piece.blocksize, piece.quant_storage, piece.bnb_quantized,
+                    piece.compress_statistics, piece.module) == (
+                "fp4", weight.blocksize, torch.bfloat16, True, weight.compress_statistics, weight.module)
+        assert torch.equal(torch.cat([p.data for p in pieces]).view(torch.uint8),
+                           weight.data.view(torch.uint8))
 
 
 def test_deepcopy_and_pickle_keep_state():

@@ -18,8 +18,7 @@ forward, which quantize it; the state dict has bitsandbytes' keys (`weight`,
 from __future__ import annotations
 
 import copy
-import math
-import warnings
+import logging
 from typing import Any, Optional
 
 import torch
@@ -31,25 +30,27 @@ from ..quant_state import QuantState
 
 __all__ = ["Params4bit", "Linear4bit", "LinearNF4", "LinearFP4"]
 
+logger = logging.getLogger(__name__)
+
 # Attributes a Params4bit carries besides its data (bitsandbytes' names).
 _FIELDS = ("blocksize", "compress_statistics", "quant_type", "quant_state", "quant_storage",
            "bnb_quantized", "module")
 
 
+# Ops whose pieces keep the Params4bit type and fields (nn.Parameter returns plain tensors).
+_SPLITS = (torch.chunk, torch.split, Tensor.chunk, Tensor.split)
+
+
 def _check_packed(data: Tensor, state: QuantState, name: str = "weight") -> Tensor:
     """Packed data must hold exactly the codes of `state` (two per byte, padded to whole
     elements of its dtype); returns it as bitsandbytes' [k, 1] layout."""
-    if not isinstance(data, Tensor):
-        raise ValueError(f"{name} must be a tensor of packed 4-bit codes, got {type(data).__name__}")
-    if data.is_complex() or data.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer or float storage dtype, got {data.dtype}")
-    needed = (math.prod(state.shape) + 1) // 2
-    elements = math.ceil(needed / data.element_size())
-    if data.numel() != elements or data.dim() > 2:
-        raise ValueError(f"{name} must hold {needed} bytes of packed codes for shape "
-                         f"{list(state.shape)}, i.e. [{elements}, 1] of {data.dtype}; got shape "
-                         f"{list(data.shape)}")
-    return data.reshape(elements, 1)
+    try:
+        functional.check_packed(data, state.shape, name)
+    except TypeError as error:      # a state dict entry of the wrong kind is a ValueError here
+        raise ValueError(str(error)) from None
+    if data.dim() > 2:
+        raise ValueError(f"{name} must be [k, 1] packed codes, got shape {list(data.shape)}")
+    return data.reshape(-1, 1)
 
 
 def _set_data(param: nn.Parameter, tensor: Tensor) -> None:
@@ -184,6 +185,19 @@ class Params4bit(nn.Parameter):
             module.quant_state = state
         return self
 
+    # -- splitting (FSDP2 shards a parameter with torch.chunk) ----------------------------
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        result = super().__torch_function__(func, types, args, kwargs or {})
+        if func in _SPLITS and isinstance(result, (tuple, list)):
+            # Each piece stays a Params4bit carrying the whole weight's quant state, as in
+            # bitsandbytes: the pieces are shards of one packed tensor.
+            source = args[0]
+            return type(result)(cls(piece, requires_grad=source.requires_grad, **source._fields())
+                                for piece in result)
+        return result
+
     # -- copy and pickle -----------------------------------------------------------------
 
     def _fields(self) -> dict[str, Any]:
@@ -281,24 +295,35 @@ class Linear4bit(nn.Linear):
         if x.dtype in (torch.float32, torch.bfloat16):
             self.compute_dtype = x.dtype      # safe to compute in: use it
         elif x.dtype == torch.float16 and self.compute_dtype in (None, torch.float32):
-            warnings.warn("Input type into Linear4bit is torch.float16, but compute_dtype is "
-                          f"{self.compute_dtype}; this will be slow. Pass compute_dtype=torch.float16.")
+            # bitsandbytes' wording, through a logger as bitsandbytes does (not warnings).
+            what = "inference." if x.numel() == x.shape[-1] else "inference or training speed."
+            logger.warning("Input type into Linear4bit is torch.float16, but "
+                           "bnb_4bit_compute_dtype=torch.float32 (default). This will lead to "
+                           "slow %s", what)
 
     def prepare(self, x: Tensor) -> torch.dtype:
-        """Everything forward does before the matmul: restore a dropped quant state, quantize
-        on first use, fix the compute dtype. Returns the dtype to compute in."""
+        """Everything forward does before the matmul: check x, restore a dropped quant state,
+        quantize on first use, fix the compute dtype, cast the bias. Returns the dtype to
+        compute in."""
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise TypeError(f"x must be a float tensor (float32, float16 or bfloat16), got "
+                            f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
         self._fix_quant_state()
         if not self.weight.bnb_quantized:
             self.weight._quantize(x.device)
         if not self.compute_type_is_set:
             self._set_compute_type(x)
             self.compute_type_is_set = True
-        return self.compute_dtype or x.dtype
+        dtype = self.compute_dtype or x.dtype
+        if self.bias is not None and self.bias.dtype != dtype:
+            # As bitsandbytes does: the bias itself takes the compute dtype, once, instead of
+            # a cast on every call (its test_linear_kbit_fp32_bias checks the bias dtype).
+            self.bias.data = self.bias.data.to(dtype)
+        return dtype
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = self.prepare(x)
-        bias = None if self.bias is None else self.bias.to(dtype)
-        y = matmul_4bit(x.to(dtype), self.weight.t(), self.weight.quant_state, bias=bias)
+        y = matmul_4bit(x.to(dtype), self.weight.t(), self.weight.quant_state, bias=self.bias)
         return y.to(x.dtype)
 
     def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
