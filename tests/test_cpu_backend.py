@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import math
 
+import os
+
 import pytest
 import torch
 
@@ -343,6 +345,30 @@ def test_isa_selection_errors(monkeypatch):
                 cpu_backend.quantize_4bit(torch.ones(8), 64, "nf4")
     monkeypatch.delenv("NF4LORA_CPU_ISA")
     assert _C.isa() == _C.supported_isas()[-1]
+
+
+# The /proc/cpuinfo flags each path needs (csrc/cpu/dispatch.cpp asks the same of cpuid).
+ISA_FLAGS = {"avx2": {"avx2", "f16c", "fma"}, "avx512": {"avx512f", "avx512bw"},
+             "avx512bf16": {"avx512f", "avx512bw", "avx512_bf16"}}
+
+
+def _cpuinfo_flags() -> set[str]:
+    with open("/proc/cpuinfo", encoding="utf-8") as handle:
+        for line in handle:
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="needs Linux's /proc/cpuinfo")
+def test_every_path_this_cpu_has_runs_natively():
+    """Where the CPU has AVX-512 (or AVX2), its kernels must be built and selectable, so the
+    per-ISA tests above run them instead of skipping; a CPU without them is covered by
+    scripts/check_avx512_emulated.sh (SIMDe). .ci/run prints which of the two applies."""
+    flags = _cpuinfo_flags()
+    expected = {isa for isa, needs in ISA_FLAGS.items() if needs <= flags}
+    assert expected <= set(_C.supported_isas()), (expected, _C.supported_isas())
+    assert not (set(_C.supported_isas()) - {"scalar"}) - expected      # nothing the CPU lacks
 
 
 def test_bad_arguments_raise():
