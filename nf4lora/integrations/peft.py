@@ -18,6 +18,26 @@ from PEFT's LoraLayer), so adapters saved from a bitsandbytes model load here an
 What differs is the forward: with one active adapter and no active dropout it is a single
 `nf4lora.lora_matmul_4bit` call (base and adapter fused); otherwise it is base(x) plus the
 sum of the adapters, as PEFT computes it.
+
+Other PEFT methods on nf4lora Linear4bit layers (tests/test_peft_methods.py):
+
+- LoRA: `LoraLinear4bitPeft` (above). DoRA (`use_dora=True`) and the other LoRA variants
+  are refused at get_peft_model time with a ValueError that says why.
+- AdaLoRA, IA3: PEFT wraps Linear4bit in its dense layers (SVDLinear, ia3.Linear). Those
+  only call the base layer's forward and add to (or scale) its input/output, which works
+  on a 4-bit layer; nothing to register. Their merge is not supported on 4-bit layers (as on
+  bitsandbytes'): PEFT's dense merge writes into the packed weight, which fails on a shape
+  mismatch (or, for IA3 on feedforward modules alone, breaks the layer). PEFT refuses to
+  merge IA3 when the model is flagged `is_loaded_in_4bit`, which
+  `prepare_model_for_kbit_training` below sets.
+- Prefix tuning, prompt tuning: no layer is wrapped (virtual tokens / past key values).
+- LoHa, LoKr: PEFT's dense layers read the base weight's *shape* (LoHa sizes its factors
+  from `base_layer.weight.shape`; both reshape the delta weight to it), which on a 4-bit
+  layer is the packed bytes' [out*in/2, 1]: a shape error deep in a matmul, the same on
+  bitsandbytes' Linear4bit (PEFT has no 4-bit LoHa/LoKr layer). `LoHaLinear4bitPeft` and
+  `LoKrLinear4bitPeft` are PEFT's Linear layers with the logical [out, in] shape instead,
+  and a merge that re-quantizes, as LoRA's; `register()` puts them in
+  `LoHaModel.layers_mapping` / `LoKrModel.layers_mapping`.
 """
 from __future__ import annotations
 
@@ -25,16 +45,27 @@ import warnings
 from typing import Any, Optional
 
 import torch
-from torch import Tensor, nn
-
 from peft import LoraConfig
+from peft.tuners.loha import LoHaModel
+from peft.tuners.loha.layer import Linear as _PeftLoHaLinear
+from peft.tuners.loha.layer import make_weight as _hadamard_weight
+from peft.tuners.lokr import LoKrModel
+from peft.tuners.lokr.layer import Linear as _PeftLoKrLinear
+from peft.tuners.lokr.layer import make_kron as _kronecker_weight
 from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
+from torch import Tensor, nn
 
 from ..autograd import lora_matmul_4bit
 from ..nn.linear4bit import Linear4bit
 
-__all__ = ["LoraLinear4bitPeft", "register", "prepare_model_for_kbit_training"]
+__all__ = [
+    "LoHaLinear4bitPeft",
+    "LoKrLinear4bitPeft",
+    "LoraLinear4bitPeft",
+    "prepare_model_for_kbit_training",
+    "register",
+]
 
 # init_lora_weights values this layer supports. The others (PiSSA, OLoRA, LoftQ, EVA, ...)
 # rewrite the base weight or read it through PEFT's bitsandbytes helpers, which do not know
@@ -42,7 +73,30 @@ __all__ = ["LoraLinear4bitPeft", "register", "prepare_model_for_kbit_training"]
 _SUPPORTED_INITS = (True, False, "gaussian")
 
 
-class LoraLinear4bitPeft(nn.Module, LoraLayer):
+def _check_4bit_base(layer: nn.Module) -> None:
+    if not isinstance(layer.get_base_layer(), Linear4bit):
+        raise TypeError(f"base_layer must be a nf4lora Linear4bit, got "
+                        f"{type(layer.get_base_layer()).__name__}")
+
+
+class _Requantize4bit:
+    """Merging into the base layer's 4-bit weight: dequantize, add, quantize again."""
+
+    def _requantize(self, dense: Tensor) -> None:
+        """Quantize `dense` [out, in] into the base weight with its own settings (blocksize,
+        quant type, double quantization, quant storage) and original dtype."""
+        weight = self.get_base_layer().weight
+        weight._quantize_from(dense.to(weight.quant_state.dtype))
+
+    def _dequantized_base(self) -> Tensor:
+        base = self.get_base_layer()
+        base._fix_quant_state()
+        if not base.weight.bnb_quantized:
+            base.weight._quantize(base.weight.device)
+        return base.dequantized_weight(torch.float32)
+
+
+class LoraLinear4bitPeft(_Requantize4bit, nn.Module, LoraLayer):
     """PEFT LoRA layer around a nf4lora Linear4bit (PEFT's conventions: several adapters,
     `set_adapter`, `disable_adapters`, merge/unmerge, `adapter_names` mixed batches)."""
 
@@ -51,8 +105,7 @@ class LoraLinear4bitPeft(nn.Module, LoraLayer):
         # kwargs: what PEFT passes every layer (target_name, loaded_in_4bit, ...); unused here.
         super().__init__()
         LoraLayer.__init__(self, base_layer)
-        if not isinstance(self.get_base_layer(), Linear4bit):
-            raise TypeError(f"base_layer must be a nf4lora Linear4bit, got {type(base_layer).__name__}")
+        _check_4bit_base(self)
         self.fan_in_fan_out = False
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config,
@@ -71,7 +124,15 @@ class LoraLinear4bitPeft(nn.Module, LoraLayer):
         try:
             return super().resolve_lora_variant(config=config, **kwargs)
         except ValueError as error:
-            raise ValueError(f"nf4lora's PEFT layer supports plain LoRA (and rsLoRA) only: {error}") from None
+            if getattr(config, "use_dora", False):
+                raise ValueError(
+                    "DoRA (LoraConfig(use_dora=True)) is not supported on nf4lora 4-bit layers "
+                    "(nf4lora.nn.Linear4bit): nf4lora's PEFT layer supports plain LoRA (and rsLoRA) "
+                    "only. DoRA rescales every output row by the norm of the dequantized weight "
+                    "plus the LoRA delta, a path nf4lora does not implement yet; use use_dora=False."
+                ) from None
+            raise ValueError(f"nf4lora's PEFT layer supports plain LoRA (and rsLoRA) only, not "
+                             f"this LoRA variant on nf4lora 4-bit layers: {error}") from None
 
     # -- forward -----------------------------------------------------------------------------
 
@@ -150,19 +211,6 @@ class LoraLinear4bitPeft(nn.Module, LoraLayer):
         B = self.lora_B[adapter].weight.float()
         return (B @ A) * self.scaling[adapter]
 
-    def _requantize(self, dense: Tensor) -> None:
-        """Quantize `dense` [out, in] into the base weight with its own settings (blocksize,
-        quant type, double quantization, quant storage) and original dtype."""
-        weight = self.get_base_layer().weight
-        weight._quantize_from(dense.to(weight.quant_state.dtype))
-
-    def _dequantized_base(self) -> Tensor:
-        base = self.get_base_layer()
-        base._fix_quant_state()
-        if not base.weight.bnb_quantized:
-            base.weight._quantize(base.weight.device)
-        return base.dequantized_weight(torch.float32)
-
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Fold adapters into the 4-bit weight: W' = quantize(dequantize(W) + scaling * B A).
@@ -215,13 +263,138 @@ class LoraLinear4bitPeft(nn.Module, LoraLayer):
         return "lora." + super().__repr__()
 
 
+# -- LoHa and LoKr ---------------------------------------------------------------------------------
+#
+# PEFT's LoHa/LoKr Linear layers are right for a 4-bit base layer except where they read
+# `base_layer.weight.shape` as the layer's [out, in] (the packed bytes' [out*in/2, 1] here) and
+# where they merge by adding to `base_layer.weight.data` (the packed codes here). The
+# subclasses below replace exactly those places; forward, adapter bookkeeping, parameter
+# names and initialization stay PEFT's, so their adapters load on dense models and back.
+
+def _drop_rows(weight: Tensor, rate: float, rescale: bool) -> Tensor:
+    """PEFT's LyCORIS rank dropout of a delta weight [out, in]: zero whole output rows with
+    probability `rate`, optionally rescaled by the kept fraction."""
+    keep = (torch.rand(weight.shape[0]) > rate).to(weight.dtype)
+    if rescale:
+        keep = keep / keep.mean()
+    return weight * keep.to(weight.device).unsqueeze(1)
+
+
+class _LycorisLinear4bit(_Requantize4bit):
+    """Shared by LoHaLinear4bitPeft and LoKrLinear4bitPeft: the 4-bit base check and merging
+    (lossy, as LoraLinear4bitPeft's: the merged weight is rounded to the 4-bit grid again)."""
+
+    def _check_linear_adapter(self, adapter_name: str, conv_only: tuple[str, ...]) -> None:
+        for name in conv_only:
+            if adapter_name in getattr(self, name):
+                raise RuntimeError(f"adapter {adapter_name!r} has {name}, which PEFT creates for "
+                                   "convolutions only; a nf4lora Linear4bit has none")
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        for adapter in adapter_names:
+            if adapter not in self._available_adapters:
+                continue
+            warnings.warn(f"Merging a {self._method} adapter into a 4-bit weight re-quantizes it: "
+                          "outputs may differ slightly (rounding errors).", stacklevel=2)
+            merged = self._dequantized_base() + self.get_delta_weight(adapter).float()
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} "
+                                 "seems to be broken")
+            self._requantize(merged)
+            self.merged_adapters.append(adapter)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter not in self._available_adapters:
+                continue
+            warnings.warn(f"Unmerging a {self._method} adapter from a 4-bit weight re-quantizes "
+                          "it: outputs may differ slightly (rounding errors).", stacklevel=2)
+            self._requantize(self._dequantized_base() - self.get_delta_weight(adapter).float())
+
+
+class LoHaLinear4bitPeft(_LycorisLinear4bit, _PeftLoHaLinear):
+    """PEFT's LoHa Linear layer around a nf4lora Linear4bit."""
+
+    _method = "LoHa"
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, r: int = 0,
+                 alpha: float = 0.0, **kwargs) -> None:
+        super().__init__(base_layer, adapter_name, config, r=r, alpha=alpha, **kwargs)
+        _check_4bit_base(self)
+
+    def create_adapter_parameters(self, adapter_name: str, r: int, shape: tuple[int, ...]) -> None:
+        # PEFT's update_layer passes the base weight's shape: the packed [out*in/2, 1] here.
+        super().create_adapter_parameters(adapter_name, r, (self.out_features, self.in_features))
+
+    def get_delta_weight(self, adapter_name: str, *, apply_rank_dropout: bool = False) -> Tensor:
+        """scaling * (w1_a w1_b) * (w2_a w2_b), [out, in] (PEFT's, without its reshape to the
+        base weight's shape, which is the packed one here)."""
+        self._check_linear_adapter(adapter_name, ("hada_t1", "hada_t2"))
+        weight = _hadamard_weight(self.hada_w1_a[adapter_name], self.hada_w1_b[adapter_name],
+                                  self.hada_w2_a[adapter_name], self.hada_w2_b[adapter_name],
+                                  scale=torch.tensor(self.scaling[adapter_name]))
+        if apply_rank_dropout:
+            weight = _drop_rows(weight, self.rank_dropout[adapter_name], rescale=True)
+        return weight
+
+
+class LoKrLinear4bitPeft(_LycorisLinear4bit, _PeftLoKrLinear):
+    """PEFT's LoKr Linear layer around a nf4lora Linear4bit (its factors are already sized
+    from in_features/out_features)."""
+
+    _method = "LoKr"
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, r: int = 0,
+                 alpha: float = 0.0, **kwargs) -> None:
+        super().__init__(base_layer, adapter_name, config, r=r, alpha=alpha, **kwargs)
+        _check_4bit_base(self)
+
+    def get_delta_weight(self, adapter_name: str, *, apply_rank_dropout: bool = False) -> Tensor:
+        """scaling * kron(w1, w2), [out, in] (PEFT's, without its reshape to the base weight's
+        shape, which is the packed one here)."""
+        self._check_linear_adapter(adapter_name, ("lokr_t2",))
+        if adapter_name in self.lokr_w1:
+            w1 = self.lokr_w1[adapter_name]
+        else:
+            w1 = self.lokr_w1_a[adapter_name] @ self.lokr_w1_b[adapter_name]
+        if adapter_name in self.lokr_w2:
+            w2 = self.lokr_w2[adapter_name]
+        else:
+            w2 = self.lokr_w2_a[adapter_name] @ self.lokr_w2_b[adapter_name]
+        weight = _kronecker_weight(w1, w2, self.scaling[adapter_name])
+        if apply_rank_dropout:
+            weight = _drop_rows(weight, self.rank_dropout[adapter_name],
+                                rescale=bool(self.rank_dropout_scale[adapter_name]))
+        return weight
+
+
 # -- registration ------------------------------------------------------------------------------
 
 _MAPPING = {Linear4bit: LoraLinear4bitPeft}
+_LYCORIS_MAPPING = ((LoHaModel, LoHaLinear4bitPeft), (LoKrModel, LoKrLinear4bitPeft))
+
+
+def _register_lycoris() -> None:
+    # LoHa and LoKr have no per-config custom-module hook as LoRA has; their tuners pick the
+    # layer class from the class attribute `layers_mapping` (first isinstance match wins, and
+    # Linear4bit is an nn.Linear), so Linear4bit goes first in a new dict. Only Linear4bit
+    # targets are affected.
+    for tuner, layer_cls in _LYCORIS_MAPPING:
+        if next(iter(tuner.layers_mapping.items()), None) != (Linear4bit, layer_cls):
+            rest = {k: v for k, v in tuner.layers_mapping.items() if k is not Linear4bit}
+            tuner.layers_mapping = {Linear4bit: layer_cls, **rest}
 
 
 def register(config: Optional[LoraConfig] = None) -> Optional[LoraConfig]:
-    """Make PEFT use LoraLinear4bitPeft for nf4lora Linear4bit layers. Idempotent.
+    """Make PEFT use LoraLinear4bitPeft (and LoHaLinear4bitPeft, LoKrLinear4bitPeft for
+    LoHa/LoKr) for nf4lora Linear4bit layers. Idempotent.
 
     Every LoraConfig created from now on carries the mapping (LoraConfig.__post_init__ is
     wrapped once), including the ones PeftModel.from_pretrained builds from
@@ -236,6 +409,7 @@ def register(config: Optional[LoraConfig] = None) -> Optional[LoraConfig]:
         __post_init__._nf4lora = True
         __post_init__.__wrapped__ = post_init
         LoraConfig.__post_init__ = __post_init__
+    _register_lycoris()
     if config is not None:
         config._register_custom_module(_MAPPING)
     return config

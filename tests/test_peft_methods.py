@@ -1,0 +1,331 @@
+"""PEFT's methods on nf4lora Linear4bit models, each against the same method on a dense model.
+
+The dense reference is the same tiny Llama with every replaced nn.Linear holding the weight
+nf4lora dequantizes from its 4-bit bytes, so the two models compute the same function and
+differ only by rounding in the compute dtype: the bound is a small multiple of that dtype's
+eps (see ULPS). Each method either trains (loss finite, every adapter parameter
+moves, the 4-bit bytes and quant state do not, and the trained adapter gives the dense
+model's output) or is refused at get_peft_model time with an error that says why.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import nf4lora
+from nf4lora.nn import Linear4bit, Params4bit
+
+transformers = pytest.importorskip("transformers")
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    peft = pytest.importorskip("peft")
+    from peft import (
+        AdaLoraConfig,
+        IA3Config,
+        LoHaConfig,
+        LoKrConfig,
+        LoraConfig,
+        PrefixTuningConfig,
+        PromptTuningConfig,
+        get_peft_model,
+    )
+    from peft.tuners.loha import LoHaModel
+    from peft.tuners.lokr import LoKrModel
+
+    import nf4lora.integrations.peft as nf4peft
+    from nf4lora.integrations.peft import (
+        LoHaLinear4bitPeft,
+        LoKrLinear4bitPeft,
+        LoraLinear4bitPeft,
+    )
+
+pytestmark = pytest.mark.usefixtures("one_thread", "quiet_eager")
+
+# Square, wide and narrow layers: q_proj [64, 64], v_proj [32, 64], up_proj [128, 64],
+# down_proj [64, 128] (a method that took the packed [out*in/2, 1] for [out, in] fails here).
+TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
+STEPS = 3
+# The bound on |nf4lora - dense|, in eps of the compute dtype times the largest |dense| value
+# of the compared tensor (loss, each gradient, logits).
+# float32: only the summation order differs (fused dequantize-matmul vs dense GEMM, over up
+# to 128 terms, through two layers, forward and backward): measured under 13 eps here.
+# bfloat16: each 4-bit matmul rounds its input and the dequantized weight to bf16 (the dense
+# model's do not), which the next layers carry on: measured under 3.5 eps here.
+ULPS = {torch.float32: 64, torch.bfloat16: 8}
+# A trained adapter must move the logits by this many bounds, so that the agreement check
+# would see an adapter applied wrongly.
+SENSITIVITY = 4
+
+# Non-identity initialization where PEFT offers one, so the adapters act from step 0 (AdaLoRA:
+# _start_away_from_identity).
+CONFIGS = {
+    "lora": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False,
+                               task_type="CAUSAL_LM"),
+    "adalora": lambda: AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, target_modules=TARGETS,
+                                     total_step=STEPS + 1, task_type="CAUSAL_LM"),
+    "ia3": lambda: IA3Config(target_modules=TARGETS, feedforward_modules=["down_proj"],
+                             init_ia3_weights=False, task_type="CAUSAL_LM"),
+    "loha": lambda: LoHaConfig(r=4, alpha=32, target_modules=TARGETS, init_weights=False,
+                               task_type="CAUSAL_LM"),
+    "lokr": lambda: LoKrConfig(r=4, alpha=8, target_modules=TARGETS, init_weights=False,
+                               task_type="CAUSAL_LM"),
+    "prefix": lambda: PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+    "prompt": lambda: PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+}
+
+
+def _start_away_from_identity(method, model):
+    """AdaLoRA has no random-init option (E = 0): draw its A, E, B, as if trained a while."""
+    if method == "adalora":
+        torch.manual_seed(2)
+        with torch.no_grad():
+            for name, param in _trainable(model).items():
+                if any(f".lora_{x}." in name for x in "AEB"):
+                    param.normal_(std=0.15)
+
+
+# The wrapper PEFT must put around a targeted nf4lora Linear4bit (None: no layer is wrapped).
+WRAPPER = {
+    "lora": LoraLinear4bitPeft,
+    "adalora": peft.tuners.adalora.SVDLinear,
+    "ia3": peft.tuners.ia3.Linear,
+    "loha": LoHaLinear4bitPeft,
+    "lokr": LoKrLinear4bitPeft,
+    "prefix": None,
+    "prompt": None,
+}
+
+
+def _llama(seed=0):
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _batch(seed):
+    return torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(seed))
+
+
+def _models(compute_dtype):
+    """(nf4lora model, dense model whose Linear weights are nf4lora's dequantized ones)."""
+    dense = _llama()
+    nf4 = nf4lora.replace_linear(copy.deepcopy(dense), quant_type="nf4",
+                                 compute_dtype=compute_dtype, progress=False)
+    modules = dict(dense.named_modules())
+    replaced = 0
+    with torch.no_grad():
+        for name, module in nf4.named_modules():
+            if isinstance(module, Linear4bit):
+                modules[name].weight.copy_(module.dequantized_weight(torch.float32))
+                replaced += 1
+    assert replaced == 2 * 7
+    return nf4, dense
+
+
+def _packed(model):
+    """Every 4-bit layer's bytes and quant-state tensors, by layer (PEFT moves the layers
+    under wrappers, so not by name)."""
+    out = {}
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            state = module.weight.quant_state
+            out[module] = [module.weight.data.clone(), state.absmax.clone()] + (
+                [state.state2.absmax.clone()] if state.state2 is not None else [])
+    return out
+
+
+def _trainable(model):
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _copy_adapter(src, dst):
+    """Every non-4-bit parameter of src into dst by name (the adapters; the rest is equal)."""
+    dst_params = dict(dst.named_parameters())
+    with torch.no_grad():
+        for name, param in src.named_parameters():
+            if not isinstance(param, Params4bit) and name in dst_params:
+                dst_params[name].copy_(param)
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach().float(), {n: p.grad.detach().float().clone()
+                                   for n, p in _trainable(model).items()}
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def _bound(compute_dtype, expected):
+    return ULPS[compute_dtype] * torch.finfo(compute_dtype).eps * expected.abs().max().item()
+
+
+def _check_close(got, expected, bound, what):
+    error = (got - expected).abs().max().item()
+    assert error <= bound, f"{what}: off by {error:.3g}, bound {bound:.3g}"
+
+
+# -- the methods that train ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_method_trains_on_nf4lora_like_on_dense(method, compute_dtype):
+    nf4, dense = _models(compute_dtype)
+    packed = _packed(nf4)
+    torch.manual_seed(1)
+    pm = get_peft_model(nf4, CONFIGS[method]())
+    torch.manual_seed(1)
+    ref = get_peft_model(dense, CONFIGS[method]())
+
+    # Wrapped as on a dense model: the 4-bit layers themselves are kept, the adapters have the
+    # dense model's names and shapes (so adapters move between the two).
+    q_proj = pm.get_base_model().model.layers[0].self_attn.q_proj
+    if WRAPPER[method] is None:
+        assert isinstance(q_proj, Linear4bit)
+    else:
+        assert type(q_proj) is WRAPPER[method] and isinstance(q_proj.get_base_layer(), Linear4bit)
+    trainable = _trainable(pm)
+    # (PEFT makes AdaLoRA's `ranknum` trainable when the base layer's dtype is not float32: it
+    # casts it to bitsandbytes'/nf4lora's compute_dtype through a ParameterDict, which
+    # re-wraps it as a Parameter that requires grad. The same on bitsandbytes' Linear4bit.)
+    assert trainable and {n: p.shape for n, p in trainable.items() if ".ranknum." not in n} == \
+        {n: p.shape for n, p in _trainable(ref).items()}
+    _start_away_from_identity(method, pm)
+    _copy_adapter(pm, ref)
+    pm.train()
+    ref.train()
+
+    # One step's loss and gradients, as the dense model's (forward and backward through 4 bits).
+    ids = _batch(0)
+    expected_loss, expected_grads = _loss_and_grads(ref, ids)
+    loss, grads = _loss_and_grads(pm, ids)
+    _check_close(loss, expected_loss, _bound(compute_dtype, expected_loss), "loss")
+    for name, grad in expected_grads.items():
+        _check_close(grads[name], grad, _bound(compute_dtype, grad), f"grad of {name}")
+
+    # A few optimizer steps on the nf4lora model.
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2, weight_decay=0.0)
+    for step in range(STEPS):
+        optimizer.zero_grad()
+        batch = _batch(step + 1)
+        loss = pm(input_ids=batch, labels=batch).loss
+        assert torch.isfinite(loss), f"step {step}: loss {loss.item()}"
+        loss.backward()
+        optimizer.step()
+        if method == "adalora":
+            pm.base_model.update_and_allocate(step)
+    unchanged = [n for n, p in trainable.items() if torch.equal(p, before[n])]
+    assert not unchanged, f"adapter parameters that did not train: {unchanged}"
+    after = _packed(nf4)
+    assert after.keys() == packed.keys()
+    for layer, tensors in packed.items():
+        assert all(torch.equal(a, b) for a, b in zip(tensors, after[layer])), f"{layer} 4-bit state changed"
+    assert all(m.weight.grad is None for m in nf4.modules() if isinstance(m, Linear4bit))
+
+    # The trained adapter on the dense model gives the nf4lora model's output; the adapter
+    # moves the output by much more than the bound, so the check would see a wrong adapter.
+    pm.eval()
+    ref.eval()
+    _copy_adapter(pm, ref)
+    ids = _batch(99)
+    expected = _logits(ref, ids)
+    bound = _bound(compute_dtype, expected)
+    _check_close(_logits(pm, ids), expected, bound, "logits after training")
+    with pm.disable_adapter():
+        without_adapter = _logits(pm, ids)
+    tokens = ids.shape[1]                   # prompt tuning's logits include the virtual tokens
+    assert (without_adapter - expected[:, -tokens:]).abs().max().item() > SENSITIVITY * bound
+
+
+# -- refused ---------------------------------------------------------------------------------------
+
+def test_dora_is_refused_with_the_reason():
+    nf4, dense = _models(torch.float32)
+    config = {"r": 4, "target_modules": TARGETS, "use_dora": True}
+    with pytest.raises(ValueError) as error:
+        get_peft_model(nf4, LoraConfig(**config))
+    message = str(error.value)
+    assert "DoRA" in message and "use_dora=True" in message
+    assert "not supported on nf4lora 4-bit layers" in message
+    assert "plain LoRA" in message and "does not implement" in message
+    get_peft_model(dense, LoraConfig(**config))      # the refusal is nf4lora's, not PEFT's
+
+
+# -- LoHa / LoKr specifics -------------------------------------------------------------------------
+
+def test_lycoris_registration_is_idempotent_and_leaves_dense_layers_to_peft():
+    nf4peft.register()
+    nf4peft.register()
+    for tuner, layer_cls in ((LoHaModel, LoHaLinear4bitPeft), (LoKrModel, LoKrLinear4bitPeft)):
+        mapping = tuner.layers_mapping
+        assert next(iter(mapping)) is Linear4bit and mapping[Linear4bit] is layer_cls
+        assert list(mapping).count(Linear4bit) == 1
+        assert mapping[torch.nn.Linear] is not layer_cls        # PEFT's dense layer
+
+
+@pytest.mark.parametrize("method", ["loha", "lokr"])
+def test_lycoris_merge_requantizes_and_unmerge_restores(method):
+    nf4, _ = _models(torch.float32)
+    pm = get_peft_model(nf4, CONFIGS[method]()).eval()
+    layer = pm.get_base_model().model.layers[0].mlp.down_proj        # [64, 128]
+    base = layer.get_base_layer()
+    W0 = base.dequantized_weight(torch.float32)
+    delta = layer.get_delta_weight("default")
+    assert delta.shape == (64, 128)
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        y_adapter = layer(x)
+        torch.testing.assert_close(y_adapter, x @ (W0 + delta).t(), rtol=1e-5, atol=1e-5)
+
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        layer.merge()
+    assert layer.merged and base.weight.dtype == torch.uint8 and base.weight.shape == (64 * 128 // 2, 1)
+    W1 = base.dequantized_weight(torch.float32)
+    error = (W1 - (W0 + delta)).abs().max().item()
+    assert 0 < error < 0.5 * (W0 + delta).abs().max().item()     # 4-bit rounding of the sum
+    with torch.no_grad():                    # merged: the base layer alone, off by that rounding
+        y_merged = layer(x)
+        torch.testing.assert_close(y_merged, base(x), rtol=0, atol=0)
+    assert (y_merged - y_adapter).abs().max().item() <= error * x.abs().sum(-1).max().item()
+
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        layer.unmerge()
+    assert not layer.merged
+    assert (base.dequantized_weight(torch.float32) - W0).abs().max().item() <= 2 * error + 1e-6
+
+
+@pytest.mark.parametrize("method", ["loha", "lokr"])
+def test_lycoris_delta_weight_and_rank_dropout_as_peft_dense(method):
+    """The delta weight nf4lora's LoHa/LoKr layers build ([out, in], PEFT's helpers) is the
+    one PEFT's dense layer builds, with and without rank dropout (same random rows)."""
+    nf4, dense = _models(torch.float32)
+    options = {"rank_dropout": 0.5, **({"rank_dropout_scale": True} if method == "lokr" else {})}
+    config = CONFIGS[method]()
+    for name, value in options.items():
+        setattr(config, name, value)
+    pm = get_peft_model(nf4, config)
+    ref = get_peft_model(dense, copy.deepcopy(config))
+    _copy_adapter(pm, ref)
+    ours = pm.get_base_model().model.layers[1].mlp.down_proj
+    theirs = ref.get_base_model().model.layers[1].mlp.down_proj
+    assert type(theirs).__name__ == "Linear" and not isinstance(theirs, type(ours))
+    with torch.no_grad():
+        full = theirs.get_delta_weight("default")
+        torch.testing.assert_close(ours.get_delta_weight("default"), full, rtol=0, atol=0)
+        torch.manual_seed(5)
+        expected = theirs.get_delta_weight("default", apply_rank_dropout=True)
+        torch.manual_seed(5)
+        got = ours.get_delta_weight("default", apply_rank_dropout=True)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    dropped = (got == 0).all(dim=1)
+    assert 0 < dropped.sum() < got.shape[0]           # some rows dropped, the rest rescaled
+    assert not torch.allclose(got[~dropped], full[~dropped])
