@@ -40,7 +40,7 @@ NESTED_BLOCKSIZE = 256
 QUANT_TYPE = "nf4"
 BASELINE = "bitsandbytes"
 OPS = ("dequantize", "quantize")
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT = harness.DEFAULT_OUT   # ./nf4lora-results unless --out
 
 # Full and --quick presets: probe buffer, cold footprint, and a cap on reps.
 FULL = dict(shapes=SHAPES, probe_bytes=harness.GIB, footprint=harness.COLD_FOOTPRINT, max_reps=None)
@@ -320,7 +320,7 @@ def parse_args(argv):
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     parser.add_argument("--threads", type=int, help="torch threads and OMP_NUM_THREADS")
     parser.add_argument("--warm", action="store_true", help="also time one layer looped (warm rows)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON directory ({DEFAULT_OUT})")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON directory (default ./{DEFAULT_OUT})")
     return parser.parse_args(argv)
 
 

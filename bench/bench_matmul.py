@@ -72,7 +72,7 @@ BLOCKSIZE = 64
 QUANT_TYPE = "nf4"
 BASELINE = "bitsandbytes"
 DENSE = "dense-bf16"
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT = harness.DEFAULT_OUT   # ./nf4lora-results unless --out
 
 # Full and --quick presets: probe buffer, cold footprint, and a cap on reps.
 FULL = dict(shapes=SHAPES, tokens=TOKENS, train_shapes=TRAIN_SHAPES, train_tokens=TRAIN_TOKENS,
@@ -511,7 +511,7 @@ def parse_args(argv):
     parser.add_argument("--threads", type=int, help="torch threads and OMP_NUM_THREADS")
     parser.add_argument("--warm", action="store_true", help="also time one layer looped (warm rows)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help=f"JSON and PNG directory ({DEFAULT_OUT})")
+                        help=f"JSON and PNG directory (default ./{DEFAULT_OUT})")
     return parser.parse_args(argv)
 
 

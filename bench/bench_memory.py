@@ -146,7 +146,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="a tiny layer: a smoke run")
     parser.add_argument("--tokens", type=int, help=f"rows of x (default {TOKENS}; bf16 GEMMs "
                         "are slow on CPUs without avx512_bf16/AMX, so fewer rows keep it short)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--out", type=Path, default=harness.DEFAULT_OUT,
+                        help=f"JSON directory (default ./{harness.DEFAULT_OUT})")
     args = parser.parse_args(argv)
     shape, tokens = (QUICK_SHAPE, QUICK_TOKENS) if args.quick else (SHAPE, TOKENS)
     tokens = args.tokens or tokens

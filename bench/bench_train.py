@@ -30,8 +30,13 @@ Correctness, so a broken provider is visible (it keeps its time but posts no rat
 every provider gets the same adapter weights (seeded per layer name; B is not zero as in
 PEFT's init, so that step 1 already runs and differentiates the adapter path), and its
 step 1 (loss, logits, gradients of every lora_A and lora_B) must agree with dense bf16
-within the NF4 rounding and, for the 4-bit providers, with bitsandbytes (same 4-bit codes)
-tightly. All losses are printed and saved, so diverging curves show too.
+within the NF4 rounding. nf4lora's providers must also agree tightly with `nf4-spec`: the
+dense bf16 + PEFT model whose projections hold nf4lora's 4-bit weights decoded by
+nf4lora.reference (the same codes, bf16 compute; run for step 1 only, untimed). bitsandbytes
+is not that reference: its CPU kernels' results depend on the CPU (on AVX-512 CPUs its
+dequantize splits blocks that span rows, e.g. --quick's 176-wide MLP rows), so its
+distance to the spec is reported, and explained in a note when large, but judged against
+dense bf16 only. All losses are printed and saved, so diverging curves show too.
 
 Model size: hidden 512, MLP 1408, 4 layers, 8 heads of 64, vocab 4096: the proportions of
 the small Llamas (MLP 2.75x hidden, lm_head ~1/6 of the projections' FLOPs) scaled so that
@@ -71,7 +76,7 @@ BLOCKSIZE = 64
 LR = 1e-3
 B_BOUND = 0.25 / math.sqrt(RANK)   # LoRA B ~ U(+-B_BOUND): the adapter adds ~1/3 of a projection's output
 SEED = 0
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT = harness.DEFAULT_OUT   # ./nf4lora-results unless --out
 
 # hidden 512 / MLP 1408 / 8 heads of 64 / vocab 4096: the proportions of the issue's
 # example (hidden 1024, MLP 2816, vocab 8192) at a quarter of its FLOPs. On the 2-core
@@ -87,17 +92,18 @@ QUICK = dict(model=QUICK_MODEL, batch=2, seq=32, steps=2, warmup=1)
 
 BASELINE = "bitsandbytes+peft"
 DENSE = "dense-bf16+peft"
+SPEC = "nf4-spec"         # the step-1 reference for nf4lora's providers (not timed, not a row)
 PROVIDERS = ("nf4lora", "nf4lora+peft", BASELINE, DENSE)
 TARGET_RATIO = 1.3   # the issue: nf4lora >= 1.3x the tokens/s of bitsandbytes + PEFT
 
 # Agreement of step 1 (loss: absolute difference; logits and adapter gradients: relative L2
-# error) with dense bf16 (loose: NF4 rounding) and, for the 4-bit providers, with
-# bitsandbytes (tight: the same 4-bit codes, so only bf16 rounding order and the few 8-bit
-# absmax codes that differ). A kernel returning zeros, a wrong scale or a wrong gradient
-# lands near 1 or above. Measured, full model: NF4 vs dense 0.29 (logits), 0.36 (dA),
-# 0.35 (dB), loss 3e-3 (a random-weight Llama's residual stream is mostly its quantized
-# layers' outputs, so NF4's ~10% weight error shows in full); nf4lora vs bitsandbytes
-# 0.012, 0.014, 0.013, loss 7e-4. --quick model: 0.10-0.14 and 0.008-0.010.
+# error) with dense bf16 (loose: NF4 rounding) and, for nf4lora's providers, with nf4-spec
+# (tight: the same 4-bit codes in the same dtype, so only bf16 rounding order). A kernel
+# returning zeros, a wrong scale or a wrong gradient lands near 1 or above. Measured, full
+# model: NF4 vs dense 0.29 (logits), 0.36 (dA), 0.35 (dB), loss 3e-3 (a random-weight
+# Llama's residual stream is mostly its quantized layers' outputs, so NF4's ~10% weight
+# error shows in full); nf4lora vs the same codes (then bitsandbytes on an AVX2 CPU) 0.012,
+# 0.014, 0.013, loss 7e-4. --quick model: 0.10-0.14 and 0.008-0.010.
 TOLERANCE_DENSE = dict(loss=0.05, logits=0.6, grad_A=0.6, grad_B=0.6)
 TOLERANCE_SAME_CODES = dict(loss=0.01, logits=0.05, grad_A=0.05, grad_B=0.05)
 
@@ -202,6 +208,28 @@ def build_bnb_peft(model, mods):
 
 def build_dense_peft(model, mods):
     return mods["peft"].get_peft_model(model, lora_config(mods["peft"]))
+
+
+def build_spec_reference(model, mods):
+    """Dense bf16 + PEFT on nf4lora's 4-bit weights decoded by nf4lora.reference: what the
+    4-bit providers compute, in plain torch ops, from the same codes."""
+    nf4lora = mods["nf4lora"]
+    model = _nf4lora_quantize(model, mods)
+    previous = nf4lora.get_backend()
+    nf4lora.set_backend("reference")
+    try:
+        for name, module in list(model.named_modules()):
+            if isinstance(module, nf4lora.nn.Linear4bit):
+                dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                  dtype=DTYPE, device="meta")
+                dense.weight = nn.Parameter(module.dequantized_weight(DTYPE), requires_grad=False)
+                if module.bias is not None:
+                    dense.bias = nn.Parameter(module.bias.detach().to(DTYPE), requires_grad=False)
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, dense)
+    finally:
+        nf4lora.set_backend(previous)
+    return build_dense_peft(model, mods)
 
 
 def all_providers() -> list[Provider]:
@@ -319,6 +347,23 @@ def judge(errs: dict, tolerance: dict, against: str) -> list[str]:
     return bad
 
 
+def spec_step1(base: nn.Module, batch: torch.Tensor, mods: dict) -> Optional[dict]:
+    """Step 1 of the spec reference (build_spec_reference), or None if it cannot be built."""
+    for name in ("nf4lora", "peft"):
+        if name not in mods:
+            module, _, _ = harness.import_optional(name)
+            if module is None:
+                return None
+            mods[name] = module
+    print(f"{SPEC}: step-1 reference (dense bf16 + PEFT on the spec's decoding of nf4lora's "
+          "4-bit weights; untimed)", flush=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")       # PEFT / transformers chatter
+        model = build_spec_reference(copy.deepcopy(base), mods)
+        init_adapters(model)
+        return train(SPEC, model, [batch], warmup=1, profile=False)
+
+
 # --- bf16 GEMM probe ------------------------------------------------------------------------
 
 def gemm_probe(tokens: int, hidden: int, intermediate: int, reps: int = 2) -> list[dict]:
@@ -363,7 +408,7 @@ def parse_args(argv):
                         help="one extra step per provider under torch.profiler: top ops by self time")
     parser.add_argument("--no-probe", dest="probe", action="store_false",
                         help="skip the bf16/fp32 GEMM probe")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON directory ({DEFAULT_OUT})")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON directory (default ./{DEFAULT_OUT})")
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else FULL
     args.model = dict(preset["model"])
@@ -387,7 +432,7 @@ TIME_COLUMNS = [("provider", "provider", ""), ("setup s", "build_s", ".1f"), ("t
                 (f"x vs {DENSE}", f"x_vs_{DENSE}", ".2f")]
 CHECK_COLUMNS = [("provider", "provider", ""), ("loss step 1", "loss_first", ".5f"),
                  ("loss last", "loss_last", ".5f")] + [
-    (f"{label} vs {short}", f"{key}_vs_{short}", spec) for short in ("dense", "bnb")
+    (f"{label} vs {short}", f"{key}_vs_{short}", spec) for short in ("dense", "spec")
     for label, key, spec in (("d loss", "d_loss", "+.1e"), ("logits", "logits", ".1e"),
                              ("dA", "grad_A", ".1e"), ("dB", "grad_B", ".1e"))] + [("check", "check", "")]
 
@@ -491,17 +536,29 @@ def _run(args, argv) -> dict:
         rows.append(row)
         results[provider.name] = result
 
-    # Step 1 against dense bf16 (NF4 rounding allowed) and, for the 4-bit providers, against
-    # bitsandbytes (same 4-bit codes: tight).
+    # Step 1 against dense bf16 (NF4 rounding allowed) and, for nf4lora's providers, against
+    # the spec on the same codes (tight); bitsandbytes' distance to the spec is shown only.
+    spec = spec_step1(base, batches[0], mods) if rows else None
+    if spec is None and rows:
+        notes.append(f"{SPEC}: could not be built (needs nf4lora and peft); 4-bit rows are "
+                     "checked against dense bf16 only")
     for row in rows:
         bad = []
-        for against, tolerance, suffix in ((DENSE, TOLERANCE_DENSE, "dense"),
-                                           (BASELINE, TOLERANCE_SAME_CODES, "bnb")):
-            if against not in results or (suffix == "bnb" and row["provider"] == DENSE):
-                continue
-            errs = errors(results[row["provider"]], results[against])
-            row.update({f"{key}_vs_{suffix}": value for key, value in errs.items()})
-            bad += judge(errs, tolerance, against)
+        if DENSE in results and row["provider"] != DENSE:
+            errs = errors(results[row["provider"]], results[DENSE])
+            row.update({f"{key}_vs_dense": value for key, value in errs.items()})
+            bad += judge(errs, TOLERANCE_DENSE, DENSE)
+        if spec is not None and row["provider"] != DENSE:
+            errs = errors(results[row["provider"]], spec)
+            row.update({f"{key}_vs_spec": value for key, value in errs.items()})
+            if row["provider"] == BASELINE:
+                if judge(errs, TOLERANCE_SAME_CODES, SPEC):
+                    notes.append(f"{BASELINE}: step 1 is {errs['logits']:.3g} (logits) from {SPEC}, "
+                                 "beyond the same-codes tolerance: bitsandbytes' CPU dequantize is "
+                                 "wrong for blocks that span rows on AVX-512 CPUs (README, "
+                                 "differences); judged against dense bf16 only")
+            else:
+                bad += judge(errs, TOLERANCE_SAME_CODES, SPEC)
         if not all(math.isfinite(x) for x in row["losses"]):
             bad.append("non-finite loss")
         row["check"] = "ok" if not bad else "FAILED: " + "; ".join(bad)
@@ -524,7 +581,7 @@ def _run(args, argv) -> dict:
     print(harness.format_table(rows, TIME_COLUMNS))
     print()
     print("agreement of step 1 (loss difference; relative L2 error of logits and LoRA gradients) "
-          f"with {DENSE} and {BASELINE}:")
+          f"with {DENSE} and {SPEC} (the same 4-bit codes decoded by nf4lora.reference):")
     print(harness.format_table(rows, CHECK_COLUMNS))
     if target:
         print(f"\ntarget: {target['goal']}: measured {target['ratio']:.2f}x "
@@ -563,7 +620,7 @@ def _run(args, argv) -> dict:
             "optimizer": dict(name="torch.optim.AdamW", lr=LR, params="LoRA adapters only (float32)"),
             "data": f"random token ids, torch.Generator seed {SEED}; labels = input_ids",
             "providers": [dict(name=p.name, how=p.how) for p in wanted],
-            "tolerance": dict(vs_dense=TOLERANCE_DENSE, vs_bitsandbytes=TOLERANCE_SAME_CODES),
+            "tolerance": dict(vs_dense=TOLERANCE_DENSE, vs_spec=TOLERANCE_SAME_CODES),
             "profile": args.profile,
             "argv": sys.argv[1:] if argv is None else list(argv),
         },

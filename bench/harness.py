@@ -42,6 +42,11 @@ GIB = 1 << 30
 # 8x the 32 MiB L3 of the machines here.
 COLD_FOOTPRINT = 256 * MIB
 MIN_LAYERS = 2  # even a huge layer alternates with a second one
+# Where every benchmark writes its JSON (and plots) unless --out says otherwise: relative,
+# so it lands in the directory the command runs from, never inside the installed package
+# or the checkout's bench/results (the README's committed numbers; pass --out bench/results
+# to refresh those).
+DEFAULT_OUT = Path("nf4lora-results")
 
 
 # --- providers and timing ------------------------------------------------------------
@@ -429,8 +434,9 @@ def format_table(rows: list[dict], columns: Sequence[tuple[str, str, str]]) -> s
 
 
 def save_json(payload: dict, out_dir: Path, name: str) -> tuple[Path, Path]:
-    """Write <name>-<timestamp>.json and <name>-latest.json into out_dir."""
-    out_dir = Path(out_dir)
+    """Write <name>-<timestamp>.json and <name>-latest.json into out_dir; returns their
+    absolute paths (what the scripts print: a relative default is easy to lose)."""
+    out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(payload, indent=1, default=str) + "\n"
     stamped = out_dir / f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"

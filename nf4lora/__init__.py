@@ -7,6 +7,7 @@ from . import integrations, nn  # noqa: F401
 from .autograd import lora_matmul_4bit, matmul_4bit  # noqa: F401
 from .backends import available_backends, get_backend, set_backend  # noqa: F401
 from .functional import QuantState  # noqa: F401
-from .integrations import add_lora, load_pretrained_4bit, replace_linear, save_pretrained_4bit  # noqa: F401
+from .integrations import (add_lora, load_pretrained_4bit, merge_lora, replace_linear,  # noqa: F401
+                           save_pretrained_4bit)
 
 __version__ = "0.1.0"

@@ -74,8 +74,8 @@ def test_guard_rejects_a_wrong_kernel(op, monkeypatch):
     if op == "dequantize":
         real = cpu.dequantize_4bit
 
-        def off_by_one(packed, absmax, blocksize, quant_type, out, nested):
-            real(packed, absmax, blocksize, quant_type, out, nested)
+        def off_by_one(weight, out):
+            real(weight, out)
             out.view(-1)[-1] += 1
 
         monkeypatch.setattr(cpu, "dequantize_4bit", off_by_one)
@@ -288,3 +288,39 @@ def test_cli_loads_the_real_suites():
     assert cli._load_bench("bench_matmul").main is not None
     assert cli._load_bench("bench_codec").main is not None
     assert cli._load_bench("bench_not_written_yet") is None
+
+
+# --- where results go ------------------------------------------------------------------------
+
+def _files(root: Path) -> dict[str, int]:
+    """Every file under root (bytecode caches aside) and its mtime."""
+    return {str(p): p.stat().st_mtime_ns for p in root.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts}
+
+
+def test_results_land_in_the_working_directory(tmp_path, monkeypatch):
+    """`nf4lora bench` without --out writes ./nf4lora-results in the directory it runs from,
+    never into the installed package or the checkout's bench/results."""
+    import nf4lora
+    suite = cli._load_bench("bench_codec")
+    watched = {Path(suite.__file__).resolve().parent, Path(nf4lora.__file__).resolve().parent,
+               Path(bench_codec.__file__).resolve().parent}
+    before = {root: _files(root) for root in watched}
+    monkeypatch.chdir(tmp_path)
+
+    assert cli.main(["bench", "codec", "--quick", "--ops", "dequantize", "--providers", "copy-bf16"]) == 0
+
+    saved = json.loads((tmp_path / "nf4lora-results" / "codec-latest.json").read_text())
+    assert {row["provider"] for row in saved["rows"]} == {"copy-bf16", "copy-bf16 out="}
+    assert len(list((tmp_path / "nf4lora-results").glob("codec-2*.json"))) == 1
+    for root in watched:
+        assert _files(root) == before[root], f"the benchmark wrote under {root}"
+
+
+@pytest.mark.parametrize("suite", sorted(cli.BENCH_SUITES))
+def test_every_suite_defaults_to_the_one_results_folder(suite, capsys):
+    module = cli._load_bench(cli.BENCH_SUITES[suite])
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    assert f"./{harness.DEFAULT_OUT}" in capsys.readouterr().out
+    assert harness.DEFAULT_OUT == Path("nf4lora-results")     # relative: the working directory

@@ -68,9 +68,15 @@ def test_quick_run_writes_every_row_and_key(tmp_path, monkeypatch):
     # what each provider really runs on
     assert "nf4lora.Linear4bit" in rows["nf4lora"]["base_layers"]
     assert "nf4lora.Linear4bit" in rows["nf4lora+peft"]["base_layers"]
+    # nf4lora's rows are held to the spec on the same codes (tight), bitsandbytes' is not:
+    # its CPU kernels' results depend on the CPU (bench_train's docstring)
+    for name in ("nf4lora", "nf4lora+peft"):
+        for key, limit in bench_train.TOLERANCE_SAME_CODES.items():
+            value = rows[name]["d_loss_vs_spec" if key == "loss" else f"{key}_vs_spec"]
+            assert abs(value) <= limit, (name, key, value)
     if "bitsandbytes+peft" in rows:
         assert "bitsandbytes.Linear4bit" in rows["bitsandbytes+peft"]["base_layers"]
-        assert abs(rows["nf4lora"]["d_loss_vs_bnb"]) < bench_train.TOLERANCE_SAME_CODES["loss"]
+        assert "d_loss_vs_spec" in rows["bitsandbytes+peft"]      # shown, not judged
 
 
 def test_missing_provider_is_a_note_not_a_crash(tmp_path, monkeypatch, hide_optional_imports):

@@ -339,8 +339,9 @@ def save_pretrained_4bit(model: nn.Module, save_directory: Union[str, os.PathLik
     wrapped = sorted(name for name, m in model.named_modules() if hasattr(m, "base_layer"))
     if wrapped:
         raise ValueError(f"the model has LoRA layers ({_listing(wrapped, 3)}): their keys "
-                         "(base_layer.*, lora_*) are not a base model's. Merge them (PEFT: "
-                         "merge_and_unload()) or save the adapter separately")
+                         "(base_layer.*, lora_*) are not a base model's. Merge them "
+                         "(nf4lora.merge_lora(model); PEFT: merge_and_unload()) or save the "
+                         "adapter separately")
     layers = {name: m for name, m in model.named_modules() if isinstance(m, Linear4bit)}
     if not layers:
         raise ValueError("the model has no nf4lora Linear4bit layer (call nf4lora.replace_linear first)")

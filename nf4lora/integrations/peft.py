@@ -45,7 +45,12 @@ import warnings
 from typing import Any, Optional
 
 import torch
-from peft import LoraConfig
+
+from . import _quiet_imports
+
+with _quiet_imports():   # PEFT's import pulls in torchao and bitsandbytes, which log at import
+    import peft  # noqa: F401
+from peft import LoraConfig  # noqa: E402
 from peft.tuners.loha import LoHaModel
 from peft.tuners.loha.layer import Linear as _PeftLoHaLinear
 from peft.tuners.loha.layer import make_weight as _hadamard_weight

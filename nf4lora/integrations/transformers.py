@@ -2,6 +2,8 @@
 
     model = replace_linear(model, quant_type="nf4", compute_dtype=torch.bfloat16)
     model = add_lora(model, r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"])
+    ...train...
+    model = merge_lora(model)      # adapters folded into the 4-bit weights, plain Linear4bit again
 
 `replace_linear` does what transformers' bitsandbytes quantizer does on the fly (swap each
 nn.Linear / Conv1D for a Linear4bit and quantize its existing weight, skipping lm_head),
@@ -20,7 +22,7 @@ from torch import nn
 from ..nn.linear4bit import Linear4bit, Params4bit
 from ..nn.lora import LoraLinear4bit
 
-__all__ = ["replace_linear", "add_lora"]
+__all__ = ["replace_linear", "add_lora", "merge_lora"]
 
 
 def _conv1d_type():
@@ -149,4 +151,27 @@ def add_lora(model: nn.Module, r: int, lora_alpha: float,
             lora = LoraLinear4bit(module, r, lora_alpha, lora_dropout, use_rslora)
             lora.train(module.training)
             _set_submodule(model, name, lora)
+    return model
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoraLinear4bit adapter (from `add_lora`) into its 4-bit weight and put the
+    plain Linear4bit back in its place, in place (PEFT's merge_and_unload); returns the model.
+
+    Each weight becomes quantize(dequantize(W) + scaling * B @ A) with the layer's own quant
+    type, blocksize, double quantization, storage, compute dtype and bias: lossy by one
+    4-bit re-quantization, so outputs move by that rounding, not more. The result has
+    only a base model's keys and can be saved with `save_pretrained_4bit`. For a PEFT model
+    use PEFT's own `merge_and_unload()`.
+    """
+    if isinstance(model, LoraLinear4bit):
+        raise ValueError("model is itself a LoraLinear4bit; wrap it in a module first")
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLinear4bit)]
+    for name, layer in layers:
+        if not layer.merged:        # a layer merged by hand already holds W + scaling * B @ A
+            layer.merge()           # LoraLinear4bit.merge: the one place the merge is decided
+        base = layer.base_layer
+        base.train(layer.training)
+        _set_submodule(model, name, base)
     return model
