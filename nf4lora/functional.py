@@ -8,13 +8,13 @@ of degenerate cases, never a different format).
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import _ops
+from ._weight import PackedWeight, check_float, check_quant_args
 from .codebook import (create_dynamic_map, create_fp8_map, create_linear_map,  # noqa: F401  (public)
                        create_normal_map, get_4bit_type)
 from .quant_state import QuantState
@@ -70,38 +70,6 @@ def _store_as(packed: Tensor, quant_storage: torch.dtype) -> Tensor:
     return padded.view(quant_storage).unsqueeze(1)
 
 
-def _packed_bytes(shape) -> int:
-    return (math.prod(shape) + 1) // 2   # two codes per byte, an odd tail padded
-
-
-def packed_numel(shape, storage: torch.dtype) -> int:
-    """Elements of `storage` that hold the 4-bit codes of `shape`, as `_store_as` writes
-    them: the packed bytes, the last element zero-padded when they do not fill it."""
-    return -(-_packed_bytes(shape) // storage.itemsize)
-
-
-def check_packed(data: Tensor, shape, name: str = "A") -> None:
-    """Packed codes must fill exactly `packed_numel(shape, data.dtype)` elements, in any
-    layout ([k, 1], its transpose [1, k], or flat). Fewer would read past the end; more
-    means the state belongs to another (larger) tensor, and bitsandbytes refuses it too.
-    The one check of the packed size (nf4lora.nn.linear4bit._check_packed can call it)."""
-    if not isinstance(data, Tensor):
-        raise TypeError(f"{name} must be a tensor of packed 4-bit codes, got {type(data).__name__}")
-    if data.is_complex() or data.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer or float storage dtype, got {data.dtype}")
-    elements = packed_numel(shape, data.dtype)
-    if data.numel() != elements:
-        relation = "fewer" if data.numel() < elements else "more"
-        raise ValueError(f"{name} holds {data.numel()} elements of {data.dtype}, {relation} than the "
-                         f"{elements} that the {_packed_bytes(shape)} bytes of packed codes of shape "
-                         f"{list(shape)} fill (got shape {list(data.shape)})")
-
-
-def _as_bytes(A: Tensor) -> Tensor:
-    flat = A.reshape(-1)
-    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
-
-
 def quantize_4bit(A: Tensor, absmax: Optional[Tensor] = None, out: Optional[Tensor] = None,
                   blocksize: Optional[int] = None, compress_statistics: bool = False,
                   quant_type: str = "fp4",
@@ -116,8 +84,8 @@ def quantize_4bit(A: Tensor, absmax: Optional[Tensor] = None, out: Optional[Tens
     out-parameters).
     """
     blocksize = DEFAULT_BLOCKSIZE if blocksize is None else blocksize
-    _ops.check_float("A", A)
-    _ops.check_quant_args(blocksize, quant_type)
+    check_float("A", A)
+    check_quant_args(blocksize, quant_type)
     packed, block_absmax = _ops.quantize_4bit(A, blocksize, quant_type)
     _raise_on_nonfinite(block_absmax, blocksize)
     code = get_4bit_type(quant_type, device=A.device)
@@ -146,37 +114,6 @@ def _offset(absmax: Tensor) -> Tensor:
     return offset
 
 
-def nested_args(quant_state) -> dict:
-    """The double-quantization level of a state as op keyword arguments ({} if none).
-    The offset goes as a 0-d tensor so torch.compile never has to read its value."""
-    if not quant_state.nested:
-        return {}
-    state2 = quant_state.state2
-    return dict(nested_absmax=state2.absmax, nested_code=state2.code,
-                nested_offset=torch.as_tensor(quant_state.offset, dtype=torch.float32),
-                nested_blocksize=state2.blocksize)
-
-
-def _check_state_4bit(state: QuantState) -> None:
-    # Duck-typed, so a bitsandbytes QuantState works too.
-    if not all(hasattr(state, f) for f in ("absmax", "shape", "blocksize", "quant_type", "state2")):
-        raise TypeError(f"quant_state must be a QuantState, got {type(state).__name__}")
-    _ops.check_quant_args(state.blocksize, state.quant_type)
-    if state.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"quant_state.dtype must be float32, float16 or bfloat16, got {state.dtype}")
-    if state.shape is None:
-        raise ValueError("quant_state.shape is None; a 4-bit state needs the original shape")
-    # The table itself is not read (the kernels decode by quant_type), so only its size is
-    # checked: comparing values would cost a device sync on every call.
-    code = getattr(state, "code", None)
-    if code is not None and code.numel() != 16:
-        raise ValueError(f"quant_state.code must be the 16-entry {state.quant_type} table, got "
-                         f"{code.numel()} entries (an 8-bit state's 256-entry map?)")
-    if state.state2 is not None and getattr(state, "offset", None) is None:
-        raise ValueError("quant_state.offset is None, but a nested state (state2) needs the "
-                         "offset its absmax was double-quantized around")
-
-
 def dequantize_4bit(A: Tensor, quant_state: Optional[QuantState] = None,
                     absmax: Optional[Tensor] = None, out: Optional[Tensor] = None,
                     blocksize: Optional[int] = None, quant_type: str = "fp4") -> Tensor:
@@ -192,18 +129,14 @@ def dequantize_4bit(A: Tensor, quant_state: Optional[QuantState] = None,
         quant_state = QuantState(absmax=absmax, shape=out.shape, dtype=out.dtype,
                                  blocksize=DEFAULT_BLOCKSIZE if blocksize is None else blocksize,
                                  quant_type=quant_type)
-    _check_state_4bit(quant_state)
-    check_packed(A, quant_state.shape)
-    packed = _as_bytes(A)
-    nested = nested_args(quant_state)
-    args = (packed, quant_state.absmax, quant_state.blocksize, quant_state.quant_type)
+    weight = PackedWeight.from_state(A, quant_state, "A")
     if out is None:
-        out = _ops.dequantize_4bit(*args, list(quant_state.shape), quant_state.dtype, **nested)
+        out = _ops.dequantize_4bit(*weight.op_args(), quant_state.dtype)
     else:
-        if out.numel() != math.prod(quant_state.shape):
+        if out.numel() != weight.numel:
             raise ValueError(f"out has {out.numel()} elements, the state describes shape "
-                             f"{tuple(quant_state.shape)}")
-        _ops.dequantize_4bit_out(*args, out, **nested)
+                             f"{list(weight.shape)}")
+        _ops.dequantize_4bit_out(*weight.op_args(), out)
     # bitsandbytes' compatibility shim: a packed weight passed transposed, as [1, bytes],
     # comes back transposed. (bitsandbytes also does this for a [1, 1] input, i.e. a
     # 1- or 2-element tensor, which only scrambles tiny shapes; that case is left alone.)
@@ -245,7 +178,7 @@ def quantize_blockwise(A: Tensor, code: Optional[Tensor] = None, absmax: Optiona
     its CPU build reads an approximate 65536-bin table instead and so can pick the
     neighbouring code for values near a midpoint.
     """
-    _ops.check_float("A", A)
+    check_float("A", A)
     code = dynamic_map(A.device) if code is None else code
     codes, block_absmax = _ops.quantize_blockwise(A, code, blocksize)
     _raise_on_nonfinite(block_absmax, blocksize)

@@ -14,10 +14,9 @@ from typing import Any
 
 import torch
 
+from ._weight import BLOCKSIZES, FLOAT_DTYPES
 from .codebook import QUANT_TYPES, get_4bit_type
 
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PACKED_KEY_PREFIX = "quant_state.bitsandbytes__"
 TENSOR_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 JSON_KEYS = ("quant_type", "blocksize", "dtype", "shape",

@@ -1,6 +1,6 @@
-"""The specification of the nf4lora format, in plain PyTorch.
+"""The specification of the nf4lora format and ops, in plain PyTorch.
 
-Every backend (C++ CPU, CUDA, Triton) is tested against these functions, and these
+Every backend (C++ CPU, CUDA, Triton) is tested against these functions, and the format
 functions are tested against bitsandbytes. They are written to be read, not to be
 fast. Where bitsandbytes' CPU path and its CUDA kernels disagree, this follows the
 CUDA kernels (the format most checkpoints were written with); each such place says so.
@@ -185,4 +185,39 @@ def dequantize_absmax(qabsmax: torch.Tensor, nested_absmax: torch.Tensor, code: 
     """absmax = code[q] * nested_absmax[i // nested_blocksize] + offset: two float32
     roundings, in this order, never fused."""
     scaled = dequantize_blockwise(qabsmax, nested_absmax, code, nested_blocksize)
-    return scaled + torch.tensor(offset, dtype=torch.float32, device=scaled.device)
+    return scaled + torch.as_tensor(offset, dtype=torch.float32, device=scaled.device)
+
+
+# --- the LoRA matmul: nf4lora::lora_matmul_4bit and its gradients ------------------------
+# W is the 4-bit weight dequantized (dequantize_4bit above) to the activations' dtype,
+# [out, in]. A backend's fused kernel may sum in another order and round less often; its
+# tests bound the difference by the same computation's own error against float64.
+
+def lora_matmul_4bit(x: torch.Tensor, W: torch.Tensor, lora_A, lora_B, scaling: float, bias):
+    """(y, h) for x [M, in]: h = x @ lora_A^T [M, r] ([M, 0] without LoRA) and
+    y = x @ W^T + bias + scaling * h @ lora_B^T, the LoRA term added in one addmm (one
+    rounding of the sum, as a kernel accumulating both products into one tile does)."""
+    y = torch.nn.functional.linear(x, W, bias)
+    if lora_A is None:
+        return y, x.new_empty((x.shape[0], 0))
+    h = torch.nn.functional.linear(x, lora_A)
+    return torch.addmm(y, h, lora_B.t(), alpha=scaling), h
+
+
+def lora_matmul_4bit_grad_input(grad: torch.Tensor, W: torch.Tensor, lora_A, grad_h):
+    """dL/dx [M, in] = grad @ W + grad_h @ lora_A, with grad_h = scaling * grad @ lora_B
+    (None without LoRA). The only gradient that reads W, so the only one with a kernel."""
+    dx = grad @ W
+    return dx if grad_h is None else torch.addmm(dx, grad_h, lora_A)
+
+
+def lora_matmul_4bit_grad_adapters(grad: torch.Tensor, x, h, lora_B: torch.Tensor,
+                                   scaling: float):
+    """(grad_h, dL/dlora_A [r, in], dL/dlora_B [out, r]) for grad [M, out], x [M, in] and
+    h = x @ lora_A^T from the forward: grad_h = scaling * grad @ lora_B, dA = grad_h^T @ x,
+    dB = scaling * grad^T @ h (None where x or h is None: that gradient is not wanted).
+    Small matrices (rank r): plain torch ops on every backend."""
+    grad_h = (grad @ lora_B) * scaling
+    dA = None if x is None else grad_h.t() @ x
+    dB = None if h is None else (grad.t() @ h) * scaling
+    return grad_h, dA, dB

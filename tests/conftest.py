@@ -16,6 +16,7 @@ import pytest  # noqa: E402
 
 import nf4lora  # noqa: E402
 from nf4lora import backends  # noqa: E402
+from nf4lora._weight import PackedWeight  # noqa: E402
 
 # bitsandbytes warns at import that it cannot fetch a faster CPU kernel offline.
 with warnings.catch_warnings():
@@ -88,3 +89,9 @@ def quiet_eager():
     with torch._dynamo.config.patch(disable=True), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
+
+
+def dequantize_into(backend, packed, absmax, blocksize, quant_type, out, nested):
+    """backend.dequantize_4bit of the codes of a tensor of out's shape, into out."""
+    backend.dequantize_4bit(PackedWeight(packed, absmax, blocksize, quant_type, tuple(out.shape),
+                                         nested), out)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from nf4lora import reference
+from conftest import dequantize_into
 from nf4lora.backends import NestedAbsmax
 from nf4lora.backends import cpu as cpu_backend
 from nf4lora.codebook import FP4_ABS_THRESHOLDS, FP4_CODE_BY_RANK, NF4_CODE, create_dynamic_map, get_4bit_type
@@ -183,7 +184,7 @@ def test_quantize_dequantize_shapes(isa, shape, dtype):
     assert_same(absmax, ref_absmax, "absmax")
     for out_dtype in DTYPES:
         out = torch.empty(shape, dtype=out_dtype)
-        cpu_backend.dequantize_4bit(packed, absmax, 64, "nf4", out, None)
+        dequantize_into(cpu_backend, packed, absmax, 64, "nf4", out, None)
         assert_same(out, reference.dequantize_4bit(packed, absmax, 64, "nf4", shape, out_dtype))
 
 
@@ -206,7 +207,7 @@ def test_dequantize_4bit_matches_reference(isa, quant_type, out_dtype, blocksize
         packed = torch.randint(0, 256, ((n + 1) // 2,), generator=g, dtype=torch.uint8)
         absmax = _absmax_cases(blocks, g)
         out = torch.full((n,), 123.0, dtype=out_dtype)
-        cpu_backend.dequantize_4bit(packed, absmax, blocksize, quant_type, out, None)
+        dequantize_into(cpu_backend, packed, absmax, blocksize, quant_type, out, None)
         expected = reference.dequantize_4bit(packed, absmax, blocksize, quant_type, (n,), out_dtype)
         assert_same(out, expected, f"n={n}")
 
@@ -234,7 +235,7 @@ def test_dequantize_4bit_nested_matches_reference(isa, quant_type, blocksize, ne
         packed, qabsmax, nested, expected = nested_case(quant_type, blocksize, nested_blocksize, n)
         for out_dtype in DTYPES:
             out = torch.empty(n, dtype=out_dtype)
-            cpu_backend.dequantize_4bit(packed, qabsmax, blocksize, quant_type, out, nested)
+            dequantize_into(cpu_backend, packed, qabsmax, blocksize, quant_type, out, nested)
             assert_same(out, expected[out_dtype], f"n={n} -> {out_dtype}")
 
 
@@ -248,7 +249,7 @@ def test_dequantize_4bit_misaligned_output(isa, out_dtype):
     absmax = _absmax_cases(reference.num_blocks(n, 64), g)
     expected = reference.dequantize_4bit(packed, absmax, 64, "nf4", (n,), out_dtype)
     for out in (torch.empty(n, dtype=out_dtype), torch.empty(n + 1, dtype=out_dtype)[1:]):
-        cpu_backend.dequantize_4bit(packed, absmax, 64, "nf4", out, None)
+        dequantize_into(cpu_backend, packed, absmax, 64, "nf4", out, None)
         assert_same(out, expected, f"offset={out.data_ptr() % 64}")
 
 
@@ -263,7 +264,7 @@ def test_dequantize_4bit_streaming_stores(isa, blocksize, stream, monkeypatch):
         packed, qabsmax, nested, expected = nested_case("nf4", blocksize, 256, n)
         for out_dtype in DTYPES:
             for out in (torch.empty(n, dtype=out_dtype), torch.empty(n + 1, dtype=out_dtype)[1:]):
-                cpu_backend.dequantize_4bit(packed, qabsmax, blocksize, "nf4", out, nested)
+                dequantize_into(cpu_backend, packed, qabsmax, blocksize, "nf4", out, nested)
                 assert_same(out, expected[out_dtype], f"n={n} -> {out_dtype}, offset={out.data_ptr() % 64}")
 
 
@@ -323,7 +324,7 @@ def test_thread_count_does_not_change_results(isa):
             qabsmax, absmax2 = cpu_backend.quantize_blockwise(absmax - offset, DYNAMIC, 256)
             out = torch.empty(x.numel(), dtype=torch.bfloat16)
             nested = NestedAbsmax(absmax2, DYNAMIC, float(offset), 256)
-            cpu_backend.dequantize_4bit(packed, qabsmax, 64, "nf4", out, nested)
+            dequantize_into(cpu_backend, packed, qabsmax, 64, "nf4", out, nested)
             out8 = torch.empty(qabsmax.numel(), dtype=torch.float32)
             cpu_backend.dequantize_blockwise(qabsmax, absmax2, DYNAMIC, 256, out8)
             results.append((packed, absmax, qabsmax, absmax2, out, out8))
@@ -410,7 +411,7 @@ def test_property_round_trip_matches_reference(isa_name, values, dtype, out_dtyp
         assert_same(packed, ref_packed, "packed")
         assert_same(absmax, ref_absmax, "absmax")
         out = torch.empty(x.numel(), dtype=out_dtype)
-        cpu_backend.dequantize_4bit(packed, absmax, blocksize, quant_type, out, None)
+        dequantize_into(cpu_backend, packed, absmax, blocksize, quant_type, out, None)
         assert_same(out, reference.dequantize_4bit(packed, absmax, blocksize, quant_type,
                                                    (x.numel(),), out_dtype), "dequantized")
     finally:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import nf4lora.functional as nf
 from nf4lora import _ops
-from nf4lora.autograd import _weight_args
+from nf4lora._weight import PackedWeight
 from nf4lora.backends import cpu as cpu_backend
 
 from conftest import DTYPES
@@ -54,7 +54,7 @@ def operands(M, in_f, out_f, r, dtype, bias=True, seed=1):
 
 
 def run_op(x, packed, state, A, B, scaling, bias):
-    return _ops.lora_matmul_4bit(x, *_weight_args(packed, state), A, B, scaling, bias)
+    return _ops.lora_matmul_4bit(x, *PackedWeight.from_state(packed, state).op_args(), A, B, scaling, bias)
 
 
 def assert_within_baseline(ours, baseline, exact, dtype, label):
@@ -120,12 +120,12 @@ def test_fused_lora_ranks_and_bias(isa, r, bias):
 
 def test_fused_is_used_for_small_M_and_dequantize_gemm_otherwise():
     packed, state, _ = quantized(8, 128)
-    weight = _ops._packed_weight(*_weight_args(packed, state), torch.device("cpu"))
+    weight = PackedWeight.from_state(packed, state)
     assert cpu_backend.matmul_path(1, weight) == "fused"
     assert cpu_backend.matmul_path(cpu_backend.FUSED_MAX_M, weight) == "fused"
     assert cpu_backend.matmul_path(cpu_backend.FUSED_MAX_M + 1, weight) == "dequantize+gemm"
     packed, state, _ = quantized(8, 100)  # rows do not start on block boundaries
-    weight = _ops._packed_weight(*_weight_args(packed, state), torch.device("cpu"))
+    weight = PackedWeight.from_state(packed, state)
     assert cpu_backend.matmul_path(1, weight) == "dequantize+gemm"
 
 
@@ -168,7 +168,7 @@ def test_grad_input_matches_float64(monkeypatch, dtype, M):
     grad = torch.randn(M, 70, generator=gen).to(dtype)
     A = (torch.randn(6, 128, generator=gen) * 0.1).to(dtype)
     grad_h = torch.randn(M, 6, generator=gen).to(dtype)
-    dx = _ops.lora_matmul_4bit_grad_input(grad, *_weight_args(packed, state), A, grad_h)
+    dx = _ops.lora_matmul_4bit_grad_input(grad, *PackedWeight.from_state(packed, state).op_args(), A, grad_h)
     exact = grad.double() @ W + grad_h.double() @ A.double()
     base = grad @ W.to(dtype) + grad_h @ A
     assert_within_baseline(dx, base, exact, dtype, f"dx M={M} {dtype}")

@@ -42,6 +42,7 @@ import pytest
 import torch
 
 from nf4lora import backends, reference
+from conftest import dequantize_into
 from nf4lora.backends import NestedAbsmax
 from nf4lora.backends import cuda as cuda_backend
 from nf4lora.codebook import FP4_ABS_THRESHOLDS, create_dynamic_map
@@ -285,7 +286,7 @@ def test_double_quantization_of_absmax_bit_exact(glue, n):
 def test_dequantize_4bit_bit_exact(glue, n, blocksize, out_dtype, quant_type, nested):
     packed, absmax, nest, decoded = quantized(n, blocksize, quant_type, seed=n, nested=nested)
     out = torch.empty(n, dtype=out_dtype)
-    glue.dequantize_4bit(packed, absmax, blocksize, quant_type, out, nest)
+    dequantize_into(glue, packed, absmax, blocksize, quant_type, out, nest)
     want = reference.dequantize_4bit(packed, decoded, blocksize, quant_type, (n,), out_dtype)
     assert_same(out, want, "dequantized")
 
@@ -299,7 +300,7 @@ def test_dequantize_4bit_unaligned_takes_the_element_path(glue, out_dtype, neste
     packed_view = torch.cat([torch.zeros(1, dtype=torch.uint8), packed])[1:]
     out = torch.empty(n + 1, dtype=out_dtype)[1:]
     assert packed_view.data_ptr() % 16 and out.data_ptr() % 16
-    glue.dequantize_4bit(packed_view, absmax, blocksize, "nf4", out, nest)
+    dequantize_into(glue, packed_view, absmax, blocksize, "nf4", out, nest)
     want = reference.dequantize_4bit(packed, decoded, blocksize, "nf4", (n,), out_dtype)
     assert_same(out, want, "dequantized")
 

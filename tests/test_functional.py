@@ -4,6 +4,7 @@ import torch
 
 import nf4lora.functional as F
 from nf4lora import reference
+from nf4lora._weight import packed_numel
 
 from conftest import DTYPES
 
@@ -187,12 +188,12 @@ def test_fp4_wrapper_rejects_extra_packed_bytes_too():
 
 def test_packed_numel_rounds_bytes_up_to_whole_storage_elements():
     # 63 codes -> 32 bytes: 32 uint8, 16 bfloat16, 8 float32; 65 codes -> 33 bytes.
-    assert [F.packed_numel((7, 9), d) for d in (torch.uint8, torch.bfloat16, torch.float32)] == [32, 16, 8]
-    assert [F.packed_numel((65,), d) for d in (torch.uint8, torch.bfloat16, torch.float32)] == [33, 17, 9]
-    assert F.packed_numel((0, 5), torch.float32) == 0
+    assert [packed_numel((7, 9), d) for d in (torch.uint8, torch.bfloat16, torch.float32)] == [32, 16, 8]
+    assert [packed_numel((65,), d) for d in (torch.uint8, torch.bfloat16, torch.float32)] == [33, 17, 9]
+    assert packed_numel((0, 5), torch.float32) == 0
     for dtype in (torch.bfloat16, torch.float32, torch.int8):
         packed, _ = F.quantize_4bit(torch.randn(65), quant_storage=dtype)
-        assert packed.numel() == F.packed_numel((65,), dtype)
+        assert packed.numel() == packed_numel((65,), dtype)
 
 
 # A (5, 130) weight: 650 elements, 11 blocks of 64, one nested block of 256.

@@ -6,6 +6,7 @@ from torch.library import opcheck
 import nf4lora
 import nf4lora.functional as F
 from nf4lora import _ops, backends
+from nf4lora._weight import PackedWeight
 
 
 def _cases():
@@ -14,16 +15,17 @@ def _cases():
     code = F.dynamic_map("cpu")
     offset = absmax.mean()
     qabsmax, absmax2 = _ops.quantize_blockwise(absmax - offset, code, 256)
-    nested = dict(nested_absmax=absmax2, nested_code=code, nested_offset=offset,
-                  nested_blocksize=256)
+
+    def nested_weight(shape):
+        return (packed, qabsmax, 64, "nf4", shape, absmax2, code, offset, 256)
     ops = torch.ops.nf4lora
-    weight = (packed, qabsmax, 64, "nf4", 3, 130, absmax2, code, offset, 256)
+    weight = (packed, qabsmax, 64, "nf4", [3, 130], absmax2, code, offset, 256)
     xs = torch.randn(5, 130, dtype=torch.bfloat16)
     lora_A = torch.randn(4, 130, dtype=torch.bfloat16)
     lora_B = torch.randn(3, 4, dtype=torch.bfloat16)
     # in_features 128, a multiple of the blocksize: the cpu backend's fused kernel for M <= 16
     packed128, absmax128 = _ops.quantize_4bit(torch.randn(3, 128), 64, "nf4")
-    weight128 = (packed128, absmax128, 64, "nf4", 3, 128, None, None, None, 256)
+    weight128 = (packed128, absmax128, 64, "nf4", [3, 128], None, None, None, 256)
     return [
         (ops.lora_matmul_4bit.default, (xs, *weight, lora_A, lora_B, 0.5, torch.randn(3).bfloat16()), {}),
         (ops.lora_matmul_4bit.default, (xs[:, :128].contiguous(), *weight128, lora_A[:, :128].contiguous(),
@@ -32,9 +34,10 @@ def _cases():
         (ops.lora_matmul_4bit_grad_input.default,
          (torch.randn(5, 3, dtype=torch.bfloat16), *weight, lora_A, torch.randn(5, 4).bfloat16()), {}),
         (ops.quantize_4bit.default, (x, 64, "fp4"), {}),
-        (ops.dequantize_4bit.default, (packed, absmax, 64, "nf4", [3, 130], torch.float16), {}),
-        (ops.dequantize_4bit.default, (packed, qabsmax, 64, "nf4", [390], torch.bfloat16), nested),
-        (ops.dequantize_4bit_out.default, (packed, qabsmax, 64, "nf4", torch.empty(390)), nested),
+        (ops.dequantize_4bit.default, (packed, absmax, 64, "nf4", [3, 130], None, None, None, 256,
+                                       torch.float16), {}),
+        (ops.dequantize_4bit.default, (*nested_weight([390]), torch.bfloat16), {}),
+        (ops.dequantize_4bit_out.default, (*nested_weight([390]), torch.empty(390)), {}),
         (ops.quantize_blockwise.default, (x, code, 256), {}),
         (ops.dequantize_blockwise.default, (qabsmax, absmax2, code, 256, torch.float32), {}),
     ]
@@ -80,16 +83,16 @@ def test_eager_calls_skip_the_dispatcher_only_when_nothing_needs_the_op(monkeypa
     result) and goes through torch's dispatcher under a dispatch mode such as fake tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     packed, absmax = _ops.quantize_4bit(torch.randn(8, 128), 64, "nf4")
-    weight = (packed, absmax, 64, "nf4", 8, 128, None, None, None, 256)
+    weight = PackedWeight(packed, absmax, 64, "nf4", (8, 128), None)
     x = torch.randn(2, 128)
-    direct = _ops.call_lora_matmul_4bit(x, *weight, None, None, 1.0, None)
-    through_op = _ops.lora_matmul_4bit(x, *weight, None, None, 1.0, None)
+    direct = _ops.call_lora_matmul_4bit(x, weight, None, None, 1.0, None)
+    through_op = _ops.lora_matmul_4bit(x, *weight.op_args(), None, None, 1.0, None)
     assert torch.equal(direct[0], through_op[0])
 
     used = []
-    monkeypatch.setattr(_ops, "_lora_matmul_4bit", lambda *a: used.append(a) or through_op)
-    _ops.call_lora_matmul_4bit(x, *weight, None, None, 1.0, None)
+    monkeypatch.setattr(_ops, "lora_matmul_4bit_impl", lambda *a: used.append(a) or through_op)
+    _ops.call_lora_matmul_4bit(x, weight, None, None, 1.0, None)
     assert len(used) == 1
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        fake_y, _ = _ops.call_lora_matmul_4bit(mode.from_tensor(x), *weight, None, None, 1.0, None)
+        fake_y, _ = _ops.call_lora_matmul_4bit(mode.from_tensor(x), weight, None, None, 1.0, None)
     assert len(used) == 1 and fake_y.shape == (2, 8)

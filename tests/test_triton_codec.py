@@ -15,7 +15,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from nf4lora import backends, reference  # noqa: E402
-from nf4lora.backends import NestedAbsmax  # noqa: E402
+from conftest import dequantize_into
+from nf4lora.backends import NestedAbsmax, PackedWeight  # noqa: E402
 from nf4lora.backends import triton as triton_backend  # noqa: E402
 from nf4lora.codebook import FP4_ABS_THRESHOLDS, create_dynamic_map, get_4bit_type  # noqa: E402
 
@@ -72,7 +73,7 @@ def check_double_quantize(absmax):
 
 def check_dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype, nested=None):
     out = torch.empty(shape, dtype=dtype)
-    triton_backend.dequantize_4bit(packed, absmax, blocksize, quant_type, out, nested)
+    dequantize_into(triton_backend, packed, absmax, blocksize, quant_type, out, nested)
     if nested is not None:
         absmax = reference.dequantize_absmax(absmax, nested.absmax, nested.code, nested.offset,
                                              nested.blocksize)
@@ -115,9 +116,9 @@ def test_empty_tensor_launches_nothing(quant_type):
     codes, nested = triton_backend.quantize_blockwise(absmax, DYNAMIC_CODE, 256)
     assert codes.shape == (0,) and nested.shape == (0,)
     out = torch.empty(0, 5, dtype=torch.bfloat16)
-    triton_backend.dequantize_4bit(packed, absmax, 64, quant_type, out, None)
-    triton_backend.dequantize_4bit(packed, codes, 64, quant_type, out,
-                                   NestedAbsmax(nested, DYNAMIC_CODE, 0.0, 256))
+    dequantize_into(triton_backend, packed, absmax, 64, quant_type, out, None)
+    triton_backend.dequantize_4bit(PackedWeight(packed, codes, 64, quant_type, (0, 5),
+                                                NestedAbsmax(nested, DYNAMIC_CODE, 0.0, 256)), out)
 
 
 # -- dtypes and shapes -----------------------------------------------------------------
@@ -262,8 +263,8 @@ def test_non_power_of_two_blocksize_is_rejected():
         triton_backend.quantize_4bit(torch.randn(96), 48, "nf4")
     out = torch.empty(96)
     with pytest.raises(ValueError, match="blocksize"):
-        triton_backend.dequantize_4bit(torch.zeros(48, dtype=torch.uint8), torch.ones(2), 48,
-                                       "nf4", out, None)
+        triton_backend.dequantize_4bit(PackedWeight(torch.zeros(48, dtype=torch.uint8), torch.ones(2),
+                                                    48, "nf4", (96,), None), out)
 
 
 def test_tables_come_from_the_codebook():

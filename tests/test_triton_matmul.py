@@ -69,7 +69,7 @@ def make_weight(n, k, blocksize, nested, quant_type="nf4", seed=0):
         stored_absmax = absmax
     dense = reference.dequantize_4bit(packed, absmax, blocksize, quant_type, (n, k),
                                       torch.float32)
-    return PackedWeight(packed, stored_absmax, blocksize, quant_type, n, k, nested_absmax), dense
+    return PackedWeight(packed, stored_absmax, blocksize, quant_type, (n, k), nested_absmax), dense
 
 
 def make_inputs(m, n, k, r, dtype, bias, seed=1):

@@ -1,16 +1,14 @@
 """Backend selection: which implementation runs an op for a tensor on a device.
 
-Every backend module exposes the same functions, all taking tensors the caller has
-already validated (dtypes, shapes, contiguity; see `nf4lora.functional`):
+Every backend module exposes the same functions, all taking what nf4lora._ops has
+already checked (dtypes, sizes, devices, contiguity):
 
   quantize_4bit(A, blocksize, quant_type) -> (packed uint8 [ceil(n/2)], absmax f32 [blocks])
-  dequantize_4bit(packed, absmax, blocksize, quant_type, out, nested) -> None  (fills `out`)
+  dequantize_4bit(weight, out) -> None                                        (fills `out`)
   quantize_blockwise(A, code, blocksize) -> (codes uint8 [n], absmax f32 [blocks])
   dequantize_blockwise(codes, absmax, code, blocksize, out) -> None           (fills `out`)
 
-`nested` is a `NestedAbsmax` when `absmax` holds 8-bit codes of double quantization,
-otherwise None.
-
+`weight` is a `PackedWeight` (nf4lora/_weight.py), its nested offset already a float.
 The matmul ops are optional per backend; a backend without them gets the composite
 path of `nf4lora.backends.composite` (its own dequantize, then torch's matmul):
 
@@ -19,8 +17,9 @@ path of `nf4lora.backends.composite` (its own dequantize, then torch's matmul):
   lora_matmul_4bit_grad_input(grad, weight, lora_A, grad_h) -> dx [M, in]
       dx = grad @ W + grad_h @ lora_A, grad_h = scaling * grad @ lora_B (or None)
 
-with `weight` a `PackedWeight` and x / grad 2-D, contiguous, in the compute dtype. Each module also has `availability() -> str | None`: None when usable,
-otherwise the reason it is not (shown to the user who asked for it).
+with x / grad 2-D, contiguous, in the compute dtype (the spec: nf4lora.reference). Each
+module also has `availability() -> str | None`: None when usable, otherwise the reason
+it is not (shown to the user who asked for it).
 
 Choice, first match wins: `set_backend(name)`, then the NF4LORA_BACKEND environment
 variable, then the device's default ("cpu" for CPU tensors when the C++ extension is
@@ -32,33 +31,14 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
-from typing import NamedTuple
-
 import torch
+
+from .._weight import NestedAbsmax, PackedWeight  # noqa: F401  (the backends' argument types)
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 ENV_VAR = "NF4LORA_BACKEND"
 
 _override: str | None = None
-
-
-class NestedAbsmax(NamedTuple):
-    """The second level of double quantization: absmax[i] = code[q[i]] * absmax[i // blocksize] + offset."""
-    absmax: torch.Tensor
-    code: torch.Tensor
-    offset: float
-    blocksize: int
-
-
-class PackedWeight(NamedTuple):
-    """A 4-bit weight W [out_features, in_features] as the kernels read it."""
-    packed: torch.Tensor            # uint8, flat, >= ceil(out*in/2) bytes
-    absmax: torch.Tensor            # float32 [blocks], or uint8 codes when nested
-    blocksize: int
-    quant_type: str
-    out_features: int
-    in_features: int
-    nested: NestedAbsmax | None
 
 
 def _module(name: str):

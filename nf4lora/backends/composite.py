@@ -1,4 +1,5 @@
-"""The matmul ops for a backend without a fused kernel: dequantize W, then torch's matmul.
+"""The matmul ops for a backend without a fused kernel: dequantize W with the backend's
+kernel, then the spec's matmul (nf4lora.reference.lora_matmul_4bit: torch's GEMMs).
 
 This is also the right path for large M on every device: the dequantization (one pass
 over 0.52 bytes per weight) is amortized over M rows of GEMM, and torch's GEMM (oneDNN,
@@ -13,29 +14,24 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import PackedWeight
+from .. import reference
+from .._weight import PackedWeight
 
 
 def dense_weight(backend, weight: PackedWeight, dtype: torch.dtype) -> Tensor:
     out = torch.empty((weight.out_features, weight.in_features), dtype=dtype,
                       device=weight.packed.device)
-    backend.dequantize_4bit(weight.packed, weight.absmax, weight.blocksize, weight.quant_type,
-                            out, weight.nested)
+    backend.dequantize_4bit(weight, out)
     return out
 
 
 def lora_matmul_4bit(backend, x: Tensor, weight: PackedWeight, lora_A: Optional[Tensor],
                      lora_B: Optional[Tensor], scaling: float, bias: Optional[Tensor]):
-    y = torch.nn.functional.linear(x, dense_weight(backend, weight, x.dtype), bias)
-    if lora_A is None:
-        return y, x.new_empty((x.shape[0], 0))
-    h = torch.nn.functional.linear(x, lora_A)
-    # y + scaling * h @ B^T in one addmm: one rounding of the sum, as a fused kernel
-    # accumulating both products into the same output tile does.
-    return torch.addmm(y, h, lora_B.t(), alpha=scaling), h
+    W = dense_weight(backend, weight, x.dtype)
+    return reference.lora_matmul_4bit(x, W, lora_A, lora_B, scaling, bias)
 
 
 def lora_matmul_4bit_grad_input(backend, grad: Tensor, weight: PackedWeight,
                                 lora_A: Optional[Tensor], grad_h: Optional[Tensor]) -> Tensor:
-    dx = grad @ dense_weight(backend, weight, grad.dtype)
-    return dx if grad_h is None else torch.addmm(dx, grad_h, lora_A)
+    W = dense_weight(backend, weight, grad.dtype)
+    return reference.lora_matmul_4bit_grad_input(grad, W, lora_A, grad_h)

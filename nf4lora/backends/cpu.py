@@ -86,11 +86,12 @@ def _check_packed_weight(packed, absmax, nested, n: int, blocksize: int):
     return code
 
 
-def dequantize_4bit(packed, absmax, blocksize, quant_type, out, nested):
+def dequantize_4bit(weight, out):
     n = out.numel()
     _check_input(out, "out")
+    packed, absmax, blocksize, nested = weight.packed, weight.absmax, weight.blocksize, weight.nested
     code = _check_packed_weight(packed, absmax, nested, n, blocksize)
-    qt, out_dtype = _QUANT_TYPE_IDS[quant_type], _DTYPE_IDS[out.dtype]
+    qt, out_dtype = _QUANT_TYPE_IDS[weight.quant_type], _DTYPE_IDS[out.dtype]
     if nested is None:
         _C.dequantize_4bit(packed.data_ptr(), absmax.data_ptr(), n, blocksize, qt,
                            out.data_ptr(), out_dtype)
@@ -227,8 +228,9 @@ def _dequantize_rows(weight, n0: int, out: torch.Tensor) -> None:
     nested = weight.nested
     if nested is not None:
         nested = nested._replace(absmax=nested.absmax[block // nested.blocksize:])
-    dequantize_4bit(weight.packed[start // 2:], weight.absmax[block:], weight.blocksize,
-                    weight.quant_type, out, nested)
+    rows = weight._replace(packed=weight.packed[start // 2:], absmax=weight.absmax[block:],
+                           shape=tuple(out.shape), nested=nested)
+    dequantize_4bit(rows, out)
 
 
 def _dequantize_gemm(x, weight, lora_A, lora_B, scaling, bias):

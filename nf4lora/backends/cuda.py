@@ -93,13 +93,14 @@ def _nested_args(absmax, blocks, nested, device):
                   float(nested.offset), nested.blocksize)
 
 
-def dequantize_4bit(packed, absmax, blocksize, quant_type, out, nested):
+def dequantize_4bit(weight, out):
     n, device = out.numel(), out.device
+    packed, absmax, blocksize, nested = weight.packed, weight.absmax, weight.blocksize, weight.nested
     blocks = _blocks(n, blocksize)
     for t, name in ((packed, "packed"), (absmax, "absmax"), (out, "out")):
         _check_input(t, name, device)
     assert packed.dtype == torch.uint8 and packed.numel() >= (n + 1) // 2, "packed too small"
-    qt, out_dtype = _QUANT_TYPE_IDS[quant_type], _DTYPE_IDS[out.dtype]
+    qt, out_dtype = _QUANT_TYPE_IDS[weight.quant_type], _DTYPE_IDS[out.dtype]
     with _on_device(device):
         if nested is None:
             assert absmax.dtype == torch.float32 and absmax.numel() >= blocks, "absmax: f32 [blocks]"

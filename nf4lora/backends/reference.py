@@ -14,11 +14,13 @@ def quantize_4bit(A, blocksize, quant_type):
     return reference.quantize_4bit(A, blocksize, quant_type)
 
 
-def dequantize_4bit(packed, absmax, blocksize, quant_type, out, nested):
-    if nested is not None:
-        absmax = reference.dequantize_absmax(absmax, nested.absmax, nested.code,
-                                             nested.offset, nested.blocksize)
-    out.copy_(reference.dequantize_4bit(packed, absmax, blocksize, quant_type,
+def dequantize_4bit(weight, out):
+    absmax = weight.absmax
+    if weight.nested is not None:
+        nested = weight.nested
+        absmax = reference.dequantize_absmax(absmax, nested.absmax, nested.code, nested.offset,
+                                             nested.blocksize)
+    out.copy_(reference.dequantize_4bit(weight.packed, absmax, weight.blocksize, weight.quant_type,
                                         out.shape, out.dtype))
 
 

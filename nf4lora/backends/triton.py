@@ -108,24 +108,14 @@ def quantize_4bit(A, blocksize, quant_type):
     return packed, absmax
 
 
-def dequantize_4bit(packed, absmax, blocksize, quant_type, out, nested):
+def dequantize_4bit(weight, out):
     kernels = _kernels.dequantize_4bit
-    blocksize_log2 = _log2_of_power_of_two(blocksize, "blocksize")
-    packed = packed.reshape(-1).view(torch.uint8)
     n = out.numel()
     if n == 0:
         return
-    table = _table(quant_type, out.device)
-    if nested is None:
-        absmax = absmax.reshape(-1).float()
-        nested_code, nested_absmax, nested_offset, nested_log2 = table, table, 0.0, 0
-    else:
-        absmax = absmax.reshape(-1).view(torch.uint8)
-        nested_code = nested.code.float().contiguous()
-        nested_absmax = nested.absmax.reshape(-1).float()
-        nested_offset = float(nested.offset)
-        nested_log2 = _log2_of_power_of_two(nested.blocksize, "nested blocksize")
-    config = kernels.launch_config(nested is not None)
+    (packed, absmax, table, nested_code, nested_absmax, blocksize_log2, nested_log2,
+     nested_offset) = _weight_args(weight, out.device)
+    config = kernels.launch_config(weight.nested is not None)
     with _contiguous_output(out) as flat_out, _on(out.device):
         kernels.dequantize_4bit_kernel[kernels.grid(n, config)](
             packed, absmax, table, nested_code, nested_absmax, flat_out,
@@ -185,9 +175,10 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _packed_weight_args(weight, device: torch.device) -> tuple:
+def _weight_args(weight, device: torch.device) -> tuple:
     """The kernels' weight arguments: (packed, absmax, table, nested_code, nested_absmax,
-    row_bytes, num_blocks, blocksize_log2, nested_blocksize_log2, nested_offset)."""
+    blocksize_log2, nested_blocksize_log2, nested_offset). Without double quantization the
+    nested slots get the table (never read) and zeros."""
     table = _table(weight.quant_type, device)
     nested = weight.nested
     if nested is None:
@@ -199,10 +190,19 @@ def _packed_weight_args(weight, device: torch.device) -> tuple:
         nested_absmax = nested.absmax.reshape(-1).float()
         nested_offset = float(nested.offset)
         nested_log2 = _log2_of_power_of_two(nested.blocksize, "nested blocksize")
-    n, k = weight.out_features, weight.in_features
     return (weight.packed.reshape(-1).view(torch.uint8), absmax, table, nested_code,
-            nested_absmax, k // 2, num_blocks(n * k, weight.blocksize),
-            _log2_of_power_of_two(weight.blocksize, "blocksize"), nested_log2, nested_offset)
+            nested_absmax, _log2_of_power_of_two(weight.blocksize, "blocksize"), nested_log2,
+            nested_offset)
+
+
+def _matmul_weight_args(weight, device: torch.device) -> tuple:
+    """The matmul kernels' weight arguments: `_weight_args` with the row bytes and block
+    count after nested_absmax."""
+    (packed, absmax, table, nested_code, nested_absmax, blocksize_log2, nested_log2,
+     nested_offset) = _weight_args(weight, device)
+    n, k = weight.out_features, weight.in_features
+    return (packed, absmax, table, nested_code, nested_absmax, k // 2,
+            num_blocks(n * k, weight.blocksize), blocksize_log2, nested_log2, nested_offset)
 
 
 def _composite():
@@ -240,7 +240,7 @@ def lora_matmul_4bit(x, weight, lora_A, lora_B, scaling, bias, *, path=None, spl
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     h = torch.empty((m, r), dtype=x.dtype, device=x.device)
     (packed, absmax, table, nested_code, nested_absmax, row_bytes, blocks, blocksize_log2,
-     nested_log2, nested_offset) = _packed_weight_args(weight, x.device)
+     nested_log2, nested_offset) = _matmul_weight_args(weight, x.device)
     x_type = _TYPE_NAMES[x.dtype]
     nested = weight.nested is not None
     with _on(x.device):
@@ -293,7 +293,7 @@ def lora_matmul_4bit_grad_input(grad, weight, lora_A, grad_h, *, path=None):
     r = 0 if lora_A is None else lora_A.shape[0]
     dx = torch.empty((m, k), dtype=grad.dtype, device=grad.device)
     (packed, absmax, table, nested_code, nested_absmax, row_bytes, blocks, blocksize_log2,
-     nested_log2, nested_offset) = _packed_weight_args(weight, grad.device)
+     nested_log2, nested_offset) = _matmul_weight_args(weight, grad.device)
     config = backward.launch_config(_TYPE_NAMES[grad.dtype], weight.nested is not None,
                                     lora_A is not None)
     with _on(grad.device):

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional
+from .._weight import check_packed
 from ..autograd import matmul_4bit
 from ..quant_state import QuantState
 
@@ -45,7 +46,7 @@ def _check_packed(data: Tensor, state: QuantState, name: str = "weight") -> Tens
     """Packed data must hold exactly the codes of `state` (two per byte, padded to whole
     elements of its dtype); returns it as bitsandbytes' [k, 1] layout."""
     try:
-        functional.check_packed(data, state.shape, name)
+        check_packed(data, state.shape, name)
     except TypeError as error:      # a state dict entry of the wrong kind is a ValueError here
         raise ValueError(str(error)) from None
     if data.dim() > 2:

@@ -1,0 +1,236 @@
+"""A packed 4-bit tensor as every layer below `nn` sees it: built once, checked once.
+
+`PackedWeight` is the one representation of a quantized tensor (a weight [out, in] for the
+matmul ops, any shape for dequantize) from the autograd Functions down to a backend's
+kernel launch:
+
+    nn / functional       PackedWeight.from_state(packed, quant_state)   checks everything
+    autograd              passes it through
+    _ops (torch.library)  weight.op_args() -> schema arguments -> PackedWeight.from_op_args
+    backends              read its fields
+
+Both constructors run the same `_check`, and this module owns the error types of the
+checks every entry point makes (`check_float`, `check_quant_args`, `check_tensor`), so
+the same mistake raises the same error wherever it is made:
+
+    DtypeError (a TypeError and a ValueError)   a tensor of the wrong dtype
+    TypeError                                   not a tensor at all
+    ValueError                                  a wrong shape, size, device or setting
+
+DtypeError is both because torch and nf4lora's autograd call a wrong dtype a TypeError
+while bitsandbytes' functional API raises ValueError; drop-in code may catch either.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor
+
+from .codebook import QUANT_TYPES
+
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NESTED_BLOCKSIZE = 256     # double quantization: one float32 absmax2 per 256 absmax codes
+
+
+class DtypeError(TypeError, ValueError):
+    """A tensor of the wrong dtype."""
+
+
+# --- the checks every entry point shares -------------------------------------------------
+
+def check_tensor(name: str, t, dtype=None) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if dtype is not None and t.dtype != dtype:
+        raise DtypeError(f"{name} must be {dtype}, got {t.dtype}")
+
+
+def check_float(name: str, t) -> None:
+    check_tensor(name, t)
+    if t.dtype not in FLOAT_DTYPES:
+        raise DtypeError(f"{name} must be one of {FLOAT_DTYPES}, got {t.dtype}")
+
+
+def check_quant_args(blocksize, quant_type) -> None:
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+
+
+def check_sized(name: str, t, dtype: torch.dtype, numel: int, device) -> None:
+    """`t` is a tensor of `dtype` with `numel` elements on `device`."""
+    check_tensor(name, t, dtype)
+    if t.numel() != numel:
+        raise ValueError(f"{name} must have {numel} elements, got {t.numel()} "
+                         f"(shape {tuple(t.shape)})")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+
+
+def packed_bytes(n: int) -> int:
+    """Bytes holding n 4-bit codes: two per byte, an odd tail padded."""
+    return (n + 1) // 2
+
+
+def num_blocks(n: int, blocksize: int) -> int:
+    return (n + blocksize - 1) // blocksize
+
+
+def packed_numel(shape, storage: torch.dtype) -> int:
+    """Elements of `storage` holding the codes of `shape`: the packed bytes, the last
+    element zero-padded when they do not fill it (functional.quantize_4bit's layout)."""
+    return -(-packed_bytes(math.prod(shape)) // storage.itemsize)
+
+
+def check_packed(data, shape, name: str = "A") -> None:
+    """Packed codes of a tensor of `shape` fill exactly `packed_numel(shape, data.dtype)`
+    elements, in any layout ([k, 1], its transpose [1, k], or flat). Fewer would read past
+    the end; more means the state belongs to another tensor (bitsandbytes refuses it too)."""
+    check_tensor(name, data)
+    if data.is_complex() or data.dtype == torch.bool:
+        raise DtypeError(f"{name} must be an integer or float storage dtype, got {data.dtype}")
+    elements = packed_numel(shape, data.dtype)
+    if data.numel() != elements:
+        relation = "fewer" if data.numel() < elements else "more"
+        raise ValueError(f"{name} holds {data.numel()} elements of {data.dtype}, {relation} than the "
+                         f"{elements} that the {packed_bytes(math.prod(shape))} bytes of packed codes "
+                         f"of shape {list(shape)} fill (got shape {list(data.shape)})")
+
+
+# --- the descriptor ----------------------------------------------------------------------
+
+class NestedAbsmax(NamedTuple):
+    """Double quantization: absmax[i] = code[q[i]] * absmax2[i // blocksize] + offset."""
+    absmax: Tensor                  # float32 [ceil(blocks / blocksize)]
+    code: Tensor                    # float32 [256], the dynamic map
+    offset: Union[Tensor, float]    # a 0-d tensor until an op reads it (torch.compile never
+                                    # sees its value), a float from then on
+    blocksize: int
+
+
+class PackedWeight(NamedTuple):
+    """4-bit codes of a tensor of `shape` (a weight is [out_features, in_features])."""
+    packed: Tensor                  # uint8, flat, >= ceil(n/2) bytes
+    absmax: Tensor                  # float32 [blocks], or uint8 codes [blocks] when nested
+    blocksize: int
+    quant_type: str
+    shape: tuple
+    nested: Optional[NestedAbsmax]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @classmethod
+    def from_state(cls, packed: Tensor, quant_state, name: str = "weight") -> "PackedWeight":
+        """The packed codes `packed` (any storage dtype, [k, 1], [1, k] or flat) described by
+        `quant_state` (nf4lora's QuantState or bitsandbytes', duck-typed)."""
+        fields = ("absmax", "shape", "blocksize", "quant_type", "state2", "dtype")
+        if not all(hasattr(quant_state, f) for f in fields):
+            raise TypeError(f"quant_state must be a QuantState, got {type(quant_state).__name__}")
+        if quant_state.shape is None:
+            raise ValueError("quant_state.shape is None; a 4-bit state needs the original shape")
+        if quant_state.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"quant_state.dtype must be one of {FLOAT_DTYPES}, got {quant_state.dtype}")
+        # The table itself is not read (kernels decode by quant_type), only its size checked:
+        # comparing values would cost a device sync on every call.
+        code = getattr(quant_state, "code", None)
+        if code is not None and code.numel() != 16:
+            raise ValueError(f"quant_state.code must be the 16-entry {quant_state.quant_type} table, "
+                             f"got {code.numel()} entries (an 8-bit state's 256-entry map?)")
+        shape = tuple(int(d) for d in quant_state.shape)
+        check_packed(packed, shape, name)
+        flat = packed.detach().reshape(-1)
+        nested = None
+        if quant_state.state2 is not None:
+            state2 = quant_state.state2
+            if getattr(quant_state, "offset", None) is None:
+                raise ValueError("quant_state.offset is None, but a nested state (state2) needs "
+                                 "the offset its absmax was double-quantized around")
+            offset = quant_state.offset
+            if not isinstance(offset, Tensor):
+                offset = torch.tensor(float(offset), dtype=torch.float32)
+            nested = NestedAbsmax(state2.absmax, state2.code, offset, state2.blocksize)
+        weight = cls(flat if flat.dtype == torch.uint8 else flat.view(torch.uint8),
+                     quant_state.absmax, quant_state.blocksize, quant_state.quant_type, shape, nested)
+        weight._check()
+        return weight
+
+    def op_args(self) -> tuple:
+        """The weight as the torch.library schemas take it (see `from_op_args`)."""
+        nested = self.nested
+        if nested is None:
+            return (self.packed, self.absmax, self.blocksize, self.quant_type, list(self.shape),
+                    None, None, None, NESTED_BLOCKSIZE)
+        return (self.packed, self.absmax, self.blocksize, self.quant_type, list(self.shape),
+                nested.absmax, nested.code, torch.as_tensor(nested.offset, dtype=torch.float32),
+                nested.blocksize)
+
+    @classmethod
+    def from_op_args(cls, packed: Tensor, absmax: Tensor, blocksize: int, quant_type: str,
+                     shape: list, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
+                     nested_offset: Optional[Tensor], nested_blocksize: int) -> "PackedWeight":
+        """Rebuild (and check) what `op_args` flattened."""
+        if nested_absmax is None:
+            if nested_code is not None or nested_offset is not None:
+                raise ValueError("nested_code/nested_offset given without nested_absmax")
+            nested = None
+        else:
+            if nested_code is None or nested_offset is None:
+                raise ValueError("nested_absmax needs nested_code and nested_offset")
+            nested = NestedAbsmax(nested_absmax, nested_code, nested_offset, nested_blocksize)
+        check_tensor("packed weight", packed, torch.uint8)
+        weight = cls(packed.reshape(-1), absmax, blocksize, quant_type,
+                     tuple(int(d) for d in shape), nested)
+        weight._check()
+        return weight
+
+    def _check(self) -> None:
+        """Everything the kernels trust: sizes, dtypes, devices, settings. Metadata only
+        (no value is read), so torch.compile traces it without a graph break."""
+        check_quant_args(self.blocksize, self.quant_type)
+        if any(d < 0 for d in self.shape):
+            raise ValueError(f"shape must be non-negative, got {list(self.shape)}")
+        n, device = self.numel, self.packed.device
+        if self.packed.numel() < packed_bytes(n):
+            raise ValueError(f"packed weight holds {self.packed.numel()} bytes, fewer than the "
+                             f"{packed_bytes(n)} that shape {list(self.shape)} needs")
+        blocks = num_blocks(n, self.blocksize)
+        nested = self.nested
+        if nested is None:
+            check_sized("absmax", self.absmax, torch.float32, blocks, device)
+            return
+        if not isinstance(nested.blocksize, int) or nested.blocksize <= 0:
+            raise ValueError(f"nested_blocksize must be a positive int, got {nested.blocksize!r}")
+        check_sized("absmax (8-bit codes when nested)", self.absmax, torch.uint8, blocks, device)
+        check_sized("nested_absmax", nested.absmax, torch.float32,
+                    num_blocks(blocks, nested.blocksize), device)
+        check_sized("nested_code", nested.code, torch.float32, 256, device)
+        if isinstance(nested.offset, Tensor) and nested.offset.numel() != 1:
+            raise ValueError(f"nested_offset must hold one value, got shape {tuple(nested.offset.shape)}")
+
+    def with_offset_read(self) -> "PackedWeight":
+        """The same weight with the nested offset as a checked Python float: what the
+        kernels take. Reads a value (a device sync on GPU), so only ops call it."""
+        if self.nested is None or not isinstance(self.nested.offset, Tensor):
+            return self
+        offset = float(self.nested.offset)
+        if not math.isfinite(offset):
+            raise ValueError(f"nested_offset must be finite, got {offset}")
+        return self._replace(nested=self.nested._replace(offset=offset))
