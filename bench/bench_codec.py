@@ -391,8 +391,7 @@ def main(argv=None) -> dict:
         "notes": notes,
         "gpu_roofline": roofline,
     }
-    stamped, latest = harness.save_json(payload, args.out, "codec")
-    print(f"saved {stamped} and {latest.name}")
+    harness.save_json(payload, args.out, "codec")
     return payload
 
 

@@ -648,8 +648,9 @@ def run(args, preset: dict, found: Found, quantizer: Quantizer, notes: list[str]
         "notes": notes,
         "plot": plot.name if plot else None,
     }
-    stamped, latest = harness.save_json(payload, args.out, "matmul")
-    print(f"saved {stamped} and {latest.name}" + (f", {plot.name}" if plot else ""))
+    harness.save_json(payload, args.out, "matmul")
+    if plot:
+        print(f"saved the plot {plot}")
     return payload
 
 

@@ -177,8 +177,7 @@ def main(argv=None) -> dict:
     for note in notes:
         print("note:", note)
     payload = dict(metadata=harness.metadata(benchmark="memory"), rows=rows, notes=notes)
-    stamped, latest = harness.save_json(payload, args.out, "memory")
-    print(f"saved {stamped} and {latest.name}")
+    harness.save_json(payload, args.out, "memory")
     return payload
 
 

@@ -629,8 +629,7 @@ def _run(args, argv) -> dict:
         "target": target,
         "notes": notes,
     }
-    stamped, latest = harness.save_json(payload, args.out, "train")
-    print(f"saved {stamped} and {latest.name}")
+    harness.save_json(payload, args.out, "train")
     return payload
 
 

@@ -434,8 +434,8 @@ def format_table(rows: list[dict], columns: Sequence[tuple[str, str, str]]) -> s
 
 
 def save_json(payload: dict, out_dir: Path, name: str) -> tuple[Path, Path]:
-    """Write <name>-<timestamp>.json and <name>-latest.json into out_dir; returns their
-    absolute paths (what the scripts print: a relative default is easy to lose)."""
+    """Write <name>-<timestamp>.json and <name>-latest.json into out_dir, say where (as
+    absolute paths: a relative default is easy to lose) and return both paths."""
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(payload, indent=1, default=str) + "\n"
@@ -443,4 +443,5 @@ def save_json(payload: dict, out_dir: Path, name: str) -> tuple[Path, Path]:
     latest = out_dir / f"{name}-latest.json"
     stamped.write_text(text)
     latest.write_text(text)
+    print(f"saved {stamped} and {latest.name}")
     return stamped, latest

