@@ -260,6 +260,25 @@ def test_dora_is_refused_with_the_reason():
     get_peft_model(dense, LoraConfig(**config))      # the refusal is nf4lora's, not PEFT's
 
 
+@pytest.mark.parametrize("method", ["ia3", "adalora"])
+def test_dense_merges_refuse_and_leave_the_4bit_weights(method):
+    """IA3 and AdaLoRA merge by writing float deltas into the base weight's data, which on a
+    4-bit layer is packed bytes (IA3 on feedforward modules would broadcast them into a
+    [n/2, in] tensor without a word). nf4lora's model is flagged 4-bit, as transformers
+    flags bitsandbytes' models: PEFT refuses the IA3 merge, AdaLoRA's fails on the shape;
+    either way with an error, and the packed bytes are unchanged."""
+    nf4, _ = _models(torch.float32)
+    assert nf4.is_loaded_in_4bit
+    model = get_peft_model(nf4, CONFIGS[method]())
+    before = _packed(model)
+    with pytest.raises((ValueError, RuntimeError)):
+        model.merge_and_unload()
+    after = _packed(model)
+    assert before.keys() == after.keys()
+    for name in before:
+        assert all(torch.equal(a, b) for a, b in zip(before[name], after[name])), name
+
+
 # -- LoHa / LoKr specifics -------------------------------------------------------------------------
 
 def test_lycoris_registration_is_idempotent_and_leaves_dense_layers_to_peft():

@@ -105,6 +105,11 @@ def replace_linear(model: nn.Module, quant_type: str = "nf4",
         is_conv1d = conv1d is not None and isinstance(module, conv1d)
         _set_submodule(model, name, _to_linear4bit(module, is_conv1d, quant_type, compute_dtype,
                                                    compress_statistics, quant_storage))
+    if targets:
+        # Marked as transformers marks a bitsandbytes-loaded model: PEFT then refuses the
+        # merges that would multiply or add float deltas into the packed bytes (IA3's
+        # merge_and_unload would otherwise silently broadcast them into a [n/2, in] tensor).
+        model.is_loaded_in_4bit = True
     return model
 
 
