@@ -14,6 +14,9 @@ forward, which quantize it; the state dict has bitsandbytes' keys (`weight`,
 - A quantized weight ignores dtype casts (`model.half()`, `model.to(torch.bfloat16)`):
   its storage holds packed codes, which a numeric cast would destroy when quant_storage
   is a float dtype. The compute dtype is the layer's `compute_dtype`, not the storage's.
+
+The layer-generic part (quant-state restore, state dict save/load, copy/pickle) is
+`_Layer4bit`, shared with nn/embedding4bit.py's Embedding4bit.
 """
 from __future__ import annotations
 
@@ -250,13 +253,193 @@ class Params4bit(nn.Parameter):
         return f"Params4bit({kind}, data shape={list(self.shape)}, storage={self.dtype})"
 
 
-class Linear4bit(nn.Linear):
+class _Layer4bit:
+    """What every layer holding a Params4bit `weight` shares (Linear4bit, Embedding4bit):
+    restoring a quant state a wrapper dropped, bitsandbytes' state-dict format, all-or-nothing
+    loading, the dense view of the weight, and re-linking the weight after copy/pickle.
+
+    A layer class lists it before its torch base (`class Linear4bit(_Layer4bit, nn.Linear)`)
+    and sets `_kind` (its name in messages) and `_shape_names` (the attributes giving the
+    dense weight's shape, in order). A `bias` parameter is loaded too when the layer has one.
+    """
+
+    _kind = "Layer4bit"
+    _shape_names: tuple[str, ...] = ()
+
+    def _weight_shape(self) -> tuple[int, ...]:
+        return tuple(getattr(self, name) for name in self._shape_names)
+
+    def _fix_quant_state(self) -> None:
+        """FSDP (and other wrappers) can replace the weight by a plain Parameter and drop its
+        quant state; the module keeps a copy to restore it from (bitsandbytes does the same)."""
+        if getattr(self.weight, "quant_state", None) is not None:
+            return
+        if not isinstance(self.weight, Params4bit):
+            if self.quant_state is None:
+                raise RuntimeError(f"{self._kind} weight lost its quant state and the module has none")
+            self.weight = Params4bit(self.weight.data, quant_storage=self.quant_storage,
+                                     bnb_quantized=True, module=self)
+        if self.weight.bnb_quantized:
+            if self.quant_state is None:
+                raise RuntimeError(f"{self._kind} weight is marked quantized but has no quant state")
+            self.weight.quant_state = self.quant_state
+
+    def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """The weight as a dense tensor of its original shape (for merging, inspection, export)."""
+        if not self.weight.bnb_quantized:
+            return self.weight.data.to(dtype or self.weight.dtype)
+        state = self.weight.quant_state
+        out = torch.empty(tuple(state.shape), dtype=dtype or state.dtype, device=self.weight.device)
+        return functional.dequantize_4bit(self.weight.data.reshape(-1), state, out=out)
+
+    # -- state dict ----------------------------------------------------------------------
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)   # weight (and bias)
+        state = getattr(self.weight, "quant_state", None)
+        if state is None and not isinstance(self.weight, Params4bit):
+            # FSDP2 swaps the weight for a plain (DTensor) parameter without the quant
+            # state; the module's copy still describes the packed bytes (as in forward).
+            state = self.quant_state
+        if state is not None:
+            for key, value in state.as_dict(packed=True).items():
+                destination[prefix + "weight." + key] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """Load a 4-bit (nf4lora or bitsandbytes) or a dense (torch layer) state dict.
+
+        All or nothing per layer: everything is checked first, and on any error or any
+        missing/unexpected key under this layer's prefix nothing is assigned; the problems
+        go to load_state_dict, which raises (errors always, missing/unexpected keys with
+        strict=True) or returns them (strict=False). All or nothing even for strict=False
+        because torch always passes strict=True down to this method, so a layer cannot
+        tell a strict load, which must leave it untouched, from a lenient one.
+        A dense weight is quantized now if this layer is already quantized, else kept
+        until the first .to()/forward, as the torch layer's would be.
+        """
+        for hook in self._load_state_dict_pre_hooks.values():
+            hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+        bias = getattr(self, "bias", None)      # None without a bias, and for layers that have none
+        mine = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+        weight_entries = {k: v for k, v in mine.items() if k == "weight" or k.startswith("weight.")}
+        missing = [prefix + "weight"] if "weight" not in mine else []
+        if bias is not None and "bias" not in mine:
+            missing.append(prefix + "bias")
+        unexpected = [prefix + k for k in mine if k not in weight_entries
+                      and not (k == "bias" and bias is not None)]
+        missing_keys.extend(missing)
+        unexpected_keys.extend(unexpected)
+
+        errors = []
+        apply_weight = apply_bias = None
+        try:
+            apply_weight = self._plan_weight(weight_entries)
+        except (ValueError, TypeError, RuntimeError) as error:
+            errors.append(f"While loading {prefix}weight into {type(self).__name__}: {error}")
+        if bias is not None and "bias" in mine:
+            try:
+                apply_bias = self._plan_bias(mine["bias"])
+            except ValueError as error:
+                errors.append(f"While loading {prefix}bias into {type(self).__name__}: {error}")
+        error_msgs.extend(errors)
+        if errors or missing or unexpected:
+            return      # leave the layer exactly as it was
+        if apply_weight is not None:
+            apply_weight()
+        if apply_bias is not None:
+            apply_bias()
+
+    def _target_device(self, incoming: Tensor) -> torch.device:
+        # A layer built on meta (empty init) takes the checkpoint's device.
+        device = self.weight.device
+        return incoming.device if device.type == "meta" else device
+
+    def _plan_weight(self, entries: dict[str, Any]):
+        """Check the `weight` / `weight.*` entries; return a function assigning them (or None
+        when there is no weight to load)."""
+        shape = self._weight_shape()
+        weight = entries.get("weight")
+        stats = {k: v for k, v in entries.items() if k != "weight"}
+        if weight is None:
+            if stats:
+                raise ValueError(f"has quant-state entries {sorted(stats)} but no 'weight'")
+            return None
+        if not isinstance(weight, Tensor):
+            raise ValueError(f"expected a tensor, got {type(weight).__name__}")
+        param = self.weight
+        device = self._target_device(weight)
+
+        if stats:   # pre-quantized: packed codes + quant state
+            state = QuantState.from_dict(stats, device=device)
+            if tuple(state.shape) != shape:
+                raise ValueError(f"the quant state describes shape {list(state.shape)}, this layer "
+                                 f"is [{', '.join(self._shape_names)}] = {list(shape)}")
+            packed = _check_packed(weight, state).to(device, copy=True)
+
+            def apply():
+                param._set_quantized(packed, state)
+                param.blocksize = state.blocksize
+                param.compress_statistics = state.nested
+                param.quant_type = state.quant_type
+                param.quant_storage = packed.dtype
+                self.quant_storage = packed.dtype
+            return apply
+
+        if tuple(weight.shape) != shape or not weight.is_floating_point():
+            hint = (" (a packed 4-bit weight needs its 'weight.absmax', 'weight.quant_map' and "
+                    "'weight.quant_state.bitsandbytes__*' entries)" if weight.shape[-1:] == (1,) else "")
+            raise ValueError(f"expected a float weight of shape {list(shape)} or a packed 4-bit "
+                             f"weight with its quant state; got {weight.dtype} {list(weight.shape)}{hint}")
+        if param.bnb_quantized:
+            # Quantize now (before assigning anything, so a NaN leaves the layer untouched),
+            # in the original dtype the current state records.
+            packed, state = functional.quantize_4bit(
+                weight.detach().to(device=device, dtype=param.quant_state.dtype).contiguous(),
+                blocksize=param.blocksize, compress_statistics=param.compress_statistics,
+                quant_type=param.quant_type, quant_storage=param.quant_storage)
+            return lambda: param._set_quantized(packed, state)
+        dense = weight.detach().to(device=device, dtype=param.dtype, copy=True)
+
+        def apply_dense():
+            _set_data(param, dense)
+        return apply_dense
+
+    def _plan_bias(self, bias: Any):
+        shape = tuple(self.bias.shape)
+        if not isinstance(bias, Tensor) or tuple(bias.shape) != shape or not bias.is_floating_point():
+            got = f"{bias.dtype} {list(bias.shape)}" if isinstance(bias, Tensor) else type(bias).__name__
+            raise ValueError(f"expected a float tensor of shape {list(shape)}, got {got}")
+        value = bias.detach().to(device=self._target_device(bias), dtype=self.bias.dtype, copy=True)
+
+        def apply():
+            _set_data(self.bias, value)
+        return apply
+
+    # -- copy and pickle -------------------------------------------------------------------
+
+    def __setstate__(self, state):
+        # deepcopy and pickle both land here: point the weight back at this module
+        # (Params4bit does not pickle its module, and a deepcopy must not keep the original).
+        super().__setstate__(state)
+        weight = self._parameters.get("weight")
+        if isinstance(weight, Params4bit):
+            weight.module = self
+            if weight.quant_state is not None:
+                self.quant_state = weight.quant_state
+
+
+class Linear4bit(_Layer4bit, nn.Linear):
     """bitsandbytes' Linear4bit: y = x @ dequantize(W)^T + b, W stored in 4 bits.
 
     Quantizes on the first `.to(device)` / `.cuda()` / `.cpu()` or the first forward.
     compute_dtype: the dtype of the matmul; when None, the first forward sets it from an
     fp32/bf16 input (fp16 inputs keep None, i.e. run in fp16), as bitsandbytes does.
     """
+
+    _kind = "Linear4bit"
+    _shape_names = ("out_features", "in_features")
 
     def __init__(self, input_features: int, output_features: int, bias: bool = True,
                  compute_dtype: Optional[torch.dtype] = None, compress_statistics: bool = True,
@@ -276,21 +459,6 @@ class Linear4bit(nn.Linear):
                 f"compute_dtype={self.compute_dtype}, quantized={getattr(w, 'bnb_quantized', False)}")
 
     # -- forward -----------------------------------------------------------------------------
-
-    def _fix_quant_state(self) -> None:
-        """FSDP (and other wrappers) can replace the weight by a plain Parameter and drop its
-        quant state; the module keeps a copy to restore it from (bitsandbytes does the same)."""
-        if getattr(self.weight, "quant_state", None) is not None:
-            return
-        if not isinstance(self.weight, Params4bit):
-            if self.quant_state is None:
-                raise RuntimeError("Linear4bit weight lost its quant state and the module has none")
-            self.weight = Params4bit(self.weight.data, quant_storage=self.quant_storage,
-                                     bnb_quantized=True, module=self)
-        if self.weight.bnb_quantized:
-            if self.quant_state is None:
-                raise RuntimeError("Linear4bit weight is marked quantized but has no quant state")
-            self.weight.quant_state = self.quant_state
 
     def _set_compute_type(self, x: Tensor) -> None:
         if x.dtype in (torch.float32, torch.bfloat16):
@@ -326,150 +494,6 @@ class Linear4bit(nn.Linear):
         dtype = self.prepare(x)
         y = matmul_4bit(x.to(dtype), self.weight.t(), self.weight.quant_state, bias=self.bias)
         return y.to(x.dtype)
-
-    def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
-        """The weight as a dense [out, in] tensor (for merging, inspection, export)."""
-        if not self.weight.bnb_quantized:
-            return self.weight.data.to(dtype or self.weight.dtype)
-        state = self.weight.quant_state
-        out = torch.empty(tuple(state.shape), dtype=dtype or state.dtype, device=self.weight.device)
-        return functional.dequantize_4bit(self.weight.data.reshape(-1), state, out=out)
-
-    # -- state dict ----------------------------------------------------------------------
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)   # weight, bias
-        state = getattr(self.weight, "quant_state", None)
-        if state is None and not isinstance(self.weight, Params4bit):
-            # FSDP2 swaps the weight for a plain (DTensor) parameter without the quant
-            # state; the module's copy still describes the packed bytes (as in forward).
-            state = self.quant_state
-        if state is not None:
-            for key, value in state.as_dict(packed=True).items():
-                destination[prefix + "weight." + key] = value if keep_vars else value.detach()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        """Load a 4-bit (nf4lora or bitsandbytes) or a dense (nn.Linear) state dict.
-
-        All or nothing per layer: everything is checked first, and on any error or any
-        missing/unexpected key under this layer's prefix nothing is assigned; the problems
-        go to load_state_dict, which raises (errors always, missing/unexpected keys with
-        strict=True) or returns them (strict=False). All or nothing even for strict=False
-        because torch always passes strict=True down to this method, so a layer cannot
-        tell a strict load, which must leave it untouched, from a lenient one.
-        A dense weight is quantized now if this layer is already quantized, else kept
-        until the first .to()/forward, as an nn.Linear's would be.
-        """
-        for hook in self._load_state_dict_pre_hooks.values():
-            hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-
-        mine = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
-        weight_entries = {k: v for k, v in mine.items() if k == "weight" or k.startswith("weight.")}
-        missing = [prefix + "weight"] if "weight" not in mine else []
-        if self.bias is not None and "bias" not in mine:
-            missing.append(prefix + "bias")
-        unexpected = [prefix + k for k in mine if k not in weight_entries
-                      and not (k == "bias" and self.bias is not None)]
-        missing_keys.extend(missing)
-        unexpected_keys.extend(unexpected)
-
-        errors = []
-        apply_weight = apply_bias = None
-        try:
-            apply_weight = self._plan_weight(weight_entries)
-        except (ValueError, TypeError, RuntimeError) as error:
-            errors.append(f"While loading {prefix}weight into {type(self).__name__}: {error}")
-        if self.bias is not None and "bias" in mine:
-            try:
-                apply_bias = self._plan_bias(mine["bias"])
-            except ValueError as error:
-                errors.append(f"While loading {prefix}bias into {type(self).__name__}: {error}")
-        error_msgs.extend(errors)
-        if errors or missing or unexpected:
-            return      # leave the layer exactly as it was
-        if apply_weight is not None:
-            apply_weight()
-        if apply_bias is not None:
-            apply_bias()
-
-    def _target_device(self, incoming: Tensor) -> torch.device:
-        # A layer built on meta (empty init) takes the checkpoint's device.
-        device = self.weight.device
-        return incoming.device if device.type == "meta" else device
-
-    def _plan_weight(self, entries: dict[str, Any]):
-        """Check the `weight` / `weight.*` entries; return a function assigning them (or None
-        when there is no weight to load)."""
-        shape = (self.out_features, self.in_features)
-        weight = entries.get("weight")
-        stats = {k: v for k, v in entries.items() if k != "weight"}
-        if weight is None:
-            if stats:
-                raise ValueError(f"has quant-state entries {sorted(stats)} but no 'weight'")
-            return None
-        if not isinstance(weight, Tensor):
-            raise ValueError(f"expected a tensor, got {type(weight).__name__}")
-        param = self.weight
-        device = self._target_device(weight)
-
-        if stats:   # pre-quantized: packed codes + quant state
-            state = QuantState.from_dict(stats, device=device)
-            if tuple(state.shape) != shape:
-                raise ValueError(f"the quant state describes shape {list(state.shape)}, this layer "
-                                 f"is [out_features, in_features] = {list(shape)}")
-            packed = _check_packed(weight, state).to(device, copy=True)
-
-            def apply():
-                param._set_quantized(packed, state)
-                param.blocksize = state.blocksize
-                param.compress_statistics = state.nested
-                param.quant_type = state.quant_type
-                param.quant_storage = packed.dtype
-                self.quant_storage = packed.dtype
-            return apply
-
-        if tuple(weight.shape) != shape or not weight.is_floating_point():
-            hint = (" (a packed 4-bit weight needs its 'weight.absmax', 'weight.quant_map' and "
-                    "'weight.quant_state.bitsandbytes__*' entries)" if weight.shape[-1:] == (1,) else "")
-            raise ValueError(f"expected a float weight of shape {list(shape)} or a packed 4-bit "
-                             f"weight with its quant state; got {weight.dtype} {list(weight.shape)}{hint}")
-        if param.bnb_quantized:
-            # Quantize now (before assigning anything, so a NaN leaves the layer untouched),
-            # in the original dtype the current state records.
-            packed, state = functional.quantize_4bit(
-                weight.detach().to(device=device, dtype=param.quant_state.dtype).contiguous(),
-                blocksize=param.blocksize, compress_statistics=param.compress_statistics,
-                quant_type=param.quant_type, quant_storage=param.quant_storage)
-            return lambda: param._set_quantized(packed, state)
-        dense = weight.detach().to(device=device, dtype=param.dtype, copy=True)
-
-        def apply_dense():
-            _set_data(param, dense)
-        return apply_dense
-
-    def _plan_bias(self, bias: Any):
-        if not isinstance(bias, Tensor) or tuple(bias.shape) != (self.out_features,) \
-                or not bias.is_floating_point():
-            got = f"{bias.dtype} {list(bias.shape)}" if isinstance(bias, Tensor) else type(bias).__name__
-            raise ValueError(f"expected a float tensor of shape [{self.out_features}], got {got}")
-        value = bias.detach().to(device=self._target_device(bias), dtype=self.bias.dtype, copy=True)
-
-        def apply():
-            _set_data(self.bias, value)
-        return apply
-
-    # -- copy and pickle -------------------------------------------------------------------
-
-    def __setstate__(self, state):
-        # deepcopy and pickle both land here: point the weight back at this module
-        # (Params4bit does not pickle its module, and a deepcopy must not keep the original).
-        super().__setstate__(state)
-        weight = self._parameters.get("weight")
-        if isinstance(weight, Params4bit):
-            weight.module = self
-            if weight.quant_state is not None:
-                self.quant_state = weight.quant_state
 
 
 class LinearFP4(Linear4bit):
