@@ -1,6 +1,8 @@
 """Integrations with other libraries: transformers (replace_linear, add_lora, bitsandbytes-4bit
-checkpoints) and PEFT (`import nf4lora.integrations.peft`, not imported here: PEFT is an
-optional dependency and slow to import)."""
+checkpoints), transformers' quantizer plug-in (`nf4lora.integrations.hf_quantizer`:
+NF4LoraConfig, NF4LoraQuantizer; reached lazily through `nf4lora.NF4LoraConfig`) and PEFT
+(`import nf4lora.integrations.peft`). The last two are not imported here: they import
+transformers' quantizers / PEFT, optional and slow to import."""
 import contextlib
 import logging
 import warnings

@@ -119,6 +119,80 @@ def _checkpoint_keys(files: list[str]) -> dict[str, str]:
     return keys
 
 
+def _quantized_layers(keys) -> dict[str, str]:
+    """{layer name: quant type} of the layers a checkpoint stores in 4 bits (those with a
+    `<layer>.weight.quant_state.bitsandbytes__<type>` key)."""
+    return {key[:key.index(_PACKED_MARK)]: key.rsplit("__", 1)[1] for key in keys if _PACKED_MARK in key}
+
+
+def _check_quant_states(key_files: dict[str, str], quantized: dict[str, str],
+                        modules: dict[str, nn.Module]) -> None:
+    """Check each 4-bit layer's quant state against its module (nn.Linear / Conv1D / Linear4bit,
+    possibly on meta) before anything large is read: only the small `weight.*` entries are
+    read, the packed `weight` is judged from its safetensors header. ValueError names the
+    layer and the key (transformers' loader would otherwise only log a per-tensor error)."""
+    from safetensors import safe_open
+
+    conv1d = _conv1d_type()
+    handles: dict[str, Any] = {}
+    # transformers calls its quantizers inside `with torch.device("meta")`: these reads are real.
+    with torch.device("cpu"):
+        _check_each(key_files, quantized, modules, conv1d, handles, safe_open)
+
+
+def _check_each(key_files, quantized, modules, conv1d, handles, safe_open) -> None:
+    from ..nn.linear4bit import _check_packed
+    from ..quant_state import QuantState
+
+    try:
+        def handle(file):
+            if file not in handles:
+                handles[file] = safe_open(file, framework="pt")
+            return handles[file]
+
+        for name, quant_type in sorted(quantized.items()):
+            module = modules[name]
+            shape = tuple(module.weight.shape)
+            if conv1d is not None and isinstance(module, conv1d):    # Conv1D stores [in, out]
+                shape = shape[::-1]
+            elif isinstance(module, Linear4bit):
+                shape = (module.out_features, module.in_features)
+            missing = [f"{name}.{key}" for key in _REQUIRED_STATE if f"{name}.{key}" not in key_files]
+            nested = [f"{name}.{key}" for key in _NESTED_STATE if f"{name}.{key}" in key_files]
+            if missing:
+                raise ValueError(f"checkpoint layer {name!r} ({quant_type}) is missing {missing}")
+            if nested and len(nested) != len(_NESTED_STATE):
+                raise ValueError(f"checkpoint layer {name!r} has {nested} but not all of "
+                                 f"{[f'{name}.{k}' for k in _NESTED_STATE]}")
+            prefix = f"{name}.weight."
+            stats = {"weight." + key[len(prefix):]: handle(file).get_tensor(key)
+                     for key, file in key_files.items() if key.startswith(prefix)}
+            try:
+                state = QuantState.from_dict(stats, device="cpu")
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"checkpoint layer {name!r}: bad quant state ({prefix}*): {error}") from None
+            if tuple(state.shape) != shape:
+                raise ValueError(f"checkpoint layer {name!r}: {prefix}quant_state describes shape "
+                                 f"{list(state.shape)}, the model's layer is [out, in] = {list(shape)}")
+            header = handle(key_files[f"{name}.weight"]).get_slice(f"{name}.weight")
+            dtype = getattr(torch, _SAFETENSORS_DTYPES.get(header.get_dtype(), ""), None)
+            if dtype is None:
+                raise ValueError(f"checkpoint key {name}.weight: packed codes of dtype "
+                                 f"{header.get_dtype()!r} are not a 4-bit storage dtype")
+            try:
+                _check_packed(torch.empty(header.get_shape(), dtype=dtype, device="meta"), state,
+                              f"{name}.weight")
+            except ValueError as error:
+                raise ValueError(f"checkpoint key {name}.weight: {error}") from None
+    finally:
+        handles.clear()
+
+
+# safetensors' dtype names -> torch's (the storage dtypes a packed weight can have)
+_SAFETENSORS_DTYPES = {"U8": "uint8", "I8": "int8", "F16": "float16", "BF16": "bfloat16",
+                       "F32": "float32", "F64": "float64", "I16": "int16", "I32": "int32", "I64": "int64"}
+
+
 # -- building the model --------------------------------------------------------------------------
 
 def _empty_model(directory: str, model_cls, trust_remote_code: bool) -> nn.Module:
@@ -190,8 +264,7 @@ def load_pretrained_4bit(path: Union[str, os.PathLike], model_cls=None, *,
     settings = _quantization_settings(directory)
     files = _weight_files(directory)
     key_files = _checkpoint_keys(files)
-    quantized = {key[:key.index(_PACKED_MARK)]: key.rsplit("__", 1)[1]
-                 for key in key_files if _PACKED_MARK in key}
+    quantized = _quantized_layers(key_files)
     if not quantized:
         raise ValueError(f"{directory!r}: config.json says bitsandbytes 4-bit but no tensor has a "
                          f"'*{_PACKED_MARK}nf4|fp4' quant state: not a pre-quantized checkpoint")
