@@ -1,6 +1,7 @@
 """Benchmark NF4 quantize and dequantize (bf16 weights, double quantization, blocksize 64).
 
     python -m bench.bench_codec [--quick] [--providers NAME ...] [--threads N] [--out DIR] [--warm]
+                                [--device cpu|cuda] [--plan]
 
 Providers, all on CPU tensors in one run (perf.md):
   nf4lora[<backend>]  nf4lora.functional, once per backend usable on CPU ("cpu", "reference")
@@ -8,6 +9,10 @@ Providers, all on CPU tensors in one run (perf.md):
   torchao             torchao's NF4Tensor: to_nf4 / get_original_weight
   copy-bf16           dequantize only: a dense bf16 clone of the output size, the practical
                       ceiling for an op that writes a fresh bf16 tensor
+
+--device cuda (scripts/gpu_check.sh): the same ops on CUDA tensors, providers nf4lora[cuda],
+nf4lora[triton], bitsandbytes (its CUDA kernels) and copy-bf16, timed as the "GPU mode"
+section below says. --plan prints what a run would time and exits (the dry run's check).
 
 Bytes an op must move, per weight of n elements with b = n / 64 blocks
 (4096 x 4096: 42.2 MB for dequantize, 42.2 MB for quantize, 1.4 ms at 30 GB/s):
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import gc
 import math
 import os
 import sys
@@ -68,8 +74,9 @@ def quantized_bytes(n: int) -> int:
 
 
 class CachedWeight:
-    """The random bf16 weight of `self.shape` and what is derived from it, each made once.
-    For dataclasses with the fields shape, quantizer (a Quantizer) and _cache (a dict)."""
+    """The random bf16 weight of `self.shape` and what is derived from it, each made once,
+    on `self.device`. For dataclasses with the fields shape, quantizer (a Quantizer),
+    _cache (a dict) and device ("cpu" or "cuda")."""
 
     @property
     def numel(self) -> int:
@@ -81,11 +88,22 @@ class CachedWeight:
         return self._cache[key]
 
     def weight(self) -> torch.Tensor:
-        return self.cached("weight", lambda: random_weight(self.shape))
+        return self.cached("weight", lambda: random_weight(self.shape).to(self.device))
+
+    def quantized_cpu(self):
+        """(packed uint8 [n/2, 1], nf4lora QuantState) of weight() on the CPU, from the
+        fastest CPU quantizer."""
+        return self.cached("quantized_cpu", lambda: self.quantizer.quantize(self.weight().cpu()))
 
     def quantized(self):
-        """(packed uint8 [n/2, 1], nf4lora QuantState) of weight(), from the fastest quantizer."""
-        return self.cached("quantized", lambda: self.quantizer.quantize(self.weight()))
+        """quantized_cpu() on self.device: every provider reads the same bytes."""
+        def make():
+            packed, state = self.quantized_cpu()
+            if self.device == "cpu":
+                return packed, state
+            return packed.to(self.device), type(state).from_dict(state.as_dict(packed=True),
+                                                                 torch.device(self.device))
+        return self.cached("quantized", make)
 
 
 @dataclass
@@ -95,6 +113,7 @@ class Case(CachedWeight):
     shape: tuple[int, int]
     quantizer: "Quantizer"
     _cache: dict = field(default_factory=dict, repr=False)
+    device: str = "cpu"
 
     @property
     def labels(self) -> dict:
@@ -152,7 +171,8 @@ class Quantizer:
 
 # --- providers -----------------------------------------------------------------------
 
-def nf4lora_provider(op: str, backend: str, into_out: bool = False) -> Provider:
+def nf4lora_provider(op: str, backend: str, into_out: bool = False,
+                     device: str = "cpu") -> Provider:
     """into_out: dequantize into a preallocated tensor (`out=`, what a reused weight
     buffer does), which leaves out the page faults of a fresh 33 MB output: on this VM
     those cost more than the kernel itself."""
@@ -162,7 +182,8 @@ def nf4lora_provider(op: str, backend: str, into_out: bool = False) -> Provider:
         if op == "dequantize":
             packed, state = case.quantized()
             return [functools.partial(F.dequantize_4bit, p, copy.deepcopy(state),
-                                      out=torch.empty(case.shape, dtype=DTYPE) if into_out else None)
+                                      out=torch.empty(case.shape, dtype=DTYPE, device=case.device)
+                                      if into_out else None)
                     for p in clones(packed, n)]
         return [functools.partial(F.quantize_4bit, w, blocksize=BLOCKSIZE, compress_statistics=True,
                                   quant_type=QUANT_TYPE) for w in clones(case.weight(), n)]
@@ -172,7 +193,7 @@ def nf4lora_provider(op: str, backend: str, into_out: bool = False) -> Provider:
                     context=functools.partial(harness.using_backend, backend),
                     # the reference is the oracle; every other backend must match it
                     check=None if backend == "reference" else
-                    functools.partial(check_against_reference, op, backend))
+                    functools.partial(check_against_reference, op, backend, device))
 
 
 def bitsandbytes_provider(op: str, bnb) -> Provider:
@@ -223,10 +244,11 @@ def import_torchao_nf4():
     return None, None, None
 
 
-def build_providers(op: str, backends: list[str], bnb, torchao_nf4) -> list[Provider]:
-    providers = [nf4lora_provider(op, backend) for backend in backends]
+def build_providers(op: str, backends: list[str], bnb, torchao_nf4,
+                    device: str = "cpu") -> list[Provider]:
+    providers = [nf4lora_provider(op, backend, device=device) for backend in backends]
     if op == "dequantize":
-        providers += [nf4lora_provider(op, backend, into_out=True)
+        providers += [nf4lora_provider(op, backend, into_out=True, device=device)
                       for backend in backends if backend != "reference"]
     if bnb is not None:
         providers.append(bitsandbytes_provider(op, bnb))
@@ -239,9 +261,9 @@ def build_providers(op: str, backends: list[str], bnb, torchao_nf4) -> list[Prov
 
 # --- correctness guard ---------------------------------------------------------------
 
-def check_against_reference(op: str, backend: str) -> Optional[str]:
-    """None if nf4lora `backend` matches the reference bit for bit on one small layer,
-    else what differs."""
+def check_against_reference(op: str, backend: str, device: str = "cpu") -> Optional[str]:
+    """None if nf4lora `backend` on `device` matches the reference (on the CPU) bit for
+    bit on one small layer, else what differs."""
     from nf4lora import functional as F
     weight = random_weight(GUARD_SHAPE, seed=1)
     args = dict(blocksize=BLOCKSIZE, compress_statistics=True, quant_type=QUANT_TYPE)
@@ -250,10 +272,14 @@ def check_against_reference(op: str, backend: str) -> Optional[str]:
         ref_dequantized = F.dequantize_4bit(ref_packed, ref_state)
     with harness.using_backend(backend):
         if op == "dequantize":
-            dequantized = F.dequantize_4bit(ref_packed, ref_state)
+            state = F.QuantState.from_dict(ref_state.as_dict(packed=True), torch.device(device))
+            dequantized = F.dequantize_4bit(ref_packed.to(device), state).cpu()
             bad = int((dequantized != ref_dequantized).sum())
             return f"dequantize_4bit differs in {bad} of {weight.numel()} elements" if bad else None
-        packed, state = F.quantize_4bit(weight, **args)
+        packed, state = F.quantize_4bit(weight.to(device), **args)
+    if device != "cpu":
+        packed, state = packed.cpu(), F.QuantState.from_dict(state.as_dict(packed=True),
+                                                              torch.device("cpu"))
     pairs = {"packed codes": (packed, ref_packed), "qabsmax": (state.absmax, ref_state.absmax),
              "absmax2": (state.state2.absmax, ref_state.state2.absmax),
              "offset": (state.offset, ref_state.offset)}
@@ -277,6 +303,189 @@ def bitsandbytes_path(import_messages: list[str]) -> dict:
             # bitsandbytes fetches a faster CPU gemm from the hub only with AVX512-BF16.
             "hub_kernel": "attempted" if has_avx512bf16() else "not attempted (no avx512_bf16)",
             "import_messages": import_messages}
+
+
+# --- GPU mode (--device cuda) ----------------------------------------------------------
+# The ops on CUDA tensors, for scripts/gpu_check.sh (bench_matmul uses the same helpers).
+# Each provider is timed two ways over a rotation of layers whose footprint is 256 MiB,
+# 4-5x the 50-60 MB L2 of an H100/H200, so every call reads its weight from HBM:
+#   median_ms  CUDA events around each call, calls back to back after one warm-up pass
+#              (Triton's JIT, cuBLAS heuristics, the caching allocator): the time a call
+#              takes in an eager loop, what the CPU adds between launches included;
+#   kernel_ms  the GPU's busy time per call, the durations of the kernels and copies the
+#              calls launched (torch.profiler, CUDA activity only): the basis of GB/s and
+#              of the share of the probed bandwidth (% read BW) and of the card's nominal
+#              bandwidth (% HBM). At M = 1 the two differ by Python and launch overhead.
+
+GPU_DEVICE = "cuda"
+GPU_COLD_FOOTPRINT = 256 * harness.MIB
+GPU_PROBE_BYTES = 2 * harness.GIB
+GPU_REPS = 3
+# Nominal HBM bandwidth (spec sheets), first substring of the device name that matches.
+NOMINAL_HBM_BYTES_S = (("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12),
+                       ("H200", 4.8e12), ("A100", 2.039e12))
+GPU_PROVIDERS = ("nf4lora[cuda]", "nf4lora[triton]", BASELINE, "copy-bf16")
+
+
+def nominal_hbm_gbs(name: str) -> Optional[float]:
+    return next((bw / 1e9 for key, bw in NOMINAL_HBM_BYTES_S if key in name), None)
+
+
+def gpu_time_calls(calls, reps: int) -> list[float]:
+    """Seconds per call from CUDA events, after one warm-up call of each callable."""
+    for call in calls:
+        call()
+    torch.cuda.synchronize()
+    events = []
+    for _ in range(reps):
+        for call in calls:
+            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            start.record()
+            result = call()
+            end.record()
+            events.append((start, end))
+            del result
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) * 1e-3 for start, end in events]
+
+
+def gpu_kernel_seconds(calls) -> Optional[float]:
+    """Mean GPU busy time per call: the summed durations of the kernels and copies one
+    pass over `calls` launches (torch.profiler, CUDA activity); None if it cannot say."""
+    try:
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for call in calls:
+                call()
+            torch.cuda.synchronize()
+        total_us = sum(event.time_range.elapsed_us() for event in prof.events()
+                       if event.device_type == DeviceType.CUDA)
+    except Exception:   # no CUPTI, or a profiler API this torch does not have
+        return None
+    return total_us * 1e-6 / len(calls) if total_us > 0 else None
+
+
+def probe_gpu_bandwidth(nbytes: int = GPU_PROBE_BYTES, reps: int = 10) -> dict:
+    """HBM read and copy bandwidth of the current GPU, in GB/s, over buffers far larger
+    than its L2 (harness.probe_bandwidth's GPU twin); plus the card's name, SMs, L2 and
+    nominal bandwidth."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=GPU_DEVICE)
+    dst = torch.empty_like(src)
+    read_s = harness.quantiles_ms(gpu_time_calls([src.sum], reps))["median_ms"] * 1e-3
+    copy_s = harness.quantiles_ms(gpu_time_calls([functools.partial(dst.copy_, src)],
+                                                 reps))["median_ms"] * 1e-3
+    del src, dst
+    torch.cuda.empty_cache()
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return {"bytes": nbytes, "reps": reps, "threads": torch.get_num_threads(),
+            "device": props.name, "capability": f"{props.major}.{props.minor}",
+            "sms": props.multi_processor_count, "l2_bytes": getattr(props, "L2_cache_size", None),
+            "read_gbs": nbytes / read_s / 1e9, "copy_gbs": 2 * nbytes / copy_s / 1e9,
+            "nominal_gbs": nominal_hbm_gbs(props.name),
+            "read_op": "float32 tensor.sum() on the GPU",
+            "copy_op": "dst.copy_(src) on the GPU, read + write counted"}
+
+
+def measure_gpu(provider: Provider, case, *, footprint: int = GPU_COLD_FOOTPRINT,
+                max_reps: Optional[int] = None) -> list[dict]:
+    """harness.measure's row for one provider on CUDA tensors (see the section comment)."""
+    nbytes = provider.bytes_moved(case)
+    reps = min(provider.reps, max_reps) if max_reps else provider.reps
+    with provider.context():
+        calls = provider.setup(case, harness.layers_for(nbytes, footprint, provider.max_layers))
+        times = gpu_time_calls(calls, reps)
+        kernel_s = gpu_kernel_seconds(calls)
+    row = {**case.labels, "provider": provider.name, "mode": "cold", "layers": len(calls),
+           "footprint_bytes": nbytes * len(calls), "bytes": nbytes, **harness.quantiles_ms(times),
+           "kernel_ms": None if kernel_s is None else kernel_s * 1e3}
+    del calls
+    gc.collect()
+    torch.cuda.empty_cache()
+    return [row]
+
+
+def measure_all_gpu(providers, cases, **options) -> tuple[list[dict], list[str]]:
+    """harness.measure_all on CUDA tensors: a provider that raises is noted, not fatal."""
+    rows, notes = [], []
+    for case in cases:
+        for provider in providers:
+            try:
+                rows += measure_gpu(provider, case, **options)
+            except Exception as error:
+                notes.append(f"{provider.name} on {case.labels}: failed, "
+                             f"{type(error).__name__}: {error}")
+                gc.collect()
+    return rows, notes
+
+
+def add_gpu_rates(rows: list[dict], bandwidth: dict) -> None:
+    """GB/s from the kernel time (the event time where the profiler gave none), and its
+    share of the probed read and copy bandwidth and of the nominal HBM bandwidth."""
+    for row in rows:
+        seconds = (row.get("kernel_ms") or row["median_ms"]) * 1e-3
+        gbs = row["bytes"] / seconds / 1e9
+        row["gbs"] = gbs
+        row["pct_read_bw"] = 100 * gbs / bandwidth["read_gbs"]
+        row["pct_copy_bw"] = 100 * gbs / bandwidth["copy_gbs"]
+        row["pct_nominal_bw"] = (100 * gbs / bandwidth["nominal_gbs"]
+                                 if bandwidth.get("nominal_gbs") else None)
+
+
+def print_gpu_bandwidth(bandwidth: dict) -> None:
+    nominal = bandwidth.get("nominal_gbs")
+    print(f"{bandwidth['device']} (sm_{bandwidth['capability'].replace('.', '')}, "
+          f"{bandwidth['sms']} SMs): read {bandwidth['read_gbs']:.0f} GB/s, copy "
+          f"{bandwidth['copy_gbs']:.0f} GB/s"
+          + (f", nominal {nominal:.0f} GB/s" if nominal else ""), flush=True)
+
+
+def nf4lora_gpu_backends() -> tuple[list[str], list[str]]:
+    """(nf4lora backends that run on CUDA tensors here, notes on the others)."""
+    if not torch.cuda.is_available():
+        return [], ["nf4lora[cuda], nf4lora[triton]: skipped, no CUDA device"]
+    from nf4lora import backends
+    from nf4lora.backends import triton as triton_backend
+    usable, notes = [], []
+    for name in ("cuda", "triton"):
+        why = backends.availability(name)
+        if why is None and name == "triton" and triton_backend.INTERPRETING:
+            why = "TRITON_INTERPRET=1: the interpreter, not the GPU"
+        if why is None:
+            usable.append(name)
+        else:
+            notes.append(f"nf4lora[{name}]: skipped, {why}")
+    return usable, notes
+
+
+def check_gpu_providers(parser, args, known) -> None:
+    """--device cuda: every --providers name must be one of `known` (a typo would
+    otherwise time nothing, silently)."""
+    unknown = [name for name in args.providers or () if not harness.select(
+        [Provider(k, None, None) for k in known], [name])]
+    if unknown:
+        parser.error(f"--device cuda: unknown provider(s) {unknown}; choose from {list(known)}")
+
+
+def add_gpu_speedups(rows: list[dict], baseline: str, group_keys) -> None:
+    """harness.add_speedups on the GPU time (kernel_ms, else median_ms)."""
+    def ms(row):
+        return row.get("kernel_ms") or row["median_ms"]
+    base = {tuple(str(r[k]) for k in group_keys): ms(r) for r in rows if r["provider"] == baseline}
+    for row in rows:
+        baseline_ms = base.get(tuple(str(row[k]) for k in group_keys))
+        row["x_vs_" + baseline] = baseline_ms / ms(row) if baseline_ms else None
+
+
+def print_plan(device: str, ops, shapes, provider_names, notes, extra: str = "") -> dict:
+    """--plan: what a run would time, without timing (scripts/gpu_check.sh --dry-run)."""
+    print(f"plan: device={device} ops={' '.join(ops)} shapes="
+          f"{' '.join(f'{o}x{i}' for o, i in shapes)}{extra}")
+    print(f"plan: providers {', '.join(provider_names) or '(none)'}")
+    for note in notes:
+        print("plan: note:", note)
+    return {"plan": True, "device": device, "ops": list(ops), "providers": list(provider_names),
+            "notes": notes}
 
 
 # --- main ----------------------------------------------------------------------------
@@ -321,11 +530,83 @@ def parse_args(argv):
     parser.add_argument("--threads", type=int, help="torch threads and OMP_NUM_THREADS")
     parser.add_argument("--warm", action="store_true", help="also time one layer looped (warm rows)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON directory (default ./{DEFAULT_OUT})")
-    return parser.parse_args(argv)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help=f"cuda: the GPU rows ({', '.join(GPU_PROVIDERS)})")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the providers and shapes a run would time, then exit")
+    args = parser.parse_args(argv)
+    if args.device == "cuda":
+        check_gpu_providers(parser, args, GPU_PROVIDERS)
+    return args
+
+
+GPU_COLUMNS = [("op", "op", ""), ("shape", "shape", ""), ("provider", "provider", ""),
+               ("layers", "layers", "d"), ("median ms", "median_ms", ".4f"),
+               ("kernel ms", "kernel_ms", ".4f"), ("GB/s", "gbs", ".0f"),
+               ("% read BW", "pct_read_bw", ".1f"), ("% HBM", "pct_nominal_bw", ".1f"),
+               (f"x vs {BASELINE}", f"x_vs_{BASELINE}", ".2f")]
+
+
+def main_gpu(args, argv) -> dict:
+    """--device cuda: main's steps on CUDA tensors (see "GPU mode")."""
+    shapes = QUICK["shapes"] if args.quick else SHAPES
+    if args.plan:   # every GPU provider, available here or not: nothing touches a GPU
+        backends, notes = ["cuda", "triton"], nf4lora_gpu_backends()[1]
+        bnb = "not imported by --plan"   # builds the provider; only its setup would use it
+    else:
+        backends, notes = nf4lora_gpu_backends()
+        bnb, bnb_messages = None, []
+        if not args.providers or BASELINE in args.providers:
+            bnb, why, bnb_messages = harness.import_optional("bitsandbytes.functional")
+            if bnb is None:
+                notes.append(f"{BASELINE}: skipped, {why}")
+    providers = {op: harness.select(build_providers(op, backends, bnb, (None, None, None),
+                                                    device=GPU_DEVICE), args.providers)
+                 for op in args.ops}
+    if args.plan:
+        names = list(dict.fromkeys(p.name for op in args.ops for p in providers[op]))
+        return print_plan("cuda", args.ops, shapes, names, notes)
+    quantizer = Quantizer(harness.nf4lora_cpu_backends()[0], None)
+    print("probing GPU memory bandwidth ...", flush=True)
+    bandwidth = probe_gpu_bandwidth()
+    print_gpu_bandwidth(bandwidth)
+    rows = []
+    for op in args.ops:
+        checked, failed = harness.run_checks(providers[op])
+        notes += [f"{op}: {note}" for note in failed]
+        for shape in shapes:
+            print(f"{op} {shape[0]}x{shape[1]}: {', '.join(p.name for p in checked)}", flush=True)
+            case_rows, case_notes = measure_all_gpu(checked, [Case(op, shape, quantizer,
+                                                                   device=GPU_DEVICE)])
+            rows += case_rows
+            notes += case_notes
+    add_gpu_rates(rows, bandwidth)
+    add_gpu_speedups(rows, BASELINE, ["op", "shape"])
+    print()
+    print(harness.format_table(rows, GPU_COLUMNS))
+    for note in notes:
+        print("note:", note)
+    payload = {
+        "benchmark": "codec", "device": "cuda",
+        "metadata": harness.metadata(
+            gpu=bandwidth, dequantize_inputs_from=quantizer.name,
+            bitsandbytes_cuda=None if bnb is None else str(getattr(bnb, "__file__", ""))),
+        "config": {"quick": args.quick, "providers": args.providers, "ops": args.ops,
+                   "shapes": [list(s) for s in shapes], "footprint_bytes": GPU_COLD_FOOTPRINT,
+                   "reps": GPU_REPS, "argv": sys.argv[1:] if argv is None else list(argv)},
+        "bandwidth": bandwidth, "rows": rows, "notes": notes,
+    }
+    harness.save_json(payload, args.out, "codec-gpu")
+    return payload
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.device == "cuda":
+        return main_gpu(args, argv)
+    if args.plan:
+        return print_plan("cpu", args.ops, QUICK["shapes"] if args.quick else SHAPES,
+                          args.providers or [], [])
     if args.threads:
         # torch's pool takes set_num_threads; other OpenMP runtimes (bitsandbytes links the
         # system libgomp) read OMP_NUM_THREADS when they first start threads.

@@ -2,7 +2,7 @@
 
     python -m bench.bench_matmul [--quick] [--providers NAME ...] [--ops OP ...]
                                  [--shapes OUTxIN ...] [--tokens M ...] [--threads N]
-                                 [--warm] [--out DIR]
+                                 [--warm] [--out DIR] [--device cpu|cuda] [--plan]
 
 Ops, on Llama-7B projections (out, in) = (4096, 4096), (11008, 4096), (4096, 11008), bf16
 activations x [M, in], NF4 with double quantization, blocksize 64 (perf.md):
@@ -28,6 +28,12 @@ Bytes one call must move (the basis of GB/s and "% read BW"), with n = out * in:
   train: the weight twice (forward, and backward for dx), x, y, dy and dx, the adapter
   read twice (forward, backward)
 FLOPs: 2 M n per matmul, + 2 M r (in + out) for the adapter; train: 4 M n + 6 M r (in + out).
+
+--device cuda (scripts/gpu_check.sh): the same ops on CUDA tensors, train at every M (the
+backward at decode and prefill sizes), providers nf4lora[cuda], nf4lora[triton],
+nf4lora[triton] no-split-k (split-K off: what fused_splits buys), bitsandbytes (its CUDA
+kernels) and dense-bf16; timing, GB/s and shares of the bandwidth as bench_codec's "GPU
+mode" says. --plan prints what a run would time and exits (the dry run's check).
 """
 from __future__ import annotations
 
@@ -45,8 +51,10 @@ import torch
 import torch.nn.functional as F
 
 from . import harness
-from .bench_codec import (NESTED_BLOCKSIZE, CachedWeight, Quantizer, bitsandbytes_path,
-                          quantized_bytes)
+from .bench_codec import (GPU_DEVICE, GPU_REPS, NESTED_BLOCKSIZE, CachedWeight, Quantizer, add_gpu_rates,
+                          add_gpu_speedups, bitsandbytes_path, check_gpu_providers,
+                          measure_all_gpu, nf4lora_gpu_backends, print_gpu_bandwidth,
+                          print_plan, probe_gpu_bandwidth, quantized_bytes)
 from .harness import Provider
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]   # q/k/v/o, up/gate, down projections
@@ -64,6 +72,10 @@ QUICK_TRAIN_TOKENS = 64
 # The correctness guard: a partial last block and rows that straddle blocks, then an
 # aligned shape like the ones timed (a fused kernel may take a different path on each).
 GUARD_SHAPES = [(160, 330), (128, 512)]
+# On a GPU also shapes whose fused launches split their reduction (4 tiles of 64 steps on
+# 100+ SMs: nf4lora.backends.triton.fused_splits picks 8), the forward's in 256x4096, the
+# backward's in 4096x256, so split-K cannot post a number unchecked.
+GPU_GUARD_SHAPES = GUARD_SHAPES + [(256, 4096), (4096, 256)]
 OPS = ("matmul", "lora", "train")
 RANK = 16
 SCALING = 2.0                     # lora_alpha 32 / r 16, the usual QLoRA setting
@@ -103,7 +115,10 @@ TORCHAO_MAX_TOKENS = 64
 
 
 def schedule(case: "Case", slow: bool) -> dict:
-    """reps and max_layers of one provider on one case (see the numbers above)."""
+    """reps and max_layers of one provider on one case (see the numbers above); on a GPU
+    every call is milliseconds at most: the full rotation, GPU_REPS passes."""
+    if case.weights.device != "cpu":
+        return dict(reps=GPU_REPS)
     if case.op == "train":
         return dict(reps=1, max_layers=1, warmup_is_sample_after_s=TRAIN_WARMUP_IS_SAMPLE_S)
     if slow or case.tokens >= 512:
@@ -122,15 +137,16 @@ class Weights(CachedWeight):
     shape: tuple[int, int]
     quantizer: Optional[Quantizer]
     _cache: dict = field(default_factory=dict, repr=False)
+    device: str = "cpu"
 
     def dequantized_f32(self) -> torch.Tensor:
         """W as the reference backend (the spec) decodes it, in float32: the guard's oracle."""
         def make():
             from nf4lora import functional
-            packed, state = self.quantized()
+            packed, state = self.quantized_cpu()
             with harness.using_backend("reference"):
-                return functional.dequantize_4bit(packed, state,
-                                                  out=torch.empty(self.shape, dtype=torch.float32))
+                return functional.dequantize_4bit(packed, state, out=torch.empty(
+                    self.shape, dtype=torch.float32)).to(self.device)
         return self.cached("dequantized_f32", make)
 
     def lora(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,13 +157,13 @@ class Weights(CachedWeight):
             out_features, in_features = self.shape
             A = torch.randn(RANK, in_features, generator=generator) / in_features ** 0.5
             B = torch.randn(out_features, RANK, generator=generator) / RANK ** 0.5
-            return A.to(DTYPE), B.to(DTYPE)
+            return A.to(DTYPE).to(self.device), B.to(DTYPE).to(self.device)
         return self.cached("lora", make)
 
     def activation(self, name: str, rows: int, features: int, seed: int) -> torch.Tensor:
         def make():
             generator = torch.Generator().manual_seed(seed)
-            return torch.randn(rows, features, generator=generator).to(DTYPE)
+            return torch.randn(rows, features, generator=generator).to(DTYPE).to(self.device)
         return self.cached((name, rows), make)
 
 
@@ -266,7 +282,21 @@ class Impl:
                         context=self.context)
 
 
-def nf4lora_impl(backend: str) -> Impl:
+@contextlib.contextmanager
+def without_split_k(backend: str):
+    """nf4lora `backend` with the Triton fused kernels' split-K off (fused_splits -> 1)."""
+    from nf4lora.backends import triton as triton_backend
+    with harness.using_backend(backend):
+        previous = triton_backend.SPLIT_K_ENABLED
+        triton_backend.SPLIT_K_ENABLED = False
+        try:
+            yield
+        finally:
+            triton_backend.SPLIT_K_ENABLED = previous
+
+
+def nf4lora_impl(backend: str, split_k: bool = True) -> Impl:
+    """split_k=False: the Triton backend without the fused kernels' split-K (GPU rows)."""
     import nf4lora
 
     def make_forward(case: Case) -> Forward:
@@ -280,9 +310,10 @@ def nf4lora_impl(backend: str) -> Impl:
         return forward
 
     reference = backend == "reference"
-    return Impl(f"nf4lora[{backend}]", make_forward, quantized_bytes,
-                ops=("matmul", "lora") if reference else OPS, slow=reference,
-                context=functools.partial(harness.using_backend, backend), guarded=True)
+    return Impl(f"nf4lora[{backend}]" + ("" if split_k else " no-split-k"), make_forward,
+                quantized_bytes, ops=("matmul", "lora") if reference else OPS, slow=reference,
+                context=functools.partial(harness.using_backend if split_k else without_split_k,
+                                          backend), guarded=True)
 
 
 def bitsandbytes_impl(bnb) -> Impl:
@@ -326,9 +357,9 @@ def import_torchao_nf4():
 # --- correctness guard ---------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
-def guard_weights(shape: tuple[int, int]) -> Weights:
+def guard_weights(shape: tuple[int, int], device: str = "cpu") -> Weights:
     """A small layer quantized by the reference backend, the spec."""
-    return Weights(shape, Quantizer([], None))
+    return Weights(shape, Quantizer([], None), device=device)
 
 
 def root_sum_squares(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -378,13 +409,13 @@ def mismatch(got: torch.Tensor, want: torch.Tensor, terms: torch.Tensor) -> Opti
             f"(allowed {tolerance.view(-1)[worst]:.3g})")
 
 
-def check_impl(impl: Impl, ops, tokens) -> Optional[str]:
+def check_impl(impl: Impl, ops, tokens, device: str = "cpu") -> Optional[str]:
     """None if `impl` computes every op it runs, at every token count, on the guard shapes
     as float32 math on the reference-decoded weight does (up to bf16), else what differs."""
-    for shape in GUARD_SHAPES:
+    for shape in GUARD_SHAPES if device == "cpu" else GPU_GUARD_SHAPES:
         for op in ops:
             for m in tokens:
-                case = Case(op, guard_weights(shape), m)
+                case = Case(op, guard_weights(shape, device), m)
                 if not impl.runs(case):
                     continue
                 got = layer_call(case, impl.make_forward(case))()
@@ -399,10 +430,11 @@ def check_impl(impl: Impl, ops, tokens) -> Optional[str]:
     return None
 
 
-def guard(impls: list[Impl], ops, tokens) -> tuple[list[Impl], list[str]]:
+def guard(impls: list[Impl], ops, tokens, device: str = "cpu") -> tuple[list[Impl], list[str]]:
     """The impls that pass check_impl (or are not guarded), and a note for each other one."""
     probes = [Provider(impl.name, impl.setup, impl.bytes_moved, context=impl.context,
-                       check=functools.partial(check_impl, impl, ops, tokens) if impl.guarded else None)
+                       check=functools.partial(check_impl, impl, ops, tokens, device)
+                       if impl.guarded else None)
               for impl in impls]
     passed, notes = harness.run_checks(probes)
     names = {p.name for p in passed}
@@ -512,7 +544,25 @@ def parse_args(argv):
     parser.add_argument("--warm", action="store_true", help="also time one layer looped (warm rows)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help=f"JSON and PNG directory (default ./{DEFAULT_OUT})")
-    return parser.parse_args(argv)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help=f"cuda: the GPU rows ({', '.join(GPU_PROVIDERS)}), train at every M")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the providers and cases a run would time, then exit")
+    args = parser.parse_args(argv)
+    if args.device == "cuda":
+        check_gpu_providers(parser, args, GPU_PROVIDERS)
+    return args
+
+
+GPU_PROVIDERS = ("nf4lora[cuda]", "nf4lora[triton]", "nf4lora[triton] no-split-k", BASELINE,
+                 DENSE)
+GPU_COLUMNS = [("op", "op", ""), ("shape", "shape", ""), ("M", "tokens", "d"),
+               ("provider", "provider", ""), ("layers", "layers", "d"),
+               ("median ms", "median_ms", ".4f"), ("kernel ms", "kernel_ms", ".4f"),
+               ("GB/s", "gbs", ".0f"), ("% read BW", "pct_read_bw", ".1f"),
+               ("% HBM", "pct_nominal_bw", ".1f"), ("TFLOP/s", "tflops", ".1f"),
+               (f"x vs {BASELINE}", f"x_vs_{BASELINE}", ".2f"),
+               (f"x vs {DENSE}", f"x_vs_{DENSE}", ".2f")]
 
 
 @dataclass
@@ -525,8 +575,35 @@ class Found:
     torchao_where: Optional[str] = None                     # torchao's NF4 module
 
 
+def find_gpu_providers(args, notes: list[str]) -> Found:
+    """find_providers for --device cuda. --plan builds every GPU provider, usable here or
+    not (nothing it builds touches a GPU or imports bitsandbytes)."""
+    backends, backend_notes = nf4lora_gpu_backends()
+    notes += backend_notes
+    if args.plan:
+        backends = ["cuda", "triton"]
+    impls = [nf4lora_impl(backend) for backend in backends]
+    if "triton" in backends:
+        impls.append(nf4lora_impl("triton", split_k=False))
+    bnb, bnb_messages = None, []
+    if not args.providers or BASELINE in args.providers:
+        if args.plan:
+            impls.append(bitsandbytes_impl(None))
+        else:
+            bnb, why, bnb_messages = harness.import_optional("bitsandbytes")
+            if bnb is None:
+                notes.append(f"{BASELINE}: skipped, {why}")
+            else:
+                impls.append(bitsandbytes_impl(bnb))
+    impls.append(dense_impl())
+    return Found(harness.select(impls, args.providers), backends, bnb, bnb_messages)
+
+
 def find_providers(args, notes: list[str]) -> Found:
     """The selected providers that import; a note for each that cannot run."""
+    if args.device == "cuda":
+        return find_gpu_providers(args, notes)
+
     def wanted(name: str) -> bool:
         return not args.providers or name in args.providers
 
@@ -562,6 +639,12 @@ def main(argv=None) -> dict:
     preset = QUICK if args.quick else FULL
     notes: list[str] = []
     found = find_providers(args, notes)
+    if args.plan:
+        return plan(args, preset, found, notes)
+    if args.device == "cuda":   # quantized on the CPU (nf4lora's cpu backend), then moved
+        with harness.gc_frozen():
+            return run_gpu(args, preset, found, Quantizer(harness.nf4lora_cpu_backends()[0],
+                                                          None), notes)
     # Every 4-bit provider reads the same bytes, quantized once per shape: by nf4lora's cpu
     # backend (timed or not), else bitsandbytes, else the reference (~13 s per 4096x4096).
     quantizer_bnb = found.bnb.functional if found.bnb is not None else None
@@ -570,6 +653,85 @@ def main(argv=None) -> dict:
     quantizer = Quantizer(found.backends, quantizer_bnb)
     with harness.gc_frozen():   # after the imports: see gc_frozen
         return run(args, preset, found, quantizer, notes)
+
+
+def cases(args, preset: dict, weights: dict) -> list[Case]:
+    """Every (op, shape, M) of the run. On a GPU train runs at every M and shape (on a CPU
+    at train_tokens on train_shapes only: TRAIN_SHAPES says why)."""
+    gpu = args.device == "cuda"
+    shapes = args.shapes or preset["shapes"]
+    train_shapes = shapes if gpu else args.shapes or preset["train_shapes"]
+    tokens = args.tokens or preset["tokens"]
+    train_tokens = tokens if gpu else [preset["train_tokens"]]
+    return [Case(op, weights[shape], m) for op in args.ops
+            for shape in (train_shapes if op == "train" else shapes)
+            for m in (train_tokens if op == "train" else tokens)]
+
+
+def plan(args, preset: dict, found: Found, notes: list[str]) -> dict:
+    """--plan: the cases and providers a run would time (scripts/gpu_check.sh --dry-run):
+    builds every case and provider, bytes and schedule included, and times nothing."""
+    shapes = list(dict.fromkeys((args.shapes or preset["shapes"]) + preset["train_shapes"]))
+    weights = {shape: Weights(shape, None, device=args.device) for shape in shapes}
+    planned = [impl.provider(case) for case in cases(args, preset, weights)
+               for impl in found.impls if impl.runs(case)]
+    tokens = args.tokens or preset["tokens"]
+    return print_plan(args.device, args.ops, args.shapes or preset["shapes"],
+                      list(dict.fromkeys(impl.name for impl in found.impls)), notes,
+                      extra=f" tokens={' '.join(map(str, tokens))} rows={len(planned)}")
+
+
+def run_gpu(args, preset: dict, found: Found, quantizer: Quantizer, notes: list[str]) -> dict:
+    """run() on CUDA tensors: guard, probe, time, print and save (no plot)."""
+    weights = {}
+    for shape in (args.shapes or preset["shapes"]):
+        weights[shape] = Weights(shape, quantizer, device=GPU_DEVICE)
+    todo = cases(args, preset, weights)
+    guard_tokens = sorted({case.tokens for case in todo})
+    print(f"checking {', '.join(i.name for i in found.impls if i.guarded)} against the "
+          f"reference-decoded weight ...", flush=True)
+    impls, failed = guard(found.impls, args.ops, guard_tokens, device=GPU_DEVICE)
+    notes += failed
+    print("probing GPU memory bandwidth ...", flush=True)
+    bandwidth = probe_gpu_bandwidth()
+    print_gpu_bandwidth(bandwidth)
+    rows = []
+    for case in todo:
+        providers = [impl.provider(case) for impl in impls if impl.runs(case)]
+        print(f"{case.op} {case.shape[0]}x{case.shape[1]} M={case.tokens}: "
+              f"{', '.join(p.name for p in providers)}", flush=True)
+        case_rows, case_notes = measure_all_gpu(providers, [case])
+        rows += case_rows
+        notes += case_notes
+    add_gpu_rates(rows, bandwidth)
+    for row in rows:   # TFLOP/s from the GPU time, for the compute-bound calls only
+        ms = row.get("kernel_ms") or row["median_ms"]
+        row["tflops"] = (row["flops"] / (ms * 1e-3) / 1e12
+                         if row["tokens"] >= COMPUTE_BOUND_TOKENS else None)
+    for baseline in (BASELINE, DENSE):
+        add_gpu_speedups(rows, baseline, ["op", "shape", "tokens"])
+    for op in args.ops:
+        op_rows = [r for r in rows if r["op"] == op]
+        if op_rows:
+            print(f"\n{op} (GPU):")
+            print(harness.format_table(op_rows, GPU_COLUMNS))
+    for note in notes:
+        print("note:", note)
+    payload = {
+        "benchmark": "matmul", "device": "cuda",
+        "metadata": harness.metadata(gpu=bandwidth, weights_quantized_by=quantizer.name,
+                                     bitsandbytes=None if found.bnb is None else
+                                     getattr(found.bnb, "__version__", None)),
+        "config": {"quick": args.quick, "providers": args.providers, "ops": args.ops,
+                   "shapes": [list(s) for s in weights], "tokens": args.tokens or preset["tokens"],
+                   "rank": RANK, "scaling": SCALING, "reps": GPU_REPS,
+                   "guard_shapes": GPU_GUARD_SHAPES, "argv": args.argv},
+        "bandwidth": bandwidth,
+        "rows": rows,
+        "notes": notes,
+    }
+    harness.save_json(payload, args.out, "matmul-gpu")
+    return payload
 
 
 def run(args, preset: dict, found: Found, quantizer: Quantizer, notes: list[str]) -> dict:

@@ -26,6 +26,21 @@ with warnings.catch_warnings():
     except ImportError:  # the oracle is a test dependency; tests needing it skip
         bnb_functional = None
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "gpu: runs kernels on a CUDA device, skipped without one; `pytest -m gpu` "
+        "is the set scripts/gpu_check.sh runs (its --dry-run checks it is not empty)")
+
+
+def pytest_collection_modifyitems(items):
+    # test_cuda_host.py's "gpu" variant of its `glue` fixture: the real nf4lora._C_cuda
+    # on CUDA tensors (the file's own "host" variant replays the kernels on the CPU).
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("glue") == "gpu":
+            item.add_marker(pytest.mark.gpu)
+
+
 # The backends every functional test runs on. Triton's interpreter is ~100x slower, so
 # the Triton kernels are checked against the reference in their own files on small sizes
 # (tests/test_triton_*.py) rather than through every test here.

@@ -1,8 +1,17 @@
-"""The Triton matmul kernels, run by Triton's interpreter on CPU tensors, against float64.
+"""The Triton matmul kernels against float64: run by Triton's interpreter on CPU tensors,
+and (the `gpu` variants, scripts/gpu_check.sh) compiled, on CUDA tensors.
 
-  lora_matmul.py           fused dequantize-matmul + LoRA + bias (16 < M <= FUSED_MAX_M)
+  lora_matmul.py           fused dequantize-matmul + LoRA + bias (16 < M <= FUSED_MAX_M),
+                           split-K mode + its reduction kernel
   gemv.py                  split-K GEMV + LoRA + bias, deterministic two-pass (M <= 16)
-  lora_matmul_backward.py  dx = dy @ W + grad_h @ A with W read packed
+  lora_matmul_backward.py  dx = dy @ W + grad_h @ A with W read packed (split-K too)
+
+Devices: every kernel test takes the `device` fixture, "cpu" (the interpreter) or
+"cuda" (marked gpu). One process runs one of them: Triton fixes interpreter or compiler
+when the kernels are imported, so without a GPU (or with TRITON_INTERPRET=1) the "cuda"
+variants skip, and with a GPU and TRITON_INTERPRET unset (`pytest -m gpu` on this file
+alone, as scripts/gpu_check.sh runs it) the "cpu" variants skip. The yardsticks are
+always computed on the CPU.
 
 Accuracy rule (flash-attention's): the exact answer is float64 arithmetic on the
 float32 dequantized reference weight. The same computation in the test's dtype with
@@ -18,12 +27,13 @@ shape, quant type, LoRA/bias on/off, rank, split count) is swept around it.
 import importlib
 import os
 
-# Must precede the first import of triton_kernels: Triton picks interpreter or compiler
-# when `@triton.jit` runs.
-os.environ["TRITON_INTERPRET"] = "1"
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Must precede the first import of triton_kernels: Triton picks interpreter or compiler
+# when `@triton.jit` runs. Where a GPU exists the environment decides (module docstring).
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 import torch.nn.functional as F  # noqa: E402
 
 import nf4lora  # noqa: E402
@@ -34,16 +44,45 @@ from nf4lora.backends import reference as reference_backend  # noqa: E402
 from nf4lora.backends import triton as triton_backend  # noqa: E402
 from nf4lora.codebook import create_dynamic_map  # noqa: E402
 
-assert triton_backend.INTERPRETING, (
-    "nf4lora.backends.triton was imported before this module set TRITON_INTERPRET=1; "
-    "run the Triton tests with TRITON_INTERPRET=1 in the environment")
 if triton_backend.availability() is not None:
     pytest.skip(f"triton backend unavailable: {triton_backend.availability()}",
                 allow_module_level=True)
 
 kernels = triton_backend._kernels
-paths = kernels.lora_matmul
-roofline = importlib.import_module(kernels.__name__ + ".roofline")
+routing = triton_backend   # matmul_path, fused_splits, GEMV_MAX_M, FUSED_MAX_M, PATH_*
+try:  # roofline.py is moving from triton_kernels/ to nf4lora/
+    roofline = importlib.import_module("nf4lora.roofline")
+except ModuleNotFoundError:
+    roofline = importlib.import_module(kernels.__name__ + ".roofline")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request):
+    """The device the kernels run on (module docstring)."""
+    if request.param == "cpu" and not triton_backend.INTERPRETING:
+        pytest.skip("the kernels were imported compiled (TRITON_INTERPRET unset): CPU "
+                    "tensors need the interpreter")
+    if request.param == "cuda" and (triton_backend.INTERPRETING
+                                    or not torch.cuda.is_available()):
+        pytest.skip("needs a CUDA device and the compiled kernels (TRITON_INTERPRET unset): "
+                    "scripts/gpu_check.sh runs these")
+    return torch.device(request.param)
+
+
+def to_device(value, device):
+    """A tensor, PackedWeight, QuantState or None on `device` (a copy)."""
+    if value is None or device.type == "cpu":
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, PackedWeight):
+        nested = value.nested
+        if nested is not None:
+            nested = nested._replace(absmax=nested.absmax.to(device),
+                                     code=nested.code.to(device))
+        return value._replace(packed=value.packed.to(device), absmax=value.absmax.to(device),
+                              nested=nested)
+    return type(value).from_dict(value.as_dict(packed=True), device)   # a QuantState
 
 DYNAMIC_CODE = create_dynamic_map()
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -113,16 +152,19 @@ def assert_close_to_exact(ours, torch_result, exact, dtype, label):
         f"ulp term {ulp:.3g}")
 
 
-def check_forward(m, n, k, blocksize, dtype, nested, r, bias, quant_type="nf4",
+def check_forward(device, m, n, k, blocksize, dtype, nested, r, bias, quant_type="nf4",
                   scaling=0.5, path=None, splits=None):
     weight, dense = make_weight(n, k, blocksize, nested, quant_type)
     x, lora_A, lora_B, b = make_inputs(m, n, k, r, dtype, bias)
-    y, h = triton_backend.lora_matmul_4bit(x, weight, lora_A, lora_B, scaling, b, path=path,
-                                           splits=splits)
+    y, h = triton_backend.lora_matmul_4bit(
+        *(to_device(t, device) for t in (x, weight, lora_A, lora_B)), scaling,
+        to_device(b, device), path=path, splits=splits)
+    y, h = y.cpu(), h.cpu()
     y_torch, h_torch = torch_forward(x, weight, lora_A, lora_B, scaling, b)
     y_exact, h_exact = exact_forward(x, dense, lora_A, lora_B, scaling, b)
-    label = (f"M={m} N={n} K={k} bs={blocksize} {DTYPE_IDS[dtype]} nested={nested} r={r} "
-             f"bias={bias} {quant_type} path={path or paths.choose_path(m, n, k, None)}")
+    label = (f"{device.type} M={m} N={n} K={k} bs={blocksize} {DTYPE_IDS[dtype]} "
+             f"nested={nested} r={r} bias={bias} {quant_type} "
+             f"path={path or routing.matmul_path(m, n, k, None)} splits={splits}")
     assert_close_to_exact(y, y_torch, y_exact, dtype, label + " y")
     if lora_A is None:
         assert h.shape == (m, 0), label
@@ -145,51 +187,98 @@ MS = (1, 3, 17, 64)   # gemv M == 1 (CUDA cores), gemv padded to 16, fused, fuse
 @pytest.mark.parametrize("nested", [True, False], ids=["nested", "plain"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("m", MS)
-def test_forward_every_path_dtype_and_nesting(m, dtype, nested):
+def test_forward_every_path_dtype_and_nesting(device, m, dtype, nested):
     n, k, blocksize = SHAPES[(MS.index(m) + DTYPES.index(dtype)) % len(SHAPES)]
-    check_forward(m, n, k, blocksize, dtype, nested, r=5, bias=True)
+    check_forward(device, m, n, k, blocksize, dtype, nested, r=5, bias=True)
 
 
 @pytest.mark.parametrize("k", [64, 150, 192])
 @pytest.mark.parametrize("blocksize", [32, 64, 256])
 @pytest.mark.parametrize("m", [3, 17])
-def test_forward_blocksizes_and_row_layouts(m, blocksize, k):
+def test_forward_blocksizes_and_row_layouts(device, m, blocksize, k):
     # fp32: the tightest tolerance, where a wrong absmax for a few elements shows.
-    check_forward(m, 45, k, blocksize, torch.float32, nested=True, r=4, bias=False)
+    check_forward(device, m, 45, k, blocksize, torch.float32, nested=True, r=4, bias=False)
 
 
 @pytest.mark.parametrize("has_lora,bias", [(False, False), (False, True), (True, False),
                                            (True, True)], ids=["plain", "bias", "lora",
                                                                "lora+bias"])
 @pytest.mark.parametrize("m", [1, 3, 17])
-def test_forward_lora_and_bias_on_and_off(m, has_lora, bias):
+def test_forward_lora_and_bias_on_and_off(device, m, has_lora, bias):
     # r = 20: two LoRA chunks of 16, the second partial.
-    check_forward(m, 81, 128, 64, torch.float16, nested=True, r=20 if has_lora else None,
-                  bias=bias)
+    check_forward(device, m, 81, 128, 64, torch.float16, nested=True,
+                  r=20 if has_lora else None, bias=bias)
 
 
 @pytest.mark.parametrize("m,r", [(3, 70), (17, 70), (1, 1), (17, 0)])
-def test_forward_ranks(m, r):
+def test_forward_ranks(device, m, r):
     # r = 70: two LoRA-shrink tiles in the GEMV, five expand chunks; r = 1; r = 0.
-    check_forward(m, 66, 96, 64, torch.bfloat16, nested=False, r=r, bias=True)
+    check_forward(device, m, 66, 96, 64, torch.bfloat16, nested=False, r=r, bias=True)
 
 
 @pytest.mark.parametrize("m", [1, 17])
 @pytest.mark.parametrize("nested", [True, False], ids=["nested", "plain"])
-def test_forward_fp4(m, nested):
-    check_forward(m, 50, 160, 64, torch.float16, nested, r=3, bias=True, quant_type="fp4")
+def test_forward_fp4(device, m, nested):
+    check_forward(device, m, 50, 160, 64, torch.float16, nested, r=3, bias=True,
+                  quant_type="fp4")
 
 
 @pytest.mark.parametrize("splits", [1, 2, 3])
 @pytest.mark.parametrize("m", [1, 5])
-def test_gemv_split_k_is_accurate_and_deterministic(m, splits):
+def test_gemv_split_k_is_accurate_and_deterministic(device, m, splits):
     # K = 320: 3 steps of 128 (M == 1) or 5 of 64 (M = 5), so every split count is real.
-    first = check_forward(m, 90, 320, 64, torch.bfloat16, nested=True, r=6, bias=True,
-                          path="gemv", splits=splits)
-    second = check_forward(m, 90, 320, 64, torch.bfloat16, nested=True, r=6, bias=True,
-                           path="gemv", splits=splits)
+    first = check_forward(device, m, 90, 320, 64, torch.bfloat16, nested=True, r=6,
+                          bias=True, path="gemv", splits=splits)
+    second = check_forward(device, m, 90, 320, 64, torch.bfloat16, nested=True, r=6,
+                           bias=True, path="gemv", splits=splits)
     for a, b in zip(first, second):   # a fixed reduction order: the same bits every run
         assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+# The fused kernels' split-K mode. K = 320 is 5 steps of 64 (fp16/bf16) or 10 of 32
+# (fp32), so 2 and 3 slices are uneven, and 5 of 64 leaves one step per slice.
+@pytest.mark.parametrize("splits", [2, 3, 5])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_fused_split_k_is_accurate_and_deterministic(device, dtype, splits):
+    nested = splits != 3
+    args = (device, 17, 90, 320, 64, dtype, nested)
+    first = check_forward(*args, r=20, bias=True, path="fused", splits=splits)
+    second = check_forward(*args, r=20, bias=True, path="fused", splits=splits)
+    bits = {torch.float32: torch.int32}.get(dtype, torch.int16)
+    for a, b in zip(first, second):   # a fixed reduction order: the same bits every run
+        assert torch.equal(a.view(bits), b.view(bits))
+
+
+@pytest.mark.parametrize("has_lora,bias", [(False, False), (False, True), (True, False)],
+                         ids=["plain", "bias", "lora"])
+def test_fused_split_k_lora_and_bias_on_and_off(device, has_lora, bias):
+    # M = 64: one full M tile; N = 130: a partial N tile, so the reduction masks columns.
+    check_forward(device, 64, 130, 256, 32, torch.bfloat16, nested=False,
+                  r=20 if has_lora else None, bias=bias, path="fused", splits=2)
+
+
+def test_fused_split_heuristic():
+    split = routing.fused_splits
+    # H100, 132 SMs. 4096 x 4096: 64 tiles of 64 columns, 64 steps of 64 -> 2 slices (one
+    # wave of 128 programs); 11008 outputs: 172 tiles -> 3 (516 programs, 4 waves of 1/3).
+    assert split(64, 64, 132) == 2
+    assert split(172, 64, 132) == 3
+    # Enough tiles already (fp32's 32-wide tiles: 128), or too short a reduction (K = 512:
+    # 8 steps, one slice of MIN_K_STEPS_PER_SPLIT): no split.
+    assert split(128, 64, 132) == 1
+    assert split(64, 8, 132) == 1
+    # Never more than MAX_SPLITS, nor slices shorter than MIN_K_STEPS_PER_SPLIT steps.
+    for tiles in (1, 5, 64, 133, 1000):
+        for steps in (1, 16, 64, 172, 10_000):
+            s = split(tiles, steps, 132)
+            assert 1 <= s <= routing.MAX_SPLITS
+            assert s == 1 or steps // s >= routing.MIN_K_STEPS_PER_SPLIT
+    previous = routing.SPLIT_K_ENABLED
+    routing.SPLIT_K_ENABLED = False
+    try:
+        assert split(64, 64, 132) == 1
+    finally:
+        routing.SPLIT_K_ENABLED = previous
 
 
 def test_gemv_split_heuristic():
@@ -207,34 +296,51 @@ def test_gemv_split_heuristic():
 # Backward dx.
 # ----------------------------------------------------------------------------------------
 
-def check_grad_input(m, n, k, blocksize, dtype, nested, r, scaling=0.5, path=None):
+def check_grad_input(device, m, n, k, blocksize, dtype, nested, r, scaling=0.5, path=None,
+                     splits=None):
     weight, dense = make_weight(n, k, blocksize, nested)
     _, lora_A, lora_B, _ = make_inputs(m, n, k, r, dtype, bias=False)
     gen = torch.Generator().manual_seed(2)
     grad = torch.randn(m, n, generator=gen).to(dtype)
     grad_h = None if lora_A is None else ((grad @ lora_B) * scaling)
-    dx = triton_backend.lora_matmul_4bit_grad_input(grad, weight, lora_A, grad_h, path=path)
+    dx = triton_backend.lora_matmul_4bit_grad_input(
+        *(to_device(t, device) for t in (grad, weight, lora_A, grad_h)), path=path,
+        splits=splits).cpu()
     dx_torch = composite.lora_matmul_4bit_grad_input(reference_backend, grad, weight, lora_A,
                                                      grad_h)
     dx_exact = grad.double() @ dense.double()
     if lora_A is not None:
         dx_exact = dx_exact + grad_h.double() @ lora_A.double()
     assert_close_to_exact(dx, dx_torch, dx_exact, dtype,
-                          f"dx M={m} N={n} K={k} bs={blocksize} {DTYPE_IDS[dtype]} "
-                          f"nested={nested} r={r}")
+                          f"dx {device.type} M={m} N={n} K={k} bs={blocksize} "
+                          f"{DTYPE_IDS[dtype]} nested={nested} r={r} splits={splits}")
+    return dx
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("m", MS)
-def test_grad_input(m, dtype):
+def test_grad_input(device, m, dtype):
     n, k, blocksize = SHAPES[(MS.index(m) + DTYPES.index(dtype)) % len(SHAPES)]
-    check_grad_input(m, n, k, blocksize, dtype, nested=bool((MS.index(m) + DTYPES.index(dtype))
-                                                              % 2), r=20)
+    check_grad_input(device, m, n, k, blocksize, dtype,
+                     nested=bool((MS.index(m) + DTYPES.index(dtype)) % 2), r=20)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
-def test_grad_input_without_lora(dtype):
-    check_grad_input(3, 97, 150, 32, dtype, nested=True, r=None)
+def test_grad_input_without_lora(device, dtype):
+    check_grad_input(device, 3, 97, 150, 32, dtype, nested=True, r=None)
+
+
+# Split-K over the reduction axis (N = out_features): N = 330 is 6 steps of 64 (fp16/bf16)
+# or 11 of 32 (fp32), uneven slices for 2 and 4; K = 150 leaves a partial dx tile.
+@pytest.mark.parametrize("splits", [2, 4])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("m,r", [(1, 20), (17, None)], ids=["M1-lora", "M17-plain"])
+def test_grad_input_split_k_is_accurate_and_deterministic(device, m, r, dtype, splits):
+    args = (device, m, 330, 150, 64, dtype, dtype != torch.float16, r)
+    first = check_grad_input(*args, path="fused", splits=splits)
+    second = check_grad_input(*args, path="fused", splits=splits)
+    bits = {torch.float32: torch.int32}.get(dtype, torch.int16)
+    assert torch.equal(first.view(bits), second.view(bits))
 
 
 # ----------------------------------------------------------------------------------------
@@ -265,6 +371,7 @@ def launches(monkeypatch):
     for module, name in ((kernels.gemv, "gemv_split_k_kernel"),
                          (kernels.gemv, "gemv_epilogue_kernel"),
                          (kernels.lora_matmul, "lora_matmul_kernel"),
+                         (kernels.lora_matmul, "split_k_reduce_kernel"),
                          (kernels.lora_matmul_backward, "lora_matmul_grad_input_kernel")):
         monkeypatch.setattr(module, name, _LaunchSpy(getattr(module, name), name, log))
     return log
@@ -301,10 +408,11 @@ def _dense_lora(dense, scaling):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("lead", [(1,), (3,), (2, 9)], ids=["M1", "M3", "M18"])
-def test_autograd_grads_through_lora_matmul_4bit(lead, dtype, triton_selected, launches):
+def test_autograd_grads_through_lora_matmul_4bit(device, lead, dtype, triton_selected,
+                                                 launches):
     out_f, in_f, r, scaling = 70, 130, 6, 2.0
     m = lead[0] * (lead[1] if len(lead) > 1 else 1)
-    assert paths.choose_path(m, out_f, in_f, None) in (paths.PATH_GEMV, paths.PATH_FUSED)
+    assert routing.matmul_path(m, out_f, in_f, None) in (routing.PATH_GEMV, routing.PATH_FUSED)
     packed, state, dense = _quantized(out_f, in_f, 64)
     gen = torch.Generator().manual_seed(3)
     x, lora_A, lora_B, bias = (torch.randn(*shape, generator=gen).to(dtype) for shape in
@@ -312,15 +420,19 @@ def test_autograd_grads_through_lora_matmul_4bit(lead, dtype, triton_selected, l
     lora_A, lora_B = lora_A * in_f ** -0.5, lora_B * r ** -0.5
     grad = torch.randn(*lead, out_f, generator=gen).to(dtype)
     packed.requires_grad_(False)
+    on_device = [to_device(t, device) for t in (x, lora_A, lora_B, bias, grad)]
+    packed_on, state_on = to_device(packed, device), to_device(state, device)
 
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         ours = _leaves_and_grads(
-            lambda x, a, b, c: nf4lora.lora_matmul_4bit(x, packed, state, a, b, scaling, c),
-            (x, lora_A, lora_B, bias), grad)
+            lambda x, a, b, c: nf4lora.lora_matmul_4bit(x, packed_on, state_on, a, b,
+                                                        scaling, c),
+            on_device[:4], on_device[4])
+    ours = [t.cpu() for t in ours]
     # Saved for backward: the packed weight and its state, never a dense W.
     assert all(tuple(t.shape) != (out_f, in_f) for t in saved)
-    forward = (["gemv_split_k_kernel", "gemv_epilogue_kernel"] if m <= paths.GEMV_MAX_M
+    forward = (["gemv_split_k_kernel", "gemv_epilogue_kernel"] if m <= routing.GEMV_MAX_M
                else ["lora_matmul_kernel"])
     assert launches == forward + ["lora_matmul_grad_input_kernel"]
     baseline = _leaves_and_grads(_dense_lora(dense, scaling), (x, lora_A, lora_B, bias), grad)
@@ -328,16 +440,20 @@ def test_autograd_grads_through_lora_matmul_4bit(lead, dtype, triton_selected, l
                               [t.double() for t in (x, lora_A, lora_B, bias)], grad.double())
     for name, o, base, ex in zip(("y", "dx", "dA", "dB", "dbias"), ours, baseline, exact):
         assert_close_to_exact(o, base, ex, dtype, f"autograd {lead} {DTYPE_IDS[dtype]} {name}")
-    assert packed.grad is None
+    assert packed_on.grad is None
 
 
-def test_autograd_matmul_4bit_without_lora(triton_selected):
+def test_autograd_matmul_4bit_without_lora(device, triton_selected):
     packed, state, dense = _quantized(33, 98, 32)
-    x = torch.randn(5, 98, dtype=torch.float16, requires_grad=True)
-    bias = torch.randn(33, dtype=torch.float16, requires_grad=True)
-    y = nf4lora.matmul_4bit(x, packed.t(), state, bias=bias)
+    x = torch.randn(5, 98, dtype=torch.float16)
+    bias = torch.randn(33, dtype=torch.float16)
+    x_on, bias_on = (to_device(t, device).requires_grad_(True) for t in (x, bias))
+    y = nf4lora.matmul_4bit(x_on, to_device(packed, device).t(), to_device(state, device),
+                            bias=bias_on)
     grad = torch.randn(5, 33, dtype=torch.float16)
-    dx, dbias = torch.autograd.grad(y, (x, bias), grad)
+    dx, dbias = (t.cpu() for t in torch.autograd.grad(y, (x_on, bias_on),
+                                                      to_device(grad, device)))
+    y = y.detach().cpu()
     exact = x.double() @ dense.double().T + bias.double()
     assert_close_to_exact(y, F.linear(x, dense.half(), bias), exact, torch.float16, "y")
     assert_close_to_exact(dx, grad @ dense.half(), grad.double() @ dense.double(),
@@ -350,20 +466,20 @@ def test_autograd_matmul_4bit_without_lora(triton_selected):
 # ----------------------------------------------------------------------------------------
 
 def test_dispatch_thresholds():
-    choose = paths.choose_path
+    choose = routing.matmul_path
     h100, a100, turing = (9, 0), (8, 0), (7, 5)
-    assert choose(1, 4096, 4096, h100) == choose(16, 4096, 4096, h100) == paths.PATH_GEMV
-    assert choose(17, 4096, 4096, h100) == choose(64, 4096, 4096, h100) == paths.PATH_FUSED
-    assert choose(65, 4096, 4096, h100) == paths.PATH_COMPOSITE
-    assert choose(39, 4096, 4096, a100) == paths.PATH_FUSED
-    assert choose(40, 4096, 4096, a100) == paths.PATH_COMPOSITE
-    assert choose(1, 4096, 4096, turing) == paths.PATH_COMPOSITE   # no bf16 MMA before sm_80
-    assert choose(1, 4096, 4095, h100) == paths.PATH_COMPOSITE     # odd in_features
-    assert choose(0, 4096, 4096, h100) == paths.PATH_COMPOSITE
+    assert choose(1, 4096, 4096, h100) == choose(16, 4096, 4096, h100) == routing.PATH_GEMV
+    assert choose(17, 4096, 4096, h100) == choose(64, 4096, 4096, h100) == routing.PATH_FUSED
+    assert choose(65, 4096, 4096, h100) == routing.PATH_COMPOSITE
+    assert choose(39, 4096, 4096, a100) == routing.PATH_FUSED
+    assert choose(40, 4096, 4096, a100) == routing.PATH_COMPOSITE
+    assert choose(1, 4096, 4096, turing) == routing.PATH_COMPOSITE   # no bf16 MMA before sm_80
+    assert choose(1, 4096, 4095, h100) == routing.PATH_COMPOSITE     # odd in_features
+    assert choose(0, 4096, 4096, h100) == routing.PATH_COMPOSITE
     # The thresholds are the roofline ridge points (H100 capped at one 64-row M tile).
-    assert paths.FUSED_MAX_M[8] == int(roofline.memory_bound_max_m(roofline.A100))
-    assert paths.FUSED_MAX_M[9] == min(int(roofline.memory_bound_max_m(roofline.H100)),
-                                       paths.TILES["bf16"][0])
+    assert routing.FUSED_MAX_M[8] == int(roofline.memory_bound_max_m(roofline.A100))
+    assert routing.FUSED_MAX_M[9] == min(int(roofline.memory_bound_max_m(roofline.H100)),
+                                       kernels.lora_matmul.TILES["bf16"][0])
 
 
 @pytest.mark.parametrize("m,k", [(65, 96), (3, 97), (0, 96)], ids=["large-M", "odd-K", "empty"])

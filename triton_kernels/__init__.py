@@ -41,6 +41,8 @@ KERNELS: list[KernelVariants] = [
     KernelVariants("gemv_epilogue", gemv.gemv_epilogue_kernel, gemv.epilogue_compile_targets),
     KernelVariants("lora_matmul_grad_input", lora_matmul_backward.lora_matmul_grad_input_kernel,
                    lora_matmul_backward.compile_targets),
+    KernelVariants("split_k_reduce", lora_matmul.split_k_reduce_kernel,
+                   lora_matmul.reduce_compile_targets),
 ]
 
 

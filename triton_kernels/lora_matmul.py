@@ -1,4 +1,5 @@
-"""Fused 4-bit dequantize-matmul with LoRA, for 16 < M <= FUSED_MAX_M tokens.
+"""Fused 4-bit dequantize-matmul with LoRA, for 16 < M <= FUSED_MAX_M tokens
+(the routing: nf4lora.backends.triton.matmul_path).
 
     y = x @ W^T + scaling * h @ B^T + bias,   h = x @ A^T
     x [M, K], W 4-bit [N, K] (N = out_features, K = in_features), A [R, K], B [N, R]
@@ -22,6 +23,16 @@ The price is one launch and one more read of x (M*K*2 bytes: 6% of the weight's 
 at M = 64, K = 4096). The decode path (gemv.py, M <= 16), where a launch is comparable
 to the whole kernel, computes h inside its single pass instead.
 
+Split-K (SPLIT_K): at N = 4096 the [64, 64] tiles are 64 programs, too few for 132 SMs,
+and (by estimate, not yet measured) the kernel's time is mostly issue slots decoding W,
+which idle SMs do not help with.
+Then the launcher splits K into slices: program (tile, split) reduces its slice into fp32
+partials at partial[split, rows, cols], and split_k_reduce_kernel sums the slices in a
+fixed order (the same bits every run; gemv.py's docstring says why not atomics), adds
+the LoRA term and the bias and rounds y once. How many slices: fused_splits in
+nf4lora.backends.triton. The backward kernel splits its reduction axis (N) the same way
+and shares the reduction kernel.
+
 The helpers `load_weight_tile` and `dot_accumulate` are shared with gemv.py and
 lora_matmul_backward.py.
 """
@@ -32,58 +43,6 @@ import triton.language as tl
 
 from .codec import (INTERPRETING, decode_nested_absmax, lookup_table, to_float32,
                     to_output_dtype, unpack_nibbles)
-
-# ----------------------------------------------------------------------------------------
-# Dispatch: which kernel runs a forward call (used by nf4lora.backends.triton).
-# ----------------------------------------------------------------------------------------
-
-# Up to this many tokens the split-K GEMV (gemv.py) runs; the tensor-core tile here
-# would be mostly padding and too few programs would cover the weight.
-GEMV_MAX_M = 16
-
-# Above FUSED_MAX_M the dispatcher dequantizes W into a buffer and calls torch's matmul
-# (nf4lora.backends.composite). Why: the fused kernel moves 0.52 bytes per weight, the
-# composite path 4.5 (read 0.52, write 2, read 2 again), so the fused kernel wins while
-# the GEMM is memory-bound; past the ridge point both are compute-bound, and cuBLAS
-# (wgmma, TMA, tuned tiles) beats a Triton kernel that spends issue slots decoding W in
-# its K loop and decodes W again for every M tile (bitsandbytes measured the same on
-# H100: its dispatcher hands sm_90 back to dequantize + cuBLAS early, "thresholds are
-# tight"). The ridge point, M* = peak FLOP/s * 0.516 B / (2 * bandwidth), from
-# roofline.memory_bound_max_m:
-#   A100 (312 TFLOP/s bf16, 2.039 TB/s): M* = 39.5 -> 39
-#   H100 (989 TFLOP/s bf16, 3.35 TB/s):  M* = 76.1 -> 64, capped at BLOCK_M: M in 65..76
-#     needs a second M tile that decodes all of W again, for a margin of at most 15%.
-# Keys are compute-capability majors; 8.x consumer parts (3090: M* ~ 35, 4090: ~ 41) sit
-# near the A100, and Blackwell (B200: M* ~ 73) near the H100.
-FUSED_MAX_M = {8: 39, 9: 64}
-FUSED_MAX_M_DEFAULT = 64  # newer archs, and Triton's interpreter (CPU tensors)
-
-PATH_GEMV, PATH_FUSED, PATH_COMPOSITE = "gemv", "fused", "composite"
-
-
-def fused_max_m(capability: tuple[int, int] | None) -> int:
-    """Largest M the fused kernels take on a GPU of this compute capability (None: the
-    interpreter). Below sm_80 (no bf16 MMA, and not an arch the compile report checks):
-    0, always the composite path."""
-    if capability is None:
-        return FUSED_MAX_M_DEFAULT
-    major = capability[0]
-    if major < 8:
-        return 0
-    return FUSED_MAX_M.get(major, FUSED_MAX_M_DEFAULT)
-
-
-def choose_path(m: int, n: int, k: int, capability: tuple[int, int] | None) -> str:
-    """PATH_GEMV, PATH_FUSED or PATH_COMPOSITE for x [m, k] @ W^T [k, n].
-
-    Odd k goes to the composite path: a packed byte would then straddle two rows of W,
-    and the kernels read each row's bytes as whole pairs. Empty shapes too (nothing to
-    fuse, and torch handles them)."""
-    limit = fused_max_m(capability)
-    if m == 0 or n == 0 or k == 0 or k % 2 or m > limit:
-        return PATH_COMPOSITE
-    return PATH_GEMV if m <= GEMV_MAX_M else PATH_FUSED
-
 
 # ----------------------------------------------------------------------------------------
 # Shared @triton.jit helpers.
@@ -193,12 +152,19 @@ def dot_accumulate(a, b, acc):
 
 
 @triton.jit
+def lora_chunk(lora, h, lora_ptr, cols_n, ranks, N, R, stride_n, stride_r):
+    """lora + h @ L[cols_n, ranks]^T for one chunk of 16 ranks, element (n, r) of L at
+    lora_ptr + n * stride_n + r * stride_r; h [BLOCK_M, 16] is zero past R. The kernels
+    walk R in these chunks, so one binary serves every rank."""
+    tile = tl.load(lora_ptr + cols_n[:, None] * stride_n + ranks[None, :] * stride_r,
+                   mask=(cols_n < N)[:, None] & (ranks < R)[None, :], other=0.0)
+    return dot_accumulate(h, tl.trans(tile), lora)
+
+
+@triton.jit
 def lora_expand_chunk(lora, h, lora_B_ptr, cols_n, ranks, N, R):
-    """lora + h @ B[cols_n, ranks]^T for one chunk of 16 ranks; h [BLOCK_M, 16] is zero
-    past R. The kernels walk R in these chunks, so one binary serves every rank."""
-    lora_B = tl.load(lora_B_ptr + cols_n[:, None] * R + ranks[None, :],
-                     mask=(cols_n < N)[:, None] & (ranks < R)[None, :], other=0.0)
-    return dot_accumulate(h, tl.trans(lora_B), lora)
+    """lora + h @ B[cols_n, ranks]^T, B [N, R] row-major (lora_chunk)."""
+    return lora_chunk(lora, h, lora_B_ptr, cols_n, ranks, N, R, R, 1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -216,8 +182,10 @@ NUM_STAGES = 3
 X_TYPES = ("fp32", "fp16", "bf16")
 
 
-# The shifts gain nothing from Triton's divisible-by-16 specialization: one binary for all.
-@triton.jit(do_not_specialize=["blocksize_log2", "nested_blocksize_log2"])
+# The shifts gain nothing from Triton's divisible-by-16 specialization, nor k_per_split
+# (unused without SPLIT_K; with it the slice start is declared a multiple of BLOCK_K
+# below): one binary for all.
+@triton.jit(do_not_specialize=["blocksize_log2", "nested_blocksize_log2", "k_per_split"])
 def lora_matmul_kernel(
     # pointers
     x_ptr,              # fp32/fp16/bf16 [M, K]
@@ -229,7 +197,8 @@ def lora_matmul_kernel(
     h_ptr,              # x's dtype [M, R], h = x @ A^T (HAS_LORA only)
     lora_B_ptr,         # x's dtype [N, R] (HAS_LORA only)
     bias_ptr,           # x's dtype [N] (HAS_BIAS only)
-    y_ptr,              # x's dtype [M, N]
+    y_ptr,              # x's dtype [M, N] (not SPLIT_K)
+    partial_ptr,        # fp32 [splits, M, N] (SPLIT_K only)
     # sizes
     M, N, K, R,
     row_bytes,              # K // 2, its own argument so Triton can see it divisible by 16
@@ -238,10 +207,12 @@ def lora_matmul_kernel(
     nested_blocksize_log2,
     nested_offset,          # fp32 (NESTED only)
     scaling,                # fp32 (HAS_LORA only)
+    k_per_split,            # a multiple of BLOCK_K (SPLIT_K only)
     # meta-parameters
     NESTED: tl.constexpr,
     HAS_LORA: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr,  # grid (tiles, splits): fp32 partials, no epilogue (LoRA, bias)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -255,9 +226,18 @@ def lora_matmul_kernel(
     rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     X_DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    if SPLIT_K:
+        # A multiple of BLOCK_K: said so, or the compiler cannot prove the x and W loads
+        # aligned, drops cp.async and the 3-stage pipeline (sm_90 bf16: 141 registers
+        # and 18 KB of shared memory instead of 74 and 38 KB).
+        k_begin = tl.multiple_of(tl.program_id(1) * k_per_split, BLOCK_K)
+        k_end = tl.minimum(k_begin + k_per_split, K)
+    else:
+        k_begin = 0
+        k_end = K
 
     acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_begin, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows_m[:, None] * K + ks[None, :],
                     mask=(rows_m < M)[:, None] & (ks < K)[None, :], other=0.0)
@@ -268,38 +248,111 @@ def lora_matmul_kernel(
         # W rounded once to x's dtype, as the composite path's dequantize_4bit does.
         acc = dot_accumulate(x, tl.trans(to_output_dtype(w, X_DTYPE)), acc)
 
+    mask = (rows_m < M)[:, None] & (cols_n < N)[None, :]
+    if SPLIT_K:
+        tl.store(partial_ptr + (tl.program_id(1) * M + rows_m[:, None]) * N + cols_n[None, :],
+                 acc, mask=mask)
+    else:
+        if HAS_LORA:
+            # y + s * (h @ B^T): the chunks' sum is kept apart and scaled once, as
+            # torch.addmm(y, h, B^T, alpha=s) does.
+            lora = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+            for r0 in range(0, R, LORA_CHUNK):
+                ranks = r0 + tl.arange(0, LORA_CHUNK)
+                h = tl.load(h_ptr + rows_m[:, None] * R + ranks[None, :],
+                            mask=(rows_m < M)[:, None] & (ranks < R)[None, :], other=0.0)
+                lora = lora_expand_chunk(lora, h, lora_B_ptr, cols_n, ranks, N, R)
+            acc = acc + scaling * lora
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + cols_n, mask=cols_n < N, other=0.0)
+            acc = acc + to_float32(bias)[None, :]
+        tl.store(y_ptr + rows_m[:, None] * N + cols_n[None, :], to_output_dtype(acc, X_DTYPE),
+                 mask=mask)
+
+
+@triton.jit
+def split_k_reduce_kernel(
+    # pointers
+    partial_ptr,        # fp32 [splits, M, N]
+    h_ptr,              # out's dtype [M, R] (HAS_LORA only)
+    lora_ptr,           # out's dtype, L[n, r] at n * lora_stride_n + r * lora_stride_r (HAS_LORA)
+    bias_ptr,           # out's dtype [N] (HAS_BIAS only)
+    out_ptr,            # fp32/fp16/bf16 [M, N]
+    # sizes
+    M, N, R,
+    num_splits,
+    lora_stride_n,
+    lora_stride_r,
+    scaling,            # fp32 (HAS_LORA only)
+    # meta-parameters
+    HAS_LORA: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """out = sum of the split-K partials (in split order) + scaling * h @ L^T + bias,
+    rounded once. Forward: out = y, L = lora_B [N, R] (strides R, 1). Backward: out = dx
+    [M, K], N = K, h = grad_h, L = lora_A^T (strides 1, K), scaling 1."""
+    pid = tl.program_id(0)
+    tiles_m = (M + BLOCK_M - 1) // BLOCK_M
+    rows_m = (pid % tiles_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols_n = (pid // tiles_m) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows_m < M
+    mask = row_ok[:, None] & (cols_n < N)[None, :]
+    acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+    for split in range(num_splits):  # in order: the same bits every run
+        acc += tl.load(partial_ptr + (split * M + rows_m[:, None]) * N + cols_n[None, :],
+                       mask=mask, other=0.0)
     if HAS_LORA:
-        # y + s * (h @ B^T): the chunks' sum is kept apart and scaled once, as
-        # torch.addmm(y, h, B^T, alpha=s) does.
         lora = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
         for r0 in range(0, R, LORA_CHUNK):
             ranks = r0 + tl.arange(0, LORA_CHUNK)
             h = tl.load(h_ptr + rows_m[:, None] * R + ranks[None, :],
-                        mask=(rows_m < M)[:, None] & (ranks < R)[None, :], other=0.0)
-            lora = lora_expand_chunk(lora, h, lora_B_ptr, cols_n, ranks, N, R)
+                        mask=row_ok[:, None] & (ranks < R)[None, :], other=0.0)
+            lora = lora_chunk(lora, h, lora_ptr, cols_n, ranks, N, R, lora_stride_n,
+                              lora_stride_r)
         acc = acc + scaling * lora
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols_n, mask=cols_n < N, other=0.0)
         acc = acc + to_float32(bias)[None, :]
-    tl.store(y_ptr + rows_m[:, None] * N + cols_n[None, :], to_output_dtype(acc, X_DTYPE),
-             mask=(rows_m < M)[:, None] & (cols_n < N)[None, :])
+    tl.store(out_ptr + rows_m[:, None] * N + cols_n[None, :],
+             to_output_dtype(acc, out_ptr.dtype.element_ty), mask=mask)
 
 
-def launch_config(x_type: str, nested: bool, has_lora: bool, has_bias: bool) -> dict:
+def launch_config(x_type: str, nested: bool, has_lora: bool, has_bias: bool,
+                  split_k: bool = False) -> dict:
     """The constexprs and launch options the launcher uses for one call; x_type is
-    "fp32", "fp16" or "bf16".
+    "fp32", "fp16" or "bf16". With split_k the LoRA term and the bias belong to the
+    reduction (reduce_config), so the split binary is one per x dtype and nesting.
 
     enable_fp_fusion=False: the epilogue's y + s * lora stays a multiply and an add, as
     in the interpreter the tests run (numpy never fuses), and the compile report's
     no-fma rule holds for every kernel; the MMAs are unaffected.
     """
     block_m, block_n, block_k, num_warps = TILES[x_type]
-    return dict(NESTED=nested, HAS_LORA=has_lora, HAS_BIAS=has_bias, BLOCK_M=block_m,
+    return dict(NESTED=nested, HAS_LORA=has_lora and not split_k,
+                HAS_BIAS=has_bias and not split_k, SPLIT_K=split_k, BLOCK_M=block_m,
                 BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
                 num_stages=NUM_STAGES, enable_fp_fusion=False)
 
 
-def grid(m: int, n: int, config: dict) -> tuple:
+def grid(m: int, n: int, config: dict, splits: int = 1) -> tuple:
+    return (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), splits)
+
+
+# The reduction: [16, 128] tiles of 4 warps, gemv.py's epilogue tile (the partials are
+# read 512 contiguous bytes per row; 16 rows is the smallest tl.dot M for the LoRA term).
+REDUCE_BLOCK_M = 16
+REDUCE_BLOCK_N = 128
+REDUCE_NUM_WARPS = 4
+
+
+def reduce_config(has_lora: bool, has_bias: bool) -> dict:
+    return dict(HAS_LORA=has_lora, HAS_BIAS=has_bias, BLOCK_M=REDUCE_BLOCK_M,
+                BLOCK_N=REDUCE_BLOCK_N, num_warps=REDUCE_NUM_WARPS, enable_fp_fusion=False)
+
+
+def reduce_grid(m: int, n: int, config: dict) -> tuple:
     return (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
 
 
@@ -308,19 +361,57 @@ def compile_targets():
 
     NF4 and FP4 share one binary (the code book is data), the blocksize is a runtime
     shift and the rank a runtime loop bound, so the variants are x dtype x nested x
-    LoRA x bias."""
+    (LoRA x bias, or split-K). Without split-K the launcher passes y as the (unused)
+    partial pointer."""
     for x_type in X_TYPES:
         for nested in (False, True):
-            for has_lora in (False, True):
-                for has_bias in (False, True):
-                    signature = {"x_ptr": f"*{x_type}", "packed_ptr": "*u8",
-                                 "absmax_ptr": "*u8" if nested else "*fp32",
-                                 "table_ptr": "*fp32", "nested_code_ptr": "*fp32",
-                                 "nested_absmax_ptr": "*fp32", "h_ptr": f"*{x_type}",
-                                 "lora_B_ptr": f"*{x_type}", "bias_ptr": f"*{x_type}",
-                                 "y_ptr": f"*{x_type}", "M": "i32", "N": "i32", "K": "i32",
-                                 "R": "i32", "row_bytes": "i32", "num_blocks": "i32",
-                                 "blocksize_log2": "i32", "nested_blocksize_log2": "i32",
-                                 "nested_offset": "fp32", "scaling": "fp32"}
-                    label = f"x={x_type} nested={nested} lora={has_lora} bias={has_bias}"
-                    yield label, signature, launch_config(x_type, nested, has_lora, has_bias)
+            variants = [(False, has_lora, has_bias) for has_lora in (False, True)
+                        for has_bias in (False, True)] + [(True, False, False)]
+            for split_k, has_lora, has_bias in variants:
+                signature = {"x_ptr": f"*{x_type}", "packed_ptr": "*u8",
+                             "absmax_ptr": "*u8" if nested else "*fp32",
+                             "table_ptr": "*fp32", "nested_code_ptr": "*fp32",
+                             "nested_absmax_ptr": "*fp32", "h_ptr": f"*{x_type}",
+                             "lora_B_ptr": f"*{x_type}", "bias_ptr": f"*{x_type}",
+                             "y_ptr": f"*{x_type}",
+                             "partial_ptr": "*fp32" if split_k else f"*{x_type}",
+                             "M": "i32", "N": "i32", "K": "i32",
+                             "R": "i32", "row_bytes": "i32", "num_blocks": "i32",
+                             "blocksize_log2": "i32", "nested_blocksize_log2": "i32",
+                             "nested_offset": "fp32", "scaling": "fp32",
+                             "k_per_split": "i32"}
+                label = (f"x={x_type} nested={nested} split_k" if split_k else
+                         f"x={x_type} nested={nested} lora={has_lora} bias={has_bias}")
+                yield label, signature, launch_config(x_type, nested, has_lora, has_bias,
+                                                      split_k)
+
+
+def reduce_compile_targets():
+    """Every (signature, config) of the reduction: out dtype x LoRA x bias."""
+    for out_type in X_TYPES:
+        for has_lora in (False, True):
+            for has_bias in (False, True):
+                signature = {"partial_ptr": "*fp32", "h_ptr": f"*{out_type}",
+                             "lora_ptr": f"*{out_type}", "bias_ptr": f"*{out_type}",
+                             "out_ptr": f"*{out_type}", "M": "i32", "N": "i32", "R": "i32",
+                             "num_splits": "i32", "lora_stride_n": "i32",
+                             "lora_stride_r": "i32", "scaling": "fp32"}
+                yield (f"out={out_type} lora={has_lora} bias={has_bias}", signature,
+                       reduce_config(has_lora, has_bias))
+
+
+# Re-export shim, to delete when roofline.py moves to nf4lora/roofline.py: the routing
+# moved to nf4lora.backends.triton (matmul_path), and roofline.py still reads
+# lora_matmul.choose_path / GEMV_MAX_M / PATH_* when it builds its rows. Resolved on
+# first use, so importing this file imports nothing from nf4lora.
+_MOVED_TO_BACKEND = {"choose_path": "matmul_path", "GEMV_MAX_M": "GEMV_MAX_M",
+                     "PATH_GEMV": "PATH_GEMV", "PATH_FUSED": "PATH_FUSED",
+                     "PATH_COMPOSITE": "PATH_COMPOSITE"}
+
+
+def __getattr__(name):
+    if name in _MOVED_TO_BACKEND:
+        import importlib
+        return getattr(importlib.import_module("nf4lora.backends.triton"),
+                       _MOVED_TO_BACKEND[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,6 +21,11 @@ chunk of a row are decoded per tile (lora_matmul.load_weight_tile), never one pe
 The LoRA term is the epilogue: grad_h [M, R] @ A[:, k tile], R in chunks of 16, into
 the same fp32 accumulator, so dx is rounded once (the composite path rounds after
 dy @ W and again after the addmm).
+
+Split-K (SPLIT_K), as the forward's (lora_matmul.py): at in_features = 4096 the dx tiles
+are 64 programs for 132 SMs, so the reduction over N is cut into slices, each program
+(tile, split) writes fp32 partials, and lora_matmul.split_k_reduce_kernel sums them in
+order and adds grad_h @ A (as h @ L^T with L = A^T: strides 1, K; scaling 1).
 """
 from __future__ import annotations
 
@@ -33,8 +38,10 @@ from .lora_matmul import LORA_CHUNK, NUM_STAGES, TILES, dot_accumulate, load_wei
 X_TYPES = ("fp32", "fp16", "bf16")
 
 
-# The shifts gain nothing from Triton's divisible-by-16 specialization: one binary for all.
-@triton.jit(do_not_specialize=["blocksize_log2", "nested_blocksize_log2"])
+# The shifts gain nothing from Triton's divisible-by-16 specialization, nor n_per_split
+# (unused without SPLIT_K; with it the slice start is declared a multiple of BLOCK_N
+# below): one binary for all.
+@triton.jit(do_not_specialize=["blocksize_log2", "nested_blocksize_log2", "n_per_split"])
 def lora_matmul_grad_input_kernel(
     # pointers
     grad_ptr,           # fp32/fp16/bf16 [M, N], dy
@@ -45,7 +52,8 @@ def lora_matmul_grad_input_kernel(
     nested_absmax_ptr,  # fp32 [ceil(blocks / nested blocksize)] (NESTED only)
     lora_A_ptr,         # dy's dtype [R, K] (HAS_LORA only)
     grad_h_ptr,         # dy's dtype [M, R] (HAS_LORA only)
-    dx_ptr,             # dy's dtype [M, K]
+    dx_ptr,             # dy's dtype [M, K] (not SPLIT_K)
+    partial_ptr,        # fp32 [splits, M, K] (SPLIT_K only)
     # sizes
     M, N, K, R,
     row_bytes,              # K // 2, its own argument so Triton can see it divisible by 16
@@ -53,9 +61,11 @@ def lora_matmul_grad_input_kernel(
     blocksize_log2,
     nested_blocksize_log2,
     nested_offset,          # fp32 (NESTED only)
+    n_per_split,            # a multiple of BLOCK_N (SPLIT_K only)
     # meta-parameters
     NESTED: tl.constexpr,
     HAS_LORA: tl.constexpr,
+    SPLIT_K: tl.constexpr,   # grid (tiles, splits): fp32 partials, no LoRA term
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,   # the reduction step, over rows of W
     BLOCK_K: tl.constexpr,   # dx columns per program
@@ -69,9 +79,16 @@ def lora_matmul_grad_input_kernel(
     cols_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = rows_m < M
     DY_DTYPE: tl.constexpr = grad_ptr.dtype.element_ty
+    if SPLIT_K:
+        # A multiple of BLOCK_N, said so for the pipeline (lora_matmul.py's kernel says why).
+        n_begin = tl.multiple_of(tl.program_id(1) * n_per_split, BLOCK_N)
+        n_end = tl.minimum(n_begin + n_per_split, N)
+    else:
+        n_begin = 0
+        n_end = N
 
     acc = tl.full([BLOCK_M, BLOCK_K], 0.0, tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in range(n_begin, n_end, BLOCK_N):
         ns = n0 + tl.arange(0, BLOCK_N)
         # Rows of dy past N are zero: they cancel the garbage rows of a partial W tile.
         dy = tl.load(grad_ptr + rows_m[:, None] * N + ns[None, :],
@@ -83,45 +100,54 @@ def lora_matmul_grad_input_kernel(
         # W rounded once to dy's dtype, as the composite path's dequantize_4bit does.
         acc = dot_accumulate(dy, to_output_dtype(w, DY_DTYPE), acc)
 
-    if HAS_LORA:
-        for r0 in range(0, R, LORA_CHUNK):
-            ranks = r0 + tl.arange(0, LORA_CHUNK)
-            grad_h = tl.load(grad_h_ptr + rows_m[:, None] * R + ranks[None, :],
-                             mask=row_ok[:, None] & (ranks < R)[None, :], other=0.0)
-            lora_A = tl.load(lora_A_ptr + ranks[:, None] * K + cols_k[None, :],
-                             mask=(ranks < R)[:, None] & (cols_k < K)[None, :], other=0.0)
-            acc = dot_accumulate(grad_h, lora_A, acc)
-    tl.store(dx_ptr + rows_m[:, None] * K + cols_k[None, :], to_output_dtype(acc, DY_DTYPE),
-             mask=row_ok[:, None] & (cols_k < K)[None, :])
+    mask = row_ok[:, None] & (cols_k < K)[None, :]
+    if SPLIT_K:
+        tl.store(partial_ptr + (tl.program_id(1) * M + rows_m[:, None]) * K + cols_k[None, :],
+                 acc, mask=mask)
+    else:
+        if HAS_LORA:
+            for r0 in range(0, R, LORA_CHUNK):
+                ranks = r0 + tl.arange(0, LORA_CHUNK)
+                grad_h = tl.load(grad_h_ptr + rows_m[:, None] * R + ranks[None, :],
+                                 mask=row_ok[:, None] & (ranks < R)[None, :], other=0.0)
+                lora_A = tl.load(lora_A_ptr + ranks[:, None] * K + cols_k[None, :],
+                                 mask=(ranks < R)[:, None] & (cols_k < K)[None, :], other=0.0)
+                acc = dot_accumulate(grad_h, lora_A, acc)
+        tl.store(dx_ptr + rows_m[:, None] * K + cols_k[None, :],
+                 to_output_dtype(acc, DY_DTYPE), mask=mask)
 
 
-def launch_config(x_type: str, nested: bool, has_lora: bool) -> dict:
+def launch_config(x_type: str, nested: bool, has_lora: bool, split_k: bool = False) -> dict:
     """The forward's tiles (lora_matmul.TILES) with BLOCK_N and BLOCK_K in their roles
     swapped: BLOCK_K is the output width here, BLOCK_N the reduction step. Each W tile
-    is [BLOCK_N, BLOCK_K] either way. enable_fp_fusion=False as in the forward."""
+    is [BLOCK_N, BLOCK_K] either way. enable_fp_fusion=False as in the forward. With
+    split_k the LoRA term belongs to the reduction (lora_matmul.reduce_config)."""
     block_m, block_n, block_k, num_warps = TILES[x_type]
-    return dict(NESTED=nested, HAS_LORA=has_lora, BLOCK_M=block_m, BLOCK_N=block_k,
-                BLOCK_K=block_n, num_warps=num_warps, num_stages=NUM_STAGES,
-                enable_fp_fusion=False)
+    return dict(NESTED=nested, HAS_LORA=has_lora and not split_k, SPLIT_K=split_k,
+                BLOCK_M=block_m, BLOCK_N=block_k, BLOCK_K=block_n, num_warps=num_warps,
+                num_stages=NUM_STAGES, enable_fp_fusion=False)
 
 
-def grid(m: int, k: int, config: dict) -> tuple:
-    return (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(k, config["BLOCK_K"]),)
+def grid(m: int, k: int, config: dict, splits: int = 1) -> tuple:
+    return (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(k, config["BLOCK_K"]), splits)
 
 
 def compile_targets():
-    """Every (signature, config) the launcher can choose: dy dtype x nested x LoRA."""
+    """Every (signature, config) the launcher can choose: dy dtype x nested x (LoRA, or
+    split-K). Without split-K the launcher passes dx as the (unused) partial pointer."""
     for x_type in X_TYPES:
         for nested in (False, True):
-            for has_lora in (False, True):
+            for split_k, has_lora in ((False, False), (False, True), (True, False)):
                 signature = {"grad_ptr": f"*{x_type}", "packed_ptr": "*u8",
                              "absmax_ptr": "*u8" if nested else "*fp32",
                              "table_ptr": "*fp32", "nested_code_ptr": "*fp32",
                              "nested_absmax_ptr": "*fp32", "lora_A_ptr": f"*{x_type}",
                              "grad_h_ptr": f"*{x_type}", "dx_ptr": f"*{x_type}",
+                             "partial_ptr": "*fp32" if split_k else f"*{x_type}",
                              "M": "i32", "N": "i32", "K": "i32", "R": "i32",
                              "row_bytes": "i32", "num_blocks": "i32",
                              "blocksize_log2": "i32", "nested_blocksize_log2": "i32",
-                             "nested_offset": "fp32"}
-                yield (f"dy={x_type} nested={nested} lora={has_lora}", signature,
-                       launch_config(x_type, nested, has_lora))
+                             "nested_offset": "fp32", "n_per_split": "i32"}
+                label = (f"dy={x_type} nested={nested} split_k" if split_k else
+                         f"dy={x_type} nested={nested} lora={has_lora}")
+                yield label, signature, launch_config(x_type, nested, has_lora, split_k)

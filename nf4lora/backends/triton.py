@@ -2,8 +2,9 @@
 
 Runs on CUDA tensors, and on CPU tensors when TRITON_INTERPRET=1 (Triton's interpreter,
 how the tests run it on machines without a GPU). The kernels and their block-size
-choices live in triton_kernels/ (one op per file); this module only allocates outputs
-and launches. Inputs are validated by the caller (see nf4lora.backends).
+choices live in triton_kernels/ (one op per file); this module routes each matmul shape
+to a kernel (matmul_path, fused_splits: the named crossovers), allocates outputs and
+launches. Inputs are validated by the caller (see nf4lora.backends).
 """
 from __future__ import annotations
 
@@ -151,15 +152,102 @@ def dequantize_blockwise(codes, absmax, code, blocksize, out):
 
 
 # --------------------------------------------------------------------------------------
-# The matmul ops: lora_matmul_4bit and lora_matmul_4bit_grad_input (see
-# nf4lora.backends for the contract). Which kernel runs is decided by
-# triton_kernels.lora_matmul.choose_path: the split-K GEMV for M <= 16, the fused
-# tensor-core kernel up to the roofline threshold FUSED_MAX_M, and above it (or for odd
+# Routing: which kernel runs a matmul call (the one place this backend decides it; the
+# kernels and their launch configs are in triton_kernels/). The split-K GEMV for
+# M <= GEMV_MAX_M, the fused tensor-core kernel up to the roofline threshold FUSED_MAX_M
+# (with K split when its tiles leave SMs idle: fused_splits), and above it (or for odd
 # in_features) the composite path, dequantize into a buffer + torch's matmul.
 # --------------------------------------------------------------------------------------
 
+PATH_GEMV, PATH_FUSED, PATH_COMPOSITE = "gemv", "fused", "composite"
+
+# Up to this many tokens the split-K GEMV (triton_kernels/gemv.py) runs; the tensor-core
+# tile of the fused kernel would be mostly padding and too few programs would cover W.
+GEMV_MAX_M = 16
+
+# Above FUSED_MAX_M the composite path runs (nf4lora.backends.composite). Why: the fused
+# kernel moves 0.52 bytes per weight, the composite path 4.5 (read 0.52, write 2, read 2
+# again), so the fused kernel wins while the GEMM is memory-bound; past the ridge point
+# both are compute-bound, and cuBLAS (wgmma, TMA, tuned tiles) beats a Triton kernel that
+# spends issue slots decoding W in its K loop and decodes W again for every M tile
+# (bitsandbytes measured the same on H100: its dispatcher hands sm_90 back to dequantize
+# + cuBLAS early, "thresholds are tight"). The ridge point, M* = peak FLOP/s * 0.516 B /
+# (2 * bandwidth), from the roofline's memory_bound_max_m:
+#   A100 (312 TFLOP/s bf16, 2.039 TB/s): M* = 39.5 -> 39
+#   H100 (989 TFLOP/s bf16, 3.35 TB/s):  M* = 76.1 -> 64, capped at BLOCK_M: M in 65..76
+#     needs a second M tile that decodes all of W again, for a margin of at most 15%.
+# Keys are compute-capability majors; 8.x consumer parts (3090: M* ~ 35, 4090: ~ 41) sit
+# near the A100, and Blackwell (B200: M* ~ 73) near the H100. Derived, not yet measured:
+# scripts/gpu_check.sh times both sides of it.
+FUSED_MAX_M = {8: 39, 9: 64}
+FUSED_MAX_M_DEFAULT = 64  # newer archs, and Triton's interpreter (CPU tensors)
+
+# Split-K of the fused forward and backward kernels. One program per [64, 64] output
+# tile walks all of K: at N = 4096 that is 64 programs for 132 SMs (H100). By estimate
+# the kernel's time is mostly issue slots decoding W (~10 instructions per weight: 4096 x
+# 4096 is ~5M warp-instructions, ~11 us on 64 SMs at 1.8 GHz, ~5.5 us on 132), so idle
+# SMs are time lost. fused_splits picks the number of K slices s that minimizes the waves,
+# ceil(tiles * s / SMs) / s, the time in units of one full-K tile on one SM:
+#   tiles = 64 (N = 4096), 132 SMs:   s = 2, 0.5 (s = 1: 1.0)
+#   tiles = 172 (N = 11008), 132 SMs: s = 3, 1.33 (s = 1: 2.0; the ideal 172/132 = 1.30)
+# and splits only for a gain of at least SPLIT_MIN_GAIN (the reduction is one more
+# launch, ~2-3 us, and writes + reads 8 * M * N bytes of fp32 partials per slice, e.g.
+# 2 MB per slice at M = 64, N = 4096: L2-resident on the 50 MB of an H100). Each slice
+# keeps at least MIN_K_STEPS_PER_SPLIT BLOCK_K steps (the 3-stage pipeline fills in 2;
+# 8 x 64 = 512 of K), at most MAX_SPLITS slices. Derived, not yet measured: the GPU
+# bench times nf4lora[triton] against nf4lora[triton] without split-K
+# (SPLIT_K_ENABLED = False) on the same shapes.
+SPLIT_MIN_GAIN = 0.9          # split when the waves fall to <= 90% of the unsplit ones
+MIN_K_STEPS_PER_SPLIT = 8
+MAX_SPLITS = 8
+SPLIT_K_ENABLED = True        # False: never split (for the benchmark's comparison)
+
+
+def fused_max_m(capability: tuple[int, int] | None) -> int:
+    """Largest M the fused kernels take on a GPU of this compute capability (None: the
+    interpreter). Below sm_80 (no bf16 MMA, and not an arch the compile report checks):
+    0, always the composite path."""
+    if capability is None:
+        return FUSED_MAX_M_DEFAULT
+    major = capability[0]
+    if major < 8:
+        return 0
+    return FUSED_MAX_M.get(major, FUSED_MAX_M_DEFAULT)
+
+
+def matmul_path(m: int, n: int, k: int, capability: tuple[int, int] | None) -> str:
+    """PATH_GEMV, PATH_FUSED or PATH_COMPOSITE for x [m, k] @ W^T [k, n] on a GPU of
+    this compute capability (None: the interpreter).
+
+    Odd k goes to the composite path: a packed byte would then straddle two rows of W,
+    and the kernels read each row's bytes as whole pairs. Empty shapes too (nothing to
+    fuse, and torch handles them)."""
+    limit = fused_max_m(capability)
+    if m == 0 or n == 0 or k == 0 or k % 2 or m > limit:
+        return PATH_COMPOSITE
+    return PATH_GEMV if m <= GEMV_MAX_M else PATH_FUSED
+
+
+def fused_splits(tiles: int, steps: int, num_sms: int) -> int:
+    """K slices for a fused (or backward) launch of `tiles` output tiles, each walking
+    `steps` BLOCK_K steps of the reduction, on num_sms SMs (see SPLIT_MIN_GAIN above)."""
+    most = min(MAX_SPLITS, steps // MIN_K_STEPS_PER_SPLIT)
+    if not SPLIT_K_ENABLED or most < 2:
+        return 1
+
+    def waves(splits: int) -> float:
+        return -(-tiles * splits // num_sms) / splits
+    best = min(range(1, most + 1), key=lambda splits: (waves(splits), splits))
+    return best if waves(best) <= SPLIT_MIN_GAIN * waves(1) else 1
+
+
+# --------------------------------------------------------------------------------------
+# The matmul ops: lora_matmul_4bit and lora_matmul_4bit_grad_input (see
+# nf4lora.backends for the contract), routed by matmul_path.
+# --------------------------------------------------------------------------------------
+
 _TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-# The interpreter has no SMs; the split heuristic gets a small nominal count so that
+# The interpreter has no SMs; the split heuristics get a small nominal count so that
 # interpreted launches stay few programs.
 INTERPRETER_NUM_SMS = 4
 
@@ -213,26 +301,34 @@ def _composite():
 
 
 def _check_path(path: str, m: int, k: int) -> None:
-    paths = _kernels.lora_matmul
-    if path not in (paths.PATH_GEMV, paths.PATH_FUSED, paths.PATH_COMPOSITE):
+    if path not in (PATH_GEMV, PATH_FUSED, PATH_COMPOSITE):
         raise ValueError(f"path must be one of gemv, fused, composite; got {path!r}")
-    if path != paths.PATH_COMPOSITE and k % 2:
+    if path != PATH_COMPOSITE and k % 2:
         raise ValueError(f"the {path} kernel needs an even in_features, got {k}")
-    if path == paths.PATH_GEMV and m > paths.GEMV_MAX_M:
-        raise ValueError(f"the gemv kernel takes M <= {paths.GEMV_MAX_M} rows, got {m}")
+    if path == PATH_GEMV and m > GEMV_MAX_M:
+        raise ValueError(f"the gemv kernel takes M <= {GEMV_MAX_M} rows, got {m}")
+
+
+def _fused_split(tiles: int, length: int, block: int, splits, device) -> tuple[int, int]:
+    """(splits, length per split) of a fused launch's reduction axis of `length`, walked
+    in steps of `block`: `splits` if forced, else fused_splits' choice."""
+    if splits is None:
+        splits = fused_splits(tiles, -(-length // block), _num_sms(device))
+    return _kernels.gemv.split_k(length, splits, block)
 
 
 def lora_matmul_4bit(x, weight, lora_A, lora_B, scaling, bias, *, path=None, splits=None):
     """(y [M, out], h [M, r]) = (x @ W^T + scaling * h @ lora_B^T + bias, x @ lora_A^T).
 
-    `path` forces a kernel ("gemv", "fused", "composite") and `splits` the GEMV's split
-    count; both are for tests and benchmarks, the default is the dispatcher's choice."""
+    `path` forces a kernel ("gemv", "fused", "composite") and `splits` the GEMV's or the
+    fused kernel's K slices; both are for tests and benchmarks, the default is the
+    routing's choice (matmul_path, then gemv.num_splits or fused_splits)."""
     kernels = _kernels.lora_matmul
     m, k = x.shape
     n = weight.out_features
-    path = path or kernels.choose_path(m, n, k, _capability(x.device))
+    path = path or matmul_path(m, n, k, _capability(x.device))
     _check_path(path, m, k)
-    if path == kernels.PATH_COMPOSITE:
+    if path == PATH_COMPOSITE:
         composite, backend = _composite()
         return composite.lora_matmul_4bit(backend, x, weight, lora_A, lora_B, scaling, bias)
     r = 0 if lora_A is None else lora_A.shape[0]
@@ -244,7 +340,7 @@ def lora_matmul_4bit(x, weight, lora_A, lora_B, scaling, bias, *, path=None, spl
     x_type = _TYPE_NAMES[x.dtype]
     nested = weight.nested is not None
     with _on(x.device):
-        if path == kernels.PATH_GEMV:
+        if path == PATH_GEMV:
             gemv = _kernels.gemv
             config = gemv.launch_config(gemv.block_m_for(m), x_type, nested)
             tiles = -(-n // config["BLOCK_N"]) - (-r // config["BLOCK_N"])  # ceil divisions
@@ -262,31 +358,44 @@ def lora_matmul_4bit(x, weight, lora_A, lora_B, scaling, bias, *, path=None, spl
             gemv.gemv_epilogue_kernel[gemv.epilogue_grid(n, config)](
                 partial, y if lora_B is None else lora_B, y if bias is None else bias, y,
                 y if lora_A is None else h, m, n, r, splits, float(scaling), **config)
-        else:
-            # h by a separate small matmul, the kernel adds h @ B^T in its epilogue
-            # (why: triton_kernels/lora_matmul.py's docstring).
-            if lora_A is not None:
-                h = torch.nn.functional.linear(x, lora_A)
-            config = kernels.launch_config(x_type, nested, lora_A is not None, bias is not None)
-            kernels.lora_matmul_kernel[kernels.grid(m, n, config)](
-                x, packed, absmax, table, nested_code, nested_absmax,
-                x if lora_A is None else h, x if lora_B is None else lora_B,
-                x if bias is None else bias, y, m, n, k, r, row_bytes, blocks,
-                blocksize_log2, nested_log2, nested_offset, float(scaling), **config)
+            return y, h
+        # h by a separate small matmul, the kernel (or the split-K reduction) adds
+        # h @ B^T in its epilogue (why: triton_kernels/lora_matmul.py's docstring).
+        if lora_A is not None:
+            h = torch.nn.functional.linear(x, lora_A)
+        config = kernels.launch_config(x_type, nested, lora_A is not None, bias is not None)
+        tiles = kernels.grid(m, n, config)[0]
+        splits, k_per_split = _fused_split(tiles, k, config["BLOCK_K"], splits, x.device)
+        partial = y
+        if splits > 1:
+            config = kernels.launch_config(x_type, nested, False, False, split_k=True)
+            partial = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+        kernels.lora_matmul_kernel[kernels.grid(m, n, config, splits)](
+            x, packed, absmax, table, nested_code, nested_absmax,
+            x if lora_A is None else h, x if lora_B is None else lora_B,
+            x if bias is None else bias, y, partial, m, n, k, r, row_bytes, blocks,
+            blocksize_log2, nested_log2, nested_offset, float(scaling), k_per_split, **config)
+        if splits > 1:
+            config = kernels.reduce_config(lora_A is not None, bias is not None)
+            kernels.split_k_reduce_kernel[kernels.reduce_grid(m, n, config)](
+                partial, x if lora_A is None else h, x if lora_B is None else lora_B,
+                x if bias is None else bias, y, m, n, r, splits, r, 1, float(scaling),
+                **config)
     return y, h
 
 
-def lora_matmul_4bit_grad_input(grad, weight, lora_A, grad_h, *, path=None):
+def lora_matmul_4bit_grad_input(grad, weight, lora_A, grad_h, *, path=None, splits=None):
     """dx [M, in] = grad @ W + grad_h @ lora_A, W read packed (fused) up to the forward's
-    threshold; above it the composite path. `path` forces "fused" or "composite"."""
+    threshold; above it the composite path. `path` forces "fused" or "composite",
+    `splits` the fused kernel's slices of the reduction over out_features."""
     kernels = _kernels.lora_matmul
     m, n = grad.shape
     k = weight.in_features
-    path = path or kernels.choose_path(m, n, k, _capability(grad.device))
-    if path == kernels.PATH_GEMV:  # no split-K variant of the backward: the fused kernel
-        path = kernels.PATH_FUSED
+    path = path or matmul_path(m, n, k, _capability(grad.device))
+    if path == PATH_GEMV:  # no GEMV variant of the backward: the fused kernel (split-K)
+        path = PATH_FUSED
     _check_path(path, m, k)
-    if path == kernels.PATH_COMPOSITE:
+    if path == PATH_COMPOSITE:
         composite, backend = _composite()
         return composite.lora_matmul_4bit_grad_input(backend, grad, weight, lora_A, grad_h)
     backward = _kernels.lora_matmul_backward
@@ -294,12 +403,26 @@ def lora_matmul_4bit_grad_input(grad, weight, lora_A, grad_h, *, path=None):
     dx = torch.empty((m, k), dtype=grad.dtype, device=grad.device)
     (packed, absmax, table, nested_code, nested_absmax, row_bytes, blocks, blocksize_log2,
      nested_log2, nested_offset) = _matmul_weight_args(weight, grad.device)
-    config = backward.launch_config(_TYPE_NAMES[grad.dtype], weight.nested is not None,
-                                    lora_A is not None)
+    x_type = _TYPE_NAMES[grad.dtype]
+    nested = weight.nested is not None
+    config = backward.launch_config(x_type, nested, lora_A is not None)
+    tiles = backward.grid(m, k, config)[0]
+    splits, n_per_split = _fused_split(tiles, n, config["BLOCK_N"], splits, grad.device)
+    partial = dx
+    if splits > 1:
+        config = backward.launch_config(x_type, nested, False, split_k=True)
+        partial = torch.empty((splits, m, k), dtype=torch.float32, device=grad.device)
     with _on(grad.device):
-        backward.lora_matmul_grad_input_kernel[backward.grid(m, k, config)](
+        backward.lora_matmul_grad_input_kernel[backward.grid(m, k, config, splits)](
             grad, packed, absmax, table, nested_code, nested_absmax,
             grad if lora_A is None else lora_A, grad if grad_h is None else grad_h, dx,
-            m, n, k, r, row_bytes, blocks, blocksize_log2, nested_log2, nested_offset,
-            **config)
+            partial, m, n, k, r, row_bytes, blocks, blocksize_log2, nested_log2,
+            nested_offset, n_per_split, **config)
+        if splits > 1:
+            # dx = sum of the slices + grad_h @ A: A [R, K] read as L = A^T (strides 1, K).
+            config = kernels.reduce_config(lora_A is not None, False)
+            kernels.split_k_reduce_kernel[kernels.reduce_grid(m, k, config)](
+                partial, grad if grad_h is None else grad_h,
+                grad if lora_A is None else lora_A, grad, dx, m, k, r, splits, 1, k, 1.0,
+                **config)
     return dx
