@@ -110,3 +110,77 @@ def dequantize_into(backend, packed, absmax, blocksize, quant_type, out, nested)
     """backend.dequantize_4bit of the codes of a tensor of out's shape, into out."""
     backend.dequantize_4bit(PackedWeight(packed, absmax, blocksize, quant_type, tuple(out.shape),
                                          nested), out)
+
+
+# -- a 4-bit layer's whole state, for "a bad input leaves the module untouched" tests --------
+
+def snapshot(module):
+    """Everything that defines a 4-bit layer's state, cloned: its state dict and the
+    identity, type and settings of its weight and quant state."""
+    snap = {k: v.clone() for k, v in module.state_dict().items()}
+    w = module.weight
+    snap["_meta"] = (type(w), w.dtype, tuple(w.shape), getattr(w, "bnb_quantized", None),
+                     id(w), id(getattr(w, "quant_state", None)), id(module.quant_state),
+                     getattr(w, "quant_type", None), getattr(w, "quant_storage", None))
+    return snap
+
+
+def assert_same(before, after):
+    """Two snapshots are equal, tensors byte for byte (packed codes stored as a float dtype
+    can read as NaN, which torch.equal calls unequal)."""
+    assert before.keys() == after.keys()
+    for key in before:
+        if key == "_meta":
+            assert before[key] == after[key]
+        else:
+            a, b = before[key], after[key]
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+                a.contiguous().reshape(-1).view(torch.uint8),
+                b.contiguous().reshape(-1).view(torch.uint8)), key
+
+
+# -- edits that make a 4-bit state dict malformed -------------------------------------------
+
+def sd_drop(key):
+    return lambda sd: sd.pop(key)
+
+
+def sd_set(key, value):
+    """sd[key] = value(sd)."""
+    return lambda sd: sd.__setitem__(key, value(sd))
+
+
+def sd_blob(edit, key="weight.quant_state.bitsandbytes__nf4"):
+    """Apply `edit` to the decoded JSON of the packed quant-state entry."""
+    import json
+
+    def apply(sd):
+        entries = json.loads(bytes(sd[key].tolist()))
+        edit(entries)
+        sd[key] = torch.tensor(list(json.dumps(entries).encode()), dtype=torch.uint8)
+    return apply
+
+
+def assert_peft_merge_requantizes(layer, x):
+    """A PEFT adapter layer over an nf4lora Linear4bit: merge() re-quantizes W + delta (off by
+    the 4-bit rounding of the sum, no more), the merged layer is its base layer alone, and
+    unmerge() brings W back within two such roundings. Returns the merged base layer."""
+    base = layer.get_base_layer()
+    W0 = base.dequantized_weight(torch.float32)
+    exact = W0 + layer.get_delta_weight("default").float()
+    with torch.no_grad():
+        y_adapter = layer(x)
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        layer.merge()
+    assert layer.merged and layer.merged_adapters == ["default"]
+    error = (base.dequantized_weight(torch.float32) - exact).abs().max().item()
+    assert 0 < error < 0.5 * exact.abs().max().item()          # 4-bit rounding of the sum
+    with torch.no_grad():                   # merged: the base layer alone, off by that rounding
+        y_merged = layer(x)
+        torch.testing.assert_close(y_merged, base(x), rtol=0, atol=0)
+    assert (y_merged - y_adapter).abs().max().item() <= error * x.abs().sum(-1).max().item()
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        layer.unmerge()
+    assert not layer.merged
+    assert (base.dequantized_weight(torch.float32) - W0).abs().max().item() <= 2 * error + 1e-6
+    return base

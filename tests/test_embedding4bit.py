@@ -20,6 +20,7 @@ import nf4lora.functional as nf
 from nf4lora import reference
 from nf4lora.nn import Embedding4bit, EmbeddingFP4, EmbeddingNF4, Params4bit
 
+from conftest import assert_same, sd_blob, sd_drop, sd_set, snapshot
 from oracles import decoded_absmax, spec_dequantize
 from test_format_vs_bitsandbytes import assert_codes_match_bitsandbytes
 
@@ -70,21 +71,8 @@ def _same_bytes(a, b) -> bool:
             and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
 
 
-def _snapshot(module):
-    snap = {k: v.clone() for k, v in module.state_dict().items()}
-    w = module.weight
-    snap["_meta"] = (type(w), w.dtype, tuple(w.shape), w.bnb_quantized, id(w),
-                     id(w.quant_state), id(module.quant_state), w.quant_type, w.quant_storage)
-    return snap
 
 
-def _assert_same(before, after):
-    assert before.keys() == after.keys()
-    for key in before:
-        if key == "_meta":
-            assert before[key] == after[key]
-        else:
-            assert _same_bytes(before[key], after[key]), key
 
 
 # -- bitsandbytes: constructors and format ----------------------------------------------------
@@ -321,10 +309,10 @@ def test_out_of_range_index_raises_like_nn_embedding(dim, quantized, bad):
     layer.load_state_dict(dense.state_dict())
     if quantized:
         layer.cpu()
-    before = _snapshot(layer)
+    before = snapshot(layer)
     with pytest.raises(IndexError, match="index out of range"):
         layer(index)
-    _assert_same(before, _snapshot(layer))
+    assert_same(before, snapshot(layer))
     assert layer.weight.bnb_quantized == quantized
 
 
@@ -335,27 +323,14 @@ def test_non_index_input_is_a_type_error_and_changes_nothing(quantized, index):
     layer = EmbeddingNF4(7, 64)
     if quantized:
         layer.cpu()
-    before = _snapshot(layer)
+    before = snapshot(layer)
     with pytest.raises(TypeError, match="input must be a tensor of indices"):
         layer(index)
-    _assert_same(before, _snapshot(layer))
+    assert_same(before, snapshot(layer))
 
 
 def _malformed_cases():
-    def drop(key):
-        return lambda sd: sd.pop(key)
-
-    def setv(key, value):
-        return lambda sd: sd.__setitem__(key, value(sd))
-
-    def blob(edit):
-        def f(sd):
-            key = "weight.quant_state.bitsandbytes__nf4"
-            d = json.loads(bytes(sd[key].tolist()))
-            edit(d)
-            sd[key] = torch.tensor(list(json.dumps(d).encode()), dtype=torch.uint8)
-        return f
-
+    drop, setv, blob = sd_drop, sd_set, sd_blob
     return {
         "missing weight.absmax": drop("weight.absmax"),
         "missing weight.nested_absmax": drop("weight.nested_absmax"),
@@ -381,10 +356,10 @@ def test_malformed_dict_leaves_module_untouched(case, target_quantized):
     source = _layer(7, 64, nested=True, seed=5).state_dict()
     _malformed_cases()[case](source)
     target = _layer(7, 64, seed=1) if target_quantized else EmbeddingNF4(7, 64)
-    before = _snapshot(target)
+    before = snapshot(target)
     with pytest.raises(RuntimeError, match="Error\\(s\\) in loading state_dict"):
         target.load_state_dict(source, strict=True)
-    _assert_same(before, _snapshot(target))
+    assert_same(before, snapshot(target))
 
 
 # -- state dict round trips, meta, copy and pickle ---------------------------------------------

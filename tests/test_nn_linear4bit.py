@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import logging
 import pickle
 import warnings
@@ -16,6 +15,7 @@ import torch
 import nf4lora.functional as nf
 from nf4lora.nn import Linear4bit, LinearFP4, LinearNF4, Params4bit
 
+from conftest import assert_same, sd_blob, sd_drop, sd_set, snapshot
 from oracles import SpecLinear, spec_dequantize
 
 IN, OUT = 65, 33          # odd sizes: a partial last block and an odd number of codes
@@ -60,23 +60,8 @@ def _bound(x, layer):
     return 4 * torch.finfo(x.dtype).eps * (x.float().abs() @ W.abs().t()).max().item()
 
 
-def _snapshot(module):
-    """Everything that defines the module's state, cloned."""
-    snap = {k: v.clone() for k, v in module.state_dict().items()}
-    w = module.weight
-    snap["_meta"] = (type(w), w.dtype, tuple(w.shape), getattr(w, "bnb_quantized", None),
-                     id(w), id(getattr(w, "quant_state", None)), id(module.quant_state),
-                     getattr(w, "quant_type", None), getattr(w, "quant_storage", None))
-    return snap
 
 
-def _assert_same(before, after):
-    assert before.keys() == after.keys()
-    for key in before:
-        if key == "_meta":
-            assert before[key] == after[key]
-        else:
-            assert before[key].dtype == after[key].dtype and torch.equal(before[key], after[key]), key
 
 
 # -- equality with bitsandbytes ----------------------------------------------------------
@@ -225,29 +210,16 @@ def test_strict_false_reports_and_keeps_layer():
     ours = _ours()
     sd = _ours(seed=3).state_dict()
     del sd["bias"]
-    before = _snapshot(ours)
+    before = snapshot(ours)
     result = ours.load_state_dict(sd, strict=False)
     assert result.missing_keys == ["bias"] and result.unexpected_keys == []
-    _assert_same(before, _snapshot(ours))
+    assert_same(before, snapshot(ours))
     result = ours.load_state_dict({}, strict=False)
     assert sorted(result.missing_keys) == ["bias", "weight"]
 
 
 def _malformed_cases():
-    def drop(key):
-        return lambda sd: sd.pop(key)
-
-    def setv(key, value):
-        return lambda sd: sd.__setitem__(key, value(sd))
-
-    def blob(edit):
-        def f(sd):
-            key = "weight.quant_state.bitsandbytes__nf4"
-            d = json.loads(bytes(sd[key].tolist()))
-            edit(d)
-            sd[key] = torch.tensor(list(json.dumps(d).encode()), dtype=torch.uint8)
-        return f
-
+    drop, setv, blob = sd_drop, sd_set, sd_blob
     return {
         "missing weight.absmax": drop("weight.absmax"),
         "missing weight.nested_absmax": drop("weight.nested_absmax"),
@@ -281,12 +253,12 @@ def test_malformed_dict_leaves_module_untouched(case, target_quantized):
     source = _ours(seed=5).state_dict()
     _malformed_cases()[case](source)
     target = _ours(seed=1) if target_quantized else Linear4bit(IN, OUT, quant_type="nf4")
-    before = _snapshot(target)
+    before = snapshot(target)
     with pytest.raises(RuntimeError, match="Error\\(s\\) in loading state_dict") as info:
         target.load_state_dict(source, strict=True)
     message = str(info.value)
     assert "weight" in message or "bias" in message or "extra" in message
-    _assert_same(before, _snapshot(target))
+    assert_same(before, snapshot(target))
 
 
 def test_malformed_blob_error_is_specific():
@@ -383,10 +355,10 @@ def test_float32_bias_and_float16_input(compute_dtype):
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
 def test_integer_input_is_an_error_and_changes_nothing(compute_dtype, dtype):
     layer = Linear4bit(IN, OUT, quant_type="nf4", compute_dtype=compute_dtype)   # not yet quantized
-    before = _snapshot(layer)
+    before = snapshot(layer)
     with pytest.raises(TypeError, match="x must be a float tensor"):
         layer(torch.ones(2, IN, dtype=dtype))
-    _assert_same(before, _snapshot(layer))
+    assert_same(before, snapshot(layer))
     assert not layer.weight.bnb_quantized
     quantized = _ours()
     with pytest.raises(TypeError, match="x must be a float tensor"):

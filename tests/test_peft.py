@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import nf4lora
 from nf4lora.nn import Linear4bit
 
+from conftest import assert_peft_merge_requantizes
 from oracles import SpecLinear, max_abs_tolerance, spec_twin
 
 transformers = pytest.importorskip("transformers")
@@ -224,30 +225,11 @@ def test_merge_unmerge_requantizes_with_the_same_settings():
     pm = get_peft_model(model, _config(seed=1)).eval()
     layer = pm.base_model.model.model.layers[0].self_attn.v_proj
     base = layer.get_base_layer()
-    x = torch.randn(5, 64)
-    W0 = base.dequantized_weight(torch.float32)
-    exact = W0 + layer.get_delta_weight("default")
-    with torch.no_grad():
-        y_adapter = layer(x)
-
-    with pytest.warns(UserWarning, match="re-quantizes"):
-        layer.merge()
-    assert layer.merged and layer.merged_adapters == ["default"]
+    assert_peft_merge_requantizes(layer, torch.randn(5, 64))
+    # re-quantized with the same settings, the module's quant state following the weight's
     state = base.weight.quant_state
     assert (state.quant_type, state.nested, base.weight.dtype) == ("fp4", False, torch.bfloat16)
     assert base.quant_state is state
-    W1 = base.dequantized_weight(torch.float32)
-    error = (W1 - exact).abs().max().item()
-    assert 0 < error < 0.5 * exact.abs().max().item()
-    with torch.no_grad():                      # merged: the base layer alone, off by the rounding
-        y_merged = layer(x)
-        torch.testing.assert_close(y_merged, base(x), rtol=0, atol=0)
-    assert (y_merged - y_adapter).abs().max().item() <= error * x.abs().sum(-1).max().item()
-
-    with pytest.warns(UserWarning, match="re-quantizes"):
-        layer.unmerge()
-    assert not layer.merged
-    assert (base.dequantized_weight(torch.float32) - W0).abs().max().item() <= 2 * error + 1e-6
 
 
 def test_merge_and_unload_then_save_for_bitsandbytes(tmp_path):
