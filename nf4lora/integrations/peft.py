@@ -85,7 +85,63 @@ def _check_4bit_base(layer: nn.Module) -> None:
 
 
 class _Requantize4bit:
-    """Merging into the base layer's 4-bit weight: dequantize, add, quantize again."""
+    """Merging into the base layer's 4-bit weight: dequantize, add, quantize again.
+
+    Lossy, as in PEFT's bitsandbytes layer: the merged weight is rounded to the 4-bit grid
+    again, so outputs differ slightly from base + adapter (and unmerge does not give the
+    original bytes back). A subclass names its method and says which adapters it holds; a
+    LoRA adapter with `lora_bias` also moves the base bias."""
+
+    _method = "LoRA"
+
+    def _holds(self, adapter: str) -> bool:
+        return adapter in self.lora_A
+
+    def _bias_delta(self, adapter: str) -> Optional[Tensor]:
+        """What merging `adapter` adds to the base layer's bias (None: nothing)."""
+        return None
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """W' = quantize(dequantize(W) + delta) per adapter; safe_merge: check for
+        non-finite values before writing anything."""
+        base = self.get_base_layer()
+        for adapter in check_adapters_to_merge(self, adapter_names):
+            if not self._holds(adapter):
+                continue
+            warnings.warn(f"Merging a {self._method} adapter into a 4-bit weight re-quantizes it: "
+                          "outputs may differ slightly (rounding errors).", stacklevel=2)
+            merged = self._dequantized_base() + self.get_delta_weight(adapter).float()
+            bias_delta = self._bias_delta(adapter)
+            if bias_delta is not None and base.bias is None:
+                raise RuntimeError(f"Impossible to merge {self._method} with `lora_bias=True` "
+                                   "because the base layer has no bias.")
+            if safe_merge and not (torch.isfinite(merged).all() and (
+                    bias_delta is None or torch.isfinite(bias_delta).all())):
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} "
+                                 "seems to be broken")
+            self._requantize(merged)
+            if bias_delta is not None:
+                base.bias.data += bias_delta.to(base.bias.dtype)
+            self.merged_adapters.append(adapter)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take merged adapters back out (lossy too: one more re-quantization each)."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if not self._holds(adapter):
+                continue
+            warnings.warn(f"Unmerging a {self._method} adapter from a 4-bit weight re-quantizes "
+                          "it: outputs may differ slightly (rounding errors).", stacklevel=2)
+            self._requantize(self._dequantized_base() - self.get_delta_weight(adapter).float())
+            bias_delta = self._bias_delta(adapter)
+            if bias_delta is not None:
+                base.bias.data -= bias_delta.to(base.bias.dtype)
 
     def _requantize(self, dense: Tensor) -> None:
         """Quantize `dense` [out, in] into the base weight with its own settings (blocksize,
@@ -216,53 +272,10 @@ class LoraLinear4bitPeft(_Requantize4bit, nn.Module, LoraLayer):
         B = self.lora_B[adapter].weight.float()
         return (B @ A) * self.scaling[adapter]
 
-    @torch.no_grad()
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Fold adapters into the 4-bit weight: W' = quantize(dequantize(W) + scaling * B A).
-
-        Lossy, as in PEFT's bitsandbytes layer: the merged weight is rounded to the 4-bit
-        grid again, so outputs differ slightly from base + adapter (and unmerge does not give
-        the original bytes back). safe_merge: check for non-finite values before writing.
-        """
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        for adapter in adapter_names:
-            if adapter not in self.lora_A:
-                continue
-            warnings.warn("Merging a LoRA adapter into a 4-bit weight re-quantizes it: outputs "
-                          "may differ slightly (rounding errors).", stacklevel=2)
-            base = self.get_base_layer()
-            merged = self._dequantized_base() + self.get_delta_weight(adapter)
-            new_bias = None
-            if self.lora_bias[adapter]:
-                if base.bias is None:
-                    raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the "
-                                       "base layer has no bias.")
-                new_bias = base.bias + self.lora_B[adapter].bias * self.scaling[adapter]
-            if safe_merge and not (torch.isfinite(merged).all()
-                                   and (new_bias is None or torch.isfinite(new_bias).all())):
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} "
-                                 "seems to be broken")
-            self._requantize(merged)
-            if new_bias is not None:
-                base.bias.data = new_bias.to(base.bias.dtype)
-            self.merged_adapters.append(adapter)
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Take merged adapters back out (lossy too: one more re-quantization each)."""
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        while self.merged_adapters:
-            adapter = self.merged_adapters.pop()
-            if adapter not in self.lora_A:
-                continue
-            warnings.warn("Unmerging a LoRA adapter from a 4-bit weight re-quantizes it: outputs "
-                          "may differ slightly (rounding errors).", stacklevel=2)
-            self._requantize(self._dequantized_base() - self.get_delta_weight(adapter))
-            if self.lora_bias[adapter]:
-                base = self.get_base_layer()
-                base.bias.data -= (self.lora_B[adapter].bias * self.scaling[adapter]).to(base.bias.dtype)
+    def _bias_delta(self, adapter: str) -> Optional[Tensor]:
+        if not self.lora_bias[adapter]:
+            return None
+        return self.lora_B[adapter].bias * self.scaling[adapter]
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
@@ -295,33 +308,8 @@ class _LycorisLinear4bit(_Requantize4bit):
                 raise RuntimeError(f"adapter {adapter_name!r} has {name}, which PEFT creates for "
                                    "convolutions only; a nf4lora Linear4bit has none")
 
-    @torch.no_grad()
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        for adapter in adapter_names:
-            if adapter not in self._available_adapters:
-                continue
-            warnings.warn(f"Merging a {self._method} adapter into a 4-bit weight re-quantizes it: "
-                          "outputs may differ slightly (rounding errors).", stacklevel=2)
-            merged = self._dequantized_base() + self.get_delta_weight(adapter).float()
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} "
-                                 "seems to be broken")
-            self._requantize(merged)
-            self.merged_adapters.append(adapter)
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        while self.merged_adapters:
-            adapter = self.merged_adapters.pop()
-            if adapter not in self._available_adapters:
-                continue
-            warnings.warn(f"Unmerging a {self._method} adapter from a 4-bit weight re-quantizes "
-                          "it: outputs may differ slightly (rounding errors).", stacklevel=2)
-            self._requantize(self._dequantized_base() - self.get_delta_weight(adapter).float())
+    def _holds(self, adapter: str) -> bool:
+        return adapter in self._available_adapters
 
 
 class LoHaLinear4bitPeft(_LycorisLinear4bit, _PeftLoHaLinear):
