@@ -158,6 +158,33 @@ def _check_matmul_weight(weight: PackedWeight, like: Tensor) -> None:
         raise ValueError(f"the packed weight is on {weight.device}, the activations on {like.device}")
 
 
+def _check_activations(name: str, t: Tensor, weight: PackedWeight, width: int) -> tuple[int, int]:
+    """`t` is [M, weight.shape[width]] in a float dtype, on the weight's device; returns
+    (out_features, in_features)."""
+    check_float(name, t)
+    _check_matmul_weight(weight, t)
+    features = weight.shape[width]
+    label = ("out_features", "in_features")[width]
+    if t.dim() != 2 or t.shape[1] != features:
+        raise ValueError(f"{name} must be [M, {label}={features}], got {list(t.shape)}")
+    return weight.shape
+
+
+def _check_adapter(lora_A: Optional[Tensor], other_name: str, other: Optional[Tensor],
+                   other_shape, like: Tensor, in_features: int):
+    """lora_A [r, in] and its partner (lora_B [out, r] or grad_h [M, r]) come together, in
+    the activations' dtype and device; returns both contiguous (or both None)."""
+    if (lora_A is None) != (other is None):
+        raise ValueError(f"lora_A and {other_name} go together")
+    if lora_A is None:
+        return None, None
+    check_tensor("lora_A", lora_A)
+    r = lora_A.shape[0] if lora_A.dim() == 2 else -1
+    _check_operand("lora_A", lora_A, (r, in_features), like)
+    _check_operand(other_name, other, other_shape(r), like)
+    return lora_A.contiguous(), other.contiguous()
+
+
 def _run(name: str, device, *args):
     """Call the backend's fused op, or the composite path when it has none."""
     backend = backend_for(device)
@@ -173,19 +200,9 @@ def lora_matmul_4bit_impl(x: Tensor, weight: PackedWeight, lora_A: Optional[Tens
     Returns (y [M, out], h = x @ lora_A^T [M, r]); h is [M, 0] without LoRA. h is returned
     because the backward pass needs it for lora_B's gradient and the kernel has it anyway.
     """
-    check_float("x", x)
-    _check_matmul_weight(weight, x)
-    out_features, in_features = weight.shape
-    if x.dim() != 2 or x.shape[1] != in_features:
-        raise ValueError(f"x must be [M, in_features={in_features}], got {list(x.shape)}")
-    if (lora_A is None) != (lora_B is None):
-        raise ValueError("lora_A and lora_B go together")
-    if lora_A is not None:
-        check_tensor("lora_A", lora_A)
-        r = lora_A.shape[0] if lora_A.dim() == 2 else -1
-        _check_operand("lora_A", lora_A, (r, in_features), x)
-        _check_operand("lora_B", lora_B, (out_features, r), x)
-        lora_A, lora_B = lora_A.contiguous(), lora_B.contiguous()
+    out_features, in_features = _check_activations("x", x, weight, width=1)
+    lora_A, lora_B = _check_adapter(lora_A, "lora_B", lora_B, lambda r: (out_features, r), x,
+                                    in_features)
     _check_operand("bias", bias, (out_features,), x)
     return _run("lora_matmul_4bit", x.device, x.contiguous(), weight.with_offset_read(), lora_A,
                 lora_B, float(scaling), bias)
@@ -216,19 +233,9 @@ def lora_matmul_4bit_grad_input_impl(grad: Tensor, weight: PackedWeight, lora_A:
 
     W is read packed: no dense copy of it is kept anywhere between calls.
     """
-    check_float("grad", grad)
-    _check_matmul_weight(weight, grad)
-    out_features, in_features = weight.shape
-    if grad.dim() != 2 or grad.shape[1] != out_features:
-        raise ValueError(f"grad must be [M, out_features={out_features}], got {list(grad.shape)}")
-    if (lora_A is None) != (grad_h is None):
-        raise ValueError("lora_A and grad_h go together")
-    if lora_A is not None:
-        check_tensor("lora_A", lora_A)
-        r = lora_A.shape[0] if lora_A.dim() == 2 else -1
-        _check_operand("lora_A", lora_A, (r, in_features), grad)
-        _check_operand("grad_h", grad_h, (grad.shape[0], r), grad)
-        lora_A, grad_h = lora_A.contiguous(), grad_h.contiguous()
+    _, in_features = _check_activations("grad", grad, weight, width=0)
+    lora_A, grad_h = _check_adapter(lora_A, "grad_h", grad_h, lambda r: (grad.shape[0], r), grad,
+                                    in_features)
     return _run("lora_matmul_4bit_grad_input", grad.device, grad.contiguous(),
                 weight.with_offset_read(), lora_A, grad_h)
 

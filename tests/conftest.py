@@ -70,6 +70,15 @@ def bnb():
 
 
 @pytest.fixture
+def bnb_nn():
+    """bitsandbytes.nn (skips the test without bitsandbytes)."""
+    if bnb_functional is None:
+        pytest.skip("bitsandbytes is not installed (pip install '.[test]')")
+    import bitsandbytes
+    return bitsandbytes.nn
+
+
+@pytest.fixture
 def hide_optional_imports(monkeypatch):
     """hide("bitsandbytes", "torchao"): bench.harness.import_optional fails for modules with
     those prefixes, as if they were not installed (for the benchmarks' skip-with-a-note

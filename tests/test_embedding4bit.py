@@ -28,17 +28,6 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 STORAGES = (torch.uint8, torch.bfloat16)
 
 
-@pytest.fixture
-def bnb_nn():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            import bitsandbytes
-        except ImportError:
-            pytest.skip("bitsandbytes is not installed")
-    return bitsandbytes.nn
-
-
 def _dense(vocab, dim, dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
     return torch.nn.Embedding(vocab, dim, dtype=dtype)

@@ -21,17 +21,6 @@ from oracles import SpecLinear, spec_dequantize
 IN, OUT = 65, 33          # odd sizes: a partial last block and an odd number of codes
 
 
-@pytest.fixture
-def bnb_nn():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            import bitsandbytes
-        except ImportError:
-            pytest.skip("bitsandbytes is not installed")
-    return bitsandbytes.nn
-
-
 def _dense(in_f=IN, out_f=OUT, bias=True, seed=0):
     torch.manual_seed(seed)
     return torch.nn.Linear(in_f, out_f, bias=bias)
