@@ -405,20 +405,6 @@ def measure_gpu(provider: Provider, case, *, footprint: int = GPU_COLD_FOOTPRINT
     return [row]
 
 
-def measure_all_gpu(providers, cases, **options) -> tuple[list[dict], list[str]]:
-    """harness.measure_all on CUDA tensors: a provider that raises is noted, not fatal."""
-    rows, notes = [], []
-    for case in cases:
-        for provider in providers:
-            try:
-                rows += measure_gpu(provider, case, **options)
-            except Exception as error:
-                notes.append(f"{provider.name} on {case.labels}: failed, "
-                             f"{type(error).__name__}: {error}")
-                gc.collect()
-    return rows, notes
-
-
 def add_gpu_rates(rows: list[dict], bandwidth: dict) -> None:
     """GB/s from the kernel time (the event time where the profiler gave none), and its
     share of the probed read and copy bandwidth and of the nominal HBM bandwidth."""
@@ -576,8 +562,8 @@ def main_gpu(args, argv) -> dict:
         notes += [f"{op}: {note}" for note in failed]
         for shape in shapes:
             print(f"{op} {shape[0]}x{shape[1]}: {', '.join(p.name for p in checked)}", flush=True)
-            case_rows, case_notes = measure_all_gpu(checked, [Case(op, shape, quantizer,
-                                                                   device=GPU_DEVICE)])
+            case_rows, case_notes = harness.measure_all(
+                checked, [Case(op, shape, quantizer, device=GPU_DEVICE)], measure_one=measure_gpu)
             rows += case_rows
             notes += case_notes
     add_gpu_rates(rows, bandwidth)

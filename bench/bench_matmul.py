@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from . import harness
 from .bench_codec import (GPU_DEVICE, GPU_REPS, NESTED_BLOCKSIZE, CachedWeight, Quantizer, add_gpu_rates,
                           add_gpu_speedups, bitsandbytes_path, check_gpu_providers,
-                          measure_all_gpu, nf4lora_gpu_backends, print_gpu_bandwidth,
+                          measure_gpu, nf4lora_gpu_backends, print_gpu_bandwidth,
                           print_plan, probe_gpu_bandwidth, quantized_bytes)
 from .harness import Provider
 
@@ -700,7 +700,7 @@ def run_gpu(args, preset: dict, found: Found, quantizer: Quantizer, notes: list[
         providers = [impl.provider(case) for impl in impls if impl.runs(case)]
         print(f"{case.op} {case.shape[0]}x{case.shape[1]} M={case.tokens}: "
               f"{', '.join(p.name for p in providers)}", flush=True)
-        case_rows, case_notes = measure_all_gpu(providers, [case])
+        case_rows, case_notes = harness.measure_all(providers, [case], measure_one=measure_gpu)
         rows += case_rows
         notes += case_notes
     add_gpu_rates(rows, bandwidth)

@@ -170,14 +170,16 @@ def run_checks(providers: Sequence[Provider]) -> tuple[list[Provider], list[str]
     return passed, notes
 
 
-def measure_all(providers: Sequence[Provider], cases: Sequence[Any],
+def measure_all(providers: Sequence[Provider], cases: Sequence[Any], measure_one=None,
                 **options) -> tuple[list[dict], list[str]]:
-    """`measure` for every case x provider; a provider that raises is noted, not fatal."""
+    """`measure_one` (default `measure`) for every case x provider; a provider that raises
+    is noted, not fatal."""
+    measure_one = measure if measure_one is None else measure_one
     rows, notes = [], []
     for case in cases:
         for provider in providers:
             try:
-                rows += measure(provider, case, **options)
+                rows += measure_one(provider, case, **options)
             except Exception as error:
                 notes.append(f"{provider.name} on {case.labels}: failed, "
                              f"{type(error).__name__}: {error}")

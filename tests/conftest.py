@@ -193,3 +193,21 @@ def assert_peft_merge_requantizes(layer, x):
     assert not layer.merged
     assert (base.dequantized_weight(torch.float32) - W0).abs().max().item() <= 2 * error + 1e-6
     return base
+
+
+def malformed_4bit_weight_edits() -> dict:
+    """Named edits that break a 4-bit layer's `weight*` entries (its bias and shape-specific
+    edits are the test file's)."""
+    return {
+        "missing weight.absmax": sd_drop("weight.absmax"),
+        "missing weight.nested_absmax": sd_drop("weight.nested_absmax"),
+        "missing quant_state blob": sd_drop("weight.quant_state.bitsandbytes__nf4"),
+        "missing weight": sd_drop("weight"),
+        "extra weight.key": sd_set("weight.foo", lambda sd: torch.zeros(1)),
+        "short packed weight": sd_set("weight", lambda sd: sd["weight"][:-1]),
+        "short absmax": sd_set("weight.absmax", lambda sd: sd["weight.absmax"][:-1]),
+        "wrong quant_map": sd_set("weight.quant_map", lambda sd: sd["weight.quant_map"] * 2),
+        "blob bad blocksize": sd_blob(lambda d: d.__setitem__("blocksize", 48)),
+        "packed weight without state": lambda sd: [sd.pop(k) for k in list(sd)
+                                                   if k.startswith("weight.")],
+    }

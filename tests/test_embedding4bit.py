@@ -20,7 +20,7 @@ import nf4lora.functional as nf
 from nf4lora import reference
 from nf4lora.nn import Embedding4bit, EmbeddingFP4, EmbeddingNF4, Params4bit
 
-from conftest import assert_same, sd_blob, sd_drop, sd_set, snapshot
+from conftest import assert_same, malformed_4bit_weight_edits, sd_blob, sd_set, snapshot
 from oracles import decoded_absmax, spec_dequantize
 from test_format_vs_bitsandbytes import assert_codes_match_bitsandbytes
 
@@ -319,23 +319,14 @@ def test_non_index_input_is_a_type_error_and_changes_nothing(quantized, index):
 
 
 def _malformed_cases():
-    drop, setv, blob = sd_drop, sd_set, sd_blob
+    setv, blob = sd_set, sd_blob
     return {
-        "missing weight.absmax": drop("weight.absmax"),
-        "missing weight.nested_absmax": drop("weight.nested_absmax"),
-        "missing quant_state blob": drop("weight.quant_state.bitsandbytes__nf4"),
-        "missing weight": drop("weight"),
+        **malformed_4bit_weight_edits(),
         "extra key": setv("bias", lambda sd: torch.zeros(7)),
-        "extra weight.key": setv("weight.foo", lambda sd: torch.zeros(1)),
-        "short packed weight": setv("weight", lambda sd: sd["weight"][:-1]),
-        "short absmax": setv("weight.absmax", lambda sd: sd["weight.absmax"][:-1]),
-        "wrong quant_map": setv("weight.quant_map", lambda sd: sd["weight.quant_map"] * 2),
         "blob wrong shape": blob(lambda d: d.__setitem__("shape", [7, 32])),
         "blob transposed shape": blob(lambda d: d.__setitem__("shape", [64, 7])),
-        "blob bad blocksize": blob(lambda d: d.__setitem__("blocksize", 48)),
         "dense weight wrong shape": lambda sd: [sd.pop(k) for k in list(sd) if k.startswith("weight.")]
         and sd.__setitem__("weight", torch.zeros(7, 65)),
-        "packed weight without state": lambda sd: [sd.pop(k) for k in list(sd) if k.startswith("weight.")],
     }
 
 

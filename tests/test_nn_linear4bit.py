@@ -15,7 +15,7 @@ import torch
 import nf4lora.functional as nf
 from nf4lora.nn import Linear4bit, LinearFP4, LinearNF4, Params4bit
 
-from conftest import assert_same, sd_blob, sd_drop, sd_set, snapshot
+from conftest import assert_same, malformed_4bit_weight_edits, sd_blob, sd_drop, sd_set, snapshot
 from oracles import SpecLinear, spec_dequantize
 
 IN, OUT = 65, 33          # odd sizes: a partial last block and an odd number of codes
@@ -210,29 +210,20 @@ def test_strict_false_reports_and_keeps_layer():
 def _malformed_cases():
     drop, setv, blob = sd_drop, sd_set, sd_blob
     return {
-        "missing weight.absmax": drop("weight.absmax"),
-        "missing weight.nested_absmax": drop("weight.nested_absmax"),
-        "missing quant_state blob": drop("weight.quant_state.bitsandbytes__nf4"),
+        **malformed_4bit_weight_edits(),
         "missing bias": drop("bias"),
-        "missing weight": drop("weight"),
         "extra key": setv("extra", lambda sd: torch.zeros(1)),
-        "extra weight.key": setv("weight.foo", lambda sd: torch.zeros(1)),
-        "short packed weight": setv("weight", lambda sd: sd["weight"][:-1]),
-        "short absmax": setv("weight.absmax", lambda sd: sd["weight.absmax"][:-1]),
         "float absmax when nested": setv("weight.absmax", lambda sd: sd["weight.absmax"].float()),
-        "wrong quant_map": setv("weight.quant_map", lambda sd: sd["weight.quant_map"] * 2),
         "bias shape": setv("bias", lambda sd: torch.zeros(OUT + 1)),
         "bias not a tensor": setv("bias", lambda sd: [0.0] * OUT),
         "garbage blob": setv("weight.quant_state.bitsandbytes__nf4",
                              lambda sd: torch.tensor([123, 34, 113], dtype=torch.uint8)),
         "blob wrong shape": blob(lambda d: d.__setitem__("shape", [OUT, IN - 1])),
         "blob transposed shape": blob(lambda d: d.__setitem__("shape", [IN, OUT])),
-        "blob bad blocksize": blob(lambda d: d.__setitem__("blocksize", 48)),
         "blob bad dtype": blob(lambda d: d.__setitem__("dtype", "float99")),
         "blob unknown entry": blob(lambda d: d.__setitem__("color", "red")),
         "dense weight wrong shape": lambda sd: [sd.pop(k) for k in list(sd) if k.startswith("weight.")]
         and sd.__setitem__("weight", torch.zeros(OUT, IN + 1)),
-        "packed weight without state": lambda sd: [sd.pop(k) for k in list(sd) if k.startswith("weight.")],
     }
 
 
