@@ -7,6 +7,8 @@
       codec             NF4 quantize / dequantize (bench/bench_codec.py)
       memory            memory of one QLoRA layer's forward + backward (bench/bench_memory.py)
       train             QLoRA training steps (bench/bench_train.py)
+      decode            greedy generation of a 1B-class Llama: tokens/s vs bitsandbytes 4-bit and
+                        dense bf16, share of read bandwidth (bench/bench_decode.py)
   nf4lora demo [...]              quantize a real model, QLoRA-train it, memory table, kernel timing
 """
 from __future__ import annotations
@@ -35,7 +37,7 @@ def _info(_args) -> int:
 
 # `nf4lora bench SUITE`: the module of bench/ that runs it (its main(argv) parses the rest).
 BENCH_SUITES = {"matmul": "bench_matmul", "codec": "bench_codec", "memory": "bench_memory",
-                "train": "bench_train"}
+                "train": "bench_train", "decode": "bench_decode"}
 DEFAULT_BENCH_SUITE = "matmul"
 
 
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, backends, CPU kernel path").set_defaults(run=_info)
-    commands.add_parser("bench", help="benchmarks: bench [matmul|codec|memory|train] "
+    commands.add_parser("bench", help="benchmarks: bench [matmul|codec|memory|train|decode] "
                         "(default matmul; --help for options)")
     commands.add_parser("demo", help="quantize + QLoRA-train a real model, memory table, "
                         "kernel timing (--help for options)")
