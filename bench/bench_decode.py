@@ -159,23 +159,7 @@ def build_nf4lora(base_copy, mods):
 
 
 def build_bnb(base_copy, mods):
-    bnb = mods["bitsandbytes"]
-    model = base_copy()
-    for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear or name.split(".")[-1] == "lm_head":
-            continue
-        layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                  compute_dtype=DTYPE, compress_statistics=True, quant_type="nf4",
-                                  device="meta")
-        layer.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, blocksize=BLOCKSIZE,
-                                         compress_statistics=True, quant_type="nf4", module=layer)
-        if module.bias is not None:
-            layer.bias = module.bias
-        layer = layer.to("cpu")                  # quantizes (bitsandbytes >= 0.46 does it on CPU)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
-    model.is_loaded_in_4bit = True               # as transformers' bnb quantizer marks it
-    return model.eval()
+    return harness.bitsandbytes_4bit(base_copy(), mods["bitsandbytes"], DTYPE, BLOCKSIZE).eval()
 
 
 def build_dense(base_copy, mods):
@@ -514,27 +498,10 @@ def _run(args, argv) -> dict:
           f"{new_tokens} new tokens (prefill + {args.warmup} warm-up + {args.steps} timed steps); "
           f"{threads} threads; CPU {cpu_model}; load average {load_start}", flush=True)
 
-    mods: dict = {}
-    runnable = []
-    bnb_messages: list[str] = []
-    transformers, why, _ = harness.import_optional("transformers")
-    for provider in wanted:
-        missing = None if transformers is not None else why
-        for module_name in provider.needs:
-            if missing:
-                break
-            if module_name not in mods:
-                module, reason, messages = harness.import_optional(module_name)
-                if module is None:
-                    missing = reason
-                    continue
-                mods[module_name] = module
-                if module_name == "bitsandbytes":
-                    bnb_messages = messages
-        if missing:
-            notes.append(f"{provider.name}: skipped, {missing}")
-        else:
-            runnable.append(provider)
+    runnable, mods, import_notes, messages = harness.import_providers(wanted)
+    notes += import_notes
+    bnb_messages = messages.get("bitsandbytes", [])
+    transformers = mods.get("transformers")
     check = args.check and transformers is not None
     if check and "nf4lora" not in mods:
         module, reason, _ = harness.import_optional("nf4lora")

@@ -188,22 +188,10 @@ def build_nf4lora_peft(model, mods):
 
 
 def build_bnb_peft(model, mods):
-    bnb = mods["bitsandbytes"]
-    for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear or name.split(".")[-1] == "lm_head":
-            continue
-        layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                  compute_dtype=DTYPE, compress_statistics=True, quant_type="nf4",
-                                  device="meta")
-        layer.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, blocksize=BLOCKSIZE,
-                                         compress_statistics=True, quant_type="nf4", module=layer)
-        if module.bias is not None:
-            layer.bias = module.bias
-        layer = layer.to("cpu")                  # quantizes (bitsandbytes >= 0.46 does it on CPU)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
-    model.is_loaded_in_4bit = True               # as transformers' bnb quantizer marks it: PEFT
-    return mods["peft"].get_peft_model(model, lora_config(mods["peft"]))  # then picks its bnb layer
+    # flagged is_loaded_in_4bit, as transformers' bitsandbytes loading flags it: PEFT then
+    # picks its bitsandbytes LoRA layer
+    model = harness.bitsandbytes_4bit(model, mods["bitsandbytes"], DTYPE, BLOCKSIZE)
+    return mods["peft"].get_peft_model(model, lora_config(mods["peft"]))
 
 
 def build_dense_peft(model, mods):
@@ -465,24 +453,9 @@ def _run(args, argv) -> dict:
           f"tokens, LoRA r={RANK} alpha={ALPHA} on {','.join(TARGETS)}, bf16, AdamW lr {LR:g}; "
           f"{args.warmup} warm-up + {args.steps} timed steps, {torch.get_num_threads()} threads", flush=True)
 
-    mods: dict = {}
-    runnable = []
-    transformers, why, _ = harness.import_optional("transformers")
-    for provider in wanted:
-        missing = None if transformers is not None else why
-        for module_name in provider.needs:
-            if missing:
-                break
-            if module_name not in mods:
-                module, reason, _ = harness.import_optional(module_name)
-                if module is None:
-                    missing = reason
-                    continue
-                mods[module_name] = module
-        if missing:
-            notes.append(f"{provider.name}: skipped, {missing}")
-        else:
-            runnable.append(provider)
+    runnable, mods, import_notes, _ = harness.import_providers(wanted)
+    notes += import_notes
+    transformers = mods.get("transformers")
     if "bitsandbytes" in mods:
         path = "native CPU library" if torch._C._dispatch_has_kernel_for_dispatch_key(
             "bitsandbytes::dequantize_4bit", "CPU") else "pure-PyTorch default"

@@ -447,3 +447,55 @@ def save_json(payload: dict, out_dir: Path, name: str) -> tuple[Path, Path]:
     latest.write_text(text)
     print(f"saved {stamped} and {latest.name}")
     return stamped, latest
+
+
+def bitsandbytes_4bit(model, bnb, compute_dtype, blocksize: int = 64):
+    """`model` with every nn.Linear but lm_head replaced by bitsandbytes' Linear4bit (NF4,
+    double quantization), quantized on CPU (bitsandbytes >= 0.46 does that), in place:
+    what transformers' BitsAndBytesConfig loading builds, flagged as it flags it."""
+    from torch import nn
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or name.split(".")[-1] == "lm_head":
+            continue
+        layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                  compute_dtype=compute_dtype, compress_statistics=True,
+                                  quant_type="nf4", device="meta")
+        layer.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, blocksize=blocksize,
+                                         compress_statistics=True, quant_type="nf4", module=layer)
+        if module.bias is not None:
+            layer.bias = module.bias
+        layer = layer.to("cpu")                  # quantizes
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+    model.is_loaded_in_4bit = True
+    return model
+
+
+def import_providers(providers, always: tuple = ("transformers",)):
+    """Import what each provider needs (`import_optional`); a provider whose import fails
+    becomes a note, never a crash. Returns (runnable providers, modules by name, notes,
+    the messages each module printed while importing)."""
+    mods, messages, runnable, notes = {}, {}, [], []
+    base_missing = None
+    for name in always:
+        module, reason, printed = import_optional(name)
+        if module is None:
+            base_missing = base_missing or reason
+        else:
+            mods[name], messages[name] = module, printed
+    for provider in providers:
+        missing = base_missing
+        for name in provider.needs:
+            if missing:
+                break
+            if name not in mods:
+                module, reason, printed = import_optional(name)
+                if module is None:
+                    missing = reason
+                else:
+                    mods[name], messages[name] = module, printed
+        if missing:
+            notes.append(f"{provider.name}: skipped, {missing}")
+        else:
+            runnable.append(provider)
+    return runnable, mods, notes, messages

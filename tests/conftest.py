@@ -211,3 +211,14 @@ def malformed_4bit_weight_edits() -> dict:
         "packed weight without state": lambda sd: [sd.pop(k) for k in list(sd)
                                                    if k.startswith("weight.")],
     }
+
+
+def saved_bench_payload(out_dir, name: str, payload: dict) -> dict:
+    """The JSON a benchmark saved into out_dir (one stamped file and <name>-latest.json),
+    checked against what its main() returned."""
+    import json
+    saved = json.loads((out_dir / f"{name}-latest.json").read_text())
+    assert len(list(out_dir.glob(f"{name}-2*.json"))) == 1
+    assert saved["rows"] == json.loads(json.dumps(payload["rows"], default=str))
+    assert saved["benchmark"] == name
+    return saved

@@ -17,6 +17,7 @@ import torch
 # bench/ is a directory of the repository, not part of the installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from conftest import saved_bench_payload  # noqa: E402
 from bench import bench_decode, harness  # noqa: E402
 from nf4lora import backends, cli  # noqa: E402
 
@@ -44,10 +45,7 @@ def test_quick_run_writes_every_row_and_key(tmp_path, monkeypatch):
     payload = run(tmp_path, monkeypatch)
     assert torch.get_num_threads() == threads      # --threads is undone afterwards
 
-    saved = json.loads((tmp_path / "decode-latest.json").read_text())
-    assert len(list(tmp_path.glob("decode-2*.json"))) == 1
-    assert saved["rows"] == json.loads(json.dumps(payload["rows"], default=str))
-    assert saved["benchmark"] == "decode"
+    saved = saved_bench_payload(tmp_path, "decode", payload)
     assert METADATA_KEYS <= saved["metadata"].keys()
     assert {"start", "end", "high", "cpus"} <= saved["metadata"]["load_average"].keys()
     assert saved["metadata"]["cpu_model"]

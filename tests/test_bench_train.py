@@ -6,7 +6,6 @@ No timing is asserted anywhere (shared/perf.md): the machines are shared and noi
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 # bench/ is a directory of the repository, not part of the installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from conftest import saved_bench_payload  # noqa: E402
 from bench import bench_train, harness  # noqa: E402
 
 pytest.importorskip("transformers")
@@ -40,10 +40,7 @@ def test_quick_run_writes_every_row_and_key(tmp_path, monkeypatch):
     payload = run(tmp_path, monkeypatch)
     assert torch.get_num_threads() == threads      # --threads is undone afterwards
 
-    saved = json.loads((tmp_path / "train-latest.json").read_text())
-    assert len(list(tmp_path.glob("train-2*.json"))) == 1
-    assert saved["rows"] == json.loads(json.dumps(payload["rows"], default=str))
-    assert saved["benchmark"] == "train"
+    saved = saved_bench_payload(tmp_path, "train", payload)
     assert METADATA_KEYS <= saved["metadata"].keys()
     assert {"model", "why_this_size", "batch", "seq", "lora", "quantization", "optimizer",
             "tolerance"} <= saved["config"].keys()
