@@ -39,7 +39,7 @@ os.chdir(os.path.dirname(os.path.abspath(__file__)))
 # extension must load on any x86-64; SIMD paths use per-function target attributes.
 CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
 LINK_FLAGS = ["-fopenmp"]
-HEADERS = ["csrc/nf4_codec.h", *sorted(glob.glob("csrc/cpu/*.h"))]
+HEADERS = [*sorted(glob.glob("csrc/*.h")), *sorted(glob.glob("csrc/cpu/*.h"))]
 
 
 def log(message: str) -> None:
@@ -200,9 +200,12 @@ setup(
         # bitsandbytes is the format oracle, pinned to the version the tests were written
         # against (its format helpers and the bugs the tests name are version-specific);
         # transformers/peft/accelerate for the model-level tests; triton for its interpreter;
-        # torchao as a benchmark provider.
+        # torchao as a benchmark provider; pybind11 for tests/test_cuda_host.py, which builds
+        # nf4lora._C_cuda's binding over the CPU replay of its kernels (build isolation keeps
+        # the build's own pybind11 out of the test environment).
         "test": ["pytest", "pytest-xdist", "hypothesis", "scipy", "bitsandbytes==0.50.2",
-                 "triton>=3.2", "peft>=0.13", "accelerate", "torchao", *DEMO_REQUIRES],
+                 "triton>=3.2", "peft>=0.13", "accelerate", "torchao", "pybind11>=2.10",
+                 *DEMO_REQUIRES],
     },
     entry_points={"console_scripts": ["nf4lora = nf4lora.cli:main"]},
     zip_safe=False,

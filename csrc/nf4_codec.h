@@ -67,56 +67,36 @@ namespace nf4lora {
 #define NF4LORA_FP4_CODE_BY_RANK 0, 1, 6, 7, 4, 5, 2, 3
 
 enum QuantType : int { kNF4 = 0, kFP4 = 1 };
-// dtype ids used across the C ABI (bindings and kernels).
+// dtype ids of the kernels (their Python names: weight.h kDTypeNames).
 enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
 // ---------------------------------------------------------------------------------
-// Bit casts and strictly-rounded arithmetic.
+// Bit casts and strictly-rounded arithmetic: a * b, a + b and a / b rounded once each,
+// never contracted into an FMA. The device has intrinsics for each; on the host the
+// plain operators are (-ffp-contract=off keeps them apart) and bit casts go through a
+// union.
 // ---------------------------------------------------------------------------------
-NF4_HD uint32_t float_bits(float x) {
 #if defined(__CUDA_ARCH__)
-  return __float_as_uint(x);
+NF4_HD uint32_t float_bits(float x) { return __float_as_uint(x); }
+NF4_HD float bits_float(uint32_t u) { return __uint_as_float(u); }
+NF4_HD float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+NF4_HD float add_rn(float a, float b) { return __fadd_rn(a, b); }
+NF4_HD float div_rn(float a, float b) { return __fdiv_rn(a, b); }  // IEEE under --use_fast_math too
 #else
+NF4_HD uint32_t float_bits(float x) {
   union { float f; uint32_t u; } v;
   v.f = x;
   return v.u;
-#endif
 }
-
 NF4_HD float bits_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
   union { uint32_t u; float f; } v;
   v.u = u;
   return v.f;
-#endif
 }
-
-// a * b and a + b rounded once each, never contracted into an FMA.
-NF4_HD float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;  // host: -ffp-contract=off keeps this a plain multiply
+NF4_HD float mul_rn(float a, float b) { return a * b; }
+NF4_HD float add_rn(float a, float b) { return a + b; }
+NF4_HD float div_rn(float a, float b) { return a / b; }
 #endif
-}
-
-NF4_HD float add_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-
-NF4_HD float div_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fdiv_rn(a, b);  // IEEE division even under --use_fast_math
-#else
-  return a / b;
-#endif
-}
 
 NF4_HD float abs_f(float x) { return bits_float(float_bits(x) & 0x7fffffffu); }
 NF4_HD bool is_nan(float x) { return (float_bits(x) & 0x7fffffffu) > 0x7f800000u; }

@@ -15,9 +15,9 @@ import os
 import pytest
 import torch
 
-from nf4lora import reference
+from nf4lora import codebook, reference
 from conftest import dequantize_into
-from nf4lora.backends import NestedAbsmax
+from nf4lora.backends import NestedAbsmax, PackedWeight
 from nf4lora.backends import cpu as cpu_backend
 from nf4lora.codebook import FP4_ABS_THRESHOLDS, FP4_CODE_BY_RANK, NF4_CODE, create_dynamic_map, get_4bit_type
 
@@ -142,7 +142,7 @@ def test_float_conversion_matches_torch(dtype):
     x = torch.cat([edges, random_bits.to(torch.int32).view(torch.float32), halves, mids])
     x = x.contiguous()
     out = torch.empty(x.numel(), dtype=dtype)
-    _C.convert_float(x.data_ptr(), x.numel(), out.data_ptr(), 1 if dtype == torch.float16 else 2)
+    _C.convert_float(x, out)
     assert_same(out, x.to(dtype), f"float32 -> {dtype}")
 
 
@@ -373,12 +373,28 @@ def test_every_path_this_cpu_has_runs_natively():
 
 
 def test_bad_arguments_raise():
+    x, packed, absmax = torch.zeros(10), torch.zeros(5, dtype=torch.uint8), torch.zeros(1)
     with pytest.raises(ValueError, match="even"):
-        _C.quantize_4bit(0, 0, 10, 33, 0, 0, 0)
+        _C.quantize_4bit(x, 33, "nf4", packed, absmax)
+    with pytest.raises(ValueError, match="quant_type"):
+        _C.quantize_4bit(x, 64, "nf5", packed, absmax)
     with pytest.raises(ValueError, match="dtype"):
-        _C.dequantize_4bit(0, 0, 10, 64, 0, 0, 7)
+        _C.dequantize_4bit(PackedWeight(packed, absmax, 64, "nf4", (10,), None),
+                           torch.zeros(10, dtype=torch.int32))
     with pytest.raises(ValueError, match="null"):
-        _C.quantize_blockwise(0, 0, 0, 10, 256, 0, 0)
+        _C.quantize_blockwise(x, None, 256, torch.zeros(10, dtype=torch.uint8), absmax)
+    with pytest.raises(ValueError, match="absmax must be torch.float32"):
+        _C.dequantize_4bit(PackedWeight(packed, packed, 64, "nf4", (10,), None), x)
+    with pytest.raises(ValueError, match="packed weight holds 5 elements, the weight needs 6"):
+        _C.dequantize_4bit(PackedWeight(packed, absmax, 64, "nf4", (12,), None), torch.zeros(12))
+
+
+def test_ids_come_from_the_extension():
+    """The binding maps torch dtypes and quant-type names to the kernels' ids itself;
+    Python never spells an id."""
+    assert _C.DTYPE_IDS == {"float32": 0, "float16": 1, "bfloat16": 2}
+    assert tuple(_C.QUANT_TYPE_IDS) == codebook.QUANT_TYPES
+    assert _C.native_16bit_gemm(torch.float32)
 
 
 def test_availability_and_device_types():

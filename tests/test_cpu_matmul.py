@@ -130,14 +130,18 @@ def test_fused_is_used_for_small_M_and_dequantize_gemm_otherwise():
 
 
 def test_fused_kernel_rejects_what_it_cannot_do():
+    y, h = torch.empty(1, 4), torch.empty(1, 0)
+    packed = torch.zeros(200, dtype=torch.uint8)
     x = torch.zeros(1, 100)
-    y = torch.empty(1, 4)
+    weight = PackedWeight(packed, torch.ones(7), 64, "nf4", (4, 100), None)
     with pytest.raises(ValueError, match="multiple of blocksize"):
-        cpu_backend._C.lora_gemv_4bit(x.data_ptr(), 0, 1, 100, 4, 0, 0, 0, 0, 0.0, 256, 64, 0,
-                                      0, 0, 0, 1.0, 0, y.data_ptr(), 0)
+        cpu_backend._C.lora_gemv_4bit(x, weight, None, None, 1.0, None, y, h)
+    x = torch.zeros(1, 64)
+    weight = PackedWeight(packed, torch.ones(4), 64, "nf4", (4, 64), None)
     with pytest.raises(ValueError, match="null LoRA pointer"):
-        cpu_backend._C.lora_gemv_4bit(x.data_ptr(), 0, 1, 64, 4, x.data_ptr(), x.data_ptr(), 0,
-                                      0, 0.0, 256, 64, 0, 0, 0, 4, 1.0, 0, y.data_ptr(), 0)
+        cpu_backend._C.lora_gemv_4bit(x, weight, torch.zeros(4, 64), None, 1.0, None, y, h)
+    with pytest.raises(ValueError, match="x has 100 features"):
+        cpu_backend._C.lora_gemv_4bit(torch.zeros(1, 100), weight, None, None, 1.0, None, y, h)
 
 
 # ---- dequantize + gemm ---------------------------------------------------------------

@@ -2,17 +2,18 @@
 
 Every CUDA kernel in csrc/cuda is written as __host__ __device__ per-thread functions of
 explicit indices (csrc/cuda/thread_work.cuh) behind thin __global__ shells. Here g++
-builds csrc/cuda_host/host_driver.cpp, which runs those functions over the whole grid
-(every CUDA block, warp and lane), through the same launch plan as the real launcher
-(csrc/cuda/plan.h: argument checks, the 16-byte-vector vs element-wise choice, the grid),
-with each warp's shuffle reduction replayed as the same butterfly over the 32 lanes. The
-tests drive nf4lora/backends/cuda.py (the real Python glue) with that replay standing in
-for nf4lora._C_cuda, on CPU tensors, and compare with nf4lora.reference:
+builds nf4lora._C_cuda's own binding (csrc/cuda/bindings_cuda.cpp) with
+csrc/cuda_host/host_driver.cpp in place of the CUDA launchers: it runs those functions
+over the whole grid (every CUDA block, warp and lane), through the same launch plan as
+the real launcher (csrc/cuda/plan.h: argument checks, the 16-byte-vector vs element-wise
+choice, the grid), with each warp's shuffle reduction replayed as the same butterfly over
+the 32 lanes. The tests drive nf4lora/backends/cuda.py (the real Python glue) with that
+module standing in for nf4lora._C_cuda, on CPU tensors, and compare with nf4lora.reference:
   * quantize (4-bit and 8-bit) codes and absmax: bit-exact, edge cases included;
   * dequantize (4-bit with float or nested absmax, 8-bit), every output dtype: bit-exact;
   * the GEMV + LoRA (M = 1..8, K not a multiple of the 32-wide chunk or of the 1024-wide
-    warp step, rows past N, rank > 32): within the error that the same computation done
-    by torch in the activation dtype makes against float64.
+    warp step, rows past N, rank > 32), y and the h = x @ A^T it returns: within the error
+    that the same computation done by torch in the activation dtype makes against float64.
 
 On a machine with a GPU and the extension built, every such test runs a second time
 through the real nf4lora._C_cuda on CUDA tensors (the "gpu" variant, skipped elsewhere).
@@ -29,23 +30,25 @@ NOT covered by the host replay (it needs a GPU; `scripts/check_cuda.sh` compiles
 """
 from __future__ import annotations
 
-import ctypes
 import importlib
+import importlib.util
 import math
 import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
 
-from nf4lora import backends, reference
+from nf4lora import backends, codebook, reference
 from conftest import dequantize_into
-from nf4lora.backends import NestedAbsmax
+from test_cpu_backend import tie_values  # values on and 1 ulp around every threshold
+from nf4lora.backends import NestedAbsmax, PackedWeight
 from nf4lora.backends import cuda as cuda_backend
-from nf4lora.codebook import FP4_ABS_THRESHOLDS, create_dynamic_map
+from nf4lora.codebook import create_dynamic_map
 
 ROOT = Path(__file__).resolve().parents[1]
 CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
@@ -55,63 +58,37 @@ QUANT_TYPES = ("nf4", "fp4")
 DYNAMIC = create_dynamic_map()
 
 
-class HostKernels:
-    """nf4lora._C_cuda's functions, served by the CPU replay (the stream is ignored)."""
+def build_host_module(directory: Path):
+    """nf4lora._C_cuda's binding (csrc/cuda/bindings_cuda.cpp) linked with the CPU replay of
+    its kernels (csrc/cuda_host/host_driver.cpp) in place of the CUDA launchers, built with
+    g++ into `directory` and imported (as the top-level module `_C_cuda`)."""
+    import pybind11
 
-    _SIGNATURES = {  # P pointer, I int, L int64, F float; mirrors bindings_cuda.cpp
-        "quantize_4bit": "PILLIPP",
-        "quantize_blockwise": "PIPLLPP",
-        "dequantize_4bit": "PPLLIPI",
-        "dequantize_4bit_nested": "PPPPFLLLIPI",
-        "dequantize_blockwise": "PPPLLPI",
-        "gemv_4bit_lora": "PILLLPPPPPFLLIPPLFPPP",
-    }
-    _CTYPES = {"P": ctypes.c_void_p, "I": ctypes.c_int, "L": ctypes.c_int64, "F": ctypes.c_float}
-
-    def __init__(self, path: Path):
-        self._lib = ctypes.CDLL(str(path))
-        self._lib.nf4h_last_error.restype = ctypes.c_char_p
-        for name, signature in self._SIGNATURES.items():
-            fn = getattr(self._lib, "nf4h_" + name)
-            fn.argtypes = [self._CTYPES[c] for c in signature]
-            fn.restype = ctypes.c_int
-            setattr(self, name, self._checked(fn, len(signature)))
-        for name in ("gemv_workspace_bytes", "gemv_rows_per_warp"):
-            getattr(self._lib, "nf4h_" + name).restype = ctypes.c_int64
-        self._lib.nf4h_gemv_workspace_bytes.argtypes = [ctypes.c_int64, ctypes.c_int64]
-        self._lib.nf4h_gemv_rows_per_warp.argtypes = [ctypes.c_int]
-
-    def _checked(self, fn, nargs):
-        def call(*args):
-            assert len(args) == nargs + 1, f"expected {nargs} arguments and a stream"
-            if fn(*args[:-1]) != 0:  # the plan threw std::invalid_argument
-                raise ValueError(self._lib.nf4h_last_error().decode())
-        return call
-
-    def gemv_workspace_bytes(self, M, rank):
-        return self._lib.nf4h_gemv_workspace_bytes(M, rank)
-
-    def gemv_rows_per_warp(self, M):
-        return self._lib.nf4h_gemv_rows_per_warp(M)
-
-    def runtime_status(self):
-        return "host replay"
+    out = directory / f"_C_cuda{sysconfig.get_config_var('EXT_SUFFIX')}"
+    # -ffp-contract=off as for the CPU kernels: the codec's a * b + c is two roundings.
+    cmd = [CXX, "-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-fvisibility=hidden",
+           "-Wall", "-Wextra", "-Werror", f"-I{ROOT / 'csrc'}", f"-I{pybind11.get_include()}",
+           f"-I{sysconfig.get_paths()['include']}", str(ROOT / "csrc/cuda/bindings_cuda.cpp"),
+           str(ROOT / "csrc/cuda_host/host_driver.cpp"), "-o", str(out)]
+    built = subprocess.run(cmd, capture_output=True, text=True)
+    if built.returncode != 0:
+        raise RuntimeError(f"building the host replay failed:\n{' '.join(cmd)}\n{built.stderr}")
+    spec = importlib.util.spec_from_file_location("_C_cuda", out)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
-    """Build the host driver once per test session (~10 s with g++ -O1)."""
+    """The host-replay stand-in for nf4lora._C_cuda, built once per test module (~12 s)."""
     if CXX is None:
         pytest.skip("no C++ compiler (g++) to build csrc/cuda_host/host_driver.cpp")
-    out = tmp_path_factory.mktemp("cuda_host") / "libnf4lora_cuda_host.so"
-    # -ffp-contract=off as for the CPU kernels: the codec's a * b + c is two roundings.
-    cmd = [CXX, "-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-Wall", "-Wextra",
-           "-Werror", f"-I{ROOT / 'csrc'}", str(ROOT / "csrc/cuda_host/host_driver.cpp"),
-           "-o", str(out)]
-    built = subprocess.run(cmd, capture_output=True, text=True)
-    if built.returncode != 0:
-        pytest.fail(f"building the host driver failed:\n{' '.join(cmd)}\n{built.stderr}")
-    return HostKernels(out)
+    pytest.importorskip("pybind11", reason="pybind11 (in the test extra) builds the host replay")
+    try:
+        return build_host_module(tmp_path_factory.mktemp("cuda_host"))
+    except RuntimeError as error:
+        pytest.fail(str(error))
 
 
 class OnDevice:
@@ -122,6 +99,9 @@ class OnDevice:
         self.module, self.device = module, device
 
     def _to(self, value):
+        if isinstance(value, PackedWeight):
+            return value._replace(packed=self._to(value.packed), absmax=self._to(value.absmax),
+                                  nested=self._to(value.nested))
         if isinstance(value, NestedAbsmax):
             return value._replace(absmax=self._to(value.absmax), code=self._to(value.code))
         if not isinstance(value, torch.Tensor) or self.device.type == "cpu":
@@ -201,24 +181,6 @@ def make_values(n: int, dtype: torch.dtype, blocksize: int, seed: int, nan: bool
         if nan and n >= 4 * blocksize:
             x[3 * blocksize + 5] = float("nan")
     return x
-
-
-def tie_values(dtype: torch.dtype, quant_type: str) -> torch.Tensor:
-    """Blocks of 64 whose scaled values sit exactly on (and 1 ulp around) every decision
-    threshold: absmax is 1.0 or 0.5, so x * (1 / absmax) is exact."""
-    if quant_type == "nf4":
-        thresholds = reference.nf4_thresholds()
-    else:
-        t = torch.tensor(FP4_ABS_THRESHOLDS, dtype=torch.float32)
-        thresholds = torch.cat([t, -t])
-    pieces = []
-    for scale in (1.0, 0.5):
-        t = (thresholds * scale).to(dtype)
-        up = torch.nextafter(t, torch.full_like(t, math.inf))
-        down = torch.nextafter(t, torch.full_like(t, -math.inf))
-        block = torch.cat([t, up, down, torch.tensor([scale], dtype=dtype)])
-        pieces.append(torch.cat([block, torch.zeros(64 - block.numel(), dtype=dtype)]))
-    return torch.cat(pieces)
 
 
 def quantized(n, blocksize, quant_type, seed, nested):
@@ -321,14 +283,20 @@ def test_plan_rejects_what_the_kernels_cannot_do(host):
     packed = torch.zeros(64, dtype=torch.uint8)
     absmax = torch.ones(4, dtype=torch.float32)
     out = torch.empty(128)
+    weight = PackedWeight(packed, absmax, 64, "nf4", (128,), None)
     with pytest.raises(ValueError, match="power of two >= 32"):
-        host.dequantize_4bit(packed.data_ptr(), absmax.data_ptr(), 128, 48, 0, out.data_ptr(), 0, 0)
+        host.dequantize_4bit(weight._replace(blocksize=48), out, 0)
     with pytest.raises(ValueError, match="dtype"):
-        host.dequantize_4bit(packed.data_ptr(), absmax.data_ptr(), 128, 64, 0, out.data_ptr(), 7, 0)
+        host.dequantize_4bit(weight, torch.empty(128, dtype=torch.int32), 0)
     with pytest.raises(ValueError, match="quant_type"):
-        host.quantize_4bit(out.data_ptr(), 0, 128, 64, 2, packed.data_ptr(), absmax.data_ptr(), 0)
+        host.quantize_4bit(out, 64, "nf5", packed, absmax, 0)
     with pytest.raises(ValueError, match="even"):
-        host.quantize_4bit(out.data_ptr(), 0, 128, 63, 0, packed.data_ptr(), absmax.data_ptr(), 0)
+        host.quantize_4bit(out, 63, "nf4", packed, absmax, 0)
+    with pytest.raises(ValueError, match="absmax holds 4 elements, the weight needs 5"):
+        larger = weight._replace(packed=torch.zeros(160, dtype=torch.uint8), shape=(320,))
+        host.dequantize_4bit(larger, torch.empty(320), 0)
+    assert host.DTYPE_IDS == {"float32": 0, "float16": 1, "bfloat16": 2}
+    assert tuple(host.QUANT_TYPE_IDS) == codebook.QUANT_TYPES
 
 
 # ---- GEMV + LoRA -------------------------------------------------------------------------
@@ -347,7 +315,8 @@ def gemv_case(M, N, K, rank, dtype, quant_type, nested, with_bias, seed):
     A = (torch.randn(rank, K, generator=g) / math.sqrt(K)).to(dtype) if rank else None
     B = (torch.randn(N, rank, generator=g) * 0.1).to(dtype) if rank else None
     bias = torch.randn(N, generator=g).to(dtype) if with_bias else None
-    return dict(x=x, packed=packed, absmax=absmax, nested=nest, W=W, A=A, B=B, bias=bias)
+    weight = PackedWeight(packed, absmax, 64, quant_type, (N, K), nest)
+    return dict(x=x, weight=weight, W=W, A=A, B=B, bias=bias)
 
 
 def lora_linear(x, W, A, B, bias, scaling, dtype):
@@ -374,18 +343,26 @@ def test_gemv_4bit_lora_within_the_dtype_baseline(glue, M, N, K, rank, dtype, ne
     quant_type = "fp4" if (M + N) % 3 == 0 else "nf4"
     case = gemv_case(M, N, K, rank, dtype, quant_type, nested, with_bias, seed=M * N + K)
     scaling = 0.5
-    y = glue.gemv_4bit_lora(case["x"], case["packed"], case["absmax"], (N, K), 64, quant_type,
-                            case["nested"], case["A"], case["B"], scaling, case["bias"])
-    assert y.shape == (M, N) and y.dtype == dtype
+    y, h = glue.gemv_4bit_lora(case["x"], case["weight"], case["A"], case["B"], scaling,
+                               case["bias"])
+    assert y.shape == (M, N) and y.dtype == dtype and h.shape == (M, rank) and h.dtype == dtype
     args = (case["x"], case["W"], case["A"], case["B"], case["bias"], scaling)
     exact = lora_linear(*args, torch.float64)
-    baseline = lora_linear(*args, dtype).double()  # what torch does in the same dtype
-    # The tolerance is the baseline's own worst error, but never below one unit in the
-    # last place of dtype at the output's largest magnitude (small cases can be lucky).
-    ulp = torch.finfo(dtype).eps * exact.abs().max().item()
-    tolerance = max((baseline - exact).abs().max().item(), ulp)
-    error = (y.double() - exact).abs().max().item()
-    assert error <= tolerance, f"GEMV error {error:.3g} > tolerance {tolerance:.3g}"
+    assert_within_dtype_baseline(y, lora_linear(*args, dtype), exact, "y")
+    if rank:
+        x, A = case["x"], case["A"]
+        assert_within_dtype_baseline(h, torch.nn.functional.linear(x, A),
+                                     x.double() @ A.double().t(), "h")
+
+
+def assert_within_dtype_baseline(actual, baseline, exact, what):
+    """|actual - exact| within the error torch makes in the same dtype (`baseline`), but
+    never below one unit in the last place of the dtype at the output's largest magnitude
+    (small cases can be lucky)."""
+    ulp = torch.finfo(actual.dtype).eps * exact.abs().max().item()
+    tolerance = max((baseline.double() - exact).abs().max().item(), ulp)
+    error = (actual.double() - exact).abs().max().item()
+    assert error <= tolerance, f"GEMV {what}: error {error:.3g} > tolerance {tolerance:.3g}"
 
 
 @pytest.mark.parametrize("M", range(1, 9))
@@ -397,22 +374,22 @@ def test_gemv_writes_every_output_exactly(host, M):
     packed, absmax = reference.quantize_4bit(weight, 64, "nf4")
     x = torch.arange(M * K, dtype=torch.float32).remainder(251).sub(125).to(torch.bfloat16).reshape(M, K)
     y = torch.full((M, N), float("nan"), dtype=torch.bfloat16)
-    host.gemv_4bit_lora(x.data_ptr(), 2, M, N, K, packed.data_ptr(), absmax.data_ptr(), 0, 0, 0,
-                        0.0, 256, 64, 0, 0, 0, 0, 1.0, 0, 0, y.data_ptr(), 0)
+    h = torch.empty((M, 0), dtype=torch.bfloat16)
+    host.lora_gemv_4bit(x, PackedWeight(packed, absmax, 64, "nf4", (N, K), None), None, None, 1.0,
+                        None, y, h, torch.empty(1, dtype=torch.int32), 0)
     assert torch.equal(y, x[:, :N])
-    assert host.gemv_rows_per_warp(M) == (1 if M == 1 else 2 if M <= 3 else 4)
 
 
 def test_gemv_rejects_bad_shapes(glue):
     x = torch.randn(9, 64, dtype=torch.bfloat16)
     packed, absmax = reference.quantize_4bit(torch.randn(8, 64), 64, "nf4")
+    weight = PackedWeight(packed, absmax, 64, "nf4", (8, 64), None)
     with pytest.raises(ValueError, match="1..8 rows"):
-        glue.gemv_4bit_lora(x, packed, absmax, (8, 64), 64, "nf4")
+        glue.gemv_4bit_lora(x, weight)
     with pytest.raises(TypeError, match="float16 or bfloat16"):
-        glue.gemv_4bit_lora(x[:2].float(), packed, absmax, (8, 64), 64, "nf4")
+        glue.gemv_4bit_lora(x[:2].float(), weight)
     with pytest.raises(ValueError, match="lora_A must be"):
-        glue.gemv_4bit_lora(x[:2], packed, absmax, (8, 64), 64, "nf4",
-                            lora_A=torch.zeros(4, 63, dtype=torch.bfloat16),
+        glue.gemv_4bit_lora(x[:2], weight, lora_A=torch.zeros(4, 63, dtype=torch.bfloat16),
                             lora_B=torch.zeros(8, 4, dtype=torch.bfloat16))
 
 

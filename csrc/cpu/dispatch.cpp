@@ -153,14 +153,18 @@ void check(bool ok, const char* what) {
   if (!ok) throw std::invalid_argument(what);
 }
 
-// Either float32 absmax or the arrays of double quantization, whichever the call uses.
-void check_block_constants(const float* absmax, const NestedAbsmax* nested) {
-  if (nested) {
-    check(nested->q && nested->absmax2 && nested->code2, "null pointer in nested absmax");
-    check(nested->blocksize > 0, "nested blocksize must be > 0");
+// Either float32 absmax or the arrays of double quantization, whichever the weight uses.
+void check_block_constants(const PackedWeight& w) {
+  if (w.is_nested()) {
+    check(w.nested.absmax2 && w.nested.code2, "null pointer in nested absmax");
+    check(w.nested.blocksize > 0, "nested blocksize must be > 0");
   } else {
-    check(absmax != nullptr, "null absmax");
+    check(w.absmax != nullptr, "null absmax");
   }
+}
+
+void check_quant_type(int quant_type) {
+  check(quant_type == kNF4 || quant_type == kFP4, "quant_type must be 0 (nf4) or 1 (fp4)");
 }
 
 void check_common(int64_t n, int64_t blocksize, int dtype, const char* dtype_name) {
@@ -204,7 +208,7 @@ void quantize_4bit(const void* A, int dtype, int64_t n, int64_t blocksize, int q
                    uint8_t* packed, float* absmax) {
   check_common(n, blocksize, dtype, "dtype must be 0 (float32), 1 (float16) or 2 (bfloat16)");
   check(blocksize % 2 == 0, "4-bit blocksize must be even");
-  check(quant_type == kNF4 || quant_type == kFP4, "quant_type must be 0 (nf4) or 1 (fp4)");
+  check_quant_type(quant_type);
   if (n == 0) return;
   check(A && packed && absmax, "null pointer");
   const IsaKernels& k = select_kernels();
@@ -214,24 +218,23 @@ void quantize_4bit(const void* A, int dtype, int64_t n, int64_t blocksize, int q
                   [&](int64_t b0, int64_t b1) { k.quantize_4bit(args, b0, b1); });
 }
 
-void dequantize_4bit(const uint8_t* packed, const float* absmax, const NestedAbsmax* nested,
-                     int64_t n, int64_t blocksize, int quant_type, void* out, int out_dtype) {
+void dequantize_4bit(const PackedWeight& weight, void* out, int out_dtype) {
+  const int64_t n = weight.n, blocksize = weight.blocksize;
   check_common(n, blocksize, out_dtype,
                "out_dtype must be 0 (float32), 1 (float16) or 2 (bfloat16)");
   check(blocksize % 2 == 0, "4-bit blocksize must be even");
-  check(quant_type == kNF4 || quant_type == kFP4, "quant_type must be 0 (nf4) or 1 (fp4)");
+  check_quant_type(weight.quant_type);
   if (n == 0) return;
-  check(packed && out, "null pointer");
-  check_block_constants(absmax, nested);
+  check(weight.packed && out, "null pointer");
+  check_block_constants(weight);
   const IsaKernels& k = select_kernels();
   const int64_t out_bytes = n * dtype_size(out_dtype);
   advise_huge_pages(out, out_bytes);
   const bool stream = stream_output(out, out_bytes, blocksize * dtype_size(out_dtype));
-  const Dequant4Args args{packed, absmax, nested ? *nested : NestedAbsmax{}, nested != nullptr,
-                          n, blocksize, quant_type, out, out_dtype, stream};
+  const Dequant4Args args{weight, out, out_dtype, stream};
   // chunks of 64 Ki elements: ~10 us of work each, so the hand-out costs < 1%
   const int64_t chunk = blocksize < kChunkElements ? kChunkElements / blocksize : 1;
-  parallel_blocks(num_blocks(n, blocksize), n,
+  parallel_blocks(weight.blocks(), n,
                   [&](int64_t b0, int64_t b1) { k.dequantize_4bit(args, b0, b1); }, chunk);
 }
 
@@ -260,25 +263,22 @@ void dequantize_blockwise(const uint8_t* q, const float* absmax, const float* co
                   [&](int64_t b0, int64_t b1) { k.dequantize_blockwise(args, b0, b1); });
 }
 
-void lora_gemv_4bit(const void* x, int dtype, int64_t M, int64_t K, int64_t N,
-                    const uint8_t* packed, const float* absmax, const NestedAbsmax* nested,
-                    int64_t blocksize, int quant_type, const void* lora_A, const void* lora_B,
-                    int64_t rank, float scaling, const void* bias, void* y, void* h) {
-  check_common(M * K, blocksize, dtype, "dtype must be 0 (float32), 1 (float16) or 2 (bfloat16)");
+void lora_gemv_4bit(const LoraGemvArgs& op) {
+  const int64_t M = op.M, K = op.K, N = op.N, rank = op.rank, blocksize = op.weight.blocksize;
+  check_common(M * K, blocksize, op.dtype,
+               "dtype must be 0 (float32), 1 (float16) or 2 (bfloat16)");
   check(M >= 0 && K >= 0 && N >= 0 && rank >= 0, "M, K, N and rank must be >= 0");
+  check(op.weight.n == N * K, "the weight must have N * K elements");
   check(blocksize % 32 == 0, "blocksize must be a multiple of 32");
   check(K % blocksize == 0, "K must be a multiple of blocksize (rows start on block boundaries)");
-  check(quant_type == kNF4 || quant_type == kFP4, "quant_type must be 0 (nf4) or 1 (fp4)");
+  check_quant_type(op.weight.quant_type);
   if (M == 0) return;
-  check(x && y && (N == 0 || K == 0 || packed), "null pointer");
-  check(rank == 0 || (lora_A && lora_B && h), "null LoRA pointer");
-  if (N > 0 && K > 0) check_block_constants(absmax, nested);
+  check(op.x && op.y && (N == 0 || K == 0 || op.weight.packed), "null pointer");
+  check(rank == 0 || (op.lora_A && op.lora_B && op.h), "null LoRA pointer");
+  if (N > 0 && K > 0) check_block_constants(op.weight);
   const IsaKernels& k = select_kernels();
   std::vector<float> x_paired(M * K), x_natural(rank > 0 ? M * K : 0), h_scaled(M * rank);
-  const GemvArgs args{x, dtype, M, K, N, packed, absmax, nested ? *nested : NestedAbsmax{},
-                      nested != nullptr, blocksize, quant_type, lora_A, lora_B, rank, scaling,
-                      bias, y, h, x_paired.data(), rank > 0 ? x_natural.data() : nullptr,
-                      h_scaled.data()};
+  const GemvWork args{op, x_paired.data(), rank > 0 ? x_natural.data() : nullptr, h_scaled.data()};
   const int64_t chunks = (N + kGemvRowsPerChunk - 1) / kGemvRowsPerChunk;
   int64_t threads = num_threads();
   if (threads > N * K / kMinElementsPerThread) threads = N * K / kMinElementsPerThread;

@@ -47,16 +47,16 @@ constexpr int kMaxTile = 8;
 
 // The decoder for activations of type T and this call's blocksize; fn(Decoder()).
 template <class T, class Fn>
-void with_decoder(const GemvArgs& a, Fn fn) {
+void with_decoder(const GemvWork& a, Fn fn) {
   using Special = typename GemvDecoderFor<T>::type;
-  if (a.blocksize % Special::kGroup == 0) fn(Special(a.quant_type));
-  else fn(GemvDecoder(a.quant_type));
+  if (a.weight.blocksize % Special::kGroup == 0) fn(Special(a.weight.quant_type));
+  else fn(GemvDecoder(a.weight.quant_type));
 }
 
 // ---- phase 1, per row m of x: copies (float32 in natural order for h, X in the
 // decoder's order for W).
 template <class In, class Decoder>
-void gemv_prepare_rows(const GemvArgs& a, int64_t m) {
+void gemv_prepare_rows(const GemvWork& a, int64_t m) {
   using X = typename Decoder::X;
   const In* x = static_cast<const In*>(a.x) + m * a.K;
   // Tile-interleaved: the tile's rows of one group are adjacent, so the inner loop
@@ -74,14 +74,14 @@ void gemv_prepare_rows(const GemvArgs& a, int64_t m) {
 }
 
 template <class In>
-void gemv_prepare_impl(const GemvArgs& a, int64_t m) {
+void gemv_prepare_impl(const GemvWork& a, int64_t m) {
   with_decoder<In>(a, [&](auto decoder) { gemv_prepare_rows<In, decltype(decoder)>(a, m); });
 }
 
 // ---- phase 2, per (m, j): h[m, j] = x[m] . A[j], rounded to the activation dtype as
 // the h that backward saves; the epilogue uses that rounded value times scaling.
 template <class T>
-void gemv_lora_h_impl(const GemvArgs& a, int64_t m, int64_t j) {
+void gemv_lora_h_impl(const GemvWork& a, int64_t m, int64_t j) {
   const float* x = a.x_natural + m * a.K;
   const T* row = static_cast<const T*>(a.lora_A) + j * a.K;
   // Four chains: a quarter of the FMA latency per element, and sums a quarter as long
@@ -104,26 +104,26 @@ void gemv_lora_h_impl(const GemvArgs& a, int64_t m, int64_t j) {
 // decoding the block.
 class BlockScales {
  public:
-  BlockScales(const GemvArgs& a, int64_t first_block) : a_(a), b_(first_block) {
-    if (a.has_nested) {
-      group_ = first_block / a.nested.blocksize;
-      left_ = a.nested.blocksize - first_block % a.nested.blocksize;
+  BlockScales(const PackedWeight& w, int64_t first_block) : w_(w), b_(first_block) {
+    if (w.is_nested()) {
+      group_ = first_block / w.nested.blocksize;
+      left_ = w.nested.blocksize - first_block % w.nested.blocksize;
     }
   }
   float next() {  // the constant of the current block, then move to the next block
     const int64_t b = b_++;
-    if (!a_.has_nested) return a_.absmax[b];
-    const float scale = decode_nested_absmax(a_.nested.code2, a_.nested.q[b],
-                                             a_.nested.absmax2[group_], a_.nested.offset);
+    if (!w_.is_nested()) return w_.absmax[b];
+    const float scale = decode_nested_absmax(w_.nested.code2, w_.nested.q[b],
+                                             w_.nested.absmax2[group_], w_.nested.offset);
     if (--left_ == 0) {
       ++group_;
-      left_ = a_.nested.blocksize;
+      left_ = w_.nested.blocksize;
     }
     return scale;
   }
 
  private:
-  const GemvArgs& a_;
+  const PackedWeight& w_;
   int64_t b_, group_ = 0, left_ = 0;
 };
 
@@ -131,7 +131,7 @@ class BlockScales {
 
 // y[m0 + m, n] from the finished accumulators: LoRA term, bias, rounding to T.
 template <class T, int MT, int kChains>
-void gemv_finish_row(const GemvArgs& a, const F (&acc)[MT][kChains], int64_t m0, int64_t n) {
+void gemv_finish_row(const GemvWork& a, const F (&acc)[MT][kChains], int64_t m0, int64_t n) {
   const T* b_row = static_cast<const T*>(a.lora_B) + n * a.rank;
   const T* bias = static_cast<const T*>(a.bias);
   for (int m = 0; m < MT; ++m) {
@@ -164,7 +164,7 @@ constexpr int64_t kSliceRows = 16;
 constexpr int64_t kSliceBytes = 16 << 10;  // of x per slice: half a 32 KiB L1
 
 template <class T, int MT, class Decoder>
-void gemv_tile(const GemvArgs& a, const Decoder& decode, int64_t m0, int64_t n0, int64_t n1) {
+void gemv_tile(const GemvWork& a, const Decoder& decode, int64_t m0, int64_t n0, int64_t n1) {
   constexpr int kGroup = Decoder::kGroup, kVectors = Decoder::kVectors, kStep = kGroup / kVectors;
   using X = typename Decoder::X;
   // Independent accumulator chains per row of x: an FMA has 4 cycles of latency and a
@@ -172,9 +172,10 @@ void gemv_tile(const GemvArgs& a, const Decoder& decode, int64_t m0, int64_t n0,
   // kVectors chains (kGemvAccumulators in all at most: 8 of AVX2's 16 registers).
   constexpr int kChains = MT * kVectors <= kGemvAccumulators ? kVectors
                           : (MT * 2 <= kGemvAccumulators ? 2 : 1);
-  const int64_t blocks_per_row = a.K / a.blocksize;
-  int64_t k_slice = kSliceBytes / (MT * int64_t(sizeof(X))) / a.blocksize * a.blocksize;
-  if (k_slice < a.blocksize) k_slice = a.blocksize;
+  const int64_t blocksize = a.weight.blocksize;
+  const int64_t blocks_per_row = a.K / blocksize;
+  int64_t k_slice = kSliceBytes / (MT * int64_t(sizeof(X))) / blocksize * blocksize;
+  if (k_slice < blocksize) k_slice = blocksize;
   if (MT < kMinSlicedTile) k_slice = a.K;
   const X* x = reinterpret_cast<const X*>(a.x_paired) + m0 * a.K;
   F saved[kSliceRows][MT][kChains];  // accumulators between slices
@@ -186,12 +187,12 @@ void gemv_tile(const GemvArgs& a, const Decoder& decode, int64_t m0, int64_t n0,
         F acc[MT][kChains];
         for (int m = 0; m < MT; ++m)
           for (int c = 0; c < kChains; ++c) acc[m][c] = k0 == 0 ? splat(0.0f) : saved[n - r0][m][c];
-        BlockScales scales(a, n * blocks_per_row + k0 / a.blocksize);
-        const uint8_t* p = a.packed + (n * a.K + k0) / 2;
+        BlockScales scales(a.weight, n * blocks_per_row + k0 / blocksize);
+        const uint8_t* p = a.weight.packed + (n * a.K + k0) / 2;
         const X* xg = x + k0 * MT;  // the tile's x for the current group
-        for (int64_t k = k0; k < k1; k += a.blocksize) {
+        for (int64_t k = k0; k < k1; k += blocksize) {
           const typename Decoder::Table table = decode.table(scales.next());
-          for (int64_t g = 0; g < a.blocksize; g += kGroup, p += kGroup / 2, xg += MT * kGroup) {
+          for (int64_t g = 0; g < blocksize; g += kGroup, p += kGroup / 2, xg += MT * kGroup) {
             typename Decoder::Weights w[kVectors];
             decode(table, p, w);
             for (int m = 0; m < MT; ++m)
@@ -212,7 +213,7 @@ void gemv_tile(const GemvArgs& a, const Decoder& decode, int64_t m0, int64_t n0,
 }
 
 template <class T, class Decoder>
-void gemv_rows_tiles(const GemvArgs& a, const Decoder& decode, int64_t n0, int64_t n1) {
+void gemv_rows_tiles(const GemvWork& a, const Decoder& decode, int64_t n0, int64_t n1) {
   for (int64_t m0 = 0; m0 < a.M; m0 += kMaxTile) {
     switch (a.M - m0 < kMaxTile ? a.M - m0 : kMaxTile) {
       case 1: gemv_tile<T, 1>(a, decode, m0, n0, n1); break;
@@ -228,31 +229,19 @@ void gemv_rows_tiles(const GemvArgs& a, const Decoder& decode, int64_t n0, int64
 }
 
 template <class T>
-void gemv_rows_impl(const GemvArgs& a, int64_t n0, int64_t n1) {
+void gemv_rows_impl(const GemvWork& a, int64_t n0, int64_t n1) {
   with_decoder<T>(a, [&](auto decoder) { gemv_rows_tiles<T>(a, decoder, n0, n1); });
 }
 
 // ---- Entry points: pick the instance for the activation dtype. ----------------------
-void gemv_prepare_entry(const GemvArgs& a, int64_t m) {
-  switch (a.dtype) {
-    case kF32: return gemv_prepare_impl<float>(a, m);
-    case kF16: return gemv_prepare_impl<fp16>(a, m);
-    default: return gemv_prepare_impl<bf16>(a, m);
-  }
+void gemv_prepare_entry(const GemvWork& a, int64_t m) {
+  with_dtype(a.dtype, [&](auto x) { gemv_prepare_impl<decltype(x)>(a, m); });
 }
 
-void gemv_lora_h_entry(const GemvArgs& a, int64_t m, int64_t j) {
-  switch (a.dtype) {
-    case kF32: return gemv_lora_h_impl<float>(a, m, j);
-    case kF16: return gemv_lora_h_impl<fp16>(a, m, j);
-    default: return gemv_lora_h_impl<bf16>(a, m, j);
-  }
+void gemv_lora_h_entry(const GemvWork& a, int64_t m, int64_t j) {
+  with_dtype(a.dtype, [&](auto x) { gemv_lora_h_impl<decltype(x)>(a, m, j); });
 }
 
-void gemv_rows_entry(const GemvArgs& a, int64_t n0, int64_t n1) {
-  switch (a.dtype) {
-    case kF32: return gemv_rows_impl<float>(a, n0, n1);
-    case kF16: return gemv_rows_impl<fp16>(a, n0, n1);
-    default: return gemv_rows_impl<bf16>(a, n0, n1);
-  }
+void gemv_rows_entry(const GemvWork& a, int64_t n0, int64_t n1) {
+  with_dtype(a.dtype, [&](auto x) { gemv_rows_impl<decltype(x)>(a, n0, n1); });
 }

@@ -1,7 +1,8 @@
 // Internal interface between the dispatcher (dispatch.cpp) and the per-ISA kernel
 // translation units (isa_scalar.cpp, isa_avx2.cpp, isa_avx512.cpp). Every ISA TU
-// compiles the same kernel templates (kernel_body.h) against its own vector
-// primitives and exports one table of entry points. Each entry point processes the
+// compiles the same kernel templates (kernel_body.h, gemv_body.h) against its own vector
+// primitives (AVX2 and AVX-512: mostly the shared simd_body.h) and exports one table of
+// entry points. Each entry point processes the
 // quantization blocks [b0, b1); the dispatcher splits blocks across OpenMP threads.
 #pragma once
 
@@ -37,8 +38,7 @@ struct Quant4Args {
   uint8_t* packed; float* absmax;
 };
 struct Dequant4Args {
-  const uint8_t* packed; const float* absmax; NestedAbsmax nested; bool has_nested;
-  int64_t n; int64_t blocksize; int quant_type; void* out; int out_dtype;
+  PackedWeight weight; void* out; int out_dtype;
   bool stream;  // non-temporal output stores; out and every block start 64-byte aligned
 };
 struct Quant8Args {
@@ -50,14 +50,9 @@ struct Dequant8Args {
   void* out; int out_dtype;
 };
 
-// The fused small-M matmul (gemv_body.h). x_paired / x_natural / h_scaled are float32
-// workspaces the dispatcher allocates: [M, K], [M, K] (only with LoRA), [M, rank].
-struct GemvArgs {
-  const void* x; int dtype; int64_t M; int64_t K; int64_t N;
-  const uint8_t* packed; const float* absmax; NestedAbsmax nested; bool has_nested;
-  int64_t blocksize; int quant_type;
-  const void* lora_A; const void* lora_B; int64_t rank; float scaling; const void* bias;
-  void* y; void* h;
+// The fused small-M matmul (gemv_body.h): its operands plus the float32 workspaces the
+// dispatcher allocates, [M, K], [M, K] (only with LoRA) and [M, rank].
+struct GemvWork : LoraGemvArgs {
   float* x_paired; float* x_natural; float* h_scaled;
 };
 
@@ -68,10 +63,23 @@ struct IsaKernels {
   void (*quantize_blockwise)(const Quant8Args&, int64_t b0, int64_t b1);
   void (*dequantize_blockwise)(const Dequant8Args&, int64_t b0, int64_t b1);
   // the three phases of lora_gemv_4bit: per row m of x; per element (m, j) of h; rows of y
-  void (*gemv_prepare)(const GemvArgs&, int64_t m);
-  void (*gemv_lora_h)(const GemvArgs&, int64_t m, int64_t j);
-  void (*gemv_rows)(const GemvArgs&, int64_t n0, int64_t n1);
+  void (*gemv_prepare)(const GemvWork&, int64_t m);
+  void (*gemv_lora_h)(const GemvWork&, int64_t m, int64_t j);
+  void (*gemv_rows)(const GemvWork&, int64_t n0, int64_t n1);
 };
+
+// Defines nf4lora::cpu::<ns>::kernels(), the table of the entry points that kernel_body.h
+// and gemv_body.h define in namespace <ns>. Expand it OUTSIDE any `#pragma GCC target`
+// region: the dispatcher calls it before it knows which ISA the CPU has.
+#define NF4LORA_DEFINE_KERNELS(ns, name)                                                  \
+  namespace nf4lora::cpu::ns {                                                           \
+  const IsaKernels& kernels() {                                                          \
+    static const IsaKernels k{name, &quantize_4bit_entry, &dequantize_4bit_entry,        \
+                              &quantize_blockwise_entry, &dequantize_blockwise_entry,    \
+                              &gemv_prepare_entry, &gemv_lora_h_entry, &gemv_rows_entry}; \
+    return k;                                                                            \
+  }                                                                                      \
+  }
 
 namespace scalar { const IsaKernels& kernels(); }
 namespace avx2 { const IsaKernels& kernels(); }

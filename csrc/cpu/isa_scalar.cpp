@@ -4,9 +4,7 @@
 // (NF4LORA_CPU_ISA=scalar). Built for baseline x86-64 (the compiler may still use SSE2).
 #include "isa.h"
 
-namespace nf4lora {
-namespace cpu {
-namespace scalar {
+namespace nf4lora::cpu::scalar {
 
 constexpr int kW = 1;
 using F = float;
@@ -98,14 +96,6 @@ template <class T> struct GemvDecoderFor { using type = GemvDecoder; };
 #include "kernel_body.h"
 #include "gemv_body.h"
 
-const IsaKernels& kernels() {
-  static const IsaKernels k{"scalar", &quantize_4bit_entry, &dequantize_4bit_entry,
-                            &quantize_blockwise_entry, &dequantize_blockwise_entry,
-                            &gemv_prepare_entry,      &gemv_lora_h_entry,
-                            &gemv_rows_entry};
-  return k;
-}
+}  // namespace nf4lora::cpu::scalar
 
-}  // namespace scalar
-}  // namespace cpu
-}  // namespace nf4lora
+NF4LORA_DEFINE_KERNELS(scalar, "scalar")

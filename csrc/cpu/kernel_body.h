@@ -21,10 +21,10 @@
 //   store_bytes(u8*, I)         kW codes -> kW bytes
 //   Decoder8<Out>(code, scale)  kStep elements: code[q] * scale rounded to Out
 //
-// The loops here are the whole algorithm; the primitives are the per-ISA
-// vocabulary. Everything a primitive cannot cover (the tail of a partial last block,
-// an odd element count) goes through the scalar codec in nf4_codec.h, which is the
-// same arithmetic, so every path gives the same bytes.
+// The loops here are the whole algorithm; the primitives are the per-ISA vocabulary
+// (AVX2 and AVX-512 share most of theirs: simd_body.h). Everything a primitive cannot
+// cover (the tail of a partial last block, an odd element count) goes through the scalar
+// codec in nf4_codec.h, which is the same arithmetic, so every path gives the same bytes.
 //
 // Each entry point processes quantization blocks [b0, b1); blocks are independent, so
 // any split across threads gives identical output.
@@ -87,11 +87,11 @@ void dequantize_4bit_blocks(const Dequant4Args& args, int64_t b0, int64_t b1) {
   // Locals, not args fields: the vector stores may alias anything, so the compiler would
   // reload every field once per block.
   Out* const out = static_cast<Out*>(args.out);
-  const uint8_t* const packed = args.packed;
-  const float* const absmax = args.absmax;
-  const NestedAbsmax nested = args.nested;
-  const bool has_nested = args.has_nested;
-  const int64_t n = args.n, blocksize = args.blocksize;
+  const uint8_t* const packed = args.weight.packed;
+  const float* const absmax = args.weight.absmax;
+  const NestedAbsmax nested = args.weight.nested;
+  const bool has_nested = args.weight.is_nested();
+  const int64_t n = args.weight.n, blocksize = args.weight.blocksize;
   using Decode = Decoder<Out, kStream>;
   constexpr int kStep = Decode::kStep;
   for (int64_t b = b0; b < b1;) {
@@ -173,46 +173,45 @@ void dequantize_blockwise_impl(const Dequant8Args& args, int64_t b0, int64_t b1)
 }
 
 // ---- Entry points: pick the template instance for (dtype, quant type). -------------
-template <int QT>
-void quantize_4bit_qt(const Quant4Args& a, int64_t b0, int64_t b1) {
-  switch (a.dtype) {
-    case kF32: return quantize_4bit_impl<float, QT>(a, b0, b1);
-    case kF16: return quantize_4bit_impl<fp16, QT>(a, b0, b1);
-    default: return quantize_4bit_impl<bf16, QT>(a, b0, b1);
+// fn(float{}), fn(fp16{}) or fn(bf16{}) for a dtype id the dispatcher has checked.
+template <class Fn>
+void with_dtype(int dtype, Fn fn) {
+  switch (dtype) {
+    case kF32: return fn(float{});
+    case kF16: return fn(fp16{});
+    default: return fn(bf16{});
   }
+}
+
+template <int QT> struct QuantTypeTag { static constexpr int value = QT; };
+
+// fn(QuantTypeTag<kNF4>{}) or fn(QuantTypeTag<kFP4>{}).
+template <class Fn>
+void with_quant_type(int quant_type, Fn fn) {
+  if (quant_type == kNF4) fn(QuantTypeTag<kNF4>{});
+  else fn(QuantTypeTag<kFP4>{});
 }
 
 void quantize_4bit_entry(const Quant4Args& a, int64_t b0, int64_t b1) {
-  if (a.quant_type == kNF4) quantize_4bit_qt<kNF4>(a, b0, b1);
-  else quantize_4bit_qt<kFP4>(a, b0, b1);
-}
-
-template <int QT>
-void dequantize_4bit_qt(const Dequant4Args& a, int64_t b0, int64_t b1) {
-  switch (a.out_dtype) {
-    case kF32: return dequantize_4bit_impl<float, QT>(a, b0, b1);
-    case kF16: return dequantize_4bit_impl<fp16, QT>(a, b0, b1);
-    default: return dequantize_4bit_impl<bf16, QT>(a, b0, b1);
-  }
+  with_quant_type(a.quant_type, [&](auto qt) {
+    with_dtype(a.dtype, [&](auto in) {
+      quantize_4bit_impl<decltype(in), decltype(qt)::value>(a, b0, b1);
+    });
+  });
 }
 
 void dequantize_4bit_entry(const Dequant4Args& a, int64_t b0, int64_t b1) {
-  if (a.quant_type == kNF4) dequantize_4bit_qt<kNF4>(a, b0, b1);
-  else dequantize_4bit_qt<kFP4>(a, b0, b1);
+  with_quant_type(a.weight.quant_type, [&](auto qt) {
+    with_dtype(a.out_dtype, [&](auto out) {
+      dequantize_4bit_impl<decltype(out), decltype(qt)::value>(a, b0, b1);
+    });
+  });
 }
 
 void quantize_blockwise_entry(const Quant8Args& a, int64_t b0, int64_t b1) {
-  switch (a.dtype) {
-    case kF32: return quantize_blockwise_impl<float>(a, b0, b1);
-    case kF16: return quantize_blockwise_impl<fp16>(a, b0, b1);
-    default: return quantize_blockwise_impl<bf16>(a, b0, b1);
-  }
+  with_dtype(a.dtype, [&](auto in) { quantize_blockwise_impl<decltype(in)>(a, b0, b1); });
 }
 
 void dequantize_blockwise_entry(const Dequant8Args& a, int64_t b0, int64_t b1) {
-  switch (a.out_dtype) {
-    case kF32: return dequantize_blockwise_impl<float>(a, b0, b1);
-    case kF16: return dequantize_blockwise_impl<fp16>(a, b0, b1);
-    default: return dequantize_blockwise_impl<bf16>(a, b0, b1);
-  }
+  with_dtype(a.out_dtype, [&](auto out) { dequantize_blockwise_impl<decltype(out)>(a, b0, b1); });
 }

@@ -15,6 +15,8 @@
 //   packed       ceil(n / 2) bytes, element 2j in the high nibble of byte j
 //   absmax       blocks float32
 //   q (8-bit)    n bytes, codes into a sorted 256-entry float32 `code`
+// A 4-bit weight is a PackedWeight (csrc/weight.h): packed, its block constants (float32,
+// or double-quantized and decoded on the fly), n, blocksize, quant type.
 #pragma once
 
 #include <stdint.h>
@@ -22,26 +24,16 @@
 #include <string>
 #include <vector>
 
+#include "../weight.h"
+
 namespace nf4lora {
 namespace cpu {
-
-// The second level of double quantization:
-//   absmax[i] = code2[q[i]] * absmax2[i / blocksize] + offset   (two float32 roundings)
-struct NestedAbsmax {
-  const uint8_t* q = nullptr;        // [blocks] 8-bit codes of (absmax - offset)
-  const float* absmax2 = nullptr;    // [ceil(blocks / blocksize)]
-  const float* code2 = nullptr;      // [256] dynamic map
-  float offset = 0.0f;
-  int64_t blocksize = 256;
-};
 
 void quantize_4bit(const void* A, int dtype, int64_t n, int64_t blocksize, int quant_type,
                    uint8_t* packed, float* absmax);
 
-// `nested` null: absmax holds float32 block constants; otherwise absmax is ignored
-// (may be null) and each block's constant is decoded from `nested` on the fly.
-void dequantize_4bit(const uint8_t* packed, const float* absmax, const NestedAbsmax* nested,
-                     int64_t n, int64_t blocksize, int quant_type, void* out, int out_dtype);
+// out[weight.n] of out_dtype <- the weight's elements.
+void dequantize_4bit(const PackedWeight& weight, void* out, int out_dtype);
 
 void quantize_blockwise(const void* A, int dtype, const float* code, int64_t n,
                         int64_t blocksize, uint8_t* q, float* absmax);
@@ -49,16 +41,10 @@ void quantize_blockwise(const void* A, int dtype, const float* code, int64_t n,
 void dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code, int64_t n,
                           int64_t blocksize, void* out, int out_dtype);
 
-// Fused small-M matmul (decode): y = x @ W^T + (scaling * h) @ lora_B^T + bias with
-// h = x @ lora_A^T, W [N, K] 4-bit as in dequantize_4bit. x [M, K], lora_A [rank, K],
-// lora_B [N, rank], bias [N] (may be null), y [M, N], h [M, rank]: all of `dtype`.
-// rank 0: no LoRA (lora_A, lora_B, h may be null). K must be a multiple of blocksize,
-// blocksize a multiple of 32. Accumulates in float32; output bytes do not depend on the
-// thread count.
-void lora_gemv_4bit(const void* x, int dtype, int64_t M, int64_t K, int64_t N,
-                    const uint8_t* packed, const float* absmax, const NestedAbsmax* nested,
-                    int64_t blocksize, int quant_type, const void* lora_A, const void* lora_B,
-                    int64_t rank, float scaling, const void* bias, void* y, void* h);
+// Fused small-M matmul (decode), the operands of csrc/weight.h LoraGemvArgs. K must be a
+// multiple of the weight's blocksize, the blocksize a multiple of 32. Accumulates in
+// float32; output bytes do not depend on the thread count.
+void lora_gemv_4bit(const LoraGemvArgs& args);
 
 // True when this CPU has native instructions for GEMMs in `dtype` (kBF16:
 // AVX512-BF16 or AMX-BF16; kF16: AVX512-FP16; float32 always). Without them torch's

@@ -73,56 +73,48 @@ __global__ void __launch_bounds__(kDequantThreads)
   dequantize_8bit_thread<Out>(p, code_s, (int64_t)blockIdx.x * kDequantThreads + threadIdx.x);
 }
 
+// kernel_for(T{}) is the __global__ function for element type T, the type of `dtype`:
+// launch it with `grid` CUDA blocks of `threads` threads on `stream`.
+template <class KernelFor, class... Args>
+void launch(const char* what, int dtype, int64_t grid, int threads, void* stream,
+            KernelFor kernel_for, const Args&... args) {
+  with_float_type(dtype, [&](auto t) {
+    if (grid > 0) kernel_for(t)<<<(unsigned)grid, threads, 0, as_stream(stream)>>>(args...);
+  });
+  check_launch(what);
+}
+
 }  // namespace
 
 void quantize_4bit(const void* A, int dtype, int64_t n, int64_t blocksize, int quant_type,
                    uint8_t* packed, float* absmax, void* stream) {
   require_quant_type(quant_type);
   const QuantPlan plan = plan_quantize(A, n, blocksize, packed, absmax, /*four_bit=*/true);
-  with_float_type(dtype, [&](auto in) {
-    using In = decltype(in);
-    if (plan.grid == 0) return;
-    quantize_4bit_kernel<In><<<(unsigned)plan.grid, kQuantWarps * kWarp, 0, as_stream(stream)>>>(
-        plan.params, quant_type, plan.quant_blocks);
-  });
-  check_launch("quantize_4bit");
+  launch("quantize_4bit", dtype, plan.grid, kQuantWarps * kWarp, stream,
+         [](auto in) { return quantize_4bit_kernel<decltype(in)>; }, plan.params, quant_type,
+         plan.quant_blocks);
 }
 
 void quantize_blockwise(const void* A, int dtype, const float* code, int64_t n,
                         int64_t blocksize, uint8_t* q, float* absmax, void* stream) {
   const QuantPlan plan = plan_quantize(A, n, blocksize, q, absmax, /*four_bit=*/false);
   require(n == 0 || code != nullptr, "null code");
-  with_float_type(dtype, [&](auto in) {
-    using In = decltype(in);
-    if (plan.grid == 0) return;
-    quantize_8bit_kernel<In><<<(unsigned)plan.grid, kQuantWarps * kWarp, 0, as_stream(stream)>>>(
-        plan.params, code, plan.quant_blocks);
-  });
-  check_launch("quantize_blockwise");
+  launch("quantize_blockwise", dtype, plan.grid, kQuantWarps * kWarp, stream,
+         [](auto in) { return quantize_8bit_kernel<decltype(in)>; }, plan.params, code,
+         plan.quant_blocks);
 }
 
-void dequantize_4bit(const uint8_t* packed, const float* absmax, const Nested* nested, int64_t n,
-                     int64_t blocksize, int quant_type, void* out, int out_dtype, void* stream) {
-  const Dequant4Plan plan = plan_dequantize_4bit(packed, absmax, nested, n, blocksize, quant_type, out);
-  with_float_type(out_dtype, [&](auto o) {
-    using Out = decltype(o);
-    if (plan.grid == 0) return;
-    dequantize_4bit_kernel<Out><<<(unsigned)plan.grid, kDequantThreads, 0, as_stream(stream)>>>(
-        plan.params, plan.lut);
-  });
-  check_launch("dequantize_4bit");
+void dequantize_4bit(const PackedWeight& weight, void* out, int out_dtype, void* stream) {
+  const Dequant4Plan plan = plan_dequantize_4bit(weight, out);
+  launch("dequantize_4bit", out_dtype, plan.grid, kDequantThreads, stream,
+         [](auto o) { return dequantize_4bit_kernel<decltype(o)>; }, plan.params, plan.lut);
 }
 
 void dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code, int64_t n,
                           int64_t blocksize, void* out, int out_dtype, void* stream) {
   const Dequant8Plan plan = plan_dequantize_blockwise(q, absmax, code, n, blocksize, out);
-  with_float_type(out_dtype, [&](auto o) {
-    using Out = decltype(o);
-    if (plan.grid == 0) return;
-    dequantize_8bit_kernel<Out><<<(unsigned)plan.grid, kDequantThreads, 0, as_stream(stream)>>>(
-        plan.params, code);
-  });
-  check_launch("dequantize_blockwise");
+  launch("dequantize_blockwise", out_dtype, plan.grid, kDequantThreads, stream,
+         [](auto o) { return dequantize_8bit_kernel<decltype(o)>; }, plan.params, code);
 }
 
 std::string runtime_status() {

@@ -15,7 +15,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "../nf4_codec.h"
+#include "../weight.h"
 
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
@@ -67,6 +67,16 @@ NF4K_HD float fma_rn(float a, float b, float acc) {
 // the same for every non-NaN value (NaN payloads may differ: both are NaN). The host
 // driver uses the codec's version; the CPU test suite checks that against torch.
 // ---------------------------------------------------------------------------------
+#if defined(__CUDA_ARCH__)
+NF4K_HD float fp16_widen(uint16_t h) { return __half2float(__ushort_as_half(h)); }
+NF4K_HD uint16_t fp16_round(float f) { return __half_as_ushort(__float2half_rn(f)); }
+NF4K_HD uint16_t bf16_round(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
+#else
+NF4K_HD float fp16_widen(uint16_t h) { return fp16_bits_to_float(h); }
+NF4K_HD uint16_t fp16_round(float f) { return float_to_fp16_bits(f); }
+NF4K_HD uint16_t bf16_round(float f) { return float_to_bf16_bits(f); }
+#endif
+
 struct F32 {
   using Storage = float;
   static constexpr int kId = kF32;
@@ -74,37 +84,19 @@ struct F32 {
   NF4K_HD static float round(float v) { return v; }
 };
 
-struct F16 {
+// float16 (kF16) or bfloat16 (kBF16), stored as their bits. (kId is a constant, so each
+// instance keeps one branch of the conditionals.)
+template <int kDType>
+struct Float16Bits {
   using Storage = uint16_t;
-  static constexpr int kId = kF16;
+  static constexpr int kId = kDType;
   NF4K_HD static float widen(uint16_t h) {
-#if defined(__CUDA_ARCH__)
-    return __half2float(__ushort_as_half(h));
-#else
-    return fp16_bits_to_float(h);
-#endif
+    return kDType == kF16 ? fp16_widen(h) : bf16_bits_to_float(h);  // bf16: a shift
   }
-  NF4K_HD static uint16_t round(float f) {
-#if defined(__CUDA_ARCH__)
-    return __half_as_ushort(__float2half_rn(f));
-#else
-    return float_to_fp16_bits(f);
-#endif
-  }
+  NF4K_HD static uint16_t round(float f) { return kDType == kF16 ? fp16_round(f) : bf16_round(f); }
 };
-
-struct BF16 {
-  using Storage = uint16_t;
-  static constexpr int kId = kBF16;
-  NF4K_HD static float widen(uint16_t h) { return bf16_bits_to_float(h); }  // a shift
-  NF4K_HD static uint16_t round(float f) {
-#if defined(__CUDA_ARCH__)
-    return __bfloat16_as_ushort(__float2bfloat16_rn(f));
-#else
-    return float_to_bf16_bits(f);
-#endif
-  }
-};
+struct F16 : Float16Bits<kF16> {};
+struct BF16 : Float16Bits<kBF16> {};
 
 // ---------------------------------------------------------------------------------
 // 16-byte vectors. On the device, one LDG.128 / STG.128 each (the pointer must be
@@ -246,24 +238,21 @@ inline void warp_reduce_lanes(float v[kWarp], Op op) {
 // ---------------------------------------------------------------------------------
 // Per-block scale of a 4-bit tensor: a float32 absmax, or (double quantization)
 // decoded from its 8-bit code by the codec: code2[q[b]] * absmax2[b / nbs] + offset.
+// The block constants of a PackedWeight (weight.h), plus the nested index as a shift.
 // ---------------------------------------------------------------------------------
 struct Scales {
-  const float* absmax = nullptr;   // [blocks] float32, or null when nested
-  const uint8_t* q = nullptr;      // [blocks] 8-bit codes of (absmax - offset)
-  const float* absmax2 = nullptr;  // [ceil(blocks / nested_blocksize)]
-  const float* code2 = nullptr;    // [256] dynamic map
-  float offset = 0.0f;
-  int64_t nested_blocksize = 256;
-  int nested_shift = 8;            // log2(nested_blocksize), or -1 if not a power of 2
+  const float* absmax = nullptr;  // [blocks] float32, or null when nested
+  NestedAbsmax nested;            // nested.q null: not nested
+  int nested_shift = 8;           // log2(nested.blocksize), or -1 if not a power of 2
 
   NF4K_HD float operator()(int64_t block) const {
-    if (q == nullptr) return absmax[block];
+    if (nested.q == nullptr) return absmax[block];
     // A shift for the usual power of two (256); otherwise a 32-bit division (the plan
     // checks the range): a 64-bit one is a ~70-instruction subroutine call on the GPU.
     const int64_t b2 = nested_shift >= 0
                            ? (block >> nested_shift)
-                           : (int64_t)((uint32_t)block / (uint32_t)nested_blocksize);
-    return decode_nested_absmax(code2, q[block], absmax2[b2], offset);
+                           : (int64_t)((uint32_t)block / (uint32_t)nested.blocksize);
+    return decode_nested_absmax(nested.code2, nested.q[block], nested.absmax2[b2], nested.offset);
   }
 };
 

@@ -1,5 +1,5 @@
 // The fused 4-bit GEMV + LoRA kernel of nf4lora._C_cuda, for M <= 8 rows of x (decode):
-//   y = x @ W^T + (scaling * (x @ A^T)) @ B^T + bias
+//   y = x @ W^T + (scaling * (x @ A^T)) @ B^T + bias,   h = x @ A^T
 // in ONE launch (at decode sizes a launch costs about as much as the whole ideal
 // GEMV: 2.6 us for 4096x4096 on H100). The per-lane work is thread_work.cuh; this file
 // is the shell: block ordering, the wait for the LoRA shrink, and the warp sums.
@@ -59,7 +59,7 @@ __global__ void __launch_bounds__(kGemvWarps * kWarp, gemv_min_blocks_per_sm(M))
     shrink_lane_dot<T, M>(p, j, lane, acc);
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[m][0] = warp_reduce(acc[m][0], SumOp{});
-    shrink_lane_store<M>(p, j, lane, acc);
+    shrink_lane_store<T, M>(p, j, lane, acc);
     __threadfence();  // each lane's t store is visible device-wide ...
     __syncwarp();
     if (lane == 0) atomicAdd(&counters[1], 1);  // ... before the warp reports row j done
@@ -83,8 +83,8 @@ __global__ void __launch_bounds__(kGemvWarps * kWarp, gemv_min_blocks_per_sm(M))
 
 }  // namespace
 
-void gemv_4bit_lora(const GemvArgs& args, void* stream_ptr) {
-  const GemvPlan plan = plan_gemv(args);
+void gemv_4bit_lora(const LoraGemvArgs& args, void* workspace, void* stream_ptr) {
+  const GemvPlan plan = plan_gemv(args, workspace);
   if (plan.empty) return;
   const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   if (plan.counters != nullptr) {

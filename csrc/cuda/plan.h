@@ -35,13 +35,13 @@ void with_float_type(int dtype, Fn&& fn) {
   }
 }
 
+// The same for float16 / bfloat16 only (the GEMV): no float32 instance is compiled.
 template <class Fn>
 void with_half_type(int dtype, Fn&& fn) {
-  switch (dtype) {
-    case kF16: fn(F16{}); return;
-    case kBF16: fn(BF16{}); return;
-    default: throw std::invalid_argument("GEMV dtype must be 1 (float16) or 2 (bfloat16)");
-  }
+  require(dtype == kF16 || dtype == kBF16, "GEMV dtype must be 1 (float16) or 2 (bfloat16)");
+  with_float_type(dtype, [&](auto t) {
+    if constexpr (!std::is_same_v<decltype(t), F32>) fn(t);
+  });
 }
 
 // fn(std::integral_constant<int, M>{}) for M in 1..8.
@@ -71,25 +71,29 @@ inline int blocksize_shift_4bit(int64_t blocksize) {
   return shift;
 }
 
-// `blocks`: how many 4-bit blocks the kernel may touch.
-inline Scales make_scales(const float* absmax, const Nested* nested, int64_t blocks) {
+// The block constants of `w` as the kernels read them.
+inline Scales make_scales(const PackedWeight& w) {
   Scales s;
-  if (nested == nullptr) {
-    require(absmax != nullptr, "null absmax");
-    s.absmax = absmax;
+  if (!w.is_nested()) {
+    require(w.absmax != nullptr, "null absmax");
+    s.absmax = w.absmax;
     return s;
   }
-  require(nested->q && nested->absmax2 && nested->code2, "null pointer in nested absmax");
-  require(nested->blocksize > 0, "nested blocksize must be > 0");
-  s.q = nested->q;
-  s.absmax2 = nested->absmax2;
-  s.code2 = nested->code2;
-  s.offset = nested->offset;
-  s.nested_blocksize = nested->blocksize;
-  s.nested_shift = log2_exact(nested->blocksize);
-  require(s.nested_shift >= 0 || (blocks <= 0xffffffffLL && nested->blocksize <= 0xffffffffLL),
+  require(w.nested.absmax2 && w.nested.code2, "null pointer in nested absmax");
+  require(w.nested.blocksize > 0, "nested blocksize must be > 0");
+  s.nested = w.nested;
+  s.nested_shift = log2_exact(w.nested.blocksize);
+  require(s.nested_shift >= 0 || (w.blocks() <= 0xffffffffLL && w.nested.blocksize <= 0xffffffffLL),
           "nested blocksize that is not a power of two: at most 2^32 blocks");
   return s;
+}
+
+// Threads of `per_thread` elements each over n elements, in CUDA blocks of kDequantThreads.
+template <class Plan>
+void cover_elements(Plan& plan, int64_t n, int per_thread) {
+  plan.threads = ceil_div(n, per_thread);
+  plan.grid = ceil_div(plan.threads, kDequantThreads);
+  require_grid(plan.grid);
 }
 
 // ---- quantize (4-bit and 8-bit): one warp per quantization block ------------------
@@ -119,24 +123,20 @@ struct Dequant4Plan {
   int64_t grid;     // CUDA blocks of kDequantThreads
 };
 
-inline Dequant4Plan plan_dequantize_4bit(const uint8_t* packed, const float* absmax,
-                                         const Nested* nested, int64_t n, int64_t blocksize,
-                                         int quant_type, void* out) {
-  require(n >= 0, "n must be >= 0");
-  require_quant_type(quant_type);
+inline Dequant4Plan plan_dequantize_4bit(const PackedWeight& w, void* out) {
+  require(w.n >= 0, "n must be >= 0");
+  require_quant_type(w.quant_type);
   Dequant4Plan plan{};
-  plan.params.n = n;
-  plan.params.blocksize_shift = blocksize_shift_4bit(blocksize);
-  plan.lut = make_lut16(quant_type);
-  if (n == 0) return plan;
-  require(packed && out, "null pointer");
-  plan.params.packed = packed;
-  plan.params.scales = make_scales(absmax, nested, ceil_div(n, blocksize));
+  plan.params.n = w.n;
+  plan.params.blocksize_shift = blocksize_shift_4bit(w.blocksize);
+  plan.lut = make_lut16(w.quant_type);
+  if (w.n == 0) return plan;
+  require(w.packed && out, "null pointer");
+  plan.params.packed = w.packed;
+  plan.params.scales = make_scales(w);
   plan.params.out = out;
-  plan.params.vector_ok = aligned16(packed) && aligned16(out);
-  plan.threads = ceil_div(n, kDequant4PerThread);
-  plan.grid = ceil_div(plan.threads, kDequantThreads);
-  require_grid(plan.grid);
+  plan.params.vector_ok = aligned16(w.packed) && aligned16(out);
+  cover_elements(plan, w.n, kDequant4PerThread);
   return plan;
 }
 
@@ -156,9 +156,7 @@ inline Dequant8Plan plan_dequantize_blockwise(const uint8_t* q, const float* abs
   if (n == 0) return plan;
   require(q && absmax && code && out, "null pointer");
   plan.params.vector_ok = aligned16(q) && aligned16(out) && blocksize % kDequant8PerThread == 0;
-  plan.threads = ceil_div(n, kDequant8PerThread);
-  plan.grid = ceil_div(plan.threads, kDequantThreads);
-  require_grid(plan.grid);
+  cover_elements(plan, n, kDequant8PerThread);
   return plan;
 }
 
@@ -171,41 +169,44 @@ struct GemvPlan {
   bool empty;     // nothing to launch (M * N == 0)
 };
 
-inline GemvPlan plan_gemv(const GemvArgs& a) {
+inline GemvPlan plan_gemv(const LoraGemvArgs& a, void* workspace) {
+  const PackedWeight& w = a.weight;
   require(a.M >= 1 && a.M <= kGemvMaxM, "GEMV: M (rows of x) must be 1..8");
   require(a.dtype == kF16 || a.dtype == kBF16, "GEMV dtype must be 1 (float16) or 2 (bfloat16)");
   require(a.N >= 0 && a.K >= 0, "GEMV: N and K must be >= 0");
+  require(w.n == a.N * a.K, "GEMV: the weight must have N * K elements");
   require(a.rank >= 0 && a.rank <= 0x7fffffff, "GEMV: rank must be >= 0");
-  require_quant_type(a.quant_type);
+  require_quant_type(w.quant_type);
   GemvPlan plan{};
-  plan.lut = make_lut16(a.quant_type);
+  plan.lut = make_lut16(w.quant_type);
   GemvParams& p = plan.params;
-  p.blocksize_shift = blocksize_shift_4bit(a.blocksize);
+  p.blocksize_shift = blocksize_shift_4bit(w.blocksize);
   plan.empty = a.N == 0;
   if (plan.empty) return plan;
   require(a.x != nullptr || a.K == 0, "GEMV: null x");
   require(a.y != nullptr, "GEMV: null y");
-  require(a.packed != nullptr || a.K == 0, "GEMV: null weight");
+  require(w.packed != nullptr || a.K == 0, "GEMV: null weight");
   if (a.rank > 0) {
-    require(a.lora_A && a.lora_B, "GEMV: rank > 0 needs lora_A and lora_B");
-    require(a.workspace != nullptr, "GEMV: rank > 0 needs a workspace (gemv_workspace_bytes)");
+    require(a.lora_A && a.lora_B && a.h, "GEMV: rank > 0 needs lora_A, lora_B and h");
+    require(workspace != nullptr, "GEMV: rank > 0 needs a workspace (gemv_workspace_bytes)");
   }
   p.x = a.x;
-  p.packed = a.packed;
-  p.scales = a.K > 0 ? make_scales(a.absmax, a.nested, ceil_div(a.N * a.K, a.blocksize)) : Scales{};
+  p.packed = w.packed;
+  p.scales = a.K > 0 ? make_scales(w) : Scales{};
   p.lora_A = a.lora_A;
   p.lora_B = a.lora_B;
   p.scaling = a.scaling;
   p.rank = (int)a.rank;
   p.bias = a.bias;
-  plan.counters = a.rank > 0 ? static_cast<int*>(a.workspace) : nullptr;
-  p.t = a.rank > 0 ? reinterpret_cast<float*>(static_cast<char*>(a.workspace) + 8) : nullptr;
+  plan.counters = a.rank > 0 ? static_cast<int*>(workspace) : nullptr;
+  p.t = a.rank > 0 ? reinterpret_cast<float*>(static_cast<char*>(workspace) + 8) : nullptr;
+  p.h = a.h;
   p.y = a.y;
   p.N = a.N;
   p.K = a.K;
   // K % 32 == 0 puts every row, and every lane's 32-weight chunk, on a 16-byte boundary
   // of the packed weight and of x and A (64 bytes of fp16/bf16).
-  p.vector_ok = a.K % kGemvChunk == 0 && aligned16(a.x) && aligned16(a.packed) &&
+  p.vector_ok = a.K % kGemvChunk == 0 && aligned16(a.x) && aligned16(w.packed) &&
                 (a.rank == 0 || aligned16(a.lora_A));
   plan.grid = gemv_grid((int)a.M, a.N, (int)a.rank);
   require_grid(plan.grid.blocks);

@@ -1,11 +1,12 @@
 // thread_work.cuh: what ONE CUDA thread (or one lane of a warp) does, for every kernel,
 // as __host__ __device__ functions of explicit indices (tid, block, lane).
 //
-// The __global__ kernels in kernels.cu compute those indices from blockIdx/threadIdx and
-// call these functions; csrc/cuda_host/host_driver.cpp calls them over the whole grid on
-// the CPU. What cannot run on a host thread stays in the kernels and is kept tiny:
-// copying a table into shared memory (+ __syncthreads), the warp butterfly (shuffles;
-// the driver replays it over an array: common.cuh), and the GEMV's block ordering.
+// The __global__ kernels (codec_kernels.cu, gemv_kernel.cu) compute those indices from
+// blockIdx/threadIdx and call these functions; csrc/cuda_host/host_driver.cpp calls them
+// over the whole grid on the CPU. What cannot run on a host thread stays in the kernels
+// and is kept tiny: copying a table into shared memory (+ __syncthreads), the warp
+// butterfly (shuffles; the driver replays it over an array: common.cuh), and the GEMV's
+// block ordering.
 //
 // Layouts as in csrc/cpu/kernels.h: flat row-major; n elements; blocks of `blocksize`
 // consecutive elements (the last may be partial); 4-bit codes two per byte, element 2j in
@@ -178,8 +179,9 @@ NF4K_HD void dequantize_8bit_thread(const Dequant8Params& p, const float* code, 
 // GEMV with LoRA, M <= 8 rows of activations (decode):
 //   y[m, n] = sum_k x[m, k] W[n, k] + sum_j t[m, j] B[n, j] + bias[n],
 //   t = scaling * (x @ A^T)   (the LoRA shrink, [M, rank], float32)
-// W is 4-bit [N, K]; x, A [rank, K], B [N, rank], bias [N], y [M, N] are fp16 or bf16;
-// every product is accumulated in float32 (FMA), each output rounded once.
+//   h = x @ A^T rounded to T  (returned: backward needs it for lora_B's gradient)
+// W is 4-bit [N, K]; x, A [rank, K], B [N, rank], bias [N], y [M, N] and h [M, rank] are
+// fp16 or bf16; every product is accumulated in float32 (FMA), each output rounded once.
 //
 // Work split: a warp owns R = gemv_rows_per_warp(M) rows of W (or one row of A: the
 // shrink is the same dot product with a dense row, done in the same launch and the same
@@ -211,6 +213,7 @@ struct GemvParams {
   int rank;               // 0: no LoRA
   const void* bias;       // [N] T, or null
   float* t;               // [M, rank] float32 workspace: scaling * (x @ A^T)
+  void* h;                // [M, rank] T: x @ A^T, rounded (returned for backward)
   void* y;                // [M, N] T
   int64_t N, K;
   bool vector_ok;         // K % 32 == 0 and x, A, W 16-byte aligned: the vector path
@@ -345,12 +348,17 @@ NF4K_HD void shrink_lane_dot(const GemvParams& p, int j, int lane, float (&acc)[
   lane_dot<T, M>(p, row, lane, acc);
 }
 
-// After the warp sum (every lane holds all M sums): lane m writes t[m, j].
-template <int M>
+// After the warp sum (every lane holds all M sums): lane m writes t[m, j], the scaled
+// float32 sum the expand uses, and h[m, j], the same sum rounded to T.
+template <class T, int M>
 NF4K_HD void shrink_lane_store(const GemvParams& p, int j, int lane, const float (&sum)[M][1]) {
+  auto* h = static_cast<typename T::Storage*>(p.h);
   NF4K_UNROLL
   for (int m = 0; m < M; ++m)
-    if (lane == m) p.t[m * p.rank + j] = mul_rn(p.scaling, sum[m][0]);
+    if (lane == m) {
+      p.t[m * p.rank + j] = mul_rn(p.scaling, sum[m][0]);
+      h[m * p.rank + j] = T::round(sum[m][0]);
+    }
 }
 
 // --- the main GEMV: warp owns rows row0 .. row0 + R - 1 --------------------------
@@ -363,7 +371,7 @@ NF4K_HD void gemv_lane_dot(const GemvParams& p, const float* lut, int64_t row0, 
 
 // The expand, this lane's share (j = lane, lane + 32, ...), added to the partials before
 // the warp sum, so one butterfly reduces both. Needs all of t: on the device, after the
-// wait on the shrink warps (kernels.cu).
+// wait on the shrink warps (gemv_kernel.cu).
 template <class T, int M>
 NF4K_HD void gemv_lane_expand(const GemvParams& p, int64_t row0, int lane,
                               float (&acc)[M][gemv_rows_per_warp(M)]) {
@@ -407,7 +415,7 @@ NF4K_HD void gemv_lane_store(const GemvParams& p, int64_t row0, int lane,
 // Launch geometry. CUDA blocks [0, shrink_blocks) compute t (warp w of block b: row
 // j = b * kGemvWarps + w of A); the rest compute y (warp w of block b: rows
 // ((b - shrink_blocks) * kGemvWarps + w) * R ...). On the device "block b" is the order
-// in which blocks START (an atomic ticket), not blockIdx: see kernels.cu.
+// in which blocks START (an atomic ticket), not blockIdx: see gemv_kernel.cu.
 struct GemvGrid {
   int64_t shrink_blocks;
   int64_t blocks;  // total

@@ -1,6 +1,9 @@
-// host_driver.cpp: runs the CUDA kernels' per-thread code (csrc/cuda/thread_work.cuh) on
-// the CPU over the whole grid, for tests/test_cuda_host.py. Built by the test with g++
-// into a temporary shared library and called through ctypes; no CUDA, no torch.
+// host_driver.cpp: the CPU replay of nf4lora._C_cuda's kernels, for tests/test_cuda_host.py.
+// It implements csrc/cuda/launch.h, as the CUDA launchers (codec_kernels.cu,
+// gemv_kernel.cu) do, by running the kernels' per-thread code (thread_work.cuh) over the
+// whole grid on the CPU. The test compiles it with the real bindings
+// (csrc/cuda/bindings_cuda.cpp) into a module that stands in for nf4lora._C_cuda, so the
+// binding code runs too. No CUDA, no torch.
 //
 // Each entry point goes through the same plan as the real launcher (csrc/cuda/plan.h:
 // argument checks, vector-or-element-wise path, grid size), then replays the kernel:
@@ -13,31 +16,16 @@
 //     which is the order the device's tickets + wait enforce.
 // Not replayed (see the test module's docstring): the shuffles, __syncthreads, the
 // atomics and the fence/spin between blocks, and the device-only conversions.
-//
-// The entry points mirror nf4lora._C_cuda (csrc/cuda/bindings_cuda.cpp) argument for
-// argument, minus the stream. Each returns 0, or 1 with nf4h_last_error() set.
-#include <exception>
+// The stream is ignored: each call has finished when it returns.
+#include <string.h>
+
 #include <string>
 
 #include "../cuda/plan.h"
 
-using namespace nf4lora;
-using namespace nf4lora::cuda;
-
+namespace nf4lora {
+namespace cuda {
 namespace {
-
-std::string g_error;
-
-template <class Fn>
-int guarded(Fn&& fn) {
-  try {
-    fn();
-    return 0;
-  } catch (const std::exception& e) {
-    g_error = e.what();
-    return 1;
-  }
-}
 
 // One warp per quantization block: lanes' partial absmax, warp max, lanes encode.
 template <class In, class Encode>
@@ -80,7 +68,8 @@ void run_gemv(const GemvPlan& plan) {
         float acc[kWarp][M][1];
         for (int lane = 0; lane < kWarp; ++lane) shrink_lane_dot<T, M>(p, (int)j, lane, acc[lane]);
         warp_sum(acc);
-        for (int lane = 0; lane < kWarp; ++lane) shrink_lane_store<M>(p, (int)j, lane, acc[lane]);
+        for (int lane = 0; lane < kWarp; ++lane)
+          shrink_lane_store<T, M>(p, (int)j, lane, acc[lane]);
         continue;
       }
       const int64_t row0 = ((block - shrink_blocks) * kGemvWarps + warp) * R;
@@ -94,118 +83,52 @@ void run_gemv(const GemvPlan& plan) {
     }
 }
 
-Nested make_nested(const uint8_t* q, const float* absmax2, const float* code2, float offset,
-                   int64_t blocksize) {
-  Nested nested;
-  nested.q = q;
-  nested.absmax2 = absmax2;
-  nested.code2 = code2;
-  nested.offset = offset;
-  nested.blocksize = blocksize;
-  return nested;
-}
-
 }  // namespace
 
-extern "C" {
+void quantize_4bit(const void* A, int dtype, int64_t n, int64_t blocksize, int quant_type,
+                   uint8_t* packed, float* absmax, void*) {
+  require_quant_type(quant_type);
+  const QuantPlan plan = plan_quantize(A, n, blocksize, packed, absmax, /*four_bit=*/true);
+  with_float_type(dtype, [&](auto in) { run_quantize<decltype(in)>(plan, Encode4{quant_type}); });
+}
 
-const char* nf4h_last_error() { return g_error.c_str(); }
+void quantize_blockwise(const void* A, int dtype, const float* code, int64_t n,
+                        int64_t blocksize, uint8_t* q, float* absmax, void*) {
+  const QuantPlan plan = plan_quantize(A, n, blocksize, q, absmax, /*four_bit=*/false);
+  require(n == 0 || code != nullptr, "null code");
+  float code_s[256];  // the kernel's shared-memory copy
+  if (n > 0) memcpy(code_s, code, sizeof(code_s));
+  with_float_type(dtype, [&](auto in) { run_quantize<decltype(in)>(plan, Encode8{code_s}); });
+}
 
-// Launch geometry, for the tests to check the grid covers the work exactly once.
-int64_t nf4h_gemv_rows_per_warp(int M) { return gemv_rows_per_warp(M); }
-
-int nf4h_quantize_4bit(const void* A, int dtype, int64_t n, int64_t blocksize, int quant_type,
-                       uint8_t* packed, float* absmax) {
-  return guarded([&] {
-    require_quant_type(quant_type);
-    const QuantPlan plan = plan_quantize(A, n, blocksize, packed, absmax, true);
-    with_float_type(dtype, [&](auto in) { run_quantize<decltype(in)>(plan, Encode4{quant_type}); });
+void dequantize_4bit(const PackedWeight& weight, void* out, int out_dtype, void*) {
+  const Dequant4Plan plan = plan_dequantize_4bit(weight, out);
+  with_float_type(out_dtype, [&](auto o) {
+    for (int64_t tid = 0; tid < plan.grid * kDequantThreads; ++tid)
+      dequantize_4bit_thread<decltype(o)>(plan.params, plan.lut.v, tid);
   });
 }
 
-int nf4h_quantize_blockwise(const void* A, int dtype, const float* code, int64_t n,
-                            int64_t blocksize, uint8_t* q, float* absmax) {
-  return guarded([&] {
-    const QuantPlan plan = plan_quantize(A, n, blocksize, q, absmax, false);
-    require(n == 0 || code != nullptr, "null code");
-    float code_s[256];  // the kernel's shared-memory copy
-    if (n > 0) memcpy(code_s, code, sizeof(code_s));
-    with_float_type(dtype, [&](auto in) { run_quantize<decltype(in)>(plan, Encode8{code_s}); });
+void dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code, int64_t n,
+                          int64_t blocksize, void* out, int out_dtype, void*) {
+  const Dequant8Plan plan = plan_dequantize_blockwise(q, absmax, code, n, blocksize, out);
+  float code_s[256];
+  if (n > 0) memcpy(code_s, code, sizeof(code_s));
+  with_float_type(out_dtype, [&](auto o) {
+    for (int64_t tid = 0; tid < plan.grid * kDequantThreads; ++tid)
+      dequantize_8bit_thread<decltype(o)>(plan.params, code_s, tid);
   });
 }
 
-int nf4h_dequantize_4bit(const uint8_t* packed, const float* absmax, int64_t n, int64_t blocksize,
-                         int quant_type, void* out, int out_dtype) {
-  return guarded([&] {
-    const Dequant4Plan plan = plan_dequantize_4bit(packed, absmax, nullptr, n, blocksize, quant_type, out);
-    with_float_type(out_dtype, [&](auto o) {
-      for (int64_t tid = 0; tid < plan.grid * kDequantThreads; ++tid)
-        dequantize_4bit_thread<decltype(o)>(plan.params, plan.lut.v, tid);
-    });
+void gemv_4bit_lora(const LoraGemvArgs& args, void* workspace, void*) {
+  const GemvPlan plan = plan_gemv(args, workspace);
+  if (plan.empty) return;
+  with_half_type(args.dtype, [&](auto t) {
+    with_rows(args.M, [&](auto m) { run_gemv<decltype(t), decltype(m)::value>(plan); });
   });
 }
 
-int nf4h_dequantize_4bit_nested(const uint8_t* packed, const uint8_t* qabsmax, const float* absmax2,
-                                const float* code2, float offset, int64_t nested_blocksize,
-                                int64_t n, int64_t blocksize, int quant_type, void* out,
-                                int out_dtype) {
-  return guarded([&] {
-    const Nested nested = make_nested(qabsmax, absmax2, code2, offset, nested_blocksize);
-    const Dequant4Plan plan = plan_dequantize_4bit(packed, nullptr, &nested, n, blocksize, quant_type, out);
-    with_float_type(out_dtype, [&](auto o) {
-      for (int64_t tid = 0; tid < plan.grid * kDequantThreads; ++tid)
-        dequantize_4bit_thread<decltype(o)>(plan.params, plan.lut.v, tid);
-    });
-  });
-}
+std::string runtime_status() { return "host replay (no device): the kernels' code on the CPU"; }
 
-int nf4h_dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code, int64_t n,
-                              int64_t blocksize, void* out, int out_dtype) {
-  return guarded([&] {
-    const Dequant8Plan plan = plan_dequantize_blockwise(q, absmax, code, n, blocksize, out);
-    float code_s[256];
-    if (n > 0) memcpy(code_s, code, sizeof(code_s));
-    with_float_type(out_dtype, [&](auto o) {
-      for (int64_t tid = 0; tid < plan.grid * kDequantThreads; ++tid)
-        dequantize_8bit_thread<decltype(o)>(plan.params, code_s, tid);
-    });
-  });
-}
-
-int nf4h_gemv_4bit_lora(const void* x, int dtype, int64_t M, int64_t N, int64_t K,
-                        const uint8_t* packed, const float* absmax, const uint8_t* qabsmax,
-                        const float* absmax2, const float* code2, float offset,
-                        int64_t nested_blocksize, int64_t blocksize, int quant_type,
-                        const void* lora_A, const void* lora_B, int64_t rank, float scaling,
-                        const void* bias, void* workspace, void* y) {
-  return guarded([&] {
-    const Nested nested = make_nested(qabsmax, absmax2, code2, offset, nested_blocksize);
-    GemvArgs a;
-    a.x = x;
-    a.dtype = dtype;
-    a.M = M;
-    a.N = N;
-    a.K = K;
-    a.packed = packed;
-    a.absmax = absmax;
-    a.nested = qabsmax != nullptr ? &nested : nullptr;
-    a.blocksize = blocksize;
-    a.quant_type = quant_type;
-    a.lora_A = lora_A;
-    a.lora_B = lora_B;
-    a.rank = rank;
-    a.scaling = scaling;
-    a.bias = bias;
-    a.workspace = workspace;
-    a.y = y;
-    const GemvPlan plan = plan_gemv(a);
-    if (plan.empty) return;
-    with_half_type(dtype, [&](auto t) {
-      with_rows(M, [&](auto m) { run_gemv<decltype(t), decltype(m)::value>(plan); });
-    });
-  });
-}
-
-int64_t nf4h_gemv_workspace_bytes(int64_t M, int64_t rank) { return gemv_workspace_bytes(M, rank); }
-
-}  // extern "C"
+}  // namespace cuda
+}  // namespace nf4lora

@@ -1,13 +1,14 @@
 """The C++ CPU backend: launch glue for `nf4lora._C` (csrc/cpu).
 
-The kernels take raw addresses (`tensor.data_ptr()`), element counts and dtype ids, and
+The kernels take the tensors and the PackedWeight themselves (csrc/bindings_common.h reads
+their addresses, sizes and dtypes; dtype and quant-type ids never appear here), and
 run with the GIL released, OpenMP across blocks, on the best SIMD path the CPU has
 (`nf4lora._C.isa()`; the environment variable
 NF4LORA_CPU_ISA=scalar|avx2|avx512|avx512bf16 forces one; `nf4lora._C.supported_isas()`
 lists what the CPU can run). Threads:
 `nf4lora._C.set_num_threads(k)`, default torch's/OpenMP's thread count. Callers
-(nf4lora._ops) have validated dtypes, sizes and devices; here only cheap asserts guard
-what would otherwise read or write out of bounds.
+(nf4lora._ops) have validated dtypes, sizes and devices; here (and in the binding, for the
+packed weight) only cheap checks guard what would otherwise read or write out of bounds.
 
 The matmul ops take one of two paths (`matmul_path` tells which):
 
@@ -29,8 +30,6 @@ import threading
 
 import torch
 
-from ..codebook import QUANT_TYPES
-
 DEVICE_TYPES = ("cpu",)
 
 try:
@@ -39,9 +38,6 @@ try:
 except ImportError as error:  # not built: `pip install -e .` builds it
     _C = None
     _IMPORT_ERROR = f"the C++ extension nf4lora._C is not importable ({error}); build it with `pip install -e .`"
-
-_DTYPE_IDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_QUANT_TYPE_IDS = {name: i for i, name in enumerate(QUANT_TYPES)}  # nf4 0, fp4 1
 
 
 def availability() -> str | None:
@@ -62,43 +58,14 @@ def quantize_4bit(A, blocksize, quant_type):
     n = A.numel()
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
     absmax = torch.empty(_blocks(n, blocksize), dtype=torch.float32)
-    _C.quantize_4bit(A.data_ptr(), _DTYPE_IDS[A.dtype], n, blocksize,
-                     _QUANT_TYPE_IDS[quant_type], packed.data_ptr(), absmax.data_ptr())
+    _C.quantize_4bit(A, blocksize, quant_type, packed, absmax)
     return packed, absmax
 
 
-def _check_packed_weight(packed, absmax, nested, n: int, blocksize: int):
-    """Guard the reads of a 4-bit weight of n elements; returns the nested code as float32
-    (kept alive by the caller for the kernel call), or None without double quantization."""
-    blocks = _blocks(n, blocksize)
-    _check_input(packed, "packed")
-    _check_input(absmax, "absmax")
-    assert packed.dtype == torch.uint8 and packed.numel() >= (n + 1) // 2, "packed too small"
-    if nested is None:
-        assert absmax.dtype == torch.float32 and absmax.numel() >= blocks, "absmax: f32 [blocks]"
-        return None
-    code = nested.code.float().contiguous()  # 256 entries: a no-op when already float32
-    _check_input(nested.absmax, "nested.absmax")
-    assert absmax.dtype == torch.uint8 and absmax.numel() >= blocks, "nested absmax: u8 [blocks]"
-    assert nested.absmax.dtype == torch.float32
-    assert nested.absmax.numel() >= _blocks(blocks, nested.blocksize), "nested.absmax too small"
-    assert code.numel() == 256, "nested.code must have 256 entries"
-    return code
-
-
 def dequantize_4bit(weight, out):
-    n = out.numel()
     _check_input(out, "out")
-    packed, absmax, blocksize, nested = weight.packed, weight.absmax, weight.blocksize, weight.nested
-    code = _check_packed_weight(packed, absmax, nested, n, blocksize)
-    qt, out_dtype = _QUANT_TYPE_IDS[weight.quant_type], _DTYPE_IDS[out.dtype]
-    if nested is None:
-        _C.dequantize_4bit(packed.data_ptr(), absmax.data_ptr(), n, blocksize, qt,
-                           out.data_ptr(), out_dtype)
-        return
-    _C.dequantize_4bit_nested(packed.data_ptr(), absmax.data_ptr(), nested.absmax.data_ptr(),
-                              code.data_ptr(), float(nested.offset), nested.blocksize, n,
-                              blocksize, qt, out.data_ptr(), out_dtype)
+    assert weight.device.type == "cpu" and out.numel() == weight.numel, "out: the weight's size"
+    _C.dequantize_4bit(weight, out)
 
 
 def quantize_blockwise(A, code, blocksize):
@@ -108,8 +75,7 @@ def quantize_blockwise(A, code, blocksize):
     n = A.numel()
     codes = torch.empty(n, dtype=torch.uint8)
     absmax = torch.empty(_blocks(n, blocksize), dtype=torch.float32)
-    _C.quantize_blockwise(A.data_ptr(), _DTYPE_IDS[A.dtype], code.data_ptr(), n, blocksize,
-                          codes.data_ptr(), absmax.data_ptr())
+    _C.quantize_blockwise(A, code, blocksize, codes, absmax)
     return codes, absmax
 
 
@@ -122,8 +88,7 @@ def dequantize_blockwise(codes, absmax, code, blocksize, out):
     assert codes.dtype == torch.uint8 and codes.numel() >= n, "codes: u8 [n]"
     assert absmax.dtype == torch.float32 and absmax.numel() >= _blocks(n, blocksize)
     assert code.numel() == 256, "code must have 256 entries"
-    _C.dequantize_blockwise(codes.data_ptr(), absmax.data_ptr(), code.data_ptr(), n, blocksize,
-                            out.data_ptr(), _DTYPE_IDS[out.dtype])
+    _C.dequantize_blockwise(codes, absmax, code, blocksize, out)
 
 
 # ---------------------------------------------------------------------------------------
@@ -154,33 +119,18 @@ def matmul_path(M: int, weight) -> str:
     return "fused" if fused else "dequantize+gemm"
 
 
-def _address(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
 def _fused(x, weight, lora_A, lora_B, scaling, bias):
-    M, K = x.shape
-    N, rank = weight.out_features, (0 if lora_A is None else lora_A.shape[0])
-    code = _check_packed_weight(weight.packed, weight.absmax, weight.nested, N * K, weight.blocksize)
+    M, N, rank = x.shape[0], weight.out_features, (0 if lora_A is None else lora_A.shape[0])
     y = torch.empty((M, N), dtype=x.dtype)
     h = torch.empty((M, rank), dtype=x.dtype)
     bias = None if bias is None else bias.contiguous()
-    absmax2 = code2 = 0
-    offset, nested_blocksize = 0.0, 256
-    if weight.nested is not None:
-        absmax2, code2 = weight.nested.absmax.data_ptr(), code.data_ptr()
-        offset, nested_blocksize = float(weight.nested.offset), weight.nested.blocksize
-    _C.lora_gemv_4bit(x.data_ptr(), _DTYPE_IDS[x.dtype], M, K, N, weight.packed.data_ptr(),
-                      weight.absmax.data_ptr(), absmax2, code2, offset, nested_blocksize,
-                      weight.blocksize, _QUANT_TYPE_IDS[weight.quant_type], _address(lora_A),
-                      _address(lora_B), rank, float(scaling), _address(bias), y.data_ptr(),
-                      h.data_ptr())
+    _C.lora_gemv_4bit(x, weight, lora_A, lora_B, float(scaling), bias, y, h)
     return y, h
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The GEMM dtype of the dequantize+gemm path: float32 unless the CPU does `dtype` natively."""
-    return dtype if _C.native_16bit_gemm(_DTYPE_IDS[dtype]) else torch.float32
+    return dtype if _C.native_16bit_gemm(dtype) else torch.float32
 
 
 def _workspace(numel: int, dtype: torch.dtype) -> torch.Tensor:

@@ -1,15 +1,18 @@
 """The CUDA backend: launch glue for `nf4lora._C_cuda` (csrc/cuda), plus the on-paper
 roofline of each CUDA kernel.
 
-The kernels take raw device addresses (`tensor.data_ptr()`), sizes, dtype ids and the
-current stream as an integer (`torch.cuda.current_stream().cuda_stream`), and launch
+The kernels take the tensors and the PackedWeight themselves (csrc/bindings_common.h, shared
+with the CPU extension, reads their device addresses, sizes and dtypes) and the current
+stream as an integer (`torch.cuda.current_stream().cuda_stream`), and launch
 asynchronously on it, on the tensors' device. Callers (nf4lora._ops) have validated
-dtypes, sizes and devices; here only cheap asserts guard what would otherwise read or
-write out of bounds. Build: `pip install -e .` with nvcc on PATH (or CUDA_HOME set)
-compiles the extension; NF4LORA_CUDA_ARCHS picks the architectures (default 80;86;89;90).
+dtypes, sizes and devices; here (and in the binding, for the packed weight) only cheap
+checks guard what would otherwise read or write out of bounds. Build: `pip install -e .`
+with nvcc on PATH (or CUDA_HOME set) compiles the extension; NF4LORA_CUDA_ARCHS picks the
+architectures (default 80;86;89;90).
 
 Beyond the backend interface, `gemv_4bit_lora` is the fused decode kernel
-(y = x @ W^T + scaling * (x @ A^T) @ B^T + bias for up to 8 rows of x, one launch).
+(y = x @ W^T + scaling * (x @ A^T) @ B^T + bias and h = x @ A^T for up to 8 rows of x,
+one launch).
 """
 from __future__ import annotations
 
@@ -19,7 +22,6 @@ import sys
 
 import torch
 
-from ..codebook import QUANT_TYPES
 from . import composite
 
 DEVICE_TYPES = ("cuda",)
@@ -33,8 +35,6 @@ except ImportError as error:  # not built (no nvcc at install time) or built bro
     _C_cuda = None
     _IMPORT_ERROR = f"the CUDA extension nf4lora._C_cuda is not importable ({error}); {BUILD_HINT}"
 
-_DTYPE_IDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_QUANT_TYPE_IDS = {name: i for i, name in enumerate(QUANT_TYPES)}  # nf4 0, fp4 1
 GEMV_MAX_M = 8  # rows of x the GEMV kernel takes (decode); larger M: dequantize + matmul
 
 
@@ -75,42 +75,16 @@ def quantize_4bit(A, blocksize, quant_type):
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=A.device)
     absmax = torch.empty(_blocks(n, blocksize), dtype=torch.float32, device=A.device)
     with _on_device(A.device):
-        _C_cuda.quantize_4bit(A.data_ptr(), _DTYPE_IDS[A.dtype], n, blocksize,
-                              _QUANT_TYPE_IDS[quant_type], packed.data_ptr(), absmax.data_ptr(),
-                              _stream(A.device))
+        _C_cuda.quantize_4bit(A, blocksize, quant_type, packed, absmax, _stream(A.device))
     return packed, absmax
 
 
-def _nested_args(absmax, blocks, nested, device):
-    """(qabsmax, absmax2, code2, offset, nested_blocksize) addresses/values for the kernels."""
-    code = nested.code.to(device=device, dtype=torch.float32).contiguous()
-    _check_input(nested.absmax, "nested.absmax", device)
-    assert absmax.dtype == torch.uint8 and absmax.numel() >= blocks, "nested absmax: u8 [blocks]"
-    assert nested.absmax.dtype == torch.float32
-    assert nested.absmax.numel() >= _blocks(blocks, nested.blocksize), "nested.absmax too small"
-    assert code.numel() == 256, "nested.code must have 256 entries"
-    return code, (absmax.data_ptr(), nested.absmax.data_ptr(), code.data_ptr(),
-                  float(nested.offset), nested.blocksize)
-
-
 def dequantize_4bit(weight, out):
-    n, device = out.numel(), out.device
-    packed, absmax, blocksize, nested = weight.packed, weight.absmax, weight.blocksize, weight.nested
-    blocks = _blocks(n, blocksize)
-    for t, name in ((packed, "packed"), (absmax, "absmax"), (out, "out")):
-        _check_input(t, name, device)
-    assert packed.dtype == torch.uint8 and packed.numel() >= (n + 1) // 2, "packed too small"
-    qt, out_dtype = _QUANT_TYPE_IDS[weight.quant_type], _DTYPE_IDS[out.dtype]
+    device = out.device
+    _check_input(out, "out", device)
+    assert weight.device == device and out.numel() == weight.numel, "out: the weight's size, device"
     with _on_device(device):
-        if nested is None:
-            assert absmax.dtype == torch.float32 and absmax.numel() >= blocks, "absmax: f32 [blocks]"
-            _C_cuda.dequantize_4bit(packed.data_ptr(), absmax.data_ptr(), n, blocksize, qt,
-                                    out.data_ptr(), out_dtype, _stream(device))
-            return
-        code, args = _nested_args(absmax, blocks, nested, device)  # keep `code` alive
-        _C_cuda.dequantize_4bit_nested(packed.data_ptr(), *args, n, blocksize, qt,
-                                       out.data_ptr(), out_dtype, _stream(device))
-        del code
+        _C_cuda.dequantize_4bit(weight, out, _stream(device))
 
 
 def quantize_blockwise(A, code, blocksize):
@@ -121,9 +95,7 @@ def quantize_blockwise(A, code, blocksize):
     codes = torch.empty(n, dtype=torch.uint8, device=A.device)
     absmax = torch.empty(_blocks(n, blocksize), dtype=torch.float32, device=A.device)
     with _on_device(A.device):
-        _C_cuda.quantize_blockwise(A.data_ptr(), _DTYPE_IDS[A.dtype], code.data_ptr(), n,
-                                   blocksize, codes.data_ptr(), absmax.data_ptr(),
-                                   _stream(A.device))
+        _C_cuda.quantize_blockwise(A, code, blocksize, codes, absmax, _stream(A.device))
     return codes, absmax
 
 
@@ -136,20 +108,19 @@ def dequantize_blockwise(codes, absmax, code, blocksize, out):
     assert absmax.dtype == torch.float32 and absmax.numel() >= _blocks(n, blocksize)
     assert code.numel() == 256, "code must have 256 entries"
     with _on_device(device):
-        _C_cuda.dequantize_blockwise(codes.data_ptr(), absmax.data_ptr(), code.data_ptr(), n,
-                                     blocksize, out.data_ptr(), _DTYPE_IDS[out.dtype],
-                                     _stream(device))
+        _C_cuda.dequantize_blockwise(codes, absmax, code, blocksize, out, _stream(device))
 
 
-def gemv_4bit_lora(x, packed, absmax, shape, blocksize, quant_type, nested=None,
-                   lora_A=None, lora_B=None, scaling=1.0, bias=None):
-    """y = x @ W^T + scaling * (x @ A^T) @ B^T + bias, for x [..., K] with at most 8 rows.
+def gemv_4bit_lora(x, weight, lora_A=None, lora_B=None, scaling=1.0, bias=None):
+    """(y, h) with y = x @ W^T + scaling * h @ B^T + bias and h = x @ A^T, for x [..., K]
+    with at most 8 rows.
 
-    W is the 4-bit weight of `shape` (N, K) (`packed`, `absmax`, `nested` as in
-    dequantize_4bit); x, lora_A [r, K], lora_B [N, r], bias [N] are all float16 or all
-    bfloat16. Accumulation is float32; y has x's dtype and shape [..., N].
+    W is `weight`, a PackedWeight of shape (N, K); x, lora_A [r, K], lora_B [N, r], bias [N]
+    are all float16 or all bfloat16. Accumulation is float32; y [..., N] and h [..., r]
+    ([..., 0] without LoRA) have x's dtype. h is the kernel's own x @ A^T (it needs it for
+    y anyway), rounded once.
     """
-    N, K = (int(s) for s in shape)
+    N, K = weight.out_features, weight.in_features
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"x must be float16 or bfloat16 for the CUDA GEMV, got {x.dtype}")
     if x.shape[-1] != K:
@@ -175,42 +146,23 @@ def gemv_4bit_lora(x, packed, absmax, shape, blocksize, quant_type, nested=None,
     lora_A = lora_A.contiguous() if rank else None
     lora_B = lora_B.contiguous() if rank else None
     bias = bias.contiguous() if bias is not None else None
-    for t, name in ((packed, "packed"), (absmax, "absmax")):
-        _check_input(t, name, device)
-    assert packed.dtype == torch.uint8 and packed.numel() >= (N * K + 1) // 2, "packed too small"
+    assert weight.device == device, f"the weight is on {weight.device}, x on {device}"
 
     y = torch.empty(M, N, dtype=x.dtype, device=device)
+    h = torch.empty(M, rank, dtype=x.dtype, device=device)
     workspace = torch.empty(max(1, _C_cuda.gemv_workspace_bytes(M, rank) // 4),
                             dtype=torch.int32, device=device)
-    blocks = _blocks(N * K, blocksize)
-    code = None
-    if nested is None:
-        assert absmax.dtype == torch.float32 and absmax.numel() >= blocks, "absmax: f32 [blocks]"
-        scale_args = (absmax.data_ptr(), 0, 0, 0, 0.0, 256)
-    else:
-        code, args = _nested_args(absmax, blocks, nested, device)
-        scale_args = (0, *args)
-    address = lambda t: t.data_ptr() if t is not None else 0  # noqa: E731
     with _on_device(device):
-        _C_cuda.gemv_4bit_lora(x2.data_ptr(), _DTYPE_IDS[x.dtype], M, N, K, packed.data_ptr(),
-                               *scale_args, blocksize, _QUANT_TYPE_IDS[quant_type],
-                               address(lora_A), address(lora_B), rank, float(scaling),
-                               address(bias), workspace.data_ptr(), y.data_ptr(), _stream(device))
-    del code
-    return y.reshape(*x.shape[:-1], N)
+        _C_cuda.lora_gemv_4bit(x2, weight, lora_A, lora_B, float(scaling), bias, y, h,
+                               workspace, _stream(device))
+    return y.reshape(*x.shape[:-1], N), h.reshape(*x.shape[:-1], rank)
 
 
 def lora_matmul_4bit(x, weight, lora_A, lora_B, scaling, bias):
     """The registry's fused op: the GEMV for decode (1..8 rows, fp16/bf16), otherwise
     dequantize + cuBLAS (composite), which wins once W's bytes are amortized over rows."""
     if 1 <= x.shape[0] <= GEMV_MAX_M and x.dtype in (torch.float16, torch.bfloat16):
-        y = gemv_4bit_lora(x, weight.packed, weight.absmax,
-                           (weight.out_features, weight.in_features), weight.blocksize,
-                           weight.quant_type, weight.nested, lora_A, lora_B, scaling, bias)
-        # h = x @ A^T for lora_B's gradient: r x K, tiny next to W; the kernel keeps its
-        # own copy in a workspace that is not returned.
-        h = x.new_empty((x.shape[0], 0)) if lora_A is None else x @ lora_A.t()
-        return y, h
+        return gemv_4bit_lora(x, weight, lora_A, lora_B, scaling, bias)
     return composite.lora_matmul_4bit(sys.modules[__name__], x, weight, lora_A, lora_B,
                                       scaling, bias)
 

@@ -44,9 +44,9 @@ int main() {
     for (int nested_bs : {0, 4, 256}) for (int qt : {0, 1}) for (int dt : {kF32, kF16, kBF16}) for (int stream : {0, 1}) {
       int es = dt == kF32 ? 4 : 2;
       if (stream && (bs * es) % 64) continue;
-      Dequant4Args a{}; a.packed = packed.data(); a.absmax = absmax.data(); a.has_nested = nested_bs > 0;
-      a.nested.q = q.data(); a.nested.absmax2 = absmax2.data(); a.nested.code2 = code.data(); a.nested.offset = 0.03f; a.nested.blocksize = nested_bs ? nested_bs : 256;
-      a.n = n; a.blocksize = bs; a.quant_type = qt; a.out_dtype = dt; a.stream = stream;
+      Dequant4Args a{}; a.weight.packed = packed.data(); a.weight.absmax = absmax.data();
+      if (nested_bs) { a.weight.nested.q = q.data(); a.weight.nested.absmax2 = absmax2.data(); a.weight.nested.code2 = code.data(); a.weight.nested.offset = 0.03f; a.weight.nested.blocksize = nested_bs; }
+      a.weight.n = n; a.weight.blocksize = bs; a.weight.quant_type = qt; a.out_dtype = dt; a.stream = stream;
       uint8_t* o1 = (uint8_t*)aligned_alloc(64, n * es + 64); uint8_t* o2 = (uint8_t*)aligned_alloc(64, n * es + 64);
       memset(o1, 0x5a, n * es + 64); memset(o2, 0x5a, n * es + 64);
       a.out = o1; S.dequantize_4bit(a, 0, blocks);

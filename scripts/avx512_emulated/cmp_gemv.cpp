@@ -108,13 +108,15 @@ static void run_case(const IsaKernels& K_, int64_t M, int64_t K, int64_t N, int6
   auto fillc = [](std::vector<float>& v) { for (auto& f : v) memcpy(&f, &kCanary, 4); };
   fillc(x_paired); fillc(x_natural); fillc(h_scaled);
 
-  NestedAbsmax nest{};
-  nest.q = q.data(); nest.absmax2 = absmax2.data(); nest.code2 = code2.data();
-  nest.offset = offset; nest.blocksize = nested_bs ? nested_bs : 256;
-  const GemvArgs args{x.data(), dt, M, K, N, packed.data(), absmax.data(), nest, nested_bs > 0,
-                      bs, qt, rank ? A.data() : nullptr, rank ? B.data() : nullptr, rank, scaling,
-                      has_bias ? bias.data() : nullptr, y.data(), rank ? h.data() : nullptr,
-                      x_paired.data(), rank > 0 ? x_natural.data() : nullptr, h_scaled.data()};
+  PackedWeight w;
+  w.packed = packed.data(); w.absmax = absmax.data(); w.n = N * K; w.blocksize = bs; w.quant_type = qt;
+  if (nested_bs) {
+    w.nested.q = q.data(); w.nested.absmax2 = absmax2.data(); w.nested.code2 = code2.data();
+    w.nested.offset = offset; w.nested.blocksize = nested_bs;
+  }
+  const LoraGemvArgs op{x.data(), dt, M, N, K, w, rank ? A.data() : nullptr, rank ? B.data() : nullptr,
+                        rank, scaling, has_bias ? bias.data() : nullptr, y.data(), rank ? h.data() : nullptr};
+  const GemvWork args{op, x_paired.data(), rank > 0 ? x_natural.data() : nullptr, h_scaled.data()};
   for (int64_t m = 0; m < M; ++m) K_.gemv_prepare(args, m);
   for (int64_t i = 0; i < M * rank; ++i) K_.gemv_lora_h(args, i / rank, i % rank);
   // rows in three ranges, out of order

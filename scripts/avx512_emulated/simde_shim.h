@@ -14,16 +14,16 @@
     return Dst##_from_private(r);                                                \
   }
 SHIM_CONVERT(cvtepu16_epi32, simde__m512i, simde__m256i, 16, i32, u16, int32_t)
-#define _mm512_cvtepu16_epi32 shim_cvtepu16_epi32
 SHIM_CONVERT(cvtepi32_epi16, simde__m256i, simde__m512i, 16, i16, i32, int16_t)
-#define _mm512_cvtepi32_epi16 shim_cvtepi32_epi16
 SHIM_CONVERT(cvtepi32_epi8, simde__m128i, simde__m512i, 16, i8, i32, int8_t)
-#define _mm512_cvtepi32_epi8 shim_cvtepi32_epi8
 SHIM_CONVERT(cvtepu8_epi32, simde__m512i, simde__m128i, 16, i32, u8, int32_t)
-#define _mm512_cvtepu8_epi32 shim_cvtepu8_epi32
 SHIM_CONVERT(cvtepu8_epi64, simde__m512i, simde__m128i, 8, i64, u8, int64_t)
-#define _mm512_cvtepu8_epi64 shim_cvtepu8_epi64
 SHIM_CONVERT(cvtepu8_epi16, simde__m512i, simde__m256i, 32, u16, u8, uint16_t)
+#define _mm512_cvtepu16_epi32 shim_cvtepu16_epi32
+#define _mm512_cvtepi32_epi16 shim_cvtepi32_epi16
+#define _mm512_cvtepi32_epi8 shim_cvtepi32_epi8
+#define _mm512_cvtepu8_epi32 shim_cvtepu8_epi32
+#define _mm512_cvtepu8_epi64 shim_cvtepu8_epi64
 #define _mm512_cvtepu8_epi16 shim_cvtepu8_epi16
 static inline simde__m512 shim_cvtph_ps(simde__m256i a) {
   simde__m256i_private x = simde__m256i_to_private(a);

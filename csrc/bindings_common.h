@@ -1,0 +1,224 @@
+// bindings_common.h: what nf4lora._C (csrc/bindings.cpp) and nf4lora._C_cuda
+// (csrc/cuda/bindings_cuda.cpp) share.
+//
+// Neither module includes or links libtorch, so tensors are read through their Python
+// attributes: `data_ptr()` for the address, `dtype` for the dtype id (by name: weight.h
+// kDTypeNames), `numel()` / `shape` for sizes. A packed 4-bit weight arrives as
+// nf4lora._weight.PackedWeight and becomes weight.h's PackedWeight in ONE place,
+// packed_weight() below, which also guards the weight's reads. nf4lora/backends/{cpu,cuda}.py
+// have validated the other tensors (dtypes, shapes, devices, contiguity); the kernels
+// check what would otherwise be undefined behaviour.
+//
+// The ops both modules have (4-bit and 8-bit quantize / dequantize, the fused GEMV) are
+// defined once, at the bottom: the shared Python arguments, then the module's own trailing
+// ones (CUDA: a workspace tensor, the stream as an integer).
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <stdint.h>
+
+#include <string>
+
+#include "weight.h"
+
+namespace nf4lora {
+namespace bindings {
+
+namespace py = pybind11;
+
+// ---- reading torch objects ---------------------------------------------------------
+
+// The tensor's first element (`tensor.data_ptr()`), or null for None.
+template <class T = void>
+T* data(py::handle tensor) {
+  if (tensor.is_none()) return nullptr;
+  return reinterpret_cast<T*>(tensor.attr("data_ptr")().cast<uintptr_t>());
+}
+
+inline int64_t numel(py::handle tensor) { return tensor.attr("numel")().cast<int64_t>(); }
+
+inline int64_t dim(py::handle tensor, int i) {
+  return tensor.attr("shape").cast<py::tuple>()[i].cast<int64_t>();
+}
+
+// torch.float32 / torch.float16 / torch.bfloat16 -> its DType id; ValueError otherwise.
+inline int dtype_id(py::handle dtype) {
+  const std::string name = py::str(dtype);  // "torch.bfloat16"
+  for (int id = 0; id < kNumDTypes; ++id)
+    if (name == std::string("torch.") + kDTypeNames[id]) return id;
+  throw py::value_error("dtype must be torch.float32, torch.float16 or torch.bfloat16, got " +
+                        name);
+}
+
+inline int float_dtype(py::handle tensor) { return dtype_id(tensor.attr("dtype")); }
+
+// "nf4" / "fp4" -> its QuantType id; ValueError otherwise.
+inline int quant_type_id(py::handle quant_type) {
+  const std::string name = py::str(quant_type);
+  for (int id = 0; id < kNumQuantTypes; ++id)
+    if (name == kQuantTypeNames[id]) return id;
+  throw py::value_error("quant_type must be 'nf4' or 'fp4', got '" + name + "'");
+}
+
+// The address of a tensor the kernels read as `count` contiguous elements of
+// torch.<dtype>; ValueError naming it otherwise. (PackedWeight's constructors check sizes,
+// dtypes and devices once; this guards the reads of one assembled by hand or sliced.)
+template <class T>
+const T* checked_data(py::handle tensor, const std::string& name, const char* dtype,
+                      int64_t count) {
+  const std::string actual = py::str(tensor.attr("dtype"));
+  if (actual != std::string("torch.") + dtype)
+    throw py::value_error(name + " must be torch." + dtype + ", got " + actual);
+  if (!tensor.attr("is_contiguous")().cast<bool>())
+    throw py::value_error(name + " must be contiguous");
+  if (numel(tensor) < count)
+    throw py::value_error(name + " holds " + std::to_string(numel(tensor)) +
+                          " elements, the weight needs " + std::to_string(count));
+  return data<const T>(tensor);
+}
+
+// nf4lora._weight.PackedWeight -> PackedWeight. The tensors stay owned by the Python
+// object, which the caller holds for the call; nested.offset must be a float already
+// (PackedWeight.with_offset_read()).
+inline PackedWeight packed_weight(py::handle weight) {
+  PackedWeight w;
+  w.n = weight.attr("numel").cast<int64_t>();
+  w.blocksize = weight.attr("blocksize").cast<int64_t>();
+  w.quant_type = quant_type_id(weight.attr("quant_type"));
+  if (w.n < 0 || w.blocksize <= 0) throw py::value_error("weight: bad shape or blocksize");
+  w.packed = checked_data<uint8_t>(weight.attr("packed"), "packed weight", "uint8", (w.n + 1) / 2);
+  const py::object nested = weight.attr("nested");
+  if (nested.is_none()) {
+    w.absmax = checked_data<float>(weight.attr("absmax"), "absmax", "float32", w.blocks());
+    return w;
+  }
+  w.nested.blocksize = nested.attr("blocksize").cast<int64_t>();
+  if (w.nested.blocksize <= 0) throw py::value_error("nested blocksize must be > 0");
+  w.nested.q = checked_data<uint8_t>(weight.attr("absmax"), "absmax (8-bit codes when nested)",
+                                     "uint8", w.blocks());
+  const int64_t groups = (w.blocks() + w.nested.blocksize - 1) / w.nested.blocksize;
+  w.nested.absmax2 = checked_data<float>(nested.attr("absmax"), "nested absmax", "float32", groups);
+  w.nested.code2 = checked_data<float>(nested.attr("code"), "nested code", "float32", 256);
+  w.nested.offset = nested.attr("offset").cast<float>();
+  return w;
+}
+
+// The fused GEMV's operands: x [M, K], the weight [N, K], lora_A [rank, K] or None,
+// lora_B [N, rank] or None, bias [N] or None, y [M, N], h [M, rank].
+inline LoraGemvArgs lora_gemv_args(py::handle x, py::handle weight, py::handle lora_A,
+                                   py::handle lora_B, float scaling, py::handle bias,
+                                   py::handle y, py::handle h) {
+  LoraGemvArgs a;
+  a.x = data(x);
+  a.dtype = float_dtype(x);
+  a.M = dim(x, 0);
+  a.K = dim(x, 1);
+  a.weight = packed_weight(weight);
+  a.N = weight.attr("out_features").cast<int64_t>();
+  if (weight.attr("in_features").cast<int64_t>() != a.K)
+    throw py::value_error("x has " + std::to_string(a.K) + " features, the weight's shape is " +
+                          std::string(py::str(weight.attr("shape"))));
+  a.lora_A = data(lora_A);
+  a.lora_B = data(lora_B);
+  a.rank = lora_A.is_none() ? 0 : dim(lora_A, 0);
+  a.scaling = scaling;
+  a.bias = data(bias);
+  a.y = data(y);
+  a.h = data(h);
+  return a;
+}
+
+// A module's own trailing arguments, as its kernels take them.
+inline void* native(py::handle tensor) { return data(tensor); }                      // workspace
+inline void* native(uintptr_t stream) { return reinterpret_cast<void*>(stream); }  // cudaStream_t
+
+// kernel(args...) with the GIL released. The arguments were read from the Python objects
+// before the call, with the GIL held.
+template <class Kernel, class... Args>
+void released(Kernel kernel, const Args&... args) {
+  py::gil_scoped_release release;
+  kernel(args...);
+}
+
+// The dtype and quant-type ids, for Python to read (never to spell again).
+inline void def_ids(py::module_& m) {
+  py::dict dtypes, quant_types;
+  for (int id = 0; id < kNumDTypes; ++id) dtypes[kDTypeNames[id]] = id;
+  for (int id = 0; id < kNumQuantTypes; ++id) quant_types[kQuantTypeNames[id]] = id;
+  m.attr("DTYPE_IDS") = dtypes;
+  m.attr("QUANT_TYPE_IDS") = quant_types;
+}
+
+// ---- the ops of both modules ---------------------------------------------------------
+// Each op takes the Python arguments both modules share, then the module's own (Extra:
+// CUDA's workspace and stream), and calls `kernel` with what it read from them and
+// native(extra)..., with the GIL released.
+namespace ops {
+
+template <auto kernel, class... Extra>
+void quantize_4bit(py::handle A, int64_t blocksize, py::handle quant_type, py::handle packed,
+                   py::handle absmax, Extra... extra) {
+  released(kernel, data<const void>(A), float_dtype(A), numel(A), blocksize,
+           quant_type_id(quant_type), data<uint8_t>(packed), data<float>(absmax), native(extra)...);
+}
+
+template <auto kernel, class... Extra>
+void dequantize_4bit(py::handle weight, py::handle out, Extra... extra) {
+  released(kernel, packed_weight(weight), data(out), float_dtype(out), native(extra)...);
+}
+
+template <auto kernel, class... Extra>
+void quantize_blockwise(py::handle A, py::handle code, int64_t blocksize, py::handle q,
+                        py::handle absmax, Extra... extra) {
+  released(kernel, data<const void>(A), float_dtype(A), data<const float>(code), numel(A),
+           blocksize, data<uint8_t>(q), data<float>(absmax), native(extra)...);
+}
+
+template <auto kernel, class... Extra>
+void dequantize_blockwise(py::handle q, py::handle absmax, py::handle code, int64_t blocksize,
+                          py::handle out, Extra... extra) {
+  released(kernel, data<const uint8_t>(q), data<const float>(absmax), data<const float>(code),
+           numel(out), blocksize, data(out), float_dtype(out), native(extra)...);
+}
+
+template <auto kernel, class... Extra>
+void lora_gemv_4bit(py::handle x, py::handle weight, py::handle lora_A, py::handle lora_B,
+                    float scaling, py::handle bias, py::handle y, py::handle h, Extra... extra) {
+  released(kernel, lora_gemv_args(x, weight, lora_A, lora_B, scaling, bias, y, h),
+           native(extra)...);
+}
+
+}  // namespace ops
+
+// Defines the four codec ops on m with the module's kernels; Extra: the types of the
+// module's own trailing arguments, named by `names` (CUDA: uintptr_t, py::arg("stream")).
+template <auto quantize_4bit_kernel, auto dequantize_4bit_kernel, auto quantize_blockwise_kernel,
+          auto dequantize_blockwise_kernel, class... Extra, class... Names>
+void def_codec_ops(py::module_& m, const Names&... names) {
+  m.def("quantize_4bit", &ops::quantize_4bit<quantize_4bit_kernel, Extra...>, py::arg("A"),
+        py::arg("blocksize"), py::arg("quant_type"), py::arg("packed"), py::arg("absmax"), names...,
+        "packed[ceil(n/2)] u8, absmax[ceil(n/blocksize)] f32 <- A[n] (float32/16, bfloat16)");
+  m.def("dequantize_4bit", &ops::dequantize_4bit<dequantize_4bit_kernel, Extra...>,
+        py::arg("weight"), py::arg("out"), names...,
+        "out[weight.numel] <- weight (nf4lora._weight.PackedWeight) dequantized, in out's dtype");
+  m.def("quantize_blockwise", &ops::quantize_blockwise<quantize_blockwise_kernel, Extra...>,
+        py::arg("A"), py::arg("code"), py::arg("blocksize"), py::arg("q"), py::arg("absmax"),
+        names..., "q[n] u8, absmax f32 <- A[n], with the sorted 256-entry f32 code");
+  m.def("dequantize_blockwise", &ops::dequantize_blockwise<dequantize_blockwise_kernel, Extra...>,
+        py::arg("q"), py::arg("absmax"), py::arg("code"), py::arg("blocksize"), py::arg("out"),
+        names..., "out[n] <- code[q] * absmax[i / blocksize], in out's dtype");
+}
+
+// Defines lora_gemv_4bit on m, as def_codec_ops (CUDA: also a workspace tensor).
+template <auto kernel, class... Extra, class... Names>
+void def_lora_gemv_4bit(py::module_& m, const Names&... names) {
+  m.def("lora_gemv_4bit", &ops::lora_gemv_4bit<kernel, Extra...>, py::arg("x"), py::arg("weight"),
+        py::arg("lora_A"), py::arg("lora_B"), py::arg("scaling"), py::arg("bias"), py::arg("y"),
+        py::arg("h"), names...,
+        "y[M,N] = x @ W^T + scaling * h @ lora_B^T + bias, h[M,rank] = x @ lora_A^T (W: weight, a "
+        "PackedWeight [N, K]; lora_A/lora_B None: no LoRA; bias None: none)");
+}
+
+}  // namespace bindings
+}  // namespace nf4lora

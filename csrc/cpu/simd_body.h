@@ -1,0 +1,275 @@
+// simd_body.h: the kernel_body.h primitives that the AVX2 and AVX-512 paths share, written
+// once over a small per-ISA vocabulary. The two used to be separate copies kept in step by
+// hand; what stays in isa_avx2.cpp / isa_avx512.cpp is what really differs (loads,
+// narrowing, masks, lookups, the 16-bit decode and the GEMV decoders).
+//
+// NOT a normal header (no include guard, on purpose): each of those files includes it once,
+// inside its own namespace and `#pragma GCC target` region, after defining:
+//
+//   NF4LORA_MM(op)                the intrinsic of its width: _mm256_##op / _mm512_##op
+//   kW, F, I                      floats per vector, float vector, int32 vector
+//   Mask                          a per-lane predicate (AVX2: all-ones lanes; AVX-512: __mmask16)
+//   Half                          kW 16-bit values (__m128i / __m256i)
+//   Table16                       16 floats to look up by a 4-bit index
+//   load(const bf16*), load(const fp16*)   kW elements -> F (exact)
+//   load_i(const int*)            kW int32
+//   as_int(F), and_i, or_i        bit casts and logic
+//   abs(F), greater, less, unordered(F) -> Mask, either(Mask, Mask), any(Mask)
+//   has_bit(I, bit) -> Mask       lanes where (v & bit) != 0
+//   select(m, if_false, if_true)  per lane, for F and for I
+//   add_if(I, Mask, amount)       v + amount where m
+//   lookup8(table, I)             entry index (< 8) of 8 floats / 8 int32 in a vector
+//   load_table16, lookup16(Table16, I), mul(Table16, F)   the same for 16 floats
+//   gather(const float*, I)       base[index] per lane
+//   reduce_max(F), lanes8(F)      max of the lanes; the lanes summed down to one __m256
+//   narrow_u16(I) -> Half         int32 lanes in 0..65535 -> 16-bit
+//   store_half(void*, Half), load_bytes(const uint8_t*) -> I (kW bytes, zero-extended)
+//   codes32(p) -> I               the kW codes of kW / 2 packed bytes, in element order
+//   arranged_bytes(p) -> I        16 packed bytes placed for the 16-bit Decoder's lanes
+//   store_vector<kStream>(o, I), store_interleaved<kStream>(o, low, high), store_fence()
+//                                 decoder output stores, plain or non-temporal
+//
+// Every operation here is exact or a single IEEE float32 op, in the order of the scalar
+// codec (nf4_codec.h): every path gives the same bytes (the tests and
+// scripts/check_avx512_emulated.sh compare them).
+#ifndef NF4LORA_MM
+#error "define NF4LORA_MM and the vocabulary above before including simd_body.h"
+#endif
+
+// ---- arithmetic ----------------------------------------------------------------------
+inline F load(const float* p) { return NF4LORA_MM(loadu_ps)(p); }
+inline F splat(float x) { return NF4LORA_MM(set1_ps)(x); }
+inline F mul(F a, F b) { return NF4LORA_MM(mul_ps)(a, b); }
+inline F add(F a, F b) { return NF4LORA_MM(add_ps)(a, b); }
+inline F fmadd(F a, F b, F c) { return NF4LORA_MM(fmadd_ps)(a, b, c); }
+inline I splat_i(int x) { return NF4LORA_MM(set1_epi32)(x); }
+inline I add_i(I a, I b) { return NF4LORA_MM(add_epi32)(a, b); }
+inline I sub_i(I a, int b) { return NF4LORA_MM(sub_epi32)(a, splat_i(b)); }
+template <int kShift> inline I srli(I v) { return NF4LORA_MM(srli_epi32)(v, kShift); }
+
+// The sum of the kW lanes in a fixed order: down to 8 lanes (lanes8), then (0+4, 1+5,
+// 2+6, 3+7), then pairs, then the last two.
+inline float hsum(F v) {
+  const __m256 h = lanes8(v);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// ---- float32 -> 16-bit, round to nearest even (nf4_codec.h float_to_*_bits) -------
+template <class Out> Half to_u16(F x);
+template <>
+inline Half to_u16<bf16>(F x) {
+  const I u = as_int(x);
+  const I lsb = and_i(srli<16>(u), splat_i(1));
+  const I rounded = srli<16>(add_i(u, add_i(lsb, splat_i(0x7fff))));
+  const I quiet_nan = or_i(srli<16>(u), splat_i(0x40));
+  return narrow_u16(select(unordered(x), rounded, quiet_nan));
+}
+template <>
+inline Half to_u16<fp16>(F x) {
+  return NF4LORA_MM(cvtps_ph)(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+template <class Out>
+inline void store_out(Out* o, F x) { store_half(o, to_u16<Out>(x)); }
+template <>
+inline void store_out<float>(float* o, F x) { NF4LORA_MM(storeu_ps)(o, x); }
+
+// ---- absmax ------------------------------------------------------------------------
+struct AbsMax {
+  F m;       // running max of |x|
+  Mask nan;  // lanes that ever saw a NaN (max_ps would drop it)
+  // (explicit constructor: gcc does not give implicit ones the target attribute)
+  AbsMax() : m(NF4LORA_MM(setzero_ps)()), nan(Mask{}) {}
+  void add(F x) {
+    nan = either(nan, unordered(x));
+    m = NF4LORA_MM(max_ps)(m, abs(x));
+  }
+  // No NaN in m, and |x| has no -0.0, so the order of the max does not matter.
+  float result() const { return any(nan) ? bits_float(0x7fc00000u) : reduce_max(m); }
+};
+
+// ---- 4-bit encode -----------------------------------------------------------------
+// The number of the 2^kLevels - 1 sorted thresholds t that lie strictly below x (NF4:
+// nf4_codec.h encode_nf4, 15 thresholds; FP4: the rank of |x| among 7). A binary search,
+// here a branch-free decision tree: level l decides bit kLevels - l of the count by
+// comparing x with one threshold per lane, picked by the bits found so far (bitsandbytes'
+// dQuantizeNF4 is the same tree). NF4: t7, then t3|t11, then t1|t5|t9|t13, then
+// t0|t2|..|t14; FP4: t3, then t1|t5, then t0|t2|t4|t6. Compares are ordered
+// (_CMP_GT_OQ): NaN goes left every time and counts 0; a tie is not "greater", so it
+// keeps the lower count.
+template <int kLevels>  // 3 or 4
+struct ThresholdTree {
+  F root, left, right;   // levels 1 and 2
+  F below[kLevels - 2];  // levels 3..: the candidates, by count >> (level's bit + 1)
+  explicit ThresholdTree(const float* t) {
+    const int half = 1 << (kLevels - 2);
+    root = splat(t[2 * half - 1]);
+    left = splat(t[half - 1]);
+    right = splat(t[3 * half - 1]);
+    for (int level = 3; level <= kLevels; ++level) {
+      const int bit = 1 << (kLevels - level);  // what this level adds to the count
+      float candidates[kW] = {};
+      for (int k = 0; k < (1 << (level - 1)); ++k) candidates[k] = t[2 * bit * k + bit - 1];
+      below[level - 3] = load(candidates);
+    }
+  }
+  I operator()(F x) const {
+    const Mask top = greater(x, root);
+    I count = add_if(splat_i(0), top, 1 << (kLevels - 1));
+    count = add_if(count, greater(x, select(top, left, right)), 1 << (kLevels - 2));
+    const F third = lookup8(below[0], srli<kLevels - 2>(count));
+    count = add_if(count, greater(x, third), 1 << (kLevels - 3));
+    if constexpr (kLevels == 4)
+      count = add_if(count, greater(x, lookup8(below[1], srli<1>(count))), 1);
+    return count;
+  }
+};
+
+template <int QT> struct Encoder;
+
+template <>
+struct Encoder<kNF4> {
+  static constexpr float kThresholds[15] = {NF4LORA_NF4_THRESHOLDS};
+  ThresholdTree<4> code;  // the code is the count
+  Encoder() : code(kThresholds) {}
+  I operator()(F x) const { return code(x); }
+};
+
+template <>
+struct Encoder<kFP4> {
+  static constexpr float kThresholds[7] = {NF4LORA_FP4_ABS_THRESHOLDS};
+  static constexpr int kCodeByRank[kW] = {NF4LORA_FP4_CODE_BY_RANK};
+  ThresholdTree<3> rank;  // of |x|
+  I by_rank;              // the code of each rank (FP4 codes are not in the order of |x|)
+  Encoder() : rank(kThresholds), by_rank(load_i(kCodeByRank)) {}
+  // with the sign bit (0b1000) where x < 0: -0.0 and NaN keep a clear one
+  I operator()(F x) const {
+    return add_if(lookup8(by_rank, rank(abs(x))), less(x, splat(0.0f)), 8);
+  }
+};
+
+// ---- 4-bit decode ------------------------------------------------------------------
+// 16-bit outputs: per block, the 16 possible outputs table[c] * absmax rounded to Out
+// (exactly what each element would compute) are split into a low-byte and a high-byte
+// plane (byte_planes: each ISA's own); a decode step is then byte shuffles (pshufb: a
+// 16-entry lookup in every 128-bit lane) and an interleave of the two bytes.
+//
+// Speed, bf16 with nested absmax, L2-resident, one Zen 3 core (AVX2): 6.2 G elements/s
+// with 16 outputs per 12-instruction step (from zero-extended codes), a 28-instruction
+// table build and a 64-bit division (nested index) per block; 11.4 G elements/s with 32
+// outputs per 12-instruction step, a 16-instruction table build and no division. At the
+// old speed two cores barely kept up with memory; now they take half its time.
+//
+// t: the 16 table values times the scale; lo / hi: the 16 low / high bytes of them
+// rounded to Out, in every 128-bit lane. `finite`: the scale is finite, so no product is
+// NaN.
+template <class Out> void byte_planes(const Table16& t, bool finite, I& lo, I& hi);
+
+template <class Out, bool kStream>
+struct Decoder {
+  // 32 outputs per step on both ISAs (64 on AVX-512 would leave blocksize 32 to the scalar
+  // tail): 16 packed bytes, arranged per lane by arranged_bytes(), and two bytes each.
+  static constexpr int kStep = 32;
+  I lo, hi;  // byte planes
+  Decoder(int qt, float scale) {
+    byte_planes<Out>(mul(load_table16(codebook_4bit(qt)), splat(scale)), is_finite(scale), lo, hi);
+  }
+  void operator()(const uint8_t* p, Out* o) const {
+    const I x = arranged_bytes(p);
+    const I nibble = NF4LORA_MM(set1_epi8)(0x0F);
+    // element 2j is the high nibble of byte j, element 2j+1 the low one
+    const I c = NF4LORA_MM(unpacklo_epi8)(and_i(NF4LORA_MM(srli_epi16)(x, 4), nibble),
+                                          and_i(x, nibble));
+    store_interleaved<kStream>(o, NF4LORA_MM(shuffle_epi8)(lo, c), NF4LORA_MM(shuffle_epi8)(hi, c));
+  }
+};
+
+// float output: the 16 products table[c] * absmax, looked up by code (codes32: kW codes
+// from kW / 2 packed bytes, in element order).
+template <bool kStream>
+struct Decoder<float, kStream> {
+  static constexpr int kStep = kW;  // kW / 2 packed bytes -> kW floats
+  Table16 t;
+  Decoder(int qt, float scale) : t(mul(load_table16(codebook_4bit(qt)), splat(scale))) {}
+  void operator()(const uint8_t* p, float* o) const {
+    store_vector<kStream>(o, as_int(lookup16(t, codes32(p))));
+  }
+};
+
+// ---- dynamic 8-bit (double quantization) -------------------------------------------
+// nf4_codec.h encode_dynamic, lane by lane. The 7-step search visits, at step s, one
+// of 128/s pivots (127; 63|191; 64k+31; 32k+15; 16k+7; 8k+3; 4k+1) and ends on an even
+// index. The first five steps read their code[pivot] from registers (broadcast, select,
+// lookups); only the last two steps and the final value need gathers (slow on AVX2
+// machines: ~25 cycles of latency each). code[lower] and code[upper] are carried along
+// instead of gathered again.
+struct DynEncoder {
+  const float* code;
+  F c127, c63, c191, by64, by32, first, last;
+  Table16 by16;
+  explicit DynEncoder(const float* c) : code(c) {
+    float t64[kW] = {c[31], c[95], c[159], c[223]}, t32[kW] = {}, t16[16];
+    for (int k = 0; k < 8; ++k) t32[k] = c[32 * k + 15];
+    for (int k = 0; k < 16; ++k) t16[k] = c[16 * k + 7];
+    c127 = splat(c[127]);
+    c63 = splat(c[63]);
+    c191 = splat(c[191]);
+    by64 = load(t64);
+    by32 = load(t32);
+    by16 = load_table16(t16);
+    first = splat(c[0]);
+    last = splat(c[255]);
+  }
+  I operator()(F x) const {
+    I pivot = splat_i(127), lower = splat_i(0), upper = splat_i(255);
+    F lower_value = first, upper_value = last;
+    // one search step: compare with v = code[pivot], move the bracket, move the pivot
+    auto step = [&](F v, int s) {
+      const Mask up = greater(x, v);
+      lower = select(up, lower, pivot);
+      lower_value = select(up, lower_value, v);
+      upper = select(up, pivot, upper);
+      upper_value = select(up, v, upper_value);
+      pivot = add_if(sub_i(pivot, s), up, 2 * s);
+    };
+    step(c127, 64);
+    step(select(has_bit(pivot, 128), c63, c191), 32);
+    step(lookup8(by64, srli<6>(pivot)), 16);
+    step(lookup8(by32, srli<5>(pivot)), 8);
+    step(lookup16(by16, srli<4>(pivot)), 4);
+    step(gather(code, pivot), 2);
+    step(gather(code, pivot), 1);
+    // nearest of lower / pivot / upper by float32 midpoints; ties stay on the pivot
+    const F value = gather(code, pivot);
+    const F mid_up = mul(add(upper_value, value), splat(0.5f));
+    const F mid_lo = mul(add(lower_value, value), splat(0.5f));
+    return select(greater(x, value), select(less(x, mid_lo), pivot, lower),
+                  select(greater(x, mid_up), pivot, upper));
+  }
+};
+
+template <class Out>
+struct Decoder8 {
+  static constexpr int kStep = kW;
+  const float* code;
+  F scale;
+  Decoder8(const float* c, float s) : code(c), scale(splat(s)) {}
+  void operator()(const uint8_t* q, Out* o) const {
+    store_out(o, mul(gather(code, load_bytes(q)), scale));
+  }
+};
+
+// ---- gemv_body.h: what the float32 GEMV decoders of both ISAs share ------------------
+// Weights are float32 vectors table[code] * scale, x is copied as float32, and a step is
+// an FMA per vector.
+struct FloatGemvDecoder {
+  using X = float;
+  using Weights = F;
+  using Table = F;  // the block constant in every lane
+  template <class In> static X to_x(In v) { return to_float(v); }
+  Table table(float scale) const { return splat(scale); }
+  static F madd(F w, const X* x, F acc) { return fmadd(w, load(x), acc); }
+};

@@ -1,0 +1,65 @@
+// weight.h: a packed 4-bit weight, and the fused matmul's operands, as every native kernel
+// takes them. PackedWeight is the C++ twin of nf4lora/_weight.py's PackedWeight: plain
+// pointers and sizes, usable on host and device. The CPU kernels (csrc/cpu), the CUDA
+// kernels (csrc/cuda) and their CPU replay (csrc/cuda_host) take these structs; the one
+// place that builds them from the Python objects is csrc/bindings_common.h.
+#pragma once
+
+#include <stdint.h>
+
+#include "nf4_codec.h"
+
+namespace nf4lora {
+
+// The names Python gives the ids of nf4_codec.h's DType and QuantType, in id order:
+// torch.<name> for dtypes, nf4lora.codebook.QUANT_TYPES for quant types. The bindings map
+// names to ids with these (and export them as DTYPE_IDS / QUANT_TYPE_IDS); Python never
+// spells an id.
+constexpr const char* kDTypeNames[] = {"float32", "float16", "bfloat16"};
+constexpr const char* kQuantTypeNames[] = {"nf4", "fp4"};
+constexpr int kNumDTypes = sizeof(kDTypeNames) / sizeof(kDTypeNames[0]);
+constexpr int kNumQuantTypes = sizeof(kQuantTypeNames) / sizeof(kQuantTypeNames[0]);
+
+// Double quantization of the block constants (nf4_codec.h decode_nested_absmax):
+//   absmax[b] = code2[q[b]] * absmax2[b / blocksize] + offset     (two float32 roundings)
+// In Python: q is PackedWeight.absmax (uint8 when nested), absmax2 nested.absmax, code2
+// nested.code.
+struct NestedAbsmax {
+  const uint8_t* q = nullptr;      // [blocks] 8-bit codes of absmax - offset
+  const float* absmax2 = nullptr;  // [ceil(blocks / blocksize)]
+  const float* code2 = nullptr;    // [256] the dynamic map
+  float offset = 0.0f;
+  int64_t blocksize = 256;
+};
+
+// The 4-bit codes of n elements in blocks of `blocksize`, each block with one constant.
+struct PackedWeight {
+  const uint8_t* packed = nullptr;  // [ceil(n / 2)], element 2j in the high nibble of byte j
+  const float* absmax = nullptr;    // [blocks] float32 block constants; null when nested
+  NestedAbsmax nested;              // the block constants when nested.q is not null
+  int64_t n = 0;                    // elements (a matmul weight [N, K]: N * K)
+  int64_t blocksize = 64;
+  int quant_type = kNF4;
+
+  NF4_HD bool is_nested() const { return nested.q != nullptr; }
+  NF4_HD int64_t blocks() const { return (n + blocksize - 1) / blocksize; }
+};
+
+// The fused small-M matmul (decode), the same operands on CPU and CUDA:
+//   y = x @ W^T + (scaling * h) @ lora_B^T + bias        h = x @ lora_A^T
+// x, lora_A, lora_B, bias, y and h are all of `dtype`; W is `weight`, [N, K].
+struct LoraGemvArgs {
+  const void* x = nullptr;       // [M, K]
+  int dtype = kBF16;
+  int64_t M = 0, N = 0, K = 0;
+  PackedWeight weight;           // weight.n == N * K
+  const void* lora_A = nullptr;  // [rank, K]
+  const void* lora_B = nullptr;  // [N, rank]
+  int64_t rank = 0;              // 0: no LoRA (lora_A, lora_B and h unused)
+  float scaling = 1.0f;
+  const void* bias = nullptr;    // [N], or null
+  void* y = nullptr;             // [M, N]
+  void* h = nullptr;             // [M, rank], rounded to dtype (what backward saves)
+};
+
+}  // namespace nf4lora
