@@ -1,7 +1,9 @@
 """nf4lora's Triton kernels, shipped inside the wheel as `nf4lora.triton_kernels`.
 
-One op per file (quantize_4bit, dequantize_4bit, blockwise_8bit), built from the shared
-per-element helpers in codec.py; `nf4lora.backends.triton` is the launch glue. Every
+One op per file (quantize_4bit, dequantize_4bit, blockwise_8bit, gemv, lora_matmul,
+lora_matmul_backward), kernels and their launch configs only, built from the shared
+per-element helpers in codec.py; `nf4lora.backends.triton` is the launch glue and decides
+which kernel a shape takes. roofline.py argues their speed on paper. Every
 kernel runs on CPU tensors under TRITON_INTERPRET=1 and compiles for sm_80/sm_90
 without a GPU: `python -m nf4lora.triton_kernels.compile_report`.
 """
@@ -58,4 +60,4 @@ def __getattr__(name):
 
 
 __all__ = ["KERNELS", "KernelVariants", "compile_report", "blockwise_8bit",
-           "dequantize_4bit", "quantize_4bit"]
+           "dequantize_4bit", "quantize_4bit", "gemv", "lora_matmul", "lora_matmul_backward"]
