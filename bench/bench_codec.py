@@ -495,8 +495,8 @@ def gpu_roofline(ops, shapes) -> list[dict]:
     print("\nGPU roofline (on paper; the same bytes bound the CUDA and Triton kernels):")
     for row in rows:
         print(cuda.format_roofline(row))
-    try:  # the matmul kernels too (triton_kernels.roofline needs no GPU, only triton)
-        from nf4lora.triton_kernels import roofline as triton_roofline
+    try:  # the matmul kernels too (nf4lora.roofline needs no GPU, only triton)
+        from nf4lora import roofline as triton_roofline
     except ImportError as error:
         print(f"(Triton matmul roofline skipped: {error})")
     else:

@@ -50,10 +50,7 @@ if triton_backend.availability() is not None:
 
 kernels = triton_backend._kernels
 routing = triton_backend   # matmul_path, fused_splits, GEMV_MAX_M, FUSED_MAX_M, PATH_*
-try:  # roofline.py is moving from triton_kernels/ to nf4lora/
-    roofline = importlib.import_module("nf4lora.roofline")
-except ModuleNotFoundError:
-    roofline = importlib.import_module(kernels.__name__ + ".roofline")
+roofline = importlib.import_module("nf4lora.roofline")
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

@@ -3,7 +3,7 @@
 One op per file (quantize_4bit, dequantize_4bit, blockwise_8bit, gemv, lora_matmul,
 lora_matmul_backward), kernels and their launch configs only, built from the shared
 per-element helpers in codec.py; `nf4lora.backends.triton` is the launch glue and decides
-which kernel a shape takes. roofline.py argues their speed on paper. Every
+which kernel a shape takes; nf4lora/roofline.py argues their speed on paper. Every
 kernel runs on CPU tensors under TRITON_INTERPRET=1 and compiles for sm_80/sm_90
 without a GPU: `python -m nf4lora.triton_kernels.compile_report`.
 """

@@ -398,20 +398,3 @@ def reduce_compile_targets():
                              "lora_stride_r": "i32", "scaling": "fp32"}
                 yield (f"out={out_type} lora={has_lora} bias={has_bias}", signature,
                        reduce_config(has_lora, has_bias))
-
-
-# Re-export shim, to delete when roofline.py moves to nf4lora/roofline.py: the routing
-# moved to nf4lora.backends.triton (matmul_path), and roofline.py still reads
-# lora_matmul.choose_path / GEMV_MAX_M / PATH_* when it builds its rows. Resolved on
-# first use, so importing this file imports nothing from nf4lora.
-_MOVED_TO_BACKEND = {"choose_path": "matmul_path", "GEMV_MAX_M": "GEMV_MAX_M",
-                     "PATH_GEMV": "PATH_GEMV", "PATH_FUSED": "PATH_FUSED",
-                     "PATH_COMPOSITE": "PATH_COMPOSITE"}
-
-
-def __getattr__(name):
-    if name in _MOVED_TO_BACKEND:
-        import importlib
-        return getattr(importlib.import_module("nf4lora.backends.triton"),
-                       _MOVED_TO_BACKEND[name])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

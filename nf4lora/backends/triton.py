@@ -52,6 +52,13 @@ def _import_kernels():
 _kernels, _unavailable_reason = _import_kernels()
 
 
+def kernels():
+    """The Triton kernel package (for the roofline's launch configs); ImportError if absent."""
+    if _kernels is None:
+        raise ImportError(_unavailable_reason)
+    return _kernels
+
+
 def availability() -> str | None:
     if _unavailable_reason is not None:
         return _unavailable_reason

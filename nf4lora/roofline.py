@@ -1,6 +1,6 @@
 """GPU performance on paper for the matmul kernels: bytes moved, FLOPs, ideal time.
 
-    python -m nf4lora.triton_kernels.roofline        (or call print_roofline())
+    python -m nf4lora.roofline        (or call print_roofline())
 
 No GPU is available here, so speed is argued (shared/perf.md, "GPU performance, on
 paper"): for each kernel and shape, the DRAM bytes it must move (every operand read
@@ -16,21 +16,21 @@ Rows, per (GPU, layer shape, M tokens):
   composite               dequantize W into a buffer, F.linear, F.linear(x, A), addmm
   lora_matmul_grad_input  dx = dy @ W + grad_h @ A, W packed
   composite_grad_input    dequantize W, dy @ W, addmm
-`chosen` marks the path the dispatcher (lora_matmul.choose_path) takes on that GPU.
+`chosen` marks the path the Triton backend (backends/triton.py matmul_path) takes on that GPU.
 
 The 4-bit weight with double quantization is 0.5 + 1/64 + 4/(64*256) = 0.516 bytes per
 weight at blocksize 64; a bf16 copy is 2. Dequantize-then-matmul moves 0.516 + 2 (write)
 + 2 (read) = 4.5 bytes per weight, the fused kernels 0.516: 8.7x fewer while M is small.
 The GEMM is memory-bound while 2*M FLOPs per weight cost less than 0.516 bytes, up to
 the ridge point M* = peak * 0.516 / (2 * bandwidth): 76 on H100, 39 on A100
-(memory_bound_max_m), the thresholds of lora_matmul.FUSED_MAX_M.
+(memory_bound_max_m), the thresholds of backends/triton.py FUSED_MAX_M.
 """
 from __future__ import annotations
 
 import sys
 from typing import NamedTuple
 
-from . import gemv, lora_matmul
+from .backends import triton as triton_backend
 
 
 class Gpu(NamedTuple):
@@ -74,6 +74,7 @@ def _traffic(kernel: str, gpu: Gpu, m: int, n: int, k: int, r: int, e: int) -> t
     w = weight_bytes(n, k)
     lora_flops = 2 * m * r * k + 2 * m * n * r
     if kernel == "gemv_split_k":
+        gemv = triton_backend.kernels().gemv      # its launch config and split heuristic
         config = gemv.launch_config(gemv.block_m_for(m), "bf16", NESTED)
         tiles = -(-n // config["BLOCK_N"]) - (-r // config["BLOCK_N"])
         splits, _ = gemv.num_splits(m, k, tiles, gpu.sms, config["BLOCK_K"])
@@ -107,19 +108,19 @@ def roofline_rows(gpus=GPUS, shapes=SHAPES, ms=MS, rank: int = RANK,
     for gpu in gpus:
         for n, k in shapes:
             for m in ms:
-                path = lora_matmul.choose_path(m, n, k, gpu.capability)
+                path = triton_backend.matmul_path(m, n, k, gpu.capability)
                 kernels = ["composite", "lora_matmul_grad_input", "composite_grad_input"]
-                kernels.insert(0, "gemv_split_k" if m <= lora_matmul.GEMV_MAX_M else "lora_matmul")
+                kernels.insert(0, "gemv_split_k" if m <= triton_backend.GEMV_MAX_M else "lora_matmul")
                 ideal = {}
                 for kernel in kernels:
                     moved, flops = _traffic(kernel, gpu, m, n, k, rank, element_bytes)
                     memory_s, compute_s = moved / gpu.bandwidth, flops / gpu.flops
                     ideal[kernel] = max(memory_s, compute_s)
-                    chosen = {"gemv_split_k": path == lora_matmul.PATH_GEMV,
-                              "lora_matmul": path == lora_matmul.PATH_FUSED,
-                              "composite": path == lora_matmul.PATH_COMPOSITE,
-                              "lora_matmul_grad_input": path != lora_matmul.PATH_COMPOSITE,
-                              "composite_grad_input": path == lora_matmul.PATH_COMPOSITE}[kernel]
+                    chosen = {"gemv_split_k": path == triton_backend.PATH_GEMV,
+                              "lora_matmul": path == triton_backend.PATH_FUSED,
+                              "composite": path == triton_backend.PATH_COMPOSITE,
+                              "lora_matmul_grad_input": path != triton_backend.PATH_COMPOSITE,
+                              "composite_grad_input": path == triton_backend.PATH_COMPOSITE}[kernel]
                     rows.append(dict(kernel=kernel, gpu=gpu.name, M=m, N=n, K=k, r=rank,
                                      bytes=moved, flops=flops, intensity=flops / moved,
                                      ideal_us=ideal[kernel] * 1e6,
