@@ -346,12 +346,10 @@ def agreement(tokens: torch.Tensor, reference: torch.Tensor) -> list[int]:
 def build_spec(base: nn.Module, quantized: nn.Module, mods: dict) -> nn.Module:
     """A copy of the bf16 base whose projections hold the nf4lora model's 4-bit weights,
     decoded by nf4lora.reference (the spec), in bf16."""
-    nf4lora = mods["nf4lora"]
     spec = copy.deepcopy(base)
-    with harness.using_backend("reference"), torch.no_grad():
-        for name, module in quantized.named_modules():
-            if isinstance(module, nf4lora.nn.Linear4bit):
-                spec.get_submodule(name).weight.copy_(module.dequantized_weight(DTYPE))
+    with torch.no_grad():
+        for name, _, weight in harness.spec_weights(quantized, DTYPE):
+            spec.get_submodule(name).weight.copy_(weight)
     return spec.eval()
 
 

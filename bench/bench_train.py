@@ -201,22 +201,15 @@ def build_dense_peft(model, mods):
 def build_spec_reference(model, mods):
     """Dense bf16 + PEFT on nf4lora's 4-bit weights decoded by nf4lora.reference: what the
     4-bit providers compute, in plain torch ops, from the same codes."""
-    nf4lora = mods["nf4lora"]
     model = _nf4lora_quantize(model, mods)
-    previous = nf4lora.get_backend()
-    nf4lora.set_backend("reference")
-    try:
-        for name, module in list(model.named_modules()):
-            if isinstance(module, nf4lora.nn.Linear4bit):
-                dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                                  dtype=DTYPE, device="meta")
-                dense.weight = nn.Parameter(module.dequantized_weight(DTYPE), requires_grad=False)
-                if module.bias is not None:
-                    dense.bias = nn.Parameter(module.bias.detach().to(DTYPE), requires_grad=False)
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child, dense)
-    finally:
-        nf4lora.set_backend(previous)
+    for name, module, weight in harness.spec_weights(model, DTYPE):
+        dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                          dtype=DTYPE, device="meta")
+        dense.weight = nn.Parameter(weight, requires_grad=False)
+        if module.bias is not None:
+            dense.bias = nn.Parameter(module.bias.detach().to(DTYPE), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, dense)
     return build_dense_peft(model, mods)
 
 

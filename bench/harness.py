@@ -301,6 +301,17 @@ def using_backend(name: str):
             nf4lora.set_backend(None)
 
 
+def spec_weights(model, dtype):
+    """(name, Linear4bit, W) for every nf4lora Linear4bit of `model`, W its weight decoded by
+    nf4lora.reference (the spec) in `dtype`: what the 4-bit layers compute, in plain torch
+    ops, for the benchmarks' correctness references."""
+    import nf4lora
+    with using_backend("reference"), torch.no_grad():
+        return [(name, module, module.dequantized_weight(dtype))
+                for name, module in model.named_modules()
+                if isinstance(module, nf4lora.nn.Linear4bit)]
+
+
 def nf4lora_cpu_backends() -> tuple[list[str], list[str]]:
     """(backends that can run on CPU tensors here, notes on the others).
 
