@@ -26,10 +26,7 @@ import copy
 import functools
 import gc
 import math
-import os
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -46,7 +43,6 @@ NESTED_BLOCKSIZE = 256
 QUANT_TYPE = "nf4"
 BASELINE = "bitsandbytes"
 OPS = ("dequantize", "quantize")
-DEFAULT_OUT = harness.DEFAULT_OUT   # ./nf4lora-results unless --out
 
 # Full and --quick presets: probe buffer, cold footprint, and a cap on reps.
 FULL = dict(shapes=SHAPES, probe_bytes=harness.GIB, footprint=harness.COLD_FOOTPRINT, max_reps=None)
@@ -426,33 +422,6 @@ def print_gpu_bandwidth(bandwidth: dict) -> None:
           + (f", nominal {nominal:.0f} GB/s" if nominal else ""), flush=True)
 
 
-def nf4lora_gpu_backends() -> tuple[list[str], list[str]]:
-    """(nf4lora backends that run on CUDA tensors here, notes on the others)."""
-    if not torch.cuda.is_available():
-        return [], ["nf4lora[cuda], nf4lora[triton]: skipped, no CUDA device"]
-    from nf4lora import backends
-    from nf4lora.backends import triton as triton_backend
-    usable, notes = [], []
-    for name in ("cuda", "triton"):
-        why = backends.availability(name)
-        if why is None and name == "triton" and triton_backend.INTERPRETING:
-            why = "TRITON_INTERPRET=1: the interpreter, not the GPU"
-        if why is None:
-            usable.append(name)
-        else:
-            notes.append(f"nf4lora[{name}]: skipped, {why}")
-    return usable, notes
-
-
-def check_gpu_providers(parser, args, known) -> None:
-    """--device cuda: every --providers name must be one of `known` (a typo would
-    otherwise time nothing, silently)."""
-    unknown = [name for name in args.providers or () if not harness.select(
-        [Provider(k, None, None) for k in known], [name])]
-    if unknown:
-        parser.error(f"--device cuda: unknown provider(s) {unknown}; choose from {list(known)}")
-
-
 def add_gpu_speedups(rows: list[dict], baseline: str, group_keys) -> None:
     """harness.add_speedups on the GPU time (kernel_ms, else median_ms)."""
     def ms(row):
@@ -483,25 +452,26 @@ COLUMNS = [("op", "op", ""), ("shape", "shape", ""), ("provider", "provider", ""
 
 
 def gpu_roofline(ops, shapes) -> list[dict]:
-    """GPU speed on paper (no GPU here): bytes, FLOPs and ideal time on H100 / A100 of the
-    CUDA and Triton codec kernels for the same shapes, printed under the CPU table."""
-    from nf4lora.backends import cuda
+    """GPU speed on paper (no GPU here, nf4lora.roofline): bytes, FLOPs and ideal time on
+    H100 / A100 of the codec kernels for the same shapes, the CUDA decode GEMV, and the
+    Triton backend's matmul paths, printed under the CPU table."""
+    from nf4lora import roofline
 
-    rows = [cuda.roofline(f"{op}_4bit", n=math.prod(shape), dtype=DTYPE, blocksize=BLOCKSIZE)
+    rows = [roofline.kernel_roofline(f"{op}_4bit", n=math.prod(shape), dtype=DTYPE,
+                                     blocksize=BLOCKSIZE)
             for op in ops for shape in shapes]
     # The CUDA decode GEMV with fused LoRA (rank 16), at the batch sizes it serves.
-    rows += [cuda.roofline("gemv_4bit_lora", M=m, N=shape[0], K=shape[1], rank=16, dtype=DTYPE,
-                           blocksize=BLOCKSIZE) for shape in shapes for m in (1, 8)]
+    rows += [roofline.kernel_roofline("gemv_4bit_lora", M=m, N=shape[0], K=shape[1], rank=16,
+                                      dtype=DTYPE, blocksize=BLOCKSIZE)
+             for shape in shapes for m in (1, 8)]
     print("\nGPU roofline (on paper; the same bytes bound the CUDA and Triton kernels):")
     for row in rows:
-        print(cuda.format_roofline(row))
-    try:  # the matmul kernels too (nf4lora.roofline needs no GPU, only triton)
-        from nf4lora import roofline as triton_roofline
+        print(roofline.format_kernel_roofline(row))
+    print()
+    try:  # the Triton matmul paths: their split heuristics come from the kernels (triton)
+        rows += roofline.print_roofline()
     except ImportError as error:
         print(f"(Triton matmul roofline skipped: {error})")
-    else:
-        print()
-        rows += triton_roofline.print_roofline()
     return rows
 
 
@@ -513,17 +483,7 @@ def parse_args(argv):
                         help="only these (nf4lora, nf4lora[cpu], nf4lora[reference], bitsandbytes, "
                              "torchao, copy-bf16)")
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
-    parser.add_argument("--threads", type=int, help="torch threads and OMP_NUM_THREADS")
-    parser.add_argument("--warm", action="store_true", help="also time one layer looped (warm rows)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON directory (default ./{DEFAULT_OUT})")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help=f"cuda: the GPU rows ({', '.join(GPU_PROVIDERS)})")
-    parser.add_argument("--plan", action="store_true",
-                        help="print the providers and shapes a run would time, then exit")
-    args = parser.parse_args(argv)
-    if args.device == "cuda":
-        check_gpu_providers(parser, args, GPU_PROVIDERS)
-    return args
+    return harness.parse_kernel_bench_args(parser, argv, GPU_PROVIDERS)
 
 
 GPU_COLUMNS = [("op", "op", ""), ("shape", "shape", ""), ("provider", "provider", ""),
@@ -537,10 +497,10 @@ def main_gpu(args, argv) -> dict:
     """--device cuda: main's steps on CUDA tensors (see "GPU mode")."""
     shapes = QUICK["shapes"] if args.quick else SHAPES
     if args.plan:   # every GPU provider, available here or not: nothing touches a GPU
-        backends, notes = ["cuda", "triton"], nf4lora_gpu_backends()[1]
+        backends, notes = list(harness.GPU_BACKENDS), harness.nf4lora_gpu_backends()[1]
         bnb = "not imported by --plan"   # builds the provider; only its setup would use it
     else:
-        backends, notes = nf4lora_gpu_backends()
+        backends, notes = harness.nf4lora_gpu_backends()
         bnb, bnb_messages = None, []
         if not args.providers or BASELINE in args.providers:
             bnb, why, bnb_messages = harness.import_optional("bitsandbytes.functional")
@@ -570,34 +530,29 @@ def main_gpu(args, argv) -> dict:
     add_gpu_speedups(rows, BASELINE, ["op", "shape"])
     print()
     print(harness.format_table(rows, GPU_COLUMNS))
-    for note in notes:
-        print("note:", note)
-    payload = {
-        "benchmark": "codec", "device": "cuda",
-        "metadata": harness.metadata(
+    harness.print_notes(notes)
+    return harness.save_run(
+        args.out, "codec-gpu", benchmark="codec", argv=argv, device="cuda",
+        metadata=harness.metadata(
             gpu=bandwidth, dequantize_inputs_from=quantizer.name,
             bitsandbytes_cuda=None if bnb is None else str(getattr(bnb, "__file__", ""))),
-        "config": {"quick": args.quick, "providers": args.providers, "ops": args.ops,
-                   "shapes": [list(s) for s in shapes], "footprint_bytes": GPU_COLD_FOOTPRINT,
-                   "reps": GPU_REPS, "argv": sys.argv[1:] if argv is None else list(argv)},
-        "bandwidth": bandwidth, "rows": rows, "notes": notes,
-    }
-    harness.save_json(payload, args.out, "codec-gpu")
-    return payload
+        config={"quick": args.quick, "providers": args.providers, "ops": args.ops,
+                "shapes": [list(s) for s in shapes], "footprint_bytes": GPU_COLD_FOOTPRINT,
+                "reps": GPU_REPS},
+        bandwidth=bandwidth, rows=rows, notes=notes)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.device == "cuda":
-        return main_gpu(args, argv)
-    if args.plan:
+    if args.plan and args.device == "cpu":
         return print_plan("cpu", args.ops, QUICK["shapes"] if args.quick else SHAPES,
                           args.providers or [], [])
-    if args.threads:
-        # torch's pool takes set_num_threads; other OpenMP runtimes (bitsandbytes links the
-        # system libgomp) read OMP_NUM_THREADS when they first start threads.
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)
-        torch.set_num_threads(args.threads)
+    with harness.threads_set_to(args.threads):
+        return main_gpu(args, argv) if args.device == "cuda" else main_cpu(args, argv)
+
+
+def main_cpu(args, argv) -> dict:
+    """main's steps on CPU tensors: providers, guard, bandwidth probe, timing, save."""
     preset = QUICK if args.quick else FULL
 
     def wanted(name: str) -> bool:
@@ -640,26 +595,18 @@ def main(argv=None) -> dict:
     harness.add_speedups(rows, BASELINE, ["op", "shape", "mode"])
     print()
     print(harness.format_table(rows, COLUMNS))
-    for note in notes:
-        print("note:", note)
+    harness.print_notes(notes)
     roofline = gpu_roofline(args.ops, preset["shapes"])
-
-    payload = {
-        "benchmark": "codec",
-        "metadata": harness.metadata(
+    return harness.save_run(
+        args.out, "codec", benchmark="codec", argv=argv,
+        metadata=harness.metadata(
             bitsandbytes_path=bitsandbytes_path(bnb_messages) if bnb is not None else None,
             torchao_nf4_module=torchao_nf4[2], dequantize_inputs_from=quantizer.name),
-        "config": {"quick": args.quick, "providers": args.providers, "ops": args.ops,
-                   "shapes": [list(s) for s in preset["shapes"]],
-                   "footprint_bytes": preset["footprint"], "max_reps": preset["max_reps"],
-                   "warm": args.warm, "argv": sys.argv[1:] if argv is None else list(argv)},
-        "bandwidth": bandwidth,
-        "rows": rows,
-        "notes": notes,
-        "gpu_roofline": roofline,
-    }
-    harness.save_json(payload, args.out, "codec")
-    return payload
+        config={"quick": args.quick, "providers": args.providers, "ops": args.ops,
+                "shapes": [list(s) for s in preset["shapes"]],
+                "footprint_bytes": preset["footprint"], "max_reps": preset["max_reps"],
+                "warm": args.warm},
+        bandwidth=bandwidth, rows=rows, notes=notes, gpu_roofline=roofline)
 
 
 if __name__ == "__main__":

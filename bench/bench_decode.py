@@ -83,13 +83,9 @@ import gc
 import math
 import os
 import subprocess
-import sys
 import time
 import warnings
 from collections import Counter
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -99,7 +95,6 @@ from . import harness
 DTYPE = torch.bfloat16
 BLOCKSIZE = 64
 SEED = 0
-DEFAULT_OUT = harness.DEFAULT_OUT   # ./nf4lora-results unless --out
 
 # TinyLlama-1.1B's shape (see the docstring); --quick: a tiny model of the same proportions.
 FULL_MODEL = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
@@ -144,12 +139,9 @@ def make_prompts(batch: int, length: int, vocab: int, seed: int = SEED) -> torch
 
 # --- providers ------------------------------------------------------------------------------
 
-@dataclass
-class Provider:
-    name: str
-    how: str                                   # one line: what the user calls
-    needs: tuple[str, ...]                     # modules to import (harness.import_optional)
-    build: Callable[[Callable[[], nn.Module], dict], nn.Module]   # (copy of the base, modules)
+# build(base_copy, modules): base_copy() returns a copy of the bf16 base model; None means
+# the base model itself (the dense provider needs no copy).
+Provider = harness.ModelProvider
 
 
 def build_nf4lora(base_copy, mods):
@@ -249,7 +241,7 @@ def generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int, keep_logit
     logits (float32) of the first `keep_logits` of them."""
     import transformers
     clock = _clock()
-    load = _load()
+    load = harness.load_average()
     cpu_start = time.process_time()
     start = time.perf_counter()
     out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
@@ -407,23 +399,13 @@ def parse_args(argv):
     parser.add_argument("--prompt", type=int, help=f"prompt tokens (default {FULL['prompt']})")
     parser.add_argument("--steps", type=int, help=f"timed decode steps (default {FULL['steps']})")
     parser.add_argument("--warmup", type=int, help=f"untimed decode steps first (default {FULL['warmup']})")
-    parser.add_argument("--threads", type=int, help="torch threads and OMP_NUM_THREADS (default: torch's)")
-    parser.add_argument("--providers", nargs="+", metavar="NAME", choices=PROVIDERS,
-                        help=f"only these ({', '.join(PROVIDERS)})")
-    for flag, key in MODEL_FLAGS:
-        parser.add_argument(flag, type=int, dest=key, help=f"model {key} (default {FULL_MODEL[key]})")
+    harness.add_model_bench_flags(parser, PROVIDERS, MODEL_FLAGS, FULL_MODEL)
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help=f"skip the correctness check against {SPEC} (saves building it)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON directory (default ./{DEFAULT_OUT})")
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else FULL
-    args.model = dict(preset["model"])
-    for _, key in MODEL_FLAGS:
-        if getattr(args, key) is not None:
-            args.model[key] = getattr(args, key)
-    for key in ("batches", "prompt", "steps", "warmup", "probe_bytes"):
-        if getattr(args, key, None) is None:
-            setattr(args, key, preset[key])
+    args.model = harness.model_from_args(args, MODEL_FLAGS, preset["model"])
+    harness.defaults_from_preset(args, preset, ("batches", "prompt", "steps", "warmup", "probe_bytes"))
     if args.steps < 1 or args.warmup < 0 or args.prompt < 1 or min(args.batches) < 1:
         parser.error("--steps, --prompt and --batches must be >= 1, --warmup >= 0")
     cfg = args.model
@@ -435,26 +417,8 @@ def parse_args(argv):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    threads_before = torch.get_num_threads()
-    omp_before = os.environ.get("OMP_NUM_THREADS")
-    if args.threads:
-        harness.set_threads(args.threads)      # torch's pool + OMP_NUM_THREADS (bitsandbytes' libgomp)
-    try:
+    with harness.threads_set_to(args.threads):
         return _run(args, argv)
-    finally:
-        torch.set_num_threads(threads_before)
-        if args.threads:
-            if omp_before is None:
-                os.environ.pop("OMP_NUM_THREADS", None)
-            else:
-                os.environ["OMP_NUM_THREADS"] = omp_before
-
-
-def _load() -> Optional[list[float]]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def lscpu_model() -> str:
@@ -486,7 +450,7 @@ CHECK_COLUMNS = [("provider", "provider", ""), ("batch", "batch", "d"),
 
 def _run(args, argv) -> dict:
     notes: list[str] = []
-    load_start = _load()
+    load_start = harness.load_average()
     cpu_model = lscpu_model()
     cpus = os.cpu_count() or 1
     threads = torch.get_num_threads()
@@ -638,7 +602,7 @@ def _run(args, argv) -> dict:
         target = dict(goal=f"nf4lora decode tokens/s >= {TARGET_X_DENSE}x {DENSE}'s at batch 1 (issue 13)",
                       ratio=ratio, met=ratio >= TARGET_X_DENSE)
 
-    load_end = _load()
+    load_end = harness.load_average()
     external = max(load_start[0] if load_start else 0.0,
                    (load_end[0] - threads) if load_end else 0.0)   # our own run adds ~threads
     high_load = external > 0.5 * cpus
@@ -666,16 +630,14 @@ def _run(args, argv) -> dict:
     if target:
         print(f"\ntarget: {target['goal']}: measured {target['ratio']:.2f}x "
               f"({'met' if target['met'] else 'NOT met'})")
-    for note in notes:
-        print("note:", note)
-
-    payload = {
-        "benchmark": "decode",
-        "metadata": harness.metadata(
+    harness.print_notes(notes)
+    return harness.save_run(
+        args.out, "decode", benchmark="decode", argv=argv,
+        metadata=harness.metadata(
             benchmark="decode", cpu_model=cpu_model,
             versions_extra=harness.package_versions(["transformers", "accelerate"]),
             load_average=dict(start=load_start, end=load_end, high=high_load, cpus=cpus)),
-        "config": {
+        config={
             "quick": args.quick,
             "model": dict(args.model, architecture="LlamaForCausalLM",
                           weights=f"random, torch.manual_seed({SEED}), cast to bf16"),
@@ -689,15 +651,8 @@ def _run(args, argv) -> dict:
             "providers": [dict(name=p.name, how=p.how) for p in wanted],
             "check": dict(enabled=check, tolerance=f"{TOL_FACTOR} x max(spec bf16 vs float32 error, 2^-8)",
                           spec=spec_info),
-            "argv": sys.argv[1:] if argv is None else list(argv),
         },
-        "bandwidth": bandwidth,
-        "rows": rows,
-        "target": target,
-        "notes": notes,
-    }
-    harness.save_json(payload, args.out, "decode")
-    return payload
+        bandwidth=bandwidth, rows=rows, target=target, notes=notes)
 
 
 def run_spec(base, quantized, mods, prompts, args, new_tokens, spec: dict) -> dict:

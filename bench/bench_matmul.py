@@ -42,7 +42,6 @@ import contextlib
 import copy
 import functools
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -52,9 +51,8 @@ import torch.nn.functional as F
 
 from . import harness
 from .bench_codec import (GPU_DEVICE, GPU_REPS, NESTED_BLOCKSIZE, CachedWeight, Quantizer, add_gpu_rates,
-                          add_gpu_speedups, bitsandbytes_path, check_gpu_providers,
-                          measure_gpu, nf4lora_gpu_backends, print_gpu_bandwidth,
-                          print_plan, probe_gpu_bandwidth, quantized_bytes)
+                          add_gpu_speedups, bitsandbytes_path, measure_gpu,
+                          print_gpu_bandwidth, print_plan, probe_gpu_bandwidth, quantized_bytes)
 from .harness import Provider
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]   # q/k/v/o, up/gate, down projections
@@ -84,7 +82,6 @@ BLOCKSIZE = 64
 QUANT_TYPE = "nf4"
 BASELINE = "bitsandbytes"
 DENSE = "dense-bf16"
-DEFAULT_OUT = harness.DEFAULT_OUT   # ./nf4lora-results unless --out
 
 # Full and --quick presets: probe buffer, cold footprint, and a cap on reps.
 FULL = dict(shapes=SHAPES, tokens=TOKENS, train_shapes=TRAIN_SHAPES, train_tokens=TRAIN_TOKENS,
@@ -540,18 +537,8 @@ def parse_args(argv):
     parser.add_argument("--tokens", nargs="+", type=int, metavar="M",
                         help="token counts of the matmul and lora ops (default 1 8 64 512); "
                              "train always runs at M = 512 (64 with --quick)")
-    parser.add_argument("--threads", type=int, help="torch threads and OMP_NUM_THREADS")
-    parser.add_argument("--warm", action="store_true", help="also time one layer looped (warm rows)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help=f"JSON and PNG directory (default ./{DEFAULT_OUT})")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help=f"cuda: the GPU rows ({', '.join(GPU_PROVIDERS)}), train at every M")
-    parser.add_argument("--plan", action="store_true",
-                        help="print the providers and cases a run would time, then exit")
-    args = parser.parse_args(argv)
-    if args.device == "cuda":
-        check_gpu_providers(parser, args, GPU_PROVIDERS)
-    return args
+    return harness.parse_kernel_bench_args(parser, argv, GPU_PROVIDERS, saves="JSON and PNG",
+                                           on_gpu=", train at every M", plans="cases")
 
 
 GPU_PROVIDERS = ("nf4lora[cuda]", "nf4lora[triton]", "nf4lora[triton] no-split-k", BASELINE,
@@ -578,10 +565,10 @@ class Found:
 def find_gpu_providers(args, notes: list[str]) -> Found:
     """find_providers for --device cuda. --plan builds every GPU provider, usable here or
     not (nothing it builds touches a GPU or imports bitsandbytes)."""
-    backends, backend_notes = nf4lora_gpu_backends()
+    backends, backend_notes = harness.nf4lora_gpu_backends()
     notes += backend_notes
     if args.plan:
-        backends = ["cuda", "triton"]
+        backends = list(harness.GPU_BACKENDS)
     impls = [nf4lora_impl(backend) for backend in backends]
     if "triton" in backends:
         impls.append(nf4lora_impl("triton", split_k=False))
@@ -633,26 +620,25 @@ def find_providers(args, notes: list[str]) -> Found:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)
-    if args.threads:
-        harness.set_threads(args.threads)
-    preset = QUICK if args.quick else FULL
-    notes: list[str] = []
-    found = find_providers(args, notes)
-    if args.plan:
-        return plan(args, preset, found, notes)
-    if args.device == "cuda":   # quantized on the CPU (nf4lora's cpu backend), then moved
-        with harness.gc_frozen():
-            return run_gpu(args, preset, found, Quantizer(harness.nf4lora_cpu_backends()[0],
-                                                          None), notes)
-    # Every 4-bit provider reads the same bytes, quantized once per shape: by nf4lora's cpu
-    # backend (timed or not), else bitsandbytes, else the reference (~13 s per 4096x4096).
-    quantizer_bnb = found.bnb.functional if found.bnb is not None else None
-    if quantizer_bnb is None and "cpu" not in found.backends and not args.quick:
-        quantizer_bnb, _, _ = harness.import_optional("bitsandbytes.functional")
-    quantizer = Quantizer(found.backends, quantizer_bnb)
-    with harness.gc_frozen():   # after the imports: see gc_frozen
-        return run(args, preset, found, quantizer, notes)
+    args.argv = argv
+    with harness.threads_set_to(args.threads):
+        preset = QUICK if args.quick else FULL
+        notes: list[str] = []
+        found = find_providers(args, notes)
+        if args.plan:
+            return plan(args, preset, found, notes)
+        if args.device == "cuda":   # quantized on the CPU (nf4lora's cpu backend), then moved
+            with harness.gc_frozen():
+                return run_gpu(args, preset, found,
+                               Quantizer(harness.nf4lora_cpu_backends()[0], None), notes)
+        # Every 4-bit provider reads the same bytes, quantized once per shape: by nf4lora's cpu
+        # backend (timed or not), else bitsandbytes, else the reference (~13 s per 4096x4096).
+        quantizer_bnb = found.bnb.functional if found.bnb is not None else None
+        if quantizer_bnb is None and "cpu" not in found.backends and not args.quick:
+            quantizer_bnb, _, _ = harness.import_optional("bitsandbytes.functional")
+        quantizer = Quantizer(found.backends, quantizer_bnb)
+        with harness.gc_frozen():   # after the imports: see gc_frozen
+            return run(args, preset, found, quantizer, notes)
 
 
 def cases(args, preset: dict, weights: dict) -> list[Case]:
@@ -715,23 +701,17 @@ def run_gpu(args, preset: dict, found: Found, quantizer: Quantizer, notes: list[
         if op_rows:
             print(f"\n{op} (GPU):")
             print(harness.format_table(op_rows, GPU_COLUMNS))
-    for note in notes:
-        print("note:", note)
-    payload = {
-        "benchmark": "matmul", "device": "cuda",
-        "metadata": harness.metadata(gpu=bandwidth, weights_quantized_by=quantizer.name,
-                                     bitsandbytes=None if found.bnb is None else
-                                     getattr(found.bnb, "__version__", None)),
-        "config": {"quick": args.quick, "providers": args.providers, "ops": args.ops,
-                   "shapes": [list(s) for s in weights], "tokens": args.tokens or preset["tokens"],
-                   "rank": RANK, "scaling": SCALING, "reps": GPU_REPS,
-                   "guard_shapes": GPU_GUARD_SHAPES, "argv": args.argv},
-        "bandwidth": bandwidth,
-        "rows": rows,
-        "notes": notes,
-    }
-    harness.save_json(payload, args.out, "matmul-gpu")
-    return payload
+    harness.print_notes(notes)
+    return harness.save_run(
+        args.out, "matmul-gpu", benchmark="matmul", argv=args.argv, device="cuda",
+        metadata=harness.metadata(gpu=bandwidth, weights_quantized_by=quantizer.name,
+                                  bitsandbytes=None if found.bnb is None else
+                                  getattr(found.bnb, "__version__", None)),
+        config={"quick": args.quick, "providers": args.providers, "ops": args.ops,
+                "shapes": [list(s) for s in weights], "tokens": args.tokens or preset["tokens"],
+                "rank": RANK, "scaling": SCALING, "reps": GPU_REPS,
+                "guard_shapes": GPU_GUARD_SHAPES},
+        bandwidth=bandwidth, rows=rows, notes=notes)
 
 
 def run(args, preset: dict, found: Found, quantizer: Quantizer, notes: list[str]) -> dict:
@@ -790,27 +770,20 @@ def run(args, preset: dict, found: Found, quantizer: Quantizer, notes: list[str]
     if why:
         notes.append(why)
         plot = None
-    for note in notes:
-        print("note:", note)
+    harness.print_notes(notes)
 
-    payload = {
-        "benchmark": "matmul",
-        "metadata": harness.metadata(
+    payload = harness.save_run(
+        args.out, "matmul", benchmark="matmul", argv=args.argv,
+        metadata=harness.metadata(
             bitsandbytes_path=(bitsandbytes_matmul_path(found.bnb_messages)
                                if found.bnb is not None else None),
             torchao_nf4_module=found.torchao_where, weights_quantized_by=quantizer.name),
-        "config": {"quick": args.quick, "providers": args.providers, "ops": args.ops,
-                   "shapes": [list(s) for s in shapes], "tokens": tokens,
-                   "train_shapes": [list(s) for s in train_shapes], "train_tokens": train_tokens,
-                   "rank": RANK, "scaling": SCALING, "footprint_bytes": preset["footprint"],
-                   "max_reps": preset["max_reps"], "warm": args.warm, "guard_shapes": GUARD_SHAPES,
-                   "argv": args.argv},
-        "bandwidth": bandwidth,
-        "rows": rows,
-        "notes": notes,
-        "plot": plot.name if plot else None,
-    }
-    harness.save_json(payload, args.out, "matmul")
+        config={"quick": args.quick, "providers": args.providers, "ops": args.ops,
+                "shapes": [list(s) for s in shapes], "tokens": tokens,
+                "train_shapes": [list(s) for s in train_shapes], "train_tokens": train_tokens,
+                "rank": RANK, "scaling": SCALING, "footprint_bytes": preset["footprint"],
+                "max_reps": preset["max_reps"], "warm": args.warm, "guard_shapes": GUARD_SHAPES},
+        bandwidth=bandwidth, rows=rows, notes=notes, plot=plot.name if plot else None)
     if plot:
         print(f"saved the plot {plot}")
     return payload

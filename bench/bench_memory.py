@@ -146,8 +146,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="a tiny layer: a smoke run")
     parser.add_argument("--tokens", type=int, help=f"rows of x (default {TOKENS}; bf16 GEMMs "
                         "are slow on CPUs without avx512_bf16/AMX, so fewer rows keep it short)")
-    parser.add_argument("--out", type=Path, default=harness.DEFAULT_OUT,
-                        help=f"JSON directory (default ./{harness.DEFAULT_OUT})")
+    harness.add_out_flag(parser)
     args = parser.parse_args(argv)
     shape, tokens = (QUICK_SHAPE, QUICK_TOKENS) if args.quick else (SHAPE, TOKENS)
     tokens = args.tokens or tokens
@@ -174,11 +173,11 @@ def main(argv=None) -> dict:
                ("peak MB", "peak_mb", ".2f"), ("held x dense", "held_vs_dense", ".3f"),
                ("peak x dense", "peak_vs_dense", ".3f"), ("fwd+bwd ms", "fwd_bwd_ms", ".1f")]
     print(harness.format_table(rows, columns))
-    for note in notes:
-        print("note:", note)
-    payload = dict(metadata=harness.metadata(benchmark="memory"), rows=rows, notes=notes)
-    harness.save_json(payload, args.out, "memory")
-    return payload
+    harness.print_notes(notes)
+    return harness.save_run(args.out, "memory", benchmark="memory", argv=argv,
+                            metadata=harness.metadata(benchmark="memory"),
+                            config={"quick": args.quick, "shape": list(shape), "tokens": tokens},
+                            rows=rows, notes=notes)
 
 
 if __name__ == "__main__":

@@ -56,13 +56,10 @@ import math
 import os
 import re
 import statistics
-import sys
 import time
 import warnings
 import zlib
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -76,7 +73,6 @@ BLOCKSIZE = 64
 LR = 1e-3
 B_BOUND = 0.25 / math.sqrt(RANK)   # LoRA B ~ U(+-B_BOUND): the adapter adds ~1/3 of a projection's output
 SEED = 0
-DEFAULT_OUT = harness.DEFAULT_OUT   # ./nf4lora-results unless --out
 
 # hidden 512 / MLP 1408 / 8 heads of 64 / vocab 4096: the proportions of the issue's
 # example (hidden 1024, MLP 2816, vocab 8192) at a quarter of its FLOPs. On the 2-core
@@ -164,12 +160,8 @@ def init_adapters(model: nn.Module, seed: int = SEED) -> int:
 
 # --- providers ------------------------------------------------------------------------------
 
-@dataclass
-class Provider:
-    name: str
-    how: str                                   # one line: what the user calls
-    needs: tuple[str, ...]                     # modules to import (import_optional)
-    build: Callable[[nn.Module, dict], nn.Module]
+# build(model, modules): the model (a copy of the bf16 base) with its 4-bit layers and adapters.
+Provider = harness.ModelProvider
 
 
 def _nf4lora_quantize(model: nn.Module, mods: dict) -> nn.Module:
@@ -380,26 +372,16 @@ def parse_args(argv):
     parser.add_argument("--warmup", type=int, help=f"untimed steps first, >= 1 (default {FULL['warmup']})")
     parser.add_argument("--batch", type=int, help=f"sequences per step (default {FULL['batch']})")
     parser.add_argument("--seq", type=int, help=f"tokens per sequence (default {FULL['seq']})")
-    parser.add_argument("--threads", type=int, help="torch threads and OMP_NUM_THREADS")
-    parser.add_argument("--providers", nargs="+", metavar="NAME", choices=PROVIDERS,
-                        help=f"only these ({', '.join(PROVIDERS)})")
-    for flag, key in MODEL_FLAGS:
-        parser.add_argument(flag, type=int, dest=key, help=f"model {key} (default {FULL_MODEL[key]})")
+    harness.add_model_bench_flags(parser, PROVIDERS, MODEL_FLAGS, FULL_MODEL)
     parser.add_argument("--profile", action="store_true",
                         help="one extra step per provider under torch.profiler: top ops by self time")
     parser.add_argument("--no-probe", dest="probe", action="store_false",
                         help="skip the bf16/fp32 GEMM probe")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON directory (default ./{DEFAULT_OUT})")
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else FULL
-    args.model = dict(preset["model"])
-    for _, key in MODEL_FLAGS:
-        if getattr(args, key) is not None:
-            args.model[key] = getattr(args, key)
+    args.model = harness.model_from_args(args, MODEL_FLAGS, preset["model"])
     args.model["num_key_value_heads"] = args.model["num_attention_heads"]   # no GQA
-    for key in ("steps", "warmup", "batch", "seq"):
-        if getattr(args, key) is None:
-            setattr(args, key, preset[key])
+    harness.defaults_from_preset(args, preset, ("steps", "warmup", "batch", "seq"))
     if args.steps < 1 or args.warmup < 1 or args.batch < 1 or args.seq < 2:
         parser.error("--steps, --warmup and --batch must be >= 1, --seq >= 2")
     if args.model["hidden_size"] % args.model["num_attention_heads"]:
@@ -420,26 +402,13 @@ CHECK_COLUMNS = [("provider", "provider", ""), ("loss step 1", "loss_first", ".5
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    threads_before = torch.get_num_threads()
-    if args.threads:
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)   # bitsandbytes' libgomp reads it
-        torch.set_num_threads(args.threads)
-    try:
+    with harness.threads_set_to(args.threads):
         return _run(args, argv)
-    finally:
-        torch.set_num_threads(threads_before)
-
-
-def _load() -> Optional[list[float]]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def _run(args, argv) -> dict:
     notes: list[str] = []
-    load_start = _load()
+    load_start = harness.load_average()
     wanted = [p for p in all_providers() if not args.providers or p.name in args.providers]
     tokens = args.batch * args.seq
     print(f"QLoRA training step: Llama {args.model}, batch {args.batch} x seq {args.seq} = {tokens} "
@@ -560,21 +529,19 @@ def _run(args, argv) -> dict:
                 print(harness.format_table(prof[key], [("op" + (" [input shapes]" if key != "ops" else ""), "op", ""),
                                                        ("self ms", "self_ms", ".1f"), ("%", "pct", ".1f"),
                                                        ("calls", "calls", "d")]))
-    load_end = _load()
+    load_end = harness.load_average()
     cpus = os.cpu_count() or 1
     if load_start and load_end and max(load_start[0], load_end[0]) > cpus:
         notes.append(f"load average {load_start[0]} at the start, {load_end[0]} at the end, on {cpus} "
                      "CPUs: other jobs shared the machine, small ops' thread barriers pay for it; "
                      "rerun on a quiet machine for firm numbers")
-    for note in notes:
-        print("note:", note)
-
-    payload = {
-        "benchmark": "train",
-        "metadata": harness.metadata(
+    harness.print_notes(notes)
+    return harness.save_run(
+        args.out, "train", benchmark="train", argv=argv,
+        metadata=harness.metadata(
             benchmark="train", versions_extra=harness.package_versions(["transformers", "peft", "accelerate"]),
             load_average=dict(start=load_start, end=load_end)),
-        "config": {
+        config={
             "quick": args.quick, "model": dict(args.model, architecture="LlamaForCausalLM",
                                                weights=f"random, torch.manual_seed({SEED}), cast to bf16"),
             "why_this_size": __doc__.split("Model size: ")[1].split("\n\n")[0].replace("\n", " "),
@@ -588,15 +555,8 @@ def _run(args, argv) -> dict:
             "providers": [dict(name=p.name, how=p.how) for p in wanted],
             "tolerance": dict(vs_dense=TOLERANCE_DENSE, vs_spec=TOLERANCE_SAME_CODES),
             "profile": args.profile,
-            "argv": sys.argv[1:] if argv is None else list(argv),
         },
-        "gemm_probe": gemm,
-        "rows": rows,
-        "target": target,
-        "notes": notes,
-    }
-    harness.save_json(payload, args.out, "train")
-    return payload
+        gemm_probe=gemm, rows=rows, target=target, notes=notes)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import math
 import os
 import platform
 import subprocess
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -279,11 +280,27 @@ def copy_nf4tensor(tensor):
     return type(tensor).__tensor_unflatten__(inner, meta, tensor.size(), tensor.stride())
 
 
-def set_threads(threads: int) -> None:
-    """torch's pool takes set_num_threads; other OpenMP runtimes (bitsandbytes links the
-    system libgomp) read OMP_NUM_THREADS when they first start threads."""
+@contextlib.contextmanager
+def threads_set_to(threads: Optional[int]):
+    """Run the block on `threads` threads (None: as they are), then restore the count.
+
+    torch's pool takes set_num_threads; other OpenMP runtimes (bitsandbytes links the
+    system libgomp) read OMP_NUM_THREADS when they first start threads, so it is set too.
+    """
+    if not threads:
+        yield
+        return
+    torch_threads, omp_threads = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(torch_threads)
+        if omp_threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp_threads
 
 
 @contextlib.contextmanager
@@ -312,28 +329,94 @@ def spec_weights(model, dtype):
                 if isinstance(module, nf4lora.nn.Linear4bit)]
 
 
-def nf4lora_cpu_backends() -> tuple[list[str], list[str]]:
-    """(backends that can run on CPU tensors here, notes on the others).
+GPU_BACKENDS = ("cuda", "triton")
 
-    Triton on CPU runs only under its interpreter, which is a test vehicle, not a
-    performance path; GPU backends would need a GPU benchmark, which this is not.
-    """
-    nf4lora, reason, _ = import_optional("nf4lora")
-    if nf4lora is None:
-        return [], [f"nf4lora: skipped, {reason}"]
+
+def _usable_backends(names, why_not_here: Callable[[str], Optional[str]]):
+    """(the nf4lora backends of `names` that are available and that why_not_here(name)
+    does not rule out, a note on each of the others)."""
     from nf4lora import backends
     usable, notes = [], []
-    for name in backends.BACKENDS:
-        why = backends.availability(name)
-        if why is None and name in ("cuda", "triton"):
-            why = "a GPU backend; this benchmark runs on CPU tensors"
-        if why is None and "cpu" not in importlib.import_module(f"nf4lora.backends.{name}").DEVICE_TYPES:
-            why = "does not run on CPU tensors"
+    for name in names:
+        why = backends.availability(name) or why_not_here(name)
         if why is None:
             usable.append(name)
         else:
             notes.append(f"nf4lora[{name}]: skipped, {why}")
     return usable, notes
+
+
+def nf4lora_cpu_backends() -> tuple[list[str], list[str]]:
+    """(backends that can run on CPU tensors here, notes on the others).
+
+    Triton on CPU runs only under its interpreter, which is a test vehicle, not a
+    performance path; GPU backends are timed by the benchmarks' --device cuda.
+    """
+    nf4lora, reason, _ = import_optional("nf4lora")
+    if nf4lora is None:
+        return [], [f"nf4lora: skipped, {reason}"]
+
+    def why_not_on_cpu(name: str) -> Optional[str]:
+        if name in GPU_BACKENDS:
+            return "a GPU backend; this benchmark runs on CPU tensors"
+        if "cpu" not in importlib.import_module(f"nf4lora.backends.{name}").DEVICE_TYPES:
+            return "does not run on CPU tensors"
+        return None
+    from nf4lora import backends
+    return _usable_backends(backends.BACKENDS, why_not_on_cpu)
+
+
+def nf4lora_gpu_backends() -> tuple[list[str], list[str]]:
+    """(nf4lora backends that run on CUDA tensors here, notes on the others)."""
+    if not torch.cuda.is_available():
+        return [], [f"{', '.join(f'nf4lora[{name}]' for name in GPU_BACKENDS)}: skipped, "
+                    "no CUDA device"]
+    from nf4lora.backends import triton as triton_backend
+
+    def why_not_on_gpu(name: str) -> Optional[str]:
+        if name == "triton" and triton_backend.INTERPRETING:
+            return "TRITON_INTERPRET=1: the interpreter, not the GPU"
+        return None
+    return _usable_backends(GPU_BACKENDS, why_not_on_gpu)
+
+
+def add_threads_flag(parser) -> None:
+    parser.add_argument("--threads", type=int,
+                        help="torch threads and OMP_NUM_THREADS (default: as they are)")
+
+
+def add_out_flag(parser, saves: str = "JSON") -> None:
+    """--out, where the benchmark saves its `saves` (DEFAULT_OUT unless given)."""
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help=f"{saves} directory (default ./{DEFAULT_OUT})")
+
+
+def check_gpu_providers(parser, args, known: Sequence[str]) -> None:
+    """--device cuda: every --providers name must select one of `known` (a typo would
+    otherwise time nothing, silently)."""
+    unknown = [name for name in args.providers or ()
+               if not select([Provider(k, None, None) for k in known], [name])]
+    if unknown:
+        parser.error(f"--device cuda: unknown provider(s) {unknown}; choose from {list(known)}")
+
+
+def parse_kernel_bench_args(parser, argv, gpu_providers: Sequence[str], *, saves: str = "JSON",
+                            on_gpu: str = "", plans: str = "shapes"):
+    """Add the flags of the kernel benchmarks (bench_codec, bench_matmul), --threads,
+    --warm, --out, --device and --plan, to their own; parse argv; check --providers
+    (check_gpu_providers) for --device cuda. The help says what --out receives (`saves`),
+    what else --device cuda changes (`on_gpu`) and what --plan lists (`plans`)."""
+    add_threads_flag(parser)
+    parser.add_argument("--warm", action="store_true", help="also time one layer looped (warm rows)")
+    add_out_flag(parser, saves)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help=f"cuda: the GPU rows ({', '.join(gpu_providers)}){on_gpu}")
+    parser.add_argument("--plan", action="store_true",
+                        help=f"print the providers and {plans} a run would time, then exit")
+    args = parser.parse_args(argv)
+    if args.device == "cuda":
+        check_gpu_providers(parser, args, gpu_providers)
+    return args
 
 
 def select(providers: list[Provider], wanted: Optional[Sequence[str]]) -> list[Provider]:
@@ -460,6 +543,36 @@ def save_json(payload: dict, out_dir: Path, name: str) -> tuple[Path, Path]:
     return stamped, latest
 
 
+def command_line(argv: Optional[Sequence[str]]) -> list[str]:
+    """The arguments a benchmark's main(argv) ran with: argv, else the process's own."""
+    return sys.argv[1:] if argv is None else list(argv)
+
+
+def print_notes(notes: Sequence[str]) -> None:
+    for note in notes:
+        print("note:", note)
+
+
+def save_run(out_dir: Path, file_name: str, *, benchmark: str, metadata: dict, config: dict,
+             argv: Optional[Sequence[str]], **results) -> dict:
+    """Save and return a run's payload, the one shape every benchmark writes:
+    {"benchmark", "metadata", "config" (with "argv": command_line(argv)), **results},
+    as <file_name>-<time>.json and <file_name>-latest.json (save_json)."""
+    payload = {"benchmark": benchmark, "metadata": metadata,
+               "config": {**config, "argv": command_line(argv)}, **results}
+    save_json(payload, out_dir, file_name)
+    return payload
+
+
+def load_average() -> Optional[list[float]]:
+    """The 1, 5 and 15 minute load averages (None where the OS has none): other jobs on a
+    shared machine distort timings, and the JSON says how busy it was."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def bitsandbytes_4bit(model, bnb, compute_dtype, blocksize: int = 64):
     """`model` with every nn.Linear but lm_head replaced by bitsandbytes' Linear4bit (NF4,
     double quantization), quantized on CPU (bitsandbytes >= 0.46 does that), in place:
@@ -479,6 +592,49 @@ def bitsandbytes_4bit(model, bnb, compute_dtype, blocksize: int = 64):
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
     model.is_loaded_in_4bit = True
+    return model
+
+
+# --- whole-model benchmarks (bench_decode, bench_train) ----------------------------
+
+@dataclass
+class ModelProvider:
+    """One way to run the benchmark's model: `build(base, modules)` returns the model to
+    time from the benchmark's base model (or a function copying it) and the imported
+    modules it `needs` (import_providers)."""
+    name: str
+    how: str                                   # one line: what the user calls
+    needs: tuple[str, ...]
+    build: Callable[[Any, dict], Any]
+
+
+def add_model_bench_flags(parser, providers: Sequence[str], model_flags: Sequence[tuple[str, str]],
+                          default_model: dict) -> None:
+    """The flags of the whole-model benchmarks: --threads, --providers (some of
+    `providers`), --out, and one integer flag per (flag, model config key) of model_flags,
+    e.g. ("--hidden", "hidden_size"), whose default is default_model's (model_from_args)."""
+    add_threads_flag(parser)
+    parser.add_argument("--providers", nargs="+", metavar="NAME", choices=providers,
+                        help=f"only these ({', '.join(providers)})")
+    add_out_flag(parser)
+    for flag, key in model_flags:
+        parser.add_argument(flag, type=int, dest=key,
+                            help=f"model {key} (default {default_model[key]})")
+
+
+def defaults_from_preset(args, preset: dict, keys: Sequence[str]) -> None:
+    """args.<key> = preset[key] for each of `keys` the command line left unset (None)."""
+    for key in keys:
+        if getattr(args, key, None) is None:
+            setattr(args, key, preset[key])
+
+
+def model_from_args(args, flags: Sequence[tuple[str, str]], preset_model: dict) -> dict:
+    """preset_model with the model flags (add_model_bench_flags) that were given."""
+    model = dict(preset_model)
+    for _, key in flags:
+        if getattr(args, key) is not None:
+            model[key] = getattr(args, key)
     return model
 
 

@@ -1,29 +1,39 @@
-"""GPU performance on paper for the matmul kernels: bytes moved, FLOPs, ideal time.
+"""GPU performance on paper for the GPU kernels, CUDA and Triton: bytes moved, FLOPs,
+ideal time.
 
     python -m nf4lora.roofline        (or call print_roofline())
 
 No GPU is available here, so speed is argued (shared/perf.md, "GPU performance, on
 paper"): for each kernel and shape, the DRAM bytes it must move (every operand read
-once, every result written once; code books and L2-resident re-reads not counted) and
-the FLOPs it does, and the ideal time max(bytes / bandwidth, FLOPs / peak) on
+once, every result written once; L2-resident re-reads not counted) and the FLOPs it
+does, and the ideal time max(bytes / bandwidth, FLOPs / peak) on
 
-    H100 SXM: 3.35 TB/s HBM3, 989 TFLOP/s dense bf16/fp16, 132 SMs
-    A100 SXM: 2.039 TB/s HBM2e, 312 TFLOP/s dense bf16/fp16, 108 SMs
+    H100 SXM: 3.35 TB/s HBM3, 989 TFLOP/s dense bf16/fp16, 67 TFLOP/s fp32 FMA, 132 SMs
+    A100 SXM: 2.039 TB/s HBM2e, 312 TFLOP/s dense bf16/fp16, 19.5 TFLOP/s fp32 FMA, 108 SMs
 
-Rows, per (GPU, layer shape, M tokens):
-  gemv_split_k            pass 1 + its epilogue (M <= 16); includes the fp32 workspace
-  lora_matmul             the fused kernel + the small h = x @ A^T matmul before it
-  composite               dequantize W into a buffer, F.linear, F.linear(x, A), addmm
-  lora_matmul_grad_input  dx = dy @ W + grad_h @ A, W packed
-  composite_grad_input    dequantize W, dy @ W, addmm
-`chosen` marks the path the Triton backend (backends/triton.py matmul_path) takes on that GPU.
+(NVIDIA datasheets: H100 SXM5, A100 80GB SXM4). One model, two views of it:
 
-The 4-bit weight with double quantization is 0.5 + 1/64 + 4/(64*256) = 0.516 bytes per
-weight at blocksize 64; a bf16 copy is 2. Dequantize-then-matmul moves 0.516 + 2 (write)
-+ 2 (read) = 4.5 bytes per weight, the fused kernels 0.516: 8.7x fewer while M is small.
-The GEMM is memory-bound while 2*M FLOPs per weight cost less than 0.516 bytes, up to
-the ridge point M* = peak * 0.516 / (2 * bandwidth): 76 on H100, 39 on A100
-(memory_bound_max_m), the thresholds of backends/triton.py FUSED_MAX_M.
+  kernel_roofline(op, **shape)  one call of one kernel: the codec kernels (the CUDA and
+      Triton ones move the same bytes) and the CUDA decode GEMV, with per GPU the time
+      bound of the tensor cores and of the CUDA cores (a SIMT kernel's FMAs);
+  roofline_rows()  the matmul paths the Triton backend routes between, per (GPU, layer
+      shape, M tokens):
+        gemv_split_k            pass 1 + its reduction (M <= 16); includes the fp32 workspace
+        lora_matmul             the fused kernel + the small h = x @ A^T matmul before it
+        composite               dequantize W into a buffer, F.linear, F.linear(x, A), addmm
+        lora_matmul_grad_input  dx = dy @ W + grad_h @ A, W packed
+        composite_grad_input    dequantize W, dy @ W, addmm
+      `chosen` marks the path the Triton backend (backends/triton.py matmul_path) takes on
+      that GPU.
+
+A packed weight is its codes (half a byte per weight) and its absmax: 4 bytes per block,
+or with double quantization 1 byte per block, 4 per 256 blocks and the 1 KB 8-bit map; the
+64-byte 4-bit table is left out (one cache line). At blocksize 64 that is 0.5 + 1/64 +
+4/(64*256) = 0.516 bytes per weight; a bf16 copy is 2. Dequantize-then-matmul moves
+0.516 + 2 (write) + 2 (read) = 4.5 bytes per weight, the fused kernels 0.516: 8.7x fewer
+while M is small. The GEMM is memory-bound while 2*M FLOPs per weight cost less than
+0.516 bytes, up to the ridge point M* = peak * 0.516 / (2 * bandwidth): 76 on H100, 39
+on A100 (memory_bound_max_m), the thresholds of backends/triton.py FUSED_MAX_M.
 """
 from __future__ import annotations
 
@@ -37,12 +47,13 @@ class Gpu(NamedTuple):
     name: str
     bandwidth: float    # bytes/s, DRAM
     flops: float        # FLOP/s, dense bf16/fp16 tensor cores
+    simt_flops: float   # FLOP/s, fp32 FMA on CUDA cores: the bound of a SIMT kernel
     sms: int
     capability: tuple
 
 
-H100 = Gpu("H100", 3.35e12, 989e12, 132, (9, 0))
-A100 = Gpu("A100", 2.039e12, 312e12, 108, (8, 0))
+H100 = Gpu("H100", 3.35e12, 989e12, 67e12, 132, (9, 0))
+A100 = Gpu("A100", 2.039e12, 312e12, 19.5e12, 108, (8, 0))
 GPUS = (H100, A100)
 
 # shared/perf.md's shapes: Llama-7B projections (out, in), and tokens per call.
@@ -52,22 +63,136 @@ RANK = 16
 ELEMENT_BYTES = 2       # bf16 activations, adapters, outputs
 BLOCKSIZE = 64
 NESTED = True
+NESTED_BLOCKSIZE = 256
+# The float32 256-entry 8-bit map: double quantization's, and the blockwise codec's code.
+DYNAMIC_MAP_BYTES = 4 * 256
 
 
-def weight_bytes(n: int, k: int, blocksize: int = BLOCKSIZE, nested: bool = NESTED) -> float:
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def absmax_bytes(n: int, blocksize: int = BLOCKSIZE, nested: bool = NESTED) -> int:
+    """DRAM bytes of the absmax of n weights: float32 per block, or with double
+    quantization an 8-bit code per block, a float32 per NESTED_BLOCKSIZE blocks and the map."""
+    blocks = _ceil_div(n, blocksize)
+    if not nested:
+        return 4 * blocks
+    return blocks + 4 * _ceil_div(blocks, NESTED_BLOCKSIZE) + DYNAMIC_MAP_BYTES
+
+
+def weight_bytes(n: int, k: int, blocksize: int = BLOCKSIZE, nested: bool = NESTED) -> int:
     """DRAM bytes of a packed 4-bit [n, k] weight and its (nested) absmax."""
-    blocks = -(-n * k // blocksize)
+    return _ceil_div(n * k, 2) + absmax_bytes(n * k, blocksize, nested)
+
+
+def bytes_per_weight(blocksize: int = BLOCKSIZE, nested: bool = NESTED) -> float:
+    """weight_bytes per weight of a large weight (the fixed-size map amortized away)."""
     if nested:
-        return n * k / 2 + blocks + 4 * -(-blocks // 256)
-    return n * k / 2 + 4 * blocks
+        return 0.5 + 1 / blocksize + 4 / (blocksize * NESTED_BLOCKSIZE)
+    return 0.5 + 4 / blocksize
 
 
 def memory_bound_max_m(gpu: Gpu, blocksize: int = BLOCKSIZE, nested: bool = NESTED) -> float:
     """The ridge point: the M at which a 4-bit GEMM's 2*M FLOPs per weight take as long
     as reading the weight's bytes. Below it the fused kernels are memory-bound."""
-    per_weight = weight_bytes(1 << 20, 1, blocksize, nested) / (1 << 20)
-    return gpu.flops * per_weight / (2 * gpu.bandwidth)
+    return gpu.flops * bytes_per_weight(blocksize, nested) / (2 * gpu.bandwidth)
 
+
+def ideal_times(moved: float, flops: float, gpu: Gpu) -> dict:
+    """Microseconds for `moved` DRAM bytes and `flops` on `gpu`: memory_us, tensor_us (at
+    the bf16 tensor-core peak), simt_us (at the fp32 FMA peak); ideal_us = max(memory_us,
+    tensor_us), the physical limit of any kernel; kernel_us = max(memory_us, simt_us), the
+    limit of a kernel that does its FMAs on CUDA cores, and kernel_bound, which of the two
+    sets it."""
+    memory = moved / gpu.bandwidth * 1e6
+    tensor = flops / gpu.flops * 1e6
+    simt = flops / gpu.simt_flops * 1e6
+    return {"memory_us": memory, "tensor_us": tensor, "simt_us": simt,
+            "ideal_us": max(memory, tensor), "kernel_us": max(memory, simt),
+            "kernel_bound": "memory" if memory >= simt else "fp32 FMA"}
+
+
+# --------------------------------------------------------------------------------------
+# One call of one kernel.
+# --------------------------------------------------------------------------------------
+
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def _itemsize(dtype) -> int:
+    """Bytes per element of a torch dtype or its name."""
+    return _ITEMSIZE[str(dtype).removeprefix("torch.")]
+
+
+def kernel_roofline(op: str, gpus=GPUS, **shape) -> dict:
+    """Bytes, FLOPs and ideal times (ideal_times, per GPU name) of one call of kernel `op`.
+
+    op and its shape arguments (dtype: a torch dtype or its name):
+      quantize_4bit(n, dtype=bfloat16, blocksize=64)
+      dequantize_4bit(n, dtype=bfloat16, blocksize=64, nested=True)
+      quantize_blockwise(n, dtype=float32, blocksize=256)
+      dequantize_blockwise(n, dtype=float32, blocksize=256)
+      gemv_4bit_lora(M, N, K, rank=0, dtype=bfloat16, blocksize=64, nested=True, bias=False),
+        the CUDA decode GEMV
+
+    Codec ops count one FLOP per element (the scale multiply). The CUDA GEMV does its FMAs
+    on CUDA cores (at M = 8 on A100 that, not memory, is its bound: kernel_bound), and
+    simt_us counts FMAs only: it also spends ~4 instructions per weight and row group on
+    decoding (nibble, table load, scale multiply), which at M = 1 costs about as much issue
+    time as the memory time (~2.8 vs 2.6 us for 4096x4096 on H100).
+    """
+    blockwise = op.endswith("blockwise")
+    dtype_bytes = _itemsize(shape.get("dtype", "float32" if blockwise else "bfloat16"))
+    blocksize = shape.get("blocksize", 256 if blockwise else 64)
+    nested = shape.get("nested", True)
+    if op == "quantize_4bit":
+        n = shape["n"]
+        moved = n * dtype_bytes + weight_bytes(n, 1, blocksize, nested=False)
+        flops = n
+    elif op == "dequantize_4bit":
+        n = shape["n"]
+        moved = weight_bytes(n, 1, blocksize, nested) + n * dtype_bytes
+        flops = n
+    elif op in ("quantize_blockwise", "dequantize_blockwise"):
+        n = shape["n"]
+        moved = n * dtype_bytes + DYNAMIC_MAP_BYTES + n + 4 * _ceil_div(n, blocksize)
+        flops = n
+    elif op == "gemv_4bit_lora":
+        M, N, K, r = shape["M"], shape["N"], shape["K"], shape.get("rank", 0)
+        bias = N if shape.get("bias") else 0
+        activations = dtype_bytes * (M * K + M * N + r * K + N * r + bias)
+        h_workspace = 2 * 4 * M * r                     # fp32, written once, read back from L2
+        moved = weight_bytes(N, K, blocksize, nested) + activations + h_workspace
+        flops = 2 * M * N * K + 2 * M * r * K + 2 * M * N * r
+    else:
+        raise ValueError(f"unknown op {op!r}")
+    row = {"op": op, **{k: v if isinstance(v, (int, float, str)) else str(v)  # a torch dtype
+                        for k, v in shape.items()},
+           "bytes": moved, "flops": flops}
+    for gpu in gpus:
+        row[gpu.name] = ideal_times(moved, flops, gpu)
+    return row
+
+
+def format_kernel_roofline(row: dict) -> str:
+    """One line per GPU of a kernel_roofline() row, e.g. for a benchmark's output."""
+    gpu_names = [gpu.name for gpu in GPUS]
+    shape = ", ".join(f"{k}={v}" for k, v in row.items()
+                      if k not in ("op", "bytes", "flops", *gpu_names))
+    lines = []
+    for name in gpu_names:
+        if name in row:
+            g = row[name]
+            lines.append(f"{row['op']}({shape}) on {name}: {row['bytes'] / 1e6:.3f} MB, "
+                         f"{row['flops'] / 1e9:.3f} GFLOP, ideal {g['ideal_us']:.2f} us, "
+                         f"SIMT-kernel bound {g['kernel_us']:.2f} us ({g['kernel_bound']})")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# The Triton backend's matmul paths.
+# --------------------------------------------------------------------------------------
 
 def _traffic(kernel: str, gpu: Gpu, m: int, n: int, k: int, r: int, e: int) -> tuple[float, float]:
     """(DRAM bytes, FLOPs) of one call."""
@@ -114,8 +239,8 @@ def roofline_rows(gpus=GPUS, shapes=SHAPES, ms=MS, rank: int = RANK,
                 ideal = {}
                 for kernel in kernels:
                     moved, flops = _traffic(kernel, gpu, m, n, k, rank, element_bytes)
-                    memory_s, compute_s = moved / gpu.bandwidth, flops / gpu.flops
-                    ideal[kernel] = max(memory_s, compute_s)
+                    times = ideal_times(moved, flops, gpu)
+                    ideal[kernel] = times["ideal_us"]
                     chosen = {"gemv_split_k": path == triton_backend.PATH_GEMV,
                               "lora_matmul": path == triton_backend.PATH_FUSED,
                               "composite": path == triton_backend.PATH_COMPOSITE,
@@ -123,12 +248,13 @@ def roofline_rows(gpus=GPUS, shapes=SHAPES, ms=MS, rank: int = RANK,
                               "composite_grad_input": path == triton_backend.PATH_COMPOSITE}[kernel]
                     rows.append(dict(kernel=kernel, gpu=gpu.name, M=m, N=n, K=k, r=rank,
                                      bytes=moved, flops=flops, intensity=flops / moved,
-                                     ideal_us=ideal[kernel] * 1e6,
-                                     bound="memory" if memory_s >= compute_s else "compute",
+                                     ideal_us=times["ideal_us"],
+                                     bound=("memory" if times["memory_us"] >= times["tensor_us"]
+                                            else "compute"),
                                      chosen=chosen))
                 for row in rows[-len(kernels):]:
                     composite = "composite_grad_input" if "grad" in row["kernel"] else "composite"
-                    row["vs_composite"] = ideal[composite] * 1e6 / row["ideal_us"]
+                    row["vs_composite"] = ideal[composite] / row["ideal_us"]
     return rows
 
 

@@ -222,3 +222,26 @@ def saved_bench_payload(out_dir, name: str, payload: dict) -> dict:
     assert saved["rows"] == json.loads(json.dumps(payload["rows"], default=str))
     assert saved["benchmark"] == name
     return saved
+
+
+def run_quick_bench(main, argv, out_dir, monkeypatch) -> dict:
+    """A whole-model benchmark's main(argv + ["--out", out_dir]) (bench_decode, bench_train,
+    run with --threads), checked to undo its --threads: torch's thread count is as before."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")     # main sets it; restored after the test
+    threads = torch.get_num_threads()
+    payload = main([*argv, "--out", str(out_dir)])
+    assert torch.get_num_threads() == threads
+    return payload
+
+
+def rows_by_provider(saved: dict, providers: set, bitsandbytes_provider: str) -> dict:
+    """{provider: row} of a saved benchmark run, checked to hold exactly `providers`, plus
+    bitsandbytes_provider where bitsandbytes imports (the test module has put the
+    repository root on sys.path)."""
+    from bench import harness
+    expected = set(providers)
+    if harness.import_optional("bitsandbytes")[0] is not None:
+        expected.add(bitsandbytes_provider)
+    rows = {row["provider"]: row for row in saved["rows"]}
+    assert set(rows) == expected, saved["notes"]
+    return rows

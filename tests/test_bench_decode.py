@@ -17,8 +17,8 @@ import torch
 # bench/ is a directory of the repository, not part of the installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import saved_bench_payload  # noqa: E402
-from bench import bench_decode, harness  # noqa: E402
+from conftest import rows_by_provider, run_quick_bench, saved_bench_payload  # noqa: E402
+from bench import bench_decode  # noqa: E402
 from nf4lora import backends, cli  # noqa: E402
 
 pytest.importorskip("transformers")
@@ -36,16 +36,11 @@ QUICK = ["--quick", "--threads", "1"]
 
 
 def run(tmp_path, monkeypatch, *extra):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")     # main sets it; restored after the test
-    return bench_decode.main(QUICK + ["--out", str(tmp_path), *extra])
+    return run_quick_bench(bench_decode.main, QUICK + list(extra), tmp_path, monkeypatch)
 
 
 def test_quick_run_writes_every_row_and_key(tmp_path, monkeypatch):
-    threads = torch.get_num_threads()
-    payload = run(tmp_path, monkeypatch)
-    assert torch.get_num_threads() == threads      # --threads is undone afterwards
-
-    saved = saved_bench_payload(tmp_path, "decode", payload)
+    saved = saved_bench_payload(tmp_path, "decode", run(tmp_path, monkeypatch))
     assert METADATA_KEYS <= saved["metadata"].keys()
     assert {"start", "end", "high", "cpus"} <= saved["metadata"]["load_average"].keys()
     assert saved["metadata"]["cpu_model"]
@@ -56,11 +51,7 @@ def test_quick_run_writes_every_row_and_key(tmp_path, monkeypatch):
     assert saved["config"]["batches"] == [1]
     assert saved["target"] is None                 # --quick numbers mean nothing
 
-    expected = {"nf4lora", "dense-bf16"}
-    if harness.import_optional("bitsandbytes")[0] is not None:
-        expected.add("bitsandbytes")
-    rows = {row["provider"]: row for row in saved["rows"]}
-    assert set(rows) == expected, saved["notes"]
+    rows = rows_by_provider(saved, {"nf4lora", "dense-bf16"}, "bitsandbytes")
     quick = bench_decode.QUICK
     for row in rows.values():
         assert (ROW_KEYS | CHECK_KEYS) <= row.keys(), row["provider"]

@@ -10,13 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 # bench/ is a directory of the repository, not part of the installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import saved_bench_payload  # noqa: E402
-from bench import bench_train, harness  # noqa: E402
+from conftest import rows_by_provider, run_quick_bench, saved_bench_payload  # noqa: E402
+from bench import bench_train  # noqa: E402
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -31,26 +30,17 @@ QUICK = ["--quick", "--threads", "1", "--no-probe"]
 
 
 def run(tmp_path, monkeypatch, *extra):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")     # main sets it; restored after the test
-    return bench_train.main(QUICK + ["--out", str(tmp_path), *extra])
+    return run_quick_bench(bench_train.main, QUICK + list(extra), tmp_path, monkeypatch)
 
 
 def test_quick_run_writes_every_row_and_key(tmp_path, monkeypatch):
-    threads = torch.get_num_threads()
-    payload = run(tmp_path, monkeypatch)
-    assert torch.get_num_threads() == threads      # --threads is undone afterwards
-
-    saved = saved_bench_payload(tmp_path, "train", payload)
+    saved = saved_bench_payload(tmp_path, "train", run(tmp_path, monkeypatch))
     assert METADATA_KEYS <= saved["metadata"].keys()
     assert {"model", "why_this_size", "batch", "seq", "lora", "quantization", "optimizer",
             "tolerance"} <= saved["config"].keys()
     assert saved["target"] is None                 # --quick numbers mean nothing
 
-    expected = {"nf4lora", "nf4lora+peft", "dense-bf16+peft"}
-    if harness.import_optional("bitsandbytes")[0] is not None:
-        expected.add("bitsandbytes+peft")
-    rows = {row["provider"]: row for row in saved["rows"]}
-    assert set(rows) == expected, saved["notes"]
+    rows = rows_by_provider(saved, {"nf4lora", "nf4lora+peft", "dense-bf16+peft"}, "bitsandbytes+peft")
     quick = bench_train.QUICK
     for row in rows.values():
         assert ROW_KEYS <= row.keys()

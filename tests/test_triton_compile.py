@@ -6,7 +6,9 @@ bit-exactness with the reference, which the interpreter tests cannot see).
 Compiling takes about 1 s per variant on a cold Triton cache (~/.triton/cache), a few
 minutes for the whole set on 2 cores, and about 15 s warm.
 """
+import ast
 import importlib
+from pathlib import Path
 
 import pytest
 
@@ -69,3 +71,18 @@ def test_split_k_variants_keep_the_pipeline(report):
         assert row["registers"] <= twin["registers"] + 8, (row, twin)
         checked += 1
     assert checked == 2 * 6 * len(ARCHS)   # 2 kernels x (3 dtypes x nested or not) x archs
+
+
+def test_the_kernel_package_imports_nothing_from_nf4lora():
+    """Dependencies run one way (issue 12): nf4lora imports the kernels, never the reverse;
+    the code books and thresholds reach the kernels as arguments from the launcher."""
+    imports = []
+    for path in sorted(Path(_kernels_package().__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imports += [(path.name, node.lineno, alias.name) for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imports.append((path.name, node.lineno, node.module))
+    assert imports, "no imports found: the check looked in the wrong place"
+    upward = [entry for entry in imports if entry[2].split(".")[0] == "nf4lora"]
+    assert not upward, upward

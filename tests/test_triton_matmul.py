@@ -366,7 +366,6 @@ class _LaunchSpy:
 def launches(monkeypatch):
     log = []
     for module, name in ((kernels.gemv, "gemv_split_k_kernel"),
-                         (kernels.gemv, "gemv_epilogue_kernel"),
                          (kernels.lora_matmul, "lora_matmul_kernel"),
                          (kernels.lora_matmul, "split_k_reduce_kernel"),
                          (kernels.lora_matmul_backward, "lora_matmul_grad_input_kernel")):
@@ -429,7 +428,8 @@ def test_autograd_grads_through_lora_matmul_4bit(device, lead, dtype, triton_sel
     ours = [t.cpu() for t in ours]
     # Saved for backward: the packed weight and its state, never a dense W.
     assert all(tuple(t.shape) != (out_f, in_f) for t in saved)
-    forward = (["gemv_split_k_kernel", "gemv_epilogue_kernel"] if m <= routing.GEMV_MAX_M
+    # The GEMV's second pass is the split-K reduction (with h from its workspace).
+    forward = (["gemv_split_k_kernel", "split_k_reduce_kernel"] if m <= routing.GEMV_MAX_M
                else ["lora_matmul_kernel"])
     assert launches == forward + ["lora_matmul_grad_input_kernel"]
     baseline = _leaves_and_grads(_dense_lora(dense, scaling), (x, lora_A, lora_B, bias), grad)

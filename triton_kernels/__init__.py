@@ -40,7 +40,6 @@ KERNELS: list[KernelVariants] = [
     KernelVariants("lora_matmul", lora_matmul.lora_matmul_kernel,
                    lora_matmul.compile_targets),
     KernelVariants("gemv_split_k", gemv.gemv_split_k_kernel, gemv.compile_targets),
-    KernelVariants("gemv_epilogue", gemv.gemv_epilogue_kernel, gemv.epilogue_compile_targets),
     KernelVariants("lora_matmul_grad_input", lora_matmul_backward.lora_matmul_grad_input_kernel,
                    lora_matmul_backward.compile_targets),
     KernelVariants("split_k_reduce", lora_matmul.split_k_reduce_kernel,

@@ -14,20 +14,16 @@ kernel built from them is bit-exact with the spec:
   to_output_dtype      `.to(dtype)`              one round-to-nearest-even from float32
   to_float32           `.float()`                exact widening of the input
 
-The code-book constants come from `nf4lora.codebook` / `nf4lora.reference` at import
-time (rounded to float32 here, once) and reach the kernels as `tl.constexpr` globals,
-so no threshold is typed twice and the compiler sees them as immediates.
+This package imports nothing from nf4lora (nf4lora imports it): every table and
+threshold of a format is data the launcher (nf4lora.backends.triton) passes in, the
+4-bit and 8-bit code books as pointers, the encoder's thresholds as scalar arguments.
 """
 from __future__ import annotations
 
 import os
 
-import torch
 import triton
 import triton.language as tl
-
-from nf4lora.codebook import FP4_ABS_THRESHOLDS, FP4_CODE_BY_RANK
-from nf4lora.reference import nf4_thresholds
 
 # Triton decides interpreter-or-compiler when `@triton.jit` runs, i.e. at this module's
 # import; read the same variable at the same moment so the two always agree.
@@ -38,39 +34,28 @@ from nf4lora.reference import nf4_thresholds
 # builtins only (tl.full, tl.reduce with our combine function).
 INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
-# Quant types as named kernel modes (constexpr), never bare ints at call sites.
-QUANT_TYPE_NF4 = tl.constexpr(0)
-QUANT_TYPE_FP4 = tl.constexpr(1)
-QUANT_TYPE_IDS = {"nf4": QUANT_TYPE_NF4.value, "fp4": QUANT_TYPE_FP4.value}
-
-
-def _as_float32(values) -> tuple:
-    """Python floats holding exactly the float32 values torch would compare against."""
-    return tuple(torch.tensor(values, dtype=torch.float32).tolist())
-
-
-def _rank_steps(code_by_rank) -> tuple:
-    """How the code changes when a value crosses each successive threshold.
-
-    Thresholds are sorted, so the ones below x are always a prefix; summing the steps
-    of that prefix telescopes to code_by_rank[rank] - code_by_rank[0]. This turns a
-    rank -> code table lookup into one multiply-add per threshold.
-    """
-    code_by_rank = tuple(code_by_rank)
-    return tuple(b - a for a, b in zip(code_by_rank[:-1], code_by_rank[1:]))
-
-
-# NF4: 15 float32 midpoints of the table; the code is the count of them below x.
-NF4_THRESHOLDS = tl.constexpr(tuple(nf4_thresholds().tolist()))
-NUM_NF4_THRESHOLDS = tl.constexpr(len(NF4_THRESHOLDS.value))
-NF4_RANK_STEPS = tl.constexpr(_rank_steps(range(NUM_NF4_THRESHOLDS.value + 1)))  # all 1
-# FP4: 7 hand-rounded thresholds on |x| (bitsandbytes' literals, rounded to float32 as
-# reference.encode_fp4 does), a magnitude code per rank, and bit 3 for the sign.
-FP4_THRESHOLDS = tl.constexpr(_as_float32(FP4_ABS_THRESHOLDS))
-FP4_FIRST_CODE = tl.constexpr(FP4_CODE_BY_RANK[0])
-FP4_RANK_STEPS = tl.constexpr(_rank_steps(FP4_CODE_BY_RANK))
-NUM_FP4_THRESHOLDS = tl.constexpr(len(FP4_ABS_THRESHOLDS))
+# How a 4-bit encoder turns a scaled value into a code, as named kernel modes (constexpr),
+# never bare ints at call sites. Each takes its thresholds as data: `thresholds`, a tuple of
+# float32 scalar kernel arguments, which the compares read from the kernel's parameter
+# space, no load (as many SASS instructions as with the thresholds as immediates):
+#   MIDPOINTS  a table of 16 ascending levels (NF4): the code is the number of its 15
+#              midpoints strictly below x.
+#   FP4        bitsandbytes' FP4: |x| against 7 thresholds gives a rank, `fp4_magnitude_codes`
+#              the 3-bit magnitude code of each rank, and bit 3 is the sign.
+ENCODE_MIDPOINTS = tl.constexpr(0)
+ENCODE_FP4 = tl.constexpr(1)
+ENCODINGS = {"midpoints": ENCODE_MIDPOINTS.value, "fp4": ENCODE_FP4.value}
+NUM_THRESHOLDS = {"midpoints": 15, "fp4": 7}
 FP4_SIGN_BIT = tl.constexpr(0b1000)
+# fp4_magnitude_codes holds the code of rank r in bits 4r..4r+3 (8 ranks in one int32):
+# a register-held table, one shift and one mask per element.
+FP4_BITS_PER_RANK = tl.constexpr(4)
+
+
+def pack_fp4_magnitude_codes(code_by_rank) -> int:
+    """The `fp4_magnitude_codes` kernel argument holding a rank -> magnitude code table."""
+    return sum(code << (FP4_BITS_PER_RANK.value * rank) for rank, code in enumerate(code_by_rank))
+
 
 # The dynamic 8-bit map has 256 sorted entries; bitsandbytes' search starts at the
 # middle (127) and halves its step 64, 32, ..., 1: seven steps, log2(128).
@@ -101,25 +86,25 @@ def absmax_and_scale(x):
 
 
 @triton.jit
-def _code_of_rank(value, FIRST_CODE: tl.constexpr, THRESHOLDS: tl.constexpr,
-                  RANK_STEPS: tl.constexpr, NUM_THRESHOLDS: tl.constexpr):
-    # `value > t` is false for NaN and for a value exactly on t: NaN gets FIRST_CODE and
-    # a tie stays with the lower code, as in the reference's `(x > thresholds).sum()`.
-    code = tl.full(value.shape, FIRST_CODE, tl.int32)
-    for i in tl.static_range(NUM_THRESHOLDS):
-        code += (value > THRESHOLDS[i]).to(tl.int32) * RANK_STEPS[i]
-    return code
+def _rank(value, thresholds):
+    """How many of the ascending `thresholds` lie strictly below `value` (int32). `value > t`
+    is false for NaN and for a value exactly on t: NaN gets rank 0 and a tie stays with
+    the lower rank, as in the reference's `(x > thresholds).sum()`."""
+    rank = tl.full(value.shape, 0, tl.int32)
+    for i in tl.static_range(len(thresholds)):
+        rank += (value > thresholds[i]).to(tl.int32)
+    return rank
 
 
 @triton.jit
-def encode_4bit(scaled, QUANT_TYPE: tl.constexpr):
-    """int32 4-bit codes of float32 values scaled into [-1, 1] (NaN -> 0)."""
-    if QUANT_TYPE == QUANT_TYPE_NF4:
-        code = _code_of_rank(scaled, 0, NF4_THRESHOLDS, NF4_RANK_STEPS, NUM_NF4_THRESHOLDS)
+def encode_4bit(scaled, thresholds, fp4_magnitude_codes, ENCODING: tl.constexpr):
+    """int32 4-bit codes of float32 values scaled into [-1, 1] (NaN -> 0); see ENCODINGS."""
+    if ENCODING == ENCODE_MIDPOINTS:
+        code = _rank(scaled, thresholds)
     else:
+        rank = _rank(tl.abs(scaled), thresholds)
+        magnitude = (fp4_magnitude_codes >> (rank * FP4_BITS_PER_RANK)) & 0b111
         # -0.0 and NaN are not below zero, so their sign bit stays clear.
-        magnitude = _code_of_rank(tl.abs(scaled), FP4_FIRST_CODE, FP4_THRESHOLDS,
-                                  FP4_RANK_STEPS, NUM_FP4_THRESHOLDS)
         code = magnitude | tl.where(scaled < 0, FP4_SIGN_BIT, 0)
     return code
 

@@ -76,6 +76,8 @@ def _divisibility_attrs(kernel, signature: dict, sizes_divisible: bool) -> dict:
     attrs = {}
     for index, param in enumerate(kernel.params):
         kind = signature.get(param.name, "constexpr")
+        if isinstance(kind, tuple):  # float scalars (the encoder's thresholds): no hints
+            continue
         pointer = kind.startswith("*")
         size = kind in ("i32", "i64") and sizes_divisible and not param.do_not_specialize
         if pointer or size:

@@ -12,9 +12,10 @@ at once, and N / BLOCK_N = 64 output tiles cannot do that alone. So K is split t
     The R tiles are the LoRA shrink: programs past the last W tile treat rows of A as
     more rows of the weight (dense, in x's dtype), so h = x @ A^T is computed once, in
     the same launch, with no per-rank binary; its partials sit in columns N..N+R-1.
-  pass 2, gemv_epilogue_kernel, grid (N / BLOCK_N): sums the splits in a fixed order,
-    sums h's splits, rounds h to x's dtype (stored once), adds scaling * h @ B^T and the
-    bias, and rounds y once.
+  pass 2, lora_matmul.split_k_reduce_kernel with H_FROM_PARTIALS, grid (N / 128): sums
+    the splits in a fixed order, sums h's splits, rounds h to x's dtype (stored once),
+    adds scaling * h @ B^T and the bias, and rounds y once: the fused kernel's split-K
+    reduction, with h taken from the workspace.
 
 Deterministic by design, not atomics: fp32 atomic adds land in whatever order the
 programs finish, so y would change bit-wise from run to run (a decode that diverges
@@ -35,7 +36,8 @@ import triton
 import triton.language as tl
 
 from .codec import to_float32, to_output_dtype
-from .lora_matmul import (LORA_CHUNK, dot_accumulate, load_weight_tile, lora_expand_chunk)
+from .lora_matmul import (WEIGHT_DO_NOT_SPECIALIZE, dot_accumulate, load_weight_tile,
+                          store_split_partial, weight_signature)
 
 # Tiles per (BLOCK_M, x dtype): (BLOCK_N, BLOCK_K, num_warps).
 # BLOCK_M = 1: a [64, 128] tile is 4 KB of packed weight per step; with 8 warps, 32
@@ -47,10 +49,6 @@ TILES = {(1, "fp32"): (64, 128, 8), (1, "fp16"): (64, 128, 8), (1, "bf16"): (64,
          (16, "fp32"): (64, 32, 8), (16, "fp16"): (64, 64, 8), (16, "bf16"): (64, 64, 8)}
 BLOCK_MS = (1, 16)
 X_TYPES = ("fp32", "fp16", "bf16")
-# The epilogue: all M <= 16 rows (padded to 16 for the h @ B^T MMA) by 128 outputs.
-EPILOGUE_BLOCK_M = 16
-EPILOGUE_BLOCK_N = 128
-EPILOGUE_NUM_WARPS = 4
 
 # Split heuristic. Enough programs to keep every SM streaming (several per SM to hide
 # DRAM latency), but each split's K slice at least 64 * M long: the workspace a split
@@ -99,12 +97,13 @@ def _accumulate(acc, x, w, X_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, DENSE: 
 
 @triton.jit
 def _partial_products(x_ptr, w_ptr, absmax_ptr, table_ptr, nested_code_ptr,
-                      nested_absmax_ptr, nested_offset, row0, rows_limit, M, K, row_bytes,
-                      num_blocks, blocksize_log2, nested_blocksize_log2, k_begin, k_end,
-                      NESTED: tl.constexpr, DENSE: tl.constexpr, BLOCK_M: tl.constexpr,
+                      nested_absmax_ptr, row_bytes, num_blocks, blocksize_log2,
+                      nested_blocksize_log2, nested_offset, row0, rows_limit, M, K, k_begin,
+                      k_end, NESTED: tl.constexpr, DENSE: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """fp32 [BLOCK_M, BLOCK_N]: x[:, k_begin:k_end] @ W[row0 : row0 + BLOCK_N, k_begin:k_end]^T
-    with W the packed weight, or the dense [rows_limit, K] matrix at w_ptr (DENSE)."""
+    with W the packed weight (w_ptr and the other weight arguments), or the dense
+    [rows_limit, K] matrix at w_ptr (DENSE)."""
     X_DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     rows_m = tl.arange(0, BLOCK_M)
     acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
@@ -118,32 +117,23 @@ def _partial_products(x_ptr, w_ptr, absmax_ptr, table_ptr, nested_code_ptr,
                         mask=(rows < rows_limit)[:, None] & (ks < K)[None, :], other=0.0)
         else:
             w = load_weight_tile(w_ptr, absmax_ptr, table_ptr, nested_code_ptr,
-                                 nested_absmax_ptr, nested_offset, row0, k0, rows_limit,
-                                 row_bytes, num_blocks, blocksize_log2,
-                                 nested_blocksize_log2, NESTED, BLOCK_N, BLOCK_K)
+                                 nested_absmax_ptr, row_bytes, num_blocks, blocksize_log2,
+                                 nested_blocksize_log2, nested_offset, row0, k0, rows_limit,
+                                 NESTED, BLOCK_N, BLOCK_K)
         acc = _accumulate(acc, x, w, X_DTYPE, BLOCK_M, DENSE)
     return acc
 
 
-# The shifts gain nothing from Triton's divisible-by-16 specialization: one binary for all.
-@triton.jit(do_not_specialize=["blocksize_log2", "nested_blocksize_log2"])
+@triton.jit(do_not_specialize=WEIGHT_DO_NOT_SPECIALIZE)
 def gemv_split_k_kernel(
-    # pointers
     x_ptr,              # fp32/fp16/bf16 [M, K]
-    packed_ptr,         # uint8 [ceil(N * K / 2)]
-    absmax_ptr,         # fp32 [blocks], or uint8 codes [blocks] when NESTED
-    table_ptr,          # fp32 [16], the 4-bit code book
-    nested_code_ptr,    # fp32 [256] (NESTED only)
-    nested_absmax_ptr,  # fp32 [ceil(blocks / nested blocksize)] (NESTED only)
+    # the weight arguments of W [N, K] (lora_matmul.weight_signature)
+    packed_ptr, absmax_ptr, table_ptr, nested_code_ptr, nested_absmax_ptr,
+    row_bytes, num_blocks, blocksize_log2, nested_blocksize_log2, nested_offset,
     lora_A_ptr,         # x's dtype [R, K] (R > 0 only)
     partial_ptr,        # fp32 [splits, M, N + R]
     # sizes
     M, N, K, R,
-    row_bytes,              # K // 2, its own argument so Triton can see it divisible by 16
-    num_blocks,             # ceil(N * K / blocksize)
-    blocksize_log2,
-    nested_blocksize_log2,
-    nested_offset,          # fp32 (NESTED only)
     k_per_split,            # a multiple of BLOCK_K
     # meta-parameters
     NESTED: tl.constexpr,
@@ -159,78 +149,23 @@ def gemv_split_k_kernel(
     if pid_n < w_tiles:
         row0 = pid_n * BLOCK_N
         acc = _partial_products(x_ptr, packed_ptr, absmax_ptr, table_ptr, nested_code_ptr,
-                                nested_absmax_ptr, nested_offset, row0, N, M, K, row_bytes,
-                                num_blocks, blocksize_log2, nested_blocksize_log2, k_begin,
+                                nested_absmax_ptr, row_bytes, num_blocks, blocksize_log2,
+                                nested_blocksize_log2, nested_offset, row0, N, M, K, k_begin,
                                 k_end, NESTED, False, BLOCK_M, BLOCK_N, BLOCK_K)
         rows_limit = N
         first_col = row0
     else:  # LoRA shrink: rows of A, written after the N columns of W
         row0 = (pid_n - w_tiles) * BLOCK_N
         acc = _partial_products(x_ptr, lora_A_ptr, absmax_ptr, table_ptr, nested_code_ptr,
-                                nested_absmax_ptr, nested_offset, row0, R, M, K, row_bytes,
-                                num_blocks, blocksize_log2, nested_blocksize_log2, k_begin,
+                                nested_absmax_ptr, row_bytes, num_blocks, blocksize_log2,
+                                nested_blocksize_log2, nested_offset, row0, R, M, K, k_begin,
                                 k_end, NESTED, True, BLOCK_M, BLOCK_N, BLOCK_K)
         rows_limit = R
         first_col = N + row0
     rows_m = tl.arange(0, BLOCK_M)
     rows_n = tl.arange(0, BLOCK_N)
-    width = N + R
-    tl.store(partial_ptr + split * M * width + rows_m[:, None] * width
-             + (first_col + rows_n)[None, :], acc,
-             mask=(rows_m < M)[:, None] & (row0 + rows_n < rows_limit)[None, :])
-
-
-@triton.jit
-def gemv_epilogue_kernel(
-    # pointers
-    partial_ptr,        # fp32 [splits, M, N + R]
-    lora_B_ptr,         # y's dtype [N, R] (HAS_LORA only)
-    bias_ptr,           # y's dtype [N] (HAS_BIAS only)
-    y_ptr,              # fp32/fp16/bf16 [M, N]
-    h_ptr,              # y's dtype [M, R], written by program 0 (HAS_LORA only)
-    # sizes
-    M, N, R,
-    num_splits,
-    scaling,            # fp32 (HAS_LORA only)
-    # meta-parameters
-    HAS_LORA: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    Y_DTYPE: tl.constexpr = y_ptr.dtype.element_ty
-    rows_m = tl.arange(0, BLOCK_M)
-    cols_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows_m < M
-    width = N + R
-    acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
-    for split in range(num_splits):  # in order: the same bits every run
-        acc += tl.load(partial_ptr + split * M * width + rows_m[:, None] * width
-                       + cols_n[None, :], mask=row_ok[:, None] & (cols_n < N)[None, :],
-                       other=0.0)
-    if HAS_LORA:
-        # y + s * (h @ B^T), the chunks' sum kept apart and scaled once (torch.addmm).
-        lora = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
-        for r0 in range(0, R, LORA_CHUNK):
-            ranks = r0 + tl.arange(0, LORA_CHUNK)
-            h_mask = row_ok[:, None] & (ranks < R)[None, :]
-            h_sum = tl.full([BLOCK_M, LORA_CHUNK], 0.0, tl.float32)
-            for split in range(num_splits):
-                h_sum += tl.load(partial_ptr + split * M * width + rows_m[:, None] * width
-                                 + N + ranks[None, :], mask=h_mask, other=0.0)
-            # h rounded to x's dtype, as torch's F.linear(x, A) returns it; every program
-            # needs it, program 0 also returns it (the backward pass uses it for dB).
-            h = to_output_dtype(h_sum, Y_DTYPE)
-            if pid == 0:
-                tl.store(h_ptr + rows_m[:, None] * R + ranks[None, :], h, mask=h_mask)
-            lora = lora_expand_chunk(lora, h, lora_B_ptr, cols_n, ranks, N, R)
-        acc = acc + scaling * lora
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols_n, mask=cols_n < N, other=0.0)
-        acc = acc + to_float32(bias)[None, :]
-    tl.store(y_ptr + rows_m[:, None] * N + cols_n[None, :], to_output_dtype(acc, Y_DTYPE),
-             mask=row_ok[:, None] & (cols_n < N)[None, :])
+    store_split_partial(partial_ptr, acc, rows_m, first_col + rows_n, M, N + R,
+                        (rows_m < M)[:, None] & (row0 + rows_n < rows_limit)[None, :])
 
 
 def block_m_for(m: int) -> int:
@@ -250,41 +185,14 @@ def grid(n: int, r: int, splits: int, config: dict) -> tuple:
     return (triton.cdiv(n, config["BLOCK_N"]) + triton.cdiv(r, config["BLOCK_N"]), splits)
 
 
-def epilogue_config(has_lora: bool, has_bias: bool) -> dict:
-    return dict(HAS_LORA=has_lora, HAS_BIAS=has_bias, BLOCK_M=EPILOGUE_BLOCK_M,
-                BLOCK_N=EPILOGUE_BLOCK_N, num_warps=EPILOGUE_NUM_WARPS, enable_fp_fusion=False)
-
-
-def epilogue_grid(n: int, config: dict) -> tuple:
-    return (triton.cdiv(n, config["BLOCK_N"]),)
-
-
 def compile_targets():
     """Every (signature, config) pass 1 can run with: BLOCK_M x x dtype x nested (the
     LoRA shrink is extra programs of the same binary, the rank a runtime bound)."""
     for block_m in BLOCK_MS:
         for x_type in X_TYPES:
             for nested in (False, True):
-                signature = {"x_ptr": f"*{x_type}", "packed_ptr": "*u8",
-                             "absmax_ptr": "*u8" if nested else "*fp32",
-                             "table_ptr": "*fp32", "nested_code_ptr": "*fp32",
-                             "nested_absmax_ptr": "*fp32", "lora_A_ptr": f"*{x_type}",
-                             "partial_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
-                             "R": "i32", "row_bytes": "i32", "num_blocks": "i32",
-                             "blocksize_log2": "i32", "nested_blocksize_log2": "i32",
-                             "nested_offset": "fp32", "k_per_split": "i32"}
+                signature = {"x_ptr": f"*{x_type}", **weight_signature(nested),
+                             "lora_A_ptr": f"*{x_type}", "partial_ptr": "*fp32", "M": "i32",
+                             "N": "i32", "K": "i32", "R": "i32", "k_per_split": "i32"}
                 yield (f"M_block={block_m} x={x_type} nested={nested}", signature,
                        launch_config(block_m, x_type, nested))
-
-
-def epilogue_compile_targets():
-    """Every (signature, config) pass 2 can run with: y dtype x LoRA x bias."""
-    for y_type in X_TYPES:
-        for has_lora in (False, True):
-            for has_bias in (False, True):
-                signature = {"partial_ptr": "*fp32", "lora_B_ptr": f"*{y_type}",
-                             "bias_ptr": f"*{y_type}", "y_ptr": f"*{y_type}",
-                             "h_ptr": f"*{y_type}", "M": "i32", "N": "i32", "R": "i32",
-                             "num_splits": "i32", "scaling": "fp32"}
-                yield (f"y={y_type} lora={has_lora} bias={has_bias}", signature,
-                       epilogue_config(has_lora, has_bias))

@@ -30,11 +30,12 @@ Then the launcher splits K into slices: program (tile, split) reduces its slice 
 partials at partial[split, rows, cols], and split_k_reduce_kernel sums the slices in a
 fixed order (the same bits every run; gemv.py's docstring says why not atomics), adds
 the LoRA term and the bias and rounds y once. How many slices: fused_splits in
-nf4lora.backends.triton. The backward kernel splits its reduction axis (N) the same way
-and shares the reduction kernel.
+nf4lora.backends.triton. The backward kernel splits its reduction axis (N) the same way,
+and the GEMV always splits K: both share the reduction kernel.
 
-The helpers `load_weight_tile` and `dot_accumulate` are shared with gemv.py and
-lora_matmul_backward.py.
+The @triton.jit helpers below (the weight decode, the MMA, the output tile and the
+reduction's slice, the split-K workspace, the LoRA term and the rounded store) are shared
+with gemv.py and lora_matmul_backward.py.
 """
 from __future__ import annotations
 
@@ -80,10 +81,12 @@ def _block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr, nested_offset,
 
 @triton.jit
 def load_weight_tile(packed_ptr, absmax_ptr, table_ptr, nested_code_ptr, nested_absmax_ptr,
-                     nested_offset, row0, k0, N, row_bytes, num_blocks, blocksize_log2,
-                     nested_blocksize_log2, NESTED: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
+                     row_bytes, num_blocks, blocksize_log2, nested_blocksize_log2,
+                     nested_offset, row0, k0, N, NESTED: tl.constexpr,
+                     BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
     """float32 W[row0 : row0 + BLOCK_ROWS, k0 : k0 + BLOCK_K], decoded from packed bytes.
+    Its first ten arguments are the weight arguments (weight_signature), as the kernels
+    take them.
 
     W is [N, K] row-major, flattened into blocks and packed two codes per byte with the
     earlier element in the high nibble; K is even, so row n starts at byte n * row_bytes
@@ -151,6 +154,82 @@ def dot_accumulate(a, b, acc):
     return acc
 
 
+# The packed weight W [N, K] reaches every matmul kernel as ten arguments, in this order,
+# which go to load_weight_tile unchanged ("the weight arguments"):
+#   packed_ptr             uint8 [ceil(N * K / 2)]
+#   absmax_ptr             fp32 [blocks], or uint8 codes [blocks] when NESTED
+#   table_ptr              fp32 [16], the 4-bit code book
+#   nested_code_ptr        fp32 [256] (NESTED only)
+#   nested_absmax_ptr      fp32 [ceil(blocks / nested blocksize)] (NESTED only)
+#   row_bytes              K // 2, its own argument so Triton can see it divisible by 16
+#   num_blocks             ceil(N * K / blocksize)
+#   blocksize_log2, nested_blocksize_log2   powers of 2: shifts, not integer divisions
+#   nested_offset          fp32 (NESTED only)
+def weight_signature(nested: bool) -> dict:
+    """The compile report's types of the weight arguments."""
+    return {"packed_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32",
+            "table_ptr": "*fp32", "nested_code_ptr": "*fp32", "nested_absmax_ptr": "*fp32",
+            "row_bytes": "i32", "num_blocks": "i32", "blocksize_log2": "i32",
+            "nested_blocksize_log2": "i32", "nested_offset": "fp32"}
+
+
+# The shifts gain nothing from Triton's divisible-by-16 specialization: one binary for all.
+WEIGHT_DO_NOT_SPECIALIZE = ["blocksize_log2", "nested_blocksize_log2"]
+
+
+@triton.jit
+def output_tile(M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(rows, first column, columns) of this program's [BLOCK_M, BLOCK_N] output tile.
+    The M tiles of one column tile are neighbours in launch order, so the second decodes
+    a W tile the first just pulled into L2."""
+    pid = tl.program_id(0)
+    tiles_m = (M + BLOCK_M - 1) // BLOCK_M
+    rows = (pid % tiles_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    first_col = (pid // tiles_m) * BLOCK_N
+    return rows, first_col, first_col + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def reduction_range(length, per_split, SPLIT_K: tl.constexpr, STEP: tl.constexpr):
+    """[begin, end) of the reduction axis (of `length`, walked in steps of STEP) that this
+    program reduces: slice program_id(1) of `per_split` (a multiple of STEP) with SPLIT_K,
+    else all of it. The slice start is declared a multiple of STEP, or the compiler cannot
+    prove the loads aligned and drops cp.async and the 3-stage pipeline (sm_90 bf16
+    forward: 141 registers and 18 KB of shared memory instead of 74 and 38 KB)."""
+    if SPLIT_K:
+        begin = tl.multiple_of(tl.program_id(1) * per_split, STEP)
+        end = tl.minimum(begin + per_split, length)
+    else:
+        begin = 0
+        end = length
+    return begin, end
+
+
+# Split-K workspaces are fp32 [splits, M, width]: split s's partial sums of output row m,
+# column c at (s * M + m) * width + c. Written by the split programs, summed in split
+# order by split_k_reduce_kernel (gemv.py's docstring says why not atomics).
+
+@triton.jit
+def store_split_partial(partial_ptr, acc, rows_m, cols, M, width, mask):
+    """Write this program's fp32 partial sums acc [rows_m, cols] as split program_id(1).
+    The split's and the rows' offsets go into the pointer before the columns' (the GEMV's
+    sm_80 tensor-core variant held 10 registers more with one summed offset)."""
+    tl.store(partial_ptr + tl.program_id(1) * M * width + rows_m[:, None] * width + cols[None, :],
+             acc, mask=mask)
+
+
+@triton.jit
+def sum_split_partials(partial_ptr, rows_m, cols, M, width, num_splits, mask,
+                       BLOCK_M: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_COLS]: the splits' partial sums at [rows_m, cols], added in
+    split order (the same bits every run); 0 where masked."""
+    acc = tl.full([BLOCK_M, BLOCK_COLS], 0.0, tl.float32)
+    for split in range(num_splits):
+        acc += tl.load(partial_ptr + (split * M + rows_m[:, None]) * width + cols[None, :],
+                       mask=mask, other=0.0)
+    return acc
+
+
 @triton.jit
 def lora_chunk(lora, h, lora_ptr, cols_n, ranks, N, R, stride_n, stride_r):
     """lora + h @ L[cols_n, ranks]^T for one chunk of 16 ranks, element (n, r) of L at
@@ -162,9 +241,53 @@ def lora_chunk(lora, h, lora_ptr, cols_n, ranks, N, R, stride_n, stride_r):
 
 
 @triton.jit
-def lora_expand_chunk(lora, h, lora_B_ptr, cols_n, ranks, N, R):
-    """lora + h @ B[cols_n, ranks]^T, B [N, R] row-major (lora_chunk)."""
-    return lora_chunk(lora, h, lora_B_ptr, cols_n, ranks, N, R, R, 1)
+def lora_term(h_ptr, lora_ptr, rows_m, first_col, cols_n, M, N, R, partial_ptr,
+              partial_width, num_splits, H_FROM_PARTIALS: tl.constexpr,
+              L_IS_A_TRANSPOSED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """fp32 h @ L^T on this output tile, h [M, R] in the output's dtype, R walked in chunks
+    of 16 (lora_chunk). L is lora_B [N, R] (the forward's h @ B^T), or with
+    L_IS_A_TRANSPOSED lora_A^T, lora_A [R, N] (the backward's grad_h @ A). Either way one
+    of its strides is 1 at compile time: the tile loads vectorize (with both strides
+    runtime values, the GEMV's pass 2 compiled to twice the registers, 126 against 64).
+
+    h is loaded from h_ptr, or, with H_FROM_PARTIALS (the GEMV), summed from the split-K
+    partials' columns N .. N + R - 1 and rounded once to the output's dtype, as torch's
+    F.linear(x, A) returns it; the first column tile's programs then also store it at
+    h_ptr (the backward pass uses it for dB). The caller scales the sum once, as
+    torch.addmm(y, h, B^T, alpha=s) does, rather than each chunk."""
+    lora = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+    for r0 in range(0, R, LORA_CHUNK):
+        ranks = r0 + tl.arange(0, LORA_CHUNK)
+        # h_ptr + (row offset + rank): the row's pointer first, one per row, then broadcast
+        # over the ranks (summing the offsets first cost the fused kernel 9 registers).
+        h_ptrs = h_ptr + rows_m[:, None] * R + ranks[None, :]
+        h_mask = (rows_m < M)[:, None] & (ranks < R)[None, :]
+        if H_FROM_PARTIALS:
+            h = to_output_dtype(sum_split_partials(partial_ptr, rows_m, N + ranks, M,
+                                                   partial_width, num_splits, h_mask,
+                                                   BLOCK_M, LORA_CHUNK),
+                                h_ptr.dtype.element_ty)
+            if first_col == 0:
+                tl.store(h_ptrs, h, mask=h_mask)
+        else:
+            h = tl.load(h_ptrs, mask=h_mask, other=0.0)
+        if L_IS_A_TRANSPOSED:
+            lora = lora_chunk(lora, h, lora_ptr, cols_n, ranks, N, R, 1, N)
+        else:
+            lora = lora_chunk(lora, h, lora_ptr, cols_n, ranks, N, R, R, 1)
+    return lora
+
+
+@triton.jit
+def store_output_tile(acc, bias_ptr, out_ptr, rows_m, cols_n, M, N, HAS_BIAS: tl.constexpr):
+    """out[rows_m, cols_n] = acc (+ bias[cols_n] with HAS_BIAS), rounded once to out's
+    dtype; rows >= M and columns >= N are not written."""
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols_n, mask=cols_n < N, other=0.0)
+        acc = acc + to_float32(bias)[None, :]
+    tl.store(out_ptr + rows_m[:, None] * N + cols_n[None, :],
+             to_output_dtype(acc, out_ptr.dtype.element_ty),
+             mask=(rows_m < M)[:, None] & (cols_n < N)[None, :])
 
 
 # ----------------------------------------------------------------------------------------
@@ -182,18 +305,14 @@ NUM_STAGES = 3
 X_TYPES = ("fp32", "fp16", "bf16")
 
 
-# The shifts gain nothing from Triton's divisible-by-16 specialization, nor k_per_split
-# (unused without SPLIT_K; with it the slice start is declared a multiple of BLOCK_K
-# below): one binary for all.
-@triton.jit(do_not_specialize=["blocksize_log2", "nested_blocksize_log2", "k_per_split"])
+# k_per_split is unused without SPLIT_K, and with it the slice start is declared a
+# multiple of BLOCK_K (reduction_range): no specialization on it either.
+@triton.jit(do_not_specialize=WEIGHT_DO_NOT_SPECIALIZE + ["k_per_split"])
 def lora_matmul_kernel(
-    # pointers
     x_ptr,              # fp32/fp16/bf16 [M, K]
-    packed_ptr,         # uint8 [ceil(N * K / 2)]
-    absmax_ptr,         # fp32 [blocks], or uint8 codes [blocks] when NESTED
-    table_ptr,          # fp32 [16], the 4-bit code book
-    nested_code_ptr,    # fp32 [256] (NESTED only)
-    nested_absmax_ptr,  # fp32 [ceil(blocks / nested blocksize)] (NESTED only)
+    # the weight arguments of W [N, K] (weight_signature)
+    packed_ptr, absmax_ptr, table_ptr, nested_code_ptr, nested_absmax_ptr,
+    row_bytes, num_blocks, blocksize_log2, nested_blocksize_log2, nested_offset,
     h_ptr,              # x's dtype [M, R], h = x @ A^T (HAS_LORA only)
     lora_B_ptr,         # x's dtype [N, R] (HAS_LORA only)
     bias_ptr,           # x's dtype [N] (HAS_BIAS only)
@@ -201,11 +320,6 @@ def lora_matmul_kernel(
     partial_ptr,        # fp32 [splits, M, N] (SPLIT_K only)
     # sizes
     M, N, K, R,
-    row_bytes,              # K // 2, its own argument so Triton can see it divisible by 16
-    num_blocks,             # ceil(N * K / blocksize)
-    blocksize_log2,
-    nested_blocksize_log2,
-    nested_offset,          # fp32 (NESTED only)
     scaling,                # fp32 (HAS_LORA only)
     k_per_split,            # a multiple of BLOCK_K (SPLIT_K only)
     # meta-parameters
@@ -217,106 +331,65 @@ def lora_matmul_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # The M tiles of one N tile are neighbours in launch order, so the second decodes
-    # a W tile the first just pulled into L2.
-    pid = tl.program_id(0)
-    tiles_m = (M + BLOCK_M - 1) // BLOCK_M
-    pid_m = pid % tiles_m
-    pid_n = pid // tiles_m
-    rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    X_DTYPE: tl.constexpr = x_ptr.dtype.element_ty
-    if SPLIT_K:
-        # A multiple of BLOCK_K: said so, or the compiler cannot prove the x and W loads
-        # aligned, drops cp.async and the 3-stage pipeline (sm_90 bf16: 141 registers
-        # and 18 KB of shared memory instead of 74 and 38 KB).
-        k_begin = tl.multiple_of(tl.program_id(1) * k_per_split, BLOCK_K)
-        k_end = tl.minimum(k_begin + k_per_split, K)
-    else:
-        k_begin = 0
-        k_end = K
-
+    rows_m, first_col, cols_n = output_tile(M, BLOCK_M, BLOCK_N)
+    k_begin, k_end = reduction_range(K, k_per_split, SPLIT_K, BLOCK_K)
     acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows_m[:, None] * K + ks[None, :],
                     mask=(rows_m < M)[:, None] & (ks < K)[None, :], other=0.0)
         w = load_weight_tile(packed_ptr, absmax_ptr, table_ptr, nested_code_ptr,
-                             nested_absmax_ptr, nested_offset, pid_n * BLOCK_N, k0, N,
-                             row_bytes, num_blocks, blocksize_log2, nested_blocksize_log2,
+                             nested_absmax_ptr, row_bytes, num_blocks, blocksize_log2,
+                             nested_blocksize_log2, nested_offset, first_col, k0, N,
                              NESTED, BLOCK_N, BLOCK_K)
         # W rounded once to x's dtype, as the composite path's dequantize_4bit does.
-        acc = dot_accumulate(x, tl.trans(to_output_dtype(w, X_DTYPE)), acc)
+        acc = dot_accumulate(x, tl.trans(to_output_dtype(w, x_ptr.dtype.element_ty)), acc)
 
-    mask = (rows_m < M)[:, None] & (cols_n < N)[None, :]
     if SPLIT_K:
-        tl.store(partial_ptr + (tl.program_id(1) * M + rows_m[:, None]) * N + cols_n[None, :],
-                 acc, mask=mask)
+        store_split_partial(partial_ptr, acc, rows_m, cols_n, M, N,
+                            (rows_m < M)[:, None] & (cols_n < N)[None, :])
     else:
         if HAS_LORA:
-            # y + s * (h @ B^T): the chunks' sum is kept apart and scaled once, as
-            # torch.addmm(y, h, B^T, alpha=s) does.
-            lora = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
-            for r0 in range(0, R, LORA_CHUNK):
-                ranks = r0 + tl.arange(0, LORA_CHUNK)
-                h = tl.load(h_ptr + rows_m[:, None] * R + ranks[None, :],
-                            mask=(rows_m < M)[:, None] & (ranks < R)[None, :], other=0.0)
-                lora = lora_expand_chunk(lora, h, lora_B_ptr, cols_n, ranks, N, R)
-            acc = acc + scaling * lora
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + cols_n, mask=cols_n < N, other=0.0)
-            acc = acc + to_float32(bias)[None, :]
-        tl.store(y_ptr + rows_m[:, None] * N + cols_n[None, :], to_output_dtype(acc, X_DTYPE),
-                 mask=mask)
+            acc = acc + scaling * lora_term(h_ptr, lora_B_ptr, rows_m, first_col, cols_n, M, N,
+                                            R, partial_ptr, N, 1, H_FROM_PARTIALS=False,
+                                            L_IS_A_TRANSPOSED=False, BLOCK_M=BLOCK_M,
+                                            BLOCK_N=BLOCK_N)
+        store_output_tile(acc, bias_ptr, y_ptr, rows_m, cols_n, M, N, HAS_BIAS)
 
 
 @triton.jit
 def split_k_reduce_kernel(
     # pointers
-    partial_ptr,        # fp32 [splits, M, N]
-    h_ptr,              # out's dtype [M, R] (HAS_LORA only)
-    lora_ptr,           # out's dtype, L[n, r] at n * lora_stride_n + r * lora_stride_r (HAS_LORA)
+    partial_ptr,        # fp32 [splits, M, partial_width]
+    h_ptr,              # out's dtype [M, R] (HAS_LORA only): read, or written (H_FROM_PARTIALS)
+    lora_ptr,           # out's dtype, lora_B [N, R], or lora_A [R, N] (HAS_LORA only)
     bias_ptr,           # out's dtype [N] (HAS_BIAS only)
     out_ptr,            # fp32/fp16/bf16 [M, N]
     # sizes
     M, N, R,
     num_splits,
-    lora_stride_n,
-    lora_stride_r,
+    partial_width,      # N, or N + R with H_FROM_PARTIALS
     scaling,            # fp32 (HAS_LORA only)
     # meta-parameters
     HAS_LORA: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    H_FROM_PARTIALS: tl.constexpr,
+    L_IS_A_TRANSPOSED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """out = sum of the split-K partials (in split order) + scaling * h @ L^T + bias,
-    rounded once. Forward: out = y, L = lora_B [N, R] (strides R, 1). Backward: out = dx
-    [M, K], N = K, h = grad_h, L = lora_A^T (strides 1, K), scaling 1."""
-    pid = tl.program_id(0)
-    tiles_m = (M + BLOCK_M - 1) // BLOCK_M
-    rows_m = (pid % tiles_m) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols_n = (pid // tiles_m) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows_m < M
-    mask = row_ok[:, None] & (cols_n < N)[None, :]
-    acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
-    for split in range(num_splits):  # in order: the same bits every run
-        acc += tl.load(partial_ptr + (split * M + rows_m[:, None]) * N + cols_n[None, :],
-                       mask=mask, other=0.0)
+    rounded once (lora_term). Forward: out = y, L = lora_B. GEMV (gemv.py's pass 2): the
+    same, h summed from the partials (H_FROM_PARTIALS). Backward: out = dx [M, K], N = K,
+    h = grad_h, L = lora_A^T (L_IS_A_TRANSPOSED), scaling 1."""
+    rows_m, first_col, cols_n = output_tile(M, BLOCK_M, BLOCK_N)
+    acc = sum_split_partials(partial_ptr, rows_m, cols_n, M, partial_width, num_splits,
+                             (rows_m < M)[:, None] & (cols_n < N)[None, :], BLOCK_M, BLOCK_N)
     if HAS_LORA:
-        lora = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
-        for r0 in range(0, R, LORA_CHUNK):
-            ranks = r0 + tl.arange(0, LORA_CHUNK)
-            h = tl.load(h_ptr + rows_m[:, None] * R + ranks[None, :],
-                        mask=row_ok[:, None] & (ranks < R)[None, :], other=0.0)
-            lora = lora_chunk(lora, h, lora_ptr, cols_n, ranks, N, R, lora_stride_n,
-                              lora_stride_r)
-        acc = acc + scaling * lora
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols_n, mask=cols_n < N, other=0.0)
-        acc = acc + to_float32(bias)[None, :]
-    tl.store(out_ptr + rows_m[:, None] * N + cols_n[None, :],
-             to_output_dtype(acc, out_ptr.dtype.element_ty), mask=mask)
+        acc = acc + scaling * lora_term(h_ptr, lora_ptr, rows_m, first_col, cols_n, M, N, R,
+                                        partial_ptr, partial_width, num_splits,
+                                        H_FROM_PARTIALS, L_IS_A_TRANSPOSED, BLOCK_M, BLOCK_N)
+    store_output_tile(acc, bias_ptr, out_ptr, rows_m, cols_n, M, N, HAS_BIAS)
 
 
 def launch_config(x_type: str, nested: bool, has_lora: bool, has_bias: bool,
@@ -340,15 +413,23 @@ def grid(m: int, n: int, config: dict, splits: int = 1) -> tuple:
     return (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), splits)
 
 
-# The reduction: [16, 128] tiles of 4 warps, gemv.py's epilogue tile (the partials are
-# read 512 contiguous bytes per row; 16 rows is the smallest tl.dot M for the LoRA term).
+# The reduction: [16, 128] tiles of 4 warps (the partials are read 512 contiguous bytes per
+# row; 16 rows is the smallest tl.dot M for the LoRA term, and all of the GEMV's M <= 16).
 REDUCE_BLOCK_M = 16
 REDUCE_BLOCK_N = 128
 REDUCE_NUM_WARPS = 4
 
 
-def reduce_config(has_lora: bool, has_bias: bool) -> dict:
-    return dict(HAS_LORA=has_lora, HAS_BIAS=has_bias, BLOCK_M=REDUCE_BLOCK_M,
+# What the reduction's LoRA term is, per caller: none, h @ B^T with h given (the fused
+# forward), h @ B^T with h in the workspace (the GEMV), grad_h @ A (the backward, no bias).
+LORA_TERMS = ("none", "B", "B_h_from_partials", "A")
+
+
+def reduce_config(lora_term: str, has_bias: bool) -> dict:
+    """The reduction's constexprs and launch options; lora_term is one of LORA_TERMS."""
+    return dict(HAS_LORA=lora_term != "none", HAS_BIAS=has_bias,
+                H_FROM_PARTIALS=lora_term == "B_h_from_partials",
+                L_IS_A_TRANSPOSED=lora_term == "A", BLOCK_M=REDUCE_BLOCK_M,
                 BLOCK_N=REDUCE_BLOCK_N, num_warps=REDUCE_NUM_WARPS, enable_fp_fusion=False)
 
 
@@ -368,18 +449,12 @@ def compile_targets():
             variants = [(False, has_lora, has_bias) for has_lora in (False, True)
                         for has_bias in (False, True)] + [(True, False, False)]
             for split_k, has_lora, has_bias in variants:
-                signature = {"x_ptr": f"*{x_type}", "packed_ptr": "*u8",
-                             "absmax_ptr": "*u8" if nested else "*fp32",
-                             "table_ptr": "*fp32", "nested_code_ptr": "*fp32",
-                             "nested_absmax_ptr": "*fp32", "h_ptr": f"*{x_type}",
-                             "lora_B_ptr": f"*{x_type}", "bias_ptr": f"*{x_type}",
-                             "y_ptr": f"*{x_type}",
+                signature = {"x_ptr": f"*{x_type}", **weight_signature(nested),
+                             "h_ptr": f"*{x_type}", "lora_B_ptr": f"*{x_type}",
+                             "bias_ptr": f"*{x_type}", "y_ptr": f"*{x_type}",
                              "partial_ptr": "*fp32" if split_k else f"*{x_type}",
-                             "M": "i32", "N": "i32", "K": "i32",
-                             "R": "i32", "row_bytes": "i32", "num_blocks": "i32",
-                             "blocksize_log2": "i32", "nested_blocksize_log2": "i32",
-                             "nested_offset": "fp32", "scaling": "fp32",
-                             "k_per_split": "i32"}
+                             "M": "i32", "N": "i32", "K": "i32", "R": "i32",
+                             "scaling": "fp32", "k_per_split": "i32"}
                 label = (f"x={x_type} nested={nested} split_k" if split_k else
                          f"x={x_type} nested={nested} lora={has_lora} bias={has_bias}")
                 yield label, signature, launch_config(x_type, nested, has_lora, has_bias,
@@ -387,14 +462,14 @@ def compile_targets():
 
 
 def reduce_compile_targets():
-    """Every (signature, config) of the reduction: out dtype x LoRA x bias."""
+    """Every (signature, config) of the reduction: out dtype x LoRA term x bias (the
+    backward's grad_h @ A comes without bias)."""
     for out_type in X_TYPES:
-        for has_lora in (False, True):
-            for has_bias in (False, True):
+        for lora_term in LORA_TERMS:
+            for has_bias in (False, True) if lora_term != "A" else (False,):
                 signature = {"partial_ptr": "*fp32", "h_ptr": f"*{out_type}",
                              "lora_ptr": f"*{out_type}", "bias_ptr": f"*{out_type}",
                              "out_ptr": f"*{out_type}", "M": "i32", "N": "i32", "R": "i32",
-                             "num_splits": "i32", "lora_stride_n": "i32",
-                             "lora_stride_r": "i32", "scaling": "fp32"}
-                yield (f"out={out_type} lora={has_lora} bias={has_bias}", signature,
-                       reduce_config(has_lora, has_bias))
+                             "num_splits": "i32", "partial_width": "i32", "scaling": "fp32"}
+                yield (f"out={out_type} lora={lora_term} bias={has_bias}", signature,
+                       reduce_config(lora_term, has_bias))

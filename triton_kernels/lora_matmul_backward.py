@@ -33,34 +33,27 @@ import triton
 import triton.language as tl
 
 from .codec import to_output_dtype
-from .lora_matmul import LORA_CHUNK, NUM_STAGES, TILES, dot_accumulate, load_weight_tile
+from .lora_matmul import (LORA_CHUNK, NUM_STAGES, TILES, WEIGHT_DO_NOT_SPECIALIZE,
+                          dot_accumulate, load_weight_tile, output_tile, reduction_range,
+                          store_split_partial, weight_signature)
 
 X_TYPES = ("fp32", "fp16", "bf16")
 
 
-# The shifts gain nothing from Triton's divisible-by-16 specialization, nor n_per_split
-# (unused without SPLIT_K; with it the slice start is declared a multiple of BLOCK_N
-# below): one binary for all.
-@triton.jit(do_not_specialize=["blocksize_log2", "nested_blocksize_log2", "n_per_split"])
+# n_per_split is unused without SPLIT_K, and with it the slice start is declared a
+# multiple of BLOCK_N (lora_matmul.reduction_range): no specialization on it either.
+@triton.jit(do_not_specialize=WEIGHT_DO_NOT_SPECIALIZE + ["n_per_split"])
 def lora_matmul_grad_input_kernel(
-    # pointers
     grad_ptr,           # fp32/fp16/bf16 [M, N], dy
-    packed_ptr,         # uint8 [ceil(N * K / 2)]
-    absmax_ptr,         # fp32 [blocks], or uint8 codes [blocks] when NESTED
-    table_ptr,          # fp32 [16], the 4-bit code book
-    nested_code_ptr,    # fp32 [256] (NESTED only)
-    nested_absmax_ptr,  # fp32 [ceil(blocks / nested blocksize)] (NESTED only)
+    # the weight arguments of W [N, K] (lora_matmul.weight_signature)
+    packed_ptr, absmax_ptr, table_ptr, nested_code_ptr, nested_absmax_ptr,
+    row_bytes, num_blocks, blocksize_log2, nested_blocksize_log2, nested_offset,
     lora_A_ptr,         # dy's dtype [R, K] (HAS_LORA only)
     grad_h_ptr,         # dy's dtype [M, R] (HAS_LORA only)
     dx_ptr,             # dy's dtype [M, K] (not SPLIT_K)
     partial_ptr,        # fp32 [splits, M, K] (SPLIT_K only)
     # sizes
     M, N, K, R,
-    row_bytes,              # K // 2, its own argument so Triton can see it divisible by 16
-    num_blocks,             # ceil(N * K / blocksize)
-    blocksize_log2,
-    nested_blocksize_log2,
-    nested_offset,          # fp32 (NESTED only)
     n_per_split,            # a multiple of BLOCK_N (SPLIT_K only)
     # meta-parameters
     NESTED: tl.constexpr,
@@ -70,23 +63,10 @@ def lora_matmul_grad_input_kernel(
     BLOCK_N: tl.constexpr,   # the reduction step, over rows of W
     BLOCK_K: tl.constexpr,   # dx columns per program
 ):
-    # The M tiles of one column tile are neighbours in launch order (W tiles from L2).
-    pid = tl.program_id(0)
-    tiles_m = (M + BLOCK_M - 1) // BLOCK_M
-    pid_m = pid % tiles_m
-    pid_k = pid // tiles_m
-    rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rows_m, first_col, cols_k = output_tile(M, BLOCK_M, BLOCK_K)
     row_ok = rows_m < M
     DY_DTYPE: tl.constexpr = grad_ptr.dtype.element_ty
-    if SPLIT_K:
-        # A multiple of BLOCK_N, said so for the pipeline (lora_matmul.py's kernel says why).
-        n_begin = tl.multiple_of(tl.program_id(1) * n_per_split, BLOCK_N)
-        n_end = tl.minimum(n_begin + n_per_split, N)
-    else:
-        n_begin = 0
-        n_end = N
-
+    n_begin, n_end = reduction_range(N, n_per_split, SPLIT_K, BLOCK_N)
     acc = tl.full([BLOCK_M, BLOCK_K], 0.0, tl.float32)
     for n0 in range(n_begin, n_end, BLOCK_N):
         ns = n0 + tl.arange(0, BLOCK_N)
@@ -94,18 +74,19 @@ def lora_matmul_grad_input_kernel(
         dy = tl.load(grad_ptr + rows_m[:, None] * N + ns[None, :],
                      mask=row_ok[:, None] & (ns < N)[None, :], other=0.0)
         w = load_weight_tile(packed_ptr, absmax_ptr, table_ptr, nested_code_ptr,
-                             nested_absmax_ptr, nested_offset, n0, pid_k * BLOCK_K, N,
-                             row_bytes, num_blocks, blocksize_log2, nested_blocksize_log2,
+                             nested_absmax_ptr, row_bytes, num_blocks, blocksize_log2,
+                             nested_blocksize_log2, nested_offset, n0, first_col, N,
                              NESTED, BLOCK_N, BLOCK_K)
         # W rounded once to dy's dtype, as the composite path's dequantize_4bit does.
         acc = dot_accumulate(dy, to_output_dtype(w, DY_DTYPE), acc)
 
     mask = row_ok[:, None] & (cols_k < K)[None, :]
     if SPLIT_K:
-        tl.store(partial_ptr + (tl.program_id(1) * M + rows_m[:, None]) * K + cols_k[None, :],
-                 acc, mask=mask)
+        store_split_partial(partial_ptr, acc, rows_m, cols_k, M, K, mask)
     else:
         if HAS_LORA:
+            # grad_h @ A into the same accumulator, chunk by chunk (not lora_matmul's
+            # lora_term, which keeps the forward's h @ B^T apart to scale it once).
             for r0 in range(0, R, LORA_CHUNK):
                 ranks = r0 + tl.arange(0, LORA_CHUNK)
                 grad_h = tl.load(grad_h_ptr + rows_m[:, None] * R + ranks[None, :],
@@ -138,16 +119,12 @@ def compile_targets():
     for x_type in X_TYPES:
         for nested in (False, True):
             for split_k, has_lora in ((False, False), (False, True), (True, False)):
-                signature = {"grad_ptr": f"*{x_type}", "packed_ptr": "*u8",
-                             "absmax_ptr": "*u8" if nested else "*fp32",
-                             "table_ptr": "*fp32", "nested_code_ptr": "*fp32",
-                             "nested_absmax_ptr": "*fp32", "lora_A_ptr": f"*{x_type}",
-                             "grad_h_ptr": f"*{x_type}", "dx_ptr": f"*{x_type}",
+                signature = {"grad_ptr": f"*{x_type}", **weight_signature(nested),
+                             "lora_A_ptr": f"*{x_type}", "grad_h_ptr": f"*{x_type}",
+                             "dx_ptr": f"*{x_type}",
                              "partial_ptr": "*fp32" if split_k else f"*{x_type}",
                              "M": "i32", "N": "i32", "K": "i32", "R": "i32",
-                             "row_bytes": "i32", "num_blocks": "i32",
-                             "blocksize_log2": "i32", "nested_blocksize_log2": "i32",
-                             "nested_offset": "fp32", "n_per_split": "i32"}
+                             "n_per_split": "i32"}
                 label = (f"dy={x_type} nested={nested} split_k" if split_k else
                          f"dy={x_type} nested={nested} lora={has_lora}")
                 yield label, signature, launch_config(x_type, nested, has_lora, split_k)

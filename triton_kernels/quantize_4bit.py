@@ -10,8 +10,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .codec import (QUANT_TYPE_IDS, absmax_and_scale, encode_4bit, load_block_pairs,
-                    pack_nibbles)
+from .codec import (ENCODINGS, NUM_THRESHOLDS, absmax_and_scale, encode_4bit,
+                    load_block_pairs, pack_nibbles)
 
 # Elements per program. 4096 is the largest blocksize, so every blocksize fits whole
 # blocks; a 4096x4096 weight then has 4096 programs, about 38 per SM on a 108-SM A100,
@@ -23,17 +23,21 @@ NUM_WARPS = 8
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
-@triton.jit
+# fp4_magnitude_codes is a table, not a size: its divisibility by 16 means nothing.
+@triton.jit(do_not_specialize=["fp4_magnitude_codes"])
 def quantize_4bit_kernel(
     # pointers
     x_ptr,            # fp32/fp16/bf16 [n], flat
     packed_ptr,       # uint8 [ceil(n / 2)]
     absmax_ptr,       # fp32 [ceil(n / BLOCKSIZE)]
+    # the format (codec.ENCODINGS)
+    thresholds,           # tuple of float32, ascending: NUM_THRESHOLDS[encoding] of them
+    fp4_magnitude_codes,  # int32, codec.pack_fp4_magnitude_codes (ENCODING fp4 only)
     # sizes
     n,
     num_bytes,        # ceil(n / 2), its own argument so Triton can see it divisible by 16
     # meta-parameters
-    QUANT_TYPE: tl.constexpr,
+    ENCODING: tl.constexpr,
     BLOCKSIZE: tl.constexpr,
     BLOCKS_PER_PROGRAM: tl.constexpr,
 ):
@@ -44,7 +48,7 @@ def quantize_4bit_kernel(
 
     # Padding past n was loaded as 0.0 and is encoded with its block's scale, so for
     # odd n the last byte's low nibble is the reference's padding code.
-    packed = pack_nibbles(encode_4bit(scaled, QUANT_TYPE))
+    packed = pack_nibbles(encode_4bit(scaled, thresholds, fp4_magnitude_codes, ENCODING))
     first_byte = first_block * (BLOCKSIZE // 2)
     byte_offsets = (tl.arange(0, BLOCKS_PER_PROGRAM)[:, None] * (BLOCKSIZE // 2)
                     + tl.arange(0, BLOCKSIZE // 2)[None, :])
@@ -57,9 +61,10 @@ def quantize_4bit_kernel(
              mask=block_offsets < num_blocks - first_block)
 
 
-def launch_config(blocksize: int, quant_type: str) -> dict:
-    """The constexprs and launch options the launcher uses for one call."""
-    return dict(QUANT_TYPE=QUANT_TYPE_IDS[quant_type], BLOCKSIZE=blocksize,
+def launch_config(blocksize: int, encoding: str) -> dict:
+    """The constexprs and launch options the launcher uses for one call; encoding is a
+    key of codec.ENCODINGS."""
+    return dict(ENCODING=ENCODINGS[encoding], BLOCKSIZE=blocksize,
                 BLOCKS_PER_PROGRAM=max(1, ELEMENTS_PER_PROGRAM // blocksize),
                 num_warps=NUM_WARPS)
 
@@ -70,10 +75,11 @@ def grid(n: int, config: dict) -> tuple:
 
 def compile_targets():
     """Every (signature, config) the launcher can choose, for the compile report."""
-    for quant_type in QUANT_TYPE_IDS:
+    for encoding in ENCODINGS:
         for x_type in ("fp32", "fp16", "bf16"):
             for blocksize in BLOCKSIZES:
-                signature = {"x_ptr": f"*{x_type}", "packed_ptr": "*u8",
-                             "absmax_ptr": "*fp32", "n": "i32", "num_bytes": "i32"}
-                label = f"{quant_type} x={x_type} bs={blocksize}"
-                yield label, signature, launch_config(blocksize, quant_type)
+                signature = {"x_ptr": f"*{x_type}", "packed_ptr": "*u8", "absmax_ptr": "*fp32",
+                             "thresholds": ("fp32",) * NUM_THRESHOLDS[encoding],
+                             "fp4_magnitude_codes": "i32", "n": "i32", "num_bytes": "i32"}
+                label = f"{encoding} x={x_type} bs={blocksize}"
+                yield label, signature, launch_config(blocksize, encoding)

@@ -16,8 +16,8 @@ import os
 
 import torch
 
-from ..codebook import get_4bit_type
-from ..reference import num_blocks
+from ..codebook import FP4_ABS_THRESHOLDS, FP4_CODE_BY_RANK, get_4bit_type
+from ..reference import nf4_thresholds, num_blocks
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE_TYPES = ("cuda", "cpu") if INTERPRETING else ("cuda",)
@@ -73,6 +73,19 @@ def _table(quant_type: str, device: torch.device) -> torch.Tensor:
     return get_4bit_type(quant_type, device=device)
 
 
+@functools.lru_cache(maxsize=None)
+def _encoder(quant_type: str) -> tuple[str, tuple, int]:
+    """The quantize kernel's (encoding, thresholds, fp4_magnitude_codes) for quant_type
+    (triton_kernels/codec.py ENCODINGS): the spec's constants (reference.encode_nf4 /
+    encode_fp4), as the float32 values the reference compares against."""
+    if quant_type == "fp4":
+        thresholds = torch.tensor(FP4_ABS_THRESHOLDS, dtype=torch.float32).tolist()
+        return "fp4", tuple(thresholds), _kernels.codec.pack_fp4_magnitude_codes(FP4_CODE_BY_RANK)
+    if quant_type == "nf4":
+        return "midpoints", tuple(nf4_thresholds().tolist()), 0
+    raise ValueError(f"the triton backend quantizes to nf4 or fp4, got quant_type {quant_type!r}")
+
+
 def _log2_of_power_of_two(value: int, name: str) -> int:
     if value < 2 or value & (value - 1):
         raise ValueError(f"{name} must be a power of 2 (the kernels shift by its log2), "
@@ -109,10 +122,11 @@ def quantize_4bit(A, blocksize, quant_type):
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(num_blocks(n, blocksize), dtype=torch.float32, device=x.device)
     if n:
-        config = kernels.launch_config(blocksize, quant_type)
+        encoding, thresholds, fp4_magnitude_codes = _encoder(quant_type)
+        config = kernels.launch_config(blocksize, encoding)
         with _on(x.device):
             kernels.quantize_4bit_kernel[kernels.grid(n, config)](
-                x, packed, absmax, n, packed.numel(), **config)
+                x, packed, absmax, thresholds, fp4_magnitude_codes, n, packed.numel(), **config)
     return packed, absmax
 
 
@@ -291,8 +305,9 @@ def _weight_args(weight, device: torch.device) -> tuple:
 
 
 def _matmul_weight_args(weight, device: torch.device) -> tuple:
-    """The matmul kernels' weight arguments: `_weight_args` with the row bytes and block
-    count after nested_absmax."""
+    """The matmul kernels' ten weight arguments (triton_kernels/lora_matmul.py
+    weight_signature): `_weight_args` with the row bytes and block count after the
+    pointers."""
     (packed, absmax, table, nested_code, nested_absmax, blocksize_log2, nested_log2,
      nested_offset) = _weight_args(weight, device)
     n, k = weight.out_features, weight.in_features
@@ -314,6 +329,12 @@ def _check_path(path: str, m: int, k: int) -> None:
         raise ValueError(f"the {path} kernel needs an even in_features, got {k}")
     if path == PATH_GEMV and m > GEMV_MAX_M:
         raise ValueError(f"the gemv kernel takes M <= {GEMV_MAX_M} rows, got {m}")
+
+
+def _or_stand_in(t, stand_in: torch.Tensor) -> torch.Tensor:
+    """t, or stand_in where a kernel never reads t (None, or empty): a pointer argument
+    still needs a tensor."""
+    return stand_in if t is None or t.numel() == 0 else t
 
 
 def _fused_split(tiles: int, length: int, block: int, splits, device) -> tuple[int, int]:
@@ -342,10 +363,10 @@ def lora_matmul_4bit(x, weight, lora_A, lora_B, scaling, bias, *, path=None, spl
     bias = None if bias is None else bias.contiguous()   # the ops check its shape, not strides
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     h = torch.empty((m, r), dtype=x.dtype, device=x.device)
-    (packed, absmax, table, nested_code, nested_absmax, row_bytes, blocks, blocksize_log2,
-     nested_log2, nested_offset) = _matmul_weight_args(weight, x.device)
+    weight_args = _matmul_weight_args(weight, x.device)
     x_type = _TYPE_NAMES[x.dtype]
     nested = weight.nested is not None
+    given = functools.partial(_or_stand_in, stand_in=x)
     with _on(x.device):
         if path == PATH_GEMV:
             gemv = _kernels.gemv
@@ -358,13 +379,14 @@ def lora_matmul_4bit(x, weight, lora_A, lora_B, scaling, bias, *, path=None, spl
                 splits, k_per_split = gemv.split_k(k, splits, config["BLOCK_K"])
             partial = torch.empty((splits, m, n + r), dtype=torch.float32, device=x.device)
             gemv.gemv_split_k_kernel[gemv.grid(n, r, splits, config)](
-                x, packed, absmax, table, nested_code, nested_absmax,
-                x if lora_A is None else lora_A, partial, m, n, k, r, row_bytes, blocks,
-                blocksize_log2, nested_log2, nested_offset, k_per_split, **config)
-            config = gemv.epilogue_config(lora_A is not None, bias is not None)
-            gemv.gemv_epilogue_kernel[gemv.epilogue_grid(n, config)](
-                partial, y if lora_B is None else lora_B, y if bias is None else bias, y,
-                y if lora_A is None else h, m, n, r, splits, float(scaling), **config)
+                x, *weight_args, given(lora_A), partial, m, n, k, r, k_per_split, **config)
+            # Pass 2: the split-K reduction, which also sums h from the workspace's last r
+            # columns into h.
+            config = kernels.reduce_config("none" if lora_A is None else "B_h_from_partials",
+                                           bias is not None)
+            kernels.split_k_reduce_kernel[kernels.reduce_grid(m, n, config)](
+                partial, given(h), given(lora_B), given(bias), y, m, n, r, splits, n + r,
+                float(scaling), **config)
             return y, h
         # h by a separate small matmul, the kernel (or the split-K reduction) adds
         # h @ B^T in its epilogue (why: triton_kernels/lora_matmul.py's docstring).
@@ -378,16 +400,13 @@ def lora_matmul_4bit(x, weight, lora_A, lora_B, scaling, bias, *, path=None, spl
             config = kernels.launch_config(x_type, nested, False, False, split_k=True)
             partial = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
         kernels.lora_matmul_kernel[kernels.grid(m, n, config, splits)](
-            x, packed, absmax, table, nested_code, nested_absmax,
-            x if lora_A is None else h, x if lora_B is None else lora_B,
-            x if bias is None else bias, y, partial, m, n, k, r, row_bytes, blocks,
-            blocksize_log2, nested_log2, nested_offset, float(scaling), k_per_split, **config)
+            x, *weight_args, given(h), given(lora_B), given(bias), y, partial, m, n, k, r,
+            float(scaling), k_per_split, **config)
         if splits > 1:
-            config = kernels.reduce_config(lora_A is not None, bias is not None)
+            config = kernels.reduce_config("none" if lora_A is None else "B", bias is not None)
             kernels.split_k_reduce_kernel[kernels.reduce_grid(m, n, config)](
-                partial, x if lora_A is None else h, x if lora_B is None else lora_B,
-                x if bias is None else bias, y, m, n, r, splits, r, 1, float(scaling),
-                **config)
+                partial, given(h), given(lora_B), given(bias), y, m, n, r, splits, n,
+                float(scaling), **config)
     return y, h
 
 
@@ -408,8 +427,7 @@ def lora_matmul_4bit_grad_input(grad, weight, lora_A, grad_h, *, path=None, spli
     backward = _kernels.lora_matmul_backward
     r = 0 if lora_A is None else lora_A.shape[0]
     dx = torch.empty((m, k), dtype=grad.dtype, device=grad.device)
-    (packed, absmax, table, nested_code, nested_absmax, row_bytes, blocks, blocksize_log2,
-     nested_log2, nested_offset) = _matmul_weight_args(weight, grad.device)
+    weight_args = _matmul_weight_args(weight, grad.device)
     x_type = _TYPE_NAMES[grad.dtype]
     nested = weight.nested is not None
     config = backward.launch_config(x_type, nested, lora_A is not None)
@@ -419,17 +437,15 @@ def lora_matmul_4bit_grad_input(grad, weight, lora_A, grad_h, *, path=None, spli
     if splits > 1:
         config = backward.launch_config(x_type, nested, False, split_k=True)
         partial = torch.empty((splits, m, k), dtype=torch.float32, device=grad.device)
+    given = functools.partial(_or_stand_in, stand_in=grad)
     with _on(grad.device):
         backward.lora_matmul_grad_input_kernel[backward.grid(m, k, config, splits)](
-            grad, packed, absmax, table, nested_code, nested_absmax,
-            grad if lora_A is None else lora_A, grad if grad_h is None else grad_h, dx,
-            partial, m, n, k, r, row_bytes, blocks, blocksize_log2, nested_log2,
-            nested_offset, n_per_split, **config)
+            grad, *weight_args, given(lora_A), given(grad_h), dx, partial, m, n, k, r,
+            n_per_split, **config)
         if splits > 1:
-            # dx = sum of the slices + grad_h @ A: A [R, K] read as L = A^T (strides 1, K).
-            config = kernels.reduce_config(lora_A is not None, False)
+            # dx = sum of the slices + grad_h @ A, as the reduction's h @ L^T with L = A^T.
+            config = kernels.reduce_config("none" if lora_A is None else "A", False)
             kernels.split_k_reduce_kernel[kernels.reduce_grid(m, k, config)](
-                partial, grad if grad_h is None else grad_h,
-                grad if lora_A is None else lora_A, grad, dx, m, k, r, splits, 1, k, 1.0,
+                partial, given(grad_h), given(lora_A), grad, dx, m, k, r, splits, k, 1.0,
                 **config)
     return dx
