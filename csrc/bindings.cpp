@@ -64,6 +64,12 @@ PYBIND11_MODULE(_C, m) {
         "The SIMD path the next call will use: scalar, avx2, avx512 or avx512bf16 "
         "(NF4LORA_CPU_ISA picks another supported one).");
   m.def("supported_isas", &cpu::supported_isas, "The paths this CPU can run, best last.");
+  m.def(
+      "gemv_decoder",
+      [](int64_t M, py::handle dtype) { return cpu::gemv_decoder(M, b::dtype_id(dtype)); },
+      py::arg("M"), py::arg("dtype"),
+      "The fused GEMV's decoder for M rows of x of a torch dtype: integer, bf16 or float "
+      "(NF4LORA_CPU_GEMV=auto|integer|float overrides the measured default).");
   m.def("num_threads", &cpu::num_threads, "OpenMP threads the kernels use.");
   m.def("set_num_threads", &cpu::set_num_threads, py::arg("k"),
         "Fix the kernels' thread count (0: follow omp_get_max_threads()).");

@@ -30,8 +30,20 @@ def _info(_args) -> int:
         reason = backends.availability(name)
         print(f"  backend {name:<9} {'available' if reason is None else 'unavailable: ' + reason}")
     if backends.availability("cpu") is None:
+        import torch
+
         from nf4lora import _C
-        print(f"  cpu kernel path: {_C.isa()}")
+        from nf4lora.backends import cpu
+        print(f"  cpu kernel path: {_C.isa()} (best of {', '.join(_C.supported_isas())}; "
+              "NF4LORA_CPU_ISA picks another)")
+        rows = (1, 2, 4, 8, cpu.FUSED_MAX_M)
+        print(f"  cpu fused GEMV decoder by rows of x (M <= {cpu.FUSED_MAX_M}; larger M: dequantize + GEMM),")
+        print("    the fastest measured (csrc/cpu/dispatch.cpp; NF4LORA_CPU_GEMV picks one; blocksizes")
+        print("    not a multiple of 64, or an Inf / NaN in x, take float):")
+        print("      M          " + "".join(f"{m:>9}" for m in rows))
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            name = str(dtype).replace("torch.", "")
+            print(f"      {name:<11}" + "".join(f"{_C.gemv_decoder(m, dtype):>9}" for m in rows))
     return 0
 
 

@@ -36,6 +36,14 @@ def isa(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["integer", "float"])
+def sums(request, monkeypatch):
+    """The fused kernel's two decoder families (NF4LORA_CPU_GEMV): int16 levels with exact
+    int32 sums per group of 64 (16-bit x on avx2/avx512/avx512bf16), and float weights."""
+    monkeypatch.setenv("NF4LORA_CPU_GEMV", request.param)
+    return request.param
+
+
 def quantized(out_f, in_f, *, quant_type="nf4", nested=True, blocksize=64, seed=0):
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(out_f, in_f, generator=gen)
@@ -88,14 +96,14 @@ def check_forward(M, in_f, out_f, r, dtype, *, bias=True, scaling=2.0, **quant):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M", [1, 3, 8, 9, 16, 32])
-def test_fused_matches_float64(isa, dtype, M):
+def test_fused_matches_float64(isa, sums, dtype, M):
     check_forward(M, 256, 40, 16, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,in_f,blocksize", [(8, 1088, 64), (16, 2112, 32), (9, 1024, 1024),
                                               (17, 4160, 64)])
-def test_fused_k_slices(isa, dtype, M, in_f, blocksize):
+def test_fused_k_slices(isa, sums, dtype, M, in_f, blocksize):
     # 8-row tiles walk W in slices holding 16 KiB of x: 512 float32 columns (1024 for
     # bf16 pairs). These rows take 2-9 slices, the last one short, or one block larger
     # than a slice, and the 9th and 17th rows of x take the unsliced 1-row tile; 37 rows
@@ -106,11 +114,77 @@ def test_fused_k_slices(isa, dtype, M, in_f, blocksize):
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("nested", [True, False])
 @pytest.mark.parametrize("blocksize", [32, 64, 128, 256])
-def test_fused_quant_formats(isa, quant_type, nested, blocksize):
+def test_fused_quant_formats(isa, sums, quant_type, nested, blocksize):
     # 768 / blocksize = 24, 12, 6, 3 blocks per row: the nested blocks of 256 blocks
     # start mid-row (the kernel carries the nested index across rows)
     check_forward(2, 768, 23, 5, torch.bfloat16, quant_type=quant_type, nested=nested,
                   blocksize=blocksize)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("in_f", [1088, 4096])
+def test_integer_sums_are_more_exact_than_the_16bit_baseline(isa, monkeypatch, dtype, in_f):
+    # The integer decoder's own error (levels and x each within 0.5 / 16383 of a group's
+    # max |x|) must stay below rounding W to the activation dtype, which the same-dtype
+    # baseline does. Mean |error| over 1024 outputs, with the output's own rounding (the
+    # float64 result rounded to dtype) as the floor: ours may add at most half of what the
+    # baseline adds to it. Measured (bf16 / fp16, K = 4096): floor 0.0746 / 0.0090, ours
+    # 0.0748 / 0.0098, baseline 0.117 / 0.0143. 8-bit x would add ~4x the baseline's.
+    if isa == "scalar":
+        pytest.skip("the scalar path has no integer decoder")
+    monkeypatch.setenv("NF4LORA_CPU_GEMV", "integer")
+    packed, state, W = quantized(512, in_f)
+    x, _, _, _ = operands(2, in_f, 512, 0, dtype, bias=False)
+    y, _ = run_op(x, packed, state, None, None, 1.0, None)
+    exact = x.double() @ W.t()
+    floor = (exact.to(dtype).double() - exact).abs().mean().item()
+    ours = (y.double() - exact).abs().mean().item()
+    baseline = (F.linear(x, W.to(dtype)).double() - exact).abs().mean().item()
+    assert baseline > 1.2 * floor  # the baseline's weight rounding is visible at all
+    assert ours <= floor + 0.5 * (baseline - floor), (ours, floor, baseline)
+
+
+@pytest.mark.parametrize("special", [float("inf"), float("-inf"), float("nan")])
+def test_nonfinite_x_gives_what_float_math_gives(isa, sums, special):
+    # An Inf or NaN has no int16 level: with one in x the call takes the float decoder, so
+    # a row with Inf is +-Inf or NaN exactly where dequantize + float math has them.
+    packed, state, W = quantized(24, 128)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    x[1, 70] = special
+    y, _ = run_op(x, packed, state, None, None, 1.0, None)
+    expected = x.float() @ W.float().t()
+    assert torch.equal(y.float().isnan(), expected.isnan())
+    assert torch.equal(y.float().isinf(), expected.isinf())
+    assert torch.equal(y.float()[expected.isinf()], expected[expected.isinf()])
+    assert y[[0, 2]].isfinite().all()
+
+
+def test_gemv_decoder_choice(isa, monkeypatch, capsys):
+    # the measured defaults (csrc/cpu/dispatch.cpp): integer sums for 16-bit x, but bf16 x
+    # on avx512bf16 beyond 2 rows (vdpbf16ps was faster there); float32 x always float
+    C = cpu_backend._C
+    integer = isa != "scalar"
+    assert C.gemv_decoder(1, torch.float32) == "float"
+    assert C.gemv_decoder(8, torch.float16) == ("integer" if integer else "float")
+    assert C.gemv_decoder(2, torch.bfloat16) == ("integer" if integer else "float")
+    assert C.gemv_decoder(3, torch.bfloat16) == {"avx512bf16": "bf16", "scalar": "float"}.get(isa, "integer")
+    monkeypatch.setenv("NF4LORA_CPU_GEMV", "float")
+    assert C.gemv_decoder(1, torch.bfloat16) == ("bf16" if isa == "avx512bf16" else "float")
+    monkeypatch.setenv("NF4LORA_CPU_GEMV", "integer")
+    assert C.gemv_decoder(32, torch.bfloat16) == ("integer" if integer else "float")
+    assert C.gemv_decoder(32, torch.float32) == "float"
+    from nf4lora import cli
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"cpu kernel path: {isa}" in out
+    assert f"bfloat16     {C.gemv_decoder(1, torch.bfloat16):>7}" in out
+
+
+def test_gemv_decoder_override_is_checked(monkeypatch):
+    packed, state, _ = quantized(8, 128)
+    monkeypatch.setenv("NF4LORA_CPU_GEMV", "int8")
+    with pytest.raises(RuntimeError, match="NF4LORA_CPU_GEMV=int8: expected one of auto, integer, float"):
+        run_op(torch.randn(1, 128, dtype=torch.bfloat16), packed, state, None, None, 1.0, None)
 
 
 @pytest.mark.parametrize("r,bias", [(0, True), (0, False), (1, True), (7, False), (24, True)])

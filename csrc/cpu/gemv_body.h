@@ -26,6 +26,20 @@
 // FMA; AVX512-BF16's bf16 decoder (isa_avx512.cpp) makes bf16 weights and uses
 // vdpbf16ps. Its blocksize must be a multiple of its kGroup, or GemvDecoder runs.
 //
+// Integer decoders (kIntegerSums; 16-bit activations on AVX2 and AVX-512) multiply
+// 16-bit integers: the table values as int16 levels (isa.h int16_levels) and x per group
+// of 64 as int16 with one float scale (gemv_prepare_rows). A group's products are summed
+// exactly in int32 lanes (Sum; madd is vpmaddwd + add, or AVX512-VNNI vpdpwssd), then
+// folded once into the float32 accumulators with the block constant times x's scale:
+// the per-block scale costs one multiply per 64 weights, not one per weight, and the
+// table is the same for every block. Error: each weight's level within 0.5 / 16383 and
+// each x within 0.5 / 16383 of its group's max |x| (3e-5), against bf16's 2^-9 = 2e-3
+// per element: more exact than the dense bf16 baseline (tests/test_cpu_matmul.py). They
+// run when the dispatcher says so (GemvWork::integer_sums: 16-bit activations, every
+// element of x finite, and the rows of x few enough for them to win) and the ISA has one
+// (kHasIntegerDecoder, GemvIntegerDecoder). float32 activations keep the float decoder:
+// 3e-5 would be far above float32's own error.
+//
 // Why this shape: at M = 1 the op reads 0.52 bytes of W per 2 FLOPs, so it is bound by
 // memory bandwidth, and W must be decoded in registers, never written out. Each
 // weight is table[code] * absmax, exactly what dequantize_4bit to float32 computes (to
@@ -48,6 +62,10 @@ constexpr int kMaxTile = 8;
 // The decoder for activations of type T and this call's blocksize; fn(Decoder()).
 template <class T, class Fn>
 void with_decoder(const GemvWork& a, Fn fn) {
+  if constexpr (kHasIntegerDecoder && !std::is_same_v<T, float>) {
+    if (a.integer_sums && a.weight.blocksize % GemvIntegerDecoder::kGroup == 0)
+      return fn(GemvIntegerDecoder(a.weight.quant_type));
+  }
   using Special = typename GemvDecoderFor<T>::type;
   if (a.weight.blocksize % Special::kGroup == 0) fn(Special(a.weight.quant_type));
   else fn(GemvDecoder(a.weight.quant_type));
@@ -66,9 +84,28 @@ void gemv_prepare_rows(const GemvWork& a, int64_t m) {
   const int64_t m0 = m - m % kMaxTile;
   const int64_t tile = a.M - m0 < kMaxTile ? a.M - m0 : kMaxTile;
   X* paired = reinterpret_cast<X*>(a.x_paired) + m0 * a.K + (m - m0) * kGroup;
-  for (int64_t g = 0; g < a.K; g += kGroup)
-    for (int j = 0; j < kGroup; ++j)
-      paired[g * tile + j] = Decoder::to_x(x[g + Decoder::source(j)]);
+  if constexpr (Decoder::kIntegerSums) {
+    static_assert(kGroup == kGemvXGroup, "one activation scale per group");
+    float* scales = a.x_scales + m * (a.K / kGroup);
+    for (int64_t g = 0; g < a.K; g += kGroup) {
+      float max_abs = 0.0f;  // finite: the dispatcher checked
+      for (int j = 0; j < kGroup; ++j) max_abs = fmaxf(max_abs, fabsf(to_float(x[g + j])));
+      const float to_level = max_abs > 0.0f ? kGemvLevelScale / max_abs : 0.0f;
+      // x's level times this times a weight's level is their product: both level scales
+      // come out here (once per 64 elements, so the fold is one multiply per block)
+      scales[g / kGroup] = static_cast<float>(
+          double(max_abs) / (double(kGemvLevelScale) * double(kGemvLevelScale)));
+      for (int j = 0; j < kGroup; ++j) {  // |level| <= 16383 (+ rounding of to_level)
+        const float level = fminf(fmaxf(to_float(x[g + Decoder::source(j)]) * to_level,
+                                        -kGemvLevelScale), kGemvLevelScale);
+        paired[g * tile + j] = static_cast<X>(lrintf(level));
+      }
+    }
+  } else {
+    for (int64_t g = 0; g < a.K; g += kGroup)
+      for (int j = 0; j < kGroup; ++j)
+        paired[g * tile + j] = Decoder::to_x(x[g + Decoder::source(j)]);
+  }
   if (a.x_natural != nullptr)
     for (int64_t k = 0; k < a.K; ++k) a.x_natural[m * a.K + k] = to_float(x[k]);
 }
@@ -163,6 +200,71 @@ constexpr int kMinSlicedTile = 8;
 constexpr int64_t kSliceRows = 16;
 constexpr int64_t kSliceBytes = 16 << 10;  // of x per slice: half a 32 KiB L1
 
+// One row of W, columns [k0, k1), against the tile's MT rows of x (xg: the tile's x at
+// k0; p: the packed bytes at k0), into acc. Float decoders: an FMA (or vdpbf16ps) per
+// vector and row.
+template <int MT, int kChains, class Decoder>
+void walk_float(const GemvWork& a, const Decoder& decode, int64_t block, const uint8_t* p,
+                const typename Decoder::X* xg, int64_t k0, int64_t k1, F (&acc)[MT][kChains]) {
+  constexpr int kGroup = Decoder::kGroup, kVectors = Decoder::kVectors, kStep = kGroup / kVectors;
+  const int64_t blocksize = a.weight.blocksize;
+  BlockScales scales(a.weight, block);
+  for (int64_t k = k0; k < k1; k += blocksize) {
+    const typename Decoder::Table table = decode.table(scales.next());
+    for (int64_t g = 0; g < blocksize; g += kGroup, p += kGroup / 2, xg += MT * kGroup) {
+      typename Decoder::Weights w[kVectors];
+      decode(table, p, w);
+      for (int m = 0; m < MT; ++m)
+        for (int v = 0; v < kVectors; ++v)
+          acc[m][v % kChains] = Decoder::madd(w[v], xg + m * kGroup + v * kStep, acc[m][v % kChains]);
+    }
+  }
+}
+
+// Integer decoders: per group and row, exact int32 sums, then one FMA that folds them in
+// with fold = (block constant) * (x's scale of the group). The fold factors of a chunk of
+// up to kFoldGroups groups are computed first, vectorized, so the inner loop only loads
+// one (a broadcast operand of the FMA). Consecutive groups alternate chains (the fold is
+// the loop-carried dependency).
+constexpr int64_t kFoldGroups = 64;  // 4096 columns: a multiple of every blocksize
+
+template <int MT, int kChains, class Decoder>
+void walk_integer(const GemvWork& a, const Decoder& decode, int64_t block, const uint8_t* p,
+                  const typename Decoder::X* xg, const float* x_scales, int64_t k0, int64_t k1,
+                  F (&acc)[MT][kChains]) {
+  constexpr int kGroup = Decoder::kGroup, kVectors = Decoder::kVectors, kStep = kGroup / kVectors;
+  const int64_t groups_per_block = a.weight.blocksize / kGroup, groups_per_row = a.K / kGroup;
+  alignas(64) float block_scale[kFoldGroups];
+  alignas(64) float fold[MT][kFoldGroups];
+  F chains[MT][kChains];
+  for (int m = 0; m < MT; ++m)
+    for (int c = 0; c < kChains; ++c) chains[m][c] = acc[m][c];
+  for (int64_t c0 = k0; c0 < k1; c0 += kFoldGroups * kGroup) {
+    const int64_t groups = (k1 - c0 < kFoldGroups * kGroup ? k1 - c0 : kFoldGroups * kGroup) / kGroup;
+    const int64_t first = c0 / kGroup;  // the chunk's first group in the row (even)
+    const int64_t blocks = groups / groups_per_block;
+    Decoder::block_constants(a.weight, block, blocks, block_scale);
+    block += blocks;
+    for (int m = 0; m < MT; ++m)
+      Decoder::fold_factors(block_scale, x_scales + m * groups_per_row + first, groups,
+                            groups_per_block, fold[m]);
+    // group j goes to chain j % kChains (constant indices keep the chains in registers)
+    for (int64_t j0 = 0; j0 < groups; j0 += kChains) {
+      for (int c = 0; c < kChains && j0 + c < groups; ++c, p += kGroup / 2, xg += MT * kGroup) {
+        typename Decoder::Weights w[kVectors];
+        decode(0.0f, p, w);
+        for (int m = 0; m < MT; ++m) {
+          typename Decoder::Sum sum = Decoder::madd(w[0], xg + m * kGroup, Decoder::zero());
+          for (int v = 1; v < kVectors; ++v) sum = Decoder::madd(w[v], xg + m * kGroup + v * kStep, sum);
+          chains[m][c] = fmadd(Decoder::sum_to_float(sum), splat(fold[m][j0 + c]), chains[m][c]);
+        }
+      }
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int c = 0; c < kChains; ++c) acc[m][c] = chains[m][c];
+}
+
 template <class T, int MT, class Decoder>
 void gemv_tile(const GemvWork& a, const Decoder& decode, int64_t m0, int64_t n0, int64_t n1) {
   constexpr int kGroup = Decoder::kGroup, kVectors = Decoder::kVectors, kStep = kGroup / kVectors;
@@ -173,7 +275,7 @@ void gemv_tile(const GemvWork& a, const Decoder& decode, int64_t m0, int64_t n0,
   constexpr int kChains = MT * kVectors <= kGemvAccumulators ? kVectors
                           : (MT * 2 <= kGemvAccumulators ? 2 : 1);
   const int64_t blocksize = a.weight.blocksize;
-  const int64_t blocks_per_row = a.K / blocksize;
+  const int64_t blocks_per_row = a.K / blocksize, groups_per_row = a.K / kGroup;
   int64_t k_slice = kSliceBytes / (MT * int64_t(sizeof(X))) / blocksize * blocksize;
   if (k_slice < blocksize) k_slice = blocksize;
   if (MT < kMinSlicedTile) k_slice = a.K;
@@ -187,20 +289,13 @@ void gemv_tile(const GemvWork& a, const Decoder& decode, int64_t m0, int64_t n0,
         F acc[MT][kChains];
         for (int m = 0; m < MT; ++m)
           for (int c = 0; c < kChains; ++c) acc[m][c] = k0 == 0 ? splat(0.0f) : saved[n - r0][m][c];
-        BlockScales scales(a.weight, n * blocks_per_row + k0 / blocksize);
+        const int64_t block = n * blocks_per_row + k0 / blocksize;  // W's block at k0
         const uint8_t* p = a.weight.packed + (n * a.K + k0) / 2;
-        const X* xg = x + k0 * MT;  // the tile's x for the current group
-        for (int64_t k = k0; k < k1; k += blocksize) {
-          const typename Decoder::Table table = decode.table(scales.next());
-          for (int64_t g = 0; g < blocksize; g += kGroup, p += kGroup / 2, xg += MT * kGroup) {
-            typename Decoder::Weights w[kVectors];
-            decode(table, p, w);
-            for (int m = 0; m < MT; ++m)
-              for (int v = 0; v < kVectors; ++v)
-                acc[m][v % kChains] =
-                    Decoder::madd(w[v], xg + m * kGroup + v * kStep, acc[m][v % kChains]);
-          }
-        }
+        const float* x_scales = a.x_scales + m0 * groups_per_row;
+        if constexpr (Decoder::kIntegerSums)
+          walk_integer<MT, kChains>(a, decode, block, p, x + k0 * MT, x_scales, k0, k1, acc);
+        else
+          walk_float<MT, kChains>(a, decode, block, p, x + k0 * MT, k0, k1, acc);
         if (k1 == a.K) {
           gemv_finish_row<T, MT, kChains>(a, acc, m0, n);
         } else {

@@ -6,7 +6,10 @@
 // quantization blocks [b0, b1); the dispatcher splits blocks across OpenMP threads.
 #pragma once
 
+#include <math.h>
 #include <stdint.h>
+
+#include <type_traits>
 
 #include "../nf4_codec.h"
 #include "kernels.h"
@@ -33,6 +36,16 @@ inline const float* codebook_4bit(int quant_type) {
   return tables[quant_type == kNF4 ? 0 : 1];
 }
 
+// The integer GEMV decoders (gemv_body.h) multiply 16-bit integers: the 16 table values
+// times kGemvLevelScale, rounded (|value| <= 1, so |level| <= 16383), and x per group of
+// kGemvXGroup elements times 16383 / max |x|, rounded. 16383^2 * 8 < 2^31: eight products
+// per int32 lane (a group of 64 in AVX2's 8 lanes) cannot overflow.
+constexpr float kGemvLevelScale = 16383.0f;
+inline void int16_levels(int quant_type, int16_t* out) {
+  const float* t = codebook_4bit(quant_type);
+  for (int c = 0; c < 16; ++c) out[c] = static_cast<int16_t>(lrintf(t[c] * kGemvLevelScale));
+}
+
 struct Quant4Args {
   const void* A; int dtype; int64_t n; int64_t blocksize; int quant_type;
   uint8_t* packed; float* absmax;
@@ -51,9 +64,12 @@ struct Dequant8Args {
 };
 
 // The fused small-M matmul (gemv_body.h): its operands plus the float32 workspaces the
-// dispatcher allocates, [M, K], [M, K] (only with LoRA) and [M, rank].
+// dispatcher allocates, [M, K], [M, K] (only with LoRA), [M, rank] and [M, K / 64] (the
+// activation scales of the integer decoders), and the dispatcher's choice of decoder
+// (integer_sums: the ISA's integer decoder where it has one; dispatch.cpp gemv_sums).
+constexpr int64_t kGemvXGroup = 64;  // elements of x per activation scale (integer decoders)
 struct GemvWork : LoraGemvArgs {
-  float* x_paired; float* x_natural; float* h_scaled;
+  float* x_paired; float* x_natural; float* h_scaled; float* x_scales; bool integer_sums;
 };
 
 struct IsaKernels {

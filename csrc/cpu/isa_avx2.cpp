@@ -232,6 +232,47 @@ struct GemvDecoder : FloatGemvDecoder {
 };
 template <class T> struct GemvDecoderFor { using type = GemvDecoder; };
 
+// 16-bit activations: the integer decoder (gemv_body.h). The same in-lane lookup with two
+// byte planes (the low and high bytes of the 16 int16 levels, built once per call, not per
+// block) and one byte interleave give 32 int16 weights per 16 packed bytes; vpmaddwd +
+// vpaddd multiply and sum them with x. w[2s] holds elements 32s + {0, 2, .., 14} in lane 0
+// and 32s + {1, 3, .., 15} in lane 1; w[2s + 1] the same 16 higher: source() is that order.
+struct GemvInt16Decoder : IntegerGemvDecoder {
+  static constexpr int kGroup = 64, kVectors = 4;
+  static int source(int j) {
+    const int i = j % 16;
+    return (j / 16) * 16 + 2 * (i % 8) + i / 8;
+  }
+  I plane_lo, plane_hi;
+  explicit GemvInt16Decoder(int qt) {
+    int16_t levels[16];
+    int16_levels(qt, levels);
+    alignas(16) uint8_t lo[16], hi[16];
+    for (int c = 0; c < 16; ++c) {
+      lo[c] = static_cast<uint8_t>(levels[c] & 0xFF);
+      hi[c] = static_cast<uint8_t>((levels[c] >> 8) & 0xFF);
+    }
+    plane_lo = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(lo)));
+    plane_hi = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(hi)));
+  }
+  void operator()(const Table&, const uint8_t* p, I* w) const {
+    for (int s = 0; s < 2; ++s) {
+      const I q = _mm256_broadcastsi128_si256(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * s)));
+      const I codes = _mm256_and_si256(
+          _mm256_srlv_epi32(q, _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0)), _mm256_set1_epi8(0x0F));
+      const I lo = _mm256_shuffle_epi8(plane_lo, codes), hi = _mm256_shuffle_epi8(plane_hi, codes);
+      w[2 * s] = _mm256_unpacklo_epi8(lo, hi);
+      w[2 * s + 1] = _mm256_unpackhi_epi8(lo, hi);
+    }
+  }
+  static I madd(I w, const X* x, I sum) {
+    return _mm256_add_epi32(sum, _mm256_madd_epi16(w, _mm256_loadu_si256(reinterpret_cast<const I*>(x))));
+  }
+};
+constexpr bool kHasIntegerDecoder = true;
+using GemvIntegerDecoder = GemvInt16Decoder;
+
 #include "kernel_body.h"
 #include "gemv_body.h"
 

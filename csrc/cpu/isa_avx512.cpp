@@ -34,7 +34,7 @@
 
 #pragma GCC push_options
 #if NF4LORA_AVX512_BF16
-#pragma GCC target("avx512f,avx512bw,avx2,f16c,avx512bf16")
+#pragma GCC target("avx512f,avx512bw,avx2,f16c,avx512bf16,avx512vnni")
 #else
 #pragma GCC target("avx512f,avx512bw,avx2,f16c")
 #endif
@@ -198,6 +198,37 @@ struct GemvDecoder : FloatGemvDecoder {
   }
 };
 
+// 16-bit activations: the integer decoder (gemv_body.h). 32 packed bytes -> the 32
+// high-nibble levels (even elements), then the 32 low-nibble ones, each a vpermw from the
+// constant table of 16 int16 levels. CPUs with AVX512-BF16 all have AVX512-VNNI (Cooper
+// Lake, Sapphire Rapids, Zen 4; the dispatcher checks both): its vpdpwssd is vpmaddwd +
+// vpaddd in one instruction.
+struct GemvInt16Decoder : IntegerGemvDecoder {
+  static constexpr int kGroup = 64, kVectors = 2;
+  static int source(int j) { return j < 32 ? 2 * j : 2 * (j - 32) + 1; }
+  I levels;  // int16 lanes 0-15
+  explicit GemvInt16Decoder(int qt) {
+    alignas(64) int16_t table[32] = {};
+    int16_levels(qt, table);
+    levels = _mm512_castsi256_si512(_mm256_load_si256(reinterpret_cast<const __m256i*>(table)));
+  }
+  void operator()(const Table&, const uint8_t* p, I* w) const {
+    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    const __m256i first = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);  // elements 2i
+    w[0] = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(first), levels);
+    w[1] = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm256_and_si256(q, low)), levels);
+  }
+  static I madd(I w, const X* x, I sum) {
+    const I xv = _mm512_loadu_si512(x);
+#if NF4LORA_AVX512_BF16
+    return _mm512_dpwssd_epi32(sum, w, xv);
+#else
+    return _mm512_add_epi32(sum, _mm512_madd_epi16(w, xv));
+#endif
+  }
+};
+
 #if NF4LORA_AVX512_BF16
 // bf16 activations on CPUs with AVX512-BF16: 64 weights from 32 bytes, as bf16, and
 // vdpbf16ps (16 float32 lanes += the products of 16 pairs of bf16; the products are
@@ -209,6 +240,7 @@ struct GemvDecoder : FloatGemvDecoder {
 // ~14 for the float32 path: at M = 1 the step is bound by memory, not decoding.
 struct GemvBf16Decoder {
   static constexpr int kGroup = 64, kVectors = 2;
+  static constexpr bool kIntegerSums = false;
   using X = bf16;
   using Weights = I;
   using Table = I;  // lanes 0-15: the block's 16 weights as bf16
@@ -235,6 +267,8 @@ template <> struct GemvDecoderFor<bf16> { using type = GemvBf16Decoder; };
 #else
 template <class T> struct GemvDecoderFor { using type = GemvDecoder; };
 #endif
+constexpr bool kHasIntegerDecoder = true;
+using GemvIntegerDecoder = GemvInt16Decoder;
 
 #include "kernel_body.h"
 #include "gemv_body.h"

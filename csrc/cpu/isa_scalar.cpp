@@ -75,6 +75,7 @@ struct Decoder8 {
 constexpr int kGemvAccumulators = 64;
 struct GemvDecoder {
   static constexpr int kGroup = 8, kVectors = 8;
+  static constexpr bool kIntegerSums = false;
   using X = float;
   using Weights = F;
   using Table = F;  // the block constant
@@ -92,6 +93,8 @@ struct GemvDecoder {
   static F madd(F w, const X* x, F acc) { return fmadd(w, load(x), acc); }
 };
 template <class T> struct GemvDecoderFor { using type = GemvDecoder; };
+constexpr bool kHasIntegerDecoder = false;
+using GemvIntegerDecoder = GemvDecoder;  // never used
 
 #include "kernel_body.h"
 #include "gemv_body.h"

@@ -55,6 +55,12 @@ bool native_16bit_gemm(int dtype);
 // environment variable NF4LORA_CPU_ISA (read at every call) names another supported
 // one: "scalar", "avx2" or "avx512". Naming an unsupported or unknown one throws.
 std::string active_isa();
+
+// The fused GEMV's decoder for M rows of x of dtype on the active path, as the next call
+// with finite x picks it: "integer" (int16 levels, exact int32 sums), "bf16" (weights as
+// bf16, vdpbf16ps) or "float" (float32 weights and FMAs). NF4LORA_CPU_GEMV=auto|integer|
+// float (read at every call) overrides the measured default (dispatch.cpp).
+std::string gemv_decoder(int64_t M, int dtype);
 std::vector<std::string> supported_isas();  // best last, always starts with "scalar"
 
 // OpenMP threads used by the kernels: set_num_threads(k > 0) fixes it, 0 restores the

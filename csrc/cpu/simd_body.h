@@ -266,10 +266,59 @@ struct Decoder8 {
 // Weights are float32 vectors table[code] * scale, x is copied as float32, and a step is
 // an FMA per vector.
 struct FloatGemvDecoder {
+  static constexpr bool kIntegerSums = false;
   using X = float;
   using Weights = F;
   using Table = F;  // the block constant in every lane
   template <class In> static X to_x(In v) { return to_float(v); }
   Table table(float scale) const { return splat(scale); }
   static F madd(F w, const X* x, F acc) { return fmadd(w, load(x), acc); }
+};
+
+// ... and what their integer decoders share (see gemv_body.h): int16 weights and x, the
+// block constant as the Table, exact int32 sums per group.
+struct IntegerGemvDecoder {
+  static constexpr bool kIntegerSums = true;
+  using X = int16_t;
+  using Weights = I;
+  using Table = float;
+  using Sum = I;
+  Table table(float scale) const { return scale; }
+  static I zero() { return splat_i(0); }
+  static F sum_to_float(I sum) { return NF4LORA_MM(cvtepi32_ps)(sum); }  // rounds once, 2^-24
+
+  // The constants of w's blocks [b0, b0 + count), kW at a time (a gather of the nested
+  // codes' values); the same two roundings as decode_nested_absmax. Scalar BlockScales
+  // took ~10 instructions per block, as many as decoding and multiplying its 64 weights.
+  static void block_constants(const PackedWeight& w, int64_t b0, int64_t count, float* out) {
+    if (!w.is_nested()) {
+      memcpy(out, w.absmax + b0, count * sizeof(float));
+      return;
+    }
+    const NestedAbsmax& nested = w.nested;
+    const F offset = splat(nested.offset);
+    for (int64_t i = 0; i < count;) {  // runs of blocks that share one absmax2
+      const int64_t b = b0 + i, group = b / nested.blocksize;
+      const int64_t left = nested.blocksize - b % nested.blocksize;
+      const int64_t run = count - i < left ? count - i : left;
+      const F absmax2 = splat(nested.absmax2[group]);
+      int64_t j = 0;
+      for (; j + kW <= run; j += kW)
+        store_out<float>(out + i + j,
+                         add(mul(gather(nested.code2, load_bytes(nested.q + b + j)), absmax2), offset));
+      for (; j < run; ++j)
+        out[i + j] = decode_nested_absmax(nested.code2, nested.q[b + j], nested.absmax2[group],
+                                          nested.offset);
+      i += run;
+    }
+  }
+
+  // fold[j] = (the constant of group j's block) * (x's scale of group j), j < groups.
+  static void fold_factors(const float* block_scale, const float* x_scale, int64_t groups,
+                           int64_t groups_per_block, float* fold) {
+    int64_t j = 0;
+    if (groups_per_block == 1)
+      for (; j + kW <= groups; j += kW) store_out<float>(fold + j, mul(load(block_scale + j), load(x_scale + j)));
+    for (; j < groups; ++j) fold[j] = mul_rn(block_scale[j / groups_per_block], x_scale[j]);
+  }
 };

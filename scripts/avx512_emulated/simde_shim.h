@@ -19,12 +19,14 @@ SHIM_CONVERT(cvtepi32_epi8, simde__m128i, simde__m512i, 16, i8, i32, int8_t)
 SHIM_CONVERT(cvtepu8_epi32, simde__m512i, simde__m128i, 16, i32, u8, int32_t)
 SHIM_CONVERT(cvtepu8_epi64, simde__m512i, simde__m128i, 8, i64, u8, int64_t)
 SHIM_CONVERT(cvtepu8_epi16, simde__m512i, simde__m256i, 32, u16, u8, uint16_t)
+SHIM_CONVERT(cvtepi32_ps, simde__m512, simde__m512i, 16, f32, i32, float)  // C: nearest even
 #define _mm512_cvtepu16_epi32 shim_cvtepu16_epi32
 #define _mm512_cvtepi32_epi16 shim_cvtepi32_epi16
 #define _mm512_cvtepi32_epi8 shim_cvtepi32_epi8
 #define _mm512_cvtepu8_epi32 shim_cvtepu8_epi32
 #define _mm512_cvtepu8_epi64 shim_cvtepu8_epi64
 #define _mm512_cvtepu8_epi16 shim_cvtepu8_epi16
+#define _mm512_cvtepi32_ps shim_cvtepi32_ps
 static inline simde__m512 shim_cvtph_ps(simde__m256i a) {
   simde__m256i_private x = simde__m256i_to_private(a);
   simde__m512_private r;
@@ -59,3 +61,7 @@ static inline void shim_stream_si512(simde__m512i* p, simde__m512i v) {
   memcpy(p, &v, 64);
 }
 #define _mm512_stream_si512 shim_stream_si512
+
+// simde 0.7.4 aliases _mm512_madd_epi16 with the four arguments of its masked form
+#undef _mm512_madd_epi16
+#define _mm512_madd_epi16(a, b) simde_mm512_madd_epi16(a, b)
