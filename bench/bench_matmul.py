@@ -16,6 +16,11 @@ Providers, all on CPU tensors in one run:
                       backend usable on CPU ("cpu", "reference"; the reference not in train)
   bitsandbytes        bitsandbytes.matmul_4bit (its CPU path: which one ran is in the JSON),
                       plus the adapter as PEFT adds it: y + lora_B(lora_A(x)) * s
+  bitsandbytes-gemv   an eval-mode bitsandbytes.nn.Linear4bit under no_grad (matmul, M = 1): on
+                      CPUs with AVX512-BF16 it repacks its weight and runs its fused gemv_4bit
+                      (the notes say whether it did)
+  torch-int4          aten._weight_int4pack_mm_for_cpu, group 64 (torch's own int4 weight-only
+                      CPU kernel, the one behind torchao's int4 CPU path; M <= 64)
   torchao             linear_nf4 on a to_nf4 weight (matmul rows at M <= 64 only, see below)
   dense-bf16          torch.nn.functional.linear on the bf16 weight: what a user runs without
                       quantization (plus the same PEFT-style adapter)
@@ -336,6 +341,79 @@ def torchao_impl(torchao_nf4) -> Impl:
                 max_tokens=TORCHAO_MAX_TOKENS)
 
 
+BNB_GEMV = "bitsandbytes-gemv"
+# bitsandbytes' eval-mode Linear4bit takes its fused gemv_4bit only for one row of x (other
+# M are matmul_4bit, the BASELINE row already); TORCH_INT4's kernel is timed up to M = 64.
+BNB_GEMV_MAX_TOKENS = 1
+TORCH_INT4 = "torch-int4"
+INT4_GROUP = 64
+
+
+def bitsandbytes_gemv_impl(bnb) -> Impl:
+    """bitsandbytes' fused CPU GEMV: an eval-mode bnb.nn.Linear4bit under no_grad on the same
+    bf16 weight (NF4, double quant, bf16 compute). On CPUs with AVX512-BF16 its first
+    forward (the warm-up) repacks the weight for gemv_4bit; elsewhere it is matmul_4bit.
+    bnb_gemv_path() says which ran."""
+    def make_forward(case: Case) -> Forward:
+        out_features, in_features = case.shape
+        linear = torch.nn.Linear(in_features, out_features, bias=False, dtype=DTYPE)
+        with torch.no_grad():
+            linear.weight.copy_(case.weights.weight())
+        layer = harness.bitsandbytes_4bit(torch.nn.Sequential(linear), bnb, DTYPE, BLOCKSIZE)[0].eval()
+        bnb_gemv_layers.append(layer)
+
+        def forward(x, A, B):
+            with torch.no_grad():
+                return layer(x)
+        return forward
+
+    return Impl(BNB_GEMV, make_forward, quantized_bytes, ops=("matmul",),
+                max_tokens=BNB_GEMV_MAX_TOKENS)
+
+
+bnb_gemv_layers: list = []   # the layers bitsandbytes_gemv_impl built, for bnb_gemv_path()
+
+
+def bnb_gemv_path() -> str:
+    repacked = sum(bool(getattr(layer.weight.quant_state, "packing_format_for_cpu", False))
+                   for layer in bnb_gemv_layers)
+    return (f"{BNB_GEMV}: {repacked} of {len(bnb_gemv_layers)} layers repacked for bitsandbytes' "
+            "fused CPU gemv_4bit" + ("" if repacked else " (none: this CPU lacks AVX512-BF16, so "
+                                     "the rows are its matmul_4bit)"))
+
+
+def int4pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [out, in] -> (packed, scales_and_zeros) of torch's int4 weight-only CPU kernel: per
+    group of INT4_GROUP inputs, asymmetric, w = (q - 8) * scale + zero, q in 0..15 (the
+    layout torchao's int4 weight-only CPU path builds for aten._weight_int4pack_mm_for_cpu)."""
+    out_features, in_features = weight.shape
+    groups = weight.float().reshape(out_features, in_features // INT4_GROUP, INT4_GROUP)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale = (high - low).clamp(min=1e-6) / 15
+    q = ((groups - low) / scale).round().clamp(0, 15).to(torch.int32).reshape(out_features, in_features)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+    zero = low + 8 * scale
+    scales_and_zeros = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], -1).transpose(0, 1)
+    return packed, scales_and_zeros.contiguous().to(DTYPE)
+
+
+def int4_bytes(n: int) -> int:
+    return n // 2 + 2 * 2 * n // INT4_GROUP    # 4-bit codes + a bf16 scale and zero per group
+
+
+def torch_int4_impl() -> Impl:
+    """torch's own int4 weight-only CPU kernel, group 64: the kernel behind torchao's int4
+    weight-only CPU path (a different 4-bit format: the same bytes per weight, give or take)."""
+    def make_forward(case: Case) -> Forward:
+        packed, scales_and_zeros = case.weights.cached("int4pack", lambda: int4pack(case.weights.weight()))
+        packed, scales_and_zeros = packed.clone(), scales_and_zeros.clone()
+        return with_adapter(lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x, packed, INT4_GROUP, scales_and_zeros))
+
+    return Impl(TORCH_INT4, make_forward, int4_bytes, ops=("matmul", "lora"),
+                max_tokens=COMPUTE_BOUND_TOKENS)
+
+
 def dense_impl() -> Impl:
     def make_forward(case: Case) -> Forward:
         weight = case.weights.weight().clone()
@@ -458,7 +536,22 @@ COLUMNS = [("op", "op", ""), ("shape", "shape", ""), ("M", "tokens", "d"), ("r",
            ("provider", "provider", ""), ("mode", "mode", ""), ("layers", "layers", "d"),
            ("median ms", "median_ms", ".3f"), ("GB/s", "gbs", ".2f"),
            ("% read BW", "pct_read_bw", ".1f"), ("TFLOP/s", "tflops", ".4f"),
+           ("cyc/32w", "cycles_per_32_weights", ".1f"),
            (f"x vs {BASELINE}", f"x_vs_{BASELINE}", ".2f"), (f"x vs {DENSE}", f"x_vs_{DENSE}", ".2f")]
+
+
+def add_cycles_per_32_weights(rows: list[dict], threads: int, notes: list[str]) -> None:
+    """One thread only: row["cycles_per_32_weights"] = median time x the CPU's nominal clock
+    (/proc/cpuinfo "cpu MHz", the TSC rate on these VMs) / (weights / 32): what decoding and
+    multiplying 32 weights costs one core, the unit the kernel comments use."""
+    mhz = harness.cpu_mhz()
+    if threads != 1 or mhz is None:
+        return
+    for row in rows:
+        if row["op"] in ("matmul", "lora"):
+            weights = math.prod(row["shape"])
+            row["cycles_per_32_weights"] = row["median_ms"] * 1e-3 * mhz * 1e6 / (weights / 32)
+    notes.append(f"cyc/32w: median time x {mhz:.0f} MHz (/proc/cpuinfo) per 32 weights, one thread")
 
 
 def save_plot(rows: list[dict], bandwidth: dict, path: Path) -> Optional[str]:
@@ -529,6 +622,7 @@ def parse_args(argv):
                         help="tiny shapes, M = 1 and 64, 64 MiB probe, 2 reps: a smoke run, not numbers")
     parser.add_argument("--providers", nargs="+", metavar="NAME",
                         help=f"only these (nf4lora, nf4lora[cpu], nf4lora[reference], {BASELINE}, "
+                             f"{BNB_GEMV}, {TORCH_INT4}, "
                              f"torchao, {DENSE})")
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     parser.add_argument("--shapes", nargs="+", type=parse_shape, metavar="OUTxIN",
@@ -598,12 +692,20 @@ def find_providers(args, notes: list[str]) -> Found:
     notes += backend_notes
     impls = [nf4lora_impl(backend) for backend in backends]
     bnb, bnb_messages, torchao_where = None, [], None
-    if wanted(BASELINE):
+    bnb_rows = [(name, make) for name, make in ((BASELINE, bitsandbytes_impl),
+                                                (BNB_GEMV, bitsandbytes_gemv_impl)) if wanted(name)]
+    if bnb_rows:
         bnb, why, bnb_messages = harness.import_optional("bitsandbytes")
-        if bnb is None:
-            notes.append(f"{BASELINE}: skipped, {why}")
+        for name, make in bnb_rows:
+            if bnb is None:
+                notes.append(f"{name}: skipped, {why}")
+            else:
+                impls.append(make(bnb))
+    if wanted(TORCH_INT4):
+        if hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+            impls.append(torch_int4_impl())
         else:
-            impls.append(bitsandbytes_impl(bnb))
+            notes.append(f"{TORCH_INT4}: skipped, this torch has no aten._weight_int4pack_mm_for_cpu")
     if wanted("torchao"):
         torchao_nf4, torchao_where = import_torchao_nf4()
         if torchao_nf4 is None:
@@ -754,6 +856,9 @@ def run(args, preset: dict, found: Found, quantizer: Quantizer, notes: list[str]
             row["tflops"] = None
     for baseline in (BASELINE, DENSE):
         harness.add_speedups(rows, baseline, ["op", "shape", "tokens", "mode"])
+    add_cycles_per_32_weights(rows, bandwidth["threads"], notes)
+    if any(impl.name == BNB_GEMV for impl in impls):
+        notes.append(bnb_gemv_path())
     if any(r["op"] == "train" and r["provider"] in (BASELINE, DENSE) for r in rows):
         notes.append("train: the dense-bf16 and bitsandbytes steps are dominated by torch's bf16 "
                      "grad @ W (dx of F.linear's backward, W not transposed), which on CPUs without "

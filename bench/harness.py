@@ -280,6 +280,18 @@ def copy_nf4tensor(tensor):
     return type(tensor).__tensor_unflatten__(inner, meta, tensor.size(), tensor.stride())
 
 
+def cpu_mhz() -> Optional[float]:
+    """The first "cpu MHz" of /proc/cpuinfo (the nominal TSC rate on these VMs), or None."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("cpu MHz"):
+                    return float(line.split(":", 1)[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 @contextlib.contextmanager
 def threads_set_to(threads: Optional[int]):
     """Run the block on `threads` threads (None: as they are), then restore the count.

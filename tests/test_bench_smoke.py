@@ -174,6 +174,42 @@ def test_matmul_quick_run_writes_every_row_key_json_and_plot(tmp_path):
     assert saved["plot"] == ("matmul-latest.png" if matplotlib is not None else None)
 
 
+def test_matmul_peer_kernels_and_cycles_column(tmp_path):
+    # bitsandbytes' fused CPU GEMV (eval Linear4bit: the notes say whether it repacked) and
+    # torch's int4 weight-only kernel sit beside nf4lora; a one-thread run gets cycles per
+    # 32 weights on its matmul rows (median ms x nominal MHz / (weights / 32))
+    payload = bench_matmul.main(MATMUL_SMALL + ["--ops", "matmul", "--threads", "1", "--out", str(tmp_path),
+                                                "--providers", "nf4lora[cpu]", "bitsandbytes-gemv",
+                                                "torch-int4"])
+    rows = {row["provider"]: row for row in payload["rows"]}
+    expected = {"nf4lora[cpu]", "torch-int4"}
+    if harness.import_optional("bitsandbytes")[0] is not None:
+        expected.add("bitsandbytes-gemv")
+        assert any(note.startswith("bitsandbytes-gemv: ") and "repacked" in note
+                   for note in payload["notes"])
+    assert set(rows) == expected
+    assert rows["torch-int4"]["bytes"] == 256 * 256 // 2 + 4 * 256 * 256 // 64 + 2 * (256 + 256)
+    mhz = harness.cpu_mhz()
+    for row in rows.values():
+        if mhz is not None:
+            assert row["cycles_per_32_weights"] == pytest.approx(
+                row["median_ms"] * 1e-3 * mhz * 1e6 / (256 * 256 / 32))
+
+
+def test_int4pack_round_trips_through_torchs_kernel():
+    # the torch-int4 provider's own packing: its kernel computes x @ dequantized(W)^T
+    weight = torch.randn(128, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    packed, scales_and_zeros = bench_matmul.int4pack(weight)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, bench_matmul.INT4_GROUP, scales_and_zeros)
+    groups = weight.float().reshape(128, 4, 64)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    step = (high - low) / 15
+    dequantized = (((groups - low) / step).round() * step + low).reshape(128, 256)
+    exact = x.double() @ dequantized.double().t()
+    assert (y.double() - exact).abs().max() < 0.02 * exact.abs().max()
+
+
 def test_matmul_bytes_and_flops_follow_the_docstring():
     weights = bench_matmul.Weights((4096, 4096), quantizer=None)
     nf4 = bench_codec.quantized_bytes(4096 * 4096)
