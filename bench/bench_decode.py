@@ -270,8 +270,8 @@ def count_nf4lora_paths(counter: Counter):
     from nf4lora.backends import cpu
     real = cpu.matmul_path
 
-    def counted(M, weight):
-        path = real(M, weight)
+    def counted(M, weight, dtype):
+        path = real(M, weight, dtype)
         counter[f"{path} (M={M})"] += 1
         return path
 
@@ -292,7 +292,7 @@ def nf4lora_paths(model: nn.Module, prompt: torch.Tensor, tokens: torch.Tensor) 
     info = dict(backend=backends.backend_for(torch.device("cpu")).__name__.rsplit(".", 1)[-1])
     ext, _, _ = harness.import_optional("nf4lora._C")
     info["isa"] = ext.isa() if ext is not None and hasattr(ext, "isa") else None
-    info["fused_max_m"] = getattr(cpu, "FUSED_MAX_M", None)
+    info["fused_max_m"] = cpu.fused_max_m(DTYPE)
     for phase, ids in (("decode", tokens[:, :1]), ("prefill", prompt)):
         counter: Counter = Counter()
         with count_nf4lora_paths(counter):

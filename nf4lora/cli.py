@@ -36,14 +36,16 @@ def _info(_args) -> int:
         from nf4lora.backends import cpu
         print(f"  cpu kernel path: {_C.isa()} (best of {', '.join(_C.supported_isas())}; "
               "NF4LORA_CPU_ISA picks another)")
-        rows = (1, 2, 4, 8, cpu.FUSED_MAX_M)
-        print(f"  cpu fused GEMV decoder by rows of x (M <= {cpu.FUSED_MAX_M}; larger M: dequantize + GEMM),")
-        print("    the fastest measured (csrc/cpu/dispatch.cpp; NF4LORA_CPU_GEMV picks one; blocksizes")
-        print("    not a multiple of 64, or an Inf / NaN in x, take float):")
+        rows = (1, 2, 4, 8, 16, 32)
+        print("  cpu matmul path by rows of x: the fused kernel's decoder, or dequantize + GEMM;")
+        print("    the fastest measured (backends/cpu.py fused_max_m, csrc/cpu/dispatch.cpp;")
+        print("    NF4LORA_CPU_GEMV picks a decoder; blocksizes not a multiple of 64, or an Inf /")
+        print("    NaN in x, take float):")
         print("      M          " + "".join(f"{m:>9}" for m in rows))
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             name = str(dtype).replace("torch.", "")
-            print(f"      {name:<11}" + "".join(f"{_C.gemv_decoder(m, dtype):>9}" for m in rows))
+            paths = [_C.gemv_decoder(m, dtype) if m <= cpu.fused_max_m(dtype) else "gemm" for m in rows]
+            print(f"      {name:<11}" + "".join(f"{path:>9}" for path in paths))
     return 0
 
 

@@ -195,12 +195,19 @@ def test_fused_lora_ranks_and_bias(isa, r, bias):
 def test_fused_is_used_for_small_M_and_dequantize_gemm_otherwise():
     packed, state, _ = quantized(8, 128)
     weight = PackedWeight.from_state(packed, state)
-    assert cpu_backend.matmul_path(1, weight) == "fused"
-    assert cpu_backend.matmul_path(cpu_backend.FUSED_MAX_M, weight) == "fused"
-    assert cpu_backend.matmul_path(cpu_backend.FUSED_MAX_M + 1, weight) == "dequantize+gemm"
+    for dtype in DTYPES:
+        largest = cpu_backend.fused_max_m(dtype)
+        assert cpu_backend.matmul_path(1, weight, dtype) == "fused"
+        assert cpu_backend.matmul_path(largest, weight, dtype) == "fused"
+        assert cpu_backend.matmul_path(largest + 1, weight, dtype) == "dequantize+gemm"
+    # a dtype the CPU multiplies natively crosses over sooner (the measured constants)
+    assert cpu_backend.fused_max_m(torch.float32) == cpu_backend.FUSED_MAX_M
+    assert cpu_backend.fused_max_m(torch.bfloat16) == (
+        cpu_backend.FUSED_MAX_M_NATIVE_GEMM if cpu_backend._C.native_16bit_gemm(torch.bfloat16)
+        else cpu_backend.FUSED_MAX_M)
     packed, state, _ = quantized(8, 100)  # rows do not start on block boundaries
     weight = PackedWeight.from_state(packed, state)
-    assert cpu_backend.matmul_path(1, weight) == "dequantize+gemm"
+    assert cpu_backend.matmul_path(1, weight, torch.bfloat16) == "dequantize+gemm"
 
 
 def test_fused_kernel_rejects_what_it_cannot_do():

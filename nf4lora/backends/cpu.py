@@ -12,7 +12,7 @@ packed weight) only cheap checks guard what would otherwise read or write out of
 
 The matmul ops take one of two paths (`matmul_path` tells which):
 
-* "fused", M <= FUSED_MAX_M rows (decode, small batches): `_C.lora_gemv_4bit` reads W
+* "fused", M <= fused_max_m(dtype) rows (decode, small batches): `_C.lora_gemv_4bit` reads W
   packed, decodes it in registers and does the LoRA and bias epilogue in the same pass.
 * "dequantize+gemm", everything else: W is dequantized chunk by chunk into a reused
   per-thread workspace and multiplied with torch's GEMM (oneDNN). On CPUs without
@@ -95,14 +95,19 @@ def dequantize_blockwise(codes, absmax, code, blocksize, out):
 # Matmul ops (see the module docstring for the two paths).
 # ---------------------------------------------------------------------------------------
 
-# Largest M that takes the fused kernel: the measured crossover. 2-core AVX2 EPYC (Zen 3),
-# bf16 x, 4096x4096 NF4 + double quant, warm, ms per call, fused vs dequantize+gemm:
+# Largest M that takes the fused kernel: the measured crossovers, bf16 x, 4096x4096 NF4 +
+# double quant, ms per call, fused vs dequantize+gemm.
+# 2-core AVX2 EPYC (Zen 3), warm, float32 GEMM (no native bf16 GEMM):
 #   M = 8: 5.0 vs 17.3;  16: 8.1 vs 18.4;  24: 11.8 vs 20.4;  32: 16.0 vs 20.4
 # The fused kernel costs ~0.5 ms per row of x (float32 FMAs), the other path ~17 ms of
 # dequantization and GEMM setup plus ~0.1 ms per row, so they cross near M = 40; 32
-# keeps a margin. A CPU with native bf16 GEMM (AMX) moves the crossover down: re-measure
-# with `python -m bench.bench_matmul --tokens 8 16 32 64` there.
+# keeps a margin. AMD EPYC Zen 4 (AVX512-BF16), one thread, W in cache, CPU time:
+#   bf16 x, native bf16 GEMM: M = 4: 1.9 vs 4.5;  8: 3.7 vs 5.2;  16: 6.0 vs 6.3;  32: 12.5 vs 8.7
+#   fp16 x (float32 GEMM):    M = 8: 4.3 vs 10.3; 16: 8.1 vs 13.1; 24: 12.1 vs 16.0; 32: 15.9 vs 18.8
+# so a dtype with native 16-bit GEMM crosses over at FUSED_MAX_M_NATIVE_GEMM (AMX CPUs
+# sooner still: re-measure with `python -m bench.bench_matmul --tokens 8 16 32 64`).
 FUSED_MAX_M = 32
+FUSED_MAX_M_NATIVE_GEMM = 16
 
 # Size of one dequantized chunk of W on the float32 path: small enough that the chunk
 # the dequantizer just wrote is still in the 32 MiB L3 when the GEMM reads it, large
@@ -112,9 +117,16 @@ CHUNK_BYTES = 16 << 20
 _thread = threading.local()  # per-thread workspaces: concurrent calls never share one
 
 
-def matmul_path(M: int, weight) -> str:
-    """Which path lora_matmul_4bit takes for M rows of x: "fused" or "dequantize+gemm"."""
-    fused = (0 < M <= FUSED_MAX_M and weight.in_features > 0
+def fused_max_m(dtype: torch.dtype) -> int:
+    """The largest M of activations of `dtype` that takes the fused kernel (see above)."""
+    native = dtype != torch.float32 and _C is not None and _C.native_16bit_gemm(dtype)
+    return FUSED_MAX_M_NATIVE_GEMM if native else FUSED_MAX_M
+
+
+def matmul_path(M: int, weight, dtype: torch.dtype) -> str:
+    """Which path lora_matmul_4bit takes for M rows of x of `dtype`: "fused" or
+    "dequantize+gemm"."""
+    fused = (0 < M <= fused_max_m(dtype) and weight.in_features > 0
              and weight.in_features % weight.blocksize == 0)
     return "fused" if fused else "dequantize+gemm"
 
@@ -202,7 +214,7 @@ def _dequantize_gemm(x, weight, lora_A, lora_B, scaling, bias):
 
 
 def lora_matmul_4bit(x, weight, lora_A, lora_B, scaling, bias):
-    if matmul_path(x.shape[0], weight) == "fused":
+    if matmul_path(x.shape[0], weight, x.dtype) == "fused":
         return _fused(x, weight, lora_A, lora_B, scaling, bias)
     return _dequantize_gemm(x, weight, lora_A, lora_B, scaling, bias)
 
