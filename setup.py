@@ -202,10 +202,11 @@ setup(
         # transformers/peft/accelerate for the model-level tests; triton for its interpreter;
         # torchao as a benchmark provider; pybind11 for tests/test_cuda_host.py, which builds
         # nf4lora._C_cuda's binding over the CPU replay of its kernels (build isolation keeps
-        # the build's own pybind11 out of the test environment).
+        # the build's own pybind11 out of the test environment); matplotlib, optional at run
+        # time, so that the tests draw the `nf4lora analyze` and benchmark charts.
         "test": ["pytest", "pytest-xdist", "hypothesis", "scipy", "bitsandbytes==0.50.2",
                  "triton>=3.2", "peft>=0.13", "accelerate", "torchao", "pybind11>=2.10",
-                 *DEMO_REQUIRES],
+                 "matplotlib", *DEMO_REQUIRES],
     },
     entry_points={"console_scripts": ["nf4lora = nf4lora.cli:main"]},
     zip_safe=False,

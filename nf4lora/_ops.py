@@ -7,7 +7,10 @@ arguments and hands them to the backend chosen for the tensor's device
 flattened into the schema's arguments by `PackedWeight.op_args()` and rebuilt, with the
 same checks, by `PackedWeight.from_op_args`; this module is the only one that sees the
 flat form. The activations are checked here, at the one door every caller goes through,
-because the native kernels take raw pointers and trust their sizes.
+because the native kernels take raw pointers and trust their sizes. A weight's `quant_type`
+is its format key (nf4lora.codebook.format_key): a custom code book crosses the schemas
+inside that string, so the schemas have no table argument; the backend for a format is
+`backend_for(device, quant_type)`.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ def quantize_4bit(A: Tensor, blocksize: int, quant_type: str) -> tuple[Tensor, T
     """-> (packed uint8 [ceil(n/2)], absmax float32 [ceil(n/blocksize)])."""
     check_float("A", A)
     check_quant_args(blocksize, quant_type)
-    return backend_for(A.device).quantize_4bit(A.contiguous(), blocksize, quant_type)
+    return backend_for(A.device, quant_type).quantize_4bit(A.contiguous(), blocksize, quant_type)
 
 
 @quantize_4bit.register_fake
@@ -50,7 +53,7 @@ def _dequantize_4bit_into(out: Tensor, weight: PackedWeight) -> None:
                          f"{list(weight.shape)} has {weight.numel}")
     if weight.device != out.device:
         raise ValueError(f"the packed weight is on {weight.device}, out on {out.device}")
-    backend_for(out.device).dequantize_4bit(weight.with_offset_read(), out)
+    backend_for(out.device, weight.quant_type).dequantize_4bit(weight.with_offset_read(), out)
 
 
 @torch.library.custom_op("nf4lora::dequantize_4bit", mutates_args=())
@@ -185,11 +188,14 @@ def _check_adapter(lora_A: Optional[Tensor], other_name: str, other: Optional[Te
     return lora_A.contiguous(), other.contiguous()
 
 
-def _run(name: str, device, *args):
-    """Call the backend's fused op, or the composite path when it has none."""
-    backend = backend_for(device)
+def _run(name: str, activations: Tensor, weight: PackedWeight, *args):
+    """Call the backend's fused op, or the composite path when it has none (the reference
+    backend has none, and so neither does any code book but NF4/FP4: see backend_for)."""
+    backend = backend_for(activations.device, weight.quant_type)
     fused = getattr(backend, name, None)
-    return fused(*args) if fused is not None else getattr(composite, name)(backend, *args)
+    if fused is None:
+        return getattr(composite, name)(backend, activations, weight, *args)
+    return fused(activations, weight, *args)
 
 
 def lora_matmul_4bit_impl(x: Tensor, weight: PackedWeight, lora_A: Optional[Tensor],
@@ -204,7 +210,7 @@ def lora_matmul_4bit_impl(x: Tensor, weight: PackedWeight, lora_A: Optional[Tens
     lora_A, lora_B = _check_adapter(lora_A, "lora_B", lora_B, lambda r: (out_features, r), x,
                                     in_features)
     _check_operand("bias", bias, (out_features,), x)
-    return _run("lora_matmul_4bit", x.device, x.contiguous(), weight.with_offset_read(), lora_A,
+    return _run("lora_matmul_4bit", x.contiguous(), weight.with_offset_read(), lora_A,
                 lora_B, float(scaling), bias)
 
 
@@ -236,7 +242,7 @@ def lora_matmul_4bit_grad_input_impl(grad: Tensor, weight: PackedWeight, lora_A:
     _, in_features = _check_activations("grad", grad, weight, width=0)
     lora_A, grad_h = _check_adapter(lora_A, "grad_h", grad_h, lambda r: (grad.shape[0], r), grad,
                                     in_features)
-    return _run("lora_matmul_4bit_grad_input", grad.device, grad.contiguous(),
+    return _run("lora_matmul_4bit_grad_input", grad.contiguous(),
                 weight.with_offset_read(), lora_A, grad_h)
 
 

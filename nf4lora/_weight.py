@@ -28,7 +28,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from .codebook import QUANT_TYPES
+from .codebook import NAMED_FORMATS, format_key, is_format_key
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -55,10 +55,13 @@ def check_float(name: str, t) -> None:
 
 
 def check_quant_args(blocksize, quant_type) -> None:
+    """`quant_type` is a format key: a named format or a custom code book's key
+    (nf4lora.codebook.format_key)."""
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
-    if quant_type not in QUANT_TYPES:
-        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    if not is_format_key(quant_type):
+        raise ValueError(f"quant_type must be one of {NAMED_FORMATS} (or code= a 16-level "
+                         f"code book), got {quant_type!r}")
 
 
 def check_sized(name: str, t, dtype: torch.dtype, numel: int, device) -> None:
@@ -117,7 +120,9 @@ class PackedWeight(NamedTuple):
     packed: Tensor                  # uint8, flat, >= ceil(n/2) bytes
     absmax: Tensor                  # float32 [blocks], or uint8 codes [blocks] when nested
     blocksize: int
-    quant_type: str
+    quant_type: str                 # the format key: "nf4", "fp4", a named code book ("af4",
+                                    # ...) or "custom:<hex>" carrying a custom table exactly
+                                    # (nf4lora.codebook.format_key / table)
     shape: tuple
     nested: Optional[NestedAbsmax]
 
@@ -148,12 +153,14 @@ class PackedWeight(NamedTuple):
             raise ValueError("quant_state.shape is None; a 4-bit state needs the original shape")
         if quant_state.dtype not in FLOAT_DTYPES:
             raise ValueError(f"quant_state.dtype must be one of {FLOAT_DTYPES}, got {quant_state.dtype}")
-        # The table itself is not read (kernels decode by quant_type), only its size checked:
-        # comparing values would cost a device sync on every call.
+        # A named format's table is not read (it is fixed by its name), only its size checked:
+        # comparing values would cost a device sync on every call. A custom code book is
+        # read: its values are its format key, the only way the table crosses the op schemas.
         code = getattr(quant_state, "code", None)
         if code is not None and code.numel() != 16:
             raise ValueError(f"quant_state.code must be the 16-entry {quant_state.quant_type} table, "
                              f"got {code.numel()} entries (an 8-bit state's 256-entry map?)")
+        key = format_key(quant_state.quant_type, code)
         shape = tuple(int(d) for d in quant_state.shape)
         check_packed(packed, shape, name)
         flat = packed.detach().reshape(-1)
@@ -168,7 +175,7 @@ class PackedWeight(NamedTuple):
                 offset = torch.tensor(float(offset), dtype=torch.float32)
             nested = NestedAbsmax(state2.absmax, state2.code, offset, state2.blocksize)
         weight = cls(flat if flat.dtype == torch.uint8 else flat.view(torch.uint8),
-                     quant_state.absmax, quant_state.blocksize, quant_state.quant_type, shape, nested)
+                     quant_state.absmax, quant_state.blocksize, key, shape, nested)
         weight._check()
         return weight
 

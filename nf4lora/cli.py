@@ -10,6 +10,10 @@
       decode            greedy generation of a 1B-class Llama: tokens/s vs bitsandbytes 4-bit and
                         dense bf16, share of read bandwidth (bench/bench_decode.py)
   nf4lora demo [...]              quantize a real model, QLoRA-train it, memory table, kernel timing
+  nf4lora analyze MODEL_DIR [...] 4-bit formats x blocksizes x double quant on a model's Linear
+                                  weights: error table, JSON, PNG charts (nf4lora/analyze.py)
+  nf4lora memory CONFIG [...]     memory budget of inference and (Q)LoRA training for a model
+                                  config; --measure checks it on a real run (nf4lora/memory.py)
 """
 from __future__ import annotations
 
@@ -100,10 +104,20 @@ def _demo(argv: list[str]) -> int:
     return demo.main(argv)
 
 
+def _analyze(argv: list[str]) -> int:
+    from nf4lora import analyze
+    return analyze.main(argv)
+
+
+def _memory(argv: list[str]) -> int:
+    from nf4lora import memory
+    return memory.main(argv)
+
+
 # Commands that parse their own options: everything after the command name goes to them
 # as is. (An argparse REMAINDER positional would reject a leading option such as
 # `nf4lora bench --quick`.)
-PASSTHROUGH = {"bench": _bench, "demo": _demo}
+PASSTHROUGH = {"bench": _bench, "demo": _demo, "analyze": _analyze, "memory": _memory}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
                         "(default matmul; --help for options)")
     commands.add_parser("demo", help="quantize + QLoRA-train a real model, memory table, "
                         "kernel timing (--help for options)")
+    commands.add_parser("analyze", help="4-bit formats on a model's weights: error table, JSON, "
+                        "PNG charts (--help for options)")
+    commands.add_parser("memory", help="memory budget of inference and (Q)LoRA training for a "
+                        "model config (--help for options)")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in PASSTHROUGH:
         return PASSTHROUGH[argv[0]](argv[1:])

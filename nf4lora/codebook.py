@@ -1,12 +1,39 @@
-"""The code books of the bitsandbytes 4-bit and 8-bit formats.
+"""The code books of the 4-bit formats and of bitsandbytes' 8-bit maps: the one place
+that knows their levels.
 
 A 4-bit code is an index into a 16-entry table; an 8-bit code (used for the
-double-quantized block constants) is an index into a 256-entry table. The tables
-here are the ones bitsandbytes stores in checkpoints, value for value.
+double-quantized block constants) is an index into a 256-entry table. NF4 and FP4 are
+the tables bitsandbytes stores in checkpoints, value for value. The other 4-bit formats
+("code books", `CODEBOOK_FORMATS`, and any table passed as `code=`) share one rule:
+
+  * the table holds 16 finite, strictly increasing float32 levels within [-1, 1] (values
+    are scaled into [-1, 1] by their block's absmax first; a level beyond it is a table
+    that was not normalized), and the code is the level's index. The levels need not
+    reach -1 or 1: the block's absmax element then takes the outermost level, which is
+    what the MSE-optimal tables do (fit_codebook: +-0.953 at blocksize 64 on Gaussian
+    weights, 4.6% less error than pinning +-1 and 0);
+  * a value x (already scaled by 1/absmax) gets the nearest level, ties to the lower
+    level: the code is the number of float32 midpoints (levels[i] + levels[i+1]) / 2
+    strictly below x. NF4 has always been encoded so here (bitsandbytes 0.50's CPU path
+    does the same; its CUDA literals are those midpoints to within 1 float32 ulp), so NF4
+    is this rule applied to the NF4 table. NaN (an all-zero block) gets code 0, as in
+    bitsandbytes' CUDA kernel.
+
+FP4 is the exception: its table is in bit-pattern order (bit 3 is the sign, +0 and -0 are
+both codes) and its encoder uses CUDA's hand-rounded thresholds, so it keeps its own
+encoder (reference.encode_fp4). Decoding is table[code] * absmax for every format.
+
+Below the QuantState, a format is named by its *format key* (`format_key`): the quant
+type for named formats, or "custom:" + the 16 levels' float32 bit patterns in hex for a
+table given as data. The key is a plain string, so it crosses the torch.library op
+schemas (a `str` argument) without a schema change, and `table(key)` rebuilds the exact
+table from it.
 """
 from __future__ import annotations
 
 import itertools
+import struct
+from typing import Iterable, Sequence, Union
 
 import torch
 
@@ -35,18 +62,157 @@ FP4_ABS_THRESHOLDS = (0.00260417, 0.0859375, 0.20833333, 0.29166667,
 # 2/3 -> 0b010, 1 -> 0b011.
 FP4_CODE_BY_RANK = (0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011)
 
+# The 4-bit types bitsandbytes itself reads and writes (its state-dict key names them).
 QUANT_TYPES = ("nf4", "fp4")
+
+# AF4, "AbnormalFloat" (D. Yoshida, "NF4 Isn't Information Theoretically Optimal (and that's
+# Good)", arXiv:2306.06965, 2023): levels minimizing the mean absolute error of
+# absmax-normalized Gaussian blocks. The paper tunes a table per blocksize; this is its
+# blocksize-64 table (the one its code and bitsandbytes' get_4bit_type("af4") carry; bitsandbytes
+# lists it in descending order, here it is ascending so that the code is the rank).
+AF4_CODE = (
+    -1.0, -0.69441008, -0.51243739, -0.3736951, -0.25607552, -0.14982478, -0.04934812, 0.0,
+    0.04273164, 0.12934483, 0.21961274, 0.31675666, 0.42563882, 0.55496234, 0.72424863, 1.0,
+)
+
+# BOF4, "4-bit block-wise optimal float" (P. Blumenberg, T. Graave, T. Fingscheidt, "Improving
+# Block-Wise LLM Quantization by 4-bit Block-Wise Optimal Float (BOF4): Analysis and
+# Variations", arXiv:2505.06653, 2025): levels minimizing the MSE of the *weights* (not of
+# the normalized values, as AF4 does for the absolute error) under blocksize-64 absmax
+# normalization of Gaussian weights, by a Lloyd iteration. The paper's printed table was not
+# available to this project offline, so these are nf4lora's reproduction of that definition
+# with NF4's and AF4's structure kept (-1, 0 and 1 exact): fit_codebook(torch.randn(2**24)
+# after torch.manual_seed(0), blocksize=64, pinned=(-1, 0, 1)); tests/test_codebooks.py
+# re-derives them from other samples within 5e-3. Whether the paper pins these three levels
+# is not known here: check against its table before quoting these numbers as the paper's.
+# Unpinned, the Gaussian optimum (ends at +-0.953, no zero) has 4.6% less error on Gaussian
+# data but clips real outliers: on MiniLM at blocksize 256 it dropped the embedding cosine
+# to 0.91 (NF4: 0.97). BOF4-S (signed absmax normalization) is not offered: it needs a
+# signed block scale, which the bitsandbytes format (an unsigned float32 absmax, or its
+# 8-bit double quantization) cannot store.
+BOF4_CODE = (
+    -1.0, -0.753381073474884, -0.5791909694671631, -0.4385473430156708,
+    -0.316720187664032, -0.2059674710035324, -0.10148855298757553, 0.0,
+    0.08868586272001266, 0.17943768203258514, 0.2744189500808716, 0.37615036964416504,
+    0.48878297209739685, 0.6187903881072998, 0.779052734375, 1.0,
+)
+
+# IQ4_NL (llama.cpp, ggml/src/ggml-common.h `kvalues_iq4nl`): int8 levels, normalized here
+# by 127 so that the largest magnitude is exactly 1 (-127/127 = -1; the top level is
+# 113/127 = 0.8898). llama.cpp fits each block's scale to these levels; here the block scale
+# is bitsandbytes' absmax, so a positive absmax element lands on 0.8898 * absmax.
+IQ4NL_INT8 = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+# INT4: the two's-complement grid -8..7 divided by 8 (uniform steps of 1/8, an exact zero,
+# every code used; the positive absmax element lands on 7/8). Chosen over -7..7 / 7, whose
+# 15 levels leave one code unused (bitsandbytes' get_4bit_type("int4") is that table with
+# both +0 and -0, which its kernels never read); the finer step gives a lower MSE on
+# Gaussian-like blocks (step 1/8 vs 1/7: (7/8)**2 = 0.77 of the rounding error of the bulk).
+INT4_INTEGERS = tuple(range(-8, 8))
+
+# Named code-book formats (sorted tables, midpoint encoder), in the order analyze lists them.
+CODEBOOK_FORMATS = ("af4", "bof4", "iq4nl", "int4")
+NAMED_FORMATS = QUANT_TYPES + CODEBOOK_FORMATS
+# A table passed as data (`code=`): its QuantState's quant_type, and its format key's prefix.
+CUSTOM = "custom"
+FORMATS = NAMED_FORMATS + (CUSTOM,)
+_CUSTOM_KEY_PREFIX = CUSTOM + ":"
 
 
 def get_4bit_type(typename: str, device=None, blocksize: int = 64) -> torch.Tensor:
-    """The 16-entry float32 table of a 4-bit type (bitsandbytes' name and signature)."""
+    """The 16-entry float32 table of a named 4-bit format (bitsandbytes' name and signature),
+    indexed by code: "nf4", "fp4" (bit-pattern order), "af4", "bof4", "iq4nl", "int4"
+    (ascending). `blocksize` is accepted for bitsandbytes' signature; every table here is
+    the same for all blocksizes (AF4's is its blocksize-64 table)."""
     if typename == "nf4":
         values = torch.tensor(NF4_CODE, dtype=torch.float32)
     elif typename == "fp4":
         values = torch.tensor(_FP4_TWELFTHS, dtype=torch.float32) / 12.0
+    elif typename == "af4":
+        values = torch.tensor(AF4_CODE, dtype=torch.float32)
+    elif typename == "bof4":
+        values = torch.tensor(BOF4_CODE, dtype=torch.float32)
+    elif typename == "iq4nl":
+        values = torch.tensor(IQ4NL_INT8, dtype=torch.float32) / 127.0
+    elif typename == "int4":
+        values = torch.tensor(INT4_INTEGERS, dtype=torch.float32) / 8.0
     else:
-        raise ValueError(f"typename must be one of {QUANT_TYPES}, got {typename!r}")
+        raise ValueError(f"typename must be one of {NAMED_FORMATS}, got {typename!r}")
     return values.to(device) if device is not None else values
+
+
+# --- code books as data --------------------------------------------------------------------
+
+def check_code(code, name: str = "code") -> torch.Tensor:
+    """`code` as a float32 CPU tensor [16] if it is a usable code book (see the module
+    docstring), else a ValueError that says what is wrong and how to fix it."""
+    if isinstance(code, torch.Tensor):
+        values = code.detach().to("cpu", torch.float32).reshape(-1)
+    else:
+        try:
+            values = torch.tensor(code, dtype=torch.float32).reshape(-1)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(f"{name} must be 16 numbers (a tensor or a sequence), got "
+                             f"{type(code).__name__}: {error}") from None
+    if values.numel() != 16:
+        raise ValueError(f"{name} must have 16 levels (one per 4-bit code), got {values.numel()}")
+    if not torch.isfinite(values).all():
+        raise ValueError(f"{name} must be finite, got {values.tolist()}")
+    ordered = values.sort().values
+    if (ordered[1:] == ordered[:-1]).any():
+        repeated = sorted({v for v, w in zip(ordered[1:].tolist(), ordered[:-1].tolist()) if v == w})
+        hint = (" (FP4's table holds +0 and -0 in bit-pattern order: use quant_type='fp4')"
+                if repeated == [0.0] else "")
+        raise ValueError(f"{name} levels must be distinct, {repeated} repeats{hint}")
+    if not torch.equal(values, ordered):
+        raise ValueError(f"{name} levels must be sorted ascending (the code is the level's rank): "
+                         f"sort it, e.g. torch.sort(code).values; got {values.tolist()}")
+    largest = values.abs().max().item()
+    if largest > 1.0:
+        raise ValueError(f"{name} levels must lie within [-1, 1] (values are scaled by their "
+                         f"block's absmax first), got max |level| = {largest}: normalize the "
+                         f"table, e.g. code / {largest}")
+    return values
+
+
+def _custom_key(values: torch.Tensor) -> str:
+    bits = struct.pack("<16f", *values.tolist())
+    return _CUSTOM_KEY_PREFIX + bits.hex()
+
+
+def format_key(quant_type: str, code=None, name: str = "quant_state.code") -> str:
+    """The format key of a QuantState's (quant_type, code): the name of a named format (its
+    table is fixed, `code` is not read), or for quant_type "custom" the checked `code`
+    (called `name` in errors) encoded exactly; that reads its 16 values, a device sync
+    when they are on a GPU."""
+    if quant_type in NAMED_FORMATS:
+        return quant_type
+    if quant_type != CUSTOM:
+        raise ValueError(f"quant_type must be one of {FORMATS}, got {quant_type!r}")
+    if code is None:
+        raise ValueError(f"a {CUSTOM!r} quant_type needs its code book ({name})")
+    return _custom_key(check_code(code, name))
+
+
+def is_format_key(key) -> bool:
+    """Whether `key` names a 4-bit format (a named format or a well-formed custom key)."""
+    if key in NAMED_FORMATS:
+        return True
+    if not isinstance(key, str) or not key.startswith(_CUSTOM_KEY_PREFIX):
+        return False
+    digits = key[len(_CUSTOM_KEY_PREFIX):]
+    return len(digits) == 128 and all(c in "0123456789abcdef" for c in digits)
+
+
+def table(key: str, device=None) -> torch.Tensor:
+    """The float32 [16] table of a format key, indexed by code (bit-exact for custom keys)."""
+    if key in NAMED_FORMATS:
+        return get_4bit_type(key, device)
+    if not is_format_key(key):
+        raise ValueError(f"quant_type must be one of {NAMED_FORMATS} or a custom code-book key, "
+                         f"got {key!r}")
+    values = struct.unpack("<16f", bytes.fromhex(key[len(_CUSTOM_KEY_PREFIX):]))
+    return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 def create_normal_map(offset: float = 0.9677083, use_extra_value: bool = True) -> torch.Tensor:
@@ -182,3 +348,90 @@ def create_fp8_map(signed: bool = True, exponent_bits: int = 5, precision_bits: 
         values = sorted(_pad_to_256(values))
     table = torch.tensor(values, dtype=torch.float32)
     return table / table.max()
+
+
+# --- fitting a code book to weights ----------------------------------------------------------
+
+def fit_codebook(tensors: Union[torch.Tensor, Iterable[torch.Tensor]], blocksize: int = 64, *,
+                 pinned: Sequence[float] = (), max_iter: int = 1000, tol: float = 1e-7) -> torch.Tensor:
+    """16 sorted levels that minimize the squared error of `tensors` quantized blockwise with
+    them (Lloyd-Max / weighted k-means on absmax-normalized blocks; the any4 and BOF4 idea).
+
+    Each tensor is split into blocks of `blocksize` as quantize_4bit splits it and scaled by
+    its blocks' 1/absmax exactly as the quantizer does (float32). The error of a weight
+    w = absmax * x quantized to level q is absmax**2 * (x - q)**2, so the iteration is
+    k-means on the normalized values x weighted by absmax**2:
+      assign  every x to its nearest level, ties to the lower (the quantizer's float32
+              midpoint rule);
+      update  every level to the absmax**2-weighted mean of the x assigned to it (a level
+              that gets no value, or is pinned, keeps its place);
+    until no level moves by more than `tol` or after `max_iter` rounds. Each round costs
+    microseconds: the values are sorted once, so a cell's sums are two prefix-sum lookups.
+
+    It starts from the NF4 levels, so the result is deterministic, and no round raises the
+    error: the result is never worse than NF4 on these tensors (nor than NF4 with the pinned
+    levels moved in). `pinned`: values in [-1, 1] kept exactly as levels, each replacing the
+    NF4 level nearest to it; (-1, 0, 1) keeps NF4's structure (the blocks' absmax elements
+    and zeros exact). Unpinned, the outermost levels settle inside [-1, 1] (about +-0.95 at
+    blocksize 64 on Gaussian weights) and no level sits at 0: the lowest squared error, but
+    outliers are clipped, which can cost more in a model's output than the error suggests
+    (README, Quantization lab). Double quantization of the block constants is not modelled.
+    Returns float32 [16], a valid `code=` for quantize_4bit.
+    """
+    from .reference import _scale_blocks      # the quantizer's own scaling (no import cycle)
+
+    if isinstance(tensors, torch.Tensor):
+        tensors = [tensors]
+    if not isinstance(blocksize, int) or blocksize <= 0:
+        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+    levels = torch.tensor(NF4_CODE, dtype=torch.float64)
+    fixed = torch.zeros(16, dtype=torch.bool)
+    for value in pinned:
+        if not (isinstance(value, (int, float)) and -1.0 <= value <= 1.0):
+            raise ValueError(f"pinned levels must be numbers within [-1, 1], got {value!r}")
+        index = int((levels - value).abs().argmin())
+        if fixed[index]:
+            raise ValueError(f"pinned levels {list(pinned)} are too close together: two of them "
+                             f"replace the same NF4 level {NF4_CODE[index]}")
+        levels[index], fixed[index] = value, True
+    if not bool((levels[1:] > levels[:-1]).all()):
+        raise ValueError(f"pinned levels {list(pinned)} do not fit between the NF4 levels in order")
+
+    normalized, weights = [], []
+    for index, tensor in enumerate(tensors):
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            got = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(f"tensors[{index}] must be a float tensor, got {got}")
+        n = tensor.numel()
+        if n == 0:
+            continue
+        absmax, scaled = _scale_blocks(tensor.detach().to("cpu", torch.float32), blocksize)
+        if not torch.isfinite(absmax).all():
+            raise ValueError(f"tensors[{index}] contains NaN or Inf")
+        x = scaled.reshape(-1)[:n]                       # the padding is not a weight
+        w = (absmax.double() ** 2).repeat_interleave(blocksize)[:n]
+        keep = w > 0                                     # all-zero blocks: no error to fit
+        normalized.append(x[keep])
+        weights.append(w[keep])
+    if sum(x.numel() for x in normalized) == 0:
+        raise ValueError("fit_codebook needs at least one non-zero weight")
+    x, order = torch.cat(normalized).sort()
+    w = torch.cat(weights)[order]
+    zero_one = torch.zeros(1, dtype=torch.float64)
+    cum_w = torch.cat([zero_one, w.cumsum(0)])
+    cum_wx = torch.cat([zero_one, (w * x.double()).cumsum(0)])
+
+    for _ in range(max_iter):
+        midpoints = ((levels[:-1] + levels[1:]) / 2).float()
+        # values <= a midpoint belong to the cell below it (ties to the lower level)
+        edges = torch.cat([torch.zeros(1, dtype=torch.long),
+                           torch.searchsorted(x, midpoints, right=True),
+                           torch.tensor([x.numel()])])
+        mass = cum_w[edges[1:]] - cum_w[edges[:-1]]
+        centroids = (cum_wx[edges[1:]] - cum_wx[edges[:-1]]) / mass.clamp_min(1e-300)
+        updated = torch.where(fixed | (mass == 0), levels, centroids)
+        moved = (updated - levels).abs().max().item()
+        levels = updated
+        if moved < tol:
+            break
+    return check_code(levels.float(), "fit_codebook's result")

@@ -15,8 +15,8 @@ from torch import Tensor
 
 from . import _ops
 from ._weight import PackedWeight, check_float, check_quant_args
-from .codebook import (create_dynamic_map, create_fp8_map, create_linear_map,  # noqa: F401  (public)
-                       create_normal_map, get_4bit_type)
+from .codebook import (CUSTOM, create_dynamic_map, create_fp8_map, create_linear_map,  # noqa: F401
+                       create_normal_map, format_key, get_4bit_type, table)
 from .quant_state import QuantState
 
 __all__ = [
@@ -72,8 +72,8 @@ def _store_as(packed: Tensor, quant_storage: torch.dtype) -> Tensor:
 
 def quantize_4bit(A: Tensor, absmax: Optional[Tensor] = None, out: Optional[Tensor] = None,
                   blocksize: Optional[int] = None, compress_statistics: bool = False,
-                  quant_type: str = "fp4",
-                  quant_storage: torch.dtype = torch.uint8) -> tuple[Tensor, QuantState]:
+                  quant_type: Optional[str] = None, quant_storage: torch.dtype = torch.uint8,
+                  code=None) -> tuple[Tensor, QuantState]:
     """Quantize A (fp32/fp16/bf16, any shape) to 4 bits per element, blockwise.
 
     Returns (packed [(bytes) / itemsize, 1] of `quant_storage`, QuantState). With
@@ -82,27 +82,65 @@ def quantize_4bit(A: Tensor, absmax: Optional[Tensor] = None, out: Optional[Tens
     NaN or Inf in A raises ValueError naming the first bad block.
     `absmax` and `out`, if given, receive copies of the results (bitsandbytes' legacy
     out-parameters).
+
+    The format (levels and sources in nf4lora/codebook.py; each block is scaled by
+    1/absmax, then every value takes a level):
+      quant_type "fp4" (the default, as in bitsandbytes) and "nf4": bitsandbytes' bytes,
+        bit for bit. NF4: QLoRA's NormalFloat (Dettmers et al., arXiv:2305.14314).
+      "af4": AbnormalFloat (Yoshida, arXiv:2306.06965), its blocksize-64 table.
+      "bof4": block-wise optimal float (Blumenberg et al., arXiv:2505.06653), nf4lora's
+        reproduction of the paper's MSE-optimal levels for Gaussian weights at blocksize 64,
+        with -1, 0 and 1 kept exact (codebook.py says why, and what is not verified).
+      "iq4nl": llama.cpp's IQ4_NL int8 levels (ggml-common.h kvalues_iq4nl) / 127.
+      "int4": the integers -8..7 / 8.
+      code=: any 16 levels instead (a tensor or sequence): finite, distinct, sorted
+        ascending and within [-1, 1] (they need not reach +-1: the block's absmax element
+        then takes the outermost level); the state's quant_type is then "custom" and its
+        `code` holds the table. quant_type may be omitted or "custom".
+    Every format but FP4 takes the nearest level, ties to the lower one: the code is the
+    number of float32 midpoints between consecutive levels strictly below the scaled
+    value (NF4's encoder always was this rule). FP4 keeps bitsandbytes' CUDA rule.
+    Formats other than NF4/FP4 run on the reference backend for now (backends.backend_for).
     """
     blocksize = DEFAULT_BLOCKSIZE if blocksize is None else blocksize
     check_float("A", A)
-    check_quant_args(blocksize, quant_type)
+    if code is not None:
+        if quant_type not in (None, CUSTOM):
+            raise ValueError(f"give either quant_type ({quant_type!r}) or code=, not both "
+                             f"(with code= the format is {CUSTOM!r})")
+        quant_type = CUSTOM
+    elif quant_type is None:
+        quant_type = "fp4"
+    elif quant_type == CUSTOM:
+        raise ValueError(f"quant_type {CUSTOM!r} needs its code book: pass code=")
+    key = format_key(quant_type, code, name="code") if quant_type == CUSTOM else quant_type
+    check_quant_args(blocksize, key)
     # detached: quantization has no gradient, and a state whose absmax required grad would
     # make every later dequantization (and matmul) try to backpropagate into it
-    packed, block_absmax = _ops.quantize_4bit(A.detach(), blocksize, quant_type)
+    packed, block_absmax = _ops.quantize_4bit(A.detach(), blocksize, key)
     _raise_on_nonfinite(block_absmax, blocksize)
-    code = get_4bit_type(quant_type, device=A.device)
+    code = table(key, device=A.device)
+    state = QuantState(absmax=block_absmax, shape=A.shape, dtype=A.dtype, blocksize=blocksize,
+                       code=code, quant_type=quant_type)
     if compress_statistics:
-        offset = _offset(block_absmax)
-        qabsmax, state2 = quantize_blockwise(block_absmax - offset, blocksize=NESTED_BLOCKSIZE)
-        state = QuantState(absmax=qabsmax, shape=A.shape, dtype=A.dtype, blocksize=blocksize,
-                           code=code, quant_type=quant_type, offset=offset, state2=state2)
-    else:
-        state = QuantState(absmax=block_absmax, shape=A.shape, dtype=A.dtype, blocksize=blocksize,
-                           code=code, quant_type=quant_type)
+        state = double_quantize(state)
     stored = _store_as(packed, quant_storage)
     if absmax is not None:
         absmax.copy_(state.absmax)
     return (out.copy_(stored) if out is not None else stored), state
+
+
+def double_quantize(state: QuantState) -> QuantState:
+    """A new 4-bit state holding `state`'s float32 absmax double-quantized: the mean is
+    subtracted and the rest stored as 8-bit dynamic-map codes with one float32 per 256
+    blocks (what quantize_4bit stores with compress_statistics=True; the 4-bit codes do not
+    change, they were chosen with the exact absmax). Other fields are shared."""
+    if state.nested:
+        raise ValueError("the state is already double-quantized (nested)")
+    offset = _offset(state.absmax)
+    qabsmax, state2 = quantize_blockwise(state.absmax - offset, blocksize=NESTED_BLOCKSIZE)
+    return QuantState(absmax=qabsmax, shape=state.shape, dtype=state.dtype, blocksize=state.blocksize,
+                      code=state.code, quant_type=state.quant_type, offset=offset, state2=state2)
 
 
 def _offset(absmax: Tensor) -> Tensor:

@@ -5,6 +5,13 @@ shared/reference/nf4_format.md section 4), so states move between the two librar
 through `as_dict(packed=True)` / `from_dict`. Unlike bitsandbytes, `from_dict`
 checks everything it reads and says what is wrong, instead of failing later in a
 kernel with a shape error.
+
+Code-book formats other than NF4/FP4 (nf4lora.codebook: "af4", "bof4", "iq4nl", "int4",
+and "custom" tables) use the same keys, with the table in `quant_map`, except that their
+packed entry is 'quant_state.nf4lora__<quant_type>' instead of
+'quant_state.bitsandbytes__<quant_type>': bitsandbytes (which accepts only its two names
+there) and transformers' bitsandbytes loader then refuse such a dict instead of decoding
+it as NF4 or FP4. NF4/FP4 dicts are byte for byte what bitsandbytes writes.
 """
 from __future__ import annotations
 
@@ -15,12 +22,23 @@ from typing import Any
 import torch
 
 from ._weight import BLOCKSIZES, FLOAT_DTYPES
-from .codebook import QUANT_TYPES, get_4bit_type
+from .codebook import CODEBOOK_FORMATS, CUSTOM, FORMATS, QUANT_TYPES, check_code, get_4bit_type
 
 PACKED_KEY_PREFIX = "quant_state.bitsandbytes__"
+# The packed entry of a code-book format that bitsandbytes cannot decode (module docstring).
+NF4LORA_PACKED_KEY_PREFIX = "quant_state.nf4lora__"
+_BLOB_NAMES = {**{"bitsandbytes__" + q: q for q in QUANT_TYPES},
+               **{"nf4lora__" + f: f for f in CODEBOOK_FORMATS + (CUSTOM,)}}
 TENSOR_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 JSON_KEYS = ("quant_type", "blocksize", "dtype", "shape",
              "nested_blocksize", "nested_dtype", "nested_offset")
+
+
+def packed_key(quant_type: str) -> str:
+    """The packed entry's key for a 4-bit format: bitsandbytes' for NF4/FP4, nf4lora's for
+    every other code book."""
+    prefix = PACKED_KEY_PREFIX if quant_type in QUANT_TYPES else NF4LORA_PACKED_KEY_PREFIX
+    return prefix + quant_type
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -40,9 +58,10 @@ class QuantState:
 
     absmax:     float32 [blocks], or uint8 [blocks] codes when double-quantized (nested)
     shape:      torch.Size of the original tensor
-    code:       the 16-entry table (4-bit) or 256-entry map (8-bit)
+    code:       the 16-entry table (4-bit, indexed by code) or 256-entry map (8-bit)
     dtype:      the original dtype, and the dtype dequantization returns by default
-    blocksize, quant_type ('nf4' | 'fp4', None for 8-bit states)
+    blocksize, quant_type ('nf4' | 'fp4' | a code-book format of nf4lora.codebook, 'custom'
+                when `code` is a table given as data; None for 8-bit states)
     offset:     float32 0-d tensor, the mean subtracted before double quantization
     state2:     the nested QuantState (absmax2 float32, code = dynamic map, blocksize 256)
     """
@@ -64,8 +83,8 @@ class QuantState:
 
     def __getattr__(self, name):
         # FSDP's state-dict traversal resolves the key "weight.quant_state.bitsandbytes__nf4"
-        # with getattr on this object; answer it with the packed blob.
-        if name.startswith("bitsandbytes__"):
+        # (or ".nf4lora__af4") with getattr on this object; answer it with the packed blob.
+        if name in _BLOB_NAMES:
             packed = self.as_dict(packed=True)
             if "quant_state." + name in packed:
                 return packed["quant_state." + name]
@@ -107,8 +126,9 @@ class QuantState:
     def as_dict(self, packed: bool = False) -> dict[str, Any]:
         """The state-dict form. packed=True: tensors only, the scalars JSON-encoded into
         one uint8 tensor under 'quant_state.bitsandbytes__<quant_type>' (safetensors-safe),
-        byte for byte what bitsandbytes writes. An 8-bit state (quant_type None) has no
-        packed form: like bitsandbytes, packed=True then returns the plain dict."""
+        byte for byte what bitsandbytes writes ('quant_state.nf4lora__<quant_type>' for the
+        code books bitsandbytes cannot decode, `packed_key`). An 8-bit state (quant_type
+        None) has no packed form: like bitsandbytes, packed=True then returns the plain dict."""
         items: dict[str, Any] = {
             "quant_type": self.quant_type,
             "absmax": self.absmax,
@@ -131,7 +151,7 @@ class QuantState:
         tensors = {k: v for k, v in items.items() if isinstance(v, torch.Tensor)}
         scalars = {k: v for k, v in items.items() if not isinstance(v, torch.Tensor)}
         blob = json.dumps(scalars).encode("utf-8")
-        tensors[PACKED_KEY_PREFIX + self.quant_type] = torch.tensor(list(blob), dtype=torch.uint8)
+        tensors[packed_key(self.quant_type)] = torch.tensor(list(blob), dtype=torch.uint8)
         return tensors
 
     @classmethod
@@ -149,9 +169,10 @@ class QuantState:
         quant_type = items["quant_type"]
         if quant_type is None:
             return cls._from_8bit_items(items, device)
-        if quant_type not in QUANT_TYPES:
-            raise ValueError(f"quant state 'quant_type' must be one of {QUANT_TYPES}, or None for "
-                             f"an 8-bit state, got {quant_type!r}")
+        if quant_type not in FORMATS:
+            raise ValueError(f"quant state names the 4-bit format {quant_type!r}, which this version "
+                             f"of nf4lora does not know (it knows {FORMATS}, or None for an "
+                             "8-bit state)")
         for key in ("absmax", "quant_map", "blocksize", "dtype", "shape"):
             if key not in items:
                 raise ValueError(f"quant state is missing {key!r}")
@@ -166,7 +187,9 @@ class QuantState:
         blocks = math.ceil(math.prod(shape) / blocksize)
 
         quant_map = _tensor(items, "quant_map", torch.float32, (16,))
-        if not torch.equal(quant_map.cpu(), get_4bit_type(quant_type)):
+        if quant_type == CUSTOM:
+            check_code(quant_map, "quant state 'quant_map'")
+        elif not torch.equal(quant_map.cpu(), get_4bit_type(quant_type)):
             raise ValueError(f"quant state 'quant_map' is not the {quant_type} table")
 
         absmax, offset, state2 = cls._absmax_items(items, blocks, device)
@@ -238,15 +261,22 @@ def _unpack(qs_dict: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(qs_dict, dict):
         raise ValueError(f"quant state must be a dict, got {type(qs_dict).__name__}")
     items: dict[str, Any] = {}
-    blobs = [k for k in qs_dict if "quant_state." in k or k.startswith("bitsandbytes__")]
+    blobs = [k for k in qs_dict if "quant_state." in k
+             or k.startswith(("bitsandbytes__", "nf4lora__"))]
     if len(blobs) > 1:
         raise ValueError(f"quant state has more than one packed entry: {blobs}")
     for key, value in qs_dict.items():
         if key in blobs:
             name = key.split(".")[-1]
-            if name not in {"bitsandbytes__" + q for q in QUANT_TYPES}:
-                raise ValueError(f"quant state key {key!r} must end in one of "
-                                 f"{['bitsandbytes__' + q for q in QUANT_TYPES]}")
+            if name not in _BLOB_NAMES:
+                prefix, _, fmt = name.partition("__")
+                if fmt in FORMATS:
+                    raise ValueError(f"quant state key {key!r}: the {fmt!r} format's packed entry "
+                                     f"is {packed_key(fmt)!r}")
+                if prefix in ("bitsandbytes", "nf4lora") and fmt:
+                    raise ValueError(f"quant state key {key!r} names the 4-bit format {fmt!r}, which "
+                                     f"this version of nf4lora does not know (it knows {FORMATS})")
+                raise ValueError(f"quant state key {key!r} must end in one of {sorted(_BLOB_NAMES)}")
             if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
                 raise ValueError(f"quant state {key!r} must be a uint8 tensor of JSON bytes")
             try:
@@ -258,7 +288,7 @@ def _unpack(qs_dict: dict[str, Any]) -> dict[str, Any]:
             unknown = set(decoded) - set(JSON_KEYS)
             if unknown:
                 raise ValueError(f"quant state {key!r} has unknown entries {sorted(unknown)}")
-            if decoded.get("quant_type", name.removeprefix("bitsandbytes__")) != name.removeprefix("bitsandbytes__"):
+            if decoded.get("quant_type", _BLOB_NAMES[name]) != _BLOB_NAMES[name]:
                 raise ValueError(f"quant state {key!r} says quant_type {decoded.get('quant_type')!r}")
             items.update(decoded)
         else:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nf4lora import reference
+from nf4lora.codebook import format_key
 
 
 def decoded_absmax(state) -> torch.Tensor:
@@ -44,9 +45,11 @@ def _packed_bytes(packed: torch.Tensor) -> torch.Tensor:
 
 
 def spec_dequantize(packed: torch.Tensor, state, dtype=None) -> torch.Tensor:
-    """nf4lora.reference's dequantization of (packed, state) in `dtype` (default state.dtype)."""
+    """nf4lora.reference's dequantization of (packed, state) in `dtype` (default state.dtype);
+    any 4-bit format, a custom code book's table taken from state.code."""
     return reference.dequantize_4bit(_packed_bytes(packed), decoded_absmax(state), state.blocksize,
-                                     state.quant_type, tuple(state.shape), dtype or state.dtype)
+                                     format_key(state.quant_type, state.code), tuple(state.shape),
+                                     dtype or state.dtype)
 
 
 def bnb_reference_dequantize(packed: torch.Tensor, state) -> torch.Tensor:

@@ -258,6 +258,10 @@ def test_save_refuses_what_it_cannot_write(tmp_path):
     assert isinstance(model.model.layers[0].self_attn.q_proj, LoraLinear4bit)
     with pytest.raises(ValueError, match="LoRA layers.*q_proj"):
         save_pretrained_4bit(model, tmp_path)
+    # bitsandbytes cannot decode nf4lora's code books: such a model is not a bnb checkpoint
+    model = nf4lora.replace_linear(_llama(), quant_type="af4", progress=False)
+    with pytest.raises(ValueError, match=r"nf4 and fp4 layers only.*mlp.down_proj \(af4\)"):
+        save_pretrained_4bit(model, tmp_path)
     assert not (tmp_path / "config.json").exists()
 
 

@@ -101,7 +101,8 @@ def test_huge_block_maxima_refuse_double_quantization():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(blocksize=48), r"blocksize must be one of \(32, 64"),
     (dict(blocksize=8192), "blocksize must be one of"),
-    (dict(quant_type="int4"), r"quant_type must be one of \('nf4', 'fp4'\)"),
+    (dict(quant_type="int8"), r"quant_type must be one of \('nf4', 'fp4', 'af4', 'bof4', 'iq4nl', "
+                               r"'int4'\) \(or code= a 16-level code book\), got 'int8'"),
 ])
 def test_bad_arguments_name_the_allowed_values(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -248,6 +248,60 @@ def test_method_trains_on_nf4lora_like_on_dense(method, compute_dtype):
     assert (without_adapter - expected[:, -tokens:]).abs().max().item() > SENSITIVITY * bound
 
 
+# -- add_weighted_adapter ----------------------------------------------------------------------------
+
+# combination_type -> (rank of the second adapter, add_weighted_adapter's extra arguments).
+# linear, ties and dare_* need equal ranks (PEFT's rule); cat and svd are given unequal ones.
+COMBINATIONS = {
+    "linear": (4, {}),
+    "cat": (2, {}),
+    "ties": (4, {"density": 0.5}),
+    "svd": (2, {}),
+    "dare_linear": (4, {"density": 0.5}),
+    "dare_ties": (4, {"density": 0.5}),
+}
+
+
+@pytest.mark.parametrize("combination", list(COMBINATIONS))
+def test_add_weighted_adapter_combines_as_on_dense(combination):
+    """PEFT's add_weighted_adapter on nf4lora layers builds the same combined adapter as on
+    the dense twin (it reads only adapter weights, or for svd the delta weights), and the
+    combined adapter gives the dense twin's logits."""
+    second_rank, kwargs = COMBINATIONS[combination]
+    nf4, dense = _models(torch.float32)
+    models = []
+    for model in (nf4, dense):
+        torch.manual_seed(1)
+        pm = get_peft_model(model, CONFIGS["lora"]())
+        pm.add_adapter("second", LoraConfig(r=second_rank, lora_alpha=2 * second_rank,
+                                            target_modules=TARGETS, init_lora_weights=False))
+        models.append(pm.eval())
+    pm, ref = models
+    _copy_adapter(pm, ref)
+    for model in (pm, ref):
+        torch.manual_seed(5)                        # dare_*: the same random drops on both
+        model.add_weighted_adapter(["default", "second"], [0.7, -0.4], "combined",
+                                   combination_type=combination, **kwargs)
+    combined = {n: p for n, p in pm.named_parameters() if ".combined." in n}
+    expected = {n: p for n, p in ref.named_parameters() if ".combined." in n}
+    assert combined.keys() == expected.keys() and len(combined) == 2 * 2 * len(TARGETS)
+    for name, param in combined.items():
+        # svd: the same float32 delta weights, decomposed by the same LAPACK call
+        torch.testing.assert_close(param, expected[name], rtol=0, atol=0, msg=name)
+    q_proj = pm.get_base_model().model.layers[0].self_attn.q_proj
+    assert type(q_proj) is LoraLinear4bitPeft and "combined" in q_proj.lora_A
+
+    ids = _batch(7)
+    pm.set_adapter("default")
+    first_only = _logits(pm, ids)
+    pm.set_adapter("combined")
+    ref.set_adapter("combined")
+    expected_logits = _logits(ref, ids)
+    bound = _bound(torch.float32, expected_logits)
+    _check_close(_logits(pm, ids), expected_logits, bound, f"logits of the {combination} adapter")
+    assert (first_only - expected_logits).abs().max().item() > SENSITIVITY * bound
+
+
 # -- refused ---------------------------------------------------------------------------------------
 
 def test_dora_is_refused_with_the_reason():

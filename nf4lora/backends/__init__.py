@@ -24,7 +24,9 @@ it is not (shown to the user who asked for it).
 Choice, first match wins: `set_backend(name)`, then the NF4LORA_BACKEND environment
 variable, then the device's default ("cpu" for CPU tensors when the C++ extension is
 built, else "reference"; "cuda" then "triton" for CUDA tensors). A backend that was
-asked for but cannot run raises; it never falls back silently.
+asked for but cannot run raises; it never falls back silently. One exception, by format
+rather than by availability: 4-bit code books other than NF4/FP4 run on the reference
+backend whichever backend is chosen (`backend_for`, KERNEL_QUANT_TYPES).
 """
 from __future__ import annotations
 
@@ -37,6 +39,15 @@ from .._weight import NestedAbsmax, PackedWeight  # noqa: F401  (the backends' a
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 ENV_VAR = "NF4LORA_BACKEND"
+
+# The 4-bit formats the native (C++, CUDA) and Triton kernels decode: they select the NF4 or
+# FP4 table by quant_type id (csrc/weight.h), not from data. Every other format (af4, bof4,
+# iq4nl, int4 and custom code books, see nf4lora.codebook) is sent to the reference backend,
+# whose dequantize reads the table from the format key, and so its matmuls take the
+# composite path (reference dequantize + torch GEMM): correct on any device, but a full
+# dense W per call (e.g. ~6x the NF4 CPU time for a 4096x4096 layer at M = 1). This is the
+# one place that decides it; when the kernels read the table as data, this set grows.
+KERNEL_QUANT_TYPES = ("nf4", "fp4")
 
 _override: str | None = None
 
@@ -90,13 +101,17 @@ def _default_for(device: torch.device) -> str:
     return "reference"
 
 
-def backend_for(device: torch.device):
-    """The backend module that runs ops on `device`."""
+def backend_for(device: torch.device, quant_type: str | None = None):
+    """The backend module that runs ops on `device` for 4-bit format `quant_type` (a format
+    key; None for the 8-bit ops). The chosen backend must be available even when the
+    format sends the op to the reference backend, so a misconfiguration never hides."""
     name = get_backend() or _default_for(device)
     reason = availability(name)
     if reason is not None:
         raise RuntimeError(f"nf4lora backend {name!r} (requested via "
                            f"{'set_backend' if _override else ENV_VAR}) is not available: {reason}")
+    if quant_type is not None and quant_type not in KERNEL_QUANT_TYPES:
+        name = "reference"         # see KERNEL_QUANT_TYPES: these kernels decode NF4/FP4 only
     module = _module(name)
     if device.type not in module.DEVICE_TYPES:
         raise RuntimeError(f"nf4lora backend {name!r} runs on {module.DEVICE_TYPES} tensors, "

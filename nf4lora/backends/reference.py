@@ -1,4 +1,8 @@
-"""The reference backend: `nf4lora.reference` (the spec) behind the backend interface."""
+"""The reference backend: `nf4lora.reference` (the spec) behind the backend interface.
+
+It also runs every 4-bit code book the native and Triton kernels do not decode yet (all
+but NF4/FP4: see KERNEL_QUANT_TYPES in nf4lora/backends/__init__.py), whichever backend is
+chosen; its table comes from the weight's format key (nf4lora.codebook.table)."""
 from __future__ import annotations
 
 from .. import reference

@@ -27,6 +27,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from ..codebook import QUANT_TYPES
 from ..nn.linear4bit import Linear4bit
 from ..quant_state import dtype_name
 from .transformers import _conv1d_type, replace_linear
@@ -422,6 +423,13 @@ def save_pretrained_4bit(model: nn.Module, save_directory: Union[str, os.PathLik
     if pending:
         raise ValueError(f"Linear4bit layers not quantized yet (they quantize on their first "
                          f".to(device) or forward): {_listing(pending)}")
+    code_books = sorted(f"{name} ({m.weight.quant_type})" for name, m in layers.items()
+                        if m.weight.quant_type not in QUANT_TYPES)
+    if code_books:
+        raise ValueError(f"a bitsandbytes checkpoint holds {' and '.join(QUANT_TYPES)} layers only; these "
+                         f"use nf4lora code books that bitsandbytes cannot decode: "
+                         f"{_listing(code_books, 3)}. Save model.state_dict() (safetensors) and "
+                         "load it with load_state_dict into a model with the same Linear4bit layers")
 
     from safetensors.torch import save_file
 

@@ -17,7 +17,11 @@ same parameter names (`lora_A.<adapter>.weight`, ...), same adapter bookkeeping 
 from PEFT's LoraLayer), so adapters saved from a bitsandbytes model load here and back.
 What differs is the forward: with one active adapter and no active dropout it is a single
 `nf4lora.lora_matmul_4bit` call (base and adapter fused); otherwise it is base(x) plus the
-sum of the adapters, as PEFT computes it.
+sum of the adapters, as PEFT computes it. And the merge: it re-quantizes (as PEFT's
+bitsandbytes layer does) through nf4lora.merge, which reports the error per layer, refuses
+a merge over a bound and offers an error-minimizing re-quantization; PEFT's
+merge_and_unload() takes those options from `nf4lora.merge.merge_options(...)` around it.
+PEFT's add_weighted_adapter (linear, cat, ties, svd, dare_*) needs nothing more.
 
 Other PEFT methods on nf4lora Linear4bit layers (tests/test_peft_methods.py):
 
@@ -41,6 +45,7 @@ Other PEFT methods on nf4lora Linear4bit layers (tests/test_peft_methods.py):
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any, Optional
 
@@ -62,6 +67,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import Tensor, nn
 
 from ..autograd import lora_matmul_4bit
+from ..merge import MergeReport, merge_into, resolve_options
 from ..nn.linear4bit import Linear4bit
 
 __all__ = [
@@ -85,12 +91,15 @@ def _check_4bit_base(layer: nn.Module) -> None:
 
 
 class _Requantize4bit:
-    """Merging into the base layer's 4-bit weight: dequantize, add, quantize again.
+    """Merging into the base layer's 4-bit weight: dequantize, add, quantize again
+    (nf4lora.merge.merge_into), with a report per adapter merged.
 
     Lossy, as in PEFT's bitsandbytes layer: the merged weight is rounded to the 4-bit grid
     again, so outputs differ slightly from base + adapter (and unmerge does not give the
-    original bytes back). A subclass names its method and says which adapters it holds; a
-    LoRA adapter with `lora_bias` also moves the base bias."""
+    original bytes back). Each merge measures that rounding (nf4lora.merge.MergeReport:
+    weight and probe-output errors against W + delta), logs it through the `nf4lora`
+    logger and keeps it as `layer.merge_report`. A subclass names its method and says
+    which adapters it holds; a LoRA adapter with `lora_bias` also moves the base bias."""
 
     _method = "LoRA"
 
@@ -101,60 +110,69 @@ class _Requantize4bit:
         """What merging `adapter` adds to the base layer's bias (None: nothing)."""
         return None
 
+    @property
+    def merge_report(self) -> Optional[MergeReport]:
+        """The report of the latest merge or unmerge into this layer's 4-bit weight (also
+        a refused one), None before any."""
+        return getattr(self.get_base_layer(), "merge_report", None)
+
     @torch.no_grad()
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """W' = quantize(dequantize(W) + delta) per adapter; safe_merge: check for
-        non-finite values before writing anything."""
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None, *,
+              requantize: Optional[str] = None, max_error: Optional[float] = None,
+              probe_rows: Optional[int] = None) -> None:
+        """W' = quantize(dequantize(W) + delta) per adapter.
+
+        safe_merge: PEFT's check for non-finite values before writing anything.
+        requantize ("plain" | "search"), max_error (refuse an adapter whose merged weight is
+        off W + delta by more, with MergeRefusedError, writing nothing for it), probe_rows:
+        as nf4lora's LoraLinear4bit.merge; left None, they come from an enclosing
+        nf4lora.merge.merge_options, the way to set them for PEFT's merge_and_unload(),
+        which passes only safe_merge and adapter_names. A refusal inside merge_and_unload
+        stops it there, as PEFT's own safe_merge error does: layers before it are merged
+        and unloaded, this one and the rest keep their adapters.
+        """
+        options = resolve_options(requantize, max_error, probe_rows)
         base = self.get_base_layer()
         for adapter in check_adapters_to_merge(self, adapter_names):
             if not self._holds(adapter):
                 continue
             warnings.warn(f"Merging a {self._method} adapter into a 4-bit weight re-quantizes it: "
                           "outputs may differ slightly (rounding errors).", stacklevel=2)
-            merged = self._dequantized_base() + self.get_delta_weight(adapter).float()
+            delta = self.get_delta_weight(adapter)
             bias_delta = self._bias_delta(adapter)
             if bias_delta is not None and base.bias is None:
                 raise RuntimeError(f"Impossible to merge {self._method} with `lora_bias=True` "
                                    "because the base layer has no bias.")
-            if safe_merge and not (torch.isfinite(merged).all() and (
+            if safe_merge and not (torch.isfinite(delta).all() and (
                     bias_delta is None or torch.isfinite(bias_delta).all())):
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} "
                                  "seems to be broken")
-            self._requantize(merged)
+            merge_into(base, delta, options, adapter=adapter)
             if bias_delta is not None:
                 base.bias.data += bias_delta.to(base.bias.dtype)
             self.merged_adapters.append(adapter)
 
     @torch.no_grad()
-    def unmerge(self) -> None:
-        """Take merged adapters back out (lossy too: one more re-quantization each)."""
+    def unmerge(self, *, requantize: Optional[str] = None, probe_rows: Optional[int] = None) -> None:
+        """Take merged adapters back out (lossy too: one more re-quantization each, reported
+        as merges are; never refused)."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
+        options = dataclasses.replace(resolve_options(requantize, None, probe_rows), max_error=None)
         base = self.get_base_layer()
         while self.merged_adapters:
-            adapter = self.merged_adapters.pop()
-            if not self._holds(adapter):
-                continue
-            warnings.warn(f"Unmerging a {self._method} adapter from a 4-bit weight re-quantizes "
-                          "it: outputs may differ slightly (rounding errors).", stacklevel=2)
-            self._requantize(self._dequantized_base() - self.get_delta_weight(adapter).float())
-            bias_delta = self._bias_delta(adapter)
-            if bias_delta is not None:
-                base.bias.data -= bias_delta.to(base.bias.dtype)
-
-    def _requantize(self, dense: Tensor) -> None:
-        """Quantize `dense` [out, in] into the base weight with its own settings (blocksize,
-        quant type, double quantization, quant storage) and original dtype."""
-        weight = self.get_base_layer().weight
-        weight._quantize_from(dense.to(weight.quant_state.dtype))
-
-    def _dequantized_base(self) -> Tensor:
-        base = self.get_base_layer()
-        base._fix_quant_state()
-        if not base.weight.bnb_quantized:
-            base.weight._quantize(base.weight.device)
-        return base.dequantized_weight(torch.float32)
+            adapter = self.merged_adapters[-1]
+            if self._holds(adapter):
+                warnings.warn(f"Unmerging a {self._method} adapter from a 4-bit weight "
+                              "re-quantizes it: outputs may differ slightly (rounding errors).",
+                              stacklevel=2)
+                merge_into(base, self.get_delta_weight(adapter), options, sign=-1.0,
+                           adapter=adapter)
+                bias_delta = self._bias_delta(adapter)
+                if bias_delta is not None:
+                    base.bias.data -= bias_delta.to(base.bias.dtype)
+            self.merged_adapters.pop()
 
 
 class LoraLinear4bitPeft(_Requantize4bit, nn.Module, LoraLayer):

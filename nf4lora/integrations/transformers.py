@@ -4,6 +4,7 @@
     model = add_lora(model, r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"])
     ...train...
     model = merge_lora(model)      # adapters folded into the 4-bit weights, plain Linear4bit again
+    print(nf4lora.merge.merge_reports(model))     # per layer: weight and output errors
 
 `replace_linear` does what transformers' bitsandbytes quantizer does on the fly (swap each
 nn.Linear / Conv1D for a Linear4bit and quantize its existing weight, skipping lm_head),
@@ -12,6 +13,7 @@ Conv1D is recognised only if transformers is installed.
 """
 from __future__ import annotations
 
+import logging
 import re
 import sys
 from typing import Iterable, Optional, Union
@@ -19,10 +21,13 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
+from ..merge import MergeRefusedError, MergeSummary, merge_reports, resolve_options
 from ..nn.linear4bit import Linear4bit, Params4bit
 from ..nn.lora import LoraLinear4bit
 
 __all__ = ["replace_linear", "add_lora", "merge_lora"]
+
+logger = logging.getLogger(__name__)
 
 
 def _conv1d_type():
@@ -36,6 +41,26 @@ def _conv1d_type():
 def _name_matches(name: str, pattern: str) -> bool:
     """`pattern` is a run of whole dotted components of `name` ("lm_head", "mlp.down_proj")."""
     return f".{pattern}." in f".{name}."
+
+
+def quantizable_layers(model: nn.Module, skip_modules: Union[str, Iterable[str]] = ("lm_head",)
+                       ) -> dict[str, nn.Module]:
+    """name -> module, in model order, of the nn.Linear and transformers Conv1D layers that
+    `replace_linear` quantizes (and `nf4lora analyze` measures): all but those named by
+    skip_modules, those already Linear4bit, and those whose weight is shared with another
+    module (tied embeddings), since quantizing one would untie them. transformers'
+    bitsandbytes loader leaves the same layers dense."""
+    skip_modules = (skip_modules,) if isinstance(skip_modules, str) else tuple(skip_modules)
+    conv1d = _conv1d_type()
+    kinds = (nn.Linear,) + ((conv1d,) if conv1d is not None else ())
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners[id(param)] = owners.get(id(param), 0) + 1
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, kinds) and not isinstance(module, Linear4bit)
+            and not any(_name_matches(name, skip) for skip in skip_modules)
+            and owners.get(id(module.weight), 0) <= 1}
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -78,24 +103,8 @@ def replace_linear(model: nn.Module, quant_type: str = "nf4",
     are left alone too, since quantizing one would untie them.
     progress: show a tqdm bar; None shows it only when stderr is a terminal.
     """
-    skip_modules = (skip_modules,) if isinstance(skip_modules, str) else tuple(skip_modules)
     conv1d = _conv1d_type()
-    kinds = (nn.Linear,) + ((conv1d,) if conv1d is not None else ())
-    owners: dict[int, int] = {}
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            owners[id(param)] = owners.get(id(param), 0) + 1
-
-    targets = []
-    for name, module in model.named_modules():
-        if not isinstance(module, kinds) or isinstance(module, Linear4bit):
-            continue
-        if any(_name_matches(name, skip) for skip in skip_modules):
-            continue
-        if owners.get(id(module.weight), 0) > 1:     # tied weight
-            continue
-        targets.append((name, module))
-
+    targets = list(quantizable_layers(model, skip_modules).items())
     if progress is None:
         progress = sys.stderr.isatty()
     from tqdm.auto import tqdm
@@ -160,7 +169,8 @@ def add_lora(model: nn.Module, r: int, lora_alpha: float,
 
 
 @torch.no_grad()
-def merge_lora(model: nn.Module) -> nn.Module:
+def merge_lora(model: nn.Module, *, requantize: Optional[str] = None,
+               max_error: Optional[float] = None, probe_rows: Optional[int] = None) -> nn.Module:
     """Fold every LoraLinear4bit adapter (from `add_lora`) into its 4-bit weight and put the
     plain Linear4bit back in its place, in place (PEFT's merge_and_unload); returns the model.
 
@@ -169,14 +179,39 @@ def merge_lora(model: nn.Module) -> nn.Module:
     4-bit re-quantization, so outputs move by that rounding, not more. The result has
     only a base model's keys and can be saved with `save_pretrained_4bit`. For a PEFT model
     use PEFT's own `merge_and_unload()`.
+
+    requantize: "plain" or "search" (each block's scale searched for the least squared
+        error: nf4lora.merge.quantize_4bit_search; same format).
+    max_error: a layer whose re-quantized weight is off W + scaling * B @ A by more than this
+        (largest absolute error) is not merged: it stays a LoraLinear4bit, its 4-bit weight
+        byte for byte as it was, and a warning names it. The other layers are merged.
+    probe_rows: rows of the probe batch each report's output error is measured on.
+    Left None, these come from an enclosing nf4lora.merge.merge_options, else "plain", no
+    bound, 16 rows. Every layer's report (refused ones too) is logged, as a table at INFO
+    level through the `nf4lora` logger, and kept: `nf4lora.merge.merge_reports(model)`.
     """
     if isinstance(model, LoraLinear4bit):
         raise ValueError("model is itself a LoraLinear4bit; wrap it in a module first")
+    options = resolve_options(requantize, max_error, probe_rows)   # checked before any write
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLinear4bit)]
+    refused = []
     for name, layer in layers:
         if not layer.merged:        # a layer merged by hand already holds W + scaling * B @ A
-            layer.merge()           # LoraLinear4bit.merge: the one place the merge is decided
+            try:                    # LoraLinear4bit.merge: the one place the merge is decided
+                layer.merge(requantize=options.requantize, max_error=options.max_error,
+                            probe_rows=options.probe_rows)
+            except MergeRefusedError:
+                refused.append(name)
+                continue
         base = layer.base_layer
         base.train(layer.training)
         _set_submodule(model, name, base)
+    names = {name for name, _ in layers}
+    summary = MergeSummary(r for r in merge_reports(model) if r.name in names)
+    if summary:
+        logger.info("nf4lora.merge_lora:\n%s", summary)
+    if refused:
+        logger.warning("nf4lora.merge_lora: %d layer(s) not merged, their error exceeds "
+                       "max_error=%g; they keep their adapters: %s", len(refused),
+                       options.max_error, ", ".join(refused))
     return model

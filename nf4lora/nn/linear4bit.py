@@ -14,6 +14,9 @@ forward, which quantize it; the state dict has bitsandbytes' keys (`weight`,
 - A quantized weight ignores dtype casts (`model.half()`, `model.to(torch.bfloat16)`):
   its storage holds packed codes, which a numeric cast would destroy when quant_storage
   is a float dtype. The compute dtype is the layer's `compute_dtype`, not the storage's.
+- quant_type also takes nf4lora's code-book formats ("af4", "bof4", "iq4nl", "int4") and
+  any 16-level table (quant_type=<tensor>; the weight's quant_type is then "custom"); their
+  state dicts carry the table and load back here, not in bitsandbytes (quant_state.py).
 
 The layer-generic part (quant-state restore, state dict save/load, copy/pickle) is
 `_Layer4bit`, shared with nn/embedding4bit.py's Embedding4bit.
@@ -29,6 +32,7 @@ from torch import Tensor, nn
 
 from .. import functional
 from .._weight import check_packed
+from ..codebook import CUSTOM, check_code
 from ..autograd import matmul_4bit
 from ..quant_state import QuantState
 
@@ -38,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 # Attributes a Params4bit carries besides its data (bitsandbytes' names).
 _FIELDS = ("blocksize", "compress_statistics", "quant_type", "quant_state", "quant_storage",
-           "bnb_quantized", "module")
+           "bnb_quantized", "module", "custom_code")
 
 
 # Ops whose pieces keep the Params4bit type and fields (nn.Parameter returns plain tensors).
@@ -91,16 +95,24 @@ def _state_property(name: str, getter, nested: bool = False) -> property:
 
 class Params4bit(nn.Parameter):
     """A weight that is 4-bit once quantized: `data` holds packed codes, `quant_state`
-    what it takes to dequantize them. Frozen by default (QLoRA trains adapters)."""
+    what it takes to dequantize them. Frozen by default (QLoRA trains adapters).
+
+    quant_type: a named format ("fp4", "nf4", "af4", ...) or a 16-level code book (a
+    tensor or sequence, checked here); a code book makes quant_type "custom" and is kept
+    as `custom_code` until the first quantization. From then on the quant state's table
+    is the format (a loaded custom state brings its own)."""
 
     def __new__(cls, data: Optional[Tensor] = None, requires_grad: bool = False,
                 quant_state: Optional[QuantState] = None, blocksize: Optional[int] = None,
-                compress_statistics: bool = True, quant_type: str = "fp4",
+                compress_statistics: bool = True, quant_type="fp4",
                 quant_storage: torch.dtype = torch.uint8, module: Optional[nn.Module] = None,
-                bnb_quantized: bool = False, **kwargs) -> "Params4bit":
+                bnb_quantized: bool = False, custom_code: Optional[Tensor] = None,
+                **kwargs) -> "Params4bit":
         # **kwargs: transformers builds `Params4bit(w, **old_param.__dict__)`, which can
         # carry unrelated attributes.
         data = torch.empty(0) if data is None else data.detach()
+        if not isinstance(quant_type, str):
+            custom_code, quant_type = check_code(quant_type, "quant_type (a code book)"), CUSTOM
         self = torch.Tensor._make_subclass(cls, data, requires_grad)
         self.blocksize = functional.DEFAULT_BLOCKSIZE if blocksize is None else blocksize
         self.compress_statistics = compress_statistics
@@ -109,7 +121,20 @@ class Params4bit(nn.Parameter):
         self.quant_storage = quant_storage
         self.bnb_quantized = bnb_quantized
         self.module = module
+        self.custom_code = custom_code
         return self
+
+    def format_args(self) -> dict[str, Any]:
+        """quantize_4bit's format arguments for this weight: {"quant_type": name}, or for a
+        custom code book {"code": table} (the quant state's once quantized)."""
+        if self.quant_type != CUSTOM:
+            return {"quant_type": self.quant_type}
+        state = self.quant_state if self.bnb_quantized else None
+        code = state.code if state is not None else self.custom_code
+        if code is None:
+            raise ValueError("this Params4bit's quant_type is 'custom' but it has no code book: "
+                             "pass the 16 levels as quant_type=")
+        return {"code": code}
 
     # -- quantization and device moves ---------------------------------------------------
 
@@ -124,8 +149,8 @@ class Params4bit(nn.Parameter):
         (blocksize, quant type, double quantization, storage). Nothing changes if it raises."""
         packed, state = functional.quantize_4bit(
             dense.contiguous(), blocksize=self.blocksize,
-            compress_statistics=self.compress_statistics, quant_type=self.quant_type,
-            quant_storage=self.quant_storage)
+            compress_statistics=self.compress_statistics, quant_storage=self.quant_storage,
+            **self.format_args())
         self._set_quantized(packed, state)
 
     def _set_quantized(self, packed: Tensor, state: QuantState) -> None:
@@ -383,6 +408,7 @@ class _Layer4bit:
                 param.blocksize = state.blocksize
                 param.compress_statistics = state.nested
                 param.quant_type = state.quant_type
+                param.custom_code = None        # the loaded state's table is the format now
                 param.quant_storage = packed.dtype
                 self.quant_storage = packed.dtype
             return apply
@@ -398,7 +424,7 @@ class _Layer4bit:
             packed, state = functional.quantize_4bit(
                 weight.detach().to(device=device, dtype=param.quant_state.dtype).contiguous(),
                 blocksize=param.blocksize, compress_statistics=param.compress_statistics,
-                quant_type=param.quant_type, quant_storage=param.quant_storage)
+                quant_storage=param.quant_storage, **param.format_args())
             return lambda: param._set_quantized(packed, state)
         dense = weight.detach().to(device=device, dtype=param.dtype, copy=True)
 
@@ -436,6 +462,9 @@ class Linear4bit(_Layer4bit, nn.Linear):
     Quantizes on the first `.to(device)` / `.cuda()` / `.cpu()` or the first forward.
     compute_dtype: the dtype of the matmul; when None, the first forward sets it from an
     fp32/bf16 input (fp16 inputs keep None, i.e. run in fp16), as bitsandbytes does.
+    quant_type: "fp4" (bitsandbytes' default), "nf4", a code-book format ("af4", "bof4",
+    "iq4nl", "int4") or a 16-level table (see functional.quantize_4bit). Code books other
+    than NF4/FP4 run on the reference backend for now (nf4lora.backends.KERNEL_QUANT_TYPES).
     """
 
     _kind = "Linear4bit"
@@ -443,7 +472,7 @@ class Linear4bit(_Layer4bit, nn.Linear):
 
     def __init__(self, input_features: int, output_features: int, bias: bool = True,
                  compute_dtype: Optional[torch.dtype] = None, compress_statistics: bool = True,
-                 quant_type: str = "fp4", quant_storage: torch.dtype = torch.uint8, device=None):
+                 quant_type="fp4", quant_storage: torch.dtype = torch.uint8, device=None):
         super().__init__(input_features, output_features, bias, device)
         self.weight = Params4bit(self.weight.data, requires_grad=False,
                                  compress_statistics=compress_statistics, quant_type=quant_type,

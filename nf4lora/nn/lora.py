@@ -19,6 +19,7 @@ name (`lora_A.default.weight`); mapping to and from that is the PEFT integration
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..autograd import lora_matmul_4bit, matmul_4bit
+from ..merge import MergeReport, merge_into, resolve_options
 from .linear4bit import Linear4bit, Params4bit
 
 __all__ = ["LoraLinear4bit"]
@@ -98,39 +100,52 @@ class LoraLinear4bit(nn.Module):
         """scaling * B @ A in float32 [out, in]."""
         return (self.lora_B.weight.detach().float() @ self.lora_A.weight.detach().float()) * self.scaling
 
-    def _requantize_with(self, sign: float) -> float:
-        base = self.base_layer
-        if not base.weight.bnb_quantized:
-            base.weight._quantize(base.weight.device)
-        exact = base.dequantized_weight(torch.float32) + sign * self._delta()
-        # Quantized from the weight's original dtype, with the same blocksize, quant type,
-        # double quantization and storage.
-        base.weight._quantize_from(exact.to(base.weight.quant_state.dtype))
-        return (base.dequantized_weight(torch.float32) - exact).abs().max().item() if exact.numel() else 0.0
+    @property
+    def merge_report(self) -> Optional[MergeReport]:
+        """The report of the latest merge or unmerge of this adapter's 4-bit weight (also
+        a refused one), None before any: nf4lora.merge.MergeReport."""
+        return getattr(self.base_layer, "merge_report", None)
 
     @torch.no_grad()
-    def merge(self) -> float:
+    def merge(self, *, requantize: Optional[str] = None, max_error: Optional[float] = None,
+              probe_rows: Optional[int] = None) -> float:
         """Fold the adapter into the 4-bit weight: W' = quantize(dequantize(W) + scaling * B @ A).
 
+        requantize: "plain" (each block scaled by its absmax, as any quantization) or
+            "search" (each block's scale searched for the least squared error;
+            nf4lora.merge.quantize_4bit_search).
+        max_error: refuse when the re-quantized weight's largest absolute error against
+            W + scaling * B @ A exceeds it: MergeRefusedError (a ValueError), the layer
+            left unmerged and byte for byte as it was.
+        probe_rows: rows of the probe batch the report's output error is measured on.
+        Arguments left None come from an enclosing nf4lora.merge.merge_options (defaults:
+        "plain", no bound, 16 rows).
+
         Returns the largest absolute error the re-quantization introduced against the exact
-        merged weight (in float32). After merging, forward is the base layer alone.
+        merged weight; the full report (errors, output error on the probe batch) is
+        `self.merge_report`, also logged by the `nf4lora` logger. After merging, forward is
+        the base layer alone.
         """
         if self.merged:
             raise RuntimeError("the adapter is already merged")
-        error = self._requantize_with(+1.0)
+        options = resolve_options(requantize, max_error, probe_rows)
+        report = merge_into(self.base_layer, self._delta(), options)
         self.merged = True
-        return error
+        return report.max_abs_error
 
     @torch.no_grad()
-    def unmerge(self) -> float:
+    def unmerge(self, *, requantize: Optional[str] = None,
+                probe_rows: Optional[int] = None) -> float:
         """Take the adapter back out: W = quantize(dequantize(W') - scaling * B @ A).
 
         Lossy: each merge and unmerge rounds the weight to the 4-bit grid again, so after
         merge + unmerge the weight is close to, but not byte-identical with, the original.
-        Returns the largest absolute error this re-quantization introduced (float32).
+        Never refused (a bound applies to merges only). Returns the largest absolute error
+        this re-quantization introduced (float32); the report is `self.merge_report`.
         """
         if not self.merged:
             raise RuntimeError("the adapter is not merged")
-        error = self._requantize_with(-1.0)
+        options = dataclasses.replace(resolve_options(requantize, None, probe_rows), max_error=None)
+        report = merge_into(self.base_layer, self._delta(), options, sign=-1.0)
         self.merged = False
-        return error
+        return report.max_abs_error
