@@ -198,6 +198,17 @@ struct GemvDecoder : FloatGemvDecoder {
   }
 };
 
+// The 16-bit GEMV decoders' step: 32 packed bytes -> 64 16-bit entries of `table` (lanes
+// 0-15) by code, the 32 high-nibble ones (even elements) in w[0], the low-nibble ones in
+// w[1]: source(j) = j < 32 ? 2j : 2(j - 32) + 1.
+inline void lookup64_epi16(const uint8_t* p, I table, I* w) {
+  const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  const __m256i first = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);  // elements 2i
+  w[0] = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(first), table);
+  w[1] = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm256_and_si256(q, low)), table);
+}
+
 // 16-bit activations: the integer decoder (gemv_body.h). 32 packed bytes -> the 32
 // high-nibble levels (even elements), then the 32 low-nibble ones, each a vpermw from the
 // constant table of 16 int16 levels. CPUs with AVX512-BF16 all have AVX512-VNNI (Cooper
@@ -212,13 +223,7 @@ struct GemvInt16Decoder : IntegerGemvDecoder {
     int16_levels(qt, table);
     levels = _mm512_castsi256_si512(_mm256_load_si256(reinterpret_cast<const __m256i*>(table)));
   }
-  void operator()(const Table&, const uint8_t* p, I* w) const {
-    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    const __m256i low = _mm256_set1_epi8(0x0F);
-    const __m256i first = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);  // elements 2i
-    w[0] = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(first), levels);
-    w[1] = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm256_and_si256(q, low)), levels);
-  }
+  void operator()(const Table&, const uint8_t* p, I* w) const { lookup64_epi16(p, levels, w); }
   static I madd(I w, const X* x, I sum) {
     const I xv = _mm512_loadu_si512(x);
 #if NF4LORA_AVX512_BF16
@@ -251,13 +256,7 @@ struct GemvBf16Decoder {
   Table table(float scale) const {
     return _mm512_castsi256_si512(to_u16<bf16>(mul(values, splat(scale))));
   }
-  void operator()(const Table& table, const uint8_t* p, I* w) const {
-    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    const __m256i low = _mm256_set1_epi8(0x0F);
-    const __m256i first = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);  // elements 2i
-    w[0] = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(first), table);
-    w[1] = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm256_and_si256(q, low)), table);
-  }
+  void operator()(const Table& table, const uint8_t* p, I* w) const { lookup64_epi16(p, table, w); }
   static F madd(I w, const X* x, F acc) {
     return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)_mm512_loadu_si512(x));
   }
