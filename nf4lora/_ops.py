@@ -200,7 +200,8 @@ def _run(name: str, activations: Tensor, weight: PackedWeight, *args):
 
 def lora_matmul_4bit_impl(x: Tensor, weight: PackedWeight, lora_A: Optional[Tensor],
                           lora_B: Optional[Tensor], scaling: float,
-                          bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+                          bias: Optional[Tensor], row_scale: Optional[Tensor] = None
+                          ) -> tuple[Tensor, Tensor]:
     """y = x @ W^T + scaling * (x @ lora_A^T) @ lora_B^T + bias for x [M, in], W 4-bit [out, in].
 
     Returns (y [M, out], h = x @ lora_A^T [M, r]); h is [M, 0] without LoRA. h is returned
@@ -210,8 +211,22 @@ def lora_matmul_4bit_impl(x: Tensor, weight: PackedWeight, lora_A: Optional[Tens
     lora_A, lora_B = _check_adapter(lora_A, "lora_B", lora_B, lambda r: (out_features, r), x,
                                     in_features)
     _check_operand("bias", bias, (out_features,), x)
-    return _run("lora_matmul_4bit", x.contiguous(), weight.with_offset_read(), lora_A,
-                lora_B, float(scaling), bias)
+    _check_operand("row_scale", row_scale, (out_features,), x)
+    if row_scale is None:
+        return _run("lora_matmul_4bit", x.contiguous(), weight.with_offset_read(), lora_A,
+                    lora_B, float(scaling), bias)
+    y, h = _run("lora_matmul_4bit", x.contiguous(), weight.with_offset_read(), lora_A,
+                lora_B, float(scaling), None)
+    return scale_rows(y, row_scale, bias), h
+
+
+def scale_rows(y: Tensor, row_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """row_scale * y + bias: the row_scale operand's epilogue (autograd applies it too, to
+    keep the unscaled y for row_scale's gradient). On [M, out] it moves 4 M out bytes
+    against the kernel's out * in / 2 of W, so it stays outside the backends' kernels:
+    fused, it would save < 1% of a decode step's bytes at in >= 1024."""
+    _check_operand("row_scale", row_scale, (y.shape[1],), y)
+    return y * row_scale if bias is None else torch.addcmul(bias, y, row_scale)
 
 
 @torch.library.custom_op("nf4lora::lora_matmul_4bit", mutates_args=())
@@ -219,16 +234,17 @@ def lora_matmul_4bit(x: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, 
                      shape: list[int], nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
                      nested_offset: Optional[Tensor], nested_blocksize: int,
                      lora_A: Optional[Tensor], lora_B: Optional[Tensor], scaling: float,
-                     bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+                     bias: Optional[Tensor], row_scale: Optional[Tensor] = None
+                     ) -> tuple[Tensor, Tensor]:
     """`lora_matmul_4bit_impl` with the weight as `PackedWeight.op_args()`."""
     weight = PackedWeight.from_op_args(packed, absmax, blocksize, quant_type, shape, nested_absmax,
                                        nested_code, nested_offset, nested_blocksize)
-    return lora_matmul_4bit_impl(x, weight, lora_A, lora_B, scaling, bias)
+    return lora_matmul_4bit_impl(x, weight, lora_A, lora_B, scaling, bias, row_scale)
 
 
 @lora_matmul_4bit.register_fake
 def _(x, packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, nested_offset,
-      nested_blocksize, lora_A, lora_B, scaling, bias):
+      nested_blocksize, lora_A, lora_B, scaling, bias, row_scale=None):
     r = 0 if lora_A is None else lora_A.shape[0]
     return x.new_empty((x.shape[0], shape[0])), x.new_empty((x.shape[0], r))
 
@@ -279,11 +295,11 @@ def _direct(*tensors) -> bool:
 
 
 def call_lora_matmul_4bit(x: Tensor, weight: PackedWeight, lora_A, lora_B, scaling,
-                          bias) -> tuple[Tensor, Tensor]:
+                          bias, row_scale=None) -> tuple[Tensor, Tensor]:
     """lora_matmul_4bit, skipping the dispatcher where nothing needs to see the op."""
     if _direct(x, weight.packed):
-        return lora_matmul_4bit_impl(x, weight, lora_A, lora_B, scaling, bias)
-    return lora_matmul_4bit(x, *weight.op_args(), lora_A, lora_B, scaling, bias)
+        return lora_matmul_4bit_impl(x, weight, lora_A, lora_B, scaling, bias, row_scale)
+    return lora_matmul_4bit(x, *weight.op_args(), lora_A, lora_B, scaling, bias, row_scale)
 
 
 def call_lora_matmul_4bit_grad_input(grad: Tensor, weight: PackedWeight, lora_A, grad_h) -> Tensor:

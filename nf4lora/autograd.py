@@ -37,8 +37,13 @@ class _Matmul4bit(torch.autograd.Function):
     place), while a view of its output made outside is tracked by autograd as usual."""
 
     @staticmethod
-    def forward(ctx, x2, weight: PackedWeight, lora_A, lora_B, scaling, bias):
-        y, h = _ops.call_lora_matmul_4bit(x2, weight, lora_A, lora_B, scaling, bias)
+    def forward(ctx, x2, weight: PackedWeight, lora_A, lora_B, scaling, bias, row_scale=None):
+        if row_scale is None:
+            y, h = _ops.call_lora_matmul_4bit(x2, weight, lora_A, lora_B, scaling, bias)
+            unscaled = None
+        else:  # the unscaled product is row_scale's gradient's other factor
+            unscaled, h = _ops.call_lora_matmul_4bit(x2, weight, lora_A, lora_B, scaling, None)
+            y = _ops.scale_rows(unscaled, row_scale, bias)
         # The packed weight, not W: W is dequantized again in backward. Its bytes go through
         # save_for_backward, so saved-tensor hooks (offloading, checkpointing) see them; the
         # small block constants stay on the descriptor. The activations only when a
@@ -46,36 +51,41 @@ class _Matmul4bit(torch.autograd.Function):
         ctx.weight = weight._replace(packed=None)
         ctx.scaling = scaling
         ctx.has_bias = bias is not None
-        _, _, need_A, need_B, _, _ = ctx.needs_input_grad
+        _, _, need_A, need_B, _, _, need_scale = ctx.needs_input_grad
         ctx.save_for_backward(x2 if need_A else None, weight.packed, lora_A, lora_B,
-                              h if need_B else None)
+                              h if need_B else None, row_scale,
+                              unscaled if need_scale else None)
         return y
 
     @staticmethod
     def backward(ctx, g2):
-        x2, packed, lora_A, lora_B, h = ctx.saved_tensors
-        need_x, *_, need_bias = ctx.needs_input_grad
-        dx = dA = dB = dbias = grad_h = None
+        x2, packed, lora_A, lora_B, h, row_scale, unscaled = ctx.saved_tensors
+        need_x, *_, need_bias, need_scale = ctx.needs_input_grad
+        dx = dA = dB = dbias = grad_h = dscale = None
+        if need_bias and ctx.has_bias:
+            dbias = g2.sum(0)
+        if row_scale is not None:  # through y = row_scale * unscaled + bias
+            if need_scale:
+                dscale = (g2 * unscaled).sum(0)
+            g2 = g2 * row_scale
         if lora_A is not None:
             grad_h, dA, dB = reference.lora_matmul_4bit_grad_adapters(g2, x2, h, lora_B, ctx.scaling)
         if need_x:
             dx = _ops.call_lora_matmul_4bit_grad_input(g2, ctx.weight._replace(packed=packed),
                                                         lora_A, grad_h)
-        if need_bias and ctx.has_bias:
-            dbias = g2.sum(0)
-        return dx, None, dA, dB, None, dbias
+        return dx, None, dA, dB, None, dbias, dscale
 
 
 def _apply(x: Tensor, weight: PackedWeight, lora_A, lora_B, scaling: float,
-           bias: Optional[Tensor]) -> Tensor:
+           bias: Optional[Tensor], row_scale: Optional[Tensor] = None) -> Tensor:
     """y [..., out] for x [..., in]; the reshapes stay outside the autograd Function."""
     x2 = x.reshape(-1, x.shape[-1])
     needs_graph = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, lora_A, lora_B, bias))
+        t is not None and t.requires_grad for t in (x, lora_A, lora_B, bias, row_scale))
     if needs_graph:
-        y = _Matmul4bit.apply(x2, weight, lora_A, lora_B, scaling, bias)
+        y = _Matmul4bit.apply(x2, weight, lora_A, lora_B, scaling, bias, row_scale)
     else:  # no graph to record: skip the Function (and its saved tensors)
-        y = _ops.call_lora_matmul_4bit(x2, weight, lora_A, lora_B, scaling, bias)[0]
+        y = _ops.call_lora_matmul_4bit(x2, weight, lora_A, lora_B, scaling, bias, row_scale)[0]
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -141,8 +151,10 @@ def _matmul_in_out_oriented(A: Tensor, B: Tensor, quant_state, weight: PackedWei
 
 
 def lora_matmul_4bit(x: Tensor, weight: Tensor, quant_state, lora_A: Tensor, lora_B: Tensor,
-                     scaling: float, bias: Optional[Tensor] = None) -> Tensor:
-    """x @ W^T + scaling * (x @ lora_A^T) @ lora_B^T + bias.
+                     scaling: float, bias: Optional[Tensor] = None,
+                     row_scale: Optional[Tensor] = None) -> Tensor:
+    """x @ W^T + scaling * (x @ lora_A^T) @ lora_B^T + bias; with row_scale [out] (DoRA's
+    magnitude over the row norms), row_scale * (x @ W^T + scaling * ...) + bias.
 
     weight: packed 4-bit [out*in/2, 1] (any quant_storage), W = its dequantization [out, in];
     lora_A [r, in], lora_B [out, r] and bias [out] in x's dtype; x has any leading dims.
@@ -154,4 +166,4 @@ def lora_matmul_4bit(x: Tensor, weight: Tensor, quant_state, lora_A: Tensor, lor
         raise ValueError("lora_A and lora_B are required (matmul_4bit is the call without LoRA)")
     if isinstance(scaling, Tensor) or not isinstance(scaling, (int, float)):
         raise TypeError(f"scaling must be a Python number, got {type(scaling).__name__}")
-    return _apply(x, packed, lora_A, lora_B, float(scaling), bias)
+    return _apply(x, packed, lora_A, lora_B, float(scaling), bias, row_scale)

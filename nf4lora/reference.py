@@ -220,15 +220,22 @@ def dequantize_absmax(qabsmax: torch.Tensor, nested_absmax: torch.Tensor, code: 
 # [out, in]. A backend's fused kernel may sum in another order and round less often; its
 # tests bound the difference by the same computation's own error against float64.
 
-def lora_matmul_4bit(x: torch.Tensor, W: torch.Tensor, lora_A, lora_B, scaling: float, bias):
+def lora_matmul_4bit(x: torch.Tensor, W: torch.Tensor, lora_A, lora_B, scaling: float, bias,
+                     row_scale=None):
     """(y, h) for x [M, in]: h = x @ lora_A^T [M, r] ([M, 0] without LoRA) and
     y = x @ W^T + bias + scaling * h @ lora_B^T, the LoRA term added in one addmm (one
-    rounding of the sum, as a kernel accumulating both products into one tile does)."""
-    y = torch.nn.functional.linear(x, W, bias)
+    rounding of the sum, as a kernel accumulating both products into one tile does).
+    row_scale [out] (DoRA's m / ||W + s B A||_row): y = row_scale * (x @ W^T + scaling *
+    h @ lora_B^T) + bias, the product before it rounded to x's dtype."""
+    y = torch.nn.functional.linear(x, W, None if row_scale is not None else bias)
     if lora_A is None:
-        return y, x.new_empty((x.shape[0], 0))
-    h = torch.nn.functional.linear(x, lora_A)
-    return torch.addmm(y, h, lora_B.t(), alpha=scaling), h
+        h = x.new_empty((x.shape[0], 0))
+    else:
+        h = torch.nn.functional.linear(x, lora_A)
+        y = torch.addmm(y, h, lora_B.t(), alpha=scaling)
+    if row_scale is not None:
+        y = y * row_scale if bias is None else torch.addcmul(bias, y, row_scale)
+    return y, h
 
 
 def lora_matmul_4bit_grad_input(grad: torch.Tensor, W: torch.Tensor, lora_A, grad_h):
