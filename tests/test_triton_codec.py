@@ -14,7 +14,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from nf4lora import backends, reference  # noqa: E402
+from nf4lora import backends, codebook, reference  # noqa: E402
 from conftest import dequantize_into
 from nf4lora.backends import NestedAbsmax, PackedWeight  # noqa: E402
 from nf4lora.backends import triton as triton_backend  # noqa: E402
@@ -265,6 +265,33 @@ def test_non_power_of_two_blocksize_is_rejected():
     with pytest.raises(ValueError, match="blocksize"):
         triton_backend.dequantize_4bit(PackedWeight(torch.zeros(48, dtype=torch.uint8), torch.ones(2),
                                                     48, "nf4", (96,), None), out)
+
+
+@pytest.mark.parametrize("quant_type", ["af4", "bof4", "iq4nl", "int4", "custom"])
+def test_code_books_round_trip_bit_exact(quant_type):
+    # any 16-entry table: quantize by its midpoints, decode by it, as the spec does
+    key = (codebook.format_key("custom", torch.linspace(-0.9, 0.8, 16)) if quant_type == "custom"
+           else quant_type)
+    values = torch.randn(1000, generator=torch.Generator().manual_seed(3))
+    values[:64] = 0.0                               # an all-zero block: code 0
+    values[64:70] = codebook.table(key)[[0, 5, 9, 15, 3, 7]] * values[64:128].abs().max()
+    round_trip(values, 64, key, out_dtypes=(torch.float32, torch.bfloat16))
+
+
+def test_every_code_book_stays_on_the_triton_backend():
+    # the Triton kernels take any table; the C++ ones NF4/FP4 only (their formats go to the
+    # reference backend: nf4lora.backends.backend_for)
+    key = codebook.format_key("custom", torch.linspace(-0.9, 0.8, 16))
+    previous = backends.get_backend()
+    backends.set_backend("triton")
+    try:
+        for quant_type in ("nf4", "fp4", "af4", "int4", key):
+            assert backends.backend_for(torch.device("cpu"), quant_type) is triton_backend
+    finally:
+        backends.set_backend(previous)
+    if backends.availability("cpu") is None:
+        from nf4lora.backends import cpu as cpu_backend
+        assert not cpu_backend.takes_format("af4") and cpu_backend.takes_format("nf4")
 
 
 def test_tables_come_from_the_codebook():

@@ -38,7 +38,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import nf4lora  # noqa: E402
 import nf4lora.functional as nf  # noqa: E402
-from nf4lora import reference  # noqa: E402
+from nf4lora import codebook, reference  # noqa: E402
 from nf4lora.backends import NestedAbsmax, PackedWeight, composite  # noqa: E402
 from nf4lora.backends import reference as reference_backend  # noqa: E402
 from nf4lora.backends import triton as triton_backend  # noqa: E402
@@ -218,6 +218,14 @@ def test_forward_ranks(device, m, r):
 def test_forward_fp4(device, m, nested):
     check_forward(device, m, 50, 160, 64, torch.float16, nested, r=3, bias=True,
                   quant_type="fp4")
+
+
+@pytest.mark.parametrize("m", [1, 17])
+@pytest.mark.parametrize("quant_type", ["iq4nl", "custom"])
+def test_forward_code_books(device, m, quant_type):
+    # the kernels read the 16-entry table as data: any code book (a custom one by its key)
+    key = codebook.format_key("custom", torch.linspace(-0.9, 0.8, 16)) if quant_type == "custom" else quant_type
+    check_forward(device, m, 50, 160, 64, torch.bfloat16, True, r=3, bias=True, quant_type=key)
 
 
 @pytest.mark.parametrize("splits", [1, 2, 3])

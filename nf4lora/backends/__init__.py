@@ -25,8 +25,8 @@ Choice, first match wins: `set_backend(name)`, then the NF4LORA_BACKEND environm
 variable, then the device's default ("cpu" for CPU tensors when the C++ extension is
 built, else "reference"; "cuda" then "triton" for CUDA tensors). A backend that was
 asked for but cannot run raises; it never falls back silently. One exception, by format
-rather than by availability: 4-bit code books other than NF4/FP4 run on the reference
-backend whichever backend is chosen (`backend_for`, KERNEL_QUANT_TYPES).
+rather than by availability: a 4-bit code book the chosen backend's kernels do not take
+(`takes_format`; the C++ and CUDA ones take NF4/FP4 only) runs on the reference backend.
 """
 from __future__ import annotations
 
@@ -40,14 +40,15 @@ from .._weight import NestedAbsmax, PackedWeight  # noqa: F401  (the backends' a
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 ENV_VAR = "NF4LORA_BACKEND"
 
-# The 4-bit formats the native (C++, CUDA) and Triton kernels decode: they select the NF4 or
-# FP4 table by quant_type id (csrc/weight.h), not from data. Every other format (af4, bof4,
-# iq4nl, int4 and custom code books, see nf4lora.codebook) is sent to the reference backend,
-# whose dequantize reads the table from the format key, and so its matmuls take the
-# composite path (reference dequantize + torch GEMM): correct on any device, but a full
-# dense W per call (e.g. ~6x the NF4 CPU time for a 4096x4096 layer at M = 1). This is the
-# one place that decides it; when the kernels read the table as data, this set grows.
-KERNEL_QUANT_TYPES = ("nf4", "fp4")
+# Which 4-bit formats a backend's kernels take: each backend module says so in
+# `takes_format(quant_type)` (a format key, nf4lora.codebook). The Triton kernels read the
+# 16-entry table as data (any code book); the native C++ and CUDA kernels select the NF4
+# or FP4 table by quant_type id (csrc/weight.h), so every other format (af4, bof4, iq4nl,
+# int4, custom code books) goes from them to the reference backend, whose dequantize reads
+# the table from the format key: its matmuls take the composite path (reference
+# dequantize + torch GEMM), correct on any device but a full dense W per call (e.g. ~6x
+# the NF4 CPU time for a 4096x4096 layer at M = 1). backend_for is the one place that
+# applies it.
 
 _override: str | None = None
 
@@ -110,9 +111,9 @@ def backend_for(device: torch.device, quant_type: str | None = None):
     if reason is not None:
         raise RuntimeError(f"nf4lora backend {name!r} (requested via "
                            f"{'set_backend' if _override else ENV_VAR}) is not available: {reason}")
-    if quant_type is not None and quant_type not in KERNEL_QUANT_TYPES:
-        name = "reference"         # see KERNEL_QUANT_TYPES: these kernels decode NF4/FP4 only
     module = _module(name)
+    if quant_type is not None and not module.takes_format(quant_type):
+        module = _module("reference")   # see takes_format above: its kernels lack this table
     if device.type not in module.DEVICE_TYPES:
         raise RuntimeError(f"nf4lora backend {name!r} runs on {module.DEVICE_TYPES} tensors, "
                            f"not {device.type}")

@@ -32,6 +32,11 @@ import torch
 
 DEVICE_TYPES = ("cpu",)
 
+
+def takes_format(quant_type: str) -> bool:
+    """NF4 and FP4 only: the kernels select the table by quant-type id (csrc/weight.h)."""
+    return quant_type in ("nf4", "fp4")
+
 try:
     from .. import _C
     _IMPORT_ERROR: str | None = None

@@ -25,6 +25,11 @@ import torch
 from . import composite
 
 DEVICE_TYPES = ("cuda",)
+
+
+def takes_format(quant_type: str) -> bool:
+    """NF4 and FP4 only: the kernels select the table by quant-type id (csrc/weight.h)."""
+    return quant_type in ("nf4", "fp4")
 BUILD_HINT = ("build it with `pip install -e .` on a machine where nvcc is on PATH "
               "(or CUDA_HOME points at the CUDA toolkit)")
 

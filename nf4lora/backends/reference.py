@@ -1,13 +1,17 @@
 """The reference backend: `nf4lora.reference` (the spec) behind the backend interface.
 
-It also runs every 4-bit code book the native and Triton kernels do not decode yet (all
-but NF4/FP4: see KERNEL_QUANT_TYPES in nf4lora/backends/__init__.py), whichever backend is
-chosen; its table comes from the weight's format key (nf4lora.codebook.table)."""
+It also runs every 4-bit code book the chosen backend's kernels do not take (the C++ and
+CUDA ones take NF4/FP4 only: see takes_format in nf4lora/backends/__init__.py); its table
+comes from the weight's format key (nf4lora.codebook.table)."""
 from __future__ import annotations
 
 from .. import reference
 
 DEVICE_TYPES = ("cpu", "cuda")
+
+
+def takes_format(quant_type: str) -> bool:
+    return True   # the spec reads any table from its format key
 
 
 def availability() -> str | None:

@@ -16,11 +16,18 @@ import os
 
 import torch
 
-from ..codebook import FP4_ABS_THRESHOLDS, FP4_CODE_BY_RANK, get_4bit_type
-from ..reference import nf4_thresholds, num_blocks
+from .. import codebook
+from ..codebook import FP4_ABS_THRESHOLDS, FP4_CODE_BY_RANK
+from ..reference import midpoints, num_blocks
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE_TYPES = ("cuda", "cpu") if INTERPRETING else ("cuda",)
+
+
+def takes_format(quant_type: str) -> bool:
+    """Any code book: the kernels read the 16-entry table as data (_table), and quantize
+    by its midpoints (FP4 by its own sign/magnitude rule; _encoder)."""
+    return True
 
 
 def _import_kernels():
@@ -69,8 +76,9 @@ def availability() -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def _table(quant_type: str, device: torch.device) -> torch.Tensor:
-    """The 16-entry float32 code book on `device`, uploaded once per device."""
-    return get_4bit_type(quant_type, device=device)
+    """The 16-entry float32 table of a format key on `device`, uploaded once per device and
+    format (a custom key carries its table exactly: nf4lora.codebook.table)."""
+    return codebook.table(quant_type, device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,9 +89,9 @@ def _encoder(quant_type: str) -> tuple[str, tuple, int]:
     if quant_type == "fp4":
         thresholds = torch.tensor(FP4_ABS_THRESHOLDS, dtype=torch.float32).tolist()
         return "fp4", tuple(thresholds), _kernels.codec.pack_fp4_magnitude_codes(FP4_CODE_BY_RANK)
-    if quant_type == "nf4":
-        return "midpoints", tuple(nf4_thresholds().tolist()), 0
-    raise ValueError(f"the triton backend quantizes to nf4 or fp4, got quant_type {quant_type!r}")
+    # every other format: the count of its table's float32 midpoints below the value, the
+    # spec's rule (reference.encode_sorted; for NF4 the midpoints are nf4_thresholds)
+    return "midpoints", tuple(midpoints(codebook.table(quant_type)).tolist()), 0
 
 
 def _log2_of_power_of_two(value: int, name: str) -> int:
