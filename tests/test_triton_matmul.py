@@ -302,8 +302,8 @@ def test_gemv_split_heuristic():
 # ----------------------------------------------------------------------------------------
 
 def check_grad_input(device, m, n, k, blocksize, dtype, nested, r, scaling=0.5, path=None,
-                     splits=None):
-    weight, dense = make_weight(n, k, blocksize, nested)
+                     splits=None, quant_type="nf4"):
+    weight, dense = make_weight(n, k, blocksize, nested, quant_type)
     _, lora_A, lora_B, _ = make_inputs(m, n, k, r, dtype, bias=False)
     gen = torch.Generator().manual_seed(2)
     grad = torch.randn(m, n, generator=gen).to(dtype)
@@ -320,6 +320,13 @@ def check_grad_input(device, m, n, k, blocksize, dtype, nested, r, scaling=0.5, 
                           f"dx {device.type} M={m} N={n} K={k} bs={blocksize} "
                           f"{DTYPE_IDS[dtype]} nested={nested} r={r} splits={splits}")
     return dx
+
+
+@pytest.mark.parametrize("m", [1, 17])
+def test_grad_input_code_book(device, m):
+    # the backward kernels read the same table argument as the forward ones
+    key = codebook.format_key("custom", torch.linspace(-0.9, 0.8, 16))
+    check_grad_input(device, m, 50, 160, 64, torch.bfloat16, nested=True, r=3, quant_type=key)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
