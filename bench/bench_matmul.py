@@ -859,6 +859,7 @@ def run(args, preset: dict, found: Found, quantizer: Quantizer, notes: list[str]
     add_cycles_per_32_weights(rows, bandwidth["threads"], notes)
     if any(impl.name == BNB_GEMV for impl in impls):
         notes.append(bnb_gemv_path())
+        bnb_gemv_layers.clear()   # the run's layers (their weights) are not kept past it
     if any(r["op"] == "train" and r["provider"] in (BASELINE, DENSE) for r in rows):
         notes.append("train: the dense-bf16 and bitsandbytes steps are dominated by torch's bf16 "
                      "grad @ W (dx of F.linear's backward, W not transposed), which on CPUs without "
