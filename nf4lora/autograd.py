@@ -24,7 +24,7 @@ from torch import Tensor
 from . import _ops, functional, reference
 from ._weight import PackedWeight, check_float
 
-__all__ = ["matmul_4bit", "lora_matmul_4bit"]
+__all__ = ["matmul_4bit", "lora_matmul_4bit", "multi_lora_matmul_4bit", "pad_adapters"]
 
 
 # --------------------------------------------------------------------------------------
@@ -167,3 +167,77 @@ def lora_matmul_4bit(x: Tensor, weight: Tensor, quant_state, lora_A: Tensor, lor
     if isinstance(scaling, Tensor) or not isinstance(scaling, (int, float)):
         raise TypeError(f"scaling must be a Python number, got {type(scaling).__name__}")
     return _apply(x, packed, lora_A, lora_B, float(scaling), bias, row_scale)
+
+
+# --------------------------------------------------------------------------------------
+# Mixed-adapter batches: one 4-bit pass for the whole batch, each row its own adapter.
+# --------------------------------------------------------------------------------------
+
+def multi_lora_matmul_4bit(x: Tensor, weight: Tensor, quant_state, lora_A: Tensor,
+                           lora_B: Tensor, scalings, adapter_index: Tensor,
+                           bias: Optional[Tensor] = None) -> Tensor:
+    """x @ W^T + bias, plus for each row m of x its own adapter i = adapter_index[m]:
+    scalings[i] * (x[m] @ lora_A[i]^T) @ lora_B[i]^T (i = -1: the base model only).
+
+    x [..., in] (M rows over its leading dims); lora_A [n, r, in] and lora_B [n, out, r] in
+    x's dtype (adapters of different ranks zero-padded to the largest: pad_adapters; the
+    zeros add exactly nothing); scalings: n numbers or a [n] tensor; adapter_index [...]
+    integers matching x's leading dims. The 4-bit weight is read once for the whole batch
+    by the fused kernels (matmul_4bit); the adapters are gathered per row and multiplied
+    with torch's batched GEMMs (nf4lora.reference.multi_lora_delta). Gradients flow to x,
+    lora_A, lora_B and bias. PEFT's sub-batch loop instead runs the base layer once per
+    adapter in the batch.
+    """
+    packed = _weight_of(weight, quant_state)
+    _check_x(x, packed.in_features)
+    out_features, in_features = packed.shape
+    if not isinstance(lora_A, Tensor) or not isinstance(lora_B, Tensor):
+        raise TypeError("lora_A [n, r, in] and lora_B [n, out, r] must be tensors (stack the "
+                        "adapters; pad_adapters pads different ranks)")
+    if lora_A.dim() != 3 or lora_A.shape[2] != in_features:
+        raise ValueError(f"lora_A must be [n, r, in_features={in_features}], got {list(lora_A.shape)}")
+    n, rank = lora_A.shape[0], lora_A.shape[1]
+    if tuple(lora_B.shape) != (n, out_features, rank):
+        raise ValueError(f"lora_B must be [n={n}, out_features={out_features}, r={rank}] to match "
+                         f"lora_A, got {list(lora_B.shape)} (pad_adapters pads different ranks)")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if t.dtype != x.dtype or t.device != x.device:
+            raise TypeError(f"{name} must have x's dtype and device ({x.dtype}, {x.device}), got "
+                            f"{t.dtype} on {t.device}")
+    scalings = torch.as_tensor(scalings, dtype=torch.float32, device=x.device).reshape(-1)
+    if scalings.numel() != n:
+        raise ValueError(f"scalings must hold one number per adapter ({n}), got {scalings.numel()}")
+    if not isinstance(adapter_index, Tensor) or adapter_index.is_floating_point() \
+            or adapter_index.dtype == torch.bool:
+        raise TypeError("adapter_index must be an integer tensor (one adapter per row, -1: none)")
+    if tuple(adapter_index.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"adapter_index must have x's leading shape {list(x.shape[:-1])}, got "
+                         f"{list(adapter_index.shape)}")
+    index = adapter_index.reshape(-1).to(device=x.device, dtype=torch.long)
+    if index.numel() and (int(index.min()) < -1 or int(index.max()) >= n):
+        raise ValueError(f"adapter_index must lie in [-1, {n - 1}] (-1: base model only), got "
+                         f"values from {int(index.min())} to {int(index.max())}")
+    y = _apply(x, packed, None, None, 1.0, bias)
+    x2 = x.reshape(-1, in_features)
+    delta = reference.multi_lora_delta(x2, lora_A, lora_B, scalings, index)
+    return y + delta.reshape(y.shape)
+
+
+def pad_adapters(lora_As, lora_Bs) -> tuple[Tensor, Tensor]:
+    """Stack adapters of any ranks for multi_lora_matmul_4bit: (lora_A [n, r_max, in],
+    lora_B [n, out, r_max]), each zero-padded from its own rank r_i to r_max. A padded row
+    of A meets a padded column of B only, so the padding adds exactly zero."""
+    lora_As, lora_Bs = list(lora_As), list(lora_Bs)
+    if not lora_As or len(lora_As) != len(lora_Bs):
+        raise ValueError(f"pad_adapters needs as many lora_A as lora_B (at least one), got "
+                         f"{len(lora_As)} and {len(lora_Bs)}")
+    rank = max(A.shape[0] for A in lora_As)
+    A = lora_As[0].new_zeros((len(lora_As), rank, lora_As[0].shape[1]))
+    B = lora_Bs[0].new_zeros((len(lora_Bs), lora_Bs[0].shape[0], rank))
+    for i, (a, b) in enumerate(zip(lora_As, lora_Bs)):
+        if a.shape[0] != b.shape[1] or a.shape[1] != A.shape[2] or b.shape[0] != B.shape[1]:
+            raise ValueError(f"adapter {i}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do "
+                             f"not fit [r, in={A.shape[2]}] and [out={B.shape[1]}, r]")
+        A[i, : a.shape[0]] = a
+        B[i, :, : b.shape[1]] = b
+    return A, B

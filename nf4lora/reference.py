@@ -238,6 +238,29 @@ def lora_matmul_4bit(x: torch.Tensor, W: torch.Tensor, lora_A, lora_B, scaling: 
     return y, h
 
 
+def multi_lora_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                     scalings: torch.Tensor, adapter_index: torch.Tensor) -> torch.Tensor:
+    """The adapters' term of a mixed-adapter batch, [M, out] for x [M, in]: row m gets
+    scalings[i] * (x[m] @ lora_A[i]^T) @ lora_B[i]^T with i = adapter_index[m], or 0 where
+    i = -1 (the base model only). lora_A [n, r, in], lora_B [n, out, r] (adapters of
+    smaller rank zero-padded to r: nf4lora.pad_adapters), scalings [n] float32.
+    Each row gathers its own adapter (the BGMV form of Punica / S-LoRA): h [M, r] in x's
+    dtype, then the product with B, scaled once."""
+    rows = adapter_index.clamp(min=0)
+    h = torch.einsum("mi,mri->mr", x, lora_A.index_select(0, rows))
+    delta = torch.einsum("mr,mor->mo", h, lora_B.index_select(0, rows))
+    scale = scalings.index_select(0, rows).masked_fill(adapter_index < 0, 0.0)
+    return delta * scale.to(delta.dtype).unsqueeze(1)
+
+
+def multi_lora_matmul_4bit(x: torch.Tensor, W: torch.Tensor, lora_A, lora_B, scalings,
+                           adapter_index, bias=None) -> torch.Tensor:
+    """y = x @ W^T + bias + multi_lora_delta(...): one base product for the whole batch,
+    each row's own adapter added to it."""
+    return torch.nn.functional.linear(x, W, bias) + multi_lora_delta(x, lora_A, lora_B, scalings,
+                                                                     adapter_index)
+
+
 def lora_matmul_4bit_grad_input(grad: torch.Tensor, W: torch.Tensor, lora_A, grad_h):
     """dL/dx [M, in] = grad @ W + grad_h @ lora_A, with grad_h = scaling * grad @ lora_B
     (None without LoRA). The only gradient that reads W, so the only one with a kernel."""

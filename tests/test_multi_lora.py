@@ -1,0 +1,118 @@
+"""Mixed-adapter batches (issue 15 item 2): nf4lora.multi_lora_matmul_4bit against the spec
+(nf4lora.reference.multi_lora_matmul_4bit on the dequantized weight) in float64: forward and
+every gradient, odd shapes, rank 1 and 70 (padded with a smaller one), adapter_index with -1
+and repeated indices, leading dims; each row equals the single-adapter call on it; bad
+input is a clear error."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nf4lora
+import nf4lora.functional as nf
+from nf4lora import reference
+
+from conftest import DTYPES
+
+
+def weight(out_f=37, in_f=192, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    packed, state = nf.quantize_4bit(torch.randn(out_f, in_f, generator=gen), blocksize=64,
+                                     compress_statistics=True)
+    return packed, state, nf.dequantize_4bit(packed, state).double()
+
+
+def adapters(ranks, out_f, in_f, dtype, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    As = [(torch.randn(r, in_f, generator=gen) * 0.1).to(dtype) for r in ranks]
+    Bs = [(torch.randn(out_f, r, generator=gen) * 0.1).to(dtype) for r in ranks]
+    return As, Bs
+
+
+def assert_within_baseline(ours, baseline, exact, dtype, label):
+    err = (ours.double() - exact).abs().max().item()
+    base_err = (baseline.double() - exact).abs().max().item()
+    ulp = torch.finfo(dtype).eps * exact.abs().max().item()
+    assert err <= 2 * base_err + ulp, (label, err, base_err)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ranks,index", [
+    ((1, 70, 5), [2, -1, 0, 2, 1, 1, -1, 0]),      # r = 1 and 70 padded together, -1, repeats
+    ((16,), [0, 0, 0]),                              # one adapter for every row
+    ((4, 4), [-1]),                                  # base only
+])
+def test_forward_and_gradients_match_the_spec(dtype, ranks, index):
+    packed, state, W = weight()
+    As, Bs = adapters(ranks, 37, 192, dtype)
+    A, B = nf4lora.pad_adapters(As, Bs)
+    scalings = [0.5 * (i + 1) for i in range(len(ranks))]
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(len(index), 192, generator=gen).to(dtype)
+    bias = torch.randn(37, generator=gen).to(dtype)
+    idx = torch.tensor(index)
+    inputs = [t.clone().requires_grad_() for t in (x, A, B, bias)]
+    y = nf4lora.multi_lora_matmul_4bit(inputs[0], packed, state, inputs[1], inputs[2], scalings,
+                                       idx, inputs[3])
+    grad = torch.randn(y.shape, generator=gen).to(dtype)
+    y.backward(grad)
+    s = torch.tensor(scalings)
+    exact_in = [t.detach().double().requires_grad_() for t in (x, A, B, bias)]
+    exact = reference.multi_lora_matmul_4bit(exact_in[0], W, exact_in[1], exact_in[2], s, idx,
+                                             exact_in[3])
+    exact.backward(grad.double())
+    base_in = [t.detach().clone().requires_grad_() for t in (x, A, B, bias)]
+    base = reference.multi_lora_matmul_4bit(base_in[0], W.to(dtype), base_in[1], base_in[2], s,
+                                            idx, base_in[3])
+    base.backward(grad)
+    assert_within_baseline(y.detach(), base.detach(), exact.detach(), dtype, "y")
+    for name, ours, truth, baseline in zip("x A B bias".split(), inputs, exact_in, base_in):
+        assert_within_baseline(ours.grad, baseline.grad, truth.grad, dtype, f"d{name}")
+    # the padding of the smaller adapters gets no gradient that could grow it
+    for i, r in enumerate(ranks):
+        assert not inputs[1].grad[i, r:].any() and not inputs[2].grad[i, :, r:].any()
+
+
+def test_each_row_is_its_own_single_adapter_call():
+    packed, state, _ = weight()
+    As, Bs = adapters((3, 8), 37, 192, torch.float32)
+    A, B = nf4lora.pad_adapters(As, Bs)
+    x = torch.randn(2, 3, 192, generator=torch.Generator().manual_seed(4))   # leading dims
+    idx = torch.tensor([[1, -1, 0], [0, 1, 1]])
+    y = nf4lora.multi_lora_matmul_4bit(x, packed, state, A, B, [2.0, 0.25], idx)
+    assert y.shape == (2, 3, 37)
+    for b in range(2):
+        for m in range(3):
+            i = int(idx[b, m])
+            single = (nf4lora.matmul_4bit(x[b, m:m + 1], packed.t(), state) if i < 0 else
+                      nf4lora.lora_matmul_4bit(x[b, m:m + 1], packed, state, As[i], Bs[i],
+                                               [2.0, 0.25][i]))
+            torch.testing.assert_close(y[b, m:m + 1], single, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (dict(index=torch.tensor([0, 2])), ValueError, r"adapter_index must lie in \[-1, 1\]"),
+    (dict(index=torch.tensor([0, -2])), ValueError, r"adapter_index must lie in \[-1, 1\]"),
+    (dict(index=torch.tensor([0.0, 1.0])), TypeError, "adapter_index must be an integer tensor"),
+    (dict(index=torch.tensor([0, 1, 1])), ValueError, "adapter_index must have x's leading shape"),
+    (dict(B=torch.zeros(2, 37, 5)), ValueError, "lora_B must be"),
+    (dict(A=torch.zeros(2, 4, 100)), ValueError, "lora_A must be"),
+    (dict(scalings=[1.0]), ValueError, "scalings must hold one number per adapter"),
+    (dict(A=torch.zeros(2, 4, 192, dtype=torch.float64)), TypeError, "lora_A must have x's dtype"),
+])
+def test_bad_input_is_a_clear_error(change, error, match):
+    packed, state, _ = weight()
+    args = dict(A=torch.zeros(2, 4, 192), B=torch.zeros(2, 37, 4), scalings=[1.0, 2.0],
+                index=torch.tensor([0, 1]))
+    args.update(change)
+    with pytest.raises(error, match=match):
+        nf4lora.multi_lora_matmul_4bit(torch.zeros(2, 192), packed, state, args["A"], args["B"],
+                                       args["scalings"], args["index"])
+
+
+def test_pad_adapters_rejects_what_does_not_fit():
+    with pytest.raises(ValueError, match="as many lora_A as lora_B"):
+        nf4lora.pad_adapters([torch.zeros(2, 8)], [])
+    with pytest.raises(ValueError, match="adapter 1"):
+        nf4lora.pad_adapters([torch.zeros(2, 8), torch.zeros(3, 8)],
+                             [torch.zeros(5, 2), torch.zeros(5, 2)])
