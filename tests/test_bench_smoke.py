@@ -210,6 +210,18 @@ def test_int4pack_round_trips_through_torchs_kernel():
     assert (y.double() - exact).abs().max() < 0.02 * exact.abs().max()
 
 
+def test_multi_lora_bench_quick_run(tmp_path):
+    from bench import bench_multi_lora
+    payload = bench_multi_lora.main(["--shape", "64x128", "--tokens", "4", "--adapters", "3",
+                                     "--rank", "2", "--reps", "2", "--out", str(tmp_path)])
+    rows = {row["provider"]: row for row in payload["rows"]}
+    assert set(rows) == {"single adapter (fused)", "nf4lora multi_lora_matmul_4bit",
+                         "sub-batch loop (PEFT's way)"}
+    assert rows["single adapter (fused)"]["x_vs_single"] == 1.0
+    assert all(row["median_ms"] > 0 for row in rows.values())
+    assert (tmp_path / "multi-lora-latest.json").exists()
+
+
 def test_matmul_bytes_and_flops_follow_the_docstring():
     weights = bench_matmul.Weights((4096, 4096), quantizer=None)
     nf4 = bench_codec.quantized_bytes(4096 * 4096)
