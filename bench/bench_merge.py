@@ -146,15 +146,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     rows = [run(weights, quant_type, not args.no_double_quant, b_std, args.rank, args.alpha, grid)
             for quant_type in args.quant_types
             for b_std in list(args.b_std) + ([None] if args.fresh else [])]
-    cpu = harness.cpu_info()["model"]
-    print(f"MiniLM-L6 ({rows[0]['layers']} linear layers, {rows[0]['weights']} weights), "
-          f"blocksize 64, LoRA r={args.rank} alpha={args.alpha:g}, search steps "
-          f"{tuple(args.steps)} (of {args.step:g} x absmax, or of one 8-bit code with double "
-          f"quant); CPU: {cpu}")
-    print(harness.format_table(rows, COLUMNS))
-    config = {k: v for k, v in vars(args).items() if k != "out"}
-    return harness.save_run(args.out, "merge", benchmark="merge",
-                            metadata=harness.metadata(), config=config, argv=argv, rows=rows)
+    heading = (f"MiniLM-L6 ({rows[0]['layers']} linear layers, {rows[0]['weights']} weights), "
+               f"blocksize 64, LoRA r={args.rank} alpha={args.alpha:g}, search steps "
+               f"{tuple(args.steps)} (of {args.step:g} x absmax, or of one 8-bit code with "
+               f"double quant)")
+    return harness.print_and_save_table(args, argv, "merge", "merge", heading, rows, COLUMNS)
 
 
 if __name__ == "__main__":

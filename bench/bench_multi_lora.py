@@ -77,13 +77,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     single = rows[0]["median_ms"]
     for row in rows:
         row["x_vs_single"] = row["median_ms"] / single
-    print(f"{shape[0]}x{shape[1]} NF4 + double quant, bf16, M = {args.tokens} over "
-          f"{args.adapters} adapters, r = {args.rank}, {threads} threads; CPU: "
-          f"{harness.cpu_info()['model']}")
-    print(harness.format_table(rows, COLUMNS))
-    config = {k: v for k, v in vars(args).items() if k != "out"}
-    return harness.save_run(args.out, "multi-lora", benchmark="multi_lora",
-                            metadata=harness.metadata(), config=config, argv=argv, rows=rows)
+    heading = (f"{shape[0]}x{shape[1]} NF4 + double quant, bf16, M = {args.tokens} over "
+               f"{args.adapters} adapters, r = {args.rank}, {threads} threads")
+    return harness.print_and_save_table(args, argv, "multi-lora", "multi_lora", heading, rows,
+                                        COLUMNS)
 
 
 if __name__ == "__main__":

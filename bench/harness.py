@@ -576,6 +576,17 @@ def save_run(out_dir: Path, file_name: str, *, benchmark: str, metadata: dict, c
     return payload
 
 
+def print_and_save_table(args, argv, file_name: str, benchmark: str, heading: str,
+                         rows: list[dict], columns) -> dict:
+    """The tail of a one-table benchmark: the heading with this CPU's model, the table, then
+    save_run with every parsed option but --out as the config."""
+    print(f"{heading}; CPU: {cpu_info()['model']}")
+    print(format_table(rows, columns))
+    config = {k: v for k, v in vars(args).items() if k != "out"}
+    return save_run(args.out, file_name, benchmark=benchmark, metadata=metadata(), config=config,
+                    argv=argv, rows=rows)
+
+
 def load_average() -> Optional[list[float]]:
     """The 1, 5 and 15 minute load averages (None where the OS has none): other jobs on a
     shared machine distort timings, and the JSON says how busy it was."""
