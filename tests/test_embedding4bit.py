@@ -298,10 +298,7 @@ def test_out_of_range_index_raises_like_nn_embedding(dim, quantized, bad):
     layer.load_state_dict(dense.state_dict())
     if quantized:
         layer.cpu()
-    before = snapshot(layer)
-    with pytest.raises(IndexError, match="index out of range"):
-        layer(index)
-    assert_same(before, snapshot(layer))
+    _assert_rejected_unchanged(layer, index, IndexError, "index out of range")
     assert layer.weight.bnb_quantized == quantized
 
 
@@ -312,8 +309,13 @@ def test_non_index_input_is_a_type_error_and_changes_nothing(quantized, index):
     layer = EmbeddingNF4(7, 64)
     if quantized:
         layer.cpu()
+    _assert_rejected_unchanged(layer, index, TypeError, "input must be a tensor of indices")
+
+
+def _assert_rejected_unchanged(layer, index, error, match):
+    """layer(index) raises error, and the layer's state is as before the call."""
     before = snapshot(layer)
-    with pytest.raises(TypeError, match="input must be a tensor of indices"):
+    with pytest.raises(error, match=match):
         layer(index)
     assert_same(before, snapshot(layer))
 
