@@ -282,11 +282,6 @@ def round_trips(weight: torch.Tensor, format: str, blocksize: int, double_quant:
     return out
 
 
-def sweep_configs(formats: Sequence[str], blocksizes: Sequence[int],
-                  double_quant: Sequence[bool]) -> list[Config]:
-    return [Config(f, b, d) for f in formats for b in blocksizes for d in double_quant]
-
-
 class _SimpleProgress:
     """A progress bar on stderr for when tqdm is not installed."""
 
