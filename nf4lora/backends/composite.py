@@ -35,3 +35,34 @@ def lora_matmul_4bit_grad_input(backend, grad: Tensor, weight: PackedWeight,
                                 lora_A: Optional[Tensor], grad_h: Optional[Tensor]) -> Tensor:
     W = dense_weight(backend, weight, grad.dtype)
     return reference.lora_matmul_4bit_grad_input(grad, W, lora_A, grad_h)
+
+
+# The float32 rows one pass may decode at a time when it must see all of W but keep none of
+# it: 4 Mi elements = 16 MiB (1024 rows of a 4096-wide layer), the same bound as the CPU
+# backend's dequantize+gemm chunks (CHUNK_BYTES).
+CHUNK_ELEMENTS = 4 << 20
+
+
+def row_sq_norms_4bit(backend, weight: PackedWeight) -> Tensor:
+    """||W_o||^2 of every row [out], float32: W decoded by the backend's kernel in row chunks
+    of <= CHUNK_ELEMENTS into one reused buffer (the spec: nf4lora.reference.row_sq_norms).
+    Double-quantized constants are decoded first (blocks / 64 floats, by the spec's rule,
+    which every kernel matches bit for bit), so a chunk may start on any block boundary."""
+    if weight.nested is not None:
+        nested = weight.nested
+        absmax = reference.dequantize_absmax(weight.absmax, nested.absmax, nested.code,
+                                             nested.offset, nested.blocksize)
+        weight = weight._replace(absmax=absmax, nested=None)
+    N, K = weight.shape
+    out = torch.zeros(N, dtype=torch.float32, device=weight.device)
+    if N == 0 or K == 0:
+        return out
+    granule = weight.row_granule
+    rows = min(N, max(granule, CHUNK_ELEMENTS // K // granule * granule))
+    buffer = torch.empty(rows * K, dtype=torch.float32, device=weight.device)
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
+        chunk = buffer[: (n1 - n0) * K].view(n1 - n0, K)
+        backend.dequantize_4bit(weight.rows(n0, n1), chunk)
+        torch.sum(chunk.square_(), dim=1, out=out[n0:n1])
+    return out
