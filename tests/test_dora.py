@@ -214,3 +214,103 @@ def test_bad_dora_input_is_a_clear_error(edit, error, match):
     with pytest.raises(error, match=match):
         nf4lora.dora_matmul_4bit(x, packed, state, args["A"], B, args["scaling"], args["m"], bias,
                                  weight_sq_norms=args["sq"])
+
+
+# --- the layers: LoraLinear4bit(use_dora=True), add_lora(use_dora=True) ---------------------
+
+def dora_layer(dtype=torch.float32, dropout=0.0, seed=0):
+    from nf4lora.nn import Linear4bit, LoraLinear4bit
+    torch.manual_seed(seed)
+    dense = torch.nn.Linear(96, 40)
+    base = Linear4bit(96, 40, quant_type="nf4", compute_dtype=dtype)
+    base.load_state_dict(dense.state_dict())
+    layer = LoraLinear4bit(base, 4, 8, lora_dropout=dropout, use_dora=True)
+    with torch.no_grad():   # as if trained: B nonzero, magnitudes away from the norms
+        layer.lora_B.weight.normal_(std=0.05)
+        layer.lora_magnitude_vector.weight.mul_(torch.rand(40) + 0.5)
+    return layer
+
+
+def layer_spec(layer, x, dropped=None):
+    """PEFT's DoRA layer in float64 on the dequantized weight: base(x) + (f - 1) base(xd) +
+    f s B A xd, f = m / ||W + s B A||_row, xd = dropout(x) (x without dropout)."""
+    base = layer.base_layer
+    W = base.dequantized_weight(torch.float32).double()
+    A, B = layer.lora_A.weight.double(), layer.lora_B.weight.double()
+    f = layer.lora_magnitude_vector.weight.double() / reference.dora_row_norms(W, A, B, layer.scaling)
+    x, xd = x.double(), (x if dropped is None else dropped).double()
+    return (torch.nn.functional.linear(x, W, base.bias.double()) + (f - 1) * (xd @ W.t())
+            + f * layer.scaling * (xd @ A.t() @ B.t()))
+
+
+def test_dora_layer_starts_as_its_base_layer():
+    from nf4lora.nn import Linear4bit, LoraLinear4bit
+    base = Linear4bit(96, 40, quant_type="nf4", compute_dtype=torch.float32)
+    layer = LoraLinear4bit(base, 4, 8, use_dora=True)
+    W = base.dequantized_weight(torch.float32).double()
+    torch.testing.assert_close(layer.lora_magnitude_vector.weight.double(), W.norm(dim=1),
+                               rtol=1e-6, atol=0)
+    x = torch.randn(3, 96)
+    torch.testing.assert_close(layer(x), base(x), rtol=1e-5, atol=1e-5)
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} >= {
+        "lora_A.weight", "lora_B.weight", "lora_magnitude_vector.weight"}
+
+
+def test_dora_layer_forward_and_magnitude_gradient_match_peft_s_math():
+    layer = dora_layer()
+    x = torch.randn(5, 96)
+    y = layer(x)
+    torch.testing.assert_close(y.double(), layer_spec(layer, x), rtol=1e-4, atol=1e-4)
+    y.sum().backward()
+    m = layer.lora_magnitude_vector.weight
+    exact_m = m.detach().double().requires_grad_()
+    W = layer.base_layer.dequantized_weight(torch.float32).double()
+    A, B = layer.lora_A.weight.detach().double(), layer.lora_B.weight.detach().double()
+    f = exact_m / reference.dora_row_norms(W, A, B, layer.scaling)
+    (f * (x.double() @ W.t() + layer.scaling * x.double() @ A.t() @ B.t())).sum().backward()
+    torch.testing.assert_close(m.grad.double(), exact_m.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_dora_layer_with_dropout_follows_peft():
+    layer = dora_layer(dropout=0.3).train()
+    x = torch.randn(4, 96)
+    torch.manual_seed(5)
+    y = layer(x)
+    torch.manual_seed(5)
+    dropped = layer.lora_dropout(x)
+    torch.testing.assert_close(y.double(), layer_spec(layer, x, dropped), rtol=1e-4, atol=1e-4)
+    y.sum().backward()
+    assert layer.lora_magnitude_vector.weight.grad is not None
+
+
+def test_dora_layer_merge_and_unmerge():
+    layer = dora_layer().eval()
+    x = torch.randn(3, 96)
+    W0 = layer.base_layer.dequantized_weight(torch.float32)
+    W = W0.double()
+    A, B = layer.lora_A.weight.detach().double(), layer.lora_B.weight.detach().double()
+    target = layer_spec(layer, torch.eye(96)).t() - layer.base_layer.bias.double().unsqueeze(1)
+    layer.merge()
+    merged = layer.base_layer.dequantized_weight(torch.float32).double()
+    error = layer.merge_report.max_abs_error
+    assert (merged - target).abs().max().item() <= error + 1e-5
+    assert (W + layer.scaling * B @ A - target).abs().max().item() > 2 * error   # not LoRA's merge
+    # a merge changed the bytes: the cached ||W_o||^2 follows them
+    torch.testing.assert_close(layer.base_layer.row_sq_norms().double(), merged.square().sum(1),
+                               rtol=1e-5, atol=0)
+    layer.unmerge()
+    assert not layer.merged
+    assert (layer.base_layer.dequantized_weight(torch.float32) - W0).abs().max().item() < 4 * error
+
+
+def test_add_lora_with_dora():
+    from nf4lora.nn import LoraLinear4bit
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+    nf4lora.replace_linear(model, quant_type="nf4", progress=False)
+    nf4lora.add_lora(model, r=2, lora_alpha=4, target_modules=["0", "2"], use_dora=True)
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear4bit)]
+    assert len(layers) == 2 and all(m.use_dora for m in layers)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{i}.{p}.weight" for i in (0, 2)
+                         for p in ("lora_A", "lora_B", "lora_magnitude_vector")}
+    model(torch.randn(2, 64)).sum().backward()

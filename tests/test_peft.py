@@ -109,8 +109,9 @@ def test_register_is_idempotent_and_not_serialized():
 def test_unsupported_options_are_refused():
     with pytest.raises(ValueError, match="init_lora_weights='pissa'"):
         get_peft_model(_nf4_llama(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa"))
-    with pytest.raises(ValueError, match="plain LoRA"):
-        get_peft_model(_nf4_llama(), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(ValueError, match="plain LoRA, rsLoRA and DoRA only"):
+        get_peft_model(_nf4_llama(), LoraConfig(r=2, target_modules=["q_proj"],
+                                                use_bdlora={"target_modules_bd_a": ["q_proj"]}))
 
 
 # -- forward -----------------------------------------------------------------------------------
