@@ -38,9 +38,9 @@ def lora_matmul_4bit_grad_input(backend, grad: Tensor, weight: PackedWeight,
 
 
 # The float32 rows one pass may decode at a time when it must see all of W but keep none of
-# it: 4 Mi elements = 16 MiB (1024 rows of a 4096-wide layer), the same bound as the CPU
-# backend's dequantize+gemm chunks (CHUNK_BYTES).
-CHUNK_ELEMENTS = 4 << 20
+# it: 1 Mi elements = 4 MiB (256 rows of a 4096-wide layer; 16 chunks of a 4096x4096 W, each
+# one dequantize call, which costs ~1/16 of the pass anyway).
+CHUNK_ELEMENTS = 1 << 20
 
 
 def row_sq_norms_4bit(backend, weight: PackedWeight) -> Tensor:
