@@ -5,7 +5,8 @@
 // attributes: `data_ptr()` for the address, `dtype` for the dtype id (by name: weight.h
 // kDTypeNames), `numel()` / `shape` for sizes. A packed 4-bit weight arrives as
 // nf4lora._weight.PackedWeight and becomes weight.h's PackedWeight in ONE place,
-// packed_weight() below, which also guards the weight's reads. nf4lora/backends/{cpu,cuda}.py
+// packed_weight() below, which also guards the weight's reads; its format arrives as data
+// (PackedWeight.codec, nf4lora.codebook.KernelCodec), never as a name. nf4lora/backends/{cpu,cuda}.py
 // have validated the other tensors (dtypes, shapes, devices, contiguity); the kernels
 // check what would otherwise be undefined behaviour.
 //

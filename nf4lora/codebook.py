@@ -27,7 +27,8 @@ Below the QuantState, a format is named by its *format key* (`format_key`): the 
 type for named formats, or "custom:" + the 16 levels' float32 bit patterns in hex for a
 table given as data. The key is a plain string, so it crosses the torch.library op
 schemas (a `str` argument) without a schema change, and `table(key)` rebuilds the exact
-table from it.
+table from it. The C++ and CUDA kernels take a key's `kernel_codec`: its table, and one
+encoder rule for every format (FP4's included), as data.
 """
 from __future__ import annotations
 
