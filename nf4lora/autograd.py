@@ -237,9 +237,20 @@ class _Dora4bit(torch.autograd.Function):
         dx, dA, dB, dbias, _ = _backward(ctx, g2, x2, packed, lora_A, lora_B, h, row_scale, None,
                                          need_x, need_bias)
         dm = None
-        if need_m:  # summed in float32, not through the row scale rounded to x's dtype
-            dm = ((g2.float() * unscaled.float()).sum(0) / norm).to(ctx.magnitude_dtype)
+        if need_m:
+            dm = (_column_dots(g2, unscaled) / norm).to(ctx.magnitude_dtype)
         return dx, None, dA, dB, None, dbias, dm, None
+
+
+def _column_dots(a: Tensor, b: Tensor) -> Tensor:
+    """sum_m a[m, o] * b[m, o], float32 [out]: products and sums in float32 (PEFT's DoRA takes
+    the magnitude's gradient in float32), over row chunks of <= 2^18 elements so that the
+    float32 copies stay ~1 MiB each (whole, they were 3 x 8 MiB at M = 512, out = 4096)."""
+    rows = max(1, (1 << 18) // max(a.shape[1], 1))
+    out = torch.zeros(a.shape[1], dtype=torch.float32, device=a.device)
+    for m0 in range(0, a.shape[0], rows):
+        out += (a[m0:m0 + rows].float() * b[m0:m0 + rows].float()).sum(0)
+    return out
 
 
 def _check_vector(name: str, t, out_features: int, device, dtype=None) -> None:
