@@ -253,6 +253,30 @@ def multi_lora_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
     return delta * scale.to(delta.dtype).unsqueeze(1)
 
 
+def multi_lora_delta_grad(grad: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
+                          lora_B: torch.Tensor, scalings: torch.Tensor,
+                          adapter_index: torch.Tensor, need_x: bool = True,
+                          need_A: bool = True, need_B: bool = True):
+    """(dx [M, in], dlora_A [n, r, in], dlora_B [n, out, r]) of multi_lora_delta for grad
+    [M, out] (None where not needed): what torch autograd computes through its gathers.
+    With g = grad * scale per row and h, A_m, B_m as there: grad_h = g @ B_m, dx = grad_h @
+    A_m, and each row adds grad_h^T x to dA[i] and g^T h to dB[i] (index_add: the rows of
+    one adapter summed; rows with i = -1 have g = 0 and add nothing)."""
+    rows = adapter_index.clamp(min=0)
+    A_rows, B_rows = lora_A.index_select(0, rows), lora_B.index_select(0, rows)
+    scale = scalings.index_select(0, rows).masked_fill(adapter_index < 0, 0.0)
+    g = grad * scale.to(grad.dtype).unsqueeze(1)
+    grad_h = torch.einsum("mo,mor->mr", g, B_rows)
+    dx = torch.einsum("mr,mri->mi", grad_h, A_rows) if need_x else None
+    dA = dB = None
+    if need_A:
+        dA = torch.zeros_like(lora_A).index_add_(0, rows, torch.einsum("mr,mi->mri", grad_h, x))
+    if need_B:
+        h = torch.einsum("mi,mri->mr", x, A_rows)
+        dB = torch.zeros_like(lora_B).index_add_(0, rows, torch.einsum("mo,mr->mor", g, h))
+    return dx, dA, dB
+
+
 def multi_lora_matmul_4bit(x: torch.Tensor, W: torch.Tensor, lora_A, lora_B, scalings,
                            adapter_index, bias=None) -> torch.Tensor:
     """y = x @ W^T + bias + multi_lora_delta(...): one base product for the whole batch,

@@ -35,3 +35,18 @@ def lora_matmul_4bit_grad_input(backend, grad: Tensor, weight: PackedWeight,
                                 lora_A: Optional[Tensor], grad_h: Optional[Tensor]) -> Tensor:
     W = dense_weight(backend, weight, grad.dtype)
     return reference.lora_matmul_4bit_grad_input(grad, W, lora_A, grad_h)
+
+
+def multi_lora_matmul_4bit(backend, x: Tensor, weight: PackedWeight, lora_A: Tensor,
+                           lora_B: Tensor, scalings: Tensor, adapter_index: Tensor,
+                           bias: Optional[Tensor]) -> Tensor:
+    """A mixed-adapter batch without a kernel of its own: the backend's fused matmul (the
+    4-bit pass once for the whole batch, no adapter), then each row's adapter gathered
+    with torch's batched GEMMs (reference.multi_lora_delta). A backend without a fused
+    matmul (the reference backend) runs the spec on the dequantized W."""
+    fused = getattr(backend, "lora_matmul_4bit", None)
+    if fused is None:
+        return reference.multi_lora_matmul_4bit(x, dense_weight(backend, weight, x.dtype), lora_A,
+                                                lora_B, scalings, adapter_index, bias)
+    y, _ = fused(x, weight, None, None, 1.0, bias)
+    return y + reference.multi_lora_delta(x, lora_A, lora_B, scalings, adapter_index)
