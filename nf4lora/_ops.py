@@ -317,10 +317,12 @@ def _check_multi_lora(x: Tensor, weight: PackedWeight, lora_A: Tensor, lora_B: T
     if tuple(adapter_index.shape) != (x.shape[0],):
         raise ValueError(f"adapter_index must be [M={x.shape[0]}], one per row of x, got "
                          f"{list(adapter_index.shape)}")
-    if adapter_index.device != x.device:
-        raise ValueError(f"adapter_index is on {adapter_index.device}, the activations on {x.device}")
+    if adapter_index.device not in (x.device, torch.device("cpu")):
+        raise ValueError(f"adapter_index must be on the activations' device ({x.device}) or the "
+                         f"CPU, got {adapter_index.device}")
     # The kernels gather adapter i's weights at i * r * in: an index out of range would
-    # read outside lora_A/lora_B. On a GPU this reads two numbers back (a sync per call).
+    # read outside lora_A/lora_B. An index on the CPU (PEFT's, a server's scheduler's) is
+    # checked for free; one on a GPU is read back, a sync per call.
     if adapter_index.numel():
         low, high = (int(v) for v in torch.aminmax(adapter_index))
         if low < -1 or high >= n:
@@ -333,12 +335,15 @@ def multi_lora_matmul_4bit_impl(x: Tensor, weight: PackedWeight, lora_A: Tensor,
                                 bias: Optional[Tensor]) -> Tensor:
     """y [M, out] = x @ W^T + bias, plus on each row m with i = adapter_index[m] >= 0
     scalings[i] * (x[m] @ lora_A[i]^T) @ lora_B[i]^T (spec: reference.multi_lora_matmul_4bit).
+    adapter_index may be on the CPU with x on a GPU (see _check_multi_lora).
     Backends without their own kernel run composite.multi_lora_matmul_4bit: their fused base
     matmul once, then the adapters gathered per row (reference.multi_lora_delta)."""
     _check_multi_lora(x, weight, lora_A, lora_B, scalings, adapter_index, bias)
+    # non_blocking: a host index is staged and copied without waiting for the GPU's queue
+    index = adapter_index.to(x.device, non_blocking=True).contiguous()
     return _run("multi_lora_matmul_4bit", x.contiguous(), weight.with_offset_read(),
-                lora_A.contiguous(), lora_B.contiguous(), scalings.contiguous(),
-                adapter_index.contiguous(), None if bias is None else bias.contiguous())
+                lora_A.contiguous(), lora_B.contiguous(), scalings.contiguous(), index,
+                None if bias is None else bias.contiguous())
 
 
 @torch.library.custom_op("nf4lora::multi_lora_matmul_4bit", mutates_args=())

@@ -186,7 +186,8 @@ class _MultiLoraMatmul4bit(torch.autograd.Function):
         y = _ops.call_multi_lora_matmul_4bit(x2, weight, lora_A, lora_B, scalings, index, bias)
         ctx.weight = weight._replace(packed=None)
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(x2, weight.packed, lora_A, lora_B, scalings, index)
+        ctx.save_for_backward(x2, weight.packed, lora_A, lora_B, scalings,
+                              index.to(x2.device, non_blocking=True))
         return y
 
     @staticmethod
@@ -211,8 +212,8 @@ def multi_lora_matmul_4bit(x: Tensor, weight: Tensor, quant_state, lora_A: Tenso
     x [..., in] (M rows over its leading dims); lora_A [n, r, in] and lora_B [n, out, r] in
     x's dtype (adapters of different ranks zero-padded to the largest: pad_adapters; the
     zeros add exactly nothing); scalings: n numbers or a [n] tensor; adapter_index [...]
-    integers matching x's leading dims (its range is checked: on a GPU that reads two
-    numbers back, a sync per call). The op `nf4lora::multi_lora_matmul_4bit` runs it: the Triton kernels compute
+    integers matching x's leading dims, on x's device or the CPU (its range is checked: free
+    on the CPU, a sync per call on a GPU). The op `nf4lora::multi_lora_matmul_4bit` runs it: the Triton kernels compute
     each row's adapter inside the 4-bit pass (the GEMV's shrink programs and the shared
     LoRA epilogue, per row); the CPU and CUDA backends run their fused matmul once for the
     whole batch, then the adapters gathered per row with torch's batched GEMMs
@@ -230,7 +231,7 @@ def multi_lora_matmul_4bit(x: Tensor, weight: Tensor, quant_state, lora_A: Tenso
     if tuple(adapter_index.shape) != tuple(x.shape[:-1]):
         raise ValueError(f"adapter_index must have x's leading shape {list(x.shape[:-1])}, got "
                          f"{list(adapter_index.shape)}")
-    index = adapter_index.reshape(-1).to(x.device)
+    index = adapter_index.reshape(-1)
     x2 = x.reshape(-1, x.shape[-1])
     needs_graph = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, lora_A, lora_B, bias))
