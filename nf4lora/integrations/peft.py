@@ -16,8 +16,10 @@ calls it.
 same parameter names (`lora_A.<adapter>.weight`, ...), same adapter bookkeeping (inherited
 from PEFT's LoraLayer), so adapters saved from a bitsandbytes model load here and back.
 What differs is the forward: with one active adapter and no active dropout it is a single
-`nf4lora.lora_matmul_4bit` call (base and adapter fused); otherwise it is base(x) plus the
-sum of the adapters, as PEFT computes it. And the merge: it re-quantizes (as PEFT's
+`nf4lora.lora_matmul_4bit` call (base and adapter fused); a mixed batch (`adapter_names=`)
+is a single `nf4lora.multi_lora_matmul_4bit` call (the base once, each sample's adapter per
+row) where PEFT's loop runs the base layer once per adapter; otherwise it is base(x) plus
+the sum of the adapters, as PEFT computes it. And the merge: it re-quantizes (as PEFT's
 bitsandbytes layer does) through nf4lora.merge, which reports the error per layer, refuses
 a merge over a bound and offers an error-minimizing re-quantization; PEFT's
 merge_and_unload() takes those options from `nf4lora.merge.merge_options(...)` around it.
@@ -66,7 +68,7 @@ from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import Tensor, nn
 
-from ..autograd import lora_matmul_4bit
+from ..autograd import lora_matmul_4bit, multi_lora_matmul_4bit, pad_adapters
 from ..merge import MergeReport, merge_into, resolve_options
 from ..nn.linear4bit import Linear4bit
 
@@ -242,6 +244,52 @@ class LoraLinear4bitPeft(_Requantize4bit, nn.Module, LoraLayer):
                              self.lora_A[adapter].weight.to(dtype),
                              self.lora_B[adapter].weight.to(dtype),
                              self.scaling[adapter], bias)
+        return y.to(x.dtype)
+
+    def _mixed_batch_plain(self, adapter_names) -> bool:
+        """Whether a mixed batch can run as one multi_lora_matmul_4bit call: each adapter it
+        names that this layer holds is plain LoRA, without a variant (DoRA & co. rescale or
+        reshape the output per adapter), without lora_bias (a term the op does not have),
+        and sees the base layer's input (dropout inactive: PEFT's loop drops out each
+        sub-batch's input on its own). "__base__" and adapters of other layers add nothing."""
+        for name in set(adapter_names):
+            if name not in self.lora_A:
+                continue
+            if name in self.lora_variant or self.lora_bias.get(name, False):
+                return False
+            if self.training and isinstance(self.lora_dropout[name], nn.Dropout):
+                return False
+        return True
+
+    def _mixed_batch_forward(self, x: Tensor, *args: Any, adapter_names: list[str],
+                             **kwargs: Any) -> Tensor:
+        """PEFT's `adapter_names=` forward (each sample of the batch its own adapter,
+        "__base__" none) as one nf4lora.multi_lora_matmul_4bit call: the 4-bit weight read
+        once for the whole batch, each row's adapter added to it. PEFT's own loop (the base
+        layer, then each adapter on its sub-batch) stays for what the op cannot express:
+        see _mixed_batch_plain, and extra forward arguments.
+
+        Like _fused_forward, in the base layer's compute dtype, the adapter weights cast to
+        it (gradients reach them through the casts); the batch's adapters are zero-padded
+        to its largest rank (pad_adapters: exact). The index is built on the CPU, where the
+        op checks its range without a GPU sync."""
+        if args or any(value is not None for value in kwargs.values()) \
+                or not self._mixed_batch_plain(adapter_names):
+            return super()._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        used = sorted({name for name in adapter_names if name in self.lora_A})
+        if not used:
+            return self.base_layer(x)
+        base = self.get_base_layer()
+        dtype = base.prepare(x)         # restore/quantize the weight, fix the compute dtype
+        position = {name: i for i, name in enumerate(used)}
+        # one adapter per sample (x's first dim), the same for all of its tokens
+        index = torch.tensor([position.get(name, -1) for name in adapter_names])
+        index = index.reshape(-1, *(1,) * (x.dim() - 2)).expand(x.shape[:-1])
+        lora_A, lora_B = pad_adapters([self.lora_A[name].weight.to(dtype) for name in used],
+                                      [self.lora_B[name].weight.to(dtype) for name in used])
+        bias = None if base.bias is None else base.bias.to(dtype)
+        y = multi_lora_matmul_4bit(x.to(dtype), base.weight, base.weight.quant_state, lora_A,
+                                   lora_B, [self.scaling[name] for name in used], index, bias)
         return y.to(x.dtype)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
