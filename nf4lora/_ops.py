@@ -298,6 +298,9 @@ def _check_multi_lora(x: Tensor, weight: PackedWeight, lora_A: Tensor, lora_B: T
         raise ValueError(f"lora_A must be [n, r, in_features={in_features}] (n adapters), got "
                          f"{list(lora_A.shape)}")
     n, rank = lora_A.shape[0], lora_A.shape[1]
+    if n == 0:
+        raise ValueError("lora_A must hold at least one adapter ([n >= 1, r, in]); a batch "
+                         "without adapters is matmul_4bit")
     if tuple(lora_B.shape) != (n, out_features, rank):
         raise ValueError(f"lora_B must be [n={n}, out_features={out_features}, r={rank}] to match "
                          f"lora_A, got {list(lora_B.shape)} (adapters of different ranks: "

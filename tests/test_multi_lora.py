@@ -130,6 +130,11 @@ def test_compiles_as_one_graph_forward_and_backward():
     (dict(A=torch.zeros(2, 4, 100)), ValueError, "lora_A must be"),
     (dict(scalings=[1.0]), ValueError, "scalings must hold one number per adapter"),
     (dict(A=torch.zeros(2, 4, 192, dtype=torch.float64)), TypeError, "lora_A must have the dtype of the activations"),
+    (dict(index=torch.tensor([True, False])), TypeError, "adapter_index must be an integer tensor"),
+    (dict(index=torch.tensor([0, 1], device="meta")), ValueError,
+     "adapter_index must be on the activations' device"),
+    (dict(A=torch.zeros(0, 4, 192), B=torch.zeros(0, 37, 4), scalings=[], index=torch.tensor([-1, -1])),
+     ValueError, "at least one adapter"),
 ])
 def test_bad_input_is_a_clear_error(change, error, match):
     packed, state, _ = weight()
