@@ -238,19 +238,42 @@ def lora_matmul_4bit(x: torch.Tensor, W: torch.Tensor, lora_A, lora_B, scaling: 
     return y, h
 
 
+def _rows_and_scales(scalings: torch.Tensor, adapter_index: torch.Tensor, dtype):
+    """(each row's adapter, -1 read as 0; each row's scale [M, 1] in dtype, 0 where -1)."""
+    rows = adapter_index.clamp(min=0)
+    scale = scalings.index_select(0, rows).masked_fill(adapter_index < 0, 0.0)
+    return rows, scale.to(dtype).unsqueeze(1)
+
+
+def _own_blocks(adapter_index: torch.Tensor, n: int, dtype) -> torch.Tensor:
+    """[M, n, 1]: 1 at each row's own adapter, 0 elsewhere (everywhere for -1 rows)."""
+    own = torch.nn.functional.one_hot(adapter_index.clamp(min=0), n) * (adapter_index >= 0)[:, None]
+    return own.to(dtype).unsqueeze(2)
+
+
 def multi_lora_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                      scalings: torch.Tensor, adapter_index: torch.Tensor) -> torch.Tensor:
     """The adapters' term of a mixed-adapter batch, [M, out] for x [M, in]: row m gets
     scalings[i] * (x[m] @ lora_A[i]^T) @ lora_B[i]^T with i = adapter_index[m], or 0 where
     i = -1 (the base model only). lora_A [n, r, in], lora_B [n, out, r] (adapters of
-    smaller rank zero-padded to r: nf4lora.pad_adapters), scalings [n] float32.
-    Each row gathers its own adapter (the BGMV form of Punica / S-LoRA): h [M, r] in x's
-    dtype, then the product with B, scaled once."""
-    rows = adapter_index.clamp(min=0)
-    h = torch.einsum("mi,mri->mr", x, lora_A.index_select(0, rows))
-    delta = torch.einsum("mr,mor->mo", h, lora_B.index_select(0, rows))
-    scale = scalings.index_select(0, rows).masked_fill(adapter_index < 0, 0.0)
-    return delta * scale.to(delta.dtype).unsqueeze(1)
+    smaller rank zero-padded to r: nf4lora.pad_adapters), scalings [n] float32. h [M, r]
+    in x's dtype, then the product with B, scaled once.
+
+    Evaluated in one of two forms, equal but for rounding, whichever reads fewer adapter
+    values: per row for M <= n (each row gathers its own adapter, the BGMV form of
+    Punica / S-LoRA: M r (in + out) values gathered), per adapter for M > n (every
+    adapter's h for every row in one GEMM, each row keeping its own block, then one GEMM
+    through the stacked B: n r (in + out) values and n times the rank-r work, in memory
+    O(M n r) where the gather's is O(M r (in + out)): a prefill of 4096 rows at in = out =
+    4096, r = 16 would gather 0.5 GB of A and B)."""
+    rows, scale = _rows_and_scales(scalings, adapter_index, x.dtype)
+    if x.shape[0] <= lora_A.shape[0]:
+        h = torch.einsum("mi,mri->mr", x, lora_A.index_select(0, rows))
+        delta = torch.einsum("mr,mor->mo", h, lora_B.index_select(0, rows))
+    else:
+        h = torch.einsum("mi,nri->mnr", x, lora_A) * _own_blocks(adapter_index, lora_A.shape[0], x.dtype)
+        delta = torch.einsum("mnr,nor->mo", h, lora_B)
+    return delta * scale
 
 
 def multi_lora_delta_grad(grad: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
@@ -258,22 +281,34 @@ def multi_lora_delta_grad(grad: torch.Tensor, x: torch.Tensor, lora_A: torch.Ten
                           adapter_index: torch.Tensor, need_x: bool = True,
                           need_A: bool = True, need_B: bool = True):
     """(dx [M, in], dlora_A [n, r, in], dlora_B [n, out, r]) of multi_lora_delta for grad
-    [M, out] (None where not needed): what torch autograd computes through its gathers.
-    With g = grad * scale per row and h, A_m, B_m as there: grad_h = g @ B_m, dx = grad_h @
-    A_m, and each row adds grad_h^T x to dA[i] and g^T h to dB[i] (index_add: the rows of
-    one adapter summed; rows with i = -1 have g = 0 and add nothing)."""
-    rows = adapter_index.clamp(min=0)
-    A_rows, B_rows = lora_A.index_select(0, rows), lora_B.index_select(0, rows)
-    scale = scalings.index_select(0, rows).masked_fill(adapter_index < 0, 0.0)
-    g = grad * scale.to(grad.dtype).unsqueeze(1)
-    grad_h = torch.einsum("mo,mor->mr", g, B_rows)
-    dx = torch.einsum("mr,mri->mi", grad_h, A_rows) if need_x else None
-    dA = dB = None
+    [M, out] (None where not needed), in the same form as the forward: with g = grad *
+    each row's scale and h as there, grad_h = g @ B_i per row, dx = grad_h @ A_i, and
+    adapter i's dA and dB sum grad_h^T x and g^T h over its rows (rows with i = -1 have
+    g = 0 and add nothing). Per row: gathered, the rows of one adapter summed by
+    index_add; per adapter: grad_h of every adapter masked to each row's own block, and
+    three GEMMs (dx, dA, dB), nothing of size M r (in + out)."""
+    rows, scale = _rows_and_scales(scalings, adapter_index, grad.dtype)
+    g = grad * scale
+    dx = dA = dB = None
+    if x.shape[0] <= lora_A.shape[0]:
+        A_rows, B_rows = lora_A.index_select(0, rows), lora_B.index_select(0, rows)
+        grad_h = torch.einsum("mo,mor->mr", g, B_rows)
+        if need_x:
+            dx = torch.einsum("mr,mri->mi", grad_h, A_rows)
+        if need_A:
+            dA = torch.zeros_like(lora_A).index_add_(0, rows, torch.einsum("mr,mi->mri", grad_h, x))
+        if need_B:
+            h = torch.einsum("mi,mri->mr", x, A_rows)
+            dB = torch.zeros_like(lora_B).index_add_(0, rows, torch.einsum("mo,mr->mor", g, h))
+        return dx, dA, dB
+    own = _own_blocks(adapter_index, lora_A.shape[0], x.dtype)
+    grad_h = torch.einsum("mo,nor->mnr", g, lora_B) * own
+    if need_x:
+        dx = torch.einsum("mnr,nri->mi", grad_h, lora_A)
     if need_A:
-        dA = torch.zeros_like(lora_A).index_add_(0, rows, torch.einsum("mr,mi->mri", grad_h, x))
+        dA = torch.einsum("mnr,mi->nri", grad_h, x)
     if need_B:
-        h = torch.einsum("mi,mri->mr", x, A_rows)
-        dB = torch.zeros_like(lora_B).index_add_(0, rows, torch.einsum("mo,mr->mor", g, h))
+        dB = torch.einsum("mo,mnr->nor", g, torch.einsum("mi,nri->mnr", x, lora_A) * own)
     return dx, dA, dB
 
 

@@ -75,6 +75,28 @@ def test_forward_and_gradients_match_the_spec(backend, dtype, ranks, index):
         assert not inputs[1].grad[i, r:].any() and not inputs[2].grad[i, :, r:].any()
 
 
+@pytest.mark.parametrize("m,n", [(3, 5), (5, 5), (9, 3)], ids=["rows<n", "rows=n", "rows>n"])
+def test_both_forms_of_the_spec_are_the_definition(m, n):
+    """reference.multi_lora_delta gathers per row (M <= n) or goes through the stacked
+    adapters (M > n); each, and its gradient (multi_lora_delta_grad), is the row-by-row
+    definition, in float64."""
+    gen = torch.Generator().manual_seed(6)
+    x, A, B = (torch.randn(*shape, generator=gen, dtype=torch.float64)
+               for shape in ((m, 24), (n, 4, 24), (n, 10, 4)))
+    scalings = torch.rand(n, generator=gen) + 0.5
+    index = torch.randint(-1, n, (m,), generator=gen)
+    index[0] = -1
+    grad = torch.randn(m, 10, generator=gen, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (x, A, B)]
+    rows = [leaves[0][k] @ leaves[1][i].T @ leaves[2][i].T * scalings[i].double() if i >= 0
+            else torch.zeros(10, dtype=torch.float64) for k, i in enumerate(index.tolist())]
+    definition = torch.stack(rows)
+    definition.backward(grad)
+    torch.testing.assert_close(reference.multi_lora_delta(x, A, B, scalings, index), definition)
+    for got, leaf in zip(reference.multi_lora_delta_grad(grad, x, A, B, scalings, index), leaves):
+        torch.testing.assert_close(got, leaf.grad)
+
+
 def test_each_row_is_its_own_single_adapter_call():
     packed, state, _ = weight()
     As, Bs = adapters((3, 8), 37, 192, torch.float32)
