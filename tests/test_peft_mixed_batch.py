@@ -251,6 +251,28 @@ def _layer_spec(layer, x, names, dtype):
     return y.reshape(*x.shape[:-1], -1)
 
 
+def test_the_stack_is_reused_only_while_the_weights_are_unchanged():
+    """Outside autograd the cast, padded stack of the batch's adapters is kept between calls
+    (generate's steps) and rebuilt after an in-place write to a weight (an optimizer step,
+    load_state_dict) or for another set of adapters."""
+    ours, _ = _peft_models()
+    layer = _layer(ours)
+    x = torch.randn(len(NAMES), 128, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        layer(x, adapter_names=NAMES)
+        stack = layer._nf4lora_adapter_stack
+        layer(x, adapter_names=list(reversed(NAMES)))           # the same adapters
+        assert layer._nf4lora_adapter_stack is stack
+        layer.lora_B["b"].weight.mul_(2)
+        updated = layer(x, adapter_names=NAMES)
+        assert layer._nf4lora_adapter_stack is not stack
+        torch.testing.assert_close(updated.double(), _layer_float64(layer, x, NAMES),
+                                   rtol=1e-5, atol=1e-5)
+        stack = layer._nf4lora_adapter_stack
+        layer(x[:2], adapter_names=["a", "c"])
+        assert layer._nf4lora_adapter_stack[1][0].shape == (2, 4, 128)    # ranks 1, 4
+
+
 # -- what stays on PEFT's loop -----------------------------------------------------------------
 
 def test_lora_bias_variant_dropout_and_extra_arguments_keep_peft_loop(multi_calls):
