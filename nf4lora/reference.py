@@ -251,6 +251,16 @@ def _own_blocks(adapter_index: torch.Tensor, n: int, dtype) -> torch.Tensor:
     return own.to(dtype).unsqueeze(2)
 
 
+def _stacked(lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adapters side by side: A [n r, in] (a view) and B [out, n r] (a copy), adapter i
+    in rows (columns) i r .. i r + r - 1. Plain mm on these, not einsum over [n, r, .]:
+    einsum's own plans took 2.1 against 0.39 ms (M = 8, n = 8, 4096x4096, r = 16, bf16,
+    one thread)."""
+    n, r, in_features = lora_A.shape
+    return (lora_A.reshape(n * r, in_features),
+            lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], n * r))
+
+
 def multi_lora_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                      scalings: torch.Tensor, adapter_index: torch.Tensor) -> torch.Tensor:
     """The adapters' term of a mixed-adapter batch, [M, out] for x [M, in]: row m gets
@@ -271,8 +281,10 @@ def multi_lora_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
         h = torch.einsum("mi,mri->mr", x, lora_A.index_select(0, rows))
         delta = torch.einsum("mr,mor->mo", h, lora_B.index_select(0, rows))
     else:
-        h = torch.einsum("mi,nri->mnr", x, lora_A) * _own_blocks(adapter_index, lora_A.shape[0], x.dtype)
-        delta = torch.einsum("mnr,nor->mo", h, lora_B)
+        A, B = _stacked(lora_A, lora_B)
+        h = (x @ A.T).view(x.shape[0], *lora_A.shape[:2]) * _own_blocks(adapter_index,
+                                                                         lora_A.shape[0], x.dtype)
+        delta = h.flatten(1) @ B.T
     return delta * scale
 
 
@@ -285,8 +297,8 @@ def multi_lora_delta_grad(grad: torch.Tensor, x: torch.Tensor, lora_A: torch.Ten
     each row's scale and h as there, grad_h = g @ B_i per row, dx = grad_h @ A_i, and
     adapter i's dA and dB sum grad_h^T x and g^T h over its rows (rows with i = -1 have
     g = 0 and add nothing). Per row: gathered, the rows of one adapter summed by
-    index_add; per adapter: grad_h of every adapter masked to each row's own block, and
-    three GEMMs (dx, dA, dB), nothing of size M r (in + out)."""
+    index_add; per adapter: grad_h of every adapter masked to each row's own block, then
+    one GEMM each for dx, dA and dB, nothing of size M r (in + out)."""
     rows, scale = _rows_and_scales(scalings, adapter_index, grad.dtype)
     g = grad * scale
     dx = dA = dB = None
@@ -301,14 +313,17 @@ def multi_lora_delta_grad(grad: torch.Tensor, x: torch.Tensor, lora_A: torch.Ten
             h = torch.einsum("mi,mri->mr", x, A_rows)
             dB = torch.zeros_like(lora_B).index_add_(0, rows, torch.einsum("mo,mr->mor", g, h))
         return dx, dA, dB
-    own = _own_blocks(adapter_index, lora_A.shape[0], x.dtype)
-    grad_h = torch.einsum("mo,nor->mnr", g, lora_B) * own
+    n, r = lora_A.shape[:2]
+    A, B = _stacked(lora_A, lora_B)
+    own = _own_blocks(adapter_index, n, x.dtype)
+    grad_h = ((g @ B).view(-1, n, r) * own).flatten(1)                    # [M, n r]
     if need_x:
-        dx = torch.einsum("mnr,nri->mi", grad_h, lora_A)
+        dx = grad_h @ A
     if need_A:
-        dA = torch.einsum("mnr,mi->nri", grad_h, x)
+        dA = (grad_h.T @ x).view(lora_A.shape)
     if need_B:
-        dB = torch.einsum("mo,mnr->nor", g, torch.einsum("mi,nri->mnr", x, lora_A) * own)
+        h = ((x @ A.T).view(-1, n, r) * own).flatten(1)
+        dB = (g.T @ h).view(-1, n, r).permute(1, 0, 2).contiguous()      # [out, n r] -> [n, out, r]
     return dx, dA, dB
 
 
