@@ -1,4 +1,6 @@
-"""Autograd Functions over 4-bit weights: `matmul_4bit` and `lora_matmul_4bit`.
+"""Autograd Functions over 4-bit weights: `matmul_4bit` and `lora_matmul_4bit`, and the
+mixed-adapter batch `multi_lora_matmul_4bit` (each row its own adapter, through the op
+`nf4lora::multi_lora_matmul_4bit`).
 
     y = x @ W^T + scaling * (x @ A^T) @ B^T + bias          W = dequantize_4bit(weight) [out, in]
 
@@ -218,7 +220,7 @@ def multi_lora_matmul_4bit(x: Tensor, weight: Tensor, quant_state, lora_A: Tenso
     LoRA epilogue, per row); the CPU and CUDA backends run their fused matmul once for the
     whole batch, then the adapters gathered per row with torch's batched GEMMs
     (nf4lora.reference.multi_lora_delta). Gradients flow to x, lora_A, lora_B and bias.
-    PEFT's sub-batch loop instead runs the base layer once per adapter in the batch.
+    PEFT's `adapter_names=` forward on nf4lora layers calls it (nf4lora.integrations.peft).
     """
     packed = _weight_of(weight, quant_state)
     _check_x(x, packed.in_features)
