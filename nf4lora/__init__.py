@@ -4,8 +4,8 @@ The format is bitsandbytes' byte for byte; see README.md for the API and numbers
 """
 from . import _ops, functional  # noqa: F401  (registers the torch.library ops)
 from . import integrations, nn  # noqa: F401
-from .autograd import (lora_matmul_4bit, matmul_4bit, multi_lora_matmul_4bit,  # noqa: F401
-                       pad_adapters)
+from .autograd import (dora_matmul_4bit, dora_row_norms_4bit, lora_matmul_4bit,  # noqa: F401
+                       matmul_4bit, multi_lora_matmul_4bit, pad_adapters, row_sq_norms_4bit)
 from .backends import available_backends, get_backend, set_backend  # noqa: F401
 from .codebook import fit_codebook  # noqa: F401
 from .functional import QuantState  # noqa: F401

@@ -249,6 +249,35 @@ def _(x, packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_cod
     return x.new_empty((x.shape[0], shape[0])), x.new_empty((x.shape[0], r))
 
 
+def row_sq_norms_4bit_impl(weight: PackedWeight) -> Tensor:
+    """||W_o||^2 of every row of the 2-D 4-bit weight, float32 [out] (DoRA's weight norm
+    starts from it). Through the backend's own kernel if it has one, else the composite
+    one: its dequantize kernel on row chunks, a bounded workspace, never all of W."""
+    _check_matmul_weight(weight, weight.packed)
+    backend = backend_for(weight.device, weight.quant_type)
+    fused = getattr(backend, "row_sq_norms_4bit", None)
+    if fused is None:
+        return composite.row_sq_norms_4bit(backend, weight.with_offset_read())
+    return fused(weight.with_offset_read())
+
+
+@torch.library.custom_op("nf4lora::row_sq_norms_4bit", mutates_args=())
+def row_sq_norms_4bit(packed: Tensor, absmax: Tensor, blocksize: int, quant_type: str,
+                      shape: list[int], nested_absmax: Optional[Tensor],
+                      nested_code: Optional[Tensor], nested_offset: Optional[Tensor],
+                      nested_blocksize: int) -> Tensor:
+    """`row_sq_norms_4bit_impl` with the weight as `PackedWeight.op_args()`."""
+    weight = PackedWeight.from_op_args(packed, absmax, blocksize, quant_type, shape, nested_absmax,
+                                       nested_code, nested_offset, nested_blocksize)
+    return row_sq_norms_4bit_impl(weight)
+
+
+@row_sq_norms_4bit.register_fake
+def _(packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, nested_offset,
+      nested_blocksize):
+    return packed.new_empty((shape[0],), dtype=torch.float32)
+
+
 def lora_matmul_4bit_grad_input_impl(grad: Tensor, weight: PackedWeight, lora_A: Optional[Tensor],
                                      grad_h: Optional[Tensor]) -> Tensor:
     """dx = grad @ W + grad_h @ lora_A for grad [M, out]; grad_h = scaling * grad @ lora_B [M, r].
@@ -404,3 +433,10 @@ def call_multi_lora_matmul_4bit(x: Tensor, weight: PackedWeight, lora_A, lora_B,
         return multi_lora_matmul_4bit_impl(x, weight, lora_A, lora_B, scalings, adapter_index, bias)
     return multi_lora_matmul_4bit(x, *weight.op_args(), lora_A, lora_B, scalings, adapter_index,
                                   bias)
+
+
+def call_row_sq_norms_4bit(weight: PackedWeight) -> Tensor:
+    """row_sq_norms_4bit, skipping the dispatcher where nothing needs to see the op."""
+    if _direct(weight.packed):
+        return row_sq_norms_4bit_impl(weight)
+    return row_sq_norms_4bit(*weight.op_args())

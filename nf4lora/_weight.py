@@ -232,6 +232,32 @@ class PackedWeight(NamedTuple):
         if isinstance(nested.offset, Tensor) and nested.offset.numel() != 1:
             raise ValueError(f"nested_offset must hold one value, got shape {tuple(nested.offset.shape)}")
 
+    @property
+    def row_granule(self) -> int:
+        """Rows between the starts of row slices that `rows` can cut: a slice must start on
+        a block (and, when nested, a nested-block) boundary so that its constants are a
+        suffix of the weight's arrays. 1 for in_features a multiple of blocksize * 256."""
+        unit = self.blocksize * (self.nested.blocksize if self.nested is not None else 1)
+        return unit // math.gcd(self.in_features, unit)
+
+    def rows(self, n0: int, n1: int) -> "PackedWeight":
+        """Rows n0 <= n < n1 of a 2-D weight as a weight of their own, sharing its storage
+        (no copy); n0 a multiple of `row_granule`."""
+        K = self.in_features
+        if n0 % self.row_granule or not 0 <= n0 <= n1 <= self.out_features:
+            raise ValueError(f"rows {n0}..{n1} of {list(self.shape)}: the start must be a multiple "
+                             f"of {self.row_granule} within the weight")
+        n, block = (n1 - n0) * K, n0 * K // self.blocksize
+        blocks = num_blocks(n, self.blocksize)
+        nested = self.nested
+        if nested is not None:
+            first = block // nested.blocksize
+            nested = nested._replace(absmax=nested.absmax[
+                first:first + num_blocks(blocks, nested.blocksize)])
+        return self._replace(packed=self.packed[n0 * K // 2:][:packed_bytes(n)],
+                             absmax=self.absmax[block:block + blocks], shape=(n1 - n0, K),
+                             nested=nested)
+
     def with_offset_read(self) -> "PackedWeight":
         """The same weight with the nested offset as a checked Python float: what the
         kernels take. Reads a value (a device sync on GPU), so only ops call it."""

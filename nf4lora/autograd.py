@@ -24,9 +24,10 @@ import torch
 from torch import Tensor
 
 from . import _ops, functional, reference
-from ._weight import PackedWeight, check_float
+from ._weight import PackedWeight, check_float, check_tensor
 
-__all__ = ["matmul_4bit", "lora_matmul_4bit", "multi_lora_matmul_4bit", "pad_adapters"]
+__all__ = ["matmul_4bit", "lora_matmul_4bit", "dora_matmul_4bit", "dora_row_norms_4bit",
+           "row_sq_norms_4bit", "multi_lora_matmul_4bit", "pad_adapters"]
 
 
 # --------------------------------------------------------------------------------------
@@ -63,19 +64,28 @@ class _Matmul4bit(torch.autograd.Function):
     def backward(ctx, g2):
         x2, packed, lora_A, lora_B, h, row_scale, unscaled = ctx.saved_tensors
         need_x, *_, need_bias, need_scale = ctx.needs_input_grad
-        dx = dA = dB = dbias = grad_h = dscale = None
-        if need_bias and ctx.has_bias:
-            dbias = g2.sum(0)
-        if row_scale is not None:  # through y = row_scale * unscaled + bias
-            if need_scale:
-                dscale = (g2 * unscaled).sum(0)
-            g2 = g2 * row_scale
-        if lora_A is not None:
-            grad_h, dA, dB = reference.lora_matmul_4bit_grad_adapters(g2, x2, h, lora_B, ctx.scaling)
-        if need_x:
-            dx = _ops.call_lora_matmul_4bit_grad_input(g2, ctx.weight._replace(packed=packed),
-                                                        lora_A, grad_h)
+        dx, dA, dB, dbias, dscale = _backward(ctx, g2, x2, packed, lora_A, lora_B, h, row_scale,
+                                              unscaled if need_scale else None, need_x, need_bias)
         return dx, None, dA, dB, None, dbias, dscale
+
+
+def _backward(ctx, g2, x2, packed, lora_A, lora_B, h, row_scale, unscaled, need_x, need_bias):
+    """(dx, dA, dB, dbias, drow_scale) of y = row_scale * (x W^T + s h B^T) + bias (no row
+    scale when it is None) for dL/dy = g2; a gradient is None where its input (x2 for dA,
+    h for dB, unscaled for the row scale) was not saved or need_* says it is not wanted."""
+    dx = dA = dB = dbias = grad_h = dscale = None
+    if need_bias and ctx.has_bias:
+        dbias = g2.sum(0)
+    if row_scale is not None:  # through y = row_scale * unscaled + bias
+        if unscaled is not None:
+            dscale = (g2 * unscaled).sum(0)
+        g2 = g2 * row_scale
+    if lora_A is not None:
+        grad_h, dA, dB = reference.lora_matmul_4bit_grad_adapters(g2, x2, h, lora_B, ctx.scaling)
+    if need_x:
+        dx = _ops.call_lora_matmul_4bit_grad_input(g2, ctx.weight._replace(packed=packed),
+                                                    lora_A, grad_h)
+    return dx, dA, dB, dbias, dscale
 
 
 def _apply(x: Tensor, weight: PackedWeight, lora_A, lora_B, scaling: float,
@@ -166,9 +176,146 @@ def lora_matmul_4bit(x: Tensor, weight: Tensor, quant_state, lora_A: Tensor, lor
     _check_x(x, packed.in_features)
     if lora_A is None or lora_B is None:
         raise ValueError("lora_A and lora_B are required (matmul_4bit is the call without LoRA)")
+    return _apply(x, packed, lora_A, lora_B, _check_scaling(scaling), bias, row_scale)
+
+
+# --------------------------------------------------------------------------------------
+# DoRA: the LoRA matmul with each output row scaled by magnitude / ||W + s B A||_row.
+# --------------------------------------------------------------------------------------
+# The norm needs all of W, but never W itself in full precision:
+#     ||W_o + s (BA)_o||^2 = ||W_o||^2 + 2 s (W_o . (BA)_o) + s^2 ||(BA)_o||^2
+# ||W_o||^2 belongs to the frozen weight (row_sq_norms_4bit: one chunked pass, cached by
+# the layers); W_o . (BA)_o = sum_r B[o, r] (A W^T)[r, o] is a 4-bit matmul with lora_A as
+# the activations, r more rows for the fused kernel. The forward therefore runs x's rows
+# and A's rows through ONE lora_matmul_4bit call (one pass over W: on a GPU M + r rows
+# cost what M rows cost up to M ~ 64). That call returns G = A (W + s B A)^T for A's rows,
+# so G's dot with B is W_o . (BA)_o + s ||(BA)_o||^2, and
+#     norm^2 = ||W_o||^2 + 2 s (B . G^T)_o - s^2 ||(BA)_o||^2,   ||(BA)_o||^2 = B_o (A A^T) B_o^T
+# all O(out r^2) in float32. G is rounded to x's dtype once (PEFT rounds every element of
+# W + s B A to it instead), so the norm is at least as exact as the dense computation.
+
+def _dora_norms(weight_sq_norms: Tensor, G: Tensor, lora_A: Tensor, lora_B: Tensor,
+                scaling: float) -> Tensor:
+    """||W + s B A||_row, float32 [out], from ||W_o||^2 and G = A (W + s B A)^T [r, out]."""
+    A, B = lora_A.detach().float(), lora_B.detach().float()
+    cross = (B * G.t().float()).sum(1)
+    ba_sq = ((B @ (A @ A.t())) * B).sum(1)
+    return (weight_sq_norms + (2.0 * scaling) * cross - (scaling * scaling) * ba_sq).clamp_min(0).sqrt()
+
+
+def _dora_forward(x2, weight: PackedWeight, lora_A, lora_B, scaling, weight_sq_norms):
+    """(x W^T + s h B^T [M, out], h [M, r], ||W + s B A||_row float32 [out]): one pass over W."""
+    M = x2.shape[0]
+    lora_A, lora_B = lora_A.detach(), lora_B.detach()
+    rows = torch.cat([x2, lora_A])
+    out, h = _ops.call_lora_matmul_4bit(rows, weight, lora_A, lora_B, scaling, None)
+    return out[:M], h[:M], _dora_norms(weight_sq_norms, out[M:], lora_A, lora_B, scaling)
+
+
+class _Dora4bit(torch.autograd.Function):
+    """y = magnitude / ||W + s B A||_row * (x W^T + s (x A^T) B^T) + bias on 2-D x, the norm
+    detached (DoRA section 4.3; PEFT does the same): the magnitude's gradient is
+    sum_m dy * unscaled / norm, and x, A, B get _Matmul4bit's row-scaled gradients."""
+
+    @staticmethod
+    def forward(ctx, x2, weight: PackedWeight, lora_A, lora_B, scaling, bias, magnitude,
+                weight_sq_norms):
+        unscaled, h, norm = _dora_forward(x2, weight, lora_A, lora_B, scaling, weight_sq_norms)
+        row_scale = (magnitude / norm).to(x2.dtype)
+        y = _ops.scale_rows(unscaled, row_scale, bias)
+        ctx.weight = weight._replace(packed=None)
+        ctx.scaling = scaling
+        ctx.has_bias = bias is not None
+        ctx.magnitude_dtype = magnitude.dtype
+        _, _, need_A, need_B, _, _, need_m, _ = ctx.needs_input_grad
+        ctx.save_for_backward(x2 if need_A else None, weight.packed, lora_A, lora_B,
+                              h if need_B else None, row_scale, unscaled if need_m else None, norm)
+        return y
+
+    @staticmethod
+    def backward(ctx, g2):
+        x2, packed, lora_A, lora_B, h, row_scale, unscaled, norm = ctx.saved_tensors
+        need_x, *_, need_bias, need_m, _ = ctx.needs_input_grad
+        dx, dA, dB, dbias, _ = _backward(ctx, g2, x2, packed, lora_A, lora_B, h, row_scale, None,
+                                         need_x, need_bias)
+        dm = None
+        if need_m:  # summed in float32, not through the row scale rounded to x's dtype
+            dm = ((g2.float() * unscaled.float()).sum(0) / norm).to(ctx.magnitude_dtype)
+        return dx, None, dA, dB, None, dbias, dm, None
+
+
+def _check_vector(name: str, t, out_features: int, device, dtype=None) -> None:
+    """A per-output-row vector [out]: any float dtype, or exactly `dtype` when given."""
+    check_float(name, t) if dtype is None else check_tensor(name, t, dtype)
+    if tuple(t.shape) != (out_features,):
+        raise ValueError(f"{name} must have shape [out_features={out_features}], got {list(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, the activations on {device}")
+
+
+def _check_scaling(scaling) -> float:
     if isinstance(scaling, Tensor) or not isinstance(scaling, (int, float)):
         raise TypeError(f"scaling must be a Python number, got {type(scaling).__name__}")
-    return _apply(x, packed, lora_A, lora_B, float(scaling), bias, row_scale)
+    return float(scaling)
+
+
+def row_sq_norms_4bit(weight: Tensor, quant_state) -> Tensor:
+    """||W_o||^2 of every row of the 4-bit weight W [out, in]: float32 [out], computed from
+    the packed bytes in row chunks (a bounded workspace, never all of W in float). The
+    frozen weight's part of DoRA's norm: layers compute it once and pass it back as
+    `weight_sq_norms`."""
+    return _ops.call_row_sq_norms_4bit(_weight_of(weight, quant_state))
+
+
+def dora_row_norms_4bit(weight: Tensor, quant_state, lora_A: Tensor, lora_B: Tensor,
+                        scaling: float, weight_sq_norms: Optional[Tensor] = None) -> Tensor:
+    """DoRA's weight norm ||W + scaling * lora_B @ lora_A||_row, float32 [out], without a
+    dense W: one 4-bit matmul with lora_A's rows as the activations (see above), in their
+    dtype (pass float32 adapters for a float32 G). DoRA's magnitude starts as this norm."""
+    packed = _weight_of(weight, quant_state)
+    scaling = _check_scaling(scaling)
+    if weight_sq_norms is None:
+        weight_sq_norms = _ops.call_row_sq_norms_4bit(packed)
+    _check_vector("weight_sq_norms", weight_sq_norms, packed.out_features, lora_A.device,
+                  torch.float32)
+    with torch.no_grad():
+        G, _ = _ops.call_lora_matmul_4bit(lora_A.detach(), packed, lora_A.detach(),
+                                          lora_B.detach(), scaling, None)
+        return _dora_norms(weight_sq_norms, G, lora_A, lora_B, scaling)
+
+
+def dora_matmul_4bit(x: Tensor, weight: Tensor, quant_state, lora_A: Tensor, lora_B: Tensor,
+                     scaling: float, magnitude: Tensor, bias: Optional[Tensor] = None,
+                     weight_sq_norms: Optional[Tensor] = None) -> Tensor:
+    """DoRA on a 4-bit weight, PEFT's definition:
+
+        y = magnitude / ||W + s B A||_row * (x @ W^T + s (x @ lora_A^T) @ lora_B^T) + bias
+
+    with the norm detached (it gets no gradient: DoRA section 4.3). weight, quant_state,
+    lora_A [r, in], lora_B [out, r], bias and x's leading dims as lora_matmul_4bit;
+    magnitude [out] in any float dtype (PEFT keeps it float32); weight_sq_norms
+    (row_sq_norms_4bit of this weight, float32 [out]) saves one chunked pass over W per
+    call when given. One pass over W for the output and the norm together; gradients flow
+    to x, lora_A, lora_B, magnitude and bias. Spec: nf4lora.reference.dora_matmul_4bit.
+    """
+    packed = _weight_of(weight, quant_state)
+    _check_x(x, packed.in_features)
+    scaling = _check_scaling(scaling)
+    if lora_A is None or lora_B is None:
+        raise ValueError("lora_A and lora_B are required")
+    _check_vector("magnitude", magnitude, packed.out_features, x.device)
+    if weight_sq_norms is None:
+        weight_sq_norms = _ops.call_row_sq_norms_4bit(packed)
+    _check_vector("weight_sq_norms", weight_sq_norms, packed.out_features, x.device,
+                  torch.float32)
+    x2 = x.reshape(-1, x.shape[-1])
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, lora_A, lora_B, bias, magnitude)):
+        y = _Dora4bit.apply(x2, packed, lora_A, lora_B, scaling, bias, magnitude, weight_sq_norms)
+    else:
+        unscaled, _, norm = _dora_forward(x2, packed, lora_A, lora_B, scaling, weight_sq_norms)
+        y = _ops.scale_rows(unscaled, (magnitude / norm).to(x.dtype), bias)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 # --------------------------------------------------------------------------------------

@@ -335,10 +335,37 @@ def _ensure_quantized(layer) -> None:
         layer.weight._quantize(layer.weight.device)
 
 
+# DoRA merged into the weight (PEFT's DoraLinearVariant): W' = f * (W + delta) per row,
+# f = magnitude / ||W + delta||_row from the weight before the merge; unmerging needs that
+# same f (W = W' / f - delta), so the caller keeps it. As functions of the dequantized W
+# for merge_into, merging with sign +1 and unmerging with sign -1.
+
 @torch.no_grad()
-def merge_into(layer, delta: Tensor, options: MergeOptions, *, sign: float = 1.0,
+def dora_factor(layer, magnitude: Tensor, delta: Tensor) -> Tensor:
+    """magnitude / ||W + delta||_row, float32 [out], W the 4-bit layer's dequantized weight."""
+    _ensure_quantized(layer)
+    W = layer.dequantized_weight(torch.float32)
+    return magnitude.detach().float().to(W.device) / torch.linalg.vector_norm(
+        W + delta.float().to(W.device), dim=1)
+
+
+def dora_merge_delta(factor: Tensor, delta: Tensor):
+    """W -> f W + f delta - W (merge_into with sign +1 then writes f * (W + delta))."""
+    f, delta = factor.unsqueeze(1), delta.float()
+    return lambda W: (f - 1) * W + f * delta.to(W.device)
+
+
+def dora_unmerge_delta(factor: Tensor, delta: Tensor):
+    """W' -> W' - W' / f + delta (merge_into with sign -1 then writes W' / f - delta)."""
+    f, delta = factor.unsqueeze(1), delta.float()
+    return lambda W: W - W / f + delta.to(W.device)
+
+
+@torch.no_grad()
+def merge_into(layer, delta, options: MergeOptions, *, sign: float = 1.0,
                adapter: str = "", name: str = "") -> MergeReport:
-    """Re-quantize the 4-bit `layer`'s weight to W + sign * delta (delta: float [out, in]),
+    """Re-quantize the 4-bit `layer`'s weight to W + sign * delta (delta: float [out, in],
+    or a function of the dequantized float32 W giving it, as DoRA's rescaled rows need),
     measure it, and write it unless options.max_error is exceeded (then raise
     MergeRefusedError, the layer untouched). The report goes on `layer.merge_report` either
     way, and to the `nf4lora` logger."""
@@ -346,6 +373,8 @@ def merge_into(layer, delta: Tensor, options: MergeOptions, *, sign: float = 1.0
     weight = layer.weight
     state = weight.quant_state
     W = layer.dequantized_weight(torch.float32)
+    if callable(delta):
+        delta = delta(W)
     delta = delta.detach().to(W.device)
     if delta.shape != W.shape:
         raise ValueError(f"the adapter's delta weight is {tuple(delta.shape)}, the 4-bit "

@@ -261,6 +261,29 @@ def _stacked(lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, 
             lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], n * r))
 
 
+def dora_row_norms(W: torch.Tensor, lora_A, lora_B, scaling: float) -> torch.Tensor:
+    """DoRA's weight norm, [out]: ||W + scaling * lora_B @ lora_A||_2 of each output row
+    (PEFT's DoraLinearLayer.get_weight_norm), in the operands' dtype."""
+    return torch.linalg.vector_norm(W + scaling * (lora_B @ lora_A), dim=1)
+
+
+def dora_matmul_4bit(x: torch.Tensor, W: torch.Tensor, lora_A, lora_B, scaling: float,
+                     magnitude, bias=None) -> torch.Tensor:
+    """DoRA (Liu et al. 2024, PEFT's definition): y = m / ||W + s B A||_row * (x @ W^T +
+    s (x @ A^T) @ B^T) + bias, the norm detached (DoRA section 4.3: it gets no gradient).
+    The row scale m / norm is taken in x's dtype, as lora_matmul_4bit's row_scale.
+    A row whose norm is 0 divides by 0, as in PEFT."""
+    norm = dora_row_norms(W, lora_A.detach(), lora_B.detach(), scaling).detach()
+    row_scale = (magnitude / norm).to(x.dtype)
+    return lora_matmul_4bit(x, W, lora_A, lora_B, scaling, bias, row_scale=row_scale)[0]
+
+
+def row_sq_norms(W: torch.Tensor) -> torch.Tensor:
+    """||W_o||^2 of each row of W [out, in], float32 (nf4lora::row_sq_norms_4bit on the
+    dequantized weight; summed in float64 here, the kernels sum float32 chunks)."""
+    return W.double().square().sum(1).float()
+
+
 def multi_lora_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                      scalings: torch.Tensor, adapter_index: torch.Tensor) -> torch.Tensor:
     """The adapters' term of a mixed-adapter batch, [M, out] for x [M, in]: row m gets

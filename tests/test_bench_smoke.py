@@ -375,3 +375,17 @@ def test_every_suite_defaults_to_the_one_results_folder(suite, capsys):
         module.main(["--help"])
     assert f"./{harness.DEFAULT_OUT}" in capsys.readouterr().out
     assert harness.DEFAULT_OUT == Path("nf4lora-results")     # relative: the working directory
+
+
+def test_dora_bench_quick_run(tmp_path):
+    from bench import bench_dora
+    payload = bench_dora.main(["--shape", "64x128", "--tokens", "4", "--rank", "2",
+                               "--reps", "2", "--out", str(tmp_path)])
+    rows = payload["rows"]
+    assert {row["provider"] for row in rows} == set(bench_dora.PROVIDERS)
+    assert all(row["median_ms"] > 0 for row in rows)
+    lora = [row for row in rows if row["provider"] == "nf4lora LoRA"]
+    assert [row["x_vs_lora"] for row in lora] == [1.0]
+    # the fresh-process memory runs worked (Linux: VmHWM), and a layer this small adds < 64 MiB
+    assert all(row["peak_mib"] is not None and 0 <= row["peak_mib"] < 64 for row in rows)
+    assert (tmp_path / "dora-latest.json").exists()

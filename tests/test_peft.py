@@ -109,8 +109,9 @@ def test_register_is_idempotent_and_not_serialized():
 def test_unsupported_options_are_refused():
     with pytest.raises(ValueError, match="init_lora_weights='pissa'"):
         get_peft_model(_nf4_llama(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa"))
-    with pytest.raises(ValueError, match="plain LoRA"):
-        get_peft_model(_nf4_llama(), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(ValueError, match="plain LoRA, rsLoRA and DoRA only"):
+        get_peft_model(_nf4_llama(), LoraConfig(r=2, target_modules=["q_proj"],
+                                                use_bdlora={"target_modules_bd_a": ["q_proj"]}))
 
 
 # -- forward -----------------------------------------------------------------------------------
@@ -341,3 +342,37 @@ def test_adapter_from_nf4lora_loads_on_bitsandbytes(bnb_checkpoint, tmp_path):
     expected = _logits(ours)
     got = _logits(spec_twin(theirs))
     assert (got - expected).abs().max().item() <= max_abs_tolerance(expected, torch.float32)
+
+
+def test_dora_adapter_moves_between_bitsandbytes_and_nf4lora(bnb_checkpoint, tmp_path):
+    """A DoRA adapter made by PEFT on bitsandbytes' layers (its magnitude initialized from
+    bitsandbytes' dequantization of the same bytes) loads on nf4lora's layers with the
+    same keys and values, gives the output of PEFT's DoRA over the spec's decoding of the
+    bytes, and one made on nf4lora's layers loads back on bitsandbytes'."""
+    with torch._dynamo.config.patch(disable=True):
+        theirs = get_peft_model(_bnb_model(bnb_checkpoint), _config(seed=5, use_dora=True)).eval()
+    fresh = get_peft_model(load_pretrained_4bit(bnb_checkpoint), _config(seed=5, use_dora=True))
+    magnitudes = {k: v for k, v in peft.get_peft_model_state_dict(theirs).items()
+                  if "lora_magnitude_vector" in k}
+    assert len(magnitudes) == N_LAYERS * len(TARGETS)
+    ours_init = peft.get_peft_model_state_dict(fresh)
+    for key, value in magnitudes.items():        # nf4lora's own init from the same bytes
+        torch.testing.assert_close(ours_init[key], value, rtol=4e-6, atol=0, msg=key)
+    with torch.no_grad():   # as if trained: magnitudes away from the norms
+        for name, param in theirs.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(torch.linspace(0.6, 1.4, param.numel()))
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = PeftModel.from_pretrained(load_pretrained_4bit(bnb_checkpoint), tmp_path / "theirs").eval()
+    weights_theirs = peft.get_peft_model_state_dict(theirs)
+    weights_ours = peft.get_peft_model_state_dict(ours)
+    assert weights_theirs.keys() == weights_ours.keys()
+    assert all(torch.equal(weights_theirs[k], weights_ours[k]) for k in weights_theirs)
+    expected = _logits(spec_twin(theirs))
+    assert (_logits(ours) - expected).abs().max().item() <= max_abs_tolerance(expected, torch.float32)
+
+    ours.save_pretrained(tmp_path / "ours")
+    with torch._dynamo.config.patch(disable=True):
+        back = PeftModel.from_pretrained(_bnb_model(bnb_checkpoint), tmp_path / "ours").eval()
+    back_weights = peft.get_peft_model_state_dict(back)
+    assert all(torch.equal(back_weights[k], weights_ours[k]) for k in weights_ours)

@@ -66,6 +66,8 @@ SENSITIVITY = 4
 CONFIGS = {
     "lora": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False,
                                task_type="CAUSAL_LM"),
+    "dora": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False,
+                               use_dora=True, task_type="CAUSAL_LM"),
     "adalora": lambda: AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, target_modules=TARGETS,
                                      total_step=STEPS + 1, task_type="CAUSAL_LM"),
     "ia3": lambda: IA3Config(target_modules=TARGETS, feedforward_modules=["down_proj"],
@@ -92,6 +94,7 @@ def _start_away_from_identity(method, model):
 # The wrapper PEFT must put around a targeted nf4lora Linear4bit (None: no layer is wrapped).
 WRAPPER = {
     "lora": LoraLinear4bitPeft,
+    "dora": LoraLinear4bitPeft,
     "adalora": peft.tuners.adalora.SVDLinear,
     "ia3": peft.tuners.ia3.Linear,
     "loha": LoHaLinear4bitPeft,
@@ -304,16 +307,119 @@ def test_add_weighted_adapter_combines_as_on_dense(combination):
 
 # -- refused ---------------------------------------------------------------------------------------
 
-def test_dora_is_refused_with_the_reason():
+def test_other_lora_variants_are_refused_with_the_reason():
     nf4, dense = _models(torch.float32)
-    config = {"r": 4, "target_modules": TARGETS, "use_dora": True}
+    config = {"r": 4, "target_modules": TARGETS, "use_bdlora": {"target_modules_bd_a": ["q_proj"]}}
     with pytest.raises(ValueError) as error:
         get_peft_model(nf4, LoraConfig(**config))
     message = str(error.value)
-    assert "DoRA" in message and "use_dora=True" in message
-    assert "not supported on nf4lora 4-bit layers" in message
-    assert "plain LoRA" in message and "does not implement" in message
-    get_peft_model(dense, LoraConfig(**config))      # the refusal is nf4lora's, not PEFT's
+    assert "supports plain LoRA, rsLoRA and DoRA only" in message and "nf4lora" in message
+
+
+# -- DoRA ------------------------------------------------------------------------------------------
+
+def _dora_models(compute_dtype, **config):
+    nf4, dense = _models(compute_dtype)
+    models = []
+    for model in (nf4, dense):
+        torch.manual_seed(1)
+        models.append(get_peft_model(model, LoraConfig(
+            r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False, use_dora=True,
+            task_type="CAUSAL_LM", **config)))
+    torch.manual_seed(2)       # magnitudes away from the norms: the row scale is not 1
+    with torch.no_grad():
+        for name, param in models[0].named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(torch.rand_like(param) + 0.5)
+    _copy_adapter(*models)
+    return models
+
+
+def test_dora_magnitude_starts_at_the_4bit_weights_norms():
+    """PEFT's init, m = ||W + s B A||_row, computed from the packed weight: the dense twin's
+    PEFT computes it from the dequantized dense weight."""
+    nf4, dense = _models(torch.float32)
+    models = []
+    for model in (nf4, dense):
+        torch.manual_seed(1)
+        models.append(get_peft_model(model, CONFIGS["dora"]()))
+    ours = {n: p for n, p in models[0].named_parameters() if "lora_magnitude_vector" in n}
+    theirs = {n: p for n, p in models[1].named_parameters() if "lora_magnitude_vector" in n}
+    assert ours.keys() == theirs.keys() and len(ours) == 2 * len(TARGETS)
+    for name, m in ours.items():
+        assert m.dtype == torch.float32
+        torch.testing.assert_close(m, theirs[name], rtol=4e-6, atol=0, msg=name)
+
+
+def test_dora_with_dropout_trains_like_dense():
+    """Active dropout: the base on x, DoRA's term on dropout(x) (the unfused variant path),
+    the same random mask on both models."""
+    pm, ref = _dora_models(torch.float32, lora_dropout=0.25)
+    pm.train()
+    ref.train()
+    ids = _batch(3)
+    torch.manual_seed(11)
+    expected_loss, expected_grads = _loss_and_grads(ref, ids)
+    torch.manual_seed(11)
+    loss, grads = _loss_and_grads(pm, ids)
+    _check_close(loss, expected_loss, _bound(torch.float32, expected_loss), "loss")
+    assert any("lora_magnitude_vector" in n for n in grads)
+    for name, grad in expected_grads.items():
+        _check_close(grads[name], grad, _bound(torch.float32, grad), f"grad of {name}")
+
+
+def test_dora_with_two_active_adapters_matches_dense():
+    """Two adapters active at once: each through the variant path, as PEFT sums them."""
+    pm, ref = _dora_models(torch.float32)
+    for model in (pm, ref):
+        torch.manual_seed(3)
+        model.add_adapter("second", LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS,
+                                               init_lora_weights=False, use_dora=True))
+        model.base_model.set_adapter(["default", "second"])
+        model.eval()
+    _copy_adapter(pm, ref)
+    ids = _batch(4)
+    expected = _logits(ref, ids)
+    _check_close(_logits(pm, ids), expected, _bound(torch.float32, expected), "logits")
+
+
+def test_dora_merge_requantizes_peft_s_merged_weight():
+    """merge_and_unload: each weight becomes the 4-bit rounding of PEFT's DoRA merge,
+    m / ||W + s B A||_row * (W + s B A): within the reported error of the dense twin's
+    merged weight (the magnitudes are away from the norms, so a LoRA-only merge would be
+    off by up to 50% of a row)."""
+    pm, ref = _dora_models(torch.float32)
+    pm.eval()
+    ref.eval()
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        merged = pm.merge_and_unload()
+    dense_merged = ref.merge_and_unload()
+    dense = dict(dense_merged.named_modules())
+    layers = [(n, m) for n, m in merged.named_modules() if isinstance(m, Linear4bit)]
+    for name, layer in layers:
+        if not name.endswith(tuple(TARGETS)):
+            continue
+        error = (layer.dequantized_weight(torch.float32) - dense[name].weight).abs().max().item()
+        assert error <= layer.merge_report.max_abs_error + 1e-5, name
+
+
+def test_dora_unmerge_restores_the_layer():
+    """Unmerge: W = W' / f - s B A with the merge's own factor f = m / ||W + s B A||_row, so
+    W comes back within the merge's rounding (divided by f) plus the unmerge's own."""
+    pm, _ = _dora_models(torch.float32)
+    layer = pm.get_base_model().model.layers[0].self_attn.q_proj
+    base = layer.get_base_layer()
+    W0 = base.dequantized_weight(torch.float32)
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        layer.merge()
+    merge_error = layer.merge_report.max_abs_error
+    factor = layer._dora_factors["default"]
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        layer.unmerge()
+    unmerge_error = layer.merge_report.max_abs_error
+    assert not layer.merged and "default" not in layer._dora_factors
+    error = (base.dequantized_weight(torch.float32) - W0).abs().max().item()
+    assert error <= merge_error / factor.abs().min().item() + unmerge_error + 1e-6
 
 
 @pytest.mark.parametrize("method", ["ia3", "adalora"])

@@ -50,3 +50,34 @@ def multi_lora_matmul_4bit(backend, x: Tensor, weight: PackedWeight, lora_A: Ten
                                                 lora_B, scalings, adapter_index, bias)
     y, _ = fused(x, weight, None, None, 1.0, bias)
     return y + reference.multi_lora_delta(x, lora_A, lora_B, scalings, adapter_index)
+
+
+# The float32 rows one pass may decode at a time when it must see all of W but keep none of
+# it: 1 Mi elements = 4 MiB (256 rows of a 4096-wide layer; 16 chunks of a 4096x4096 W, each
+# one dequantize call, which costs ~1/16 of the pass anyway).
+CHUNK_ELEMENTS = 1 << 20
+
+
+def row_sq_norms_4bit(backend, weight: PackedWeight) -> Tensor:
+    """||W_o||^2 of every row [out], float32: W decoded by the backend's kernel in row chunks
+    of <= CHUNK_ELEMENTS into one reused buffer (the spec: nf4lora.reference.row_sq_norms).
+    Double-quantized constants are decoded first (blocks / 64 floats, by the spec's rule,
+    which every kernel matches bit for bit), so a chunk may start on any block boundary."""
+    if weight.nested is not None:
+        nested = weight.nested
+        absmax = reference.dequantize_absmax(weight.absmax, nested.absmax, nested.code,
+                                             nested.offset, nested.blocksize)
+        weight = weight._replace(absmax=absmax, nested=None)
+    N, K = weight.shape
+    out = torch.zeros(N, dtype=torch.float32, device=weight.device)
+    if N == 0 or K == 0:
+        return out
+    granule = weight.row_granule
+    rows = min(N, max(granule, CHUNK_ELEMENTS // K // granule * granule))
+    buffer = torch.empty(rows * K, dtype=torch.float32, device=weight.device)
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
+        chunk = buffer[: (n1 - n0) * K].view(n1 - n0, K)
+        backend.dequantize_4bit(weight.rows(n0, n1), chunk)
+        torch.sum(chunk.square_(), dim=1, out=out[n0:n1])
+    return out

@@ -25,7 +25,6 @@ The matmul ops take one of two paths (`matmul_path` tells which):
 """
 from __future__ import annotations
 
-import math
 import threading
 
 import torch
@@ -170,13 +169,11 @@ def _row_chunks(weight, dtype: torch.dtype):
     """Yield (n0, n1, W[n0:n1] dequantized into the workspace, in dtype).
 
     With a native 16-bit GEMM the whole W is one chunk (a product per chunk would add a
-    rounding in bf16); on the float32 path chunks of ~CHUNK_BYTES. A chunk starts on a
-    block boundary, and with double quantization on a nested-block boundary, so its
-    constants are a suffix of the weight's arrays.
+    rounding in bf16); on the float32 path chunks of ~CHUNK_BYTES, each starting where
+    `PackedWeight.rows` can cut.
     """
     N, K = weight.out_features, weight.in_features
-    unit = weight.blocksize * (weight.nested.blocksize if weight.nested is not None else 1)
-    granule = unit // math.gcd(K, unit)  # rows between chunk starts that land on a unit
+    granule = weight.row_granule
     rows = max(N, 1)
     if dtype == torch.float32:
         rows = max(granule, CHUNK_BYTES // (4 * K) // granule * granule)
@@ -184,20 +181,8 @@ def _row_chunks(weight, dtype: torch.dtype):
     for n0 in range(0, N, rows):
         n1 = min(N, n0 + rows)
         w = buffer[: (n1 - n0) * K].view(n1 - n0, K)
-        _dequantize_rows(weight, n0, w)
+        dequantize_4bit(weight.rows(n0, n1), w)
         yield n0, n1, w
-
-
-def _dequantize_rows(weight, n0: int, out: torch.Tensor) -> None:
-    """out <- rows n0 .. n0 + out.shape[0] of W (n0 * in_features on a block boundary)."""
-    start = n0 * weight.in_features
-    block = start // weight.blocksize
-    nested = weight.nested
-    if nested is not None:
-        nested = nested._replace(absmax=nested.absmax[block // nested.blocksize:])
-    rows = weight._replace(packed=weight.packed[start // 2:], absmax=weight.absmax[block:],
-                           shape=tuple(out.shape), nested=nested)
-    dequantize_4bit(rows, out)
 
 
 def _dequantize_gemm(x, weight, lora_A, lora_B, scaling, bias):

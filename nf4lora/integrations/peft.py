@@ -28,8 +28,10 @@ PEFT's add_weighted_adapter (linear, cat, ties, svd, dare_*) needs nothing more.
 
 Other PEFT methods on nf4lora Linear4bit layers (tests/test_peft_methods.py):
 
-- LoRA: `LoraLinear4bitPeft` (above). DoRA (`use_dora=True`) and the other LoRA variants
-  are refused at get_peft_model time with a ValueError that says why.
+- LoRA: `LoraLinear4bitPeft` (above). DoRA (`use_dora=True`): `Dora4bitVariant`, PEFT's
+  parameter (`lora_magnitude_vector.<adapter>.weight`) and math, its norms from the packed
+  weight and, when one adapter is active without dropout, one `dora_matmul_4bit` call.
+  The other LoRA variants are refused at get_peft_model time with a ValueError that says why.
 - AdaLoRA, IA3: PEFT wraps Linear4bit in its dense layers (SVDLinear, ia3.Linear). Those
   only call the base layer's forward and add to (or scale) its input/output, which works
   on a 4-bit layer; nothing to register. Their merge is not supported on 4-bit layers (as on
@@ -65,15 +67,19 @@ from peft.tuners.loha.layer import make_weight as _hadamard_weight
 from peft.tuners.lokr import LoKrModel
 from peft.tuners.lokr.layer import Linear as _PeftLoKrLinear
 from peft.tuners.lokr.layer import make_kron as _kronecker_weight
-from peft.tuners.lora.layer import LoraLayer
+from peft.tuners.lora.dora import DoraLinearLayer
+from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import Tensor, nn
 
-from ..autograd import lora_matmul_4bit, multi_lora_matmul_4bit, pad_adapters
-from ..merge import MergeReport, merge_into, resolve_options
+from ..autograd import (dora_matmul_4bit, dora_row_norms_4bit, lora_matmul_4bit, matmul_4bit,
+                        multi_lora_matmul_4bit, pad_adapters)
+from ..merge import (MergeReport, dora_factor, dora_merge_delta, dora_unmerge_delta, merge_into,
+                     resolve_options)
 from ..nn.linear4bit import Linear4bit
 
 __all__ = [
+    "Dora4bitVariant",
     "LoHaLinear4bitPeft",
     "LoKrLinear4bitPeft",
     "LoraLinear4bitPeft",
@@ -113,6 +119,11 @@ class _Requantize4bit:
         """What merging `adapter` adds to the base layer's bias (None: nothing)."""
         return None
 
+    def _merged_delta(self, adapter: str, delta: Tensor, merging: bool):
+        """What merge_into adds for `adapter` (its delta weight; a subclass may make it a
+        function of W, as DoRA's row rescaling is)."""
+        return delta
+
     @property
     def merge_report(self) -> Optional[MergeReport]:
         """The report of the latest merge or unmerge into this layer's 4-bit weight (also
@@ -150,7 +161,8 @@ class _Requantize4bit:
                     bias_delta is None or torch.isfinite(bias_delta).all())):
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} "
                                  "seems to be broken")
-            merge_into(base, delta, options, adapter=adapter)
+            merge_into(base, self._merged_delta(adapter, delta, merging=True), options,
+                       adapter=adapter)
             if bias_delta is not None:
                 base.bias.data += bias_delta.to(base.bias.dtype)
             self.merged_adapters.append(adapter)
@@ -170,8 +182,9 @@ class _Requantize4bit:
                 warnings.warn(f"Unmerging a {self._method} adapter from a 4-bit weight "
                               "re-quantizes it: outputs may differ slightly (rounding errors).",
                               stacklevel=2)
-                merge_into(base, self.get_delta_weight(adapter), options, sign=-1.0,
-                           adapter=adapter)
+                merge_into(base, self._merged_delta(adapter, self.get_delta_weight(adapter),
+                                                    merging=False),
+                           options, sign=-1.0, adapter=adapter)
                 bias_delta = self._bias_delta(adapter)
                 if bias_delta is not None:
                     base.bias.data -= bias_delta.to(base.bias.dtype)
@@ -200,21 +213,18 @@ class LoraLinear4bitPeft(_Requantize4bit, nn.Module, LoraLayer):
                              f"nf4lora Linear4bit layers; use one of {_SUPPORTED_INITS}")
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 
+    @property
+    def lora_variants(self):
+        return {(): None, ("use_dora",): Dora4bitVariant}
+
     def resolve_lora_variant(self, *, config: LoraConfig, **kwargs):
-        # PEFT's LoraLayer would reject DoRA & co. with "Invalid or unsupported variant
-        # combination"; say which layer and why instead.
+        # PEFT's LoraLayer would reject the other variants with "Invalid or unsupported
+        # variant combination"; say which layer and why instead.
         try:
             return super().resolve_lora_variant(config=config, **kwargs)
         except ValueError as error:
-            if getattr(config, "use_dora", False):
-                raise ValueError(
-                    "DoRA (LoraConfig(use_dora=True)) is not supported on nf4lora 4-bit layers "
-                    "(nf4lora.nn.Linear4bit): nf4lora's PEFT layer supports plain LoRA (and rsLoRA) "
-                    "only. DoRA rescales every output row by the norm of the dequantized weight "
-                    "plus the LoRA delta, a path nf4lora does not implement yet; use use_dora=False."
-                ) from None
-            raise ValueError(f"nf4lora's PEFT layer supports plain LoRA (and rsLoRA) only, not "
-                             f"this LoRA variant on nf4lora 4-bit layers: {error}") from None
+            raise ValueError(f"nf4lora's PEFT layer supports plain LoRA, rsLoRA and DoRA only, "
+                             f"not this LoRA variant on nf4lora 4-bit layers: {error}") from None
 
     # -- forward -----------------------------------------------------------------------------
 
@@ -222,17 +232,21 @@ class LoraLinear4bitPeft(_Requantize4bit, nn.Module, LoraLayer):
         """The one active adapter when the layer can run as one lora_matmul_4bit call, else None.
 
         Fused only when the adapter sees the same input as the base (no dropout, or eval
-        mode) and has no bias (lora_bias=True adds a term the fused op does not have).
+        mode) and has no bias (lora_bias=True adds a term the fused op does not have). A
+        DoRA adapter runs as one dora_matmul_4bit call.
         """
         active = [name for name in self.active_adapters if name in self.lora_A]
-        if len(active) != 1:
+        if len(active) != 1 or not self._fusable_term(active[0]):
             return None
-        name = active[0]
+        return active[0]
+
+    def _fusable_term(self, name: str) -> bool:
+        """Adapter `name` sees the base layer's input (no dropout, or eval mode) and has no
+        bias (lora_bias=True adds a term the fused ops do not have)."""
         if self.lora_bias.get(name, False):
-            return None
-        if self.training and isinstance(self.lora_dropout[name], nn.Dropout):
-            return None     # PEFT uses nn.Identity for lora_dropout=0
-        return name
+            return False
+        # PEFT uses nn.Identity for lora_dropout=0
+        return not (self.training and isinstance(self.lora_dropout[name], nn.Dropout))
 
     def _fused_forward(self, x: Tensor, adapter: str) -> Tensor:
         """base(x) + scaling * B A x in one call, as nf4lora's LoraLinear4bit does: in the
@@ -241,26 +255,25 @@ class LoraLinear4bitPeft(_Requantize4bit, nn.Module, LoraLayer):
         base = self.get_base_layer()
         dtype = base.prepare(x)         # restore/quantize the weight, fix the compute dtype
         bias = None if base.bias is None else base.bias.to(dtype)
-        y = lora_matmul_4bit(x.to(dtype), base.weight, base.weight.quant_state,
-                             self.lora_A[adapter].weight.to(dtype),
-                             self.lora_B[adapter].weight.to(dtype),
-                             self.scaling[adapter], bias)
+        args = (x.to(dtype), base.weight, base.weight.quant_state,
+                self.lora_A[adapter].weight.to(dtype), self.lora_B[adapter].weight.to(dtype),
+                self.scaling[adapter])
+        if adapter in self.lora_variant:        # DoRA, the only variant resolve_lora_variant allows
+            y = dora_matmul_4bit(*args, self.lora_magnitude_vector[adapter].weight, bias,
+                                 base.row_sq_norms())
+        else:
+            y = lora_matmul_4bit(*args, bias)
         return y.to(x.dtype)
 
     def _mixed_batch_plain(self, adapter_names) -> bool:
         """Whether a mixed batch can run as one multi_lora_matmul_4bit call: each adapter it
-        names that this layer holds is plain LoRA, without a variant (DoRA & co. rescale or
-        reshape the output per adapter), without lora_bias (a term the op does not have),
-        and sees the base layer's input (dropout inactive: PEFT's loop drops out each
-        sub-batch's input on its own). "__base__" and adapters of other layers add nothing."""
-        for name in set(adapter_names):
-            if name not in self.lora_A:
-                continue
-            if name in self.lora_variant or self.lora_bias.get(name, False):
-                return False
-            if self.training and isinstance(self.lora_dropout[name], nn.Dropout):
-                return False
-        return True
+        names that this layer holds is fusable (_fusable_term: PEFT's loop drops out each
+        sub-batch's input on its own) and plain LoRA, without a variant (DoRA rescales each
+        adapter's rows by its own norms; PEFT refuses DoRA with adapter_names anyway).
+        "__base__" and adapters of other layers add nothing."""
+        return all(name not in self.lora_A
+                   or (name not in self.lora_variant and self._fusable_term(name))
+                   for name in set(adapter_names))
 
     def _mixed_batch_forward(self, x: Tensor, *args: Any, adapter_names: list[str],
                              **kwargs: Any) -> Tensor:
@@ -348,6 +361,11 @@ class LoraLinear4bitPeft(_Requantize4bit, nn.Module, LoraLayer):
             if requires_conversion:
                 expected_dtype = result.dtype
                 x = self._cast_input_dtype(x, lora_A.weight.dtype)
+            if active_adapter in self.lora_variant:      # DoRA: returns result + its term
+                output = self.lora_variant[active_adapter].forward(
+                    self, active_adapter=active_adapter, x=x, result=result)
+                result = output.to(expected_dtype) if requires_conversion else output
+                continue
             output = lora_B(lora_A(dropout(x))) * scaling
             if requires_conversion:
                 output = output.to(expected_dtype)
@@ -362,6 +380,18 @@ class LoraLinear4bitPeft(_Requantize4bit, nn.Module, LoraLayer):
         B = self.lora_B[adapter].weight.float()
         return (B @ A) * self.scaling[adapter]
 
+    def _merged_delta(self, adapter: str, delta: Tensor, merging: bool):
+        """DoRA: W' = m / ||W + delta||_row * (W + delta), PEFT's merge, with the factor
+        kept for the unmerge (W = W' / factor - delta), as PEFT keeps the norm."""
+        if adapter not in self.lora_variant:
+            return delta
+        factors = self.__dict__.setdefault("_dora_factors", {})
+        if merging:
+            factors[adapter] = dora_factor(self.get_base_layer(),
+                                           self.lora_magnitude_vector[adapter].weight, delta)
+            return dora_merge_delta(factors[adapter], delta)
+        return dora_unmerge_delta(factors.pop(adapter), delta)
+
     def _bias_delta(self, adapter: str) -> Optional[Tensor]:
         if not self.lora_bias[adapter]:
             return None
@@ -369,6 +399,53 @@ class LoraLinear4bitPeft(_Requantize4bit, nn.Module, LoraLayer):
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
+
+
+class Dora4bitVariant(LoraVariant):
+    """DoRA (PEFT's DoraLinearVariant) on a nf4lora Linear4bit. PEFT's own variant reads the
+    base weight through its bitsandbytes helpers (a dense dequantized copy per forward);
+    this one keeps PEFT's parameter (a DoraLinearLayer under `lora_magnitude_vector`, so
+    DoRA adapters load on bitsandbytes and dense models and back) and its math, with the
+    norms from the packed weight: ||W + s B A||_row = dora_row_norms_4bit (one 4-bit matmul
+    with lora_A as the activations, ||W_o||^2 cached by the base layer). One active adapter
+    without dropout never gets here: LoraLinear4bitPeft runs it as one dora_matmul_4bit
+    call. Merging: LoraLinear4bitPeft._merged_delta."""
+
+    @staticmethod
+    def init(module: LoraLinear4bitPeft, adapter_name: str, **kwargs) -> None:
+        if not module.lora_magnitude_vector:   # PEFT: the first DoRA adapter makes m trainable
+            module.adapter_layer_names = module.adapter_layer_names[:] + ("lora_magnitude_vector",)
+        dora = DoraLinearLayer(fan_in_fan_out=False)
+        dora.weight = nn.Parameter(Dora4bitVariant.norms(module, adapter_name), requires_grad=True)
+        module.lora_magnitude_vector[adapter_name] = dora
+
+    @staticmethod
+    def norms(module: LoraLinear4bitPeft, adapter: str) -> Tensor:
+        """||W + s B A||_row, float32 [out], detached, in float32 adapter arithmetic."""
+        base = module.get_base_layer()
+        sq_norms = base.row_sq_norms()               # quantizes the base if it is not yet
+        return dora_row_norms_4bit(base.weight, base.weight.quant_state,
+                                   module.lora_A[adapter].weight.detach().float(),
+                                   module.lora_B[adapter].weight.detach().float(),
+                                   module.scaling[adapter], sq_norms)
+
+    @staticmethod
+    def forward(module: LoraLinear4bitPeft, active_adapter: str, x: Tensor, result: Tensor,
+                **kwargs) -> Tensor:
+        """PEFT's DoraLinearLayer.forward: result + (m/norm - 1) * base + m/norm * s B A x, with
+        base = result - bias (no dropout or eval) or the base product of dropout(x)."""
+        lora_A, lora_B = module.lora_A[active_adapter], module.lora_B[active_adapter]
+        dropout, scaling = module.lora_dropout[active_adapter], module.scaling[active_adapter]
+        base = module.get_base_layer()
+        scale = (module.lora_magnitude_vector[active_adapter].weight
+                 / Dora4bitVariant.norms(module, active_adapter)).view(1, -1)
+        if isinstance(dropout, nn.Identity) or not module.training:
+            base_result = result if base.bias is None else result - base.bias
+        else:
+            x = dropout(x)
+            dtype = base.prepare(x)
+            base_result = matmul_4bit(x.to(dtype), base.weight.t(), base.weight.quant_state)
+        return result + (scale - 1) * base_result + scale * lora_B(lora_A(x)) * scaling
 
 
 # -- LoHa and LoKr ---------------------------------------------------------------------------------

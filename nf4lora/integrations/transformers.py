@@ -132,9 +132,10 @@ def _target_matches(name: str, target: str, regex: bool) -> bool:
 
 def add_lora(model: nn.Module, r: int, lora_alpha: float,
              target_modules: Union[str, Iterable[str]], lora_dropout: float = 0.0,
-             use_rslora: bool = False) -> nn.Module:
+             use_rslora: bool = False, use_dora: bool = False) -> nn.Module:
     """Wrap the Linear4bit layers named by `target_modules` in LoraLinear4bit, in place,
-    and freeze everything else; returns the model.
+    and freeze everything else; returns the model. use_dora: DoRA adapters (a trained
+    magnitude per output row, PEFT's LoraConfig(use_dora=True); see LoraLinear4bit).
 
     target_modules: a list of names matched by suffix ("q_proj" matches
     "model.layers.0.self_attn.q_proj"), or one string used as a regex on the full name,
@@ -162,7 +163,7 @@ def add_lora(model: nn.Module, r: int, lora_alpha: float,
         param.requires_grad_(False)
     for name, module in quantized.items():
         if any(_target_matches(name, t, regex) for t in targets):
-            lora = LoraLinear4bit(module, r, lora_alpha, lora_dropout, use_rslora)
+            lora = LoraLinear4bit(module, r, lora_alpha, lora_dropout, use_rslora, use_dora)
             lora.train(module.training)
             _set_submodule(model, name, lora)
     return model

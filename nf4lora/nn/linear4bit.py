@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .. import functional
 from .._weight import check_packed
 from ..codebook import CUSTOM, check_code
-from ..autograd import matmul_4bit
+from ..autograd import matmul_4bit, row_sq_norms_4bit
 from ..quant_state import QuantState
 
 __all__ = ["Params4bit", "Linear4bit", "LinearNF4", "LinearFP4"]
@@ -524,6 +524,22 @@ class Linear4bit(_Layer4bit, nn.Linear):
         dtype = self.prepare(x)
         y = matmul_4bit(x.to(dtype), self.weight.t(), self.weight.quant_state, bias=self.bias)
         return y.to(x.dtype)
+
+
+    def row_sq_norms(self) -> Tensor:
+        """||W_o||^2 of the 4-bit weight's rows, float32 [out_features]: the frozen weight's
+        part of DoRA's norm (nf4lora.row_sq_norms_4bit), computed once from the packed bytes
+        and kept until the bytes or their state change (a merge, a load, an in-place write:
+        the key is the storage, its version counter and the QuantState object)."""
+        self._fix_quant_state()
+        if not self.weight.bnb_quantized:
+            self.weight._quantize(self.weight.device)
+        weight, state = self.weight, self.weight.quant_state
+        key = (weight.data_ptr(), weight._version)
+        cached = self.__dict__.get("_row_sq_norms")
+        if cached is None or cached[0] != key or cached[1] is not state:
+            cached = self.__dict__["_row_sq_norms"] = (key, state, row_sq_norms_4bit(weight, state))
+        return cached[2]
 
 
 class LinearFP4(Linear4bit):

@@ -13,9 +13,20 @@ are cast to the layer's compute dtype for the matmul, so the adapter branch runs
 compute dtype (bf16, typically) rather than in float32. That is what a fused kernel does;
 gradients still reach the float32 parameters through the cast.
 
-Parameter names are `lora_A.weight` and `lora_B.weight` (nn.Linear submodules), with the
-4-bit layer under `base_layer` as in PEFT. PEFT itself nests one more level per adapter
-name (`lora_A.default.weight`); mapping to and from that is the PEFT integration's job.
+DoRA (`use_dora=True`, Liu et al. 2024, PEFT's definition): each output row is rescaled
+by a trained magnitude over the row norm of the adapted weight,
+
+    y = m / ||W + scaling B A||_row * (base(x) - b + scaling B A x) + b,
+
+the norm detached. It is one `dora_matmul_4bit` call (one pass over the 4-bit W for the
+output and the norms; ||W_o||^2 is cached by the base layer). m starts as ||W + s B A||_row,
+so a fresh DoRA layer is its base layer. With active dropout, as PEFT: the DoRA term is
+computed on dropout(x), the base on x (three passes over W instead of one).
+
+Parameter names are `lora_A.weight`, `lora_B.weight` (nn.Linear submodules) and, with
+DoRA, `lora_magnitude_vector.weight`, with the 4-bit layer under `base_layer` as in PEFT.
+PEFT itself nests one more level per adapter name (`lora_A.default.weight`); mapping to
+and from that is the PEFT integration's job.
 """
 from __future__ import annotations
 
@@ -27,18 +38,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..autograd import lora_matmul_4bit, matmul_4bit
-from ..merge import MergeReport, merge_into, resolve_options
+from ..autograd import dora_matmul_4bit, dora_row_norms_4bit, lora_matmul_4bit, matmul_4bit
+from ..merge import (MergeReport, dora_factor, dora_merge_delta, dora_unmerge_delta, merge_into,
+                     resolve_options)
 from .linear4bit import Linear4bit, Params4bit
 
-__all__ = ["LoraLinear4bit"]
+__all__ = ["DoraMagnitude", "LoraLinear4bit"]
+
+
+class DoraMagnitude(nn.Module):
+    """DoRA's trained magnitude m [out_features], float32 (PEFT's lora_magnitude_vector
+    holds it as `.weight` in the same way)."""
+
+    def __init__(self, magnitude: Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(magnitude.detach().float().clone())
+
+    def extra_repr(self) -> str:
+        return f"out_features={self.weight.shape[0]}"
 
 
 class LoraLinear4bit(nn.Module):
     """A LoRA adapter (rank r) around a Linear4bit. Only lora_A and lora_B train."""
 
     def __init__(self, base: Linear4bit, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                 use_rslora: bool = False):
+                 use_rslora: bool = False, use_dora: bool = False):
         super().__init__()
         if not isinstance(base, Linear4bit):
             raise TypeError(f"base must be a nf4lora Linear4bit, got {type(base).__name__}")
@@ -57,6 +81,7 @@ class LoraLinear4bit(nn.Module):
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device)
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.merged = False
+        self.use_dora = bool(use_dora)
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -64,6 +89,11 @@ class LoraLinear4bit(nn.Module):
         so a fresh adapter leaves the base layer's output unchanged."""
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        if self.use_dora:   # m = ||W + s B A||_row: the layer starts as its base layer
+            sq_norms = self.base_layer.row_sq_norms()      # quantizes the base if it is not yet
+            self.lora_magnitude_vector = DoraMagnitude(dora_row_norms_4bit(
+                self.weight, self.weight.quant_state, self.lora_A.weight.detach(),
+                self.lora_B.weight.detach(), self.scaling, sq_norms))
 
     # Read-through to the base layer, for code that expects a Linear's attributes.
     @property
@@ -75,7 +105,8 @@ class LoraLinear4bit(nn.Module):
         return self.base_layer.bias
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, merged={self.merged}"
+        return (f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, "
+                f"use_dora={self.use_dora}, merged={self.merged}")
 
     def forward(self, x: Tensor) -> Tensor:
         base = self.base_layer
@@ -87,7 +118,18 @@ class LoraLinear4bit(nn.Module):
         lora_A = self.lora_A.weight.to(dtype)
         lora_B = self.lora_B.weight.to(dtype)
         weight, state = base.weight, base.weight.quant_state
-        if self.training and isinstance(self.lora_dropout, nn.Dropout):
+        dropout = self.training and isinstance(self.lora_dropout, nn.Dropout)
+        if self.use_dora:
+            dora = dict(magnitude=self.lora_magnitude_vector.weight,
+                        weight_sq_norms=base.row_sq_norms())
+            if not dropout:
+                y = dora_matmul_4bit(xc, weight, state, lora_A, lora_B, self.scaling, bias=bias, **dora)
+            else:   # PEFT: base(x) + (m/norm - 1) base(xd) + m/norm s B A xd, xd = dropout(x)
+                xd = self.lora_dropout(xc)
+                y = (matmul_4bit(xc, weight.t(), state, bias=bias)
+                     + dora_matmul_4bit(xd, weight, state, lora_A, lora_B, self.scaling, **dora)
+                     - matmul_4bit(xd, weight.t(), state))
+        elif dropout:
             y = matmul_4bit(xc, weight.t(), state, bias=bias)
             y = y + F.linear(F.linear(self.lora_dropout(xc), lora_A), lora_B) * self.scaling
         else:
@@ -109,7 +151,8 @@ class LoraLinear4bit(nn.Module):
     @torch.no_grad()
     def merge(self, *, requantize: Optional[str] = None, max_error: Optional[float] = None,
               probe_rows: Optional[int] = None) -> float:
-        """Fold the adapter into the 4-bit weight: W' = quantize(dequantize(W) + scaling * B @ A).
+        """Fold the adapter into the 4-bit weight: W' = quantize(dequantize(W) + scaling * B @ A)
+        (with DoRA, W' = quantize(m / ||W + s B A||_row * (W + s B A)), PEFT's DoRA merge).
 
         requantize: "plain" (each block scaled by its absmax, as any quantization) or
             "search" (each block's scale searched for the least squared error;
@@ -129,7 +172,13 @@ class LoraLinear4bit(nn.Module):
         if self.merged:
             raise RuntimeError("the adapter is already merged")
         options = resolve_options(requantize, max_error, probe_rows)
-        report = merge_into(self.base_layer, self._delta(), options)
+        delta = self._delta()
+        if self.use_dora:   # W' = m / ||W + delta||_row * (W + delta); unmerge needs the factor
+            factor = dora_factor(self.base_layer, self.lora_magnitude_vector.weight, delta)
+            report = merge_into(self.base_layer, dora_merge_delta(factor, delta), options)
+            self._dora_factor = factor
+        else:
+            report = merge_into(self.base_layer, delta, options)
         self.merged = True
         return report.max_abs_error
 
@@ -146,6 +195,9 @@ class LoraLinear4bit(nn.Module):
         if not self.merged:
             raise RuntimeError("the adapter is not merged")
         options = dataclasses.replace(resolve_options(requantize, None, probe_rows), max_error=None)
-        report = merge_into(self.base_layer, self._delta(), options, sign=-1.0)
+        delta = self._delta()
+        if self.use_dora:
+            delta = dora_unmerge_delta(self.__dict__.pop("_dora_factor"), delta)
+        report = merge_into(self.base_layer, delta, options, sign=-1.0)
         self.merged = False
         return report.max_abs_error
