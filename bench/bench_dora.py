@@ -7,7 +7,9 @@ the same kind of weight (target: nf4lora >= 3x faster), and the peak memory each
 
 bf16 activations that require grad (a layer inside a model), NF4 + double quantization,
 blocksize 64, adapters in float32 cast to bf16 (PEFT's default). One call = forward and
-backward of one layer; median of --reps after a warm-up.
+backward of one layer; median of --reps after a warm-up, providers interleaved rep by rep.
+With --threads 1 the clock is the thread's CPU time (time.thread_time: a shared machine's
+other processes do not inflate it); otherwise wall time.
 
 Memory: each provider again in a fresh process: the layer built, then one forward +
 backward; "peak MiB" is the resident-set high-water mark of that call above the resident
@@ -22,6 +24,7 @@ import ctypes
 import json
 import subprocess
 import sys
+import time
 from typing import Optional, Sequence
 
 import torch
@@ -110,14 +113,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if args.memory_child:
         return memory_child(args.memory_child, shape, args.tokens[0], args.rank)
     rows = []
+    clock = time.thread_time if args.threads == 1 else time.perf_counter
     with harness.threads_set_to(args.threads):
-        for provider in args.providers:
-            model = build(provider, shape, args.rank)
-            for tokens in args.tokens:
-                times = harness.time_calls([step_of(model, tokens, shape[1])], args.reps)
+        models = {provider: build(provider, shape, args.rank) for provider in args.providers}
+        for tokens in args.tokens:
+            steps = [step_of(models[provider], tokens, shape[1]) for provider in args.providers]
+            for step in steps:      # each provider's first call (one-time work) untimed
+                step()
+            times = harness.time_calls(steps, args.reps, clock=clock)   # interleaved
+            for i, provider in enumerate(args.providers):
                 rows.append(dict(provider=provider, shape=list(shape), tokens=tokens,
-                                 rank=args.rank, **harness.quantiles_ms(times)))
-            del model
+                                 rank=args.rank, clock=clock.__name__,
+                                 **harness.quantiles_ms(times[i::len(steps)])))
         threads = torch.get_num_threads()
     for row in rows:
         same_m = {r["provider"]: r["median_ms"] for r in rows if r["tokens"] == row["tokens"]}

@@ -80,25 +80,28 @@ class Provider:
 
 
 def time_calls(calls: Sequence[Callable[[], Any]], reps: int,
-               warmup_is_sample_after_s: Optional[float] = None) -> list[float]:
+               warmup_is_sample_after_s: Optional[float] = None,
+               clock: Callable[[], float] = time.perf_counter) -> list[float]:
     """Seconds per call: one warm-up call, then `reps` passes calling each callable once.
 
     The result of a call is kept alive until its clock stops, so freeing a large output
     (munmap) is not charged to the op. A warm-up of at least `warmup_is_sample_after_s`
-    seconds is kept as the first pass's first call (see Provider).
+    seconds is kept as the first pass's first call (see Provider). `clock`:
+    time.thread_time for a one-thread run on a shared machine (CPU time of this thread,
+    which runs all of a one-thread torch op: other processes on the core do not count).
     """
-    start = time.perf_counter()
+    start = clock()
     result = calls[0]()
-    warmup = time.perf_counter() - start
+    warmup = clock() - start
     del result
     times, skip = [], 0
     if warmup_is_sample_after_s is not None and warmup >= warmup_is_sample_after_s:
         times, skip = [warmup], 1
     for rep in range(reps):
         for call in calls[skip if rep == 0 else 0:]:
-            start = time.perf_counter()
+            start = clock()
             result = call()
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
             del result
     return times
 

@@ -7,8 +7,6 @@
 
 #include <stdint.h>
 
-#include <vector>
-
 #include "bindings_common.h"
 #include "cpu/kernels.h"
 #include "nf4_codec.h"
@@ -18,22 +16,6 @@ namespace cpu = nf4lora::cpu;
 namespace b = nf4lora::bindings;
 
 namespace {
-
-// The codec's constants, for tests to compare with nf4lora.codebook / reference.
-py::dict codec_constants() {
-  const float nf4[16] = {NF4LORA_NF4_VALUES};
-  const float fp4[16] = {NF4LORA_FP4_VALUES};
-  const float nf4_thr[15] = {NF4LORA_NF4_THRESHOLDS};
-  const float fp4_thr[7] = {NF4LORA_FP4_ABS_THRESHOLDS};
-  const int by_rank[8] = {NF4LORA_FP4_CODE_BY_RANK};
-  py::dict d;
-  d["nf4"] = std::vector<float>(nf4, nf4 + 16);
-  d["fp4"] = std::vector<float>(fp4, fp4 + 16);
-  d["nf4_thresholds"] = std::vector<float>(nf4_thr, nf4_thr + 15);
-  d["fp4_abs_thresholds"] = std::vector<float>(fp4_thr, fp4_thr + 7);
-  d["fp4_code_by_rank"] = std::vector<int>(by_rank, by_rank + 8);
-  return d;
-}
 
 // The header's scalar float32 -> fp16/bf16 conversion over an array (tests compare it
 // with torch's `.to()` on edge cases; the CUDA kernels use the same functions).
@@ -73,7 +55,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("num_threads", &cpu::num_threads, "OpenMP threads the kernels use.");
   m.def("set_num_threads", &cpu::set_num_threads, py::arg("k"),
         "Fix the kernels' thread count (0: follow omp_get_max_threads()).");
-  m.def("codec_constants", &codec_constants, "The tables of nf4_codec.h.");
   m.def(
       "convert_float",
       [](py::handle src, py::handle dst) {

@@ -5,7 +5,8 @@
 // attributes: `data_ptr()` for the address, `dtype` for the dtype id (by name: weight.h
 // kDTypeNames), `numel()` / `shape` for sizes. A packed 4-bit weight arrives as
 // nf4lora._weight.PackedWeight and becomes weight.h's PackedWeight in ONE place,
-// packed_weight() below, which also guards the weight's reads. nf4lora/backends/{cpu,cuda}.py
+// packed_weight() below, which also guards the weight's reads; its format arrives as data
+// (PackedWeight.codec, nf4lora.codebook.KernelCodec), never as a name. nf4lora/backends/{cpu,cuda}.py
 // have validated the other tensors (dtypes, shapes, devices, contiguity); the kernels
 // check what would otherwise be undefined behaviour.
 //
@@ -53,14 +54,6 @@ inline int dtype_id(py::handle dtype) {
 
 inline int float_dtype(py::handle tensor) { return dtype_id(tensor.attr("dtype")); }
 
-// "nf4" / "fp4" -> its QuantType id; ValueError otherwise.
-inline int quant_type_id(py::handle quant_type) {
-  const std::string name = py::str(quant_type);
-  for (int id = 0; id < kNumQuantTypes; ++id)
-    if (name == kQuantTypeNames[id]) return id;
-  throw py::value_error("quant_type must be 'nf4' or 'fp4', got '" + name + "'");
-}
-
 // The address of a tensor the kernels read as `count` contiguous elements of
 // torch.<dtype>; ValueError naming it otherwise. (PackedWeight's constructors check sizes,
 // dtypes and devices once; this guards the reads of one assembled by hand or sliced.)
@@ -78,6 +71,53 @@ const T* checked_data(py::handle tensor, const std::string& name, const char* dt
   return data<const T>(tensor);
 }
 
+// ---- formats: nf4lora.codebook.KernelCodec -> CodeTable / CodeEncoder -----------------
+// A format reaches the kernels as data only (nf4_codec.h): codebook.kernel_codec(key)
+// builds it once per format (Python caches it) from the validated format key. Here only
+// what the kernels index is checked: the sizes, and every code within 0..15.
+
+inline py::object codec_field(py::handle codec, const char* field) {
+  if (!py::hasattr(codec, field))
+    throw py::value_error(std::string("codec must be an nf4lora.codebook.KernelCodec "
+                                      "(codebook.kernel_codec(format key)), got ") +
+                          std::string(py::str(py::type::of(codec).attr("__name__"))));
+  return codec.attr(field);
+}
+
+// The kCount numbers of codec.<field> (a tuple; any sequence is converted to one), as T.
+// A tuple's items are read without new references: the 16 levels cost ~0.3 us per call.
+template <class T, int kCount>
+void read_numbers(py::handle codec, const char* field, T (&out)[kCount]) {
+  const py::tuple values(codec_field(codec, field));
+  if (py::len(values) != kCount)
+    throw py::value_error(std::string("codec.") + field + " must hold " + std::to_string(kCount) +
+                          " values, got " + std::to_string(py::len(values)));
+  for (int i = 0; i < kCount; ++i) out[i] = values[i].cast<T>();
+}
+
+// codec.levels: the 16 values the codes decode to.
+inline CodeTable code_table(py::handle codec) {
+  CodeTable table;
+  read_numbers(codec, "levels", table.level);
+  return table;
+}
+
+// codec.thresholds (15, ascending) and codec.codes (the code of each count, 16).
+inline CodeEncoder code_encoder(py::handle codec) {
+  CodeEncoder encoder;
+  read_numbers(codec, "thresholds", encoder.threshold);
+  int codes[16];
+  read_numbers(codec, "codes", codes);
+  encoder.code_of_count = 0;
+  for (int count = 0; count < 16; ++count) {
+    if (codes[count] < 0 || codes[count] > 15)
+      throw py::value_error("codec.codes must be 4-bit codes (0..15), got " +
+                            std::to_string(codes[count]));
+    encoder.code_of_count |= uint64_t(codes[count]) << (4 * count);
+  }
+  return encoder;
+}
+
 // nf4lora._weight.PackedWeight -> PackedWeight. The tensors stay owned by the Python
 // object, which the caller holds for the call; nested.offset must be a float already
 // (PackedWeight.with_offset_read()).
@@ -85,7 +125,7 @@ inline PackedWeight packed_weight(py::handle weight) {
   PackedWeight w;
   w.n = weight.attr("numel").cast<int64_t>();
   w.blocksize = weight.attr("blocksize").cast<int64_t>();
-  w.quant_type = quant_type_id(weight.attr("quant_type"));
+  w.table = code_table(weight.attr("codec"));
   if (w.n < 0 || w.blocksize <= 0) throw py::value_error("weight: bad shape or blocksize");
   w.packed = checked_data<uint8_t>(weight.attr("packed"), "packed weight", "uint8", (w.n + 1) / 2);
   const py::object nested = weight.attr("nested");
@@ -141,13 +181,11 @@ void released(Kernel kernel, const Args&... args) {
   kernel(args...);
 }
 
-// The dtype and quant-type ids, for Python to read (never to spell again).
+// The dtype ids, for Python to read (never to spell again).
 inline void def_ids(py::module_& m) {
-  py::dict dtypes, quant_types;
+  py::dict dtypes;
   for (int id = 0; id < kNumDTypes; ++id) dtypes[kDTypeNames[id]] = id;
-  for (int id = 0; id < kNumQuantTypes; ++id) quant_types[kQuantTypeNames[id]] = id;
   m.attr("DTYPE_IDS") = dtypes;
-  m.attr("QUANT_TYPE_IDS") = quant_types;
 }
 
 // ---- the ops of both modules ---------------------------------------------------------
@@ -157,10 +195,10 @@ inline void def_ids(py::module_& m) {
 namespace ops {
 
 template <auto kernel, class... Extra>
-void quantize_4bit(py::handle A, int64_t blocksize, py::handle quant_type, py::handle packed,
+void quantize_4bit(py::handle A, int64_t blocksize, py::handle codec, py::handle packed,
                    py::handle absmax, Extra... extra) {
-  released(kernel, data<const void>(A), float_dtype(A), numel(A), blocksize,
-           quant_type_id(quant_type), data<uint8_t>(packed), data<float>(absmax), native(extra)...);
+  released(kernel, data<const void>(A), float_dtype(A), numel(A), blocksize, code_encoder(codec),
+           data<uint8_t>(packed), data<float>(absmax), native(extra)...);
 }
 
 template <auto kernel, class... Extra>
@@ -197,8 +235,9 @@ template <auto quantize_4bit_kernel, auto dequantize_4bit_kernel, auto quantize_
           auto dequantize_blockwise_kernel, class... Extra, class... Names>
 void def_codec_ops(py::module_& m, const Names&... names) {
   m.def("quantize_4bit", &ops::quantize_4bit<quantize_4bit_kernel, Extra...>, py::arg("A"),
-        py::arg("blocksize"), py::arg("quant_type"), py::arg("packed"), py::arg("absmax"), names...,
-        "packed[ceil(n/2)] u8, absmax[ceil(n/blocksize)] f32 <- A[n] (float32/16, bfloat16)");
+        py::arg("blocksize"), py::arg("codec"), py::arg("packed"), py::arg("absmax"), names...,
+        "packed[ceil(n/2)] u8, absmax[ceil(n/blocksize)] f32 <- A[n] (float32/16, bfloat16), "
+        "encoded by codec (nf4lora.codebook.kernel_codec(format key))");
   m.def("dequantize_4bit", &ops::dequantize_4bit<dequantize_4bit_kernel, Extra...>,
         py::arg("weight"), py::arg("out"), names...,
         "out[weight.numel] <- weight (nf4lora._weight.PackedWeight) dequantized, in out's dtype");

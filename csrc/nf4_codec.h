@@ -7,8 +7,8 @@
 //   * every float operation is a single IEEE float32 op: host code is compiled with
 //     -ffp-contract=off, and device code uses __fmul_rn/__fadd_rn, which nvcc never
 //     fuses into an FMA (a fused a*b+c rounds once and would differ from the spec);
-//   * comparisons are strict and ordered, so NaN compares false everywhere, which is
-//     what gives NaN its fixed codes (NF4 0, FP4 0, dynamic 8-bit 0);
+//   * comparisons are strict and ordered, so NaN compares false everywhere (a threshold
+//     count of 0; the 4-bit encoder then gives it code 0, the dynamic 8-bit one code 0);
 //   * the float -> bf16/fp16 conversions round to nearest even, like torch's `.to()`.
 //
 // No std:: calls: CUDA device code has no <cmath>/<cstring>; bit casts use memcpy-free
@@ -26,47 +26,33 @@
 namespace nf4lora {
 
 // ---------------------------------------------------------------------------------
-// Code books. Kept as literal lists so a CUDA file can also put them in __constant__
-// or shared memory (`__constant__ float t[16] = {NF4LORA_NF4_VALUES};`).
+// A 4-bit format as data. The kernels know no format by name: NF4, FP4 and every code
+// book (nf4lora/codebook.py) are values of these two structs, built in Python by
+// codebook.kernel_codec(format key) and read by the bindings (csrc/bindings_common.h).
 // ---------------------------------------------------------------------------------
 
-// NF4, indexed by the 4-bit code (nf4lora/codebook.py NF4_CODE; bitsandbytes'
-// hard-coded table, NOT recomputed from normal quantiles: that is 1 ulp off in 3 places).
-#define NF4LORA_NF4_VALUES                                                        \
-  -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,       \
-  -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,      \
-  0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f,               \
-  0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,                \
-  0.7229568362236023f, 1.0f
+// Decoding: element = level[code] * the block's absmax (reference.dequantize_4bit).
+struct CodeTable {
+  float level[16];
+};
 
-// The 15 NF4 decision thresholds: the float32 midpoints (c[i] + c[i+1]) / 2 that the
-// reference computes (checked by static_assert below and by the tests). These are also
-// bitsandbytes' CUDA dQuantizeNF4 literals, rounded to float32.
-#define NF4LORA_NF4_THRESHOLDS                                                    \
-  -0.848096371f, -0.610632896f, -0.45999527f, -0.33967942f, -0.234607399f,        \
-  -0.137911737f, -0.0455250181f, 0.0397901498f, 0.120255247f, 0.203521252f,       \
-  0.292013764f, 0.389312536f, 0.501663446f, 0.64278692f, 0.861478448f
+// Encoding a scaled value x = element * (1 / absmax): count the thresholds strictly below
+// x (ascending, so a binary search finds the count too), and take that count's code.
+//   * a table of 16 ascending levels (every format but FP4): the thresholds are the
+//     float32 midpoints of consecutive levels and the code is the count (reference.
+//     encode_sorted: a value on a midpoint is not above it, so it keeps the lower level);
+//   * FP4 (sign bit 3, magnitude from |x| against 7 CUDA thresholds, reference.encode_fp4):
+//     the thresholds are those 7 negated (each one float lower, so that a tie on |x| keeps
+//     the lower magnitude on both sides), the negative float nearest zero (so -0.0 counts
+//     as positive, as x < 0 says) and the 7 themselves; the codes are the sign-magnitude
+//     codes of those 16 intervals (codebook.kernel_codec derives them).
+// NaN is above nothing; it gets code 0 (bitsandbytes' CUDA rule for an all-zero block,
+// scaled 0 * inf) whatever the code of count 0 is.
+struct CodeEncoder {
+  float threshold[15];     // ascending
+  uint64_t code_of_count;  // bits 4c..4c+3: the code of count c (0..15)
+};
 
-// FP4 (1 sign, 2 exponent, 1 mantissa bit) in bit-pattern order: [0, .0625, 8, 12, 4,
-// 6, 2, 3] / 12 and their negatives; bit 3 is the sign. float32(k / 12.0f) each.
-#define NF4LORA_FP4_VALUES                                                        \
-  0.0f, 0.0052083334885537624f, 0.6666666865348816f, 1.0f, 0.3333333432674408f,   \
-  0.5f, 0.1666666716337204f, 0.25f, -0.0f, -0.0052083334885537624f,              \
-  -0.6666666865348816f, -1.0f, -0.3333333432674408f, -0.5f, -0.1666666716337204f, \
-  -0.25f
-
-// bitsandbytes' CUDA dQuantizeFP4 thresholds on |x|, sorted ascending. Hand-rounded
-// literals a few ulp off the true midpoints; they are part of the format as CUDA
-// writes it (codebook.py FP4_ABS_THRESHOLDS).
-#define NF4LORA_FP4_ABS_THRESHOLDS                                                \
-  0.00260417f, 0.0859375f, 0.20833333f, 0.29166667f, 0.4166667f, 0.583333f,       \
-  0.8333333f
-
-// The positive FP4 code of each interval between those thresholds (the "rank" =
-// number of thresholds strictly below |x|): 0, 1/192, 1/6, 1/4, 1/3, 1/2, 2/3, 1.
-#define NF4LORA_FP4_CODE_BY_RANK 0, 1, 6, 7, 4, 5, 2, 3
-
-enum QuantType : int { kNF4 = 0, kFP4 = 1 };
 // dtype ids of the kernels (their Python names: weight.h kDTypeNames).
 enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
@@ -112,58 +98,21 @@ NF4_HD float nan_max(float a, float b) {
 }
 
 // ---------------------------------------------------------------------------------
-// Tables as functions (a local constant array indexed in an unrolled loop is folded
-// into immediates by both gcc and nvcc; a namespace-scope array would need
-// __constant__ on the device side).
-// ---------------------------------------------------------------------------------
-NF4_HD float nf4_value(int code) {
-  const float t[16] = {NF4LORA_NF4_VALUES};
-  return t[code & 15];
-}
-
-NF4_HD float fp4_value(int code) {
-  const float t[16] = {NF4LORA_FP4_VALUES};
-  return t[code & 15];
-}
-
-// decode_4bit: the table value of a 4-bit code (no scale).
-NF4_HD float decode_4bit(int code, int quant_type) {
-  return quant_type == kNF4 ? nf4_value(code) : fp4_value(code);
-}
-
-// ---------------------------------------------------------------------------------
-// Encoders. Input is the already-scaled value x * (1 / absmax).
+// The 4-bit codec: a table lookup and a threshold count.
 // ---------------------------------------------------------------------------------
 
-// NF4: the number of thresholds strictly below x. A value exactly on a midpoint is not
-// above it, so it keeps the lower code (nearest, ties to lower); NaN is above nothing
-// and gets code 0 (bitsandbytes CUDA; its CPU path would give 7 for all-zero blocks).
-NF4_HD int encode_nf4(float x) {
-  const float t[15] = {NF4LORA_NF4_THRESHOLDS};
-  int code = 0;
+// The table value of a 4-bit code (no scale). `code & 15` keeps any int in the table.
+NF4_HD float decode_4bit(const CodeTable& table, int code) { return table.level[code & 15]; }
+
+// The code of a scaled value x (see CodeEncoder). Strict, ordered compares: a value on a
+// threshold is not above it, and NaN is above none.
+NF4_HD int encode_4bit(const CodeEncoder& encoder, float x) {
+  int count = 0;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-  for (int i = 0; i < 15; ++i) code += (x > t[i]) ? 1 : 0;
-  return code;
-}
-
-// FP4: sign bit 0b1000 for x < 0 (so -0.0 and NaN get a clear sign bit), magnitude
-// from the rank of |x| among the 7 thresholds.
-NF4_HD int encode_fp4(float x) {
-  const float t[7] = {NF4LORA_FP4_ABS_THRESHOLDS};
-  const int by_rank[8] = {NF4LORA_FP4_CODE_BY_RANK};
-  const float a = abs_f(x);
-  int rank = 0;
-#if defined(__CUDA_ARCH__)
-#pragma unroll
-#endif
-  for (int i = 0; i < 7; ++i) rank += (a > t[i]) ? 1 : 0;
-  return by_rank[rank] | ((x < 0.0f) ? 8 : 0);
-}
-
-NF4_HD int encode_4bit(float x, int quant_type) {
-  return quant_type == kNF4 ? encode_nf4(x) : encode_fp4(x);
+  for (int i = 0; i < 15; ++i) count += (x > encoder.threshold[i]) ? 1 : 0;
+  return is_nan(x) ? 0 : (int)((encoder.code_of_count >> (4 * count)) & 15u);
 }
 
 // Nibble packing: element 2j in the high nibble of byte j, element 2j+1 in the low one.
@@ -258,20 +207,3 @@ NF4_HD float fp16_bits_to_float(uint16_t h) {
 }
 
 }  // namespace nf4lora
-
-#if !defined(__CUDACC__) && defined(__cplusplus) && __cplusplus >= 201703L
-// Host compile-time check that the threshold literals are the float32 midpoints the
-// reference computes: (c[i] + c[i+1]) / 2 in float32 (constexpr float math is IEEE).
-namespace nf4lora {
-namespace codec_check {
-constexpr float kNF4[16] = {NF4LORA_NF4_VALUES};
-constexpr float kThr[15] = {NF4LORA_NF4_THRESHOLDS};
-constexpr bool midpoints_match() {
-  for (int i = 0; i < 15; ++i)
-    if ((kNF4[i] + kNF4[i + 1]) / 2.0f != kThr[i]) return false;
-  return true;
-}
-static_assert(midpoints_match(), "NF4 thresholds must equal the float32 midpoints");
-}  // namespace codec_check
-}  // namespace nf4lora
-#endif

@@ -11,14 +11,11 @@
 
 namespace nf4lora {
 
-// The names Python gives the ids of nf4_codec.h's DType and QuantType, in id order:
-// torch.<name> for dtypes, nf4lora.codebook.QUANT_TYPES for quant types. The bindings map
-// names to ids with these (and export them as DTYPE_IDS / QUANT_TYPE_IDS); Python never
-// spells an id.
+// The names Python gives the ids of nf4_codec.h's DType, in id order (torch.<name>). The
+// bindings map names to ids with these (and export them as DTYPE_IDS); Python never spells
+// an id. Formats have no ids: a weight carries its code table as data (CodeTable).
 constexpr const char* kDTypeNames[] = {"float32", "float16", "bfloat16"};
-constexpr const char* kQuantTypeNames[] = {"nf4", "fp4"};
 constexpr int kNumDTypes = sizeof(kDTypeNames) / sizeof(kDTypeNames[0]);
-constexpr int kNumQuantTypes = sizeof(kQuantTypeNames) / sizeof(kQuantTypeNames[0]);
 
 // Double quantization of the block constants (nf4_codec.h decode_nested_absmax):
 //   absmax[b] = code2[q[b]] * absmax2[b / blocksize] + offset     (two float32 roundings)
@@ -39,7 +36,7 @@ struct PackedWeight {
   NestedAbsmax nested;              // the block constants when nested.q is not null
   int64_t n = 0;                    // elements (a matmul weight [N, K]: N * K)
   int64_t blocksize = 64;
-  int quant_type = kNF4;
+  CodeTable table = {};             // the format's 16 levels: element = level[code] * constant
 
   NF4_HD bool is_nested() const { return nested.q != nullptr; }
   NF4_HD int64_t blocks() const { return (n + blocksize - 1) / blocksize; }

@@ -190,7 +190,7 @@ def _check_adapter(lora_A: Optional[Tensor], other_name: str, other: Optional[Te
 
 def _run(name: str, activations: Tensor, weight: PackedWeight, *args):
     """Call the backend's fused op, or the composite path when it has none (the reference
-    backend has none, and so neither does any code book but NF4/FP4: see backend_for)."""
+    backend has none; see backend_for)."""
     backend = backend_for(activations.device, weight.quant_type)
     fused = getattr(backend, name, None)
     if fused is None:

@@ -28,7 +28,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from .codebook import NAMED_FORMATS, format_key, is_format_key
+from .codebook import NAMED_FORMATS, KernelCodec, format_key, is_format_key, kernel_codec
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -141,6 +141,12 @@ class PackedWeight(NamedTuple):
     @property
     def device(self) -> torch.device:
         return self.packed.device
+
+    @property
+    def codec(self) -> KernelCodec:
+        """The format as the native kernels take it: the 16 levels they decode to (and the
+        encoder, unused here). Cached per format key: the bindings read it on every call."""
+        return kernel_codec(self.quant_type)
 
     @classmethod
     def from_state(cls, packed: Tensor, quant_state, name: str = "weight") -> "PackedWeight":

@@ -10,8 +10,8 @@ leaves dense too) in every combination of
     blocksize       32, 64, 128, 256
     double quant    off and on (8-bit block constants, bitsandbytes' compress_statistics)
 
-with nf4lora.functional (the C++ kernels for NF4/FP4, the reference backend for the other
-code books), and reports per layer and for the whole model:
+with nf4lora.functional (the C++ kernels, every format), and reports per layer and for the
+whole model:
 
     MSE, SQNR (dB)      of W - dequantize(quantize(W)); SQNR = 10 log10(sum W^2 / sum err^2)
     max abs error       the largest |W - W_hat|

@@ -27,13 +27,16 @@ Below the QuantState, a format is named by its *format key* (`format_key`): the 
 type for named formats, or "custom:" + the 16 levels' float32 bit patterns in hex for a
 table given as data. The key is a plain string, so it crosses the torch.library op
 schemas (a `str` argument) without a schema change, and `table(key)` rebuilds the exact
-table from it.
+table from it. The C++ and CUDA kernels take a key's `kernel_codec`: its table, and one
+encoder rule for every format (FP4's included), as data.
 """
 from __future__ import annotations
 
+import functools
 import itertools
+import math
 import struct
-from typing import Iterable, Sequence, Union
+from typing import Iterable, NamedTuple, Sequence, Union
 
 import torch
 
@@ -213,6 +216,50 @@ def table(key: str, device=None) -> torch.Tensor:
                          f"got {key!r}")
     values = struct.unpack("<16f", bytes.fromhex(key[len(_CUSTOM_KEY_PREFIX):]))
     return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+# --- a format as the native kernels take it -----------------------------------------------
+
+class KernelCodec(NamedTuple):
+    """A 4-bit format as the C++ CPU and CUDA kernels take it (csrc/nf4_codec.h CodeTable and
+    CodeEncoder): data only, so one kernel serves every format, NF4 and FP4 included."""
+    levels: tuple       # 16 floats (float32 values): code c decodes to levels[c] * absmax
+    thresholds: tuple   # 15 ascending floats: a scaled x has count = #(thresholds < x)
+    codes: tuple        # 16 ints: the code of each count (NaN gets code 0 whatever its count)
+
+
+@functools.lru_cache(maxsize=256)
+def kernel_codec(key: str) -> KernelCodec:
+    """The kernels' decoder and encoder of format `key` (a format key): decoding is
+    `table(key)`, and encoding by (thresholds, codes) gives `reference.encode(x, key)` bit
+    for bit (tests/test_native_codebooks.py checks it on every threshold and its neighbours).
+
+    A table of ascending levels (every format but FP4): the thresholds are its float32
+    midpoints (`reference.midpoints`) and the code is the count: `reference.encode_sorted`.
+
+    FP4 (`reference.encode_fp4`: the sign bit for x < 0, the magnitude from the rank of |x|,
+    the number of the 7 CUDA thresholds t strictly below |x|) becomes 15 thresholds on x:
+
+        next_down(-t[6]) < ... < next_down(-t[0]) < -2**-149 < t[0] < ... < t[6]
+
+    * x >= 0, -0.0 included: above the first 8 (-2**-149 is the negative float nearest zero),
+      so count = 8 + #(t < x) = 8 + rank, code by_rank[rank];
+    * x < 0, at most -2**-149: x > next_down(-t[i]) exactly when x >= -t[i], i.e. t[i] >= |x|,
+      so count = #(t >= |x|) = 7 - rank, ties on |x| keeping the lower magnitude as |x| > t
+      does; code 0b1000 | by_rank[rank].
+    NaN is above none (count 0); the kernels give it code 0 explicitly, as encode_fp4 does.
+    """
+    levels = table(key)
+    if key != "fp4":
+        from .reference import midpoints      # the spec's own midpoints (no import cycle)
+        return KernelCodec(tuple(levels.tolist()), tuple(midpoints(levels).tolist()),
+                           tuple(range(16)))
+    t = torch.tensor(FP4_ABS_THRESHOLDS, dtype=torch.float32)
+    below_negated = torch.nextafter(-t.flip(0), torch.tensor(-math.inf))
+    negative_nearest_zero = torch.tensor([-2.0 ** -149], dtype=torch.float32)
+    thresholds = torch.cat([below_negated, negative_nearest_zero, t])
+    codes = [0b1000 | FP4_CODE_BY_RANK[7 - count] for count in range(8)] + list(FP4_CODE_BY_RANK)
+    return KernelCodec(tuple(levels.tolist()), tuple(thresholds.tolist()), tuple(codes))
 
 
 def create_normal_map(offset: float = 0.9677083, use_extra_value: bool = True) -> torch.Tensor:

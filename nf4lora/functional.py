@@ -100,7 +100,7 @@ def quantize_4bit(A: Tensor, absmax: Optional[Tensor] = None, out: Optional[Tens
     Every format but FP4 takes the nearest level, ties to the lower one: the code is the
     number of float32 midpoints between consecutive levels strictly below the scaled
     value (NF4's encoder always was this rule). FP4 keeps bitsandbytes' CUDA rule.
-    Formats other than NF4/FP4 run on the reference backend for now (backends.backend_for).
+    Every backend's kernels take every format (the table and its encoder are data).
     """
     blocksize = DEFAULT_BLOCKSIZE if blocksize is None else blocksize
     check_float("A", A)

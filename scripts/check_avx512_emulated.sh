@@ -2,11 +2,14 @@
 # Run the AVX-512 CPU kernels on a machine without AVX-512, through SIMDe's portable
 # emulation of the intrinsics (Debian package libsimde-dev), and check them:
 #   cmp_codec  every codec entry point (quantize, dequantize incl. streaming stores,
-#              8-bit blockwise) against the scalar path, byte for byte;
+#              8-bit blockwise) against the scalar path, byte for byte, for NF4, FP4, a
+#              custom table and an encoder with scrambled codes (formats.h: the kernels
+#              take formats as data), quantize also on every threshold and its neighbours;
 #   cmp_gemv   the fused GEMV (scalar, native AVX2, emulated AVX-512 and AVX-512 +
-#              AVX512-BF16) against a float64 reference (float32 within 1e-5 of the
-#              sum of |terms|, 16-bit outputs within one ulp; for the vdpbf16ps path
-#              the reference's weights are rounded to bf16, as that path's are).
+#              AVX512-BF16; NF4, FP4 and a custom table) against a float64 reference
+#              (float32 within 1e-5 of the sum of |terms|, 16-bit outputs within one ulp;
+#              for the vdpbf16ps path the reference's weights are rounded to bf16, as
+#              that path's are).
 # csrc/cpu/isa_avx512.cpp is compiled as is, twice (the second time with
 # NF4LORA_AVX512_BF16=1, as isa_avx512bf16.cpp does), except for a few lines: immintrin.h
 # becomes the shim (SIMDe + the few intrinsics simde 0.7.4 lacks) and the target pragmas

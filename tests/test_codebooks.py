@@ -1,6 +1,7 @@
 """Code books as data: the named formats and `code=` tables against a float64 nearest-level
-reference, ties, bad tables, state-dict round trips, the reference-backend route, the
-layers with a code book, and fit_codebook. NF4/FP4 are checked to be unchanged to the bit."""
+reference, ties, bad tables, state-dict round trips, the backend route (every backend takes
+every format), the layers with a code book, and fit_codebook. NF4/FP4 are checked to be
+unchanged to the bit. The native kernels' own checks: tests/test_native_codebooks.py."""
 import json
 
 import pytest
@@ -208,13 +209,12 @@ def test_custom_state_without_its_table_is_rejected():
         F.dequantize_4bit(packed, state)
 
 
-# -- the route: code books run on the reference backend -------------------------------------------
+# -- the route: every backend runs every code book itself ------------------------------------------
 
-def test_code_books_are_routed_to_the_reference_backend(backend):
+def test_code_books_stay_on_the_chosen_backend(backend):
     device = torch.device("cpu")
-    assert backends.backend_for(device, "nf4").__name__ == f"nf4lora.backends.{backend}"
-    for quant_type in CODEBOOKS + (codebook.format_key("custom", CUSTOM_CODE),):
-        assert backends.backend_for(device, quant_type).__name__ == "nf4lora.backends.reference"
+    for quant_type in SORTED_FORMATS + ("fp4", codebook.format_key("custom", CUSTOM_CODE)):
+        assert backends.backend_for(device, quant_type).__name__ == f"nf4lora.backends.{backend}"
 
 
 def test_custom_key_carries_the_table_exactly():

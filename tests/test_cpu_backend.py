@@ -19,7 +19,7 @@ from nf4lora import codebook, reference
 from conftest import dequantize_into
 from nf4lora.backends import NestedAbsmax, PackedWeight
 from nf4lora.backends import cpu as cpu_backend
-from nf4lora.codebook import FP4_ABS_THRESHOLDS, FP4_CODE_BY_RANK, NF4_CODE, create_dynamic_map, get_4bit_type
+from nf4lora.codebook import FP4_ABS_THRESHOLDS, create_dynamic_map, get_4bit_type
 
 pytestmark = pytest.mark.skipif(cpu_backend.availability() is not None,
                                 reason=f"cpu backend unavailable: {cpu_backend.availability()}")
@@ -114,18 +114,8 @@ def tie_values(dtype: torch.dtype, quant_type: str) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------
-# the codec header's constants and conversions
+# the codec header's conversions (its formats are data: tests/test_native_codebooks.py)
 # ---------------------------------------------------------------------------------
-def test_codec_constants_match_codebook():
-    c = _C.codec_constants()
-    f32 = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
-    assert_same(f32(c["nf4"]), f32(NF4_CODE), "nf4 table")
-    assert_same(f32(c["fp4"]), get_4bit_type("fp4"), "fp4 table")
-    assert_same(f32(c["nf4_thresholds"]), reference.nf4_thresholds(), "nf4 thresholds")
-    assert_same(f32(c["fp4_abs_thresholds"]), f32(FP4_ABS_THRESHOLDS), "fp4 thresholds")
-    assert tuple(c["fp4_code_by_rank"]) == FP4_CODE_BY_RANK
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_float_conversion_matches_torch(dtype):
     """nf4_codec.h float_to_{fp16,bf16}_bits == torch's .to(dtype), incl. ties,
@@ -375,9 +365,15 @@ def test_every_path_this_cpu_has_runs_natively():
 def test_bad_arguments_raise():
     x, packed, absmax = torch.zeros(10), torch.zeros(5, dtype=torch.uint8), torch.zeros(1)
     with pytest.raises(ValueError, match="even"):
-        _C.quantize_4bit(x, 33, "nf4", packed, absmax)
-    with pytest.raises(ValueError, match="quant_type"):
-        _C.quantize_4bit(x, 64, "nf5", packed, absmax)
+        _C.quantize_4bit(x, 33, codebook.kernel_codec("nf4"), packed, absmax)
+    with pytest.raises(ValueError, match="codec must be an nf4lora.codebook.KernelCodec"):
+        _C.quantize_4bit(x, 64, "nf4", packed, absmax)
+    bad_codes = codebook.kernel_codec("nf4")._replace(codes=(16,) * 16)
+    with pytest.raises(ValueError, match=r"codec.codes must be 4-bit codes \(0..15\), got 16"):
+        _C.quantize_4bit(x, 64, bad_codes, packed, absmax)
+    short = codebook.kernel_codec("nf4")._replace(thresholds=(0.0,) * 14)
+    with pytest.raises(ValueError, match="codec.thresholds must hold 15 values, got 14"):
+        _C.quantize_4bit(x, 64, short, packed, absmax)
     with pytest.raises(ValueError, match="dtype"):
         _C.dequantize_4bit(PackedWeight(packed, absmax, 64, "nf4", (10,), None),
                            torch.zeros(10, dtype=torch.int32))
@@ -390,10 +386,10 @@ def test_bad_arguments_raise():
 
 
 def test_ids_come_from_the_extension():
-    """The binding maps torch dtypes and quant-type names to the kernels' ids itself;
-    Python never spells an id."""
+    """The binding maps torch dtypes to the kernels' ids itself; Python never spells an
+    id. Formats have none: they cross as data (codebook.kernel_codec)."""
     assert _C.DTYPE_IDS == {"float32": 0, "float16": 1, "bfloat16": 2}
-    assert tuple(_C.QUANT_TYPE_IDS) == codebook.QUANT_TYPES
+    assert not hasattr(_C, "QUANT_TYPE_IDS")
     assert _C.native_16bit_gemm(torch.float32)
 
 

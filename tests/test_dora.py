@@ -48,14 +48,22 @@ def check_close(ours, truth, baseline, dtype, label):
     assert err <= 2 * base_err + ulp * truth.abs().max().item(), (label, err, base_err)
 
 
-def run_and_compare(dtype, M, in_f=192, out_f=37, r=4, nested=True, scaling=2.0, x_shape=None):
+def run_and_compare(dtype, M, in_f=192, out_f=37, r=4, nested=True, scaling=2.0, x_shape=None,
+                    backend=None):
+    """The DoRA matmul (on `backend`, else the current one; the weight is quantized before
+    switching) against float64 and the same-dtype baseline, forward and every gradient."""
     packed, state, W, (x, A, B, bias, m) = operands(dtype, M, in_f, out_f, r, nested=nested)
     if x_shape is not None:
         x = x.detach().reshape(*x_shape, in_f).requires_grad_()
-    y = nf4lora.dora_matmul_4bit(x, packed, state, A, B, scaling, m, bias)
+    previous = nf4lora.get_backend()
+    nf4lora.set_backend(backend or previous)
+    try:
+        y = nf4lora.dora_matmul_4bit(x, packed, state, A, B, scaling, m, bias)
+        grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(9))
+        y.backward(grad.to(dtype))
+    finally:
+        nf4lora.set_backend(previous)
     assert y.dtype == dtype and y.shape == (*x.shape[:-1], out_f)
-    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(9))
-    y.backward(grad.to(dtype))
     exact_in = [t.detach().double().requires_grad_() for t in (x, A, B, bias, m)]
     exact = reference.dora_matmul_4bit(exact_in[0].reshape(-1, in_f), W, *exact_in[1:3], scaling,
                                        exact_in[4], exact_in[3])
@@ -191,11 +199,7 @@ def test_dora_on_triton_kernels_under_the_interpreter():
     reason = backends.availability("triton")
     if reason is not None or "cpu" not in backends._module("triton").DEVICE_TYPES:
         pytest.skip(f"Triton's interpreter unavailable here: {reason}")
-    nf4lora.set_backend("triton")
-    try:
-        run_and_compare(torch.float32, 3, in_f=128, out_f=20, r=4)
-    finally:
-        nf4lora.set_backend(None)
+    run_and_compare(torch.float32, 3, in_f=128, out_f=20, r=4, backend="triton")
 
 
 # --- bad input ---------------------------------------------------------------------------

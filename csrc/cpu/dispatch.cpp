@@ -164,10 +164,6 @@ void check_block_constants(const PackedWeight& w) {
   }
 }
 
-void check_quant_type(int quant_type) {
-  check(quant_type == kNF4 || quant_type == kFP4, "quant_type must be 0 (nf4) or 1 (fp4)");
-}
-
 void check_common(int64_t n, int64_t blocksize, int dtype, const char* dtype_name) {
   check(n >= 0, "n must be >= 0");
   check(blocksize > 0, "blocksize must be > 0");
@@ -258,16 +254,15 @@ std::vector<std::string> supported_isas() {
   return out;
 }
 
-void quantize_4bit(const void* A, int dtype, int64_t n, int64_t blocksize, int quant_type,
-                   uint8_t* packed, float* absmax) {
+void quantize_4bit(const void* A, int dtype, int64_t n, int64_t blocksize,
+                   const CodeEncoder& encoder, uint8_t* packed, float* absmax) {
   check_common(n, blocksize, dtype, "dtype must be 0 (float32), 1 (float16) or 2 (bfloat16)");
   check(blocksize % 2 == 0, "4-bit blocksize must be even");
-  check_quant_type(quant_type);
   if (n == 0) return;
   check(A && packed && absmax, "null pointer");
   const IsaKernels& k = select_kernels();
   advise_huge_pages(packed, (n + 1) / 2);
-  const Quant4Args args{A, dtype, n, blocksize, quant_type, packed, absmax};
+  const Quant4Args args{A, dtype, n, blocksize, encoder, packed, absmax};
   parallel_blocks(num_blocks(n, blocksize), n,
                   [&](int64_t b0, int64_t b1) { k.quantize_4bit(args, b0, b1); });
 }
@@ -277,7 +272,6 @@ void dequantize_4bit(const PackedWeight& weight, void* out, int out_dtype) {
   check_common(n, blocksize, out_dtype,
                "out_dtype must be 0 (float32), 1 (float16) or 2 (bfloat16)");
   check(blocksize % 2 == 0, "4-bit blocksize must be even");
-  check_quant_type(weight.quant_type);
   if (n == 0) return;
   check(weight.packed && out, "null pointer");
   check_block_constants(weight);
@@ -325,7 +319,6 @@ void lora_gemv_4bit(const LoraGemvArgs& op) {
   check(op.weight.n == N * K, "the weight must have N * K elements");
   check(blocksize % 32 == 0, "blocksize must be a multiple of 32");
   check(K % blocksize == 0, "K must be a multiple of blocksize (rows start on block boundaries)");
-  check_quant_type(op.weight.quant_type);
   if (M == 0) return;
   check(op.x && op.y && (N == 0 || K == 0 || op.weight.packed), "null pointer");
   check(rank == 0 || (op.lora_A && op.lora_B && op.h), "null LoRA pointer");

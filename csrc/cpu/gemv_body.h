@@ -3,8 +3,9 @@
 //
 //     y = x @ W^T + (scaling * (x @ A^T)) @ B^T + bias        h = x @ A^T (returned)
 //
-// with W [N, K] NF4/FP4 (nested absmax decoded on the fly), x [M, K], lora_A [r, K],
-// lora_B [N, r], bias [N], y [M, N], h [M, r], all activations in one dtype. Included
+// with W [N, K] 4-bit in any format (its code table is data, nested absmax decoded on the
+// fly), x [M, K], lora_A [r, K], lora_B [N, r], bias [N], y [M, N], h [M, r], all
+// activations in one dtype. Included
 // by every ISA translation unit after kernel_body.h, like it (no include guard); it
 // uses the same primitives plus:
 //
@@ -18,16 +19,16 @@
 //   X, Weights                    element type of the x copy; type of a weight vector
 //   to_x(v)                       one activation as X (exact)
 //   source(j)                     position j of a group holds element source(j)
-//   Decoder(qt)                   per call
+//   Decoder(table)                per call, from the weight's CodeTable
 //   Table, table(scale)           what decoding a block needs, from its constant
 //   decoder(t, p, w)              the group at p into w[kVectors], in source() order
 //   madd(w, x, acc)               acc + w . x, x the kGroup / kVectors X at that pointer
-// GemvDecoder (every ISA) makes float32 weights table[code] * scale and madd is an
+// GemvDecoder (every ISA) makes float32 weights level[code] * scale and madd is an
 // FMA; AVX512-BF16's bf16 decoder (isa_avx512.cpp) makes bf16 weights and uses
 // vdpbf16ps. Its blocksize must be a multiple of its kGroup, or GemvDecoder runs.
 //
 // Integer decoders (kIntegerSums; 16-bit activations on AVX2 and AVX-512) multiply
-// 16-bit integers: the table values as int16 levels (isa.h int16_levels) and x per group
+// 16-bit integers: the table's levels as int16 (isa.h int16_levels) and x per group
 // of 64 as int16 with one float scale (gemv_prepare_rows). A group's products are summed
 // exactly in int32 lanes (Sum; madd is vpmaddwd + add, or AVX512-VNNI vpdpwssd), then
 // folded once into the float32 accumulators with the block constant times x's scale:
@@ -64,11 +65,11 @@ template <class T, class Fn>
 void with_decoder(const GemvWork& a, Fn fn) {
   if constexpr (kHasIntegerDecoder && !std::is_same_v<T, float>) {
     if (a.integer_sums && a.weight.blocksize % GemvIntegerDecoder::kGroup == 0)
-      return fn(GemvIntegerDecoder(a.weight.quant_type));
+      return fn(GemvIntegerDecoder(a.weight.table));
   }
   using Special = typename GemvDecoderFor<T>::type;
-  if (a.weight.blocksize % Special::kGroup == 0) fn(Special(a.weight.quant_type));
-  else fn(GemvDecoder(a.weight.quant_type));
+  if (a.weight.blocksize % Special::kGroup == 0) fn(Special(a.weight.table));
+  else fn(GemvDecoder(a.weight.table));
 }
 
 // ---- phase 1, per row m of x: copies (float32 in natural order for h, X in the

@@ -30,24 +30,27 @@ template <> inline float from_float<float>(float x) { return x; }
 template <> inline bf16 from_float<bf16>(float x) { return bf16{float_to_bf16_bits(x)}; }
 template <> inline fp16 from_float<fp16>(float x) { return fp16{float_to_fp16_bits(x)}; }
 
-// The 16 table values of a 4-bit type, for building per-block lookup tables.
-inline const float* codebook_4bit(int quant_type) {
-  alignas(64) static const float tables[2][16] = {{NF4LORA_NF4_VALUES}, {NF4LORA_FP4_VALUES}};
-  return tables[quant_type == kNF4 ? 0 : 1];
-}
-
-// The integer GEMV decoders (gemv_body.h) multiply 16-bit integers: the 16 table values
-// times kGemvLevelScale, rounded (|value| <= 1, so |level| <= 16383), and x per group of
-// kGemvXGroup elements times 16383 / max |x|, rounded. 16383^2 * 8 < 2^31: eight products
-// per int32 lane (a group of 64 in AVX2's 8 lanes) cannot overflow.
+// The integer GEMV decoders (gemv_body.h) multiply 16-bit integers: the 16 levels of the
+// weight's code table times kGemvLevelScale, rounded (codebook.check_code keeps every level
+// within [-1, 1], so |level| <= 16383), and x per group of kGemvXGroup elements times
+// 16383 / max |x|, rounded. 16383^2 * 8 < 2^31: eight products per int32 lane (a group of
+// 64 in AVX2's 8 lanes) cannot overflow.
 constexpr float kGemvLevelScale = 16383.0f;
-inline void int16_levels(int quant_type, int16_t* out) {
-  const float* t = codebook_4bit(quant_type);
-  for (int c = 0; c < 16; ++c) out[c] = static_cast<int16_t>(lrintf(t[c] * kGemvLevelScale));
+inline void int16_levels(const CodeTable& table, int16_t* out) {
+  for (int c = 0; c < 16; ++c) {
+    // A level beyond [-1, 1] (only a hand-made KernelCodec has one) saturates rather than
+    // wraps. Compares, not fminf/fmaxf: those were libm calls here, 1.5% of an M = 1
+    // 4096x4096 GEMV, which builds its decoder once per 16 rows of W.
+    const float level = table.level[c] * kGemvLevelScale;
+    const float kept = level > kGemvLevelScale    ? kGemvLevelScale
+                       : level < -kGemvLevelScale ? -kGemvLevelScale
+                                                  : level;
+    out[c] = static_cast<int16_t>(lrintf(kept));
+  }
 }
 
 struct Quant4Args {
-  const void* A; int dtype; int64_t n; int64_t blocksize; int quant_type;
+  const void* A; int dtype; int64_t n; int64_t blocksize; CodeEncoder encoder;
   uint8_t* packed; float* absmax;
 };
 struct Dequant4Args {

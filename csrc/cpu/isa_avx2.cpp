@@ -35,7 +35,6 @@ inline F load(const bf16* p) {  // bf16 is the top half of a float32
 inline F load(const fp16* p) {  // F16C converts subnormals exactly
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
-inline I load_i(const int* p) { return _mm256_loadu_si256(reinterpret_cast<const I*>(p)); }
 inline I as_int(F x) { return _mm256_castps_si256(x); }
 inline I and_i(I a, I b) { return _mm256_and_si256(a, b); }
 inline I or_i(I a, I b) { return _mm256_or_si256(a, b); }
@@ -59,7 +58,6 @@ inline I add_if(I v, Mask m, int amount) {
 }
 
 inline F lookup8(F table, I index) { return _mm256_permutevar8x32_ps(table, index); }
-inline I lookup8(I table, I index) { return _mm256_permutevar8x32_epi32(table, index); }
 // 16 floats in two registers: two 8-entry permutes (low 3 bits of the index), blended on
 // bit 3.
 struct Table16 {
@@ -207,9 +205,9 @@ constexpr int kGemvAccumulators = 8;  // of 16 registers: the rest decode
 struct GemvDecoder : FloatGemvDecoder {
   static constexpr int kGroup = 32, kVectors = 4;  // 16 packed bytes -> 4 vectors
   static int source(int j) { return (j & ~7) + ((j & 3) << 1) + ((j >> 2) & 1); }
-  I plane[4];  // plane[k]: byte k of the 16 float32 table entries
-  explicit GemvDecoder(int qt) {
-    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(codebook_4bit(qt));
+  I plane[4];  // plane[k]: byte k of the weight's 16 float32 levels
+  explicit GemvDecoder(const CodeTable& table) {
+    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(table.level);
     for (int k = 0; k < 4; ++k) {
       alignas(16) uint8_t column[16];
       for (int c = 0; c < 16; ++c) column[c] = bytes[4 * c + k];
@@ -244,9 +242,9 @@ struct GemvInt16Decoder : IntegerGemvDecoder {
     return (j / 16) * 16 + 2 * (i % 8) + i / 8;
   }
   I plane_lo, plane_hi;
-  explicit GemvInt16Decoder(int qt) {
+  explicit GemvInt16Decoder(const CodeTable& table) {
     int16_t levels[16];
-    int16_levels(qt, levels);
+    int16_levels(table, levels);
     alignas(16) uint8_t lo[16], hi[16];
     for (int c = 0; c < 16; ++c) {
       lo[c] = static_cast<uint8_t>(levels[c] & 0xFF);

@@ -63,7 +63,6 @@ inline F load(const bf16* p) {
 inline F load(const fp16* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
-inline I load_i(const int* p) { return _mm512_loadu_si512(p); }
 inline I as_int(F x) { return _mm512_castps_si512(x); }
 inline I and_i(I a, I b) { return _mm512_and_si512(a, b); }
 inline I or_i(I a, I b) { return _mm512_or_si512(a, b); }
@@ -88,7 +87,6 @@ inline I add_if(I v, Mask m, int amount) {
 // permutexvar reads the low 4 bits of each index: an 8-entry table is a 16-entry one
 // whose index stays below 8.
 inline F lookup8(F table, I index) { return _mm512_permutexvar_ps(index, table); }
-inline I lookup8(I table, I index) { return _mm512_permutexvar_epi32(index, table); }
 inline Table16 load_table16(const float* t) { return _mm512_loadu_ps(t); }
 inline F lookup16(Table16 t, I index) { return _mm512_permutexvar_ps(index, t); }
 inline F gather(const float* base, I index) { return _mm512_i32gather_ps(index, base, 4); }
@@ -189,8 +187,8 @@ constexpr int kGemvAccumulators = 8;
 struct GemvDecoder : FloatGemvDecoder {
   static constexpr int kGroup = 32, kVectors = 2;
   static int source(int j) { return j < 16 ? 2 * j : 2 * (j - 16) + 1; }
-  F values;
-  explicit GemvDecoder(int qt) : values(load(codebook_4bit(qt))) {}
+  F values;  // the weight's 16 levels
+  explicit GemvDecoder(const CodeTable& table) : values(load(table.level)) {}
   void operator()(const Table& scale, const uint8_t* p, F* w) const {
     const I v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     w[0] = mul(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), values), scale);
@@ -218,10 +216,10 @@ struct GemvInt16Decoder : IntegerGemvDecoder {
   static constexpr int kGroup = 64, kVectors = 2;
   static int source(int j) { return j < 32 ? 2 * j : 2 * (j - 32) + 1; }
   I levels;  // int16 lanes 0-15
-  explicit GemvInt16Decoder(int qt) {
-    alignas(64) int16_t table[32] = {};
-    int16_levels(qt, table);
-    levels = _mm512_castsi256_si512(_mm256_load_si256(reinterpret_cast<const __m256i*>(table)));
+  explicit GemvInt16Decoder(const CodeTable& table) {
+    alignas(64) int16_t level[32] = {};
+    int16_levels(table, level);
+    levels = _mm512_castsi256_si512(_mm256_load_si256(reinterpret_cast<const __m256i*>(level)));
   }
   void operator()(const Table&, const uint8_t* p, I* w) const { lookup64_epi16(p, levels, w); }
   static I madd(I w, const X* x, I sum) {
@@ -251,8 +249,8 @@ struct GemvBf16Decoder {
   using Table = I;  // lanes 0-15: the block's 16 weights as bf16
   static X to_x(bf16 v) { return v; }
   static int source(int j) { return j < 32 ? 2 * j : 2 * (j - 32) + 1; }
-  F values;
-  explicit GemvBf16Decoder(int qt) : values(load(codebook_4bit(qt))) {}
+  F values;  // the weight's 16 levels
+  explicit GemvBf16Decoder(const CodeTable& table) : values(load(table.level)) {}
   Table table(float scale) const {
     return _mm512_castsi256_si512(to_u16<bf16>(mul(values, splat(scale))));
   }

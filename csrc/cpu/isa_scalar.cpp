@@ -2,6 +2,8 @@
 // direct call of the per-element codec in nf4_codec.h. It is the fallback on CPUs
 // without AVX2 and, in the tests, an independent check of the SIMD primitives
 // (NF4LORA_CPU_ISA=scalar). Built for baseline x86-64 (the compiler may still use SSE2).
+#include <string.h>
+
 #include "isa.h"
 
 namespace nf4lora::cpu::scalar {
@@ -31,22 +33,26 @@ inline F add(F a, F b) { return add_rn(a, b); }
 inline F fmadd(F a, F b, F c) { return add_rn(mul_rn(a, b), c); }  // two roundings here
 inline float hsum(F x) { return x; }
 
-template <int QT>
 struct Encoder {
-  I operator()(F x) const { return encode_4bit(x, QT); }
+  CodeEncoder code;
+  explicit Encoder(const CodeEncoder& e) : code(e) {}
+  I operator()(F x) const { return encode_4bit(code, x); }
 };
 
 inline void store_packed(uint8_t* out, I first, I second) { *out = pack_nibbles(first, second); }
 
+using Levels = const float*;  // the 16 levels of the weight's code table
+inline Levels load_levels(const CodeTable& table) { return table.level; }
+
 template <class Out, bool kStream>  // plain stores only
 struct Decoder {
   static constexpr int kStep = 2;  // one packed byte
-  int qt;
+  Levels levels;
   float scale;
-  Decoder(int quant_type, float s) : qt(quant_type), scale(s) {}
+  Decoder(Levels l, float s) : levels(l), scale(s) {}
   void operator()(const uint8_t* p, Out* o) const {
-    o[0] = from_float<Out>(mul_rn(decode_4bit(unpack_first(*p), qt), scale));
-    o[1] = from_float<Out>(mul_rn(decode_4bit(unpack_second(*p), qt), scale));
+    o[0] = from_float<Out>(mul_rn(levels[unpack_first(*p)], scale));
+    o[1] = from_float<Out>(mul_rn(levels[unpack_second(*p)], scale));
   }
 };
 
@@ -81,8 +87,8 @@ struct GemvDecoder {
   using Table = F;  // the block constant
   template <class In> static X to_x(In v) { return to_float(v); }
   static int source(int j) { return j; }
-  const float* values;
-  explicit GemvDecoder(int qt) : values(codebook_4bit(qt)) {}
+  float values[16];  // the weight's levels
+  explicit GemvDecoder(const CodeTable& table) { memcpy(values, table.level, sizeof(values)); }
   Table table(float scale) const { return scale; }
   void operator()(const Table& scale, const uint8_t* p, F* w) const {
     for (int i = 0; i < 4; ++i) {

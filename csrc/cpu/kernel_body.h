@@ -10,10 +10,11 @@
 //   load(const In*)             kW elements of float / bf16 / fp16 -> F (exact)
 //   AbsMax{add(F), result()}    max |x| over the added vectors; NaN if any lane was NaN
 //   splat(float), mul(F, F)     broadcast; IEEE multiply (never fused)
-//   Encoder<QT>{operator()(F)}  4-bit codes (NF4 or FP4) of scaled values -> I
+//   Encoder(CodeEncoder)(F) -> I  4-bit codes of scaled values (any format: nf4_codec.h)
 //   store_packed(u8*, I, I)     2*kW codes (first vector first) -> kW packed bytes
-//   Decoder<Out, kStream>(qt, scale)  kStep elements from kStep/2 packed bytes,
-//                               table*scale, rounded once to Out (float / bf16 / fp16);
+//   Levels, load_levels(CodeTable)  a weight's 16 levels as the decoders read them
+//   Decoder<Out, kStream>(levels, scale)  kStep elements from kStep/2 packed bytes,
+//                               level*scale, rounded once to Out (float / bf16 / fp16);
 //                               kStream: with non-temporal stores (kStep * sizeof(Out)
 //                               bytes, aligned to that when the block start is 64-aligned)
 //   store_fence()               orders the streaming stores before what follows
@@ -48,10 +49,11 @@ inline float block_absmax(const In* x, int64_t len) {
 }
 
 // ---- 4-bit quantize: absmax, scaled = x * (1 / absmax), encode, pack. -------------
-template <class In, int QT>
+template <class In>
 void quantize_4bit_impl(const Quant4Args& args, int64_t b0, int64_t b1) {
   const In* A = static_cast<const In*>(args.A);
-  const Encoder<QT> encode;
+  const CodeEncoder code_encoder = args.encoder;  // a local: the stores cannot alias it
+  const Encoder encode(code_encoder);
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t begin = b * args.blocksize;  // even: blocksize is even
     const int64_t len = block_length(b, args.blocksize, args.n);
@@ -73,16 +75,16 @@ void quantize_4bit_impl(const Quant4Args& args, int64_t b0, int64_t b1) {
       const float first = mul_rn(to_float(x[i]), r);
       // Odd n: the last byte's low nibble encodes a padding 0.0 with this block's scale.
       const float second = (i + 1 < len) ? mul_rn(to_float(x[i + 1]), r) : mul_rn(0.0f, r);
-      out[i / 2] = pack_nibbles(encode_4bit(first, QT), encode_4bit(second, QT));
+      out[i / 2] = pack_nibbles(encode_4bit(code_encoder, first), encode_4bit(code_encoder, second));
     }
   }
 }
 
-// ---- 4-bit dequantize: table[code] * absmax, rounded once to Out. -----------------
+// ---- 4-bit dequantize: level[code] * absmax, rounded once to Out. -----------------
 // With double quantization each block's absmax is decoded here, once, from its 8-bit
 // code (two float32 roundings, as reference.dequantize_absmax); no absmax array.
 // kStream: the decoder writes with non-temporal stores (args.stream, see dispatch.cpp).
-template <class Out, int QT, bool kStream>
+template <class Out, bool kStream>
 void dequantize_4bit_blocks(const Dequant4Args& args, int64_t b0, int64_t b1) {
   // Locals, not args fields: the vector stores may alias anything, so the compiler would
   // reload every field once per block.
@@ -92,6 +94,8 @@ void dequantize_4bit_blocks(const Dequant4Args& args, int64_t b0, int64_t b1) {
   const NestedAbsmax nested = args.weight.nested;
   const bool has_nested = args.weight.is_nested();
   const int64_t n = args.weight.n, blocksize = args.weight.blocksize;
+  const CodeTable table = args.weight.table;
+  const Levels levels = load_levels(table);  // once per call, not per block
   using Decode = Decoder<Out, kStream>;
   constexpr int kStep = Decode::kStep;
   for (int64_t b = b0; b < b1;) {
@@ -112,22 +116,22 @@ void dequantize_4bit_blocks(const Dequant4Args& args, int64_t b0, int64_t b1) {
       const uint8_t* p = packed + begin / 2;
       Out* o = out + begin;
 
-      const Decode decode(QT, scale);
+      const Decode decode(levels, scale);
       int64_t i = 0;
       for (; i + kStep <= len; i += kStep) decode(p + i / 2, o + i);
       for (; i < len; ++i)
-        o[i] = from_float<Out>(mul_rn(decode_4bit(unpack_code(p, i), QT), scale));
+        o[i] = from_float<Out>(mul_rn(decode_4bit(table, unpack_code(p, i)), scale));
     }
   }
 }
 
-template <class Out, int QT>
+template <class Out>
 void dequantize_4bit_impl(const Dequant4Args& args, int64_t b0, int64_t b1) {
   if (args.stream) {
-    dequantize_4bit_blocks<Out, QT, true>(args, b0, b1);
+    dequantize_4bit_blocks<Out, true>(args, b0, b1);
     store_fence();  // streaming stores are weakly ordered: drain them before returning
   } else {
-    dequantize_4bit_blocks<Out, QT, false>(args, b0, b1);
+    dequantize_4bit_blocks<Out, false>(args, b0, b1);
   }
 }
 
@@ -172,7 +176,7 @@ void dequantize_blockwise_impl(const Dequant8Args& args, int64_t b0, int64_t b1)
   }
 }
 
-// ---- Entry points: pick the template instance for (dtype, quant type). -------------
+// ---- Entry points: pick the template instance for the dtype (the format is data). ---
 // fn(float{}), fn(fp16{}) or fn(bf16{}) for a dtype id the dispatcher has checked.
 template <class Fn>
 void with_dtype(int dtype, Fn fn) {
@@ -183,29 +187,12 @@ void with_dtype(int dtype, Fn fn) {
   }
 }
 
-template <int QT> struct QuantTypeTag { static constexpr int value = QT; };
-
-// fn(QuantTypeTag<kNF4>{}) or fn(QuantTypeTag<kFP4>{}).
-template <class Fn>
-void with_quant_type(int quant_type, Fn fn) {
-  if (quant_type == kNF4) fn(QuantTypeTag<kNF4>{});
-  else fn(QuantTypeTag<kFP4>{});
-}
-
 void quantize_4bit_entry(const Quant4Args& a, int64_t b0, int64_t b1) {
-  with_quant_type(a.quant_type, [&](auto qt) {
-    with_dtype(a.dtype, [&](auto in) {
-      quantize_4bit_impl<decltype(in), decltype(qt)::value>(a, b0, b1);
-    });
-  });
+  with_dtype(a.dtype, [&](auto in) { quantize_4bit_impl<decltype(in)>(a, b0, b1); });
 }
 
 void dequantize_4bit_entry(const Dequant4Args& a, int64_t b0, int64_t b1) {
-  with_quant_type(a.weight.quant_type, [&](auto qt) {
-    with_dtype(a.out_dtype, [&](auto out) {
-      dequantize_4bit_impl<decltype(out), decltype(qt)::value>(a, b0, b1);
-    });
-  });
+  with_dtype(a.out_dtype, [&](auto out) { dequantize_4bit_impl<decltype(out)>(a, b0, b1); });
 }
 
 void quantize_blockwise_entry(const Quant8Args& a, int64_t b0, int64_t b1) {

@@ -16,7 +16,7 @@
 //   absmax       blocks float32
 //   q (8-bit)    n bytes, codes into a sorted 256-entry float32 `code`
 // A 4-bit weight is a PackedWeight (csrc/weight.h): packed, its block constants (float32,
-// or double-quantized and decoded on the fly), n, blocksize, quant type.
+// or double-quantized and decoded on the fly), n, blocksize, and its format's code table.
 #pragma once
 
 #include <stdint.h>
@@ -29,8 +29,9 @@
 namespace nf4lora {
 namespace cpu {
 
-void quantize_4bit(const void* A, int dtype, int64_t n, int64_t blocksize, int quant_type,
-                   uint8_t* packed, float* absmax);
+// packed, absmax <- A, each element's code by `encoder` (any format: nf4_codec.h).
+void quantize_4bit(const void* A, int dtype, int64_t n, int64_t blocksize,
+                   const CodeEncoder& encoder, uint8_t* packed, float* absmax);
 
 // out[weight.n] of out_dtype <- the weight's elements.
 void dequantize_4bit(const PackedWeight& weight, void* out, int out_dtype);

@@ -41,9 +41,9 @@ __device__ __forceinline__ void quantize_warp(const QuantParams& p, const Encode
 
 template <class In>
 __global__ void __launch_bounds__(kQuantWarps * kWarp)
-    quantize_4bit_kernel(const __grid_constant__ QuantParams p, int quant_type,
-                         int64_t quant_blocks) {
-  quantize_warp<In>(p, Encode4{quant_type}, quant_blocks);
+    quantize_4bit_kernel(const __grid_constant__ QuantParams p,
+                         const __grid_constant__ CodeEncoder encoder, int64_t quant_blocks) {
+  quantize_warp<In>(p, Encode4{encoder}, quant_blocks);
 }
 
 template <class In>
@@ -59,9 +59,10 @@ __global__ void __launch_bounds__(kQuantWarps * kWarp)
 // ---- dequantize: one thread per 32 (4-bit) or 16 (8-bit) elements -------------------
 template <class Out>
 __global__ void __launch_bounds__(kDequantThreads)
-    dequantize_4bit_kernel(const __grid_constant__ Dequant4Params p, const __grid_constant__ Lut16 lut) {
+    dequantize_4bit_kernel(const __grid_constant__ Dequant4Params p,
+                           const __grid_constant__ CodeTable table) {
   __shared__ float lut_s[16];
-  stage(lut_s, lut.v, 16);
+  stage(lut_s, table.level, 16);
   dequantize_4bit_thread<Out>(p, lut_s, (int64_t)blockIdx.x * kDequantThreads + threadIdx.x);
 }
 
@@ -86,12 +87,11 @@ void launch(const char* what, int dtype, int64_t grid, int threads, void* stream
 
 }  // namespace
 
-void quantize_4bit(const void* A, int dtype, int64_t n, int64_t blocksize, int quant_type,
-                   uint8_t* packed, float* absmax, void* stream) {
-  require_quant_type(quant_type);
+void quantize_4bit(const void* A, int dtype, int64_t n, int64_t blocksize,
+                   const CodeEncoder& encoder, uint8_t* packed, float* absmax, void* stream) {
   const QuantPlan plan = plan_quantize(A, n, blocksize, packed, absmax, /*four_bit=*/true);
   launch("quantize_4bit", dtype, plan.grid, kQuantWarps * kWarp, stream,
-         [](auto in) { return quantize_4bit_kernel<decltype(in)>; }, plan.params, quant_type,
+         [](auto in) { return quantize_4bit_kernel<decltype(in)>; }, plan.params, encoder,
          plan.quant_blocks);
 }
 
@@ -107,7 +107,7 @@ void quantize_blockwise(const void* A, int dtype, const float* code, int64_t n,
 void dequantize_4bit(const PackedWeight& weight, void* out, int out_dtype, void* stream) {
   const Dequant4Plan plan = plan_dequantize_4bit(weight, out);
   launch("dequantize_4bit", out_dtype, plan.grid, kDequantThreads, stream,
-         [](auto o) { return dequantize_4bit_kernel<decltype(o)>; }, plan.params, plan.lut);
+         [](auto o) { return dequantize_4bit_kernel<decltype(o)>; }, plan.params, plan.table);
 }
 
 void dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code, int64_t n,

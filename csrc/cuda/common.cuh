@@ -184,22 +184,6 @@ NF4K_HD void unpack8(uint32_t word, int codes[8]) {
 }
 
 // ---------------------------------------------------------------------------------
-// The 16-entry 4-bit code book, built on the host from the codec and passed to the
-// kernel by value (64 bytes of kernel parameters); the kernel copies it into shared
-// memory, where 32 lanes looking up 16 distinct words hit 16 distinct banks: no bank
-// conflicts, one LDS per element.
-// ---------------------------------------------------------------------------------
-struct Lut16 {
-  float v[16];
-};
-
-inline Lut16 make_lut16(int quant_type) {
-  Lut16 lut;
-  for (int c = 0; c < 16; ++c) lut.v[c] = decode_4bit(c, quant_type);
-  return lut;
-}
-
-// ---------------------------------------------------------------------------------
 // Warp reduction: a butterfly. At step `offset` (16, 8, 4, 2, 1) lane l combines its
 // value with lane l ^ offset's as op(mine, theirs). After 5 steps every lane holds the
 // same result (op is commutative bit for bit: IEEE addition and nan_max are), which

@@ -40,12 +40,13 @@ constexpr int gemv_min_blocks_per_sm(int M) { return M == 4 ? 4 : (M >= 5 && M <
 
 template <class T, int M>
 __global__ void __launch_bounds__(kGemvWarps * kWarp, gemv_min_blocks_per_sm(M))
-    gemv_4bit_lora_kernel(const __grid_constant__ GemvParams p, const __grid_constant__ Lut16 lut,
-                          int* counters, int shrink_blocks) {
+    gemv_4bit_lora_kernel(const __grid_constant__ GemvParams p,
+                          const __grid_constant__ CodeTable table, int* counters,
+                          int shrink_blocks) {
   constexpr int R = gemv_rows_per_warp(M);
   __shared__ float lut_s[16];
   __shared__ int ticket_s;
-  if (threadIdx.x < 16) lut_s[threadIdx.x] = lut.v[threadIdx.x];
+  if (threadIdx.x < 16) lut_s[threadIdx.x] = table.level[threadIdx.x];
   if (threadIdx.x == 0) ticket_s = shrink_blocks > 0 ? atomicAdd(&counters[0], 1) : (int)blockIdx.x;
   __syncthreads();
   const int64_t block = ticket_s;
@@ -97,7 +98,7 @@ void gemv_4bit_lora(const LoraGemvArgs& args, void* workspace, void* stream_ptr)
     with_rows(args.M, [&](auto m) {
       constexpr int M = decltype(m)::value;
       gemv_4bit_lora_kernel<T, M><<<(unsigned)plan.grid.blocks, kGemvWarps * kWarp, 0, stream>>>(
-          plan.params, plan.lut, plan.counters, (int)plan.grid.shrink_blocks);
+          plan.params, plan.table, plan.counters, (int)plan.grid.shrink_blocks);
     });
   });
   const cudaError_t err = cudaGetLastError();

@@ -20,9 +20,10 @@
 namespace nf4lora {
 namespace cuda {
 
-// packed[ceil(n/2)], absmax[ceil(n/blocksize)] <- A[n]; blocksize even.
-void quantize_4bit(const void* A, int dtype, int64_t n, int64_t blocksize, int quant_type,
-                   uint8_t* packed, float* absmax, void* stream);
+// packed[ceil(n/2)], absmax[ceil(n/blocksize)] <- A[n]; blocksize even; each element's
+// code by `encoder` (any format: nf4_codec.h).
+void quantize_4bit(const void* A, int dtype, int64_t n, int64_t blocksize,
+                   const CodeEncoder& encoder, uint8_t* packed, float* absmax, void* stream);
 
 // q[n], absmax[ceil(n/blocksize)] <- A[n], with a sorted 256-entry float32 code.
 void quantize_blockwise(const void* A, int dtype, const float* code, int64_t n,

@@ -60,10 +60,6 @@ void with_rows(int64_t M, Fn&& fn) {
   }
 }
 
-inline void require_quant_type(int quant_type) {
-  require(quant_type == kNF4 || quant_type == kFP4, "quant_type must be 0 (nf4) or 1 (fp4)");
-}
-
 // 4-bit dequantize and GEMV: a thread's 32 elements must lie in one block.
 inline int blocksize_shift_4bit(int64_t blocksize) {
   const int shift = log2_exact(blocksize);
@@ -118,18 +114,17 @@ inline QuantPlan plan_quantize(const void* A, int64_t n, int64_t blocksize, uint
 // ---- dequantize 4-bit: one thread per 32 elements ---------------------------------
 struct Dequant4Plan {
   Dequant4Params params;
-  Lut16 lut;
+  CodeTable table;  // the weight's levels, a kernel parameter (staged to shared memory)
   int64_t threads;  // ceil(n / 32)
   int64_t grid;     // CUDA blocks of kDequantThreads
 };
 
 inline Dequant4Plan plan_dequantize_4bit(const PackedWeight& w, void* out) {
   require(w.n >= 0, "n must be >= 0");
-  require_quant_type(w.quant_type);
   Dequant4Plan plan{};
   plan.params.n = w.n;
   plan.params.blocksize_shift = blocksize_shift_4bit(w.blocksize);
-  plan.lut = make_lut16(w.quant_type);
+  plan.table = w.table;
   if (w.n == 0) return plan;
   require(w.packed && out, "null pointer");
   plan.params.packed = w.packed;
@@ -163,7 +158,7 @@ inline Dequant8Plan plan_dequantize_blockwise(const uint8_t* q, const float* abs
 // ---- GEMV + LoRA --------------------------------------------------------------------
 struct GemvPlan {
   GemvParams params;
-  Lut16 lut;
+  CodeTable table;  // the weight's levels, a kernel parameter (staged to shared memory)
   GemvGrid grid;
   int* counters;  // [2] in the workspace: block tickets, finished shrink warps
   bool empty;     // nothing to launch (M * N == 0)
@@ -176,9 +171,8 @@ inline GemvPlan plan_gemv(const LoraGemvArgs& a, void* workspace) {
   require(a.N >= 0 && a.K >= 0, "GEMV: N and K must be >= 0");
   require(w.n == a.N * a.K, "GEMV: the weight must have N * K elements");
   require(a.rank >= 0 && a.rank <= 0x7fffffff, "GEMV: rank must be >= 0");
-  require_quant_type(w.quant_type);
   GemvPlan plan{};
-  plan.lut = make_lut16(w.quant_type);
+  plan.table = w.table;
   GemvParams& p = plan.params;
   p.blocksize_shift = blocksize_shift_4bit(w.blocksize);
   plan.empty = a.N == 0;

@@ -24,7 +24,7 @@ NF4K_HD int64_t block_length(int64_t block, int64_t blocksize, int64_t n) {
 }
 
 // =================================================================================
-// Quantize (4-bit NF4/FP4, and 8-bit with the dynamic map for the nested absmax).
+// Quantize (4-bit in any format, and 8-bit with the dynamic map for the nested absmax).
 // One warp per quantization block: the lanes take the block's max |x| together (a warp
 // max), then each lane encodes and writes every 32nd output byte. The whole block is
 // read twice (absmax, then encode), the second time from L1. Quantization runs once per
@@ -43,9 +43,9 @@ struct QuantParams {
 // How one output byte is made from scaled values.
 struct Encode4 {
   static constexpr int kPerByte = 2;  // two codes, the first in the high nibble
-  int quant_type;
+  const CodeEncoder& encoder;  // the format (a kernel parameter on the device)
   NF4K_HD uint8_t operator()(const float* scaled) const {
-    return pack_nibbles(encode_4bit(scaled[0], quant_type), encode_4bit(scaled[1], quant_type));
+    return pack_nibbles(encode_4bit(encoder, scaled[0]), encode_4bit(encoder, scaled[1]));
   }
 };
 
@@ -99,8 +99,10 @@ NF4K_HD void quantize_lane_encode(const QuantParams& p, const Encode& encode, in
 // blocksize is a power of two >= 32, so the 32 elements share one block: one scale per
 // thread, decoded right here from the nested 8-bit absmax when double-quantized (no
 // separate absmax pass, no absmax buffer). Per element: a nibble extract, one LDS from
-// the 16-entry table in shared memory, one multiply (the reference's table * absmax,
-// rounded once), a conversion. fp16/bf16 output is 4 16-byte stores, fp32 is 8.
+// the weight's 16 levels in shared memory (the kernel copies its CodeTable parameter
+// there: 32 lanes reading 16 distinct words hit 16 distinct banks, no conflicts), one
+// multiply (the reference's level * absmax, rounded once), a conversion. fp16/bf16 output
+// is 4 16-byte stores, fp32 is 8.
 // =================================================================================
 constexpr int kDequantThreads = 256;
 constexpr int kDequant4PerThread = 32;
@@ -222,10 +224,10 @@ struct GemvParams {
 // Rows of the 4-bit weight as a source for lane_dot: a chunk is R 16-byte loads plus R
 // block scales (K % 32 == 0 on this path, so a chunk never straddles a block).
 template <int R>
-struct Nf4Rows {
+struct PackedRows {
   static constexpr int kRows = R;
   const GemvParams& p;
-  const float* lut;  // 16 entries, shared memory on the device
+  const float* lut;  // the weight's 16 levels, shared memory on the device
   int64_t row0;
 
   struct Chunk {
@@ -250,7 +252,7 @@ struct Nf4Rows {
     return c;
   }
   // The 8 dequantized weights of row r, sub-chunk s (k0 + 8s .. k0 + 8s + 7): exactly
-  // the reference's table[code] * absmax.
+  // the reference's level[code] * absmax.
   NF4K_HD void values(const Chunk& c, int r, int s, float w[8]) const {
     int codes[8];
     unpack8(c.w[r].w[s], codes);
@@ -365,7 +367,7 @@ NF4K_HD void shrink_lane_store(const GemvParams& p, int j, int lane, const float
 template <class T, int M>
 NF4K_HD void gemv_lane_dot(const GemvParams& p, const float* lut, int64_t row0, int lane,
                            float (&acc)[M][gemv_rows_per_warp(M)]) {
-  const Nf4Rows<gemv_rows_per_warp(M)> rows{p, lut, row0};
+  const PackedRows<gemv_rows_per_warp(M)> rows{p, lut, row0};
   lane_dot<T, M>(p, rows, lane, acc);
 }
 

@@ -75,7 +75,8 @@ void run_gemv(const GemvPlan& plan) {
       const int64_t row0 = ((block - shrink_blocks) * kGemvWarps + warp) * R;
       if (row0 >= p.N) continue;
       float acc[kWarp][M][R];
-      for (int lane = 0; lane < kWarp; ++lane) gemv_lane_dot<T, M>(p, plan.lut.v, row0, lane, acc[lane]);
+      for (int lane = 0; lane < kWarp; ++lane)
+        gemv_lane_dot<T, M>(p, plan.table.level, row0, lane, acc[lane]);
       if (p.rank > 0)
         for (int lane = 0; lane < kWarp; ++lane) gemv_lane_expand<T, M>(p, row0, lane, acc[lane]);
       warp_sum(acc);
@@ -85,11 +86,10 @@ void run_gemv(const GemvPlan& plan) {
 
 }  // namespace
 
-void quantize_4bit(const void* A, int dtype, int64_t n, int64_t blocksize, int quant_type,
-                   uint8_t* packed, float* absmax, void*) {
-  require_quant_type(quant_type);
+void quantize_4bit(const void* A, int dtype, int64_t n, int64_t blocksize,
+                   const CodeEncoder& encoder, uint8_t* packed, float* absmax, void*) {
   const QuantPlan plan = plan_quantize(A, n, blocksize, packed, absmax, /*four_bit=*/true);
-  with_float_type(dtype, [&](auto in) { run_quantize<decltype(in)>(plan, Encode4{quant_type}); });
+  with_float_type(dtype, [&](auto in) { run_quantize<decltype(in)>(plan, Encode4{encoder}); });
 }
 
 void quantize_blockwise(const void* A, int dtype, const float* code, int64_t n,
@@ -105,7 +105,7 @@ void dequantize_4bit(const PackedWeight& weight, void* out, int out_dtype, void*
   const Dequant4Plan plan = plan_dequantize_4bit(weight, out);
   with_float_type(out_dtype, [&](auto o) {
     for (int64_t tid = 0; tid < plan.grid * kDequantThreads; ++tid)
-      dequantize_4bit_thread<decltype(o)>(plan.params, plan.lut.v, tid);
+      dequantize_4bit_thread<decltype(o)>(plan.params, plan.table.level, tid);
   });
 }
 

@@ -29,7 +29,8 @@ variable, then the device's default ("cpu" for CPU tensors when the C++ extensio
 built, else "reference"; "cuda" then "triton" for CUDA tensors). A backend that was
 asked for but cannot run raises; it never falls back silently. One exception, by format
 rather than by availability: a 4-bit code book the chosen backend's kernels do not take
-(`takes_format`; the C++ and CUDA ones take NF4/FP4 only) runs on the reference backend.
+(`takes_format`) would run on the reference backend; today every backend takes every
+format, so it never applies.
 """
 from __future__ import annotations
 
@@ -44,14 +45,13 @@ BACKENDS = ("reference", "cpu", "cuda", "triton")
 ENV_VAR = "NF4LORA_BACKEND"
 
 # Which 4-bit formats a backend's kernels take: each backend module says so in
-# `takes_format(quant_type)` (a format key, nf4lora.codebook). The Triton kernels read the
-# 16-entry table as data (any code book); the native C++ and CUDA kernels select the NF4
-# or FP4 table by quant_type id (csrc/weight.h), so every other format (af4, bof4, iq4nl,
-# int4, custom code books) goes from them to the reference backend, whose dequantize reads
-# the table from the format key: its matmuls take the composite path (reference
-# dequantize + torch GEMM), correct on any device but a full dense W per call (e.g. ~6x
-# the NF4 CPU time for a 4096x4096 layer at M = 1). backend_for is the one place that
-# applies it.
+# `takes_format(quant_type)` (a format key, nf4lora.codebook). Every backend takes every
+# format: the Triton kernels read the 16-entry table as data, and so do the C++ CPU and
+# CUDA kernels (the table and encoder of nf4lora.codebook.kernel_codec, through
+# PackedWeight.codec). A backend that lacked a format would send it to the reference
+# backend, whose matmuls take the composite path (reference dequantize + torch GEMM):
+# correct on any device but a full dense W per call (~6x the fused CPU time for a
+# 4096x4096 layer at M = 1). backend_for is the one place that applies it.
 
 _override: str | None = None
 

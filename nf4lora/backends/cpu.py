@@ -1,7 +1,8 @@
 """The C++ CPU backend: launch glue for `nf4lora._C` (csrc/cpu).
 
 The kernels take the tensors and the PackedWeight themselves (csrc/bindings_common.h reads
-their addresses, sizes and dtypes; dtype and quant-type ids never appear here), and
+their addresses, sizes and dtypes, and the format as data, PackedWeight.codec; dtype ids
+never appear here), and
 run with the GIL released, OpenMP across blocks, on the best SIMD path the CPU has
 (`nf4lora._C.isa()`; the environment variable
 NF4LORA_CPU_ISA=scalar|avx2|avx512|avx512bf16 forces one; `nf4lora._C.supported_isas()`
@@ -29,12 +30,15 @@ import threading
 
 import torch
 
+from .. import codebook
+
 DEVICE_TYPES = ("cpu",)
 
 
 def takes_format(quant_type: str) -> bool:
-    """NF4 and FP4 only: the kernels select the table by quant-type id (csrc/weight.h)."""
-    return quant_type in ("nf4", "fp4")
+    """Every format: the kernels take its table and encoder as data
+    (nf4lora.codebook.kernel_codec; a weight's through PackedWeight.codec)."""
+    return codebook.is_format_key(quant_type)
 
 try:
     from .. import _C
@@ -62,7 +66,7 @@ def quantize_4bit(A, blocksize, quant_type):
     n = A.numel()
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
     absmax = torch.empty(_blocks(n, blocksize), dtype=torch.float32)
-    _C.quantize_4bit(A, blocksize, quant_type, packed, absmax)
+    _C.quantize_4bit(A, blocksize, codebook.kernel_codec(quant_type), packed, absmax)
     return packed, absmax
 
 

@@ -22,14 +22,17 @@ import sys
 
 import torch
 
+from .. import codebook
 from . import composite
 
 DEVICE_TYPES = ("cuda",)
 
 
 def takes_format(quant_type: str) -> bool:
-    """NF4 and FP4 only: the kernels select the table by quant-type id (csrc/weight.h)."""
-    return quant_type in ("nf4", "fp4")
+    """Every format: the kernels take its table and encoder as data, as kernel parameters
+    (nf4lora.codebook.kernel_codec; a weight's through PackedWeight.codec)."""
+    return codebook.is_format_key(quant_type)
+
 BUILD_HINT = ("build it with `pip install -e .` on a machine where nvcc is on PATH "
               "(or CUDA_HOME points at the CUDA toolkit)")
 
@@ -80,7 +83,8 @@ def quantize_4bit(A, blocksize, quant_type):
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=A.device)
     absmax = torch.empty(_blocks(n, blocksize), dtype=torch.float32, device=A.device)
     with _on_device(A.device):
-        _C_cuda.quantize_4bit(A, blocksize, quant_type, packed, absmax, _stream(A.device))
+        _C_cuda.quantize_4bit(A, blocksize, codebook.kernel_codec(quant_type), packed, absmax,
+                              _stream(A.device))
     return packed, absmax
 
 

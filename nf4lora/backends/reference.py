@@ -1,8 +1,8 @@
 """The reference backend: `nf4lora.reference` (the spec) behind the backend interface.
 
-It also runs every 4-bit code book the chosen backend's kernels do not take (the C++ and
-CUDA ones take NF4/FP4 only: see takes_format in nf4lora/backends/__init__.py); its table
-comes from the weight's format key (nf4lora.codebook.table)."""
+It would also run a 4-bit code book the chosen backend's kernels did not take (see
+takes_format in nf4lora/backends/__init__.py; today every backend takes every format); its
+table comes from the weight's format key (nf4lora.codebook.table)."""
 from __future__ import annotations
 
 from .. import reference

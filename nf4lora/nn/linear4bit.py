@@ -463,9 +463,8 @@ class Linear4bit(_Layer4bit, nn.Linear):
     compute_dtype: the dtype of the matmul; when None, the first forward sets it from an
     fp32/bf16 input (fp16 inputs keep None, i.e. run in fp16), as bitsandbytes does.
     quant_type: "fp4" (bitsandbytes' default), "nf4", a code-book format ("af4", "bof4",
-    "iq4nl", "int4") or a 16-level table (see functional.quantize_4bit). The C++ and CUDA
-    kernels take NF4/FP4 only: other code books run there on the reference backend (each
-    backend's takes_format, nf4lora.backends.backend_for); the Triton kernels take any.
+    "iq4nl", "int4") or a 16-level table (see functional.quantize_4bit). Every backend's
+    kernels (C++ CPU, CUDA, Triton) take every format: the table is data.
     """
 
     _kind = "Linear4bit"

@@ -5,6 +5,7 @@
 #include <math.h>
 #include <vector>
 #include "cpu/isa.h"
+#include "formats.h"
 using namespace nf4lora; using namespace nf4lora::cpu;
 static uint32_t rng = 1;
 static uint32_t rnd() { rng = rng * 1664525u + 1013904223u; return rng >> 8; }
@@ -29,6 +30,7 @@ static bool same(const uint8_t* a, const uint8_t* b, int64_t n, int es, int dt) 
 void expect(bool ok, const char* what, int64_t a, int64_t b, int c) { if (!ok && fails++ < 20) printf("FAIL %s %lld %lld %d\n", what, (long long)a, (long long)b, c); }
 int main() {
   const IsaKernels& S = scalar::kernels(); const IsaKernels& V = avx512::kernels();
+  int num_formats; const harness::Format* formats = harness::formats(&num_formats);
   std::vector<float> code(256); for (int i = 0; i < 256; ++i) code[i] = (i - 127.5f) / 127.5f;
   int64_t sizes[] = {0, 1, 2, 63, 64, 65, 127, 4097, 3 * 4096 + 7, 100000};
   int64_t bss[] = {32, 64, 128, 256, 1024, 4096};
@@ -41,12 +43,13 @@ int main() {
     std::vector<uint8_t> q(blocks + 1); for (auto& b : q) b = rnd();
     std::vector<float> absmax2(blocks / 4 + 2); for (auto& a : absmax2) a = fabsf(rndf());
     if (absmax2.size() > 3) absmax2[1] = NAN;
-    for (int nested_bs : {0, 4, 256}) for (int qt : {0, 1}) for (int dt : {kF32, kF16, kBF16}) for (int stream : {0, 1}) {
+    // decoding reads only the table: the scrambled encoder's table is the custom one
+    for (int nested_bs : {0, 4, 256}) for (int qt = 0; qt < num_formats - 1; ++qt) for (int dt : {kF32, kF16, kBF16}) for (int stream : {0, 1}) {
       int es = dt == kF32 ? 4 : 2;
       if (stream && (bs * es) % 64) continue;
       Dequant4Args a{}; a.weight.packed = packed.data(); a.weight.absmax = absmax.data();
       if (nested_bs) { a.weight.nested.q = q.data(); a.weight.nested.absmax2 = absmax2.data(); a.weight.nested.code2 = code.data(); a.weight.nested.offset = 0.03f; a.weight.nested.blocksize = nested_bs; }
-      a.weight.n = n; a.weight.blocksize = bs; a.weight.quant_type = qt; a.out_dtype = dt; a.stream = stream;
+      a.weight.n = n; a.weight.blocksize = bs; a.weight.table = formats[qt].table; a.out_dtype = dt; a.stream = stream;
       uint8_t* o1 = (uint8_t*)aligned_alloc(64, n * es + 64); uint8_t* o2 = (uint8_t*)aligned_alloc(64, n * es + 64);
       memset(o1, 0x5a, n * es + 64); memset(o2, 0x5a, n * es + 64);
       a.out = o1; S.dequantize_4bit(a, 0, blocks);
@@ -64,9 +67,18 @@ int main() {
       std::vector<uint8_t> in(n * es + 64);
       for (int64_t i = 0; i < n; ++i) { float f = rndf() * 5; if (rnd() % 1000 == 0) f = NAN;
         if (dt == kF32) memcpy(&in[i * 4], &f, 4); else { uint16_t h = dt == kBF16 ? float_to_bf16_bits(f) : float_to_fp16_bits(f); memcpy(&in[i * 2], &h, 2); } }
-      for (int qt : {0, 1}) {
+      for (int qt = 0; qt < num_formats; ++qt) {
+        // float32, a whole first block: absmax 1.0, so the scaled values are the inputs: the
+        // format's thresholds, one float above and below each, -0.0, +-tiny, +-inf-free
+        if (dt == kF32 && n >= bs && bs >= 64) {
+          float* x = reinterpret_cast<float*>(in.data());
+          const float* t = formats[qt].encoder.threshold;
+          for (int i = 0; i < 15; ++i) { x[1 + i] = t[i]; x[16 + i] = nextafterf(t[i], 2.0f); x[31 + i] = nextafterf(t[i], -2.0f); }
+          x[0] = 1.0f; x[46] = -0.0f; x[47] = 0x1p-149f; x[48] = -0x1p-149f; x[49] = -1.0f;
+          for (int64_t i = 50; i < bs; ++i) x[i] = rndf();
+        }
         std::vector<uint8_t> p1((n + 1) / 2 + 1), p2((n + 1) / 2 + 1); std::vector<float> a1(blocks + 1), a2(blocks + 1);
-        Quant4Args qa{in.data(), dt, n, bs, qt, p1.data(), a1.data()}; S.quantize_4bit(qa, 0, blocks);
+        Quant4Args qa{in.data(), dt, n, bs, formats[qt].encoder, p1.data(), a1.data()}; S.quantize_4bit(qa, 0, blocks);
         qa.packed = p2.data(); qa.absmax = a2.data(); V.quantize_4bit(qa, 0, blocks);
         expect(p1 == p2 && memcmp(a1.data(), a2.data(), 4 * blocks) == 0, "quantize_4bit", n, bs, qt * 10 + dt);
       }

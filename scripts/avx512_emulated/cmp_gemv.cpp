@@ -8,15 +8,13 @@
 #include <vector>
 
 #include "cpu/isa.h"
+#include "formats.h"
 using namespace nf4lora;
 using namespace nf4lora::cpu;
 
 static uint32_t rng = 12345;
 static uint32_t rnd() { rng = rng * 1664525u + 1013904223u; return rng >> 8; }
 static float rndf() { return (rnd() % 2000001) / 1000000.0f - 1.0f; }  // [-1, 1]
-
-static const double kNF4v[16] = {NF4LORA_NF4_VALUES};
-static const double kFP4v[16] = {NF4LORA_FP4_VALUES};
 
 static int es_of(int dt) { return dt == kF32 ? 4 : 2; }
 static float get(const void* p, int dt, int64_t i) {
@@ -74,12 +72,13 @@ static bool check_val(int dt, double out, double ref, double scale, Stats& st, c
 static const uint32_t kCanary = 0xA5A5A5A5u;
 
 static void run_case(const IsaKernels& K_, int64_t M, int64_t K, int64_t N, int64_t bs, int qt,
-                     int nested_bs, int64_t rank, bool has_bias, int dt, Stats& st) {
+                     const harness::Format& format, int nested_bs, int64_t rank, bool has_bias,
+                     int dt, Stats& st) {
   rng = 0x9E3779B9u ^ (uint32_t)(M * 1000003 + K * 10007 + N * 101 + bs * 7 + qt * 3 + nested_bs * 13 + rank * 17 + has_bias * 19 + dt * 23);
   for (int i = 0; i < 4; ++i) rnd();
   char desc[200];
-  snprintf(desc, sizeof desc, "[%s M=%lld K=%lld N=%lld bs=%lld qt=%d nbs=%d r=%lld bias=%d dt=%d]",
-           K_.name, (long long)M, (long long)K, (long long)N, (long long)bs, qt, nested_bs,
+  snprintf(desc, sizeof desc, "[%s M=%lld K=%lld N=%lld bs=%lld %s nbs=%d r=%lld bias=%d dt=%d]",
+           K_.name, (long long)M, (long long)K, (long long)N, (long long)bs, format.name, nested_bs,
            (long long)rank, has_bias, dt);
   const int es = es_of(dt);
   const int64_t blocks = N * K / bs;
@@ -115,7 +114,7 @@ static void run_case(const IsaKernels& K_, int64_t M, int64_t K, int64_t N, int6
   const bool integer_sums = dt != kF32 && st.cases % 2 == 0;
 
   PackedWeight w;
-  w.packed = packed.data(); w.absmax = absmax.data(); w.n = N * K; w.blocksize = bs; w.quant_type = qt;
+  w.packed = packed.data(); w.absmax = absmax.data(); w.n = N * K; w.blocksize = bs; w.table = format.table;
   if (nested_bs) {
     w.nested.q = q.data(); w.nested.absmax2 = absmax2.data(); w.nested.code2 = code2.data();
     w.nested.offset = offset; w.nested.blocksize = nested_bs;
@@ -144,7 +143,7 @@ static void run_case(const IsaKernels& K_, int64_t M, int64_t K, int64_t N, int6
   wcan(x_scales, M * (K / kGemvXGroup), "x_scales");
 
   // reference
-  const double* table = qt == kNF4 ? kNF4v : kFP4v;
+  const float* table = format.table.level;
   // the vdpbf16ps path (bf16 activations, blocksize a multiple of its 64-weight step)
   // multiplies by bf16(table[code] * absmax): dequantize_4bit's bf16 weights
   const bool bf16_weights =
@@ -201,6 +200,8 @@ static void run_case(const IsaKernels& K_, int64_t M, int64_t K, int64_t N, int6
 int main(int argc, char** argv) {
   const IsaKernels* sets[] = {&scalar::kernels(), &avx2::kernels(), &avx512::kernels(),
                               &avx512bf16::kernels()};
+  int num_formats;
+  const harness::Format* formats = harness::formats(&num_formats);
   int total_fails = 0;
   for (const IsaKernels* ks : sets) {
     if (argc > 1 && strcmp(argv[1], ks->name) != 0) continue;
@@ -210,14 +211,16 @@ int main(int argc, char** argv) {
         for (int64_t N : {1, 7, 33})
           for (int64_t bs : {32, 64, 128, 256}) {
             if (K % bs) continue;
-            for (int qt : {0, 1})
+            for (int qt = 0; qt < 3; ++qt)  // nf4, fp4, custom (formats.h)
               for (int nbs : {0, 4, 256})
                 for (int64_t rank : {0, 5, 16, 24})
                   for (int bias : {0, 1})
                     for (int dt : {kF32, kF16, kBF16}) {
                       // thin the largest combos a little: keep all for M <= 9
                       if (M > 9 && (((M * 7 + K * 3 + N + bs + qt * 5 + nbs + rank * 11 + bias + dt) % 4) == 0)) continue;
-                      run_case(*ks, M, K, N, bs, qt, nbs, rank, bias, dt, st);
+                      // the custom table on half of the cases: what differs is only its levels
+                      if (qt == 2 && ((M + K / 32 + N + bs / 32 + nbs + rank + bias + dt) % 2) == 0) continue;
+                      run_case(*ks, M, K, N, bs, qt, formats[qt], nbs, rank, bias, dt, st);
                     }
           }
     printf("%-7s cases=%ld fails=%ld\n  f32: max |out-ref|/sum|terms| = %.3g over %ld values\n", ks->name, st.cases, st.fails, st.max_err[kF32], st.checked[kF32]);
