@@ -7,19 +7,20 @@ then each adapter on its rows, in the adapters' float32), beside the layer's
 single-adapter forward (one active adapter: one fused call).
 
     python -m bench.bench_multi_lora [--shape 4096x4096] [--tokens 8] [--adapters 8]
-                                     [--rank 16] [--threads N] [--rounds 3] [--out DIR]
+                                     [--rank 16] [--threads N] [--reps 60] [--out DIR]
 
 bf16 activations, NF4 + double quantization, blocksize 64, one layer built by
 nf4lora.replace_linear (PEFT's adapters on it, float32 as PEFT keeps them; the op-level rows
 get them stacked and cast to bf16 once, outside the timing); the weight stays in cache
 (one layer, looped): every provider reads the same bytes, so the ratios compare compute.
-The providers take turns, --rounds times --reps calls each, so that a burst of load from
-other processes lands on all of them (a shared 2-core machine); the table has the median
-and quantiles of all calls.
+The providers take turns call by call (harness.time_calls), so that a burst of load from
+other processes lands on all of them; with --threads 1 the clock is the thread's CPU time
+(time.thread_time), which other processes on a shared machine do not inflate.
 """
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Optional, Sequence
 
 import torch
@@ -92,22 +93,22 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--tokens", type=int, default=8)
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--reps", type=int, default=30)
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="passes over the providers, --reps calls each (default 3)")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--reps", type=int, default=60)
+    harness.add_threads_flag(parser)
     harness.add_out_flag(parser)
     args = parser.parse_args(argv)
     shape = tuple(int(v) for v in args.shape.lower().split("x"))
-    times = {}
+    clock = time.thread_time if args.threads == 1 else time.perf_counter
     with harness.threads_set_to(args.threads), torch.no_grad():
         calls = providers(shape, args.tokens, args.adapters, args.rank)
-        for _ in range(args.rounds):
-            for name, call in calls.items():
-                times.setdefault(name, []).extend(harness.time_calls([call], args.reps))
+        for call in calls.values():     # each provider's first call (one-time work) untimed
+            call()
+        times = harness.time_calls(list(calls.values()), args.reps, clock=clock)   # interleaved
+        times = {name: times[i::len(calls)] for i, name in enumerate(calls)}
         threads = torch.get_num_threads()
     rows = [dict(provider=name, shape=list(shape), tokens=args.tokens, adapters=args.adapters,
-                 rank=args.rank, **harness.quantiles_ms(t)) for name, t in times.items()]
+                 rank=args.rank, clock=clock.__name__, **harness.quantiles_ms(t))
+            for name, t in times.items()]
     single = {row["provider"]: row["median_ms"] for row in rows}
     for row in rows:   # op rows against the op's single call, PEFT rows against PEFT's
         row["x_vs_single"] = row["median_ms"] / single[PEFT_SINGLE if row["provider"].startswith("PEFT")

@@ -213,7 +213,7 @@ def test_int4pack_round_trips_through_torchs_kernel():
 def test_multi_lora_bench_quick_run(tmp_path):
     from bench import bench_multi_lora
     payload = bench_multi_lora.main(["--shape", "64x128", "--tokens", "4", "--adapters", "3",
-                                     "--rank", "2", "--reps", "2", "--rounds", "1",
+                                     "--rank", "2", "--reps", "2",
                                      "--out", str(tmp_path)])
     rows = {row["provider"]: row for row in payload["rows"]}
     assert set(rows) == {bench_multi_lora.SINGLE, bench_multi_lora.MULTI,
