@@ -1,18 +1,26 @@
 """Mixed-adapter batches: nf4lora.multi_lora_matmul_4bit (one 4-bit pass for the batch, each
 row's adapter gathered) against one single-adapter fused call at the same M (issue 15's
-target: <= 1.2x of it) and against PEFT's sub-batch loop on the same nf4lora weight (the base
-layer once per adapter in the batch, then that adapter on its rows).
+target: <= 1.2x of it), and PEFT's `adapter_names=` forward on the same nf4lora layer, both
+ways: routed to multi_lora_matmul_4bit (nf4lora's LoraLinear4bitPeft) and PEFT's own
+sub-batch loop (its LoraLayer._mixed_batch_forward: the base layer once for the batch,
+then each adapter on its rows, in the adapters' float32), beside the layer's
+single-adapter forward (one active adapter: one fused call).
 
     python -m bench.bench_multi_lora [--shape 4096x4096] [--tokens 8] [--adapters 8]
-                                     [--rank 16] [--threads N] [--out DIR]
+                                     [--rank 16] [--threads N] [--reps 60] [--out DIR]
 
-bf16 activations, NF4 + double quantization, blocksize 64; the weight stays in cache (one
-layer, looped): the three providers read the same bytes, so the ratios compare their
-compute. Median of --reps calls after a warm-up.
+bf16 activations, NF4 + double quantization, blocksize 64, one layer built by
+nf4lora.replace_linear (PEFT's adapters on it, float32 as PEFT keeps them; the op-level rows
+get them stacked and cast to bf16 once, outside the timing); the weight stays in cache
+(one layer, looped): every provider reads the same bytes, so the ratios compare compute.
+The providers take turns call by call (harness.time_calls), so that a burst of load from
+other processes lands on all of them; with --threads 1 the clock is the thread's CPU time
+(time.thread_time), which other processes on a shared machine do not inflate.
 """
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Optional, Sequence
 
 import torch
@@ -24,35 +32,58 @@ COLUMNS = [("provider", "provider", "s"), ("shape", "shape", ""), ("M", "tokens"
            ("adapters", "adapters", "d"), ("r", "rank", "d"), ("median ms", "median_ms", ".3f"),
            ("p20 ms", "p20_ms", ".3f"), ("p80 ms", "p80_ms", ".3f"),
            ("x single-adapter", "x_vs_single", ".2f")]
+SINGLE = "single adapter (fused lora_matmul_4bit)"
+MULTI = "nf4lora multi_lora_matmul_4bit"
+PEFT_SINGLE = "PEFT layer, one active adapter (fused)"
+PEFT_ROUTED = "PEFT adapter_names= (routed: multi_lora_matmul_4bit)"
+PEFT_LOOP = "PEFT adapter_names= (PEFT's sub-batch loop)"
+
+
+def peft_layer(shape, adapters: int, rank: int, gen: torch.Generator):
+    """A LoraLinear4bitPeft over a bf16-compute nf4lora Linear4bit of `shape`, with
+    `adapters` LoRA adapters a0, a1, ... of rank `rank` (B random too, as trained)."""
+    import nf4lora.integrations.peft  # noqa: F401  (imports PEFT quietly, registers its layer)
+    from peft import LoraConfig, get_peft_model
+    import nf4lora
+    out_features, in_features = shape
+    dense = torch.nn.Sequential(torch.nn.Linear(in_features, out_features, bias=False))
+    with torch.no_grad():
+        dense[0].weight.copy_(torch.randn(shape, generator=gen))
+    model = nf4lora.replace_linear(dense, quant_type="nf4", compute_dtype=DTYPE, progress=False)
+    config = dict(r=rank, lora_alpha=2 * rank, target_modules=["0"], init_lora_weights=False)
+    model = get_peft_model(model, LoraConfig(**config), adapter_name="a0")
+    for i in range(1, adapters):
+        model.add_adapter(f"a{i}", LoraConfig(**config))
+    layer = model.base_model.model[0]
+    with torch.no_grad():
+        for name in layer.lora_A:
+            layer.lora_A[name].weight.copy_(torch.randn(rank, in_features, generator=gen) * 0.01)
+            layer.lora_B[name].weight.copy_(torch.randn(out_features, rank, generator=gen) * 0.01)
+    layer.base_layer.prepare(torch.empty(0, in_features, dtype=DTYPE))   # quantize now
+    return model.eval(), layer
 
 
 def providers(shape, tokens: int, adapters: int, rank: int) -> dict:
-    """name -> zero-argument call, each over the same packed weight and inputs."""
+    """name -> zero-argument call, each over the same packed weight, adapters and inputs."""
     import nf4lora
-    from nf4lora import functional
-    out_features, in_features = shape
+    from peft.tuners.lora.layer import LoraLayer
     gen = torch.Generator().manual_seed(0)
-    packed, state = functional.quantize_4bit(torch.randn(shape, generator=gen).to(DTYPE),
-                                             blocksize=64, quant_type="nf4", compress_statistics=True)
-    As = [(torch.randn(rank, in_features, generator=gen) * 0.01).to(DTYPE) for _ in range(adapters)]
-    Bs = [(torch.randn(out_features, rank, generator=gen) * 0.01).to(DTYPE) for _ in range(adapters)]
-    A, B = nf4lora.pad_adapters(As, Bs)
-    x = torch.randn(tokens, in_features, generator=gen).to(DTYPE)
+    model, layer = peft_layer(shape, adapters, rank, gen)
+    base = layer.base_layer
+    packed, state = base.weight, base.weight.quant_state
+    names = [f"a{i % adapters}" for i in range(tokens)]
+    A, B = nf4lora.pad_adapters([layer.lora_A[n].weight.to(DTYPE) for n in layer.lora_A],
+                                [layer.lora_B[n].weight.to(DTYPE) for n in layer.lora_A])
+    scalings = [layer.scaling[n] for n in layer.lora_A]
+    x = torch.randn(tokens, shape[1], generator=gen).to(DTYPE)
     index = torch.arange(tokens) % adapters
-    scalings = [2.0] * adapters
-
-    def sub_batch_loop():   # PEFT's mixed-batch forward: the base layer again per adapter
-        y = torch.empty(tokens, out_features, dtype=DTYPE)
-        for i in index.unique().tolist():
-            rows = (index == i).nonzero().flatten()
-            y[rows] = nf4lora.lora_matmul_4bit(x[rows], packed, state, As[i], Bs[i], scalings[i])
-        return y
-
+    model.set_adapter("a0")
     return {
-        "single adapter (fused)": lambda: nf4lora.lora_matmul_4bit(x, packed, state, As[0], Bs[0], 2.0),
-        "nf4lora multi_lora_matmul_4bit": lambda: nf4lora.multi_lora_matmul_4bit(
-            x, packed, state, A, B, scalings, index),
-        "sub-batch loop (PEFT's way)": sub_batch_loop,
+        SINGLE: lambda: nf4lora.lora_matmul_4bit(x, packed, state, A[0], B[0], scalings[0]),
+        MULTI: lambda: nf4lora.multi_lora_matmul_4bit(x, packed, state, A, B, scalings, index),
+        PEFT_SINGLE: lambda: layer(x),
+        PEFT_ROUTED: lambda: layer(x, adapter_names=names),
+        PEFT_LOOP: lambda: LoraLayer._mixed_batch_forward(layer, x, adapter_names=names),
     }
 
 
@@ -62,21 +93,26 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--tokens", type=int, default=8)
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--reps", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--reps", type=int, default=60)
+    harness.add_threads_flag(parser)
     harness.add_out_flag(parser)
     args = parser.parse_args(argv)
     shape = tuple(int(v) for v in args.shape.lower().split("x"))
-    rows = []
+    clock = time.thread_time if args.threads == 1 else time.perf_counter
     with harness.threads_set_to(args.threads), torch.no_grad():
-        for name, call in providers(shape, args.tokens, args.adapters, args.rank).items():
-            times = harness.time_calls([call], args.reps)
-            rows.append(dict(provider=name, shape=list(shape), tokens=args.tokens,
-                             adapters=args.adapters, rank=args.rank, **harness.quantiles_ms(times)))
+        calls = providers(shape, args.tokens, args.adapters, args.rank)
+        for call in calls.values():     # each provider's first call (one-time work) untimed
+            call()
+        times = harness.time_calls(list(calls.values()), args.reps, clock=clock)   # interleaved
+        times = {name: times[i::len(calls)] for i, name in enumerate(calls)}
         threads = torch.get_num_threads()
-    single = rows[0]["median_ms"]
-    for row in rows:
-        row["x_vs_single"] = row["median_ms"] / single
+    rows = [dict(provider=name, shape=list(shape), tokens=args.tokens, adapters=args.adapters,
+                 rank=args.rank, clock=clock.__name__, **harness.quantiles_ms(t))
+            for name, t in times.items()]
+    single = {row["provider"]: row["median_ms"] for row in rows}
+    for row in rows:   # op rows against the op's single call, PEFT rows against PEFT's
+        row["x_vs_single"] = row["median_ms"] / single[PEFT_SINGLE if row["provider"].startswith("PEFT")
+                                                      else SINGLE]
     heading = (f"{shape[0]}x{shape[1]} NF4 + double quant, bf16, M = {args.tokens} over "
                f"{args.adapters} adapters, r = {args.rank}, {threads} threads")
     return harness.print_and_save_table(args, argv, "multi-lora", "multi_lora", heading, rows,

@@ -310,6 +310,94 @@ def _(grad, packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_
 
 
 # --------------------------------------------------------------------------------------
+# Mixed-adapter batches: one pass over the 4-bit weight, each row of x its own adapter.
+# --------------------------------------------------------------------------------------
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _check_multi_lora(x: Tensor, weight: PackedWeight, lora_A: Tensor, lora_B: Tensor,
+                      scalings: Tensor, adapter_index: Tensor, bias: Optional[Tensor]) -> None:
+    """lora_A [n, r, in] and lora_B [n, out, r] (one rank: smaller ones zero-padded),
+    scalings float32 [n], adapter_index integer [M] in [-1, n - 1], bias [out]."""
+    out_features, in_features = _check_activations("x", x, weight, width=1)
+    check_tensor("lora_A", lora_A)
+    check_tensor("lora_B", lora_B)
+    if lora_A.dim() != 3 or lora_A.shape[2] != in_features:
+        raise ValueError(f"lora_A must be [n, r, in_features={in_features}] (n adapters), got "
+                         f"{list(lora_A.shape)}")
+    n, rank = lora_A.shape[0], lora_A.shape[1]
+    if n == 0:
+        raise ValueError("lora_A must hold at least one adapter ([n >= 1, r, in]); a batch "
+                         "without adapters is matmul_4bit")
+    if tuple(lora_B.shape) != (n, out_features, rank):
+        raise ValueError(f"lora_B must be [n={n}, out_features={out_features}, r={rank}] to match "
+                         f"lora_A, got {list(lora_B.shape)} (adapters of different ranks: "
+                         "nf4lora.pad_adapters zero-pads them to one)")
+    _check_operand("lora_A", lora_A, tuple(lora_A.shape), x)
+    _check_operand("lora_B", lora_B, tuple(lora_B.shape), x)
+    _check_operand("bias", bias, (out_features,), x)
+    check_tensor("scalings", scalings, torch.float32)
+    if scalings.numel() != n:
+        raise ValueError(f"scalings must hold one number per adapter ({n}), got {scalings.numel()}")
+    if scalings.device != x.device:
+        raise ValueError(f"scalings is on {scalings.device}, the activations on {x.device}")
+    check_tensor("adapter_index", adapter_index)
+    if adapter_index.dtype not in INDEX_DTYPES:
+        raise DtypeError(f"adapter_index must be an integer tensor ({INDEX_DTYPES}: one adapter "
+                         f"per row, -1 for none), got {adapter_index.dtype}")
+    if tuple(adapter_index.shape) != (x.shape[0],):
+        raise ValueError(f"adapter_index must be [M={x.shape[0]}], one per row of x, got "
+                         f"{list(adapter_index.shape)}")
+    if adapter_index.device not in (x.device, torch.device("cpu")):
+        raise ValueError(f"adapter_index must be on the activations' device ({x.device}) or the "
+                         f"CPU, got {adapter_index.device}")
+    # The kernels gather adapter i's weights at i * r * in: an index out of range would
+    # read outside lora_A/lora_B. An index on the CPU (PEFT's, a server's scheduler's) is
+    # checked for free; one on a GPU is read back, a sync per call.
+    if adapter_index.numel():
+        low, high = (int(v) for v in torch.aminmax(adapter_index))
+        if low < -1 or high >= n:
+            raise ValueError(f"adapter_index must lie in [-1, {n - 1}] (-1: base model only; "
+                             f"{n} adapters), got values from {low} to {high}")
+
+
+def multi_lora_matmul_4bit_impl(x: Tensor, weight: PackedWeight, lora_A: Tensor, lora_B: Tensor,
+                                scalings: Tensor, adapter_index: Tensor,
+                                bias: Optional[Tensor]) -> Tensor:
+    """y [M, out] = x @ W^T + bias, plus on each row m with i = adapter_index[m] >= 0
+    scalings[i] * (x[m] @ lora_A[i]^T) @ lora_B[i]^T (spec: reference.multi_lora_matmul_4bit).
+    adapter_index may be on the CPU with x on a GPU (see _check_multi_lora).
+    Backends without their own kernel run composite.multi_lora_matmul_4bit: their fused base
+    matmul once, then the adapters gathered per row (reference.multi_lora_delta)."""
+    _check_multi_lora(x, weight, lora_A, lora_B, scalings, adapter_index, bias)
+    # non_blocking: a host index is staged and copied without waiting for the GPU's queue
+    index = adapter_index.to(x.device, non_blocking=True).contiguous()
+    return _run("multi_lora_matmul_4bit", x.contiguous(), weight.with_offset_read(),
+                lora_A.contiguous(), lora_B.contiguous(), scalings.contiguous(), index,
+                None if bias is None else bias.contiguous())
+
+
+@torch.library.custom_op("nf4lora::multi_lora_matmul_4bit", mutates_args=())
+def multi_lora_matmul_4bit(x: Tensor, packed: Tensor, absmax: Tensor, blocksize: int,
+                           quant_type: str, shape: list[int], nested_absmax: Optional[Tensor],
+                           nested_code: Optional[Tensor], nested_offset: Optional[Tensor],
+                           nested_blocksize: int, lora_A: Tensor, lora_B: Tensor,
+                           scalings: Tensor, adapter_index: Tensor,
+                           bias: Optional[Tensor]) -> Tensor:
+    """`multi_lora_matmul_4bit_impl` with the weight as `PackedWeight.op_args()`."""
+    weight = PackedWeight.from_op_args(packed, absmax, blocksize, quant_type, shape, nested_absmax,
+                                       nested_code, nested_offset, nested_blocksize)
+    return multi_lora_matmul_4bit_impl(x, weight, lora_A, lora_B, scalings, adapter_index, bias)
+
+
+@multi_lora_matmul_4bit.register_fake
+def _(x, packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, nested_offset,
+      nested_blocksize, lora_A, lora_B, scalings, adapter_index, bias):
+    return x.new_empty((x.shape[0], shape[0]))
+
+
+# --------------------------------------------------------------------------------------
 # Eager fast path for the matmul ops.
 # --------------------------------------------------------------------------------------
 # Going through torch's dispatcher costs ~150 us per call for a Python custom op (the
@@ -336,6 +424,15 @@ def call_lora_matmul_4bit_grad_input(grad: Tensor, weight: PackedWeight, lora_A,
     if _direct(grad, weight.packed):
         return lora_matmul_4bit_grad_input_impl(grad, weight, lora_A, grad_h)
     return lora_matmul_4bit_grad_input(grad, *weight.op_args(), lora_A, grad_h)
+
+
+def call_multi_lora_matmul_4bit(x: Tensor, weight: PackedWeight, lora_A, lora_B, scalings,
+                                adapter_index, bias) -> Tensor:
+    """multi_lora_matmul_4bit, skipping the dispatcher where nothing needs to see the op."""
+    if _direct(x, weight.packed):
+        return multi_lora_matmul_4bit_impl(x, weight, lora_A, lora_B, scalings, adapter_index, bias)
+    return multi_lora_matmul_4bit(x, *weight.op_args(), lora_A, lora_B, scalings, adapter_index,
+                                  bias)
 
 
 def call_row_sq_norms_4bit(weight: PackedWeight) -> Tensor:

@@ -1,4 +1,6 @@
-"""Autograd Functions over 4-bit weights: `matmul_4bit` and `lora_matmul_4bit`.
+"""Autograd Functions over 4-bit weights: `matmul_4bit` and `lora_matmul_4bit`, and the
+mixed-adapter batch `multi_lora_matmul_4bit` (each row its own adapter, through the op
+`nf4lora::multi_lora_matmul_4bit`).
 
     y = x @ W^T + scaling * (x @ A^T) @ B^T + bias          W = dequantize_4bit(weight) [out, in]
 
@@ -331,6 +333,36 @@ def dora_matmul_4bit(x: Tensor, weight: Tensor, quant_state, lora_A: Tensor, lor
 # Mixed-adapter batches: one 4-bit pass for the whole batch, each row its own adapter.
 # --------------------------------------------------------------------------------------
 
+class _MultiLoraMatmul4bit(torch.autograd.Function):
+    """The mixed-adapter batch on 2-D x [M, in]: forward through the op
+    `nf4lora::multi_lora_matmul_4bit` (the backend's kernel), backward composite: dx's base
+    term through the grad_input op (W read packed, as for lora_matmul_4bit), the adapters'
+    terms by the spec's gradient of the gathered form (reference.multi_lora_delta_grad,
+    torch ops; it recomputes h = x A_m^T, M r in multiply-adds against the base product's
+    M in out, rather than keeping a per-row h from the forward)."""
+
+    @staticmethod
+    def forward(ctx, x2, weight: PackedWeight, lora_A, lora_B, scalings, index, bias):
+        y = _ops.call_multi_lora_matmul_4bit(x2, weight, lora_A, lora_B, scalings, index, bias)
+        ctx.weight = weight._replace(packed=None)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x2, weight.packed, lora_A, lora_B, scalings,
+                              index.to(x2.device, non_blocking=True))
+        return y
+
+    @staticmethod
+    def backward(ctx, g2):
+        x2, packed, lora_A, lora_B, scalings, index = ctx.saved_tensors
+        need_x, _, need_A, need_B, _, _, need_bias = ctx.needs_input_grad
+        dx, dA, dB = reference.multi_lora_delta_grad(g2, x2, lora_A, lora_B, scalings, index,
+                                                     need_x, need_A, need_B)
+        if need_x:
+            dx = dx + _ops.call_lora_matmul_4bit_grad_input(
+                g2, ctx.weight._replace(packed=packed), None, None)
+        dbias = g2.sum(0) if need_bias and ctx.has_bias else None
+        return dx, None, dA, dB, None, None, dbias
+
+
 def multi_lora_matmul_4bit(x: Tensor, weight: Tensor, quant_state, lora_A: Tensor,
                            lora_B: Tensor, scalings, adapter_index: Tensor,
                            bias: Optional[Tensor] = None) -> Tensor:
@@ -340,45 +372,34 @@ def multi_lora_matmul_4bit(x: Tensor, weight: Tensor, quant_state, lora_A: Tenso
     x [..., in] (M rows over its leading dims); lora_A [n, r, in] and lora_B [n, out, r] in
     x's dtype (adapters of different ranks zero-padded to the largest: pad_adapters; the
     zeros add exactly nothing); scalings: n numbers or a [n] tensor; adapter_index [...]
-    integers matching x's leading dims. The 4-bit weight is read once for the whole batch
-    by the fused kernels (matmul_4bit); the adapters are gathered per row and multiplied
-    with torch's batched GEMMs (nf4lora.reference.multi_lora_delta). Gradients flow to x,
-    lora_A, lora_B and bias. PEFT's sub-batch loop instead runs the base layer once per
-    adapter in the batch.
+    integers matching x's leading dims, on x's device or the CPU (its range is checked: free
+    on the CPU, a sync per call on a GPU). The op `nf4lora::multi_lora_matmul_4bit` runs it: the Triton kernels compute
+    each row's adapter inside the 4-bit pass (the GEMV's shrink programs and the shared
+    LoRA epilogue, per row); the CPU and CUDA backends run their fused matmul once for the
+    whole batch, then the adapters gathered per row with torch's batched GEMMs
+    (nf4lora.reference.multi_lora_delta). Gradients flow to x, lora_A, lora_B and bias.
+    PEFT's `adapter_names=` forward on nf4lora layers calls it (nf4lora.integrations.peft).
     """
     packed = _weight_of(weight, quant_state)
     _check_x(x, packed.in_features)
-    out_features, in_features = packed.shape
     if not isinstance(lora_A, Tensor) or not isinstance(lora_B, Tensor):
         raise TypeError("lora_A [n, r, in] and lora_B [n, out, r] must be tensors (stack the "
                         "adapters; pad_adapters pads different ranks)")
-    if lora_A.dim() != 3 or lora_A.shape[2] != in_features:
-        raise ValueError(f"lora_A must be [n, r, in_features={in_features}], got {list(lora_A.shape)}")
-    n, rank = lora_A.shape[0], lora_A.shape[1]
-    if tuple(lora_B.shape) != (n, out_features, rank):
-        raise ValueError(f"lora_B must be [n={n}, out_features={out_features}, r={rank}] to match "
-                         f"lora_A, got {list(lora_B.shape)} (pad_adapters pads different ranks)")
-    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
-        if t.dtype != x.dtype or t.device != x.device:
-            raise TypeError(f"{name} must have x's dtype and device ({x.dtype}, {x.device}), got "
-                            f"{t.dtype} on {t.device}")
     scalings = torch.as_tensor(scalings, dtype=torch.float32, device=x.device).reshape(-1)
-    if scalings.numel() != n:
-        raise ValueError(f"scalings must hold one number per adapter ({n}), got {scalings.numel()}")
-    if not isinstance(adapter_index, Tensor) or adapter_index.is_floating_point() \
-            or adapter_index.dtype == torch.bool:
+    if not isinstance(adapter_index, Tensor):
         raise TypeError("adapter_index must be an integer tensor (one adapter per row, -1: none)")
     if tuple(adapter_index.shape) != tuple(x.shape[:-1]):
         raise ValueError(f"adapter_index must have x's leading shape {list(x.shape[:-1])}, got "
                          f"{list(adapter_index.shape)}")
-    index = adapter_index.reshape(-1).to(device=x.device, dtype=torch.long)
-    if index.numel() and (int(index.min()) < -1 or int(index.max()) >= n):
-        raise ValueError(f"adapter_index must lie in [-1, {n - 1}] (-1: base model only), got "
-                         f"values from {int(index.min())} to {int(index.max())}")
-    y = _apply(x, packed, None, None, 1.0, bias)
-    x2 = x.reshape(-1, in_features)
-    delta = reference.multi_lora_delta(x2, lora_A, lora_B, scalings, index)
-    return y + delta.reshape(y.shape)
+    index = adapter_index.reshape(-1)
+    x2 = x.reshape(-1, x.shape[-1])
+    needs_graph = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, lora_A, lora_B, bias))
+    if needs_graph:
+        y = _MultiLoraMatmul4bit.apply(x2, packed, lora_A, lora_B, scalings, index, bias)
+    else:
+        y = _ops.call_multi_lora_matmul_4bit(x2, packed, lora_A, lora_B, scalings, index, bias)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def pad_adapters(lora_As, lora_Bs) -> tuple[Tensor, Tensor]:

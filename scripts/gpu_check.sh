@@ -28,7 +28,8 @@
 #            tensors (tests/test_cuda_host.py's gpu variant, codec bit-exact against
 #            reference.py, GEMV within the dtype's error), the Triton kernels compiled on
 #            CUDA tensors (tests/test_triton_matmul.py's cuda variant: fused, GEMV,
-#            split-K, backward, autograd; tests/test_gpu_check.py: codec bit-exact)
+#            split-K, backward, autograd; tests/test_triton_multi_lora.py: the same for
+#            mixed-adapter batches; tests/test_gpu_check.py: codec bit-exact)
 #   bench    nf4lora bench codec (dequantize) and nf4lora bench matmul (lora forward and
 #            train = forward + backward, M = 1, 8, 64, 512, the Llama-7B shapes) with
 #            --device cuda: nf4lora[cuda], nf4lora[triton] (and without split-K),
@@ -72,7 +73,8 @@ NPROC="$(nproc 2>/dev/null || echo 4)"
 
 # The commands of each step, shared by the real run and the dry run (so the dry run checks
 # what the real run will execute).
-GPU_TESTS=(tests/test_cuda_host.py tests/test_triton_matmul.py tests/test_gpu_check.py)
+GPU_TESTS=(tests/test_cuda_host.py tests/test_triton_matmul.py tests/test_triton_multi_lora.py
+           tests/test_gpu_check.py)
 BENCH_CODEC=(-m nf4lora.cli bench codec --device cuda --ops dequantize --out "$WORK/bench")
 BENCH_MATMUL=(-m nf4lora.cli bench matmul --device cuda --ops lora train --out "$WORK/bench")
 COMPILE_REPORT=(-m triton_kernels.compile_report --json --jobs "$NPROC")

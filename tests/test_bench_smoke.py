@@ -213,11 +213,14 @@ def test_int4pack_round_trips_through_torchs_kernel():
 def test_multi_lora_bench_quick_run(tmp_path):
     from bench import bench_multi_lora
     payload = bench_multi_lora.main(["--shape", "64x128", "--tokens", "4", "--adapters", "3",
-                                     "--rank", "2", "--reps", "2", "--out", str(tmp_path)])
+                                     "--rank", "2", "--reps", "2",
+                                     "--out", str(tmp_path)])
     rows = {row["provider"]: row for row in payload["rows"]}
-    assert set(rows) == {"single adapter (fused)", "nf4lora multi_lora_matmul_4bit",
-                         "sub-batch loop (PEFT's way)"}
-    assert rows["single adapter (fused)"]["x_vs_single"] == 1.0
+    assert set(rows) == {bench_multi_lora.SINGLE, bench_multi_lora.MULTI,
+                         bench_multi_lora.PEFT_SINGLE, bench_multi_lora.PEFT_ROUTED,
+                         bench_multi_lora.PEFT_LOOP}
+    assert rows[bench_multi_lora.SINGLE]["x_vs_single"] == 1.0
+    assert rows[bench_multi_lora.PEFT_SINGLE]["x_vs_single"] == 1.0
     assert all(row["median_ms"] > 0 for row in rows.values())
     assert (tmp_path / "multi-lora-latest.json").exists()
 

@@ -1,8 +1,9 @@
 """Mixed-adapter batches (issue 15 item 2): nf4lora.multi_lora_matmul_4bit against the spec
-(nf4lora.reference.multi_lora_matmul_4bit on the dequantized weight) in float64: forward and
-every gradient, odd shapes, rank 1 and 70 (padded with a smaller one), adapter_index with -1
-and repeated indices, leading dims; each row equals the single-adapter call on it; bad
-input is a clear error."""
+(nf4lora.reference.multi_lora_matmul_4bit on the dequantized weight) in float64 on every CPU
+backend: forward and every gradient, odd shapes, rank 1 and 70 (padded with a smaller one),
+adapter_index with -1 and repeated indices, leading dims; each row equals the single-adapter
+call on it; the op nf4lora::multi_lora_matmul_4bit passes opcheck and traces as one graph
+node; bad input is a clear error. The Triton kernels: tests/test_triton_multi_lora.py."""
 from __future__ import annotations
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 import nf4lora
 import nf4lora.functional as nf
 from nf4lora import reference
+from nf4lora._weight import PackedWeight
 
 from conftest import DTYPES
 
@@ -42,7 +44,7 @@ def assert_within_baseline(ours, baseline, exact, dtype, label):
     ((16,), [0, 0, 0]),                              # one adapter for every row
     ((4, 4), [-1]),                                  # base only
 ])
-def test_forward_and_gradients_match_the_spec(dtype, ranks, index):
+def test_forward_and_gradients_match_the_spec(backend, dtype, ranks, index):
     packed, state, W = weight()
     As, Bs = adapters(ranks, 37, 192, dtype)
     A, B = nf4lora.pad_adapters(As, Bs)
@@ -73,6 +75,28 @@ def test_forward_and_gradients_match_the_spec(dtype, ranks, index):
         assert not inputs[1].grad[i, r:].any() and not inputs[2].grad[i, :, r:].any()
 
 
+@pytest.mark.parametrize("m,n", [(3, 5), (5, 5), (9, 3)], ids=["rows<n", "rows=n", "rows>n"])
+def test_both_forms_of_the_spec_are_the_definition(m, n):
+    """reference.multi_lora_delta gathers per row (M <= n) or goes through the stacked
+    adapters (M > n); each, and its gradient (multi_lora_delta_grad), is the row-by-row
+    definition, in float64."""
+    gen = torch.Generator().manual_seed(6)
+    x, A, B = (torch.randn(*shape, generator=gen, dtype=torch.float64)
+               for shape in ((m, 24), (n, 4, 24), (n, 10, 4)))
+    scalings = torch.rand(n, generator=gen) + 0.5
+    index = torch.randint(-1, n, (m,), generator=gen)
+    index[0] = -1
+    grad = torch.randn(m, 10, generator=gen, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (x, A, B)]
+    rows = [leaves[0][k] @ leaves[1][i].T @ leaves[2][i].T * scalings[i].double() if i >= 0
+            else torch.zeros(10, dtype=torch.float64) for k, i in enumerate(index.tolist())]
+    definition = torch.stack(rows)
+    definition.backward(grad)
+    torch.testing.assert_close(reference.multi_lora_delta(x, A, B, scalings, index), definition)
+    for got, leaf in zip(reference.multi_lora_delta_grad(grad, x, A, B, scalings, index), leaves):
+        torch.testing.assert_close(got, leaf.grad)
+
+
 def test_each_row_is_its_own_single_adapter_call():
     packed, state, _ = weight()
     As, Bs = adapters((3, 8), 37, 192, torch.float32)
@@ -90,6 +114,35 @@ def test_each_row_is_its_own_single_adapter_call():
             torch.testing.assert_close(y[b, m:m + 1], single, rtol=1e-5, atol=1e-5)
 
 
+def test_the_registered_op(backend):
+    packed, state, W = weight()
+    A, B = nf4lora.pad_adapters(*adapters((3, 8), 37, 192, torch.float32))
+    gen = torch.Generator().manual_seed(5)
+    x, bias = torch.randn(5, 192, generator=gen), torch.randn(37, generator=gen)
+    scalings, index = torch.tensor([2.0, 0.25]), torch.tensor([1, -1, 0, 1, 1])
+    args = (x, *PackedWeight.from_state(packed, state).op_args(), A, B, scalings, index, bias)
+    torch.library.opcheck(torch.ops.nf4lora.multi_lora_matmul_4bit.default, args)
+    expected = reference.multi_lora_matmul_4bit(x, W.float(), A, B, scalings, index, bias)
+    torch.testing.assert_close(torch.ops.nf4lora.multi_lora_matmul_4bit(*args), expected,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_compiles_as_one_graph_forward_and_backward():
+    packed, state, _ = weight()
+    A, B = nf4lora.pad_adapters(*adapters((3, 8), 37, 192, torch.float32))
+    index = torch.tensor([1, -1, 0, 1])
+
+    def f(x, A, B):
+        return nf4lora.multi_lora_matmul_4bit(x, packed, state, A, B, [2.0, 0.25], index).square().sum()
+
+    leaves = [t.clone().requires_grad_() for t in (torch.randn(4, 192), A, B)]
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    grads = torch.autograd.grad(compiled(*leaves), leaves)
+    expected = torch.autograd.grad(f(*leaves), leaves)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("change,error,match", [
     (dict(index=torch.tensor([0, 2])), ValueError, r"adapter_index must lie in \[-1, 1\]"),
     (dict(index=torch.tensor([0, -2])), ValueError, r"adapter_index must lie in \[-1, 1\]"),
@@ -98,7 +151,12 @@ def test_each_row_is_its_own_single_adapter_call():
     (dict(B=torch.zeros(2, 37, 5)), ValueError, "lora_B must be"),
     (dict(A=torch.zeros(2, 4, 100)), ValueError, "lora_A must be"),
     (dict(scalings=[1.0]), ValueError, "scalings must hold one number per adapter"),
-    (dict(A=torch.zeros(2, 4, 192, dtype=torch.float64)), TypeError, "lora_A must have x's dtype"),
+    (dict(A=torch.zeros(2, 4, 192, dtype=torch.float64)), TypeError, "lora_A must have the dtype of the activations"),
+    (dict(index=torch.tensor([True, False])), TypeError, "adapter_index must be an integer tensor"),
+    (dict(index=torch.tensor([0, 1], device="meta")), ValueError,
+     "adapter_index must be on the activations' device"),
+    (dict(A=torch.zeros(0, 4, 192), B=torch.zeros(0, 37, 4), scalings=[], index=torch.tensor([-1, -1])),
+     ValueError, "at least one adapter"),
 ])
 def test_bad_input_is_a_clear_error(change, error, match):
     packed, state, _ = weight()

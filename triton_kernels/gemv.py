@@ -25,6 +25,16 @@ price of the second pass is the workspace, splits * M * (N + R) * 4 bytes writte
 read once; the split heuristic keeps it under a quarter of the weight's bytes, and at
 4096 outputs it is 16 KB per token per split, L2-resident on A100/H100.
 
+Mixed-adapter batches (PER_ROW, lora_matmul.py's docstring): row m's h is x[m] A_i^T with
+its own adapter i = index[m]. The shrink programs are then rank tiles x adapter slots:
+slot s of a row tile takes the s-th adapter among the tile's rows (lora_matmul.next_adapter)
+and stores its product for that adapter's rows only, so each adapter present is read and
+multiplied once per K slice, by programs of its own that run beside the W tiles (one
+program walking every adapter in turn would take n times as long as a W tile and end the
+kernel last). Pass 2 is the reduction with the per-row LoRA term. With N = 0 (no W tiles)
+and grid axis 2 over tiles of 16 rows, the same programs are the fused path's shrink for
+any M (the launcher's h, then lora_matmul_kernel's per-row epilogue).
+
 M == 1 (one sequence decoding) runs on CUDA cores: the decoded tile times x, summed
 along K, in fp32 without rounding W to x's dtype first (one rounding fewer than torch,
 two instructions per weight fewer). 2 <= M <= 16 pads M to 16 and uses tensor cores;
@@ -36,8 +46,8 @@ import triton
 import triton.language as tl
 
 from .codec import to_float32, to_output_dtype
-from .lora_matmul import (WEIGHT_DO_NOT_SPECIALIZE, dot_accumulate, load_weight_tile,
-                          store_split_partial, weight_signature)
+from .lora_matmul import (NO_ADAPTER, WEIGHT_DO_NOT_SPECIALIZE, dot_accumulate,
+                          load_weight_tile, next_adapter, store_split_partial, weight_signature)
 
 # Tiles per (BLOCK_M, x dtype): (BLOCK_N, BLOCK_K, num_warps).
 # BLOCK_M = 1: a [64, 128] tile is 4 KB of packed weight per step; with 8 warps, 32
@@ -130,69 +140,108 @@ def gemv_split_k_kernel(
     # the weight arguments of W [N, K] (lora_matmul.weight_signature)
     packed_ptr, absmax_ptr, table_ptr, nested_code_ptr, nested_absmax_ptr,
     row_bytes, num_blocks, blocksize_log2, nested_blocksize_log2, nested_offset,
-    lora_A_ptr,         # x's dtype [R, K] (R > 0 only)
+    lora_A_ptr,         # x's dtype [R, K] (R > 0 only), or the stack [n, R, K] (PER_ROW)
+    index_ptr,          # int32 [M]: each row's adapter, -1 none (PER_ROW only)
     partial_ptr,        # fp32 [splits, M, N + R]
     # sizes
     M, N, K, R,
     k_per_split,            # a multiple of BLOCK_K
     # meta-parameters
     NESTED: tl.constexpr,
+    PER_ROW: tl.constexpr,  # the shrink per row, each with its own adapter's A
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
+    # Tiles of BLOCK_M rows along grid axis 2: one for the GEMV (M <= 16); the fused path's
+    # mixed-adapter shrink (N = 0, no W tiles) runs here for any M.
+    if BLOCK_M == 1:   # M == 1: one tile (saves ptxas the registers it spilled on sm_90)
+        m0 = 0
+    else:
+        m0 = tl.program_id(2) * BLOCK_M
+    x_tile_ptr = x_ptr + m0 * K
+    M_tile = M - m0
+    rows_m = tl.arange(0, BLOCK_M)
+    rows_ok = rows_m < M_tile
     w_tiles = (N + BLOCK_N - 1) // BLOCK_N
     k_begin = split * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
     if pid_n < w_tiles:
         row0 = pid_n * BLOCK_N
-        acc = _partial_products(x_ptr, packed_ptr, absmax_ptr, table_ptr, nested_code_ptr,
+        acc = _partial_products(x_tile_ptr, packed_ptr, absmax_ptr, table_ptr, nested_code_ptr,
                                 nested_absmax_ptr, row_bytes, num_blocks, blocksize_log2,
-                                nested_blocksize_log2, nested_offset, row0, N, M, K, k_begin,
-                                k_end, NESTED, False, BLOCK_M, BLOCK_N, BLOCK_K)
+                                nested_blocksize_log2, nested_offset, row0, N, M_tile, K,
+                                k_begin, k_end, NESTED, False, BLOCK_M, BLOCK_N, BLOCK_K)
         rows_limit = N
         first_col = row0
     else:  # LoRA shrink: rows of A, written after the N columns of W
-        row0 = (pid_n - w_tiles) * BLOCK_N
-        acc = _partial_products(x_ptr, lora_A_ptr, absmax_ptr, table_ptr, nested_code_ptr,
+        lora_program = pid_n - w_tiles
+        r_tiles = (R + BLOCK_N - 1) // BLOCK_N
+        row0 = (lora_program % r_tiles) * BLOCK_N
+        a_ptr = lora_A_ptr
+        if PER_ROW:
+            # Program slot s takes the tile's s-th adapter (next_adapter from the smallest
+            # up) and stores its rows only; a slot past the tile's adapters walks no K step
+            # and stores nothing. The launcher gives each row tile min(n, rows) slots, so
+            # every adapter present has programs of its own, reading only its A.
+            index = tl.load(index_ptr + m0 + rows_m, mask=rows_ok, other=-1)
+            adapter = next_adapter(index, -1)
+            for _ in range(lora_program // r_tiles):
+                adapter = next_adapter(index, adapter)
+            present = adapter < NO_ADAPTER
+            rows_ok = index == adapter
+            a_ptr = lora_A_ptr + tl.where(present, adapter, 0).to(tl.int64) * R * K
+            k_end = tl.where(present, k_end, k_begin)
+        acc = _partial_products(x_tile_ptr, a_ptr, absmax_ptr, table_ptr, nested_code_ptr,
                                 nested_absmax_ptr, row_bytes, num_blocks, blocksize_log2,
-                                nested_blocksize_log2, nested_offset, row0, R, M, K, k_begin,
-                                k_end, NESTED, True, BLOCK_M, BLOCK_N, BLOCK_K)
+                                nested_blocksize_log2, nested_offset, row0, R, M_tile, K,
+                                k_begin, k_end, NESTED, True, BLOCK_M, BLOCK_N, BLOCK_K)
         rows_limit = R
         first_col = N + row0
-    rows_m = tl.arange(0, BLOCK_M)
     rows_n = tl.arange(0, BLOCK_N)
-    store_split_partial(partial_ptr, acc, rows_m, first_col + rows_n, M, N + R,
-                        (rows_m < M)[:, None] & (row0 + rows_n < rows_limit)[None, :])
+    store_split_partial(partial_ptr, acc, m0 + rows_m, first_col + rows_n, M, N + R,
+                        rows_ok[:, None] & (row0 + rows_n < rows_limit)[None, :])
 
 
 def block_m_for(m: int) -> int:
     return 1 if m == 1 else 16
 
 
-def launch_config(block_m: int, x_type: str, nested: bool) -> dict:
-    """Pass 1's constexprs and launch options. enable_fp_fusion=False as in
-    lora_matmul.launch_config (the M == 1 products and sums stay unfused, as in the
-    interpreter)."""
+def launch_config(block_m: int, x_type: str, nested: bool, per_row: bool = False) -> dict:
+    """Pass 1's constexprs and launch options; per_row: a mixed-adapter batch's shrink.
+    enable_fp_fusion=False as in lora_matmul.launch_config (the M == 1 products and sums
+    stay unfused, as in the interpreter)."""
     block_n, block_k, num_warps = TILES[(block_m, x_type)]
-    return dict(NESTED=nested, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                num_warps=num_warps, enable_fp_fusion=False)
+    return dict(NESTED=nested, PER_ROW=per_row, BLOCK_M=block_m, BLOCK_N=block_n,
+                BLOCK_K=block_k, num_warps=num_warps, enable_fp_fusion=False)
 
 
-def grid(n: int, r: int, splits: int, config: dict) -> tuple:
-    return (triton.cdiv(n, config["BLOCK_N"]) + triton.cdiv(r, config["BLOCK_N"]), splits)
+def adapter_slots(m: int, adapters: int, config: dict) -> int:
+    """Shrink programs per rank tile and row tile of a mixed-adapter batch: one per adapter
+    a tile's rows can hold, min(n, rows per tile)."""
+    return max(1, min(adapters, m, config["BLOCK_M"]))
+
+
+def grid(n: int, r: int, splits: int, config: dict, m: int = 1, slots: int = 1) -> tuple:
+    """(W tiles + rank tiles x slots, splits, row tiles); one row tile for M <= BLOCK_M."""
+    return (triton.cdiv(n, config["BLOCK_N"]) + triton.cdiv(r, config["BLOCK_N"]) * slots,
+            splits, triton.cdiv(m, config["BLOCK_M"]))
 
 
 def compile_targets():
-    """Every (signature, config) pass 1 can run with: BLOCK_M x x dtype x nested (the
-    LoRA shrink is extra programs of the same binary, the rank a runtime bound)."""
+    """Every (signature, config) pass 1 can run with: BLOCK_M x x dtype x nested x per-row
+    shrink (the LoRA shrink is extra programs of the same binary, the rank a runtime
+    bound)."""
     for block_m in BLOCK_MS:
         for x_type in X_TYPES:
             for nested in (False, True):
-                signature = {"x_ptr": f"*{x_type}", **weight_signature(nested),
-                             "lora_A_ptr": f"*{x_type}", "partial_ptr": "*fp32", "M": "i32",
-                             "N": "i32", "K": "i32", "R": "i32", "k_per_split": "i32"}
-                yield (f"M_block={block_m} x={x_type} nested={nested}", signature,
-                       launch_config(block_m, x_type, nested))
+                for per_row in (False, True):
+                    signature = {"x_ptr": f"*{x_type}", **weight_signature(nested),
+                                 "lora_A_ptr": f"*{x_type}", "index_ptr": "*i32",
+                                 "partial_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
+                                 "R": "i32", "k_per_split": "i32"}
+                    label = f"M_block={block_m} x={x_type} nested={nested}"
+                    yield (label + " per_row" if per_row else label, signature,
+                           launch_config(block_m, x_type, nested, per_row))

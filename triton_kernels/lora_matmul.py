@@ -33,6 +33,16 @@ the LoRA term and the bias and rounds y once. How many slices: fused_splits in
 nf4lora.backends.triton. The backward kernel splits its reduction axis (N) the same way,
 and the GEMV always splits K: both share the reduction kernel.
 
+Mixed-adapter batches (PER_ROW; the op nf4lora::multi_lora_matmul_4bit): row m of x has
+its own adapter i = index[m] (-1: none) from stacks lora_A [n, R, K], lora_B [n, N, R]
+(smaller ranks zero-padded), and scalings [n]. The base product is the same one pass over
+W for the whole batch; h [M, R] holds each row's own x[m] A_i^T (computed per row by the
+GEMV's shrink programs, gemv.py), and the epilogue (lora_term) adds scalings[i] h[m] B_i^T
+per row: it walks the adapters present in the tile's rows, each once (next_adapter), and
+for each runs the rank chunks with h masked to that adapter's rows and B_i's tile, so a
+tile costs one rank-R epilogue per distinct adapter among its rows, on tensor cores, and
+reads only those adapters' B (the BGMV of Punica / S-LoRA, grouped by adapter per tile).
+
 The @triton.jit helpers below (the weight decode, the MMA, the output tile and the
 reduction's slice, the split-K workspace, the LoRA term and the rounded store) are shared
 with gemv.py and lora_matmul_backward.py.
@@ -65,6 +75,22 @@ LORA_CHUNK = tl.constexpr(16)
 # CUDA cores (16x the work at a padded M = 16, and fma instructions the compile report
 # rejects); "tf32x3" drops to ~2^-21 per product.
 FP32_DOT_PRECISION = tl.constexpr("bf16x6")
+
+# Mixed-adapter batches: past every adapter index (int32), "no adapter left".
+NO_ADAPTER = tl.constexpr(2**31 - 1)
+
+
+@triton.jit
+def _minimum(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit
+def next_adapter(index, after):
+    """The smallest adapter in `index` (int32 [rows], -1 for none) greater than `after`,
+    NO_ADAPTER when there is none: from after = -1 on, each adapter of the rows once, in
+    order. tl.reduce with our own combine function, not tl.min (codec.py says why)."""
+    return tl.reduce(tl.where(index > after, index, NO_ADAPTER), 0, _minimum)
 
 
 @triton.jit
@@ -241,9 +267,33 @@ def lora_chunk(lora, h, lora_ptr, cols_n, ranks, N, R, stride_n, stride_r):
 
 
 @triton.jit
+def _h_chunk(h_ptr, rows_m, ranks, rows_ok, first_col, M, N, R, partial_ptr, partial_width,
+             num_splits, H_FROM_PARTIALS: tl.constexpr, STORE_H: tl.constexpr,
+             BLOCK_M: tl.constexpr):
+    """h[rows_m, ranks] in the output's dtype, 0 where not rows_ok or past R: loaded from
+    h_ptr, or summed from the split-K partials' columns N + ranks and rounded
+    (H_FROM_PARTIALS), then also stored at h_ptr by the first column tile (STORE_H)."""
+    # h_ptr + (row offset + rank): the row's pointer first, one per row, then broadcast
+    # over the ranks (summing the offsets first cost the fused kernel 9 registers).
+    h_ptrs = h_ptr + rows_m[:, None] * R + ranks[None, :]
+    h_mask = rows_ok[:, None] & (ranks < R)[None, :]
+    if H_FROM_PARTIALS:
+        h = to_output_dtype(sum_split_partials(partial_ptr, rows_m, N + ranks, M, partial_width,
+                                               num_splits, h_mask, BLOCK_M, LORA_CHUNK),
+                            h_ptr.dtype.element_ty)
+        if STORE_H:
+            if first_col == 0:
+                tl.store(h_ptrs, h, mask=h_mask)
+    else:
+        h = tl.load(h_ptrs, mask=h_mask, other=0.0)
+    return h
+
+
+@triton.jit
 def lora_term(h_ptr, lora_ptr, rows_m, first_col, cols_n, M, N, R, partial_ptr,
-              partial_width, num_splits, H_FROM_PARTIALS: tl.constexpr,
-              L_IS_A_TRANSPOSED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              partial_width, num_splits, index_ptr, scalings_ptr,
+              H_FROM_PARTIALS: tl.constexpr, L_IS_A_TRANSPOSED: tl.constexpr,
+              PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """fp32 h @ L^T on this output tile, h [M, R] in the output's dtype, R walked in chunks
     of 16 (lora_chunk). L is lora_B [N, R] (the forward's h @ B^T), or with
     L_IS_A_TRANSPOSED lora_A^T, lora_A [R, N] (the backward's grad_h @ A). Either way one
@@ -254,27 +304,38 @@ def lora_term(h_ptr, lora_ptr, rows_m, first_col, cols_n, M, N, R, partial_ptr,
     partials' columns N .. N + R - 1 and rounded once to the output's dtype, as torch's
     F.linear(x, A) returns it; the first column tile's programs then also store it at
     h_ptr (the backward pass uses it for dB). The caller scales the sum once, as
-    torch.addmm(y, h, B^T, alpha=s) does, rather than each chunk."""
+    torch.addmm(y, h, B^T, alpha=s) does, rather than each chunk.
+
+    PER_ROW (mixed-adapter batches, the module docstring): L is the stack lora_B [n, N, R]
+    and row m takes adapter i = index[m]. Each chunk of h is fetched once, then each
+    adapter of the tile's rows multiplies its own rows of it (the others zeroed) with its
+    B_i chunk, into the one accumulator (the rows are disjoint); at the end each row is
+    scaled by its scalings[i] (0 for -1 rows), so the caller's scale is 1. h is not
+    stored: the op's backward recomputes it. (Adapters outside, chunks inside, summed h
+    once per adapter and spilled 1-2 words on sm_80 at 72 registers.)"""
     lora = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+    if PER_ROW:
+        index = tl.load(index_ptr + rows_m, mask=rows_m < M, other=-1)
     for r0 in range(0, R, LORA_CHUNK):
         ranks = r0 + tl.arange(0, LORA_CHUNK)
-        # h_ptr + (row offset + rank): the row's pointer first, one per row, then broadcast
-        # over the ranks (summing the offsets first cost the fused kernel 9 registers).
-        h_ptrs = h_ptr + rows_m[:, None] * R + ranks[None, :]
-        h_mask = (rows_m < M)[:, None] & (ranks < R)[None, :]
-        if H_FROM_PARTIALS:
-            h = to_output_dtype(sum_split_partials(partial_ptr, rows_m, N + ranks, M,
-                                                   partial_width, num_splits, h_mask,
-                                                   BLOCK_M, LORA_CHUNK),
-                                h_ptr.dtype.element_ty)
-            if first_col == 0:
-                tl.store(h_ptrs, h, mask=h_mask)
+        if PER_ROW:
+            h = _h_chunk(h_ptr, rows_m, ranks, index >= 0, first_col, M, N, R, partial_ptr,
+                         partial_width, num_splits, H_FROM_PARTIALS, False, BLOCK_M)
+            adapter = next_adapter(index, -1)
+            while adapter < NO_ADAPTER:
+                own_rows = tl.where((index == adapter)[:, None], h, 0.0)
+                lora = lora_chunk(lora, own_rows, lora_ptr + adapter.to(tl.int64) * N * R,
+                                  cols_n, ranks, N, R, R, 1)
+                adapter = next_adapter(index, adapter)
         else:
-            h = tl.load(h_ptrs, mask=h_mask, other=0.0)
-        if L_IS_A_TRANSPOSED:
-            lora = lora_chunk(lora, h, lora_ptr, cols_n, ranks, N, R, 1, N)
-        else:
-            lora = lora_chunk(lora, h, lora_ptr, cols_n, ranks, N, R, R, 1)
+            h = _h_chunk(h_ptr, rows_m, ranks, rows_m < M, first_col, M, N, R, partial_ptr,
+                         partial_width, num_splits, H_FROM_PARTIALS, H_FROM_PARTIALS, BLOCK_M)
+            if L_IS_A_TRANSPOSED:
+                lora = lora_chunk(lora, h, lora_ptr, cols_n, ranks, N, R, 1, N)
+            else:
+                lora = lora_chunk(lora, h, lora_ptr, cols_n, ranks, N, R, R, 1)
+    if PER_ROW:
+        lora = lora * tl.load(scalings_ptr + index, mask=index >= 0, other=0.0)[:, None]
     return lora
 
 
@@ -313,18 +374,21 @@ def lora_matmul_kernel(
     # the weight arguments of W [N, K] (weight_signature)
     packed_ptr, absmax_ptr, table_ptr, nested_code_ptr, nested_absmax_ptr,
     row_bytes, num_blocks, blocksize_log2, nested_blocksize_log2, nested_offset,
-    h_ptr,              # x's dtype [M, R], h = x @ A^T (HAS_LORA only)
-    lora_B_ptr,         # x's dtype [N, R] (HAS_LORA only)
+    h_ptr,              # x's dtype [M, R], h = x @ A^T (HAS_LORA only; PER_ROW: each row's own)
+    lora_B_ptr,         # x's dtype [N, R] (HAS_LORA only), or [n, N, R] (PER_ROW)
+    index_ptr,          # int32 [M]: each row's adapter, -1 none (PER_ROW only)
+    scalings_ptr,       # fp32 [n] (PER_ROW only)
     bias_ptr,           # x's dtype [N] (HAS_BIAS only)
     y_ptr,              # x's dtype [M, N] (not SPLIT_K)
     partial_ptr,        # fp32 [splits, M, N] (SPLIT_K only)
     # sizes
     M, N, K, R,
-    scaling,                # fp32 (HAS_LORA only)
+    scaling,                # fp32 (HAS_LORA only; 1 with PER_ROW)
     k_per_split,            # a multiple of BLOCK_K (SPLIT_K only)
     # meta-parameters
     NESTED: tl.constexpr,
     HAS_LORA: tl.constexpr,
+    PER_ROW: tl.constexpr,  # each row its own adapter (the module docstring)
     HAS_BIAS: tl.constexpr,
     SPLIT_K: tl.constexpr,  # grid (tiles, splits): fp32 partials, no epilogue (LoRA, bias)
     BLOCK_M: tl.constexpr,
@@ -351,9 +415,9 @@ def lora_matmul_kernel(
     else:
         if HAS_LORA:
             acc = acc + scaling * lora_term(h_ptr, lora_B_ptr, rows_m, first_col, cols_n, M, N,
-                                            R, partial_ptr, N, 1, H_FROM_PARTIALS=False,
-                                            L_IS_A_TRANSPOSED=False, BLOCK_M=BLOCK_M,
-                                            BLOCK_N=BLOCK_N)
+                                            R, partial_ptr, N, 1, index_ptr, scalings_ptr,
+                                            H_FROM_PARTIALS=False, L_IS_A_TRANSPOSED=False,
+                                            PER_ROW=PER_ROW, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
         store_output_tile(acc, bias_ptr, y_ptr, rows_m, cols_n, M, N, HAS_BIAS)
 
 
@@ -362,41 +426,48 @@ def split_k_reduce_kernel(
     # pointers
     partial_ptr,        # fp32 [splits, M, partial_width]
     h_ptr,              # out's dtype [M, R] (HAS_LORA only): read, or written (H_FROM_PARTIALS)
-    lora_ptr,           # out's dtype, lora_B [N, R], or lora_A [R, N] (HAS_LORA only)
+    lora_ptr,           # out's dtype, lora_B [N, R], or lora_A [R, N] (HAS_LORA only), or
+                        # the stack lora_B [n, N, R] (PER_ROW)
+    index_ptr,          # int32 [M]: each row's adapter, -1 none (PER_ROW only)
+    scalings_ptr,       # fp32 [n] (PER_ROW only)
     bias_ptr,           # out's dtype [N] (HAS_BIAS only)
     out_ptr,            # fp32/fp16/bf16 [M, N]
     # sizes
     M, N, R,
     num_splits,
     partial_width,      # N, or N + R with H_FROM_PARTIALS
-    scaling,            # fp32 (HAS_LORA only)
+    scaling,            # fp32 (HAS_LORA only; 1 with PER_ROW)
     # meta-parameters
     HAS_LORA: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     H_FROM_PARTIALS: tl.constexpr,
     L_IS_A_TRANSPOSED: tl.constexpr,
+    PER_ROW: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """out = sum of the split-K partials (in split order) + scaling * h @ L^T + bias,
     rounded once (lora_term). Forward: out = y, L = lora_B. GEMV (gemv.py's pass 2): the
     same, h summed from the partials (H_FROM_PARTIALS). Backward: out = dx [M, K], N = K,
-    h = grad_h, L = lora_A^T (L_IS_A_TRANSPOSED), scaling 1."""
+    h = grad_h, L = lora_A^T (L_IS_A_TRANSPOSED), scaling 1. Mixed-adapter batches: L_i =
+    lora_B[index[m]] per row (PER_ROW), with h given or from the partials."""
     rows_m, first_col, cols_n = output_tile(M, BLOCK_M, BLOCK_N)
     acc = sum_split_partials(partial_ptr, rows_m, cols_n, M, partial_width, num_splits,
                              (rows_m < M)[:, None] & (cols_n < N)[None, :], BLOCK_M, BLOCK_N)
     if HAS_LORA:
         acc = acc + scaling * lora_term(h_ptr, lora_ptr, rows_m, first_col, cols_n, M, N, R,
-                                        partial_ptr, partial_width, num_splits,
-                                        H_FROM_PARTIALS, L_IS_A_TRANSPOSED, BLOCK_M, BLOCK_N)
+                                        partial_ptr, partial_width, num_splits, index_ptr,
+                                        scalings_ptr, H_FROM_PARTIALS, L_IS_A_TRANSPOSED,
+                                        PER_ROW, BLOCK_M, BLOCK_N)
     store_output_tile(acc, bias_ptr, out_ptr, rows_m, cols_n, M, N, HAS_BIAS)
 
 
 def launch_config(x_type: str, nested: bool, has_lora: bool, has_bias: bool,
-                  split_k: bool = False) -> dict:
+                  split_k: bool = False, per_row: bool = False) -> dict:
     """The constexprs and launch options the launcher uses for one call; x_type is
-    "fp32", "fp16" or "bf16". With split_k the LoRA term and the bias belong to the
-    reduction (reduce_config), so the split binary is one per x dtype and nesting.
+    "fp32", "fp16" or "bf16"; per_row: a mixed-adapter batch's LoRA term. With split_k the
+    LoRA term and the bias belong to the reduction (reduce_config), so the split binary is
+    one per x dtype and nesting.
 
     enable_fp_fusion=False: the epilogue's y + s * lora stays a multiply and an add, as
     in the interpreter the tests run (numpy never fuses), and the compile report's
@@ -404,6 +475,7 @@ def launch_config(x_type: str, nested: bool, has_lora: bool, has_bias: bool,
     """
     block_m, block_n, block_k, num_warps = TILES[x_type]
     return dict(NESTED=nested, HAS_LORA=has_lora and not split_k,
+                PER_ROW=per_row and has_lora and not split_k,
                 HAS_BIAS=has_bias and not split_k, SPLIT_K=split_k, BLOCK_M=block_m,
                 BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
                 num_stages=NUM_STAGES, enable_fp_fusion=False)
@@ -421,15 +493,17 @@ REDUCE_NUM_WARPS = 4
 
 
 # What the reduction's LoRA term is, per caller: none, h @ B^T with h given (the fused
-# forward), h @ B^T with h in the workspace (the GEMV), grad_h @ A (the backward, no bias).
-LORA_TERMS = ("none", "B", "B_h_from_partials", "A")
+# forward), h @ B^T with h in the workspace (the GEMV), grad_h @ A (the backward, no bias);
+# the two forward ones also per row, for mixed-adapter batches (PER_ROW).
+LORA_TERMS = ("none", "B", "B_h_from_partials", "A", "B_per_row", "B_h_from_partials_per_row")
 
 
 def reduce_config(lora_term: str, has_bias: bool) -> dict:
     """The reduction's constexprs and launch options; lora_term is one of LORA_TERMS."""
     return dict(HAS_LORA=lora_term != "none", HAS_BIAS=has_bias,
-                H_FROM_PARTIALS=lora_term == "B_h_from_partials",
-                L_IS_A_TRANSPOSED=lora_term == "A", BLOCK_M=REDUCE_BLOCK_M,
+                H_FROM_PARTIALS=lora_term.startswith("B_h_from_partials"),
+                L_IS_A_TRANSPOSED=lora_term == "A", PER_ROW=lora_term.endswith("_per_row"),
+                BLOCK_M=REDUCE_BLOCK_M,
                 BLOCK_N=REDUCE_BLOCK_N, num_warps=REDUCE_NUM_WARPS, enable_fp_fusion=False)
 
 
@@ -442,23 +516,24 @@ def compile_targets():
 
     NF4 and FP4 share one binary (the code book is data), the blocksize is a runtime
     shift and the rank a runtime loop bound, so the variants are x dtype x nested x
-    (LoRA x bias, or split-K). Without split-K the launcher passes y as the (unused)
-    partial pointer."""
+    (LoRA: none, one adapter or per row, x bias; or split-K). Without split-K the launcher
+    passes y as the (unused) partial pointer."""
     for x_type in X_TYPES:
         for nested in (False, True):
-            variants = [(False, has_lora, has_bias) for has_lora in (False, True)
-                        for has_bias in (False, True)] + [(True, False, False)]
-            for split_k, has_lora, has_bias in variants:
+            variants = [(False, lora, bias) for lora in (False, True, "per_row")
+                        for bias in (False, True)] + [(True, False, False)]
+            for split_k, lora, has_bias in variants:
                 signature = {"x_ptr": f"*{x_type}", **weight_signature(nested),
                              "h_ptr": f"*{x_type}", "lora_B_ptr": f"*{x_type}",
+                             "index_ptr": "*i32", "scalings_ptr": "*fp32",
                              "bias_ptr": f"*{x_type}", "y_ptr": f"*{x_type}",
                              "partial_ptr": "*fp32" if split_k else f"*{x_type}",
                              "M": "i32", "N": "i32", "K": "i32", "R": "i32",
                              "scaling": "fp32", "k_per_split": "i32"}
                 label = (f"x={x_type} nested={nested} split_k" if split_k else
-                         f"x={x_type} nested={nested} lora={has_lora} bias={has_bias}")
-                yield label, signature, launch_config(x_type, nested, has_lora, has_bias,
-                                                      split_k)
+                         f"x={x_type} nested={nested} lora={lora} bias={has_bias}")
+                yield label, signature, launch_config(x_type, nested, bool(lora), has_bias,
+                                                      split_k, per_row=lora == "per_row")
 
 
 def reduce_compile_targets():
@@ -468,7 +543,8 @@ def reduce_compile_targets():
         for lora_term in LORA_TERMS:
             for has_bias in (False, True) if lora_term != "A" else (False,):
                 signature = {"partial_ptr": "*fp32", "h_ptr": f"*{out_type}",
-                             "lora_ptr": f"*{out_type}", "bias_ptr": f"*{out_type}",
+                             "lora_ptr": f"*{out_type}", "index_ptr": "*i32",
+                             "scalings_ptr": "*fp32", "bias_ptr": f"*{out_type}",
                              "out_ptr": f"*{out_type}", "M": "i32", "N": "i32", "R": "i32",
                              "num_splits": "i32", "partial_width": "i32", "scaling": "fp32"}
                 yield (f"out={out_type} lora={lora_term} bias={has_bias}", signature,

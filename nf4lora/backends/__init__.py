@@ -16,6 +16,9 @@ path of `nf4lora.backends.composite` (its own dequantize, then torch's matmul):
       y = x @ W^T + scaling * h @ lora_B^T + bias, h = x @ lora_A^T ([M, 0] without LoRA)
   lora_matmul_4bit_grad_input(grad, weight, lora_A, grad_h) -> dx [M, in]
       dx = grad @ W + grad_h @ lora_A, grad_h = scaling * grad @ lora_B (or None)
+  multi_lora_matmul_4bit(x, weight, lora_A, lora_B, scalings, adapter_index, bias) -> y [M, out]
+      y = x @ W^T + bias, plus on row m scalings[i] * (x[m] @ lora_A[i]^T) @ lora_B[i]^T
+      for i = adapter_index[m] >= 0 (lora_A [n, r, in], lora_B [n, out, r])
 
 with x / grad 2-D, contiguous, in the compute dtype (the spec: nf4lora.reference). Each
 module also has `availability() -> str | None`: None when usable, otherwise the reason

@@ -37,6 +37,21 @@ def lora_matmul_4bit_grad_input(backend, grad: Tensor, weight: PackedWeight,
     return reference.lora_matmul_4bit_grad_input(grad, W, lora_A, grad_h)
 
 
+def multi_lora_matmul_4bit(backend, x: Tensor, weight: PackedWeight, lora_A: Tensor,
+                           lora_B: Tensor, scalings: Tensor, adapter_index: Tensor,
+                           bias: Optional[Tensor]) -> Tensor:
+    """A mixed-adapter batch without a kernel of its own: the backend's fused matmul (the
+    4-bit pass once for the whole batch, no adapter), then each row's adapter gathered
+    with torch's batched GEMMs (reference.multi_lora_delta). A backend without a fused
+    matmul (the reference backend) runs the spec on the dequantized W."""
+    fused = getattr(backend, "lora_matmul_4bit", None)
+    if fused is None:
+        return reference.multi_lora_matmul_4bit(x, dense_weight(backend, weight, x.dtype), lora_A,
+                                                lora_B, scalings, adapter_index, bias)
+    y, _ = fused(x, weight, None, None, 1.0, bias)
+    return y + reference.multi_lora_delta(x, lora_A, lora_B, scalings, adapter_index)
+
+
 # The float32 rows one pass may decode at a time when it must see all of W but keep none of
 # it: 1 Mi elements = 4 MiB (256 rows of a 4096-wide layer; 16 chunks of a 4096x4096 W, each
 # one dequantize call, which costs ~1/16 of the pass anyway).

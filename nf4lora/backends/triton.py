@@ -271,8 +271,8 @@ def fused_splits(tiles: int, steps: int, num_sms: int) -> int:
 
 
 # --------------------------------------------------------------------------------------
-# The matmul ops: lora_matmul_4bit and lora_matmul_4bit_grad_input (see
-# nf4lora.backends for the contract), routed by matmul_path.
+# The matmul ops: lora_matmul_4bit, multi_lora_matmul_4bit and lora_matmul_4bit_grad_input
+# (see nf4lora.backends for the contract), routed by matmul_path.
 # --------------------------------------------------------------------------------------
 
 _TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -353,21 +353,58 @@ def _fused_split(tiles: int, length: int, block: int, splits, device) -> tuple[i
     return _kernels.gemv.split_k(length, splits, block)
 
 
+@functools.lru_cache(maxsize=None)
+def _index_stand_in(device: torch.device) -> torch.Tensor:
+    """An int32 tensor for the adapter-index pointer of launches without one (never read;
+    the kernels' index_ptr is *i32 in every binary, as the compile report builds them)."""
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
 def lora_matmul_4bit(x, weight, lora_A, lora_B, scaling, bias, *, path=None, splits=None):
     """(y [M, out], h [M, r]) = (x @ W^T + scaling * h @ lora_B^T + bias, x @ lora_A^T).
 
     `path` forces a kernel ("gemv", "fused", "composite") and `splits` the GEMV's or the
     fused kernel's K slices; both are for tests and benchmarks, the default is the
     routing's choice (matmul_path, then gemv.num_splits or fused_splits)."""
-    kernels = _kernels.lora_matmul
     m, k = x.shape
-    n = weight.out_features
-    path = path or matmul_path(m, n, k, _capability(x.device))
+    path = path or matmul_path(m, weight.out_features, k, _capability(x.device))
     _check_path(path, m, k)
     if path == PATH_COMPOSITE:
         composite, backend = _composite()
         return composite.lora_matmul_4bit(backend, x, weight, lora_A, lora_B, scaling, bias)
-    r = 0 if lora_A is None else lora_A.shape[0]
+    return _launch(x, weight, lora_A, lora_B, float(scaling), bias, None, path, splits)
+
+
+def multi_lora_matmul_4bit(x, weight, lora_A, lora_B, scalings, adapter_index, bias, *,
+                           path=None, splits=None):
+    """y [M, out]: a mixed-adapter batch (nf4lora._ops.multi_lora_matmul_4bit), each row's
+    adapter inside the kernels (per-row shrink and epilogue, PER_ROW in
+    triton_kernels/lora_matmul.py and gemv.py), on the same paths as lora_matmul_4bit:
+    the GEMV computes every row's h in its own pass 1; the fused path runs that shrink
+    alone first (N = 0), then the fused kernel with the per-row epilogue. `path` and
+    `splits` as in lora_matmul_4bit."""
+    m, k = x.shape
+    path = path or matmul_path(m, weight.out_features, k, _capability(x.device))
+    _check_path(path, m, k)
+    if path == PATH_COMPOSITE:
+        composite, backend = _composite()
+        return composite.multi_lora_matmul_4bit(backend, x, weight, lora_A, lora_B, scalings,
+                                                adapter_index, bias)
+    per_row = (adapter_index.to(torch.int32), scalings, lora_A.shape[0])
+    lora_A = lora_A.reshape(-1, k)    # [n * r, K]: adapter i's rows start at i * r
+    return _launch(x, weight, lora_A, lora_B, 1.0, bias, per_row, path, splits)[0]
+
+
+def _launch(x, weight, lora_A, lora_B, scaling, bias, per_row, path, splits):
+    """The GEMV or fused launches of lora_matmul_4bit and multi_lora_matmul_4bit; per_row:
+    None, or (int32 index [M], float32 scalings [n], n) with lora_A [n * r, K] and lora_B
+    [n, out, r] stacked (r = lora_B.shape[-1]); h is then each row's own, [M, r]."""
+    kernels = _kernels.lora_matmul
+    gemv = _kernels.gemv
+    m, k = x.shape
+    n = weight.out_features
+    r = 0 if lora_B is None else lora_B.shape[-1]
+    index, scalings, adapters = per_row or (_index_stand_in(x.device), None, 1)
     bias = None if bias is None else bias.contiguous()   # the ops check its shape, not strides
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     h = torch.empty((m, r), dtype=x.dtype, device=x.device)
@@ -375,32 +412,38 @@ def lora_matmul_4bit(x, weight, lora_A, lora_B, scaling, bias, *, path=None, spl
     x_type = _TYPE_NAMES[x.dtype]
     nested = weight.nested is not None
     given = functools.partial(_or_stand_in, stand_in=x)
+    scalings = _or_stand_in(scalings, _table(weight.quant_type, x.device))   # fp32, unread
+    suffix = "_per_row" if per_row else ""
     with _on(x.device):
         if path == PATH_GEMV:
-            gemv = _kernels.gemv
-            config = gemv.launch_config(gemv.block_m_for(m), x_type, nested)
-            tiles = -(-n // config["BLOCK_N"]) - (-r // config["BLOCK_N"])  # ceil divisions
+            config = gemv.launch_config(gemv.block_m_for(m), x_type, nested, per_row is not None)
+            slots = gemv.adapter_slots(m, adapters, config)
+            tiles = -(-n // config["BLOCK_N"]) - (-r // config["BLOCK_N"]) * slots
             if splits is None:
                 splits, k_per_split = gemv.num_splits(m, k, tiles, _num_sms(x.device),
                                                       config["BLOCK_K"])
             else:
                 splits, k_per_split = gemv.split_k(k, splits, config["BLOCK_K"])
             partial = torch.empty((splits, m, n + r), dtype=torch.float32, device=x.device)
-            gemv.gemv_split_k_kernel[gemv.grid(n, r, splits, config)](
-                x, *weight_args, given(lora_A), partial, m, n, k, r, k_per_split, **config)
+            gemv.gemv_split_k_kernel[gemv.grid(n, r, splits, config, slots=slots)](
+                x, *weight_args, given(lora_A), index, partial, m, n, k, r, k_per_split,
+                **config)
             # Pass 2: the split-K reduction, which also sums h from the workspace's last r
             # columns into h.
-            config = kernels.reduce_config("none" if lora_A is None else "B_h_from_partials",
-                                           bias is not None)
+            config = kernels.reduce_config(
+                "none" if lora_A is None else "B_h_from_partials" + suffix, bias is not None)
             kernels.split_k_reduce_kernel[kernels.reduce_grid(m, n, config)](
-                partial, given(h), given(lora_B), given(bias), y, m, n, r, splits, n + r,
-                float(scaling), **config)
+                partial, given(h), given(lora_B), index, scalings, given(bias), y, m, n, r,
+                splits, n + r, scaling, **config)
             return y, h
         # h by a separate small matmul, the kernel (or the split-K reduction) adds
         # h @ B^T in its epilogue (why: triton_kernels/lora_matmul.py's docstring).
-        if lora_A is not None:
+        if per_row is not None:
+            h = _per_row_shrink(x, weight_args, lora_A, index, adapters, r, x_type, nested)
+        elif lora_A is not None:
             h = torch.nn.functional.linear(x, lora_A)
-        config = kernels.launch_config(x_type, nested, lora_A is not None, bias is not None)
+        config = kernels.launch_config(x_type, nested, lora_A is not None, bias is not None,
+                                       per_row=per_row is not None)
         tiles = kernels.grid(m, n, config)[0]
         splits, k_per_split = _fused_split(tiles, k, config["BLOCK_K"], splits, x.device)
         partial = y
@@ -408,14 +451,40 @@ def lora_matmul_4bit(x, weight, lora_A, lora_B, scaling, bias, *, path=None, spl
             config = kernels.launch_config(x_type, nested, False, False, split_k=True)
             partial = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
         kernels.lora_matmul_kernel[kernels.grid(m, n, config, splits)](
-            x, *weight_args, given(h), given(lora_B), given(bias), y, partial, m, n, k, r,
-            float(scaling), k_per_split, **config)
+            x, *weight_args, given(h), given(lora_B), index, scalings, given(bias), y, partial,
+            m, n, k, r, scaling, k_per_split, **config)
         if splits > 1:
-            config = kernels.reduce_config("none" if lora_A is None else "B", bias is not None)
+            config = kernels.reduce_config("none" if lora_A is None else "B" + suffix,
+                                           bias is not None)
             kernels.split_k_reduce_kernel[kernels.reduce_grid(m, n, config)](
-                partial, given(h), given(lora_B), given(bias), y, m, n, r, splits, n,
-                float(scaling), **config)
+                partial, given(h), given(lora_B), index, scalings, given(bias), y, m, n, r,
+                splits, n, scaling, **config)
     return y, h
+
+
+def _per_row_shrink(x, weight_args, lora_A, index, adapters, r, x_type, nested):
+    """h [M, r] with h[m] = x[m] @ A_i^T, i = index[m] (0 for -1 rows, which no shrink
+    program writes: the workspace starts zeroed, splits * M * r * 4 bytes): the GEMV's
+    per-row shrink programs alone (N = 0) over tiles of 16 rows, split over K by the GEMV's
+    heuristic for 16 rows, then the split-K reduction rounds h to x's dtype."""
+    kernels = _kernels.lora_matmul
+    gemv = _kernels.gemv
+    m, k = x.shape
+    if r == 0:
+        return torch.empty((m, 0), dtype=x.dtype, device=x.device)
+    config = gemv.launch_config(16, x_type, nested, per_row=True)
+    slots = gemv.adapter_slots(m, adapters, config)
+    tiles = -(-r // config["BLOCK_N"]) * slots * -(-m // config["BLOCK_M"])
+    splits, k_per_split = gemv.num_splits(config["BLOCK_M"], k, tiles, _num_sms(x.device),
+                                          config["BLOCK_K"])
+    partial = torch.zeros((splits, m, r), dtype=torch.float32, device=x.device)
+    gemv.gemv_split_k_kernel[gemv.grid(0, r, splits, config, m=m, slots=slots)](
+        x, *weight_args, lora_A, index, partial, m, 0, k, r, k_per_split, **config)
+    h = torch.empty((m, r), dtype=x.dtype, device=x.device)
+    config = kernels.reduce_config("none", False)
+    kernels.split_k_reduce_kernel[kernels.reduce_grid(m, r, config)](
+        partial, h, h, index, partial, h, h, m, r, 0, splits, r, 1.0, **config)
+    return h
 
 
 def lora_matmul_4bit_grad_input(grad, weight, lora_A, grad_h, *, path=None, splits=None):
@@ -454,6 +523,6 @@ def lora_matmul_4bit_grad_input(grad, weight, lora_A, grad_h, *, path=None, spli
             # dx = sum of the slices + grad_h @ A, as the reduction's h @ L^T with L = A^T.
             config = kernels.reduce_config("none" if lora_A is None else "A", False)
             kernels.split_k_reduce_kernel[kernels.reduce_grid(m, k, config)](
-                partial, given(grad_h), given(lora_A), grad, dx, m, k, r, splits, k, 1.0,
-                **config)
+                partial, given(grad_h), given(lora_A), _index_stand_in(grad.device),
+                weight_args[2], grad, dx, m, k, r, splits, k, 1.0, **config)
     return dx

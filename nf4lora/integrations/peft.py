@@ -16,8 +16,11 @@ calls it.
 same parameter names (`lora_A.<adapter>.weight`, ...), same adapter bookkeeping (inherited
 from PEFT's LoraLayer), so adapters saved from a bitsandbytes model load here and back.
 What differs is the forward: with one active adapter and no active dropout it is a single
-`nf4lora.lora_matmul_4bit` call (base and adapter fused); otherwise it is base(x) plus the
-sum of the adapters, as PEFT computes it. And the merge: it re-quantizes (as PEFT's
+`nf4lora.lora_matmul_4bit` call (base and adapter fused); a mixed batch (`adapter_names=`)
+is a single `nf4lora.multi_lora_matmul_4bit` call (the base once, each sample's adapter per
+row, inside the kernels on the Triton backend) where PEFT's loop runs the base, then each
+adapter on its sub-batch; otherwise it is base(x) plus the sum of the adapters, as PEFT
+computes it. And the merge: it re-quantizes (as PEFT's
 bitsandbytes layer does) through nf4lora.merge, which reports the error per layer, refuses
 a merge over a bound and offers an error-minimizing re-quantization; PEFT's
 merge_and_unload() takes those options from `nf4lora.merge.merge_options(...)` around it.
@@ -69,7 +72,8 @@ from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import Tensor, nn
 
-from ..autograd import dora_matmul_4bit, dora_row_norms_4bit, lora_matmul_4bit, matmul_4bit
+from ..autograd import (dora_matmul_4bit, dora_row_norms_4bit, lora_matmul_4bit, matmul_4bit,
+                        multi_lora_matmul_4bit, pad_adapters)
 from ..merge import (MergeReport, dora_factor, dora_merge_delta, dora_unmerge_delta, merge_into,
                      resolve_options)
 from ..nn.linear4bit import Linear4bit
@@ -232,14 +236,17 @@ class LoraLinear4bitPeft(_Requantize4bit, nn.Module, LoraLayer):
         DoRA adapter runs as one dora_matmul_4bit call.
         """
         active = [name for name in self.active_adapters if name in self.lora_A]
-        if len(active) != 1:
+        if len(active) != 1 or not self._fusable_term(active[0]):
             return None
-        name = active[0]
+        return active[0]
+
+    def _fusable_term(self, name: str) -> bool:
+        """Adapter `name` sees the base layer's input (no dropout, or eval mode) and has no
+        bias (lora_bias=True adds a term the fused ops do not have)."""
         if self.lora_bias.get(name, False):
-            return None
-        if self.training and isinstance(self.lora_dropout[name], nn.Dropout):
-            return None     # PEFT uses nn.Identity for lora_dropout=0
-        return name
+            return False
+        # PEFT uses nn.Identity for lora_dropout=0
+        return not (self.training and isinstance(self.lora_dropout[name], nn.Dropout))
 
     def _fused_forward(self, x: Tensor, adapter: str) -> Tensor:
         """base(x) + scaling * B A x in one call, as nf4lora's LoraLinear4bit does: in the
@@ -257,6 +264,70 @@ class LoraLinear4bitPeft(_Requantize4bit, nn.Module, LoraLayer):
         else:
             y = lora_matmul_4bit(*args, bias)
         return y.to(x.dtype)
+
+    def _mixed_batch_plain(self, adapter_names) -> bool:
+        """Whether a mixed batch can run as one multi_lora_matmul_4bit call: each adapter it
+        names that this layer holds is fusable (_fusable_term: PEFT's loop drops out each
+        sub-batch's input on its own) and plain LoRA, without a variant (DoRA rescales each
+        adapter's rows by its own norms; PEFT refuses DoRA with adapter_names anyway).
+        "__base__" and adapters of other layers add nothing."""
+        return all(name not in self.lora_A
+                   or (name not in self.lora_variant and self._fusable_term(name))
+                   for name in set(adapter_names))
+
+    def _mixed_batch_forward(self, x: Tensor, *args: Any, adapter_names: list[str],
+                             **kwargs: Any) -> Tensor:
+        """PEFT's `adapter_names=` forward (each sample of the batch its own adapter,
+        "__base__" none) as one nf4lora.multi_lora_matmul_4bit call: the 4-bit weight read
+        once for the whole batch, each row's adapter added to it. PEFT's own loop (the base
+        layer, then each adapter on its sub-batch) stays for what the op cannot express:
+        see _mixed_batch_plain, and extra forward arguments.
+
+        Like _fused_forward, in the base layer's compute dtype, the adapter weights cast to
+        it (gradients reach them through the casts); the batch's adapters are zero-padded
+        to its largest rank (pad_adapters: exact), and kept between calls when no graph is
+        recorded (_stacked_adapters). The index is built on the CPU, where the op checks
+        its range without a GPU sync."""
+        if args or any(value is not None for value in kwargs.values()) \
+                or not self._mixed_batch_plain(adapter_names):
+            return super()._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        used = sorted({name for name in adapter_names if name in self.lora_A})
+        if not used:
+            return self.base_layer(x)
+        base = self.get_base_layer()
+        dtype = base.prepare(x)         # restore/quantize the weight, fix the compute dtype
+        position = {name: i for i, name in enumerate(used)}
+        # one adapter per sample (x's first dim), the same for all of its tokens
+        index = torch.tensor([position.get(name, -1) for name in adapter_names])
+        index = index.reshape(-1, *(1,) * (x.dim() - 2)).expand(x.shape[:-1])
+        lora_A, lora_B = self._stacked_adapters(used, dtype)
+        bias = None if base.bias is None else base.bias.to(dtype)
+        y = multi_lora_matmul_4bit(x.to(dtype), base.weight, base.weight.quant_state, lora_A,
+                                   lora_B, [self.scaling[name] for name in used], index, bias)
+        return y.to(x.dtype)
+
+    def _stacked_adapters(self, used: list[str], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(lora_A [n, r, in], lora_B [n, out, r]): the adapters `used`, in `dtype`,
+        zero-padded to their largest rank. Stacking casts and copies every weight of the
+        batch's adapters each call (4096x4096, 8 adapters of rank 16: 4 MB of float32 read,
+        2 MB written, per layer), so outside autograd (inference, generate) the stack of the
+        last call is kept on the layer and reused while the same adapters' weights are
+        unchanged: the key holds each weight's storage address and version counter, which
+        every in-place write (optimizer step, load_state_dict, merge) bumps. It holds
+        n r (in + out) values of `dtype` per layer until the next mixed batch replaces it.
+        When a graph is recorded the stack is built anew, so gradients reach the weights."""
+        weights = [(self.lora_A[name].weight, self.lora_B[name].weight) for name in used]
+        if torch.is_grad_enabled() and any(w.requires_grad for pair in weights for w in pair):
+            return pad_adapters([A.to(dtype) for A, _ in weights], [B.to(dtype) for _, B in weights])
+        key = (tuple(used), dtype, tuple((w.device, w.data_ptr(), w._version)
+                                         for pair in weights for w in pair))
+        cached = getattr(self, "_nf4lora_adapter_stack", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, pad_adapters([A.to(dtype) for A, _ in weights],
+                                            [B.to(dtype) for _, B in weights]))
+            self._nf4lora_adapter_stack = cached
+        return cached[1]
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         self._check_forward_args(x, *args, **kwargs)
