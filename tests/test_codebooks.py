@@ -362,3 +362,21 @@ def test_fit_codebook_lowers_the_error_of_the_weights_it_was_fit_on():
 def test_fit_codebook_bad_input(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
         nf4lora.fit_codebook(*args, **kwargs)
+
+
+def test_a_custom_key_is_built_once_per_table_and_version(monkeypatch):
+    """Every op call asks for a custom weight's key: it is cached by the table tensor and
+    its version, so the table is read once, and an in-place edit of it is seen."""
+    from nf4lora import codebook
+    code = torch.linspace(-1, 1, 16)
+    calls = []
+    original = codebook._custom_key
+    monkeypatch.setattr(codebook, "_custom_key", lambda v: (calls.append(1), original(v))[1])
+    first = codebook.format_key("custom", code)
+    assert codebook.format_key("custom", code) == first and len(calls) == 1
+    code[3] = -0.55                                   # in place: a new table, a new key
+    second = codebook.format_key("custom", code)
+    assert second != first and len(calls) == 2
+    assert codebook.format_key("custom", code.clone()) == second and len(calls) == 3
+    with pytest.raises(ValueError):                   # a bad table is still checked
+        codebook.format_key("custom", torch.zeros(16))
