@@ -203,10 +203,15 @@ def _dora_norms(weight_sq_norms: Tensor, G: Tensor, lora_A: Tensor, lora_B: Tens
     return (weight_sq_norms + (2.0 * scaling) * cross - (scaling * scaling) * ba_sq).clamp_min(0).sqrt()
 
 
-def _dora_forward(x2, weight: PackedWeight, lora_A, lora_B, scaling, weight_sq_norms):
-    """(x W^T + s h B^T [M, out], h [M, r], ||W + s B A||_row float32 [out]): one pass over W."""
+def _dora_forward(x2, weight: PackedWeight, lora_A, lora_B, scaling, weight_sq_norms,
+                  weight_norm=None):
+    """(x W^T + s h B^T [M, out], h [M, r], ||W + s B A||_row float32 [out]): one pass over W.
+    A weight_norm the caller kept (A and B unchanged since) is used as is: x's rows only."""
     M = x2.shape[0]
     lora_A, lora_B = lora_A.detach(), lora_B.detach()
+    if weight_norm is not None:
+        out, h = _ops.call_lora_matmul_4bit(x2, weight, lora_A, lora_B, scaling, None)
+        return out, h, weight_norm
     rows = torch.cat([x2, lora_A])
     out, h = _ops.call_lora_matmul_4bit(rows, weight, lora_A, lora_B, scaling, None)
     return out[:M], h[:M], _dora_norms(weight_sq_norms, out[M:], lora_A, lora_B, scaling)
@@ -219,29 +224,31 @@ class _Dora4bit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, weight: PackedWeight, lora_A, lora_B, scaling, bias, magnitude,
-                weight_sq_norms):
-        unscaled, h, norm = _dora_forward(x2, weight, lora_A, lora_B, scaling, weight_sq_norms)
+                weight_sq_norms, weight_norm):
+        unscaled, h, norm = _dora_forward(x2, weight, lora_A, lora_B, scaling, weight_sq_norms,
+                                          weight_norm)
         row_scale = (magnitude / norm).to(x2.dtype)
         y = _ops.scale_rows(unscaled, row_scale, bias)
         ctx.weight = weight._replace(packed=None)
         ctx.scaling = scaling
         ctx.has_bias = bias is not None
         ctx.magnitude_dtype = magnitude.dtype
-        _, _, need_A, need_B, _, _, need_m, _ = ctx.needs_input_grad
+        _, _, need_A, need_B, _, _, need_m, _, _ = ctx.needs_input_grad
         ctx.save_for_backward(x2 if need_A else None, weight.packed, lora_A, lora_B,
                               h if need_B else None, row_scale, unscaled if need_m else None, norm)
-        return y
+        ctx.mark_non_differentiable(norm)
+        return y, norm
 
     @staticmethod
-    def backward(ctx, g2):
+    def backward(ctx, g2, _):
         x2, packed, lora_A, lora_B, h, row_scale, unscaled, norm = ctx.saved_tensors
-        need_x, *_, need_bias, need_m, _ = ctx.needs_input_grad
+        need_x, *_, need_bias, need_m, _, _ = ctx.needs_input_grad
         dx, dA, dB, dbias, _ = _backward(ctx, g2, x2, packed, lora_A, lora_B, h, row_scale, None,
                                          need_x, need_bias)
         dm = None
         if need_m:
             dm = (_column_dots(g2, unscaled) / norm).to(ctx.magnitude_dtype)
-        return dx, None, dA, dB, None, dbias, dm, None
+        return dx, None, dA, dB, None, dbias, dm, None, None
 
 
 def _column_dots(a: Tensor, b: Tensor) -> Tensor:
@@ -297,7 +304,8 @@ def dora_row_norms_4bit(weight: Tensor, quant_state, lora_A: Tensor, lora_B: Ten
 
 def dora_matmul_4bit(x: Tensor, weight: Tensor, quant_state, lora_A: Tensor, lora_B: Tensor,
                      scaling: float, magnitude: Tensor, bias: Optional[Tensor] = None,
-                     weight_sq_norms: Optional[Tensor] = None) -> Tensor:
+                     weight_sq_norms: Optional[Tensor] = None, weight_norm: Optional[Tensor] = None,
+                     return_norm: bool = False):
     """DoRA on a 4-bit weight, PEFT's definition:
 
         y = magnitude / ||W + s B A||_row * (x @ W^T + s (x @ lora_A^T) @ lora_B^T) + bias
@@ -308,6 +316,12 @@ def dora_matmul_4bit(x: Tensor, weight: Tensor, quant_state, lora_A: Tensor, lor
     (row_sq_norms_4bit of this weight, float32 [out]) saves one chunked pass over W per
     call when given. One pass over W for the output and the norm together; gradients flow
     to x, lora_A, lora_B, magnitude and bias. Spec: nf4lora.reference.dora_matmul_4bit.
+
+    weight_norm: ||W + s B A||_row (float32 [out]) from an earlier call with the same W, A, B
+    and s (return_norm=True returns (y, that norm)): the call then reads W for x's rows only,
+    not A's r rows too, which on a CPU at M = 1 is most of the cost. A norm of other adapter
+    weights gives a wrong row scale: nf4lora.nn.lora.DoraNormCache keeps one only while they
+    are unchanged (gradient accumulation, evaluation).
     """
     packed = _weight_of(weight, quant_state)
     _check_x(x, packed.in_features)
@@ -319,14 +333,20 @@ def dora_matmul_4bit(x: Tensor, weight: Tensor, quant_state, lora_A: Tensor, lor
         weight_sq_norms = _ops.call_row_sq_norms_4bit(packed)
     _check_vector("weight_sq_norms", weight_sq_norms, packed.out_features, x.device,
                   torch.float32)
+    if weight_norm is not None:
+        _check_vector("weight_norm", weight_norm, packed.out_features, x.device, torch.float32)
+        weight_norm = weight_norm.detach()
     x2 = x.reshape(-1, x.shape[-1])
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (x, lora_A, lora_B, bias, magnitude)):
-        y = _Dora4bit.apply(x2, packed, lora_A, lora_B, scaling, bias, magnitude, weight_sq_norms)
+        y, norm = _Dora4bit.apply(x2, packed, lora_A, lora_B, scaling, bias, magnitude,
+                                  weight_sq_norms, weight_norm)
     else:
-        unscaled, _, norm = _dora_forward(x2, packed, lora_A, lora_B, scaling, weight_sq_norms)
+        unscaled, _, norm = _dora_forward(x2, packed, lora_A, lora_B, scaling, weight_sq_norms,
+                                          weight_norm)
         y = _ops.scale_rows(unscaled, (magnitude / norm).to(x.dtype), bias)
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+    y = y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+    return (y, norm) if return_norm else y
 
 
 # --------------------------------------------------------------------------------------

@@ -318,3 +318,48 @@ def test_add_lora_with_dora():
     assert trainable == {f"{i}.{p}.weight" for i in (0, 2)
                          for p in ("lora_A", "lora_B", "lora_magnitude_vector")}
     model(torch.randn(2, 64)).sum().backward()
+
+
+# --- the kept norm (gradient accumulation, evaluation) -------------------------------------
+
+def test_a_kept_norm_gives_the_same_result_without_a_s_rows(monkeypatch):
+    packed, state, _, (x, A, B, bias, m) = operands(torch.float32, M=3)
+    y0, norm = nf4lora.dora_matmul_4bit(x, packed, state, A, B, 2.0, m, bias, return_norm=True)
+    assert norm.dtype == torch.float32 and not norm.requires_grad
+    y0.sum().backward()
+    grads0 = [t.grad.clone() for t in (x, A, B, bias, m)]
+    for t in (x, A, B, bias, m):
+        t.grad = None
+    rows = []
+    original = _ops.call_lora_matmul_4bit
+    monkeypatch.setattr(_ops, "call_lora_matmul_4bit",
+                        lambda x2, *a, **k: (rows.append(x2.shape[0]), original(x2, *a, **k))[1])
+    y1 = nf4lora.dora_matmul_4bit(x, packed, state, A, B, 2.0, m, bias, weight_norm=norm)
+    y1.sum().backward()
+    assert rows == [3]                                   # x's rows only: no A rows appended
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    for g0, t in zip(grads0, (x, A, B, bias, m)):
+        torch.testing.assert_close(t.grad, g0, rtol=1e-5, atol=1e-5)
+
+
+def test_the_layer_keeps_the_norm_until_its_adapter_changes(monkeypatch):
+    layer = dora_layer()
+    rows = []
+    original = _ops.call_lora_matmul_4bit
+    monkeypatch.setattr(_ops, "call_lora_matmul_4bit",
+                        lambda x2, *a, **k: (rows.append(x2.shape[0]), original(x2, *a, **k))[1])
+    x = torch.randn(2, 96)
+    first = layer(x)
+    second = layer(x)                                   # A, B unchanged: the norm is kept
+    assert rows == [2 + 4, 2]
+    torch.testing.assert_close(second, first, rtol=1e-5, atol=1e-5)
+    optimizer = torch.optim.SGD([layer.lora_A.weight, layer.lora_B.weight], lr=0.5)
+    second.sum().backward()
+    optimizer.step()                                    # in place: versions change
+    third = layer(x)
+    assert rows == [6, 2, 6]
+    torch.testing.assert_close(third.double(), layer_spec(layer, x), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        layer.lora_B.weight.mul_(2)                     # any in-place write counts
+    layer(x)
+    assert rows[-1] == 6

@@ -72,11 +72,12 @@ from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import Tensor, nn
 
-from ..autograd import (dora_matmul_4bit, dora_row_norms_4bit, lora_matmul_4bit, matmul_4bit,
+from ..autograd import (dora_row_norms_4bit, lora_matmul_4bit, matmul_4bit,
                         multi_lora_matmul_4bit, pad_adapters)
 from ..merge import (MergeReport, dora_factor, dora_merge_delta, dora_unmerge_delta, merge_into,
                      resolve_options)
 from ..nn.linear4bit import Linear4bit
+from ..nn.lora import DoraNormCache
 
 __all__ = [
     "Dora4bitVariant",
@@ -259,8 +260,10 @@ class LoraLinear4bitPeft(_Requantize4bit, nn.Module, LoraLayer):
                 self.lora_A[adapter].weight.to(dtype), self.lora_B[adapter].weight.to(dtype),
                 self.scaling[adapter])
         if adapter in self.lora_variant:        # DoRA, the only variant resolve_lora_variant allows
-            y = dora_matmul_4bit(*args, self.lora_magnitude_vector[adapter].weight, bias,
-                                 base.row_sq_norms())
+            norms = self.__dict__.setdefault("_dora_norms", {})
+            y = norms.setdefault(adapter, DoraNormCache())(
+                *args, self.lora_magnitude_vector[adapter].weight, bias, base.row_sq_norms(),
+                (self.lora_A[adapter].weight, self.lora_B[adapter].weight))
         else:
             y = lora_matmul_4bit(*args, bias)
         return y.to(x.dtype)

@@ -19,7 +19,8 @@ by a trained magnitude over the row norm of the adapted weight,
     y = m / ||W + scaling B A||_row * (base(x) - b + scaling B A x) + b,
 
 the norm detached. It is one `dora_matmul_4bit` call (one pass over the 4-bit W for the
-output and the norms; ||W_o||^2 is cached by the base layer). m starts as ||W + s B A||_row,
+output and the norms; ||W_o||^2 is cached by the base layer, and the whole norm while the
+adapter's weights do not change: DoraNormCache). m starts as ||W + s B A||_row,
 so a fresh DoRA layer is its base layer. With active dropout, as PEFT: the DoRA term is
 computed on dropout(x), the base on x (three passes over W instead of one).
 
@@ -43,7 +44,38 @@ from ..merge import (MergeReport, dora_factor, dora_merge_delta, dora_unmerge_de
                      resolve_options)
 from .linear4bit import Linear4bit, Params4bit
 
-__all__ = ["DoraMagnitude", "LoraLinear4bit"]
+__all__ = ["DoraMagnitude", "DoraNormCache", "LoraLinear4bit"]
+
+
+class DoraNormCache:
+    """DoRA's detached norm ||W + s B A||_row for one adapter, kept while W, A, B and s are
+    unchanged: between the micro-batches of gradient accumulation and in evaluation a
+    forward then reads W for x's rows only (nf4lora.dora_matmul_4bit's weight_norm), not
+    for A's r rows too: at M = 1 on a CPU that is r times the compute of x's one row.
+    Unchanged means: the same adapter parameters (storage and version counter, which every
+    in-place write through autograd's view bumps: optimizer steps, load_state_dict, init),
+    the same scaling and the same ||W_o||^2 tensor (Linear4bit.row_sq_norms makes a new one
+    when W changes). Not part of any state dict."""
+
+    def __init__(self):
+        self._key = None
+        self._norm = None
+
+    def __call__(self, x, weight, quant_state, lora_A, lora_B, scaling, magnitude, bias,
+                 weight_sq_norms, parameters):
+        """dora_matmul_4bit with the kept norm when still valid, else computing and keeping it;
+        `parameters`: the adapter tensors the norm depends on (the trained ones, before any
+        cast to the compute dtype)."""
+        key = (tuple((p.data_ptr(), p._version) for p in parameters), scaling, weight_sq_norms)
+        valid = (self._key is not None and self._key[:2] == key[:2]
+                 and self._key[2] is weight_sq_norms)
+        if valid:
+            return dora_matmul_4bit(x, weight, quant_state, lora_A, lora_B, scaling, magnitude,
+                                    bias, weight_sq_norms, weight_norm=self._norm)
+        y, self._norm = dora_matmul_4bit(x, weight, quant_state, lora_A, lora_B, scaling,
+                                         magnitude, bias, weight_sq_norms, return_norm=True)
+        self._key = key
+        return y
 
 
 class DoraMagnitude(nn.Module):
@@ -82,6 +114,7 @@ class LoraLinear4bit(nn.Module):
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.merged = False
         self.use_dora = bool(use_dora)
+        self._dora_norm = DoraNormCache()
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -120,14 +153,16 @@ class LoraLinear4bit(nn.Module):
         weight, state = base.weight, base.weight.quant_state
         dropout = self.training and isinstance(self.lora_dropout, nn.Dropout)
         if self.use_dora:
-            dora = dict(magnitude=self.lora_magnitude_vector.weight,
-                        weight_sq_norms=base.row_sq_norms())
+            def dora(x, bias):
+                return self._dora_norm(x, weight, state, lora_A, lora_B, self.scaling,
+                                       self.lora_magnitude_vector.weight, bias,
+                                       base.row_sq_norms(),
+                                       (self.lora_A.weight, self.lora_B.weight))
             if not dropout:
-                y = dora_matmul_4bit(xc, weight, state, lora_A, lora_B, self.scaling, bias=bias, **dora)
+                y = dora(xc, bias)
             else:   # PEFT: base(x) + (m/norm - 1) base(xd) + m/norm s B A xd, xd = dropout(x)
                 xd = self.lora_dropout(xc)
-                y = (matmul_4bit(xc, weight.t(), state, bias=bias)
-                     + dora_matmul_4bit(xd, weight, state, lora_A, lora_B, self.scaling, **dora)
+                y = (matmul_4bit(xc, weight.t(), state, bias=bias) + dora(xd, None)
                      - matmul_4bit(xd, weight.t(), state))
         elif dropout:
             y = matmul_4bit(xc, weight.t(), state, bias=bias)
