@@ -37,6 +37,30 @@ PYBIND11_MODULE(_C, m) {
   b::def_lora_gemv_4bit<cpu::lora_gemv_4bit>(m);
 
   m.def(
+      "lora_grad_input_4bit",
+      [](py::handle grad, py::handle weight, py::handle lora_A, py::handle grad_h, py::handle dx) {
+        nf4lora::GradInputArgs a;
+        a.grad = b::data(grad);
+        a.dtype = b::float_dtype(grad);
+        a.M = b::dim(grad, 0);
+        a.N = b::dim(grad, 1);
+        a.weight = b::packed_weight(weight);
+        a.K = weight.attr("in_features").cast<int64_t>();
+        if (weight.attr("out_features").cast<int64_t>() != a.N)
+          throw py::value_error("grad has " + std::to_string(a.N) + " columns, the weight's shape is " +
+                                std::string(py::str(weight.attr("shape"))));
+        a.lora_A = b::data(lora_A);
+        a.grad_h = b::data(grad_h);
+        a.rank = lora_A.is_none() ? 0 : b::dim(lora_A, 0);
+        a.dx = b::data(dx);
+        b::released(cpu::lora_grad_input_4bit, a);
+      },
+      py::arg("grad"), py::arg("weight"), py::arg("lora_A"), py::arg("grad_h"), py::arg("dx"),
+      "dx[M,K] = grad[M,N] @ W + grad_h[M,rank] @ lora_A[rank,K] (W: weight, a PackedWeight "
+      "[N, K], read packed; lora_A/grad_h None: no LoRA term); all of grad's dtype, "
+      "contiguous (the caller checks)");
+
+  m.def(
       "native_16bit_gemm",
       [](py::handle dtype) { return cpu::native_16bit_gemm(b::dtype_id(dtype)); }, py::arg("dtype"),
       "Whether this CPU has native GEMM instructions for a torch dtype (bfloat16: AVX512-BF16 / "

@@ -59,4 +59,19 @@ struct LoraGemvArgs {
   void* h = nullptr;             // [M, rank], rounded to dtype (what backward saves)
 };
 
+// The backward's grad-input for small M (CPU: csrc/cpu/gemv_body.h grad_input):
+//   dx = grad @ W + grad_h @ lora_A
+// grad [M, N], grad_h [M, rank], lora_A [rank, K] and dx [M, K] all of `dtype`; W is
+// `weight`, [N, K].
+struct GradInputArgs {
+  const void* grad = nullptr;    // [M, N]
+  int dtype = kBF16;
+  int64_t M = 0, N = 0, K = 0;
+  PackedWeight weight;           // weight.n == N * K
+  const void* lora_A = nullptr;  // [rank, K]
+  const void* grad_h = nullptr;  // [M, rank]
+  int64_t rank = 0;              // 0: no LoRA term (lora_A, grad_h unused)
+  void* dx = nullptr;            // [M, K]
+};
+
 }  // namespace nf4lora

@@ -349,5 +349,63 @@ void lora_gemv_4bit(const LoraGemvArgs& op) {
   }
 }
 
+// The fused grad-input's panels (columns of W per work item): the two float32 buffers of
+// a panel (M x width each, gemv_body.h grad_input_panel_impl) should stay in a 32 KiB L1D
+// beside the rows of W going past: kGradPanelFloats per buffer (8 KiB). At M = 1 that is
+// 2048 columns, 1 KiB of packed bytes per row of W; a panel is never narrower than a
+// block. Panels are also cut so that every thread gets at least two (handed out first
+// come first served, as the GEMV's rows: a descheduled thread holds up only its panel).
+constexpr int64_t kGradPanelFloats = 4096;
+
+void lora_grad_input_4bit(const GradInputArgs& op) {
+  const int64_t M = op.M, K = op.K, N = op.N, rank = op.rank, blocksize = op.weight.blocksize;
+  check_common(M * N, blocksize, op.dtype,
+               "dtype must be 0 (float32), 1 (float16) or 2 (bfloat16)");
+  check(M >= 0 && K >= 0 && N >= 0 && rank >= 0, "M, K, N and rank must be >= 0");
+  check(op.weight.n == N * K, "the weight must have N * K elements");
+  check(blocksize % 32 == 0, "blocksize must be a multiple of 32");
+  check(K % blocksize == 0, "K must be a multiple of blocksize (rows start on block boundaries)");
+  if (M == 0 || K == 0) return;
+  check(op.grad && op.dx && (N == 0 || op.weight.packed), "null pointer");
+  check(rank == 0 || (op.lora_A && op.grad_h), "null LoRA pointer");
+  if (N > 0) check_block_constants(op.weight);
+  const IsaKernels& k = select_kernels();
+  // grad and grad_h as float32 (M * N: 11008 elements at M = 1, a few microseconds)
+  std::vector<float> grad_f(M * N), grad_h_f(M * rank);
+  auto widen = [&](const void* src, int64_t n, float* dst) {
+    if (op.dtype == kF32) {
+      memcpy(dst, src, n * sizeof(float));
+    } else {
+      const uint16_t* v = static_cast<const uint16_t*>(src);
+      if (op.dtype == kBF16)
+        for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits_to_float(v[i]);
+      else
+        for (int64_t i = 0; i < n; ++i) dst[i] = fp16_bits_to_float(v[i]);
+    }
+  };
+  widen(op.grad, M * N, grad_f.data());
+  if (rank > 0) widen(op.grad_h, M * rank, grad_h_f.data());
+  int64_t threads = num_threads();
+  if (threads > N * K / kMinElementsPerThread) threads = N * K / kMinElementsPerThread;
+  if (threads < 1) threads = 1;
+  const int64_t blocks_per_row = K / blocksize;
+  int64_t panel = kGradPanelFloats / M / blocksize;  // in blocks
+  const int64_t per_thread = blocks_per_row / (2 * threads);
+  if (threads > 1 && panel > per_thread) panel = per_thread;
+  if (panel > kGradPanelMaxBlocks) panel = kGradPanelMaxBlocks;
+  if (panel < 1) panel = 1;
+  const int64_t panels = (blocks_per_row + panel - 1) / panel;
+  if (threads > panels) threads = panels;
+  const GradInputWork args{op, grad_f.data(), grad_h_f.data(), panel * blocksize};
+  const int64_t scratch = 2 * M * panel * blocksize;
+  std::vector<float> scratch_all(threads * scratch);
+#pragma omp parallel for schedule(dynamic, 1) num_threads((int)threads)
+  for (int64_t c = 0; c < panels; ++c) {
+    const int64_t c0 = c * panel * blocksize;
+    const int64_t c1 = c0 + panel * blocksize < K ? c0 + panel * blocksize : K;
+    k.grad_input_panel(args, c0, c1, scratch_all.data() + omp_get_thread_num() * scratch);
+  }
+}
+
 }  // namespace cpu
 }  // namespace nf4lora

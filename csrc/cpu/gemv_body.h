@@ -142,7 +142,8 @@ void gemv_lora_h_impl(const GemvWork& a, int64_t m, int64_t j) {
 // decoding the block.
 class BlockScales {
  public:
-  BlockScales(const PackedWeight& w, int64_t first_block) : w_(w), b_(first_block) {
+  BlockScales() = default;  // (arrays of walkers: grad_input_rows)
+  BlockScales(const PackedWeight& w, int64_t first_block) : w_(&w), b_(first_block) {
     if (w.is_nested()) {
       group_ = first_block / w.nested.blocksize;
       left_ = w.nested.blocksize - first_block % w.nested.blocksize;
@@ -150,19 +151,19 @@ class BlockScales {
   }
   float next() {  // the constant of the current block, then move to the next block
     const int64_t b = b_++;
-    if (!w_.is_nested()) return w_.absmax[b];
-    const float scale = decode_nested_absmax(w_.nested.code2, w_.nested.q[b],
-                                             w_.nested.absmax2[group_], w_.nested.offset);
+    if (!w_->is_nested()) return w_->absmax[b];
+    const float scale = decode_nested_absmax(w_->nested.code2, w_->nested.q[b],
+                                             w_->nested.absmax2[group_], w_->nested.offset);
     if (--left_ == 0) {
       ++group_;
-      left_ = w_.nested.blocksize;
+      left_ = w_->nested.blocksize;
     }
     return scale;
   }
 
  private:
-  const PackedWeight& w_;
-  int64_t b_, group_ = 0, left_ = 0;
+  const PackedWeight* w_ = nullptr;
+  int64_t b_ = 0, group_ = 0, left_ = 0;
 };
 
 // ---- phase 3: rows [n0, n1) of y for MT consecutive rows of x starting at m0. -------
@@ -329,6 +330,109 @@ void gemv_rows_impl(const GemvWork& a, int64_t n0, int64_t n1) {
   with_decoder<T>(a, [&](auto decoder) { gemv_rows_tiles<T>(a, decoder, n0, n1); });
 }
 
+// ---- the backward's grad-input, dx = grad @ W + grad_h @ lora_A, for a few rows. ------
+// The transpose of the GEMV: each output column k of dx sums down a column of W, so a
+// work item is a panel of columns [c0, c1) (a multiple of the blocksize; the dispatcher
+// hands panels to threads: no reduction across threads) that walks every row n of W,
+// decodes W[n, c0:c1] with the float GEMV decoder (weights exactly their float32
+// dequantization) and adds grad[m, n] * W[n, c0:c1] into float32 accumulators dx[m, c0:c1]
+// kept in L1 (`slab`, in the decoder's source() order, unpermuted at the end). Reading W
+// row by row keeps its bytes contiguous (c1 - c0 halves of a byte per row) for the
+// prefetcher, where a register-resident column walk would read 16 bytes per row at a
+// stride of K / 2.
+//
+// kGradRows rows of W go through the accumulators at once (their decoded weights in
+// registers: 8 of AVX-512's / 2 x 4 of AVX2's vectors), so each accumulator vector is
+// loaded and stored once per kGradRows FMAs, not once per FMA.
+//
+// Summation: rows go into `slab` in slabs of kGradSlabRows, which is added to `total` and
+// cleared after each slab: each element of dx is a sum of N / 64 slab sums of <= 64 terms
+// (error ~ (64 + N / 64) float32 ulps against N for one chain; torch's float32 GEMM sums
+// in k-blocks of a few hundred). The order is fixed per element (rows ascending, slabs
+// from row 0), whatever the panel width or thread, so the bytes do not depend on the
+// thread count.
+constexpr int64_t kGradSlabRows = 64;
+
+template <class Decoder>
+constexpr int grad_rows() {
+  constexpr int rows = kGemvAccumulators / Decoder::kVectors;
+  return rows < 1 ? 1 : (rows > 4 ? 4 : rows);
+}
+
+// rows [n, n + R) of W, columns [c0, c1), into slab [M][c1 - c0]
+template <int R, class Decoder>
+void grad_input_rows(const GradInputWork& a, const Decoder& decode, int64_t n, int64_t c0,
+                     int64_t c1, float* slab) {
+  constexpr int kGroup = Decoder::kGroup, kVectors = Decoder::kVectors, kStep = kGroup / kVectors;
+  const int64_t blocksize = a.weight.blocksize, width = c1 - c0;
+  // the block constants first: R walkers live through the decode loop took the registers
+  // of its pointers (spilled to xmm and back, ~1.5 cycles per 32 weights at M = 1)
+  const int64_t blocks = width / blocksize;
+  float constants[R][kGradPanelMaxBlocks];
+  const uint8_t* p[R];
+  for (int r = 0; r < R; ++r) {
+    BlockScales scales(a.weight, ((n + r) * a.K + c0) / blocksize);
+    for (int64_t b = 0; b < blocks; ++b) constants[r][b] = scales.next();
+    p[r] = a.weight.packed + ((n + r) * a.K + c0) / 2;
+  }
+  const float* g = a.grad_f + n;
+  for (int64_t k = 0, b = 0; k < width; k += blocksize, ++b) {
+    typename Decoder::Table table[R];
+    for (int r = 0; r < R; ++r) table[r] = decode.table(constants[r][b]);
+    for (int64_t j = k; j < k + blocksize; j += kGroup) {
+      typename Decoder::Weights w[R][kVectors];
+      for (int r = 0; r < R; ++r) {
+        decode(table[r], p[r], w[r]);
+        p[r] += kGroup / 2;
+      }
+      float* acc = slab + j;
+      for (int64_t m = 0; m < a.M; ++m, acc += width) {
+        const float* gm = g + m * a.N;
+        for (int v = 0; v < kVectors; ++v) {
+          F sum = load(acc + v * kStep);
+          for (int r = 0; r < R; ++r) sum = fmadd(w[r][v], splat(gm[r]), sum);
+          store_out<float>(acc + v * kStep, sum);
+        }
+      }
+    }
+  }
+}
+
+template <class T, class Decoder>
+void grad_input_panel_impl(const GradInputWork& a, const Decoder& decode, int64_t c0, int64_t c1,
+                           float* scratch) {
+  constexpr int R = grad_rows<Decoder>(), kGroup = Decoder::kGroup;
+  const int64_t width = c1 - c0, count = a.M * width;
+  float* slab = scratch;
+  float* total = scratch + count;
+  for (int64_t i = 0; i < count; ++i) total[i] = 0.0f;
+  for (int64_t n0 = 0; n0 < a.N; n0 += kGradSlabRows) {
+    const int64_t n1 = n0 + kGradSlabRows < a.N ? n0 + kGradSlabRows : a.N;
+    for (int64_t i = 0; i < count; ++i) slab[i] = 0.0f;
+    int64_t n = n0;
+    for (; n + R <= n1; n += R) grad_input_rows<R>(a, decode, n, c0, c1, slab);
+    for (; n < n1; ++n) grad_input_rows<1>(a, decode, n, c0, c1, slab);
+    int64_t i = 0;
+    for (; i + kW <= count; i += kW) store_out<float>(total + i, add(load(total + i), load(slab + i)));
+    for (; i < count; ++i) total[i] = add_rn(total[i], slab[i]);
+  }
+  // per row of dx: unpermute into slab (natural order), add the LoRA term, round once
+  for (int64_t m = 0; m < a.M; ++m) {
+    const float* from = total + m * width;
+    float* row = slab;
+    for (int64_t g = 0; g < width; g += kGroup)
+      for (int j = 0; j < kGroup; ++j) row[g + Decoder::source(j)] = from[g + j];
+    const T* lora_A = static_cast<const T*>(a.lora_A) + c0;
+    for (int64_t r = 0; r < a.rank; ++r) {
+      const F gh = splat(a.grad_h_f[m * a.rank + r]);
+      const T* A = lora_A + r * a.K;
+      for (int64_t k = 0; k < width; k += kW) store_out<float>(row + k, fmadd(gh, load(A + k), load(row + k)));
+    }
+    T* dx = static_cast<T*>(a.dx) + m * a.K + c0;
+    for (int64_t k = 0; k < width; k += kW) store_out<T>(dx + k, load(row + k));
+  }
+}
+
 // ---- Entry points: pick the instance for the activation dtype. ----------------------
 void gemv_prepare_entry(const GemvWork& a, int64_t m) {
   with_dtype(a.dtype, [&](auto x) { gemv_prepare_impl<decltype(x)>(a, m); });
@@ -340,4 +444,12 @@ void gemv_lora_h_entry(const GemvWork& a, int64_t m, int64_t j) {
 
 void gemv_rows_entry(const GemvWork& a, int64_t n0, int64_t n1) {
   with_dtype(a.dtype, [&](auto x) { gemv_rows_impl<decltype(x)>(a, n0, n1); });
+}
+
+void grad_input_panel_entry(const GradInputWork& a, int64_t c0, int64_t c1, float* scratch) {
+  // the float decoder for every dtype: the integer decoders quantize their x (here grad)
+  // to int16, and vdpbf16ps sums pairs of adjacent columns where dx needs rows summed
+  with_dtype(a.dtype, [&](auto x) {
+    grad_input_panel_impl<decltype(x)>(a, GemvDecoder(a.weight.table), c0, c1, scratch);
+  });
 }

@@ -75,6 +75,14 @@ struct GemvWork : LoraGemvArgs {
   float* x_paired; float* x_natural; float* h_scaled; float* x_scales; bool integer_sums;
 };
 
+// The fused grad-input (gemv_body.h grad_input_panel): its operands, grad and grad_h as
+// float32 copies ([M, N], [M, rank]), and the panel width (columns of W per work item, a
+// multiple of the blocksize). Each call of the entry gets 2 * M * panel floats of scratch.
+constexpr int64_t kGradPanelMaxBlocks = 128;  // blocks per panel at most (a stack array)
+struct GradInputWork : GradInputArgs {
+  const float* grad_f; const float* grad_h_f; int64_t panel;
+};
+
 struct IsaKernels {
   const char* name;
   void (*quantize_4bit)(const Quant4Args&, int64_t b0, int64_t b1);
@@ -85,6 +93,8 @@ struct IsaKernels {
   void (*gemv_prepare)(const GemvWork&, int64_t m);
   void (*gemv_lora_h)(const GemvWork&, int64_t m, int64_t j);
   void (*gemv_rows)(const GemvWork&, int64_t n0, int64_t n1);
+  // dx[:, c0:c1] of the fused grad-input (c0, c1 on block boundaries)
+  void (*grad_input_panel)(const GradInputWork&, int64_t c0, int64_t c1, float* scratch);
 };
 
 // Defines nf4lora::cpu::<ns>::kernels(), the table of the entry points that kernel_body.h
@@ -95,7 +105,8 @@ struct IsaKernels {
   const IsaKernels& kernels() {                                                          \
     static const IsaKernels k{name, &quantize_4bit_entry, &dequantize_4bit_entry,        \
                               &quantize_blockwise_entry, &dequantize_blockwise_entry,    \
-                              &gemv_prepare_entry, &gemv_lora_h_entry, &gemv_rows_entry}; \
+                              &gemv_prepare_entry, &gemv_lora_h_entry, &gemv_rows_entry,  \
+                              &grad_input_panel_entry};                                   \
     return k;                                                                            \
   }                                                                                      \
   }

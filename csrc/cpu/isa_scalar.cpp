@@ -32,6 +32,8 @@ inline F mul(F a, F b) { return mul_rn(a, b); }
 inline F add(F a, F b) { return add_rn(a, b); }
 inline F fmadd(F a, F b, F c) { return add_rn(mul_rn(a, b), c); }  // two roundings here
 inline float hsum(F x) { return x; }
+template <class Out>
+inline void store_out(Out* o, F x) { *o = from_float<Out>(x); }
 
 struct Encoder {
   CodeEncoder code;

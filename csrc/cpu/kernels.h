@@ -47,6 +47,12 @@ void dequantize_blockwise(const uint8_t* q, const float* absmax, const float* co
 // float32; output bytes do not depend on the thread count.
 void lora_gemv_4bit(const LoraGemvArgs& args);
 
+// Fused small-M grad-input (the backward of the matmul for x), csrc/weight.h
+// GradInputArgs: reads W packed, never materializes it. Same requirements as
+// lora_gemv_4bit (K a multiple of the blocksize, the blocksize of 32); float32 sums, one
+// rounding to dtype; output bytes do not depend on the thread count.
+void lora_grad_input_4bit(const GradInputArgs& args);
+
 // True when this CPU has native instructions for GEMMs in `dtype` (kBF16:
 // AVX512-BF16 or AMX-BF16; kF16: AVX512-FP16; float32 always). Without them torch's
 // 16-bit CPU matmuls run several times slower than float32 ones.

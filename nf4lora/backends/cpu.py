@@ -21,8 +21,11 @@ The matmul ops take one of two paths (`matmul_path` tells which):
   fp16 matmuls run 4-6x slower than float32 ones (4096x4096 at M = 512, 2-core EPYC:
   bf16 836 ms, fp32 133 ms), so there W is dequantized to float32 and the GEMMs run in
   float32, rounding the result once to the activation dtype. That is also more
-  accurate than a bf16 GEMM on a bf16 copy of W. The backward's grad_input is the
-  same path.
+  accurate than a bf16 GEMM on a bf16 copy of W.
+
+The backward's grad_input (dx = grad @ W + grad_h @ lora_A) takes the same two kinds of path
+(`grad_input_path`): "fused" up to grad_input_fused_max_m(dtype) rows (`_C.lora_grad_input_4bit`:
+W read packed, column panels per thread, float32 sums), else "dequantize+gemm" as above.
 """
 from __future__ import annotations
 
@@ -116,6 +119,20 @@ def dequantize_blockwise(codes, absmax, code, blocksize, out):
 # sooner still: re-measure with `python -m bench.bench_matmul --tokens 8 16 32 64`).
 FUSED_MAX_M = 32
 FUSED_MAX_M_NATIVE_GEMM = 16
+
+# Largest M whose backward grad-input (dx = grad @ W + grad_h @ lora_A) takes the fused
+# kernel (`_C.lora_grad_input_4bit`: W read packed, never materialized) instead of
+# dequantize + GEMM: the measured crossovers, `python -m bench.bench_grad_input` (NF4 +
+# double quant, blocksize 64, rank 16), AMD EPYC Zen 4 (AVX512-BF16), one thread, per-thread
+# CPU ms, fused vs dequantize+gemm, W cold (the GEMM path's workspace flushes it):
+#   bf16 (native bf16 GEMM), 4096x4096:  M = 1: 1.7 vs 6.3;  4: 3.2-4.8 vs 6.6-7.0;
+#                                        8: 6.1-7.0 vs 7.4-7.5;  16: 9.1 vs 8.6
+#                            11008x4096: M = 1: 4.5 vs 17.4;  8: 15.3-18.9 vs 19.3-19.7;  16: 30.0 vs 22.3
+#   fp16 (float32 GEMM), 4096x4096:      M = 8: 6.8 vs 12.7;  16: 8.1 vs 15.6;  32: 15.3 vs 20.9
+# The fused kernel is float32 FMAs, ~2 per 32 weights and row of grad (plus a decode shared
+# by the rows), so it gains most where the other path pays for a dequantized W.
+GRAD_INPUT_FUSED_MAX_M = 32
+GRAD_INPUT_FUSED_MAX_M_NATIVE_GEMM = 8
 
 # Size of one dequantized chunk of W on the float32 path: small enough that the chunk
 # the dequantizer just wrote is still in the 32 MiB L3 when the GEMM reads it, large
@@ -213,7 +230,33 @@ def lora_matmul_4bit(x, weight, lora_A, lora_B, scaling, bias):
     return _dequantize_gemm(x, weight, lora_A, lora_B, scaling, bias)
 
 
+def grad_input_fused_max_m(dtype: torch.dtype) -> int:
+    """The largest M of gradients of `dtype` whose grad-input takes the fused kernel."""
+    native = dtype != torch.float32 and _C is not None and _C.native_16bit_gemm(dtype)
+    return GRAD_INPUT_FUSED_MAX_M_NATIVE_GEMM if native else GRAD_INPUT_FUSED_MAX_M
+
+
+def grad_input_path(M: int, weight, dtype: torch.dtype) -> str:
+    """Which path lora_matmul_4bit_grad_input takes for M rows of grad of `dtype`: "fused"
+    or "dequantize+gemm"."""
+    fused = (0 < M <= grad_input_fused_max_m(dtype) and weight.in_features > 0
+             and weight.in_features % weight.blocksize == 0)
+    return "fused" if fused else "dequantize+gemm"
+
+
+def _fused_grad_input(grad, weight, lora_A, grad_h):
+    dx = torch.empty((grad.shape[0], weight.in_features), dtype=grad.dtype)
+    _C.lora_grad_input_4bit(grad, weight, lora_A, None if lora_A is None else grad_h.contiguous(), dx)
+    return dx
+
+
 def lora_matmul_4bit_grad_input(grad, weight, lora_A, grad_h):
+    if grad_input_path(grad.shape[0], weight, grad.dtype) == "fused":
+        return _fused_grad_input(grad, weight, lora_A, grad_h)
+    return _dequantize_gemm_grad_input(grad, weight, lora_A, grad_h)
+
+
+def _dequantize_gemm_grad_input(grad, weight, lora_A, grad_h):
     if grad.shape[0] == 0:
         return grad.new_empty((0, weight.in_features))
     dtype = _compute_dtype(grad.dtype)
