@@ -9,7 +9,10 @@
 #              AVX512-BF16; NF4, FP4 and a custom table) against a float64 reference
 #              (float32 within 1e-5 of the sum of |terms|, 16-bit outputs within one ulp;
 #              for the vdpbf16ps path the reference's weights are rounded to bf16, as
-#              that path's are).
+#              that path's are);
+#   cmp_grad_input  the fused grad-input (dx = grad @ W + grad_h @ lora_A, W packed) of the
+#              same four paths against a float64 reference, panels cut three ways (the bytes
+#              must not depend on the cut).
 # csrc/cpu/isa_avx512.cpp is compiled as is, twice (the second time with
 # NF4LORA_AVX512_BF16=1, as isa_avx512bf16.cpp does), except for a few lines: immintrin.h
 # becomes the shim (SIMDe + the few intrinsics simde 0.7.4 lacks) and the target pragmas
@@ -49,7 +52,7 @@ for object in avx512 avx512bf16; do
     exit 1
   fi
 done
-for harness in cmp_codec cmp_gemv; do
+for harness in cmp_codec cmp_gemv cmp_grad_input; do
   g++ "${FLAGS[@]}" -mavx2 -mf16c -mfma "$HERE/$harness.cpp" "$BUILD/scalar.o" "$BUILD/avx2.o" \
       "$BUILD/avx512.o" "$BUILD/avx512bf16.o" -o "$BUILD/$harness"
   echo "== $harness"
