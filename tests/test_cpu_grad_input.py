@@ -136,6 +136,18 @@ def test_routing():
     check(2, 8, 100, 3, torch.bfloat16)  # and that path still gives the right dx
 
 
+def test_info_reports_the_grad_input_path(capsys):
+    from nf4lora import cli
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "cpu backward grad-input path by rows of grad" in out
+    fused_bf16 = sum(m <= cpu_backend.grad_input_fused_max_m(torch.bfloat16) for m in (1, 2, 4, 8, 16, 32))
+    line = next(l for l in out.splitlines()[out.splitlines().index(
+        "  cpu backward grad-input path by rows of grad (backends/cpu.py grad_input_fused_max_m):") + 1:]
+        if l.strip().startswith("bfloat16"))
+    assert line.split()[1:] == ["fused"] * fused_bf16 + ["gemm"] * (6 - fused_bf16)
+
+
 def test_kernel_rejects_what_it_cannot_do():
     packed = torch.zeros(200, dtype=torch.uint8)
     weight = PackedWeight(packed, torch.ones(7), 64, "nf4", (4, 100), None)
