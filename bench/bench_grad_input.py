@@ -41,8 +41,17 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--rank", type=int, default=16)
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     cpu._C.set_num_threads(1)
+    try:
+        run(args)
+    finally:
+        torch.set_num_threads(threads)
+        cpu._C.set_num_threads(0)
+
+
+def run(args) -> None:
     dtype = getattr(torch, args.dtype)
     print(f"CPU: {cpu_model()}; isa {cpu._C.isa()}; {args.dtype}; 1 thread; "
           f"per-thread CPU ms, median of {args.repeats} interleaved calls")

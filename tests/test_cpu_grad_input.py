@@ -187,3 +187,12 @@ def test_autograd_takes_the_fused_kernel(monkeypatch, M):
     exact = dy.double() @ W + grad_h @ A.double()
     base = dy @ W.to(torch.bfloat16) + grad_h.to(torch.bfloat16) @ A
     assert_within_baseline(x.grad, base, exact, torch.bfloat16, "x.grad")
+
+
+def test_bench_quick_run(capsys):
+    from bench import bench_grad_input
+    threads = torch.get_num_threads()
+    bench_grad_input.main(["--shapes", "40x128", "--tokens", "1", "3", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "fused ms" in out and len([l for l in out.splitlines() if l.strip().startswith("40x128")]) == 2
+    assert torch.get_num_threads() == threads  # restored
