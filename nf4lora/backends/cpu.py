@@ -125,10 +125,13 @@ FUSED_MAX_M_NATIVE_GEMM = 16
 # dequantize + GEMM: the measured crossovers, `python -m bench.bench_grad_input` (NF4 +
 # double quant, blocksize 64, rank 16), AMD EPYC Zen 4 (AVX512-BF16), one thread, per-thread
 # CPU ms, fused vs dequantize+gemm, W cold (the GEMM path's workspace flushes it):
-#   bf16 (native bf16 GEMM), 4096x4096:  M = 1: 1.7 vs 6.3;  4: 3.2-4.8 vs 6.6-7.0;
-#                                        8: 6.1-7.0 vs 7.4-7.5;  16: 9.1 vs 8.6
-#                            11008x4096: M = 1: 4.5 vs 17.4;  8: 15.3-18.9 vs 19.3-19.7;  16: 30.0 vs 22.3
-#   fp16 (float32 GEMM), 4096x4096:      M = 8: 6.8 vs 12.7;  16: 8.1 vs 15.6;  32: 15.3 vs 20.9
+#   bf16 (native bf16 GEMM), 4096x4096:  M = 1: 1.6-1.7 vs 6.3-6.5;  4: 3.2-4.8 vs 6.6-7.1;
+#                                        8: 4.4-7.0 vs 7.3-8.0;  16: 9.1-11.1 vs 8.6-9.2
+#                            11008x4096: M = 1: 4.5-4.8 vs 17.4-19.3;  8: 13.8-18.9 vs 19.3-19.8;
+#                                        16: 28.2-30.0 vs 22.3-22.9
+#   fp16 (float32 GEMM), 4096x4096:      M = 8: 6.8 vs 12.7;  16: 8.1-10.3 vs 15.6-16.8;
+#                                        32: 15.3-16.4 vs 20.9-24.0
+# (ranges: 2-4 runs, load average 0.9-2.5 on the 2 cores).
 # The fused kernel is float32 FMAs, ~2 per 32 weights and row of grad (plus a decode shared
 # by the rows), so it gains most where the other path pays for a dequantized W.
 GRAD_INPUT_FUSED_MAX_M = 32
