@@ -308,3 +308,26 @@ def test_concurrent_python_threads_get_the_same_outputs():
     for t in threads:
         t.join()
     assert not failures
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_gemm_forward_in_bounded_chunks(dtype, monkeypatch):
+    """The forward's dequantize+gemm path computes each output column in one chunk's GEMM,
+    so W is dequantized a bounded chunk at a time in every dtype (also with a native bf16
+    GEMM, where the backward's sum over W's rows keeps W whole) and the bytes equal the
+    one-chunk product's."""
+    packed, state, _ = quantized(300, 256)
+    x = torch.randn(40, 256).to(dtype)                       # M = 40: dequantize + GEMM
+    weight = PackedWeight.from_state(packed, state).with_offset_read()
+    assert cpu_backend.matmul_path(40, weight, dtype) == "dequantize+gemm"
+    monkeypatch.setattr(cpu_backend, "CHUNK_BYTES", 1 << 40)   # one chunk: all of W
+    cpu_backend.release_workspace()
+    whole, _ = cpu_backend.lora_matmul_4bit(x, weight, None, None, 1.0, None)
+    chunk = 64 * 256 * 4      # 64 float32 rows: the smallest cut with double quant (row_granule)
+    monkeypatch.setattr(cpu_backend, "CHUNK_BYTES", chunk)
+    cpu_backend.release_workspace()
+    chunked, _ = cpu_backend.lora_matmul_4bit(x, weight, None, None, 1.0, None)
+    assert torch.equal(chunked, whole)
+    workspace = cpu_backend._thread.buffers[cpu_backend._compute_dtype(dtype)]
+    assert workspace.numel() * workspace.element_size() <= chunk
+    cpu_backend.release_workspace()
