@@ -311,14 +311,22 @@ void dequantize_blockwise(const uint8_t* q, const float* absmax, const float* co
                   [&](int64_t b0, int64_t b1) { k.dequantize_blockwise(args, b0, b1); });
 }
 
-void lora_gemv_4bit(const LoraGemvArgs& op) {
-  const int64_t M = op.M, K = op.K, N = op.N, rank = op.rank, blocksize = op.weight.blocksize;
-  check_common(M * K, blocksize, op.dtype,
+// What both fused matmul kernels (the forward's GEMV and the grad-input) require of their
+// shapes: M activation rows against an N x K weight whose rows start on block boundaries.
+static void check_fused_shapes(int64_t M, int64_t K, int64_t N, int64_t rank,
+                               const PackedWeight& weight, int dtype) {
+  check_common(M * K, weight.blocksize, dtype,
                "dtype must be 0 (float32), 1 (float16) or 2 (bfloat16)");
   check(M >= 0 && K >= 0 && N >= 0 && rank >= 0, "M, K, N and rank must be >= 0");
-  check(op.weight.n == N * K, "the weight must have N * K elements");
-  check(blocksize % 32 == 0, "blocksize must be a multiple of 32");
-  check(K % blocksize == 0, "K must be a multiple of blocksize (rows start on block boundaries)");
+  check(weight.n == N * K, "the weight must have N * K elements");
+  check(weight.blocksize % 32 == 0, "blocksize must be a multiple of 32");
+  check(K % weight.blocksize == 0,
+        "K must be a multiple of blocksize (rows start on block boundaries)");
+}
+
+void lora_gemv_4bit(const LoraGemvArgs& op) {
+  const int64_t M = op.M, K = op.K, N = op.N, rank = op.rank;
+  check_fused_shapes(M, K, N, rank, op.weight, op.dtype);
   if (M == 0) return;
   check(op.x && op.y && (N == 0 || K == 0 || op.weight.packed), "null pointer");
   check(rank == 0 || (op.lora_A && op.lora_B && op.h), "null LoRA pointer");
@@ -363,12 +371,7 @@ constexpr int64_t kGradPanelFloats = 4096;
 
 void lora_grad_input_4bit(const GradInputArgs& op) {
   const int64_t M = op.M, K = op.K, N = op.N, rank = op.rank, blocksize = op.weight.blocksize;
-  check_common(M * N, blocksize, op.dtype,
-               "dtype must be 0 (float32), 1 (float16) or 2 (bfloat16)");
-  check(M >= 0 && K >= 0 && N >= 0 && rank >= 0, "M, K, N and rank must be >= 0");
-  check(op.weight.n == N * K, "the weight must have N * K elements");
-  check(blocksize % 32 == 0, "blocksize must be a multiple of 32");
-  check(K % blocksize == 0, "K must be a multiple of blocksize (rows start on block boundaries)");
+  check_fused_shapes(M, K, N, rank, op.weight, op.dtype);
   if (M == 0 || K == 0) return;
   check(op.grad && op.dx && (N == 0 || op.weight.packed), "null pointer");
   check(rank == 0 || (op.lora_A && op.grad_h), "null LoRA pointer");

@@ -269,7 +269,7 @@ void walk_integer(const GemvWork& a, const Decoder& decode, int64_t block, const
 
 template <class T, int MT, class Decoder>
 void gemv_tile(const GemvWork& a, const Decoder& decode, int64_t m0, int64_t n0, int64_t n1) {
-  constexpr int kGroup = Decoder::kGroup, kVectors = Decoder::kVectors, kStep = kGroup / kVectors;
+  constexpr int kGroup = Decoder::kGroup, kVectors = Decoder::kVectors;
   using X = typename Decoder::X;
   // Independent accumulator chains per row of x: an FMA has 4 cycles of latency and a
   // group issues kVectors of them per row, so small tiles split them over up to
