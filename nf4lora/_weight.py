@@ -104,6 +104,14 @@ def check_packed(data, shape, name: str = "A") -> None:
                          f"of shape {list(shape)} fill (got shape {list(data.shape)})")
 
 
+def contents_key(*tensors: Tensor) -> tuple:
+    """What identifies the contents of `tensors` for a cache of something derived from them:
+    device, storage address and version counter (every in-place write through autograd's
+    view bumps it: optimizer steps, load_state_dict, init; a new tensor has a new address).
+    Equal keys mean unchanged contents, up to writes through `.data`."""
+    return tuple((t.device, t.data_ptr(), t._version) for t in tensors)
+
+
 # --- the descriptor ----------------------------------------------------------------------
 
 class NestedAbsmax(NamedTuple):

@@ -72,6 +72,7 @@ from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import Tensor, nn
 
+from .._weight import contents_key
 from ..autograd import (dora_row_norms_4bit, lora_matmul_4bit, matmul_4bit,
                         multi_lora_matmul_4bit, pad_adapters)
 from ..merge import (MergeReport, dora_factor, dora_merge_delta, dora_unmerge_delta, merge_into,
@@ -322,8 +323,7 @@ class LoraLinear4bitPeft(_Requantize4bit, nn.Module, LoraLayer):
         weights = [(self.lora_A[name].weight, self.lora_B[name].weight) for name in used]
         if torch.is_grad_enabled() and any(w.requires_grad for pair in weights for w in pair):
             return pad_adapters([A.to(dtype) for A, _ in weights], [B.to(dtype) for _, B in weights])
-        key = (tuple(used), dtype, tuple((w.device, w.data_ptr(), w._version)
-                                         for pair in weights for w in pair))
+        key = (tuple(used), dtype, contents_key(*(w for pair in weights for w in pair)))
         cached = getattr(self, "_nf4lora_adapter_stack", None)
         if cached is None or cached[0] != key:
             with torch.no_grad():

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional
-from .._weight import check_packed
+from .._weight import check_packed, contents_key
 from ..codebook import CUSTOM, check_code
 from ..autograd import matmul_4bit, row_sq_norms_4bit
 from ..quant_state import QuantState
@@ -534,7 +534,7 @@ class Linear4bit(_Layer4bit, nn.Linear):
         if not self.weight.bnb_quantized:
             self.weight._quantize(self.weight.device)
         weight, state = self.weight, self.weight.quant_state
-        key = (weight.data_ptr(), weight._version)
+        key = contents_key(weight)
         cached = self.__dict__.get("_row_sq_norms")
         if cached is None or cached[0] != key or cached[1] is not state:
             cached = self.__dict__["_row_sq_norms"] = (key, state, row_sq_norms_4bit(weight, state))

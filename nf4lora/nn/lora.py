@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._weight import contents_key
 from ..autograd import dora_matmul_4bit, dora_row_norms_4bit, lora_matmul_4bit, matmul_4bit
 from ..merge import (MergeReport, dora_factor, dora_merge_delta, dora_unmerge_delta, merge_into,
                      resolve_options)
@@ -66,7 +67,7 @@ class DoraNormCache:
         """dora_matmul_4bit with the kept norm when still valid, else computing and keeping it;
         `parameters`: the adapter tensors the norm depends on (the trained ones, before any
         cast to the compute dtype)."""
-        key = (tuple((p.data_ptr(), p._version) for p in parameters), scaling, weight_sq_norms)
+        key = (contents_key(*parameters), scaling, weight_sq_norms)
         valid = (self._key is not None and self._key[:2] == key[:2]
                  and self._key[2] is weight_sq_norms)
         if valid:
