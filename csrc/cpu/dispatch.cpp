@@ -332,7 +332,8 @@ void lora_gemv_4bit(const LoraGemvArgs& op) {
   check(rank == 0 || (op.lora_A && op.lora_B && op.h), "null LoRA pointer");
   if (N > 0 && K > 0) check_block_constants(op.weight);
   const IsaKernels& k = select_kernels();
-  std::vector<float> x_paired(M * K), x_natural(rank > 0 ? M * K : 0), h_scaled(M * rank),
+  // x_paired: + a decoder step's missing half (gemv_body.h paired_columns)
+  std::vector<float> x_paired(M * (K + kGemvXGroup)), x_natural(rank > 0 ? M * K : 0), h_scaled(M * rank),
       x_scales(M * (K / kGemvXGroup + 1));
   const GemvWork args{op, x_paired.data(), rank > 0 ? x_natural.data() : nullptr, h_scaled.data(),
                       x_scales.data(), gemv_integer_sums(op, k)};

@@ -64,7 +64,7 @@ constexpr int kMaxTile = 8;
 template <class T, class Fn>
 void with_decoder(const GemvWork& a, Fn fn) {
   if constexpr (kHasIntegerDecoder && !std::is_same_v<T, float>) {
-    if (a.integer_sums && a.weight.blocksize % GemvIntegerDecoder::kGroup == 0)
+    if (a.integer_sums && a.weight.blocksize % kGemvXGroup == 0)
       return fn(GemvIntegerDecoder(a.weight.table));
   }
   using Special = typename GemvDecoderFor<T>::type;
@@ -74,6 +74,14 @@ void with_decoder(const GemvWork& a, Fn fn) {
 
 // ---- phase 1, per row m of x: copies (float32 in natural order for h, X in the
 // decoder's order for W).
+// Columns of x_paired per row: K rounded up to whole decoder groups (an integer decoder's
+// step may cover two x scale groups, of which the last one of a row can be missing: its
+// positions hold x = 0, so whatever the decoder reads there adds nothing).
+template <class Decoder>
+int64_t paired_columns(int64_t K) {
+  return (K + Decoder::kGroup - 1) / Decoder::kGroup * Decoder::kGroup;
+}
+
 template <class In, class Decoder>
 void gemv_prepare_rows(const GemvWork& a, int64_t m) {
   using X = typename Decoder::X;
@@ -82,33 +90,41 @@ void gemv_prepare_rows(const GemvWork& a, int64_t m) {
   // reads x at constant offsets from one pointer (a base register per row of x ran out
   // of registers at 8 rows and spilled).
   constexpr int kGroup = Decoder::kGroup;
-  const int64_t m0 = m - m % kMaxTile;
+  const int64_t m0 = m - m % kMaxTile, Kp = paired_columns<Decoder>(a.K);
   const int64_t tile = a.M - m0 < kMaxTile ? a.M - m0 : kMaxTile;
-  X* paired = reinterpret_cast<X*>(a.x_paired) + m0 * a.K + (m - m0) * kGroup;
+  X* paired = reinterpret_cast<X*>(a.x_paired) + m0 * Kp + (m - m0) * kGroup;
   if constexpr (Decoder::kIntegerSums) {
-    static_assert(kGroup == kGemvXGroup, "one activation scale per group");
-    float* scales = a.x_scales + m * (a.K / kGroup);
-    for (int64_t g = 0; g < a.K; g += kGroup) {
-      float max_abs = 0.0f;  // finite: the dispatcher checked
-      for (int j = 0; j < kGroup; ++j) max_abs = fmaxf(max_abs, fabsf(to_float(x[g + j])));
-      const float to_level = max_abs > 0.0f ? kGemvLevelScale / max_abs : 0.0f;
-      // x's level times this times a weight's level is their product: both level scales
-      // come out here (once per 64 elements, so the fold is one multiply per block)
-      scales[g / kGroup] = static_cast<float>(
-          double(max_abs) / (double(kGemvLevelScale) * double(kGemvLevelScale)));
-      for (int j = 0; j < kGroup; ++j) {  // |level| <= 16383 (+ rounding of to_level)
-        const float level = fminf(fmaxf(to_float(x[g + Decoder::source(j)]) * to_level,
-                                        -kGemvLevelScale), kGemvLevelScale);
-        paired[g * tile + j] = static_cast<X>(lrintf(level));
+    static_assert(kGroup % kGemvXGroup == 0, "whole activation scale groups per step");
+    constexpr int kScales = kGroup / kGemvXGroup;
+    float* scales = a.x_scales + m * (a.K / kGemvXGroup);
+    for (int64_t g = 0; g < Kp; g += kGroup) {
+      // the step's levels in natural order, vectorized (scalar, with fp16 converted in
+      // software and lrintf a libm call, this was ~20 us of an M = 1 call at K = 4096:
+      // the whole GEMV of a 64 x 4096 W), then placed in the decoder's order
+      alignas(64) int32_t level[kGroup];
+      for (int s = 0; s < kScales; ++s) {
+        const int64_t e0 = g + s * kGemvXGroup;
+        int32_t* out = level + s * kGemvXGroup;
+        if (e0 >= a.K) {  // the missing half of a row's last step: x = 0
+          memset(out, 0, kGemvXGroup * sizeof(int32_t));
+          continue;
+        }
+        const float max_abs = Decoder::x_levels(x + e0, out);
+        // x's level times this times a weight's level is their product: both level scales
+        // come out here (once per 64 elements, so the fold is one multiply per block)
+        scales[e0 / kGemvXGroup] = static_cast<float>(
+            double(max_abs) / (double(kGemvLevelScale) * double(kGemvLevelScale)));
       }
+      for (int j = 0; j < kGroup; ++j) paired[g * tile + j] = static_cast<X>(level[Decoder::source(j)]);
     }
   } else {
     for (int64_t g = 0; g < a.K; g += kGroup)
       for (int j = 0; j < kGroup; ++j)
         paired[g * tile + j] = Decoder::to_x(x[g + Decoder::source(j)]);
   }
-  if (a.x_natural != nullptr)
-    for (int64_t k = 0; k < a.K; ++k) a.x_natural[m * a.K + k] = to_float(x[k]);
+  if (a.x_natural != nullptr) {  // K is a multiple of the blocksize, hence of kW
+    for (int64_t k = 0; k < a.K; k += kW) store_out<float>(a.x_natural + m * a.K + k, load(x + k));
+  }
 }
 
 template <class In>
@@ -223,42 +239,56 @@ void walk_float(const GemvWork& a, const Decoder& decode, int64_t block, const u
   }
 }
 
-// Integer decoders: per group and row, exact int32 sums, then one FMA that folds them in
-// with fold = (block constant) * (x's scale of the group). The fold factors of a chunk of
-// up to kFoldGroups groups are computed first, vectorized, so the inner loop only loads
-// one (a broadcast operand of the FMA). Consecutive groups alternate chains (the fold is
-// the loop-carried dependency).
-constexpr int64_t kFoldGroups = 64;  // 4096 columns: a multiple of every blocksize
+// Integer decoders: per step and row, exact int32 sums, then one FMA that folds them in
+// with fold = (block constant) * (x's scale), per scale group of kGemvXGroup columns
+// (Decoder::fold: the factor of each int32 lane; a step may cover two scale groups). The
+// fold factors of a chunk of kFoldColumns are computed first, vectorized, so the inner
+// loop only loads them. Consecutive steps alternate chains (the fold is the loop-carried
+// dependency).
+constexpr int64_t kFoldColumns = 4096;  // a multiple of every blocksize and decoder step
+constexpr int64_t kFoldScales = kFoldColumns / kGemvXGroup;
 
 template <int MT, int kChains, class Decoder>
 void walk_integer(const GemvWork& a, const Decoder& decode, int64_t block, const uint8_t* p,
                   const typename Decoder::X* xg, const float* x_scales, int64_t k0, int64_t k1,
                   F (&acc)[MT][kChains]) {
   constexpr int kGroup = Decoder::kGroup, kVectors = Decoder::kVectors, kStep = kGroup / kVectors;
-  const int64_t groups_per_block = a.weight.blocksize / kGroup, groups_per_row = a.K / kGroup;
-  alignas(64) float block_scale[kFoldGroups];
-  alignas(64) float fold[MT][kFoldGroups];
+  constexpr int kScales = kGroup / kGemvXGroup;
+  const int64_t scales_per_block = a.weight.blocksize / kGemvXGroup, scales_per_row = a.K / kGemvXGroup;
+  alignas(64) float block_scale[kFoldScales];
+  alignas(64) float fold[MT][kFoldScales + kScales];  // + the missing half of a last step
   F chains[MT][kChains];
   for (int m = 0; m < MT; ++m)
     for (int c = 0; c < kChains; ++c) chains[m][c] = acc[m][c];
-  for (int64_t c0 = k0; c0 < k1; c0 += kFoldGroups * kGroup) {
-    const int64_t groups = (k1 - c0 < kFoldGroups * kGroup ? k1 - c0 : kFoldGroups * kGroup) / kGroup;
-    const int64_t first = c0 / kGroup;  // the chunk's first group in the row (even)
-    const int64_t blocks = groups / groups_per_block;
+  for (int64_t c0 = k0; c0 < k1; c0 += kFoldColumns) {
+    const int64_t columns = k1 - c0 < kFoldColumns ? k1 - c0 : kFoldColumns;
+    const int64_t scales = columns / kGemvXGroup, blocks = columns / a.weight.blocksize;
+    const int64_t steps = (columns + kGroup - 1) / kGroup;
     Decoder::block_constants(a.weight, block, blocks, block_scale);
     block += blocks;
-    for (int m = 0; m < MT; ++m)
-      Decoder::fold_factors(block_scale, x_scales + m * groups_per_row + first, groups,
-                            groups_per_block, fold[m]);
-    // group j goes to chain j % kChains (constant indices keep the chains in registers)
-    for (int64_t j0 = 0; j0 < groups; j0 += kChains) {
-      for (int c = 0; c < kChains && j0 + c < groups; ++c, p += kGroup / 2, xg += MT * kGroup) {
+    for (int m = 0; m < MT; ++m) {
+      Decoder::fold_factors(block_scale, x_scales + m * scales_per_row + c0 / kGemvXGroup, scales,
+                            scales_per_block, fold[m]);
+      for (int64_t s = scales; s % kScales != 0; ++s) fold[m][s] = 0.0f;  // x = 0 there too
+    }
+    // step j goes to chain j % kChains (constant indices keep the chains in registers)
+    for (int64_t j0 = 0; j0 < steps; j0 += kChains) {
+      for (int c = 0; c < kChains && j0 + c < steps; ++c, p += kGroup / 2, xg += MT * kGroup) {
         typename Decoder::Weights w[kVectors];
-        decode(0.0f, p, w);
+        if (kScales > 1 && (j0 + c + 1) * kGroup > columns) {
+          // a row's last step with only its first scale group: read that half into a
+          // zeroed copy (the bytes after it are the next row's, or past the end of W)
+          alignas(64) uint8_t half[kGroup / 2] = {};
+          memcpy(half, p, (columns % kGroup) / 2);
+          decode(0.0f, half, w);
+        } else {
+          decode(0.0f, p, w);
+        }
         for (int m = 0; m < MT; ++m) {
           typename Decoder::Sum sum = Decoder::madd(w[0], xg + m * kGroup, Decoder::zero());
           for (int v = 1; v < kVectors; ++v) sum = Decoder::madd(w[v], xg + m * kGroup + v * kStep, sum);
-          chains[m][c] = fmadd(Decoder::sum_to_float(sum), splat(fold[m][j0 + c]), chains[m][c]);
+          chains[m][c] = fmadd(Decoder::sum_to_float(sum), Decoder::fold(fold[m] + (j0 + c) * kScales),
+                               chains[m][c]);
         }
       }
     }
@@ -277,11 +307,13 @@ void gemv_tile(const GemvWork& a, const Decoder& decode, int64_t m0, int64_t n0,
   constexpr int kChains = MT * kVectors <= kGemvAccumulators ? kVectors
                           : (MT * 2 <= kGemvAccumulators ? 2 : 1);
   const int64_t blocksize = a.weight.blocksize;
-  const int64_t blocks_per_row = a.K / blocksize, groups_per_row = a.K / kGroup;
-  int64_t k_slice = kSliceBytes / (MT * int64_t(sizeof(X))) / blocksize * blocksize;
-  if (k_slice < blocksize) k_slice = blocksize;
+  const int64_t blocks_per_row = a.K / blocksize;
+  // slices end where both a block and a decoder step end
+  const int64_t granule = blocksize % kGroup == 0 ? blocksize : std::lcm(blocksize, int64_t(kGroup));
+  int64_t k_slice = kSliceBytes / (MT * int64_t(sizeof(X))) / granule * granule;
+  if (k_slice < granule) k_slice = granule;
   if (MT < kMinSlicedTile) k_slice = a.K;
-  const X* x = reinterpret_cast<const X*>(a.x_paired) + m0 * a.K;
+  const X* x = reinterpret_cast<const X*>(a.x_paired) + m0 * paired_columns<Decoder>(a.K);
   F saved[kSliceRows][MT][kChains];  // accumulators between slices
   for (int64_t r0 = n0; r0 < n1; r0 += kSliceRows) {
     const int64_t r1 = r0 + kSliceRows < n1 ? r0 + kSliceRows : n1;
@@ -293,7 +325,7 @@ void gemv_tile(const GemvWork& a, const Decoder& decode, int64_t m0, int64_t n0,
           for (int c = 0; c < kChains; ++c) acc[m][c] = k0 == 0 ? splat(0.0f) : saved[n - r0][m][c];
         const int64_t block = n * blocks_per_row + k0 / blocksize;  // W's block at k0
         const uint8_t* p = a.weight.packed + (n * a.K + k0) / 2;
-        const float* x_scales = a.x_scales + m0 * groups_per_row;
+        const float* x_scales = a.x_scales + m0 * (a.K / kGemvXGroup);
         if constexpr (Decoder::kIntegerSums)
           walk_integer<MT, kChains>(a, decode, block, p, x + k0 * MT, x_scales, k0, k1, acc);
         else

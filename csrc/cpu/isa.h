@@ -8,6 +8,9 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
+
+#include <numeric>
 
 #include <type_traits>
 
@@ -33,8 +36,8 @@ template <> inline fp16 from_float<fp16>(float x) { return fp16{float_to_fp16_bi
 // The integer GEMV decoders (gemv_body.h) multiply 16-bit integers: the 16 levels of the
 // weight's code table times kGemvLevelScale, rounded (codebook.check_code keeps every level
 // within [-1, 1], so |level| <= 16383), and x per group of kGemvXGroup elements times
-// 16383 / max |x|, rounded. 16383^2 * 8 < 2^31: eight products per int32 lane (a group of
-// 64 in AVX2's 8 lanes) cannot overflow.
+// 16383 / max |x|, rounded. 16383^2 * 8 < 2^31: eight products per int32 lane (a step of
+// 64 in AVX2's 8 lanes, of 128 in AVX-512's 16) cannot overflow.
 constexpr float kGemvLevelScale = 16383.0f;
 inline void int16_levels(const CodeTable& table, int16_t* out) {
   for (int c = 0; c < 16; ++c) {

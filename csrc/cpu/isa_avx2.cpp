@@ -72,6 +72,13 @@ inline F lookup16(const Table16& t, I index) {
   return _mm256_blendv_ps(lookup8(t.lo, index), lookup8(t.hi, index), bit3);
 }
 inline F gather(const float* base, I index) { return _mm256_i32gather_ps(base, index, 4); }
+// A 256-entry float table looked up per lane (AVX-512 keeps it in registers; AVX2 has too
+// few of them and no two-table permute, so it gathers).
+struct Table256 {
+  const float* table;
+  explicit Table256(const float* t) : table(t) {}
+  F operator()(I index) const { return gather(table, index); }
+};
 
 inline float reduce_max(F m) {
   __m128 v = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));

@@ -20,6 +20,7 @@
 //   lookup8(table, I)             entry index (< 8) of 8 floats in a vector
 //   load_table16, lookup16(Table16, I), mul(Table16, F)   the same for 16 floats
 //   gather(const float*, I)       base[index] per lane
+//   Table256(const float*), t(I)  a 256-entry float table looked up per lane (index < 256)
 //   reduce_max(F), lanes8(F)      max of the lanes; the lanes summed down to one __m256
 //   narrow_u16(I) -> Half         int32 lanes in 0..65535 -> 16-bit
 //   store_half(void*, Half), load_bytes(const uint8_t*) -> I (kW bytes, zero-extended)
@@ -284,6 +285,25 @@ struct IntegerGemvDecoder {
   Table table(float scale) const { return scale; }
   static I zero() { return splat_i(0); }
   static F sum_to_float(I sum) { return NF4LORA_MM(cvtepi32_ps)(sum); }  // rounds once, 2^-24
+  // x's kGemvXGroup elements at x as levels, x * 16383 / max |x| rounded to nearest (ties
+  // to even), |level| <= 16383, into out; returns max |x| (x is finite: the dispatcher
+  // checked)
+  template <class In>
+  static float x_levels(const In* x, int32_t* out) {
+    F biggest = splat(0.0f);
+    for (int j = 0; j < kGemvXGroup; j += kW) biggest = NF4LORA_MM(max_ps)(biggest, abs(load(x + j)));
+    const float max_abs = reduce_max(biggest);
+    const F to_level = splat(max_abs > 0.0f ? kGemvLevelScale / max_abs : 0.0f);
+    const F most = splat(kGemvLevelScale), least = splat(-kGemvLevelScale);
+    for (int j = 0; j < kGemvXGroup; j += kW) {  // (+ the rounding of to_level: clamped)
+      const F v = NF4LORA_MM(min_ps)(NF4LORA_MM(max_ps)(mul(load(x + j), to_level), least), most);
+      store_vector<false>(out + j, NF4LORA_MM(cvtps_epi32)(v));
+    }
+    return max_abs;
+  }
+  // the fold factor of each lane of a Sum, from the step's factors (one per x scale group):
+  // a step of one scale group folds every lane with the same factor
+  static F fold(const float* factors) { return splat(factors[0]); }
 
   // The constants of w's blocks [b0, b0 + count), kW at a time (a gather of the nested
   // codes' values); the same two roundings as decode_nested_absmax. Scalar BlockScales
@@ -294,6 +314,7 @@ struct IntegerGemvDecoder {
       return;
     }
     const NestedAbsmax& nested = w.nested;
+    const Table256 code2(nested.code2);
     const F offset = splat(nested.offset);
     for (int64_t i = 0; i < count;) {  // runs of blocks that share one absmax2
       const int64_t b = b0 + i, group = b / nested.blocksize;
@@ -303,7 +324,7 @@ struct IntegerGemvDecoder {
       int64_t j = 0;
       for (; j + kW <= run; j += kW)
         store_out<float>(out + i + j,
-                         add(mul(gather(nested.code2, load_bytes(nested.q + b + j)), absmax2), offset));
+                         add(mul(code2(load_bytes(nested.q + b + j)), absmax2), offset));
       for (; j < run; ++j)
         out[i + j] = decode_nested_absmax(nested.code2, nested.q[b + j], nested.absmax2[group],
                                           nested.offset);

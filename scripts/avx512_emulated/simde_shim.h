@@ -2,6 +2,7 @@
 #define SIMDE_ENABLE_NATIVE_ALIASES
 #include <simde/x86/avx512.h>
 #include <simde/x86/f16c.h>
+#include <math.h>
 #include <string.h>
 #include <immintrin.h>
 // intrinsics simde 0.7.4 lacks, emulated with its portable vector types
@@ -36,6 +37,12 @@ static inline simde__m512 shim_cvtph_ps(simde__m256i a) {
   return simde__m512_from_private(r);
 }
 #define _mm512_cvtph_ps shim_cvtph_ps
+static inline simde__m512i shim_cvtps_epi32(simde__m512 a) {  // MXCSR's default: nearest even
+  simde__m512_private x = simde__m512_to_private(a); simde__m512i_private r;
+  for (int k = 0; k < 16; ++k) r.i32[k] = (int32_t)nearbyintf(x.f32[k]);
+  return simde__m512i_from_private(r);
+}
+#define _mm512_cvtps_epi32 shim_cvtps_epi32
 static inline simde__m256i shim_cvtps_ph(simde__m512 a, int) {
   simde__m512_private x = simde__m512_to_private(a); simde__m256i_private r;
   __m256 a0, a1; memcpy(&a0, &x.f32[0], 32); memcpy(&a1, &x.f32[8], 32);
