@@ -113,6 +113,11 @@ class QuantState:
 
     __hash__ = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # not the PackedWeight that PackedWeight.from_state keeps here: a cache of this
+        # process (its key holds object ids)
+        return {k: v for k, v in self.__dict__.items() if k != "_nf4lora_weight"}
+
     def to(self, device) -> "QuantState":
         """Move every tensor to `device`, in place (as bitsandbytes does); returns self."""
         self.absmax = self.absmax.to(device)

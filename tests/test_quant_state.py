@@ -44,6 +44,30 @@ def test_copies_and_pickles_keep_everything():
     assert pickle.loads(pickle.dumps(state)) == state
 
 
+def test_packed_weight_is_kept_until_the_state_or_storage_changes():
+    # PackedWeight.from_state keeps the weight it built on the state (its checks cost as
+    # much as a small layer's GEMV): the same objects give the same weight, without checks
+    from nf4lora._weight import PackedWeight
+    packed, state = _state()
+    first = PackedWeight.from_state(packed, state)
+    assert PackedWeight.from_state(packed.t(), state) is first  # a view of the same bytes
+    # a replaced field is a new object: checked and built again (here: refused)
+    good_absmax = state.absmax
+    state.absmax = good_absmax[:-1]
+    with pytest.raises(ValueError, match="absmax"):
+        PackedWeight.from_state(packed, state)
+    state.absmax = good_absmax.clone()
+    again = PackedWeight.from_state(packed, state)
+    assert again is not first and again.absmax is state.absmax
+    moved = packed.clone()  # other storage: the weight reads the new bytes
+    assert PackedWeight.from_state(moved, state).packed.data_ptr() == moved.data_ptr()
+    state.state2.absmax = state.state2.absmax.clone()
+    assert PackedWeight.from_state(moved, state).nested.absmax is state.state2.absmax
+    # the kept weight is not pickled with the state
+    assert "_nf4lora_weight" in vars(state)
+    assert "_nf4lora_weight" not in vars(pickle.loads(pickle.dumps(state)))
+
+
 def test_legacy_list_access():
     _, state = _state()
     absmax, shape, dtype, blocksize, (offset, state2), quant_type = [state[i] for i in range(6)]

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import warnings
 import torch
 
@@ -57,7 +58,10 @@ _override: str | None = None
 
 
 def _module(name: str):
-    return importlib.import_module(f"nf4lora.backends.{name}")
+    # sys.modules first: import_module costs ~1 us even for a loaded module, and
+    # backend_for runs on every op call (three lookups)
+    module = sys.modules.get(f"nf4lora.backends.{name}")
+    return module if module is not None else importlib.import_module(f"nf4lora.backends.{name}")
 
 
 def availability(name: str) -> str | None:

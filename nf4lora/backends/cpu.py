@@ -29,6 +29,7 @@ W read packed, column panels per thread, float32 sums), else "dequantize+gemm" a
 """
 from __future__ import annotations
 
+import functools
 import threading
 
 import torch
@@ -145,10 +146,16 @@ CHUNK_BYTES = 16 << 20
 _thread = threading.local()  # per-thread workspaces: concurrent calls never share one
 
 
+@functools.cache
+def _native_16bit_gemm(dtype: torch.dtype) -> bool:
+    """Whether this CPU has a native GEMM for 16-bit `dtype` (a fact of the CPU: asked once,
+    not on every op call, where the binding cost ~5 us)."""
+    return dtype != torch.float32 and _C is not None and _C.native_16bit_gemm(dtype)
+
+
 def fused_max_m(dtype: torch.dtype) -> int:
     """The largest M of activations of `dtype` that takes the fused kernel (see above)."""
-    native = dtype != torch.float32 and _C is not None and _C.native_16bit_gemm(dtype)
-    return FUSED_MAX_M_NATIVE_GEMM if native else FUSED_MAX_M
+    return FUSED_MAX_M_NATIVE_GEMM if _native_16bit_gemm(dtype) else FUSED_MAX_M
 
 
 def matmul_path(M: int, weight, dtype: torch.dtype) -> str:
@@ -170,7 +177,7 @@ def _fused(x, weight, lora_A, lora_B, scaling, bias):
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The GEMM dtype of the dequantize+gemm path: float32 unless the CPU does `dtype` natively."""
-    return dtype if _C.native_16bit_gemm(dtype) else torch.float32
+    return dtype if _native_16bit_gemm(dtype) else torch.float32
 
 
 def _workspace(numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -238,8 +245,7 @@ def lora_matmul_4bit(x, weight, lora_A, lora_B, scaling, bias):
 
 def grad_input_fused_max_m(dtype: torch.dtype) -> int:
     """The largest M of gradients of `dtype` whose grad-input takes the fused kernel."""
-    native = dtype != torch.float32 and _C is not None and _C.native_16bit_gemm(dtype)
-    return GRAD_INPUT_FUSED_MAX_M_NATIVE_GEMM if native else GRAD_INPUT_FUSED_MAX_M
+    return GRAD_INPUT_FUSED_MAX_M_NATIVE_GEMM if _native_16bit_gemm(dtype) else GRAD_INPUT_FUSED_MAX_M
 
 
 def grad_input_path(M: int, weight, dtype: torch.dtype) -> str:
