@@ -25,6 +25,9 @@ token: prefill = from the call to the first token (the prompt's forward, plus ge
 setup), decode step i = the interval between tokens i-1 and i (one forward of `batch` tokens
 with the KV cache, the greedy pick, the cache update). The first `warmup` decode steps are
 dropped; the row has the median (p20, p80, min) of the rest, tokens/s = batch / median step.
+With --threads 1 the clock is the thread's own CPU time (time.thread_time: every kernel of
+every provider runs on that thread), which other processes on a shared machine do not
+inflate; otherwise wall time.
 
 Bytes. `weight MB/step` is what one decode step must read of the weights, counted from the
 model's own tensors after the run (so bitsandbytes' repacked layout is counted as it is):
@@ -220,8 +223,14 @@ def kv_bytes_per_step(cfg: dict, batch: int, context: float) -> float:
 
 # --- generation -----------------------------------------------------------------------------
 
+def _now() -> float:
+    """The step clock: with one thread, that thread's CPU time (every kernel runs on it, and
+    other processes on a shared machine do not inflate it: see bench_dora), else wall time."""
+    return time.thread_time() if torch.get_num_threads() == 1 else time.perf_counter()
+
+
 def _clock():
-    """A StoppingCriteria that stamps time.perf_counter() after every generated token."""
+    """A StoppingCriteria that stamps _now() after every generated token."""
     import transformers
 
     class Clock(transformers.StoppingCriteria):
@@ -229,7 +238,7 @@ def _clock():
             self.stamps: list[float] = []
 
         def __call__(self, input_ids, scores, **kwargs):
-            self.stamps.append(time.perf_counter())
+            self.stamps.append(_now())
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     return Clock()
@@ -242,14 +251,14 @@ def generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int, keep_logit
     import transformers
     clock = _clock()
     load = harness.load_average()
-    cpu_start = time.process_time()
-    start = time.perf_counter()
+    cpu_start, wall_start = time.process_time(), time.perf_counter()
+    start = _now()
     out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                          max_new_tokens=new_tokens, use_cache=True, pad_token_id=0, eos_token_id=None,
                          stopping_criteria=transformers.StoppingCriteriaList([clock]),
                          return_dict_in_generate=True, output_logits=True)
-    end = time.perf_counter()
-    cpu_s = time.process_time() - cpu_start
+    end = _now()
+    cpu_s, wall_s = time.process_time() - cpu_start, time.perf_counter() - wall_start
     tokens = out.sequences[:, prompt.shape[1]:]
     if tokens.shape[1] != new_tokens or len(clock.stamps) != new_tokens:
         raise RuntimeError(f"generate returned {tokens.shape[1]} tokens ({len(clock.stamps)} clock "
@@ -260,7 +269,7 @@ def generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int, keep_logit
                 total_s=end - start, load_1min=load[0] if load else None,
                 # this process's CPU time / (wall time x threads): well below 1 when other
                 # processes took our cores (idle spinning threads still count as busy)
-                cpu_share=cpu_s / ((end - start) * torch.get_num_threads()), tokens=tokens.clone(),
+                cpu_share=cpu_s / (wall_s * torch.get_num_threads()), tokens=tokens.clone(),
                 logits=[x.detach().float().clone() for x in out.logits[:keep_logits]])
 
 

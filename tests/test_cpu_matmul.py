@@ -161,13 +161,13 @@ def test_nonfinite_x_gives_what_float_math_gives(isa, sums, special):
 
 def test_gemv_decoder_choice(isa, monkeypatch, capsys):
     # the measured defaults (csrc/cpu/dispatch.cpp): integer sums for 16-bit x, but bf16 x
-    # on avx512bf16 beyond 2 rows (vdpbf16ps was faster there); float32 x always float
+    # on avx512bf16 beyond 3 rows (vdpbf16ps was faster there); float32 x always float
     C = cpu_backend._C
     integer = isa != "scalar"
     assert C.gemv_decoder(1, torch.float32) == "float"
     assert C.gemv_decoder(8, torch.float16) == ("integer" if integer else "float")
-    assert C.gemv_decoder(2, torch.bfloat16) == ("integer" if integer else "float")
-    assert C.gemv_decoder(3, torch.bfloat16) == {"avx512bf16": "bf16", "scalar": "float"}.get(isa, "integer")
+    assert C.gemv_decoder(3, torch.bfloat16) == ("integer" if integer else "float")
+    assert C.gemv_decoder(4, torch.bfloat16) == {"avx512bf16": "bf16", "scalar": "float"}.get(isa, "integer")
     monkeypatch.setenv("NF4LORA_CPU_GEMV", "float")
     assert C.gemv_decoder(1, torch.bfloat16) == ("bf16" if isa == "avx512bf16" else "float")
     monkeypatch.setenv("NF4LORA_CPU_GEMV", "integer")

@@ -202,10 +202,15 @@ bool all_finite(const void* x, int dtype, int64_t n) {
 //   avx512, bf16 x                                10.1 / 5.2  19.9 / 8.9  38.4 / 17.3
 //   avx512bf16, fp16 x (float32)   11.1 / 3.5               21.7 / 12.1  38.9 / 29.6
 //   avx512bf16, bf16 x (vdpbf16ps)  5.3 / 3.4    6.5 / 5.1   8.3 / 10.7  17.8 / 28.1
-// so integer sums everywhere but for bf16 x on avx512bf16 beyond kIntegerOverBf16MaxM rows.
+// and after the AVX-512 integer decoder took 128 weights per step (M = 1 .. 8, the same
+// machine, W in L3, one thread, the ticks of the two decoders interleaved):
+//   avx512bf16, bf16 x (vdpbf16ps)  M = 1: 5.2 / 2.7   2: 6.1 / 4.1   3: 7.2 / 5.1
+//                                       4: 8.9 / 8.7   6: 12.7 / 14.5  8: 17.5 / 23.7
+// so integer sums everywhere but for bf16 x on avx512bf16 beyond kIntegerOverBf16MaxM rows
+// (M = 4 is a tie).
 // Either way only when every element of x is finite: an Inf or NaN has no integer level
 // (the float decoders give what float math gives).
-constexpr int64_t kIntegerOverBf16MaxM = 2;
+constexpr int64_t kIntegerOverBf16MaxM = 3;
 
 bool gemv_wants_integer_sums(int64_t M, int dtype, const IsaKernels& isa) {
   if (dtype == kF32 || strcmp(isa.name, "scalar") == 0) return false;

@@ -29,9 +29,11 @@
 //
 // Integer decoders (kIntegerSums; 16-bit activations on AVX2 and AVX-512) multiply
 // 16-bit integers: the table's levels as int16 (isa.h int16_levels) and x per group
-// of 64 as int16 with one float scale (gemv_prepare_rows). A group's products are summed
-// exactly in int32 lanes (Sum; madd is vpmaddwd + add, or AVX512-VNNI vpdpwssd), then
-// folded once into the float32 accumulators with the block constant times x's scale:
+// of 64 (kGemvXGroup) as int16 with one float scale (gemv_prepare_rows). A step's products
+// are summed exactly in int32 lanes (Sum; madd is vpmaddwd + add, or AVX512-VNNI
+// vpdpwssd), then folded once into the float32 accumulators with the block constant times
+// x's scale (Decoder::fold: AVX-512's step of 128 covers two groups of 64, half the lanes
+// each; a blocksize must be a multiple of 64, and a row's last step may be half empty):
 // the per-block scale costs one multiply per 64 weights, not one per weight, and the
 // table is the same for every block. Error: each weight's level within 0.5 / 16383 and
 // each x within 0.5 / 16383 of its group's max |x| (3e-5), against bf16's 2^-9 = 2e-3
@@ -50,8 +52,9 @@
 // x is copied once, as X, in the decoder's order (x_paired: per group of kGroup
 // elements, position j holds element source(j); the rows of a tile interleaved by
 // group), so the decoded vectors multiply x with plain loads. K is a multiple of the
-// blocksize (the caller checks), and the blocksize (a multiple of 32) of kGroup, so
-// every row of W starts on a block boundary and every block is whole groups.
+// blocksize (the caller checks), and the blocksize (a multiple of 32) of a float
+// decoder's kGroup, so every row of W starts on a block boundary and every block is whole
+// groups (integer decoders: whole scale groups, see above).
 //
 // Determinism: each output element is computed by one thread in a fixed order, so the
 // bytes do not depend on the thread count or on which thread takes which rows.
