@@ -1,6 +1,8 @@
 """DoRA on a 4-bit layer, forward + backward: nf4lora's DoRA against the same layer with plain
 LoRA (issue 15's target: <= 1.3x) and against PEFT's DoRA on bitsandbytes' Linear4bit holding
-the same kind of weight (target: nf4lora >= 3x faster), and the peak memory each adds.
+the same kind of weight (target: nf4lora >= 3x faster), and the peak memory each adds; plain
+LoRA also against PEFT's LoRA on the dense bf16 layer (issue 13's training-shape target:
+nf4lora's QLoRA <= 1.1x of it at M = 512).
 
     python -m bench.bench_dora [--shape 4096x4096] [--tokens 1 512] [--rank 16]
                                [--reps 5] [--threads N] [--no-memory] [--out DIR]
@@ -35,11 +37,14 @@ DTYPE = torch.bfloat16
 # "nf4lora DoRA": the adapter's weights change before every call (an optimizer step each
 # call), so the norm is recomputed every time; "kept norm": they do not (the micro-batches of
 # gradient accumulation, evaluation), so the layer reuses it (nf4lora.nn.lora.DoraNormCache).
-PROVIDERS = ("nf4lora LoRA", "nf4lora DoRA", "nf4lora DoRA, kept norm", "PEFT DoRA on bitsandbytes")
+DENSE = "dense bf16 LoRA"       # PEFT's LoRA on the bf16 nn.Linear: what QLoRA replaces
+PROVIDERS = ("nf4lora LoRA", "nf4lora DoRA", "nf4lora DoRA, kept norm", "PEFT DoRA on bitsandbytes",
+             DENSE)
 COLUMNS = [("provider", "provider", "s"), ("shape", "shape", ""), ("M", "tokens", "d"),
            ("r", "rank", "d"), ("median ms", "median_ms", ".2f"), ("p20 ms", "p20_ms", ".2f"),
            ("p80 ms", "p80_ms", ".2f"), ("x LoRA", "x_vs_lora", ".2f"),
-           ("x nf4lora DoRA", "x_vs_dora", ".2f"), ("peak MiB", "peak_mib", ".1f")]
+           ("x nf4lora DoRA", "x_vs_dora", ".2f"), ("x dense", "x_vs_dense", ".2f"),
+           ("peak MiB", "peak_mib", ".1f")]
 
 
 def build(provider: str, shape, rank: int):
@@ -55,8 +60,11 @@ def build(provider: str, shape, rank: int):
         layer = model[0]
         torch.nn.init.normal_(layer.lora_B.weight, std=0.01)    # a trained adapter
         return model
-    import bitsandbytes as bnb
     import peft
+    if provider == DENSE:     # float32 adapters on the bf16 layer, as PEFT makes them
+        return peft.get_peft_model(dense.to(DTYPE), peft.LoraConfig(
+            r=rank, lora_alpha=2 * rank, target_modules=["0"], init_lora_weights=False))
+    import bitsandbytes as bnb
     import nf4lora.integrations.peft  # noqa: F401  (PEFT's own dispatch still takes bnb layers)
     harness.bitsandbytes_4bit(dense, bnb, DTYPE)
     model = peft.get_peft_model(dense, peft.LoraConfig(r=rank, lora_alpha=2 * rank,
@@ -139,6 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         same_m = {r["provider"]: r["median_ms"] for r in rows if r["tokens"] == row["tokens"]}
         row["x_vs_lora"] = row["median_ms"] / same_m.get("nf4lora LoRA", float("nan"))
         row["x_vs_dora"] = row["median_ms"] / same_m.get("nf4lora DoRA", float("nan"))
+        row["x_vs_dense"] = row["median_ms"] / same_m.get(DENSE, float("nan"))
         if not args.no_memory:
             row["peak_mib"] = peak_mib_in_fresh_process(row["provider"], shape, row["tokens"],
                                                          args.rank)

@@ -386,6 +386,8 @@ def test_dora_bench_quick_run(tmp_path):
     assert all(row["median_ms"] > 0 for row in rows)
     lora = [row for row in rows if row["provider"] == "nf4lora LoRA"]
     assert [row["x_vs_lora"] for row in lora] == [1.0]
+    dense = [row for row in rows if row["provider"] == bench_dora.DENSE]
+    assert [row["x_vs_dense"] for row in dense] == [1.0] and lora[0]["x_vs_dense"] > 0
     # the fresh-process memory runs worked (Linux: VmHWM), and a layer this small adds < 64 MiB
     assert all(row["peak_mib"] is not None and 0 <= row["peak_mib"] < 64 for row in rows)
     assert (tmp_path / "dora-latest.json").exists()

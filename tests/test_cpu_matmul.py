@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import nf4lora.functional as nf
 from nf4lora import _ops
 from nf4lora._weight import PackedWeight
+from nf4lora.codebook import NAMED_FORMATS
 from nf4lora.backends import cpu as cpu_backend
 
 from conftest import DTYPES
@@ -331,3 +332,179 @@ def test_dequantize_gemm_forward_in_bounded_chunks(dtype, monkeypatch):
     workspace = cpu_backend._thread.buffers[cpu_backend._compute_dtype(dtype)]
     assert workspace.numel() * workspace.element_size() <= chunk
     cpu_backend.release_workspace()
+
+
+# ---- the backward's grad @ W by column panels ------------------------------------------
+
+PANEL_FORMATS = {**{name: {"quant_type": name} for name in NAMED_FORMATS},
+                 "custom": {"code": torch.linspace(-0.9, 0.8, 16) ** 3}}
+
+
+def weight_and_dense(out_f, in_f, *, blocksize=64, nested=True, fmt="nf4", seed=0):
+    """A PackedWeight (offset read, as the ops pass it) and its dequantized float32 W."""
+    w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed))
+    packed, state = nf.quantize_4bit(w, blocksize=blocksize, compress_statistics=nested,
+                                     **PANEL_FORMATS[fmt])
+    return (PackedWeight.from_state(packed, state).with_offset_read(),
+            nf.dequantize_4bit(packed, state).float())
+
+
+@pytest.mark.parametrize("fmt", list(PANEL_FORMATS))
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("blocksize,out_f,in_f", [(64, 37, 64), (64, 37, 320), (32, 5, 96),
+                                                  (128, 3, 384), (256, 7, 512), (1024, 2, 2048)])
+def test_columns_dequantize_to_the_columns_of_w(fmt, nested, blocksize, out_f, in_f):
+    # every panel on block boundaries, of a weight whose nested groups of 256 blocks start
+    # mid-row (37 x 320 at blocksize 64: 5 blocks a row), bit for bit; a packed buffer that
+    # does not start on a 4-byte word takes the byte-wise copy
+    weight, W = weight_and_dense(out_f, in_f, blocksize=blocksize, nested=nested, fmt=fmt)
+    decoded = weight.with_absmax_decoded()
+    assert decoded.nested is None and decoded.absmax.dtype == torch.float32
+    whole = torch.empty(out_f, in_f)
+    cpu_backend.dequantize_4bit(decoded, whole)
+    assert torch.equal(whole, W)                        # the spec's absmax rule, bit for bit
+    shifted = torch.zeros(decoded.packed.numel() + 1, dtype=torch.uint8)
+    shifted[1:] = decoded.packed
+    cuts = range(0, in_f + 1, blocksize)
+    for packed in (decoded.packed, shifted[1:]):
+        source = decoded._replace(packed=packed)
+        for c0 in cuts:
+            for c1 in (c for c in cuts if c >= c0):
+                panel = source.columns(c0, c1)
+                assert panel.shape == (out_f, c1 - c0)
+                got = torch.empty(out_f, c1 - c0)
+                cpu_backend.dequantize_4bit(panel, got)
+                assert torch.equal(got, W[:, c0:c1]), (c0, c1)
+
+
+def test_columns_reject_what_they_cannot_cut():
+    weight, _ = weight_and_dense(8, 256)
+    with pytest.raises(ValueError, match="double-quantized absmax"):
+        weight.columns(0, 64)
+    weight = weight.with_absmax_decoded()
+    for c0, c1 in [(32, 64), (0, 100), (64, 0), (0, 320)]:
+        with pytest.raises(ValueError, match="multiples of blocksize 64"):
+            weight.columns(c0, c1)
+    with pytest.raises(ValueError, match="fewer than the 256"):
+        weight.columns(0, 64, out=torch.empty(255, dtype=torch.uint8))
+    odd, _ = weight_and_dense(8, 100, nested=False)
+    with pytest.raises(ValueError, match="in_features must be a multiple of blocksize"):
+        odd.columns(0, 64)
+
+
+def grad_input_by_hand(grad, W, A, grad_h, dtype):
+    """The whole-W product the panels must reproduce: grad @ W in the GEMM dtype, then the
+    LoRA term, then one rounding to grad's dtype (the path before the panels)."""
+    dx = grad.to(dtype) @ W.to(dtype)
+    if A is not None:
+        dx.addmm_(grad_h.to(dtype), A.to(dtype))
+    return dx.to(grad.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 40])
+@pytest.mark.parametrize("blocksize,out_f,in_f,columns", [
+    (64, 37, 64, 256),        # K = blocksize: one panel narrower than the panel width
+    (64, 300, 1088, 256),     # K a multiple of 64, not of 256: a short last panel
+    (64, 1, 512, 128),        # one row of W
+    (32, 70, 96, 32),         # panels of one block
+    (128, 33, 640, 256),      # blocksize 128: panels of 2 blocks, a short last one
+    (256, 9, 768, 256), (1024, 5, 2048, 256)])   # a panel is one block / rounded up to one
+def test_grad_input_by_panels_equals_the_whole_w_product(monkeypatch, dtype, M, blocksize,
+                                                         out_f, in_f, columns):
+    # The panel width is forced small (PANEL_BYTES 0: PANEL_MIN_COLUMNS decides), so most
+    # shapes take several panels; M = 1 takes this path when called directly. Every element
+    # of dx is still one GEMM's sum over all of W's rows: the same bytes as the whole-W
+    # product (oneDNN's sums do not depend on the panel), and within the same-dtype
+    # baseline's error against float64.
+    monkeypatch.setattr(cpu_backend, "PANEL_BYTES", 0)
+    monkeypatch.setattr(cpu_backend, "PANEL_MIN_COLUMNS", columns)
+    weight, W = weight_and_dense(out_f, in_f, blocksize=blocksize)
+    gen = torch.Generator().manual_seed(3)
+    grad = torch.randn(M, out_f, generator=gen).to(dtype)
+    A = (torch.randn(6, in_f, generator=gen) * in_f ** -0.5).to(dtype)
+    grad_h = torch.randn(M, 6, generator=gen).to(dtype)
+    dx = cpu_backend._dequantize_gemm_grad_input(grad, weight, A, grad_h)
+    assert dx.dtype == dtype and dx.shape == (M, in_f)
+    gemm_dtype = cpu_backend._compute_dtype(dtype)
+    assert torch.equal(dx, grad_input_by_hand(grad, W, A, grad_h, gemm_dtype))
+    exact = grad.double() @ W.double() + grad_h.double() @ A.double()
+    base = grad @ W.to(dtype) + grad_h @ A
+    assert_within_baseline(dx, base, exact, dtype, f"dx M={M} {out_f}x{in_f} {dtype}")
+    without_lora = cpu_backend._dequantize_gemm_grad_input(grad, weight, None, None)
+    assert torch.equal(without_lora, grad_input_by_hand(grad, W, None, None, gemm_dtype))
+
+
+@pytest.mark.parametrize("fmt", list(PANEL_FORMATS))
+@pytest.mark.parametrize("nested", [True, False])
+def test_grad_input_by_panels_in_every_format(monkeypatch, fmt, nested):
+    monkeypatch.setattr(cpu_backend, "PANEL_BYTES", 0)
+    monkeypatch.setattr(cpu_backend, "PANEL_MIN_COLUMNS", 64)
+    weight, W = weight_and_dense(45, 320, nested=nested, fmt=fmt)
+    grad = torch.randn(40, 45, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    dx = cpu_backend._dequantize_gemm_grad_input(grad, weight, None, None)
+    gemm_dtype = cpu_backend._compute_dtype(torch.bfloat16)
+    assert torch.equal(dx, grad_input_by_hand(grad, W, None, None, gemm_dtype))
+
+
+@pytest.mark.parametrize("out_f,in_f", [(0, 128), (5, 0), (0, 0)])
+def test_grad_input_by_panels_of_an_empty_weight(out_f, in_f):
+    weight, _ = weight_and_dense(out_f, in_f)
+    grad = torch.randn(40, out_f).to(torch.bfloat16)
+    dx = cpu_backend._dequantize_gemm_grad_input(grad, weight, None, None)
+    assert dx.shape == (40, in_f) and torch.equal(dx, torch.zeros_like(dx))
+    grad = torch.empty(0, out_f, dtype=torch.bfloat16)
+    assert cpu_backend._dequantize_gemm_grad_input(grad, weight, None, None).shape == (0, in_f)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grad_input_workspace_is_a_panel_not_all_of_w(monkeypatch, dtype):
+    """The backward's dequantize+gemm path holds one column panel of W, also where the
+    GEMM runs in bf16 (the whole-W path held all of W there, and in float32 it held
+    CHUNK_BYTES of rows: made unbounded here, so that either old behaviour fails)."""
+    monkeypatch.setattr(cpu_backend, "CHUNK_BYTES", 1 << 40)
+    monkeypatch.setattr(cpu_backend, "PANEL_BYTES", 0)
+    monkeypatch.setattr(cpu_backend, "PANEL_MIN_COLUMNS", 128)
+    N, K = 300, 1024
+    weight, W = weight_and_dense(N, K)
+    grad = torch.randn(40, N).to(dtype)
+    cpu_backend.release_workspace()
+    try:
+        dx = _ops.lora_matmul_4bit_grad_input(grad, *weight.op_args(), None, None)
+        buffers = cpu_backend._thread.buffers
+        gemm_dtype = cpu_backend._compute_dtype(dtype)
+        assert buffers[gemm_dtype].numel() == N * 128 < N * K
+        assert buffers[torch.uint8].numel() == N * 128 // 2       # the panel's packed bytes
+        assert set(buffers) == {gemm_dtype, torch.uint8}
+        assert torch.equal(dx, grad_input_by_hand(grad, W, None, None, gemm_dtype))
+    finally:
+        cpu_backend.release_workspace()
+
+
+def test_grad_input_panel_width_is_bounded_in_bytes():
+    # ~PANEL_BYTES of the GEMM dtype, a whole number of blocks, at least PANEL_MIN_COLUMNS
+    # (and one block); all of a narrow W in one panel
+    seen = {}
+    for (N, K), dtype, blocksize in [((4096, 4096), torch.bfloat16, 64),
+                                     ((11008, 4096), torch.bfloat16, 64),
+                                     ((4096, 4096), torch.float32, 64),
+                                     ((64, 4096), torch.bfloat16, 64),
+                                     ((4096, 8192), torch.bfloat16, 4096)]:
+        weight = PackedWeight(torch.zeros(N * K // 2, dtype=torch.uint8),
+                              torch.zeros(N * K // blocksize), blocksize, "nf4", (N, K), None)
+        real = cpu_backend.dequantize_4bit
+        widths = []
+        try:
+            cpu_backend.dequantize_4bit = lambda w, out: widths.append(w.in_features)
+            list(cpu_backend._column_panels(weight, dtype))
+        finally:
+            cpu_backend.dequantize_4bit = real
+            cpu_backend.release_workspace()
+        assert sum(widths) == K and all(w % blocksize == 0 for w in widths)
+        seen[N, K, dtype.itemsize, blocksize] = widths[0]
+    min_columns, panel = cpu_backend.PANEL_MIN_COLUMNS, cpu_backend.PANEL_BYTES
+    assert seen[4096, 4096, 2, 64] == max(min_columns, panel // (2 * 4096))
+    assert seen[11008, 4096, 2, 64] == max(min_columns, panel // (2 * 11008) // 64 * 64)
+    assert seen[4096, 4096, 4, 64] == max(min_columns, panel // (4 * 4096))
+    assert seen[64, 4096, 2, 64] == 4096
+    assert seen[4096, 8192, 2, 4096] == 4096

@@ -61,13 +61,9 @@ CHUNK_ELEMENTS = 1 << 20
 def row_sq_norms_4bit(backend, weight: PackedWeight) -> Tensor:
     """||W_o||^2 of every row [out], float32: W decoded by the backend's kernel in row chunks
     of <= CHUNK_ELEMENTS into one reused buffer (the spec: nf4lora.reference.row_sq_norms).
-    Double-quantized constants are decoded first (blocks / 64 floats, by the spec's rule,
-    which every kernel matches bit for bit), so a chunk may start on any block boundary."""
-    if weight.nested is not None:
-        nested = weight.nested
-        absmax = reference.dequantize_absmax(weight.absmax, nested.absmax, nested.code,
-                                             nested.offset, nested.blocksize)
-        weight = weight._replace(absmax=absmax, nested=None)
+    Double-quantized constants are decoded first (PackedWeight.with_absmax_decoded), so a
+    chunk may start on any block boundary."""
+    weight = weight.with_absmax_decoded()
     N, K = weight.shape
     out = torch.zeros(N, dtype=torch.float32, device=weight.device)
     if N == 0 or K == 0:

@@ -143,6 +143,25 @@ GRAD_INPUT_FUSED_MAX_M_NATIVE_GEMM = 8
 # enough that each GEMM is big (16 MiB = 1024 rows of a 4096-wide layer).
 CHUNK_BYTES = 16 << 20
 
+# The backward's grad @ W sums over W's rows, so it cuts W by columns instead
+# (`_column_panels`): dx[:, c0:c1] = grad @ W[:, c0:c1] is one GEMM over all of W's rows,
+# bit-identical to the whole-W product in any panel width (oneDNN, bf16 and float32), and
+# the dequantized panel is ~PANEL_BYTES, still in cache when the GEMM reads it, but at least
+# PANEL_MIN_COLUMNS wide (narrower panels starve the GEMM). Measured, grad-input alone
+# (dequantize + GEMM, r = 16), NF4 + double quant, one thread, CPU ms, AMD EPYC Zen 4, medians
+# of 4-10, whole-W path (before) vs panels of 4 MiB / 16 MiB / 4 MiB with 256 or 512 columns:
+#   bf16 M = 16,  4096x4096:  8.5 vs 8.1 (512 col) / 11.0 (2048 col)
+#                 11008x4096: 21.8-22.2 vs 23.0 (256 col) / 24.6 (128 col) / 27.5 (512 col)
+#   bf16 M = 512, 4096x4096:  85.5 vs 87.0 (512 col) / 88.0 (2048 col)
+#                 11008x4096: 230 vs 240 (128, 256 or 512 col) / 238 (704 col)
+#   fp16 (float32 GEMM) M = 512, 4096x4096:  190 vs 192 (256 col) / 185 (512 col)
+#                                11008x4096: 505 vs 513 (256 col) / 494 (512 col) / 551 (128)
+# Panels cost one more pass over the packed bytes (copied out of their strided rows) and
+# the double-quantized absmax decoded per call (~1-3 ms): +1-5% on grad-input, ~1% of a
+# layer's forward + backward; the workspace is the panel, not all of W (32 / 86 MiB in bf16).
+PANEL_BYTES = 4 << 20
+PANEL_MIN_COLUMNS = 256
+
 _thread = threading.local()  # per-thread workspaces: concurrent calls never share one
 
 
@@ -199,12 +218,14 @@ def release_workspace() -> None:
 def _row_chunks(weight, dtype: torch.dtype, sums_over_rows: bool):
     """Yield (n0, n1, W[n0:n1] dequantized into the workspace, in dtype).
 
-    Chunks of ~CHUNK_BYTES, each starting where `PackedWeight.rows` can cut, except for a
-    product that sums over W's rows (the backward's grad @ W) in a 16-bit dtype: there the
-    whole W is one chunk, since a product per chunk would add a bf16 rounding per chunk.
-    The forward's x @ W^T computes each output column in one chunk's GEMM: the same bytes
-    chunked or not (4096x4096 bf16 M = 512, 2048-row chunks: bit-identical, 81.4 vs 81.7 ms
-    one thread, Zen 4), and its workspace stays at CHUNK_BYTES instead of all of W.
+    Chunks of ~CHUNK_BYTES, each starting where `PackedWeight.rows` can cut. The forward's
+    x @ W^T computes each output column in one chunk's GEMM: the same bytes chunked or not
+    (4096x4096 bf16 M = 512, 2048-row chunks: bit-identical, 81.4 vs 81.7 ms one thread,
+    Zen 4), and its workspace stays at CHUNK_BYTES instead of all of W. A product that sums
+    over W's rows (the backward's grad @ W) takes column panels (`_column_panels`) where W's
+    rows hold whole blocks; only where blocks span rows (in_features not a multiple of
+    blocksize) does it come here, and then in a 16-bit dtype the whole W is one chunk, since
+    a product per chunk would add a bf16 rounding per chunk.
     """
     N, K = weight.out_features, weight.in_features
     granule = weight.row_granule
@@ -268,16 +289,39 @@ def lora_matmul_4bit_grad_input(grad, weight, lora_A, grad_h):
     return _dequantize_gemm_grad_input(grad, weight, lora_A, grad_h)
 
 
+def _column_panels(weight, dtype: torch.dtype):
+    """Yield (c0, c1, W[:, c0:c1] dequantized into the workspace, in dtype): panels of
+    ~PANEL_BYTES, a whole number of blocks wide, W's rows holding whole blocks."""
+    N, K, bs = weight.out_features, weight.in_features, weight.blocksize
+    weight = weight.with_absmax_decoded()      # nested groups of 256 blocks span columns
+    columns = max(PANEL_MIN_COLUMNS, PANEL_BYTES // (dtype.itemsize * max(N, 1)))
+    columns = max(bs, columns // bs * bs)
+    buffer = _workspace(N * min(columns, K), dtype)
+    packed = _workspace(N * min(columns, K) // 2, torch.uint8)
+    for c0 in range(0, K, columns):
+        c1 = min(K, c0 + columns)
+        w = buffer[: N * (c1 - c0)].view(N, c1 - c0)
+        dequantize_4bit(weight.columns(c0, c1, out=packed), w)
+        yield c0, c1, w
+
+
 def _dequantize_gemm_grad_input(grad, weight, lora_A, grad_h):
     if grad.shape[0] == 0:
         return grad.new_empty((0, weight.in_features))
     dtype = _compute_dtype(grad.dtype)
     gc = grad.to(dtype)
-    dx = None
-    for n0, n1, w in _row_chunks(weight, dtype, sums_over_rows=True):
-        dx = gc[:, n0:n1] @ w if dx is None else dx.addmm_(gc[:, n0:n1], w)
-    if dx is None:  # no rows in W
-        dx = torch.zeros((grad.shape[0], weight.in_features), dtype=dtype)
+    if weight.in_features % weight.blocksize == 0:
+        # dx[:, c0:c1] = grad @ W[:, c0:c1]: each element one GEMM's sum over all of W's
+        # rows, rounded once, whatever the panel (see PANEL_BYTES)
+        dx = torch.empty((grad.shape[0], weight.in_features), dtype=dtype)
+        for c0, c1, w in _column_panels(weight, dtype):
+            torch.mm(gc, w, out=dx[:, c0:c1])
+    else:  # blocks span rows: no column panels
+        dx = None
+        for n0, n1, w in _row_chunks(weight, dtype, sums_over_rows=True):
+            dx = gc[:, n0:n1] @ w if dx is None else dx.addmm_(gc[:, n0:n1], w)
+        if dx is None:  # no rows in W
+            dx = torch.zeros((grad.shape[0], weight.in_features), dtype=dtype)
     if grad_h is not None:
         dx.addmm_(grad_h.to(dtype), lora_A.to(dtype))
     return dx.to(grad.dtype)
