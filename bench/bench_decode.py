@@ -224,9 +224,8 @@ def kv_bytes_per_step(cfg: dict, batch: int, context: float) -> float:
 # --- generation -----------------------------------------------------------------------------
 
 def _now() -> float:
-    """The step clock: with one thread, that thread's CPU time (every kernel runs on it, and
-    other processes on a shared machine do not inflate it: see bench_dora), else wall time."""
-    return time.thread_time() if torch.get_num_threads() == 1 else time.perf_counter()
+    """The step clock: with one thread, that thread's CPU time, else wall time."""
+    return harness.one_thread_clock()()
 
 
 def _clock():

@@ -26,7 +26,6 @@ import ctypes
 import json
 import subprocess
 import sys
-import time
 from typing import Optional, Sequence
 
 import torch
@@ -129,8 +128,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if args.memory_child:
         return memory_child(args.memory_child, shape, args.tokens[0], args.rank)
     rows = []
-    clock = time.thread_time if args.threads == 1 else time.perf_counter
     with harness.threads_set_to(args.threads):
+        clock = harness.one_thread_clock()
         models = {provider: build(provider, shape, args.rank) for provider in args.providers}
         for tokens in args.tokens:
             steps = [step_of(models[provider], tokens, shape[1], provider)

@@ -106,6 +106,13 @@ def time_calls(calls: Sequence[Callable[[], Any]], reps: int,
     return times
 
 
+def one_thread_clock() -> Callable[[], float]:
+    """time.thread_time when torch runs one thread (every kernel of a one-thread op runs on
+    the calling thread, and other processes on a shared core do not inflate its CPU time),
+    else time.perf_counter."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
 def quantiles_ms(times: Sequence[float]) -> dict:
     t = torch.tensor(times, dtype=torch.float64) * 1e3
     p20, p50, p80 = torch.quantile(t, torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)).tolist()
@@ -133,11 +140,13 @@ def measure(provider: Provider, case: Any, *, footprint: int = COLD_FOOTPRINT,
         return {**case.labels, "provider": provider.name, "mode": mode, "layers": layers,
                 "footprint_bytes": nbytes * layers, "bytes": nbytes, **quantiles_ms(times)}
 
+    clock = one_thread_clock()
     with provider.context():
         calls = provider.setup(case, n_layers)
-        rows = [row("cold", len(calls), time_calls(calls, reps, provider.warmup_is_sample_after_s))]
+        rows = [row("cold", len(calls), time_calls(calls, reps, provider.warmup_is_sample_after_s,
+                                                   clock=clock))]
         if warm:  # the same layer again and again: cache-resident when it fits
-            rows.append(row("warm", 1, time_calls([calls[0]] * len(calls), reps)))
+            rows.append(row("warm", 1, time_calls([calls[0]] * len(calls), reps, clock=clock)))
     del calls
     gc.collect()
     return rows
