@@ -385,7 +385,7 @@ def probe_gpu_bandwidth(nbytes: int = GPU_PROBE_BYTES, reps: int = 10) -> dict:
 
 def measure_gpu(provider: Provider, case, *, footprint: int = GPU_COLD_FOOTPRINT,
                 max_reps: Optional[int] = None) -> list[dict]:
-    """harness.measure's row for one provider on CUDA tensors (see the section comment)."""
+    """harness.measure_interleaved's row for one provider on CUDA tensors (see the section comment)."""
     nbytes = provider.bytes_moved(case)
     reps = min(provider.reps, max_reps) if max_reps else provider.reps
     with provider.context():

@@ -3,13 +3,15 @@ table printing and JSON saving. The rules it implements are /work/shared/perf.md
 
 A benchmark script describes each implementation it times as a `Provider`: a name, a
 setup function that builds `n_layers` independent copies of the work and returns one
-zero-argument callable per copy, and the bytes one call must move. `measure` then
+zero-argument callable per copy, and the bytes one call must move. `measure_interleaved`
+then, for all the providers of one case,
 
   1. asks for enough layers that their footprint (bytes moved per call x layers) exceeds
      COLD_FOOTPRINT, so a call never finds its inputs in the 32 MiB L3 left by the last one;
   2. makes one warm-up call (lazy initialization, first-touch page faults of the inputs;
      kept as a sample instead if it takes many seconds and the provider allows it);
-  3. calls every layer once per rep, timing each call, and reports quantiles per call;
+  3. calls every layer once per rep, timing each call, the providers' reps taking turns,
+     and reports quantiles per call (one thread: the thread's CPU time, one_thread_clock);
   4. optionally loops one layer (cache-resident where it fits) for rows labelled "warm".
 
 Effective bandwidth is provider bytes / median time, set against the copy bandwidth that
@@ -125,40 +127,13 @@ def layers_for(bytes_per_call: int, footprint: int, max_layers: Optional[int] = 
     return min(layers, max_layers) if max_layers else layers
 
 
-def measure(provider: Provider, case: Any, *, footprint: int = COLD_FOOTPRINT,
-            max_reps: Optional[int] = None, warm: bool = False) -> list[dict]:
-    """Rows for one provider on one case: "cold" (rotation), and "warm" if asked.
-
-    `case` is whatever the providers' setup understands; its `labels` dict (op, shape, ...)
-    is copied into each row.
-    """
-    nbytes = provider.bytes_moved(case)
-    reps = min(provider.reps, max_reps) if max_reps else provider.reps
-    n_layers = layers_for(nbytes, footprint, provider.max_layers)
-
-    def row(mode: str, layers: int, times: list[float]) -> dict:
-        return {**case.labels, "provider": provider.name, "mode": mode, "layers": layers,
-                "footprint_bytes": nbytes * layers, "bytes": nbytes, **quantiles_ms(times)}
-
-    clock = one_thread_clock()
-    with provider.context():
-        calls = provider.setup(case, n_layers)
-        rows = [row("cold", len(calls), time_calls(calls, reps, provider.warmup_is_sample_after_s,
-                                                   clock=clock))]
-        if warm:  # the same layer again and again: cache-resident when it fits
-            rows.append(row("warm", 1, time_calls([calls[0]] * len(calls), reps, clock=clock)))
-    del calls
-    gc.collect()
-    return rows
-
-
 @contextlib.contextmanager
 def gc_frozen():
     """Hide every object alive now from the garbage collector inside the block.
 
     The objects torch, bitsandbytes and their imports create (~400k with bitsandbytes) are
-    never garbage, yet each full gc.collect() walks them: 0.2-0.4 s here, paid by `measure`
-    after every provider. Frozen, a collection takes milliseconds. Enter it after the imports.
+    never garbage, yet each full gc.collect() walks them: 0.2-0.4 s here, paid by
+    `measure_interleaved` after every case. Frozen, a collection takes milliseconds. Enter it after the imports.
     """
     gc.freeze()
     try:
@@ -183,13 +158,80 @@ def run_checks(providers: Sequence[Provider]) -> tuple[list[Provider], list[str]
     return passed, notes
 
 
+def _timed(call: Callable[[], Any], clock: Callable[[], float]) -> float:
+    start = clock()
+    result = call()
+    elapsed = clock() - start
+    del result  # freed after the clock stopped (see time_calls)
+    return elapsed
+
+
+def measure_interleaved(providers: Sequence[Provider], case: Any, *,
+                        footprint: int = COLD_FOOTPRINT, max_reps: Optional[int] = None,
+                        warm: bool = False) -> tuple[list[dict], list[str]]:
+    """Rows for every provider of one case: "cold" (a rotation through enough layers to
+    exceed `footprint`), and "warm" (one layer again and again) if asked. Their passes over
+    their layers take turns (pass 1 of each, then pass 2 of each, ...), each inside its
+    provider's context; `case.labels` is copied into each row.
+
+    Measured one after the other, the providers of a case met different loads from other
+    processes: on the shared 2-core machine one run's cold M = 1 rows disagreed 2x per weight
+    between two shapes of the same kernel. Taking turns, a burst of load lands on all of them.
+    All providers' layers are held at once (a cold footprint each)."""
+    clock = one_thread_clock()
+    entries, notes, rows = [], [], []
+    for provider in providers:
+        try:
+            nbytes = provider.bytes_moved(case)
+            with provider.context():
+                calls = provider.setup(case, layers_for(nbytes, footprint, provider.max_layers))
+                warmup = _timed(calls[0], clock)
+            sample = provider.warmup_is_sample_after_s
+            times = [warmup] if sample is not None and warmup >= sample else []
+            reps = min(provider.reps, max_reps) if max_reps else provider.reps
+            entries.append(dict(provider=provider, calls=calls, reps=reps, nbytes=nbytes,
+                                cold=times, warm=[]))
+        except Exception as error:
+            notes.append(f"{provider.name} on {case.labels}: failed, {type(error).__name__}: {error}")
+    modes = ("cold", "warm") if warm else ("cold",)
+    for mode in modes:
+        for rep in range(max((e["reps"] for e in entries), default=0)):
+            for entry in entries:
+                if rep >= entry["reps"] or entry.get("failed"):
+                    continue
+                layers = entry["calls"] if mode == "cold" else [entry["calls"][0]] * len(entry["calls"])
+                skip = len(entry[mode]) if rep == 0 else 0   # a warm-up kept as the first sample
+                try:
+                    with entry["provider"].context():
+                        entry[mode] += [_timed(call, clock) for call in layers[skip:]]
+                except Exception as error:
+                    entry["failed"] = True
+                    notes.append(f"{entry['provider'].name} on {case.labels}: failed, "
+                                 f"{type(error).__name__}: {error}")
+    for entry in entries:
+        if entry.get("failed"):
+            continue
+        for mode in modes:
+            layers = len(entry["calls"]) if mode == "cold" else 1
+            rows.append({**case.labels, "provider": entry["provider"].name, "mode": mode,
+                         "layers": layers, "footprint_bytes": entry["nbytes"] * layers,
+                         "bytes": entry["nbytes"], **quantiles_ms(entry[mode])})
+    entries.clear()
+    gc.collect()
+    return rows, notes
+
+
 def measure_all(providers: Sequence[Provider], cases: Sequence[Any], measure_one=None,
                 **options) -> tuple[list[dict], list[str]]:
-    """`measure_one` (default `measure`) for every case x provider; a provider that raises
-    is noted, not fatal."""
-    measure_one = measure if measure_one is None else measure_one
+    """Every case x provider: by default `measure_interleaved` (the providers of a case take
+    turns), else `measure_one` per provider; a provider that raises is noted, not fatal."""
     rows, notes = [], []
     for case in cases:
+        if measure_one is None:
+            case_rows, case_notes = measure_interleaved(providers, case, **options)
+            rows += case_rows
+            notes += case_notes
+            continue
         for provider in providers:
             try:
                 rows += measure_one(provider, case, **options)

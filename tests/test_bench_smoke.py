@@ -6,6 +6,7 @@ No timing is asserted anywhere (shared/perf.md): the machines are shared and noi
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import json
@@ -391,3 +392,28 @@ def test_dora_bench_quick_run(tmp_path):
     # the fresh-process memory runs worked (Linux: VmHWM), and a layer this small adds < 64 MiB
     assert all(row["peak_mib"] is not None and 0 <= row["peak_mib"] < 64 for row in rows)
     assert (tmp_path / "dora-latest.json").exists()
+
+
+def test_providers_of_a_case_take_turns():
+    # harness.measure_interleaved: pass r of every provider before pass r + 1 of any, each
+    # inside its own context, so a burst of outside load lands on all of them
+    log = []
+
+    @contextlib.contextmanager
+    def inside(name):
+        log.append(f"enter {name}")
+        yield
+        log.append(f"exit {name}")
+
+    def provider(name, reps):
+        layers = lambda case, n: [functools.partial(log.append, f"{name}{i}") for i in range(n)]
+        return harness.Provider(name, layers, bytes_moved=lambda case: harness.COLD_FOOTPRINT,
+                                reps=reps, context=functools.partial(inside, name))
+
+    case = types.SimpleNamespace(labels={"op": "fake"})
+    rows, notes = harness.measure_interleaved([provider("a", 2), provider("b", 1)], case)
+    assert notes == [] and [(r["provider"], r["calls"]) for r in rows] == [("a", 4), ("b", 2)]
+    setup = ["enter a", "a0", "exit a", "enter b", "b0", "exit b"]   # one warm-up call each
+    passes = ["enter a", "a0", "a1", "exit a", "enter b", "b0", "b1", "exit b",
+              "enter a", "a0", "a1", "exit a"]
+    assert log == setup + passes
