@@ -121,8 +121,11 @@ def _state_objects(quant_state) -> tuple:
 
 def _state_sources(packed: Tensor, quant_state) -> tuple:
     """Identifies (packed, quant_state) for PackedWeight.from_state's cache: the packed
-    storage (address, size, dtype, device) and the identities of the state's objects."""
-    return ((packed.data_ptr(), packed.numel(), packed.dtype, packed.device)
+    storage (address, size, dtype, device), the nested offset's version (its value is read
+    into the kept weight) and the identities of the state's objects."""
+    offset = getattr(quant_state, "offset", None)
+    return ((packed.data_ptr(), packed.numel(), packed.dtype, packed.device,
+             offset._version if isinstance(offset, Tensor) else None)
             + tuple(map(id, _state_objects(quant_state))))
 
 
@@ -197,7 +200,9 @@ class PackedWeight(NamedTuple):
         cached = getattr(quant_state, _CACHE_ATTRIBUTE, None)
         if cached is not None and cached[0] == sources:
             return cached[2]
-        weight = cls._from_state(packed, quant_state, name)
+        # the kept weight has the nested offset read (with_offset_read: on a GPU a sync, once
+        # per state instead of once per op call); its version is in the key
+        weight = cls._from_state(packed, quant_state, name).with_offset_read()
         try:  # (the objects themselves are kept, so their ids stay unique while cached)
             setattr(quant_state, _CACHE_ATTRIBUTE, (sources, _state_objects(quant_state), weight))
         except AttributeError:  # a state type that takes no attributes: no cache

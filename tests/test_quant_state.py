@@ -63,6 +63,11 @@ def test_packed_weight_is_kept_until_the_state_or_storage_changes():
     assert PackedWeight.from_state(moved, state).packed.data_ptr() == moved.data_ptr()
     state.state2.absmax = state.state2.absmax.clone()
     assert PackedWeight.from_state(moved, state).nested.absmax is state.state2.absmax
+    # the nested offset is read into the kept weight (once, not per op call); writing
+    # into it is seen
+    assert isinstance(PackedWeight.from_state(moved, state).nested.offset, float)
+    state.offset.add_(1.0)
+    assert PackedWeight.from_state(moved, state).nested.offset == state.offset.item()
     # the kept weight is not pickled with the state
     assert "_nf4lora_weight" in vars(state)
     assert "_nf4lora_weight" not in vars(pickle.loads(pickle.dumps(state)))

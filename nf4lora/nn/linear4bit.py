@@ -521,7 +521,9 @@ class Linear4bit(_Layer4bit, nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = self.prepare(x)
-        y = matmul_4bit(x.to(dtype), self.weight.t(), self.weight.quant_state, bias=self.bias)
+        # the weight as stored: matmul_4bit takes either orientation (bitsandbytes passes
+        # weight.t(), a Params4bit op through __torch_function__, ~2 us a call)
+        y = matmul_4bit(x.to(dtype), self.weight, self.weight.quant_state, bias=self.bias)
         return y.to(x.dtype)
 
 
