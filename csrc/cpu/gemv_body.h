@@ -248,6 +248,8 @@ void walk_float(const GemvWork& a, const Decoder& decode, int64_t block, const u
 // fold factors of a chunk of kFoldColumns are computed first, vectorized, so the inner
 // loop only loads them. Consecutive steps alternate chains (the fold is the loop-carried
 // dependency).
+// How far ahead of the step being decoded W is prefetched
+constexpr int64_t kPrefetchBytes = 1024;
 constexpr int64_t kFoldColumns = 4096;  // a multiple of every blocksize and decoder step
 constexpr int64_t kFoldScales = kFoldColumns / kGemvXGroup;
 
@@ -278,6 +280,7 @@ void walk_integer(const GemvWork& a, const Decoder& decode, int64_t block, const
     for (int64_t j0 = 0; j0 < steps; j0 += kChains) {
       for (int c = 0; c < kChains && j0 + c < steps; ++c, p += kGroup / 2, xg += MT * kGroup) {
         typename Decoder::Weights w[kVectors];
+        __builtin_prefetch(p + kPrefetchBytes);
         if (kScales > 1 && (j0 + c + 1) * kGroup > columns) {
           // a row's last step with only its first scale group: read that half into a
           // zeroed copy (the bytes after it are the next row's, or past the end of W)
