@@ -56,9 +56,9 @@ struct AdapterRows {
   int64_t count = 0;
 };
 
-// lora_gemv_4bit with each row's adapter (args.scaling unused): the same kernel, the
-// same one pass over W, the same rounding per row as lora_gemv_4bit with that row's
-// adapter alone (bit for bit; a row without adapter gets the base matmul's bytes).
+// lora_gemv_4bit with each row's adapter (args.scaling unused): the same kernel and one
+// pass over W; row m gets the bytes lora_gemv_4bit gives it on the same x with adapter
+// index[m] on every row (a row without adapter: those of the matmul without LoRA).
 void multi_lora_gemv_4bit(const LoraGemvArgs& args, const AdapterRows& adapters);
 
 // Fused small-M grad-input (the backward of the matmul for x), csrc/weight.h
