@@ -48,9 +48,9 @@ PYBIND11_MODULE(_C, m) {
         cpu::AdapterRows adapters;
         adapters.count = b::dim(lora_A, 0);
         adapters.index = b::checked_data<int64_t>(adapter_index, "adapter_index", "int64", a.M,
-                                                  "x's rows");
+                                                  "the batch");
         adapters.scalings = b::checked_data<float>(scalings, "scalings", "float32",
-                                                   adapters.count, "lora_A's adapters");
+                                                   adapters.count, "the adapter stack");
         b::released(cpu::multi_lora_gemv_4bit, a, adapters);
       },
       py::arg("x"), py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("scalings"),

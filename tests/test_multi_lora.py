@@ -13,8 +13,10 @@ import nf4lora
 import nf4lora.functional as nf
 from nf4lora import reference
 from nf4lora._weight import PackedWeight
+from nf4lora.backends import composite, cpu as cpu_backend
 
 from conftest import DTYPES
+from test_cpu_matmul import isa, sums    # noqa: F401  (fixtures: NF4LORA_CPU_ISA / _GEMV)
 
 
 def weight(out_f=37, in_f=192, seed=0):
@@ -184,9 +186,6 @@ def test_pad_adapters_rejects_what_does_not_fit():
 # fixtures of test_cpu_matmul.py, which checks each path's accuracy), and that no fallback
 # ran.
 
-from nf4lora.backends import composite, cpu as cpu_backend    # noqa: E402
-from test_cpu_matmul import isa, sums    # noqa: E402,F401  (fixtures: NF4LORA_CPU_ISA / _GEMV)
-
 needs_cpu = pytest.mark.skipif(cpu_backend.availability() is not None,
                                reason=str(cpu_backend.availability()))
 
@@ -295,8 +294,8 @@ def test_cpu_large_batches_take_the_composite_path(monkeypatch):
     (dict(index=torch.tensor([0, 2])), "adapter index out of range"),
     (dict(index=torch.tensor([-2, 0])), "adapter index out of range"),
     (dict(index=torch.tensor([0, 1], dtype=torch.int32)), "adapter_index must be torch.int64"),
-    (dict(index=torch.tensor([0])), "adapter_index holds 1 elements, x's rows needs 2"),
-    (dict(scalings=torch.ones(1)), "scalings holds 1 elements, lora_A's adapters needs 2"),
+    (dict(index=torch.tensor([0])), "adapter_index holds 1 elements, the batch needs 2"),
+    (dict(scalings=torch.ones(1)), "scalings holds 1 elements, the adapter stack needs 2"),
     (dict(scalings=torch.ones(2, dtype=torch.float64)), "scalings must be torch.float32"),
     (dict(A=None), "a mixed-adapter batch needs lora_A"),
 ])
@@ -307,8 +306,8 @@ def test_cpu_kernel_guards_its_reads(change, match):
     args = dict(A=torch.zeros(2, 4, 192), B=torch.zeros(2, 37, 4), scalings=torch.ones(2),
                 index=torch.tensor([0, 1]))
     args.update(change)
-    weight_ = PackedWeight.from_state(packed, state).with_offset_read()
+    packed_weight = PackedWeight.from_state(packed, state).with_offset_read()
     with pytest.raises(ValueError, match=match):
-        cpu_backend._C.multi_lora_gemv_4bit(torch.zeros(2, 192), weight_, args["A"], args["B"],
-                                            args["scalings"], args["index"], None,
+        cpu_backend._C.multi_lora_gemv_4bit(torch.zeros(2, 192), packed_weight, args["A"],
+                                            args["B"], args["scalings"], args["index"], None,
                                             torch.empty(2, 37), torch.empty(2, 4))
