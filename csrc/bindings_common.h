@@ -56,10 +56,11 @@ inline int float_dtype(py::handle tensor) { return dtype_id(tensor.attr("dtype")
 
 // The address of a tensor the kernels read as `count` contiguous elements of
 // torch.<dtype>; ValueError naming it otherwise. (PackedWeight's constructors check sizes,
-// dtypes and devices once; this guards the reads of one assembled by hand or sliced.)
+// dtypes and devices once; this guards the reads of one assembled by hand or sliced, and
+// of the other operands a kernel indexes by their values: `reader` says whose count.)
 template <class T>
 const T* checked_data(py::handle tensor, const std::string& name, const char* dtype,
-                      int64_t count) {
+                      int64_t count, const char* reader = "the weight") {
   const std::string actual = py::str(tensor.attr("dtype"));
   if (actual != std::string("torch.") + dtype)
     throw py::value_error(name + " must be torch." + dtype + ", got " + actual);
@@ -67,7 +68,7 @@ const T* checked_data(py::handle tensor, const std::string& name, const char* dt
     throw py::value_error(name + " must be contiguous");
   if (numel(tensor) < count)
     throw py::value_error(name + " holds " + std::to_string(numel(tensor)) +
-                          " elements, the weight needs " + std::to_string(count));
+                          " elements, " + reader + " needs " + std::to_string(count));
   return data<const T>(tensor);
 }
 

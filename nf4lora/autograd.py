@@ -395,9 +395,11 @@ def multi_lora_matmul_4bit(x: Tensor, weight: Tensor, quant_state, lora_A: Tenso
     integers matching x's leading dims, on x's device or the CPU (its range is checked: free
     on the CPU, a sync per call on a GPU). The op `nf4lora::multi_lora_matmul_4bit` runs it: the Triton kernels compute
     each row's adapter inside the 4-bit pass (the GEMV's shrink programs and the shared
-    LoRA epilogue, per row); the CPU and CUDA backends run their fused matmul once for the
-    whole batch, then the adapters gathered per row with torch's batched GEMMs
-    (nf4lora.reference.multi_lora_delta). Gradients flow to x, lora_A, lora_B and bias.
+    LoRA epilogue, per row), and so does the CPU's fused GEMV (each row's h and epilogue
+    read its adapter); the CUDA backend, and the CPU beyond the fused kernel's rows, run
+    their matmul once for the whole batch, then the adapters gathered per row with torch's
+    batched GEMMs (nf4lora.reference.multi_lora_delta). Gradients flow to x, lora_A, lora_B
+    and bias.
     PEFT's `adapter_names=` forward on nf4lora layers calls it (nf4lora.integrations.peft).
     """
     packed = _weight_of(weight, quant_state)

@@ -6,7 +6,8 @@
 #              custom table and an encoder with scrambled codes (formats.h: the kernels
 #              take formats as data), quantize also on every threshold and its neighbours;
 #   cmp_gemv   the fused GEMV (scalar, native AVX2, emulated AVX-512 and AVX-512 +
-#              AVX512-BF16; NF4, FP4 and a custom table) against a float64 reference
+#              AVX512-BF16; NF4, FP4 and a custom table; one adapter or a mixed-adapter
+#              batch, each row its own adapter or none) against a float64 reference
 #              (float32 within 1e-5 of the sum of |terms|, 16-bit outputs within one ulp;
 #              for the vdpbf16ps path the reference's weights are rounded to bf16, as
 #              that path's are);

@@ -13,8 +13,10 @@ import nf4lora
 import nf4lora.functional as nf
 from nf4lora import reference
 from nf4lora._weight import PackedWeight
+from nf4lora.backends import composite, cpu as cpu_backend
 
 from conftest import DTYPES
+from test_cpu_matmul import isa, sums    # noqa: F401  (fixtures: NF4LORA_CPU_ISA / _GEMV)
 
 
 def weight(out_f=37, in_f=192, seed=0):
@@ -174,3 +176,138 @@ def test_pad_adapters_rejects_what_does_not_fit():
     with pytest.raises(ValueError, match="adapter 1"):
         nf4lora.pad_adapters([torch.zeros(2, 8), torch.zeros(3, 8)],
                              [torch.zeros(5, 2), torch.zeros(5, 2)])
+
+
+# ---- the cpu backend's fused kernel (_C.multi_lora_gemv_4bit) --------------------------
+# Each row's adapter inside the fused GEMV: its h (phase 2) and epilogue read that row's
+# adapter of the stack. Checked against the float64 spec within the same-dtype baseline
+# (the CPU's best SIMD path, both decoder families), bit for bit against the
+# single-adapter kernel on the same rows on every SIMD path and decoder this CPU has (the
+# fixtures of test_cpu_matmul.py, which checks each path's accuracy), and that no fallback
+# ran.
+
+needs_cpu = pytest.mark.skipif(cpu_backend.availability() is not None,
+                               reason=str(cpu_backend.availability()))
+
+
+@pytest.fixture
+def cpu_kernel(monkeypatch):
+    """The cpu backend, its composite fallback turned into an error: what passes ran the
+    fused kernel."""
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("the cpu backend fell back to the composite path")
+    monkeypatch.setattr(composite, "multi_lora_matmul_4bit", no_fallback)
+    nf4lora.set_backend("cpu")
+    yield
+    nf4lora.set_backend(None)
+
+
+def mixed_batch(M, ranks, dtype, out_f=37, in_f=192, blocksize=64, seed=7):
+    """(packed, state, W float64, x, A, B, bias, scalings tensor, index): index has -1 and
+    repeats wherever M allows, the adapters' ranks padded to the largest."""
+    gen = torch.Generator().manual_seed(seed)
+    packed, state = nf.quantize_4bit(torch.randn(out_f, in_f, generator=gen), blocksize=blocksize,
+                                     compress_statistics=True)
+    A, B = nf4lora.pad_adapters(*adapters(ranks, out_f, in_f, dtype, seed=seed + 1))
+    x = torch.randn(M, in_f, generator=gen).to(dtype)
+    bias = torch.randn(out_f, generator=gen).to(dtype)
+    n = len(ranks)
+    index = torch.tensor([(m * 5 + 2) % (n + 1) - 1 for m in range(M)])   # -1 .. n-1, cycling
+    scalings = torch.tensor([0.5 + 0.75 * i for i in range(n)])
+    return (packed, state, nf.dequantize_4bit(packed, state).double(), x, A, B, bias, scalings,
+            index)
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", range(1, 10))   # every tile height, and 8 + 1
+@pytest.mark.parametrize("ranks", [(1, 70, 5), (16,) * 3], ids=["r1-70-5", "r16"])
+def test_cpu_kernel_matches_the_spec(cpu_kernel, sums, dtype, M, ranks):
+    packed, state, W, x, A, B, bias, scalings, index = mixed_batch(M, ranks, dtype)
+    assert cpu_backend.matmul_path(M, PackedWeight.from_state(packed, state), dtype) == "fused"
+    y = nf4lora.multi_lora_matmul_4bit(x, packed, state, A, B, scalings, index, bias)
+    exact = reference.multi_lora_matmul_4bit(x.double(), W, A.double(), B.double(), scalings,
+                                             index, bias.double())
+    base = reference.multi_lora_matmul_4bit(x, W.to(dtype), A, B, scalings, index, bias)
+    assert_within_baseline(y, base, exact, dtype, f"y M={M} {sums}")
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,in_f,out_f,blocksize", [(8, 1088, 23, 64), (11, 2112, 40, 32),
+                                                    (4, 1024, 17, 1024)])
+def test_cpu_kernel_rows_are_the_single_adapter_kernel(cpu_kernel, isa, sums, dtype, M, in_f,
+                                                       out_f, blocksize):
+    """Row m with adapter i has the bytes of the single-adapter kernel on the same x with
+    adapter i (a -1 row: of the matmul without adapter): one kernel, the adapter per row.
+    The shapes take the 8-row tile's K slices, a short last tile, a block of 1024."""
+    packed, state, _, x, A, B, bias, scalings, index = mixed_batch(
+        M, (3, 8, 1), dtype, out_f, in_f, blocksize)
+    y = nf4lora.multi_lora_matmul_4bit(x, packed, state, A, B, scalings, index, bias)
+    weight = PackedWeight.from_state(packed, state).with_offset_read()
+    for i in range(-1, A.shape[0]):
+        rows = index == i
+        single = (cpu_backend.lora_matmul_4bit(x, weight, None, None, 1.0, bias)[0] if i < 0 else
+                  cpu_backend.lora_matmul_4bit(x, weight, A[i], B[i], float(scalings[i]), bias)[0])
+        assert torch.equal(y[rows], single[rows]), (i, isa, sums)
+
+
+@needs_cpu
+def test_cpu_kernel_bytes_do_not_depend_on_threads(cpu_kernel):
+    packed, state, _, x, A, B, bias, scalings, index = mixed_batch(
+        7, (16, 4, 9), torch.bfloat16, out_f=1000, in_f=512)
+    results = []
+    try:
+        for threads in (1, 2, 1, 2):
+            cpu_backend._C.set_num_threads(threads)
+            results.append(nf4lora.multi_lora_matmul_4bit(x, packed, state, A, B, scalings, index,
+                                                          bias))
+    finally:
+        cpu_backend._C.set_num_threads(0)
+    for y in results[1:]:
+        assert torch.equal(y, results[0])
+
+
+@needs_cpu
+def test_cpu_large_batches_take_the_composite_path(monkeypatch):
+    """Beyond the fused kernel's rows (matmul_path): the dequantize+gemm matmul, then the
+    adapters gathered (composite), still the spec."""
+    M = cpu_backend.fused_max_m(torch.float32) + 1
+    packed, state, W, x, A, B, bias, scalings, index = mixed_batch(M, (2, 6), torch.float32)
+    calls = []
+    original = composite.multi_lora_matmul_4bit
+    monkeypatch.setattr(composite, "multi_lora_matmul_4bit",
+                        lambda *args: calls.append(1) or original(*args))
+    nf4lora.set_backend("cpu")
+    try:
+        y = nf4lora.multi_lora_matmul_4bit(x, packed, state, A, B, scalings, index, bias)
+    finally:
+        nf4lora.set_backend(None)
+    assert calls == [1]
+    exact = reference.multi_lora_matmul_4bit(x.double(), W, A.double(), B.double(), scalings,
+                                             index, bias.double())
+    torch.testing.assert_close(y.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+@needs_cpu
+@pytest.mark.parametrize("change,match", [
+    (dict(index=torch.tensor([0, 2])), "adapter index out of range"),
+    (dict(index=torch.tensor([-2, 0])), "adapter index out of range"),
+    (dict(index=torch.tensor([0, 1], dtype=torch.int32)), "adapter_index must be torch.int64"),
+    (dict(index=torch.tensor([0])), "adapter_index holds 1 elements, the batch needs 2"),
+    (dict(scalings=torch.ones(1)), "scalings holds 1 elements, the adapter stack needs 2"),
+    (dict(scalings=torch.ones(2, dtype=torch.float64)), "scalings must be torch.float32"),
+    (dict(A=None), "a mixed-adapter batch needs lora_A"),
+])
+def test_cpu_kernel_guards_its_reads(change, match):
+    """The binding and kernel check what would read out of bounds, for callers that skip the
+    op's checks."""
+    packed, state = weight()[:2]
+    args = dict(A=torch.zeros(2, 4, 192), B=torch.zeros(2, 37, 4), scalings=torch.ones(2),
+                index=torch.tensor([0, 1]))
+    args.update(change)
+    packed_weight = PackedWeight.from_state(packed, state).with_offset_read()
+    with pytest.raises(ValueError, match=match):
+        cpu_backend._C.multi_lora_gemv_4bit(torch.zeros(2, 192), packed_weight, args["A"],
+                                            args["B"], args["scalings"], args["index"], None,
+                                            torch.empty(2, 37), torch.empty(2, 4))

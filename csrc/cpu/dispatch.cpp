@@ -329,19 +329,32 @@ static void check_fused_shapes(int64_t M, int64_t K, int64_t N, int64_t rank,
         "K must be a multiple of blocksize (rows start on block boundaries)");
 }
 
-void lora_gemv_4bit(const LoraGemvArgs& op) {
+// lora_gemv_4bit, and multi_lora_gemv_4bit with `adapters` (the index and scalings of
+// each row's adapter; null: one adapter for every row).
+static void run_lora_gemv_4bit(const LoraGemvArgs& op, const AdapterRows* adapters) {
   const int64_t M = op.M, K = op.K, N = op.N, rank = op.rank;
   check_fused_shapes(M, K, N, rank, op.weight, op.dtype);
   if (M == 0) return;
   check(op.x && op.y && (N == 0 || K == 0 || op.weight.packed), "null pointer");
   check(rank == 0 || (op.lora_A && op.lora_B && op.h), "null LoRA pointer");
   if (N > 0 && K > 0) check_block_constants(op.weight);
+  if (adapters != nullptr) {
+    check(adapters->index && adapters->scalings, "null adapter index or scalings");
+    check(adapters->count >= 1, "a mixed batch needs at least one adapter");
+    for (int64_t m = 0; m < M; ++m)  // the kernel reads lora_A and lora_B at the index
+      check(adapters->index[m] >= -1 && adapters->index[m] < adapters->count,
+            "adapter index out of range: each must lie in [-1, adapters)");
+  }
   const IsaKernels& k = select_kernels();
   // x_paired: + a decoder step's missing half (gemv_body.h paired_columns)
   std::vector<float> x_paired(M * (K + kGemvXGroup)), x_natural(rank > 0 ? M * K : 0), h_scaled(M * rank),
       x_scales(M * (K / kGemvXGroup + 1));
-  const GemvWork args{op, x_paired.data(), rank > 0 ? x_natural.data() : nullptr, h_scaled.data(),
-                      x_scales.data(), gemv_integer_sums(op, k)};
+  GemvWork args{op, x_paired.data(), rank > 0 ? x_natural.data() : nullptr, h_scaled.data(),
+                x_scales.data(), gemv_integer_sums(op, k)};
+  if (adapters != nullptr) {
+    args.adapter_index = adapters->index;
+    args.scalings = adapters->scalings;
+  }
   const int64_t chunks = (N + kGemvRowsPerChunk - 1) / kGemvRowsPerChunk;
   int64_t threads = num_threads();
   if (threads > N * K / kMinElementsPerThread) threads = N * K / kMinElementsPerThread;
@@ -361,6 +374,12 @@ void lora_gemv_4bit(const LoraGemvArgs& op) {
       k.gemv_rows(args, n0, n0 + kGemvRowsPerChunk < N ? n0 + kGemvRowsPerChunk : N);
     }
   }
+}
+
+void lora_gemv_4bit(const LoraGemvArgs& op) { run_lora_gemv_4bit(op, nullptr); }
+
+void multi_lora_gemv_4bit(const LoraGemvArgs& op, const AdapterRows& adapters) {
+  run_lora_gemv_4bit(op, &adapters);
 }
 
 // The fused grad-input's panels (columns of W per work item): the accumulators a panel

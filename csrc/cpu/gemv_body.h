@@ -5,7 +5,9 @@
 //
 // with W [N, K] 4-bit in any format (its code table is data, nested absmax decoded on the
 // fly), x [M, K], lora_A [r, K], lora_B [N, r], bias [N], y [M, N], h [M, r], all
-// activations in one dtype. Included
+// activations in one dtype; or, for a mixed-adapter batch, each row of x its own adapter
+// of a stack (isa.h GemvWork::adapter: phase 2 and gemv_finish_row read that adapter's
+// rows of A and B; the single adapter is adapter 0 for every row). Included
 // by every ISA translation unit after kernel_body.h, like it (no include guard); it
 // uses the same primitives plus:
 //
@@ -135,12 +137,19 @@ void gemv_prepare_impl(const GemvWork& a, int64_t m) {
   with_decoder<In>(a, [&](auto decoder) { gemv_prepare_rows<In, decltype(decoder)>(a, m); });
 }
 
-// ---- phase 2, per (m, j): h[m, j] = x[m] . A[j], rounded to the activation dtype as
-// the h that backward saves; the epilogue uses that rounded value times scaling.
+// ---- phase 2, per (m, j): h[m, j] = x[m] . A[j] with A row m's adapter, rounded to the
+// activation dtype as the h that backward saves; the epilogue uses that rounded value
+// times the adapter's scaling. A row without adapter (-1) gets h = 0, and no LoRA term.
 template <class T>
 void gemv_lora_h_impl(const GemvWork& a, int64_t m, int64_t j) {
+  const int64_t adapter = a.adapter(m);
+  if (adapter < 0) {
+    static_cast<T*>(a.h)[m * a.rank + j] = from_float<T>(0.0f);
+    a.h_scaled[m * a.rank + j] = 0.0f;
+    return;
+  }
   const float* x = a.x_natural + m * a.K;
-  const T* row = static_cast<const T*>(a.lora_A) + j * a.K;
+  const T* row = static_cast<const T*>(a.lora_A) + (adapter * a.rank + j) * a.K;
   // Four chains: a quarter of the FMA latency per element, and sums a quarter as long
   // (one chain was 6x torch's float32 error at K = 1088).
   F acc[4] = {splat(0.0f), splat(0.0f), splat(0.0f), splat(0.0f)};
@@ -152,7 +161,7 @@ void gemv_lora_h_impl(const GemvWork& a, int64_t m, int64_t j) {
   for (; k < a.K; ++k) sum = add_rn(sum, mul_rn(x[k], to_float(row[k])));
   const T rounded = from_float<T>(sum);
   static_cast<T*>(a.h)[m * a.rank + j] = rounded;
-  a.h_scaled[m * a.rank + j] = mul_rn(to_float(rounded), a.scaling);
+  a.h_scaled[m * a.rank + j] = mul_rn(to_float(rounded), a.scaling_of(adapter));
 }
 
 // Walks the block constants of consecutive blocks. With double quantization each is
@@ -190,17 +199,20 @@ class BlockScales {
 // y[m0 + m, n] from the finished accumulators: LoRA term, bias, rounding to T.
 template <class T, int MT, int kChains>
 void gemv_finish_row(const GemvWork& a, const F (&acc)[MT][kChains], int64_t m0, int64_t n) {
-  const T* b_row = static_cast<const T*>(a.lora_B) + n * a.rank;
   const T* bias = static_cast<const T*>(a.bias);
   for (int m = 0; m < MT; ++m) {
     F sum_v = acc[m][0];
     for (int c = 1; c < kChains; ++c) sum_v = add(sum_v, acc[m][c]);
-    // LoRA: sum_j (scaling * h[m, j]) * B[n, j], folded into the same lanes.
+    // LoRA: sum_j (scaling * h[m, j]) * B[n, j] with B row m's adapter, folded into the
+    // same lanes (none for a row without adapter: its y is the base's, bit for bit).
+    const int64_t adapter = a.rank > 0 ? a.adapter(m0 + m) : -1;
+    const int64_t rank = adapter < 0 ? 0 : a.rank;
+    const T* b_row = rank > 0 ? static_cast<const T*>(a.lora_B) + (adapter * a.N + n) * rank : nullptr;
     const float* hs = a.h_scaled + (m0 + m) * a.rank;
     int64_t j = 0;
-    for (; j + kW <= a.rank; j += kW) sum_v = fmadd(load(hs + j), load(b_row + j), sum_v);
+    for (; j + kW <= rank; j += kW) sum_v = fmadd(load(hs + j), load(b_row + j), sum_v);
     float sum = hsum(sum_v);
-    for (; j < a.rank; ++j) sum = add_rn(sum, mul_rn(hs[j], to_float(b_row[j])));
+    for (; j < rank; ++j) sum = add_rn(sum, mul_rn(hs[j], to_float(b_row[j])));
     if (bias != nullptr) sum = add_rn(sum, to_float(bias[n]));
     static_cast<T*>(a.y)[(m0 + m) * a.N + n] = from_float<T>(sum);
   }

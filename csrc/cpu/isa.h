@@ -71,11 +71,20 @@ struct Dequant8Args {
 
 // The fused small-M matmul (gemv_body.h): its operands plus the float32 workspaces the
 // dispatcher allocates, [M, K], [M, K] (only with LoRA), [M, rank] and [M, K / 64] (the
-// activation scales of the integer decoders), and the dispatcher's choice of decoder
-// (integer_sums: the ISA's integer decoder where it has one; dispatch.cpp gemv_sums).
+// activation scales of the integer decoders), the dispatcher's choice of decoder
+// (integer_sums: the ISA's integer decoder where it has one; dispatch.cpp gemv_sums), and
+// which adapter each row of x uses (kernels.h AdapterRows). One adapter is the case of
+// adapter_index null: adapter 0, `scaling`, for every row; a mixed batch
+// (multi_lora_gemv_4bit) gives row m adapter_index[m] (-1: none), its rows of the stacked
+// lora_A [adapters, rank, K] and lora_B [adapters, N, rank], and scalings[adapter_index[m]].
 constexpr int64_t kGemvXGroup = 64;  // elements of x per activation scale (integer decoders)
 struct GemvWork : LoraGemvArgs {
   float* x_paired; float* x_natural; float* h_scaled; float* x_scales; bool integer_sums;
+  const int64_t* adapter_index = nullptr;  // [M] in [-1, adapters), or null
+  const float* scalings = nullptr;         // [adapters] (with adapter_index)
+
+  int64_t adapter(int64_t m) const { return adapter_index != nullptr ? adapter_index[m] : 0; }
+  float scaling_of(int64_t adapter) const { return scalings != nullptr ? scalings[adapter] : scaling; }
 };
 
 // The fused grad-input (gemv_body.h grad_input_panel): its operands, grad and grad_h as

@@ -14,7 +14,9 @@ packed weight) only cheap checks guard what would otherwise read or write out of
 The matmul ops take one of two paths (`matmul_path` tells which):
 
 * "fused", M <= fused_max_m(dtype) rows (decode, small batches): `_C.lora_gemv_4bit` reads W
-  packed, decodes it in registers and does the LoRA and bias epilogue in the same pass.
+  packed, decodes it in registers and does the LoRA and bias epilogue in the same pass
+  (a mixed-adapter batch: `_C.multi_lora_gemv_4bit`, the same kernel, each row its own
+  adapter).
 * "dequantize+gemm", everything else: W is dequantized chunk by chunk into a reused
   per-thread workspace and multiplied with torch's GEMM (oneDNN). On CPUs without
   native 16-bit GEMM instructions (no AVX512-BF16 / AMX / AVX512-FP16) torch's bf16 and
@@ -30,11 +32,13 @@ W read packed, column panels per thread, float32 sums), else "dequantize+gemm" a
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 
 import torch
 
 from .. import codebook
+from . import composite
 
 DEVICE_TYPES = ("cpu",)
 
@@ -185,12 +189,18 @@ def matmul_path(M: int, weight, dtype: torch.dtype) -> str:
     return "fused" if fused else "dequantize+gemm"
 
 
-def _fused(x, weight, lora_A, lora_B, scaling, bias):
-    M, N, rank = x.shape[0], weight.out_features, (0 if lora_A is None else lora_A.shape[0])
+def _fused(x, weight, lora_A, lora_B, scaling, bias, per_row=None):
+    """(y, h) of the fused kernel. per_row: None (one adapter, lora_A [r, K], lora_B [N, r]),
+    or (scalings float32 [n], adapter_index int64 [M]) for a mixed batch with lora_A
+    [n, r, K], lora_B [n, N, r] (h is then each row's own, 0 on rows without adapter)."""
+    M, N, rank = x.shape[0], weight.out_features, (0 if lora_A is None else lora_A.shape[-2])
     y = torch.empty((M, N), dtype=x.dtype)
     h = torch.empty((M, rank), dtype=x.dtype)
     bias = None if bias is None else bias.contiguous()
-    _C.lora_gemv_4bit(x, weight, lora_A, lora_B, float(scaling), bias, y, h)
+    if per_row is None:
+        _C.lora_gemv_4bit(x, weight, lora_A, lora_B, float(scaling), bias, y, h)
+    else:
+        _C.multi_lora_gemv_4bit(x, weight, lora_A, lora_B, *per_row, bias, y, h)
     return y, h
 
 
@@ -262,6 +272,18 @@ def lora_matmul_4bit(x, weight, lora_A, lora_B, scaling, bias):
     if matmul_path(x.shape[0], weight, x.dtype) == "fused":
         return _fused(x, weight, lora_A, lora_B, scaling, bias)
     return _dequantize_gemm(x, weight, lora_A, lora_B, scaling, bias)
+
+
+def multi_lora_matmul_4bit(x, weight, lora_A, lora_B, scalings, adapter_index, bias):
+    """A mixed-adapter batch (nf4lora._ops.multi_lora_matmul_4bit): on the fused path each
+    row's adapter inside the fused kernel (its h and epilogue read that row's adapter: one
+    pass over W, and nothing after it), else the composite path (the dequantize+gemm
+    matmul once for the batch, then the adapters gathered per row)."""
+    if matmul_path(x.shape[0], weight, x.dtype) == "fused":
+        per_row = (scalings, adapter_index.to(torch.int64))
+        return _fused(x, weight, lora_A, lora_B, 1.0, bias, per_row)[0]
+    return composite.multi_lora_matmul_4bit(sys.modules[__name__], x, weight, lora_A, lora_B,
+                                            scalings, adapter_index, bias)
 
 
 def grad_input_fused_max_m(dtype: torch.dtype) -> int:

@@ -18,9 +18,9 @@ from PEFT's LoraLayer), so adapters saved from a bitsandbytes model load here an
 What differs is the forward: with one active adapter and no active dropout it is a single
 `nf4lora.lora_matmul_4bit` call (base and adapter fused); a mixed batch (`adapter_names=`)
 is a single `nf4lora.multi_lora_matmul_4bit` call (the base once, each sample's adapter per
-row, inside the kernels on the Triton backend) where PEFT's loop runs the base, then each
-adapter on its sub-batch; otherwise it is base(x) plus the sum of the adapters, as PEFT
-computes it. And the merge: it re-quantizes (as PEFT's
+row, inside the kernels on the Triton and C++ CPU backends) where PEFT's loop runs the
+base, then each adapter on its sub-batch; otherwise it is base(x) plus the sum of the
+adapters, as PEFT computes it. And the merge: it re-quantizes (as PEFT's
 bitsandbytes layer does) through nf4lora.merge, which reports the error per layer, refuses
 a merge over a bound and offers an error-minimizing re-quantization; PEFT's
 merge_and_unload() takes those options from `nf4lora.merge.merge_options(...)` around it.

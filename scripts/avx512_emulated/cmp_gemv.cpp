@@ -1,5 +1,6 @@
 // Full lora GEMV (prepare, lora_h, rows) of scalar / avx2 (native) / avx512 (SIMDe
-// emulated) kernels, each against a double-precision reference computed here.
+// emulated) kernels, each against a double-precision reference computed here; one adapter,
+// or each row its own of a stack (a mixed-adapter batch).
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -52,16 +53,25 @@ static void run_case(const IsaKernels& K_, int64_t M, int64_t K, int64_t N, int6
                      int dt, Stats& st) {
   rng = 0x9E3779B9u ^ (uint32_t)(M * 1000003 + K * 10007 + N * 101 + bs * 7 + qt * 3 + nested_bs * 13 + rank * 17 + has_bias * 19 + dt * 23);
   for (int i = 0; i < 4; ++i) rnd();
+  // every other case with LoRA is a mixed-adapter batch: 3 adapters stacked, row m's
+  // adapter (m * 5 + 2) % 4 - 1 (-1: none), each its own scaling (isa.h GemvWork::adapter)
+  const bool mixed = rank > 0 && (st.cases / 2) % 2 == 0;
   char desc[200];
-  snprintf(desc, sizeof desc, "[%s M=%lld K=%lld N=%lld bs=%lld %s nbs=%d r=%lld bias=%d dt=%d]",
+  snprintf(desc, sizeof desc, "[%s M=%lld K=%lld N=%lld bs=%lld %s nbs=%d r=%lld bias=%d dt=%d mixed=%d]",
            K_.name, (long long)M, (long long)K, (long long)N, (long long)bs, format.name, nested_bs,
-           (long long)rank, has_bias, dt);
+           (long long)rank, has_bias, dt, mixed);
   const int es = es_of(dt);
   const int64_t blocks = N * K / bs;
-  std::vector<uint8_t> x(M * K * es), A(rank * K * es + 4), B(N * rank * es + 4), bias(N * es);
+  const int64_t adapters = mixed ? 3 : 1;
+  std::vector<int64_t> index(M, 0);
+  if (mixed)
+    for (int64_t m = 0; m < M; ++m) index[m] = (m * 5 + 2) % (adapters + 1) - 1;
+  const float adapter_scalings[3] = {0.75f, 1.5f, -0.5f};
+  std::vector<uint8_t> x(M * K * es), A(adapters * rank * K * es + 4),
+      B(adapters * N * rank * es + 4), bias(N * es);
   for (int64_t i = 0; i < M * K; ++i) put(x.data(), dt, i, rndf());
-  for (int64_t i = 0; i < rank * K; ++i) put(A.data(), dt, i, rndf() * 0.5f);
-  for (int64_t i = 0; i < N * rank; ++i) put(B.data(), dt, i, rndf() * 0.5f);
+  for (int64_t i = 0; i < adapters * rank * K; ++i) put(A.data(), dt, i, rndf() * 0.5f);
+  for (int64_t i = 0; i < adapters * N * rank; ++i) put(B.data(), dt, i, rndf() * 0.5f);
   for (int64_t i = 0; i < N; ++i) put(bias.data(), dt, i, rndf());
   std::vector<uint8_t> packed(N * K / 2 + 64);
   for (auto& b : packed) b = rnd();
@@ -97,8 +107,12 @@ static void run_case(const IsaKernels& K_, int64_t M, int64_t K, int64_t N, int6
   }
   const LoraGemvArgs op{x.data(), dt, M, N, K, w, rank ? A.data() : nullptr, rank ? B.data() : nullptr,
                         rank, scaling, has_bias ? bias.data() : nullptr, y.data(), rank ? h.data() : nullptr};
-  const GemvWork args{op, x_paired.data(), rank > 0 ? x_natural.data() : nullptr, h_scaled.data(),
-                      x_scales.data(), integer_sums};
+  GemvWork args{op, x_paired.data(), rank > 0 ? x_natural.data() : nullptr, h_scaled.data(),
+                x_scales.data(), integer_sums};
+  if (mixed) {
+    args.adapter_index = index.data();
+    args.scalings = adapter_scalings;
+  }
   for (int64_t m = 0; m < M; ++m) K_.gemv_prepare(args, m);
   for (int64_t i = 0; i < M * rank; ++i) K_.gemv_lora_h(args, i / rank, i % rank);
   // rows in three ranges, out of order
@@ -138,10 +152,12 @@ static void run_case(const IsaKernels& K_, int64_t M, int64_t K, int64_t N, int6
       if (bf16_weights) W[e] = bf16_bits_to_float(float_to_bf16_bits((float)((float)table[code] * am)));
     }
   for (int64_t m = 0; m < M; ++m) {
+    const int64_t a = index[m];  // row m's adapter (-1: none: h = 0, no LoRA term)
+    const double row_scaling = mixed && a >= 0 ? adapter_scalings[a] : scaling;
     for (int64_t j = 0; j < rank; ++j) {
       double s = 0, sa = 0;
-      for (int64_t k = 0; k < K; ++k) {
-        double t = (double)get(x.data(), dt, m * K + k) * get(A.data(), dt, j * K + k);
+      for (int64_t k = 0; k < K && a >= 0; ++k) {
+        double t = (double)get(x.data(), dt, m * K + k) * get(A.data(), dt, (a * rank + j) * K + k);
         s += t; sa += fabs(t);
       }
       check_val(dt, get(h.data(), dt, m * rank + j), s, sa, st, "h", desc, m, j);
@@ -163,8 +179,9 @@ static void run_case(const IsaKernels& K_, int64_t M, int64_t K, int64_t N, int6
                                             fabs(xk) * block_constant[(n * K + k) / bs]);
         }
       }
-      for (int64_t j = 0; j < rank; ++j) {  // epilogue uses the kernel's rounded h
-        double t = (double)get(h.data(), dt, m * rank + j) * scaling * get(B.data(), dt, n * rank + j);
+      for (int64_t j = 0; j < rank && a >= 0; ++j) {  // epilogue uses the kernel's rounded h
+        double t = (double)get(h.data(), dt, m * rank + j) * row_scaling *
+                   get(B.data(), dt, (a * N + n) * rank + j);
         s += t; sa += fabs(t);
       }
       if (has_bias) { double t = get(bias.data(), dt, n); s += t; sa += fabs(t); }
