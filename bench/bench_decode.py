@@ -2,7 +2,8 @@
 bitsandbytes 4-bit and dense bf16, and the share of the read bandwidth its weight bytes imply.
 
     python -m bench.bench_decode [--quick] [--batches 1 8] [--prompt P] [--steps N] [--warmup N]
-                                 [--threads N] [--providers NAME ...] [--no-check] [--out DIR]
+                                 [--rounds N] [--threads N] [--providers NAME ...] [--no-check]
+                                 [--out DIR]
     nf4lora bench decode [the same options]
 
 Every provider generates from the same model: a transformers LlamaForCausalLM built from a
@@ -18,13 +19,16 @@ use_cache=True)` (greedy, the default DynamicCache), in eval mode under no_grad:
                  AVX512-BF16 its first forward repacks each weight for its fused CPU gemv
   dense-bf16     the bf16 model as it is
 
-Timing. Per provider and batch size: one untimed warm-up generate (prefill + 1 decode step:
-lazy initialization, bitsandbytes' repacking, oneDNN primitives, first-touch pages), then one
-timed generate of 1 + warmup + steps new tokens. A StoppingCriteria stamps the clock after each
+Timing. Every provider's model is built first and held. Per batch size: one untimed warm-up
+generate each (prefill + 1 decode step: lazy initialization, bitsandbytes' repacking, oneDNN
+primitives, first-touch pages), then `rounds` timed generates of 1 + warmup + steps new tokens
+each, the providers taking turns (round 1 of each, then round 2 of each, ...: a burst of load
+from other processes lands on all of them). A StoppingCriteria stamps the clock after each
 token: prefill = from the call to the first token (the prompt's forward, plus generate's small
 setup), decode step i = the interval between tokens i-1 and i (one forward of `batch` tokens
-with the KV cache, the greedy pick, the cache update). The first `warmup` decode steps are
-dropped; the row has the median (p20, p80, min) of the rest, tokens/s = batch / median step.
+with the KV cache, the greedy pick, the cache update). The first `warmup` decode steps of each
+round are dropped; the row has the median (p20, p80, min) of the rest of all rounds,
+tokens/s = batch / median step; prefill is the median round's.
 With --threads 1 the clock is the thread's own CPU time (time.thread_time: every kernel of
 every provider runs on that thread), which other processes on a shared machine do not
 inflate; otherwise wall time.
@@ -104,8 +108,10 @@ FULL_MODEL = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22
                   num_attention_heads=32, num_key_value_heads=4, vocab_size=32000)
 QUICK_MODEL = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, vocab_size=1024)
-FULL = dict(model=FULL_MODEL, batches=[1, 8], prompt=32, steps=16, warmup=2, probe_bytes=harness.GIB)
-QUICK = dict(model=QUICK_MODEL, batches=[1], prompt=8, steps=4, warmup=1, probe_bytes=64 * harness.MIB)
+FULL = dict(model=FULL_MODEL, batches=[1, 8], prompt=32, steps=16, warmup=2, rounds=3,
+            probe_bytes=harness.GIB)
+QUICK = dict(model=QUICK_MODEL, batches=[1], prompt=8, steps=4, warmup=1, rounds=1,
+             probe_bytes=64 * harness.MIB)
 
 NF4LORA, BNB, DENSE = "nf4lora", "bitsandbytes", "dense-bf16"
 PROVIDERS = (NF4LORA, BNB, DENSE)
@@ -407,15 +413,19 @@ def parse_args(argv):
     parser.add_argument("--prompt", type=int, help=f"prompt tokens (default {FULL['prompt']})")
     parser.add_argument("--steps", type=int, help=f"timed decode steps (default {FULL['steps']})")
     parser.add_argument("--warmup", type=int, help=f"untimed decode steps first (default {FULL['warmup']})")
+    parser.add_argument("--rounds", type=int,
+                        help=f"timed generates per provider and batch, the providers taking turns "
+                             f"(default {FULL['rounds']})")
     harness.add_model_bench_flags(parser, PROVIDERS, MODEL_FLAGS, FULL_MODEL)
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help=f"skip the correctness check against {SPEC} (saves building it)")
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else FULL
     args.model = harness.model_from_args(args, MODEL_FLAGS, preset["model"])
-    harness.defaults_from_preset(args, preset, ("batches", "prompt", "steps", "warmup", "probe_bytes"))
-    if args.steps < 1 or args.warmup < 0 or args.prompt < 1 or min(args.batches) < 1:
-        parser.error("--steps, --prompt and --batches must be >= 1, --warmup >= 0")
+    harness.defaults_from_preset(args, preset, ("batches", "prompt", "steps", "warmup", "rounds",
+                                                "probe_bytes"))
+    if args.steps < 1 or args.warmup < 0 or args.prompt < 1 or min(args.batches) < 1 or args.rounds < 1:
+        parser.error("--steps, --prompt, --rounds and --batches must be >= 1, --warmup >= 0")
     cfg = args.model
     if cfg["hidden_size"] % cfg["num_attention_heads"] or cfg["num_attention_heads"] % cfg["num_key_value_heads"]:
         parser.error("--hidden must be a multiple of --heads, and --heads of --kv-heads")
@@ -504,64 +514,82 @@ def _run(args, argv) -> dict:
             n_params = sum(p.numel() for p in base.parameters())
             print(f"base model: {n_params / 1e6:.1f} M parameters, {n_params * 2 / 1e9:.2f} GB in bf16, "
                   f"built in {time.perf_counter() - start:.1f} s", flush=True)
+        built = []   # (provider, model, build seconds): every model is held, so the rounds interleave
         for provider in runnable:
             print(f"{provider.name}: {provider.how}", flush=True)
-            model = None
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")    # transformers / bitsandbytes chatter
                     start = time.perf_counter()
                     model = provider.build(lambda: copy.deepcopy(base), mods)
-                    if model is None:
-                        model = base
-                    build_s = time.perf_counter() - start
-                    print(f"  built in {build_s:.1f} s", flush=True)
-                    for batch in args.batches:
-                        prompt = prompts[:batch]
-                        first = generate(model, prompt, 2)            # warm-up, untimed
-                        result = generate(model, prompt, new_tokens)
-                        result["first_prefill_s"] = first["prefill_s"]
-                        timed = result["step_s"][args.warmup:]
-                        q = harness.quantiles_ms(timed)
-                        print(f"  batch {batch}: prefill {result['prefill_s']:.3f} s, decode median "
-                              f"{q['median_ms']:.1f} ms/step, {batch / (q['median_ms'] / 1e3):.2f} tokens/s",
-                              flush=True)
-                        wb = weight_bytes(model, batch)
-                        context = args.prompt + args.warmup + (args.steps + 1) / 2
-                        row = dict(provider=provider.name, how=provider.how, batch=batch, prompt=args.prompt,
-                                   new_tokens=new_tokens, warmup=args.warmup, steps=len(timed),
-                                   build_s=build_s, prefill_s=result["prefill_s"],
-                                   prefill_first_call_s=result["first_prefill_s"],
-                                   step_ms=[t * 1e3 for t in result["step_s"]], **q,
-                                   load_1min=result["load_1min"], cpu_share=result["cpu_share"],
-                                   tokens_per_s=batch / (q["median_ms"] / 1e3),
-                                   prefill_tokens_per_s=batch * args.prompt / result["prefill_s"],
-                                   weight_bytes=wb, weight_mb=wb["total"] / 1e6,
-                                   weight_bytes_per_token=wb["total"] / batch,
-                                   kv_bytes_per_step=kv_bytes_per_step(args.model, batch, context),
-                                   layers=layer_types(model))
-                        row["weight_gbs"] = wb["total"] / (q["median_ms"] * 1e-3) / 1e9
-                        row["pct_read_bw"] = 100 * row["weight_gbs"] / bandwidth["read_gbs"]
-                        row["ideal_ms"] = wb["total"] / (bandwidth["read_gbs"] * 1e9) * 1e3
-                        if provider.name == NF4LORA:
-                            info = nf4lora_paths(model, prompt, result["tokens"])
-                            row["nf4lora_path"] = info
-                            row["path"] = f"{info['backend']}/{info['isa']}: decode fused {info['decode_fused']}"
-                        elif provider.name == BNB:
-                            row["bitsandbytes_path"] = bnb_paths(model, bnb_messages)
-                            row["path"] = row["bitsandbytes_path"]["path"].split(" (")[0]
-                        else:
-                            row["path"] = "torch F.linear bf16"
-                        rows.append(row)
-                        results[(provider.name, batch)] = result
-                    if check and provider.name == NF4LORA:
-                        spec_info = run_spec(base, model, mods, prompts, args, new_tokens, spec)
+                    built.append((provider, base if model is None else model, time.perf_counter() - start))
+                print(f"  built in {built[-1][2]:.1f} s", flush=True)
             except Exception as error:       # a provider that fails is a note, not a crash
                 notes.append(f"{provider.name}: failed, {type(error).__name__}: {error}")
                 print(f"  {provider.name}: failed, {type(error).__name__}: {error}", flush=True)
-            finally:
-                model = None
-                gc.collect()
+        for batch in args.batches:
+            prompt = prompts[:batch]
+            runs = {}   # provider name -> its timed generates, the providers taking turns per round
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for provider, model, _ in list(built):
+                    try:
+                        first = generate(model, prompt, 2)            # warm-up, untimed
+                        runs[provider.name] = dict(first_prefill_s=first["prefill_s"], rounds=[])
+                    except Exception as error:
+                        notes.append(f"{provider.name} batch {batch}: failed, {type(error).__name__}: {error}")
+                for _ in range(args.rounds):
+                    for provider, model, _ in built:
+                        if provider.name in runs:
+                            runs[provider.name]["rounds"].append(generate(model, prompt, new_tokens))
+            for provider, model, build_s in built:
+                if provider.name not in runs:
+                    continue
+                rounds = runs[provider.name]["rounds"]
+                result = dict(rounds[0], first_prefill_s=runs[provider.name]["first_prefill_s"])
+                timed = [t for r in rounds for t in r["step_s"][args.warmup:]]
+                prefill_s = sorted(r["prefill_s"] for r in rounds)[len(rounds) // 2]
+                q = harness.quantiles_ms(timed)
+                print(f"  {provider.name} batch {batch}: prefill {prefill_s:.3f} s, decode median "
+                      f"{q['median_ms']:.1f} ms/step, {batch / (q['median_ms'] / 1e3):.2f} tokens/s",
+                      flush=True)
+                wb = weight_bytes(model, batch)
+                context = args.prompt + args.warmup + (args.steps + 1) / 2
+                row = dict(provider=provider.name, how=provider.how, batch=batch, prompt=args.prompt,
+                           new_tokens=new_tokens, warmup=args.warmup, rounds=len(rounds), steps=len(timed),
+                           build_s=build_s, prefill_s=prefill_s,
+                           prefill_first_call_s=result["first_prefill_s"],
+                           step_ms=[t * 1e3 for r in rounds for t in r["step_s"]], **q,
+                           load_1min=result["load_1min"],
+                           cpu_share=min(r["cpu_share"] for r in rounds),
+                           tokens_per_s=batch / (q["median_ms"] / 1e3),
+                           prefill_tokens_per_s=batch * args.prompt / prefill_s,
+                           weight_bytes=wb, weight_mb=wb["total"] / 1e6,
+                           weight_bytes_per_token=wb["total"] / batch,
+                           kv_bytes_per_step=kv_bytes_per_step(args.model, batch, context),
+                           layers=layer_types(model))
+                row["weight_gbs"] = wb["total"] / (q["median_ms"] * 1e-3) / 1e9
+                row["pct_read_bw"] = 100 * row["weight_gbs"] / bandwidth["read_gbs"]
+                row["ideal_ms"] = wb["total"] / (bandwidth["read_gbs"] * 1e9) * 1e3
+                if provider.name == NF4LORA:
+                    info = nf4lora_paths(model, prompt, result["tokens"])
+                    row["nf4lora_path"] = info
+                    row["path"] = f"{info['backend']}/{info['isa']}: decode fused {info['decode_fused']}"
+                elif provider.name == BNB:
+                    row["bitsandbytes_path"] = bnb_paths(model, bnb_messages)
+                    row["path"] = row["bitsandbytes_path"]["path"].split(" (")[0]
+                else:
+                    row["path"] = "torch F.linear bf16"
+                rows.append(row)
+                results[(provider.name, batch)] = result
+        for provider, model, _ in built:
+            if check and provider.name == NF4LORA:
+                try:
+                    spec_info = run_spec(base, model, mods, prompts, args, new_tokens, spec)
+                except Exception as error:
+                    notes.append(f"{SPEC}: failed, {type(error).__name__}: {error}")
+        built = model = None
+        gc.collect()
         if check and not spec and all(p.name != NF4LORA for p in runnable):
             # nf4lora was not asked for: quantize it here for the spec only (untimed)
             try:

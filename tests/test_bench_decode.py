@@ -139,3 +139,25 @@ def test_weight_bytes_count_what_a_step_reads():
     assert parts["linear_dense"] == 8 * 4 * 2
     assert parts["other"] == 2 * 4 * 2                   # LayerNorm weight and bias
     assert parts["total"] == 48 + 64 + 16
+
+
+def test_rounds_take_turns_and_pool_their_steps(tmp_path, monkeypatch):
+    # --rounds 2: two timed generates per provider, the providers alternating; a row pools
+    # the timed steps of both rounds
+    order = []
+    real = bench_decode.generate
+
+    def logged(model, prompt, new_tokens, keep_logits=2):
+        order.append((type(model.model.layers[0].mlp.up_proj).__name__, new_tokens))
+        return real(model, prompt, new_tokens, keep_logits)
+
+    monkeypatch.setattr(bench_decode, "generate", logged)
+    saved = saved_bench_payload(tmp_path, "decode", run(tmp_path, monkeypatch, "--rounds", "2",
+                                                        "--providers", "nf4lora", "dense-bf16",
+                                                        "--no-check"))
+    quick = bench_decode.QUICK
+    timed = 1 + quick["warmup"] + quick["steps"]
+    assert order == [("Linear4bit", 2), ("Linear", 2)] + [("Linear4bit", timed), ("Linear", timed)] * 2
+    for row in saved["rows"]:
+        assert row["rounds"] == 2 and row["steps"] == 2 * quick["steps"]
+        assert len(row["step_ms"]) == 2 * (quick["warmup"] + quick["steps"])
