@@ -192,7 +192,9 @@ class PackedWeight(NamedTuple):
         was built from: the same packed storage and the same state objects describe the
         same weight (replacing absmax, state2, shape, ... makes a new object; writing
         into a tensor changes no metadata the checks read)."""
-        if torch.compiler.is_compiling():  # traced once per graph: no cache to read there
+        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+            # traced (compile, fake tensors: the memory planner): nothing to keep, and no
+            # value may be read
             return cls._from_state(packed, quant_state, name)
         if type(packed) is not Tensor and isinstance(packed, Tensor):
             packed = packed.as_subclass(Tensor)  # plain attribute reads below, not __torch_function__
@@ -202,7 +204,9 @@ class PackedWeight(NamedTuple):
             return cached[2]
         # the kept weight has the nested offset read (with_offset_read: on a GPU a sync, once
         # per state instead of once per op call); its version is in the key
-        weight = cls._from_state(packed, quant_state, name).with_offset_read()
+        weight = cls._from_state(packed, quant_state, name)
+        if weight.device.type != "meta":
+            weight = weight.with_offset_read()
         try:  # (the objects themselves are kept, so their ids stay unique while cached)
             setattr(quant_state, _CACHE_ATTRIBUTE, (sources, _state_objects(quant_state), weight))
         except AttributeError:  # a state type that takes no attributes: no cache
