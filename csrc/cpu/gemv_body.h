@@ -40,10 +40,14 @@
 // table is the same for every block. Error: each weight's level within 0.5 / 16383 and
 // each x within 0.5 / 16383 of its group's max |x| (3e-5), against bf16's 2^-9 = 2e-3
 // per element: more exact than the dense bf16 baseline (tests/test_cpu_matmul.py). They
-// run when the dispatcher says so (GemvWork::integer_sums: 16-bit activations, every
-// element of x finite, and the rows of x few enough for them to win) and the ISA has one
+// run when the dispatcher says so (GemvWork::sums: 16-bit activations, every element of
+// x finite, and the rows of x few enough for them to win) and the ISA has one
 // (kHasIntegerDecoder, GemvIntegerDecoder). float32 activations keep the float decoder:
 // 3e-5 would be far above float32's own error.
+// The opt-in int8 decoder (isa_avx512.cpp GemvInt8Decoder, NF4LORA_CPU_GEMV=int8,
+// kHasInt8Decoder) is the same walk with int8 levels (x 127) and a Sum that starts at a
+// per-row, per-step value stored after the step's x (Decoder::start, start_values,
+// kStartColumns): less exact than dense bf16, so the dispatcher never picks it itself.
 //
 // Why this shape: at M = 1 the op reads 0.52 bytes of W per 2 FLOPs, so it is bound by
 // memory bandwidth, and W must be decoded in registers, never written out. Each
