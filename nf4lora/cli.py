@@ -43,8 +43,8 @@ def _info(_args) -> int:
         rows = (1, 2, 4, 8, 16, 32)
         print("  cpu matmul path by rows of x: the fused kernel's decoder, or dequantize + GEMM;")
         print("    the fastest measured (backends/cpu.py fused_max_m, csrc/cpu/dispatch.cpp;")
-        print("    NF4LORA_CPU_GEMV picks a decoder; blocksizes not a multiple of 64, or an Inf /")
-        print("    NaN in x, take float):")
+        print("    NF4LORA_CPU_GEMV picks a decoder, int8 = opt-in, less exact than dense bf16;")
+        print("    blocksizes not a multiple of 64, or an Inf / NaN in x, take float):")
         print("      M          " + "".join(f"{m:>9}" for m in rows))
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             name = str(dtype).replace("torch.", "")

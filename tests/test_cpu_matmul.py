@@ -183,9 +183,157 @@ def test_gemv_decoder_choice(isa, monkeypatch, capsys):
 
 def test_gemv_decoder_override_is_checked(monkeypatch):
     packed, state, _ = quantized(8, 128)
-    monkeypatch.setenv("NF4LORA_CPU_GEMV", "int8")
-    with pytest.raises(RuntimeError, match="NF4LORA_CPU_GEMV=int8: expected one of auto, integer, float"):
+    monkeypatch.setenv("NF4LORA_CPU_GEMV", "int4")
+    with pytest.raises(RuntimeError,
+                       match="NF4LORA_CPU_GEMV=int4: expected one of auto, integer, int8, float"):
         run_op(torch.randn(1, 128, dtype=torch.bfloat16), packed, state, None, None, 1.0, None)
+
+
+def test_int8_decoder_is_opt_in(isa, monkeypatch, capsys):
+    # never chosen by auto; NF4LORA_CPU_GEMV=int8 takes it where the ISA has it (avx512bf16:
+    # VNNI), elsewhere what "integer" gives (the more exact int16 decoder), float32 x float
+    C = cpu_backend._C
+    for m in (1, 4, 8, 16, 32):
+        for dtype in DTYPES:
+            assert C.gemv_decoder(m, dtype) != "int8"
+    monkeypatch.setenv("NF4LORA_CPU_GEMV", "int8")
+    expected = {"avx512bf16": "int8", "scalar": "float"}.get(isa, "integer")
+    for m in (1, 8, 32):
+        assert C.gemv_decoder(m, torch.bfloat16) == C.gemv_decoder(m, torch.float16) == expected
+        assert C.gemv_decoder(m, torch.float32) == "float"
+    from nf4lora import cli
+    assert cli.main(["info"]) == 0
+    assert f"bfloat16     {expected:>7}" in capsys.readouterr().out
+
+
+# ---- the opt-in int8 decoder (avx512bf16, NF4LORA_CPU_GEMV=int8) ----------------------
+
+@pytest.fixture
+def int8(monkeypatch):
+    if "avx512bf16" not in ISAS:
+        pytest.skip("the int8 decoder needs the avx512bf16 path (AVX512-BF16 + VNNI)")
+    monkeypatch.setenv("NF4LORA_CPU_ISA", "avx512bf16")
+    monkeypatch.setenv("NF4LORA_CPU_GEMV", "int8")
+
+
+def block_constants(state):
+    """The float32 block constants as the kernels compute them (nf4_codec.h
+    decode_nested_absmax: code2[q] * absmax2, then + offset, two float32 roundings)."""
+    if not state.nested:
+        return state.absmax.float()
+    q = state.absmax.long()
+    absmax2 = state.state2.absmax.float().repeat_interleave(state.state2.blocksize)[:q.numel()]
+    return state.state2.code.float()[q] * absmax2 + state.offset.float()
+
+
+def int8_emulation(x, packed, state, K):
+    """y of the int8 decoder in float64 from its exact integer sums: levels round(127 *
+    level), x per 64 columns round(x * float32(127 / max|x|)), the int32 sum of each
+    (row of x, row of W, 64 columns) exact, times float32(block constant * float32(max|x| /
+    127^2)). Returns (y, sum over the groups of |fold * sum|) for the float32 rounding slack."""
+    M = x.shape[0]
+    levels = torch.round(state.code.float() * 127.0).clamp(-127, 127).double()
+    b = packed.flatten()
+    codes = torch.stack([b >> 4, b & 15], 1).flatten().long()
+    w_levels = levels[codes].view(-1, K // 64, 64)                   # [N, G, 64]
+    xg = x.float().view(M, K // 64, 64)
+    max_abs = xg.abs().amax(2)                                        # [M, G]
+    to_level = torch.where(max_abs > 0, torch.tensor(127.0) / max_abs, torch.zeros(()))
+    x_levels = torch.round((xg * to_level[..., None]).clamp(-127, 127)).double()
+    sums = torch.einsum("mgk,ngk->mng", x_levels, w_levels)          # exact in float64
+    x_scale = (max_abs.double() / (127.0 * 127.0)).float()            # [M, G]
+    per_group = block_constants(state).repeat_interleave(state.blocksize // 64).view(-1, K // 64)
+    fold = (per_group[None] * x_scale[:, None, :]).double()          # float32 products
+    terms = fold * sums
+    return terms.sum(2), terms.abs().sum(2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,K,blocksize,quant_type,nested", [
+    (1, 320, 64, "nf4", True),      # a half last step (2.5 steps of 128)
+    (2, 768, 256, "fp4", False),
+    (3, 1088, 64, "iq4nl", True),   # a custom table; a half last step
+    (5, 512, 128, "nf4", False),
+    (8, 4096, 64, "nf4", True),     # K in slices (8-row tile)
+    (9, 1152, 128, "fp4", True),    # an 8-row tile and a 1-row tile
+])
+def test_int8_sums_are_exact(int8, dtype, M, K, blocksize, quant_type, nested):
+    # The kernel's integer sums equal the emulation's (vpdpbusd on level + 128 with the
+    # -128 * sum(x) start): what is left is float32 rounding (the fold, the chains,
+    # < 1e-5 of the sum of |terms|) and one rounding to the output dtype. A wrong start,
+    # lane -> scale group mapping, element order or level scale is off by far more.
+    packed, state, _ = quantized(40, K, quant_type=quant_type, nested=nested, blocksize=blocksize)
+    x, _, _, _ = operands(M, K, 40, 0, dtype, bias=False)
+    y, _ = run_op(x, packed, state, None, None, 1.0, None)
+    emulated, magnitude = int8_emulation(x, packed, state, K)
+    ulp = torch.finfo(dtype).eps * emulated.abs()
+    err = (y.double() - emulated).abs()
+    assert (err <= ulp + 1e-5 * magnitude).all(), (err - ulp).max().item()
+
+
+def int8_error_bound(x, W, constants, blocksize):
+    """Worst case of the int8 quantization against float64, per output: each weight within
+    0.5 / 127 of its block constant c and each x within 0.5 / 127 of its group's max|x|
+    (g): |x w - x' w'| <= |x| c / 254 + |w| g / 254 + c g / 254^2."""
+    M, K = x.shape
+    g = x.double().view(M, K // 64, 64).abs().amax(2).repeat_interleave(64, 1)    # [M, K]
+    c = constants.double().repeat_interleave(blocksize).view(W.shape[0], K)          # [N, K]
+    return (x.double().abs() @ c.t() + g @ W.abs().t() + g @ c.t() / 254) / 254
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,r,bias", [(1, 0, False), (4, 8, True), (9, 3, True)])
+def test_int8_within_its_quantization_bound(int8, dtype, M, r, bias):
+    # LoRA and bias: the LoRA term from the returned h (float math, as in check_forward)
+    packed, state, W = quantized(48, 1088, nested=True)
+    x, A, B, b = operands(M, 1088, 48, r, dtype, bias)
+    y, h = run_op(x, packed, state, A, B, 2.0, b)
+    exact = x.double() @ W.t()
+    sum_abs = x.double().abs() @ W.abs().t()
+    if r:
+        exact = exact + 2.0 * (h.double() @ B.double().t())
+        sum_abs = sum_abs + 2.0 * (h.double().abs() @ B.double().abs().t())
+    if b is not None:
+        exact = exact + b.double()
+        sum_abs = sum_abs + b.double().abs()
+    bound = (int8_error_bound(x, W, block_constants(state), 64) + 1e-5 * sum_abs
+             + torch.finfo(dtype).eps * exact.abs())
+    err = (y.double() - exact).abs()
+    assert (err <= bound).all(), (err / bound).max().item()
+    # a worst case: measured 0.58 against 20 here (errors of random sign mostly cancel);
+    # but above what the int16 decoder could be off by (its bound is 127 / 16383 of this)
+    assert err.max() > 127 / 16383 * bound.max()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int8_is_less_exact_than_the_16bit_baseline(int8, dtype):
+    # What the docs say: opt-in because it is less exact than dense bf16 (README "CPU
+    # matmul"). Mean |error| vs float64 over 1024 outputs, K = 4096: measured (bf16 / fp16)
+    # int8 0.44 / 0.42, dense baseline 0.117 / 0.0143, int16 0.075 / 0.0098.
+    packed, state, W = quantized(512, 4096)
+    x, _, _, _ = operands(2, 4096, 512, 0, dtype, bias=False)
+    exact = x.double() @ W.t()
+    y, _ = run_op(x, packed, state, None, None, 1.0, None)
+    ours = (y.double() - exact).abs().mean().item()
+    baseline = (F.linear(x, W.to(dtype)).double() - exact).abs().mean().item()
+    assert ours > 2 * baseline, (ours, baseline)
+    assert ours < 40 * baseline, (ours, baseline)
+
+
+@pytest.mark.parametrize("special", [float("inf"), float("nan")])
+def test_int8_nonfinite_x_takes_the_float_decoder(int8, special):
+    packed, state, W = quantized(24, 256)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    finite, _ = run_op(x, packed, state, None, None, 1.0, None)
+    x[1, 70] = special
+    y, _ = run_op(x, packed, state, None, None, 1.0, None)
+    expected = x.float() @ W.float().t()
+    assert torch.equal(y.float().isnan(), expected.isnan())
+    assert torch.equal(y.float().isinf(), expected.isinf())
+    # rows 0 and 2: the float (vdpbf16ps) decoder's, not the int8 one's
+    float_dec = (y[[0, 2]].double() - x[[0, 2]].double() @ W.t()).abs().max()
+    int8_dec = (finite[[0, 2]].double() - x[[0, 2]].double() @ W.t()).abs().max()
+    assert float_dec < int8_dec
 
 
 @pytest.mark.parametrize("r,bias", [(0, True), (0, False), (1, True), (7, False), (24, True)])

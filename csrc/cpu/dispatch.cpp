@@ -208,23 +208,34 @@ bool all_finite(const void* x, int dtype, int64_t n) {
 //                                       4: 8.9 / 8.7   6: 12.7 / 14.5  8: 17.5 / 23.7
 // so integer sums everywhere but for bf16 x on avx512bf16 beyond kIntegerOverBf16MaxM rows
 // (M = 4 is a tie).
+// NF4LORA_CPU_GEMV=int8 (opt-in, never chosen by auto: less exact than the dense bf16
+// baseline) takes the int8 decoder (isa_avx512.cpp GemvInt8Decoder, AVX512-VNNI
+// vpdpbusd) on avx512bf16, the one build with VNNI; on avx2 and avx512 it gives what
+// "integer" gives (the int16 decoder, more exact), on scalar and for float32 x float.
+// Measured (one Zen 4 thread, 4096x4096 in cache, bf16 x, interleaved, noisy), int8 /
+// int16 / bf16 decoder, us: M = 1 1184 / 981 / 1440, M = 4 2026 / 2262 / 2463, M = 8
+// 4006 / 4230 / 4526 (dense bf16 3828): 1.05-1.15x int16 from M = 4, slower below, and
+// mean |error| vs float64 ~4x dense bf16's (README "CPU matmul"), so auto never takes it.
 // Either way only when every element of x is finite: an Inf or NaN has no integer level
 // (the float decoders give what float math gives).
 constexpr int64_t kIntegerOverBf16MaxM = 3;
 
-bool gemv_wants_integer_sums(int64_t M, int dtype, const IsaKernels& isa) {
-  if (dtype == kF32 || strcmp(isa.name, "scalar") == 0) return false;
+GemvSums gemv_wants_sums(int64_t M, int dtype, const IsaKernels& isa) {
+  if (dtype == kF32 || strcmp(isa.name, "scalar") == 0) return GemvSums::kFloat;
+  const bool bf16_isa = strcmp(isa.name, "avx512bf16") == 0;
   const char* env = getenv("NF4LORA_CPU_GEMV");
   if (env == nullptr || env[0] == '\0' || strcmp(env, "auto") == 0)
-    return M <= kIntegerOverBf16MaxM || dtype != kBF16 || strcmp(isa.name, "avx512bf16") != 0;
-  if (strcmp(env, "integer") == 0) return true;
-  if (strcmp(env, "float") == 0) return false;
+    return M <= kIntegerOverBf16MaxM || dtype != kBF16 || !bf16_isa ? GemvSums::kInt16 : GemvSums::kFloat;
+  if (strcmp(env, "integer") == 0) return GemvSums::kInt16;
+  if (strcmp(env, "int8") == 0) return bf16_isa ? GemvSums::kInt8 : GemvSums::kInt16;
+  if (strcmp(env, "float") == 0) return GemvSums::kFloat;
   throw std::runtime_error(std::string("NF4LORA_CPU_GEMV=") + env +
-                           ": expected one of auto, integer, float");
+                           ": expected one of auto, integer, int8, float");
 }
 
-bool gemv_integer_sums(const LoraGemvArgs& op, const IsaKernels& isa) {
-  return gemv_wants_integer_sums(op.M, op.dtype, isa) && all_finite(op.x, op.dtype, op.M * op.K);
+GemvSums gemv_sums(const LoraGemvArgs& op, const IsaKernels& isa) {
+  const GemvSums sums = gemv_wants_sums(op.M, op.dtype, isa);
+  return sums == GemvSums::kFloat || all_finite(op.x, op.dtype, op.M * op.K) ? sums : GemvSums::kFloat;
 }
 
 }  // namespace
@@ -247,7 +258,9 @@ std::string active_isa() { return select_kernels().name; }
 
 std::string gemv_decoder(int64_t M, int dtype) {
   const IsaKernels& isa = select_kernels();
-  if (gemv_wants_integer_sums(M, dtype, isa)) return "integer";
+  const GemvSums sums = gemv_wants_sums(M, dtype, isa);
+  if (sums == GemvSums::kInt8) return "int8";
+  if (sums == GemvSums::kInt16) return "integer";
   if (dtype == kBF16 && strcmp(isa.name, "avx512bf16") == 0) return "bf16";
   return "float";
 }
@@ -346,11 +359,12 @@ static void run_lora_gemv_4bit(const LoraGemvArgs& op, const AdapterRows* adapte
             "adapter index out of range: each must lie in [-1, adapters)");
   }
   const IsaKernels& k = select_kernels();
-  // x_paired: + a decoder step's missing half (gemv_body.h paired_columns)
+  // x_paired: + a decoder step's missing half (gemv_body.h paired_columns); the int8
+  // decoder's x (1 byte per column plus 64 per 128-column step) takes less than this
   std::vector<float> x_paired(M * (K + kGemvXGroup)), x_natural(rank > 0 ? M * K : 0), h_scaled(M * rank),
       x_scales(M * (K / kGemvXGroup + 1));
   GemvWork args{op, x_paired.data(), rank > 0 ? x_natural.data() : nullptr, h_scaled.data(),
-                x_scales.data(), gemv_integer_sums(op, k)};
+                x_scales.data(), gemv_sums(op, k)};
   if (adapters != nullptr) {
     args.adapter_index = adapters->index;
     args.scalings = adapters->scalings;

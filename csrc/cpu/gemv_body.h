@@ -40,10 +40,14 @@
 // table is the same for every block. Error: each weight's level within 0.5 / 16383 and
 // each x within 0.5 / 16383 of its group's max |x| (3e-5), against bf16's 2^-9 = 2e-3
 // per element: more exact than the dense bf16 baseline (tests/test_cpu_matmul.py). They
-// run when the dispatcher says so (GemvWork::integer_sums: 16-bit activations, every
-// element of x finite, and the rows of x few enough for them to win) and the ISA has one
+// run when the dispatcher says so (GemvWork::sums: 16-bit activations, every element of
+// x finite, and the rows of x few enough for them to win) and the ISA has one
 // (kHasIntegerDecoder, GemvIntegerDecoder). float32 activations keep the float decoder:
 // 3e-5 would be far above float32's own error.
+// The opt-in int8 decoder (isa_avx512.cpp GemvInt8Decoder, NF4LORA_CPU_GEMV=int8,
+// kHasInt8Decoder) is the same walk with int8 levels (x 127) and a Sum that starts at a
+// per-row, per-step value stored after the step's x (Decoder::start, start_values,
+// kStartColumns): less exact than dense bf16, so the dispatcher never picks it itself.
 //
 // Why this shape: at M = 1 the op reads 0.52 bytes of W per 2 FLOPs, so it is bound by
 // memory bandwidth, and W must be decoded in registers, never written out. Each
@@ -69,8 +73,11 @@ constexpr int kMaxTile = 8;
 template <class T, class Fn>
 void with_decoder(const GemvWork& a, Fn fn) {
   if constexpr (kHasIntegerDecoder && !std::is_same_v<T, float>) {
-    if (a.integer_sums && a.weight.blocksize % kGemvXGroup == 0)
+    if (a.sums != GemvSums::kFloat && a.weight.blocksize % kGemvXGroup == 0) {
+      if constexpr (kHasInt8Decoder)
+        if (a.sums == GemvSums::kInt8) return fn(GemvInt8Decoder(a.weight.table));
       return fn(GemvIntegerDecoder(a.weight.table));
+    }
   }
   using Special = typename GemvDecoderFor<T>::type;
   if (a.weight.blocksize % Special::kGroup == 0) fn(Special(a.weight.table));
@@ -79,12 +86,20 @@ void with_decoder(const GemvWork& a, Fn fn) {
 
 // ---- phase 1, per row m of x: copies (float32 in natural order for h, X in the
 // decoder's order for W).
-// Columns of x_paired per row: K rounded up to whole decoder groups (an integer decoder's
+// X elements of x_paired per row and step: the step's kGroup, then (integer decoders with
+// kStartColumns) the start values of the row's Sum for that step.
+template <class Decoder>
+constexpr int64_t x_stride() {
+  if constexpr (Decoder::kIntegerSums) return Decoder::kGroup + Decoder::kStartColumns;
+  else return Decoder::kGroup;
+}
+
+// X elements of x_paired per row: K rounded up to whole decoder groups (an integer decoder's
 // step may cover two x scale groups, of which the last one of a row can be missing: its
-// positions hold x = 0, so whatever the decoder reads there adds nothing).
+// positions hold x = 0, so whatever the decoder reads there adds nothing), x_stride() each.
 template <class Decoder>
 int64_t paired_columns(int64_t K) {
-  return (K + Decoder::kGroup - 1) / Decoder::kGroup * Decoder::kGroup;
+  return (K + Decoder::kGroup - 1) / Decoder::kGroup * x_stride<Decoder>();
 }
 
 template <class In, class Decoder>
@@ -95,14 +110,16 @@ void gemv_prepare_rows(const GemvWork& a, int64_t m) {
   // reads x at constant offsets from one pointer (a base register per row of x ran out
   // of registers at 8 rows and spilled).
   constexpr int kGroup = Decoder::kGroup;
+  constexpr int64_t kStride = x_stride<Decoder>();
   const int64_t m0 = m - m % kMaxTile, Kp = paired_columns<Decoder>(a.K);
   const int64_t tile = a.M - m0 < kMaxTile ? a.M - m0 : kMaxTile;
-  X* paired = reinterpret_cast<X*>(a.x_paired) + m0 * Kp + (m - m0) * kGroup;
+  X* paired = reinterpret_cast<X*>(a.x_paired) + m0 * Kp + (m - m0) * kStride;
   if constexpr (Decoder::kIntegerSums) {
     static_assert(kGroup % kGemvXGroup == 0, "whole activation scale groups per step");
     constexpr int kScales = kGroup / kGemvXGroup;
     float* scales = a.x_scales + m * (a.K / kGemvXGroup);
-    for (int64_t g = 0; g < Kp; g += kGroup) {
+    const int64_t columns = (a.K + kGroup - 1) / kGroup * kGroup;  // whole steps
+    for (int64_t g = 0; g < columns; g += kGroup) {
       // the step's levels in natural order, vectorized (scalar, with fp16 converted in
       // software and lrintf a libm call, this was ~20 us of an M = 1 call at K = 4096:
       // the whole GEMV of a 64 x 4096 W), then placed in the decoder's order
@@ -118,9 +135,11 @@ void gemv_prepare_rows(const GemvWork& a, int64_t m) {
         // x's level times this times a weight's level is their product: both level scales
         // come out here (once per 64 elements, so the fold is one multiply per block)
         scales[e0 / kGemvXGroup] = static_cast<float>(
-            double(max_abs) / (double(kGemvLevelScale) * double(kGemvLevelScale)));
+            double(max_abs) / (double(Decoder::kLevelScale) * double(Decoder::kLevelScale)));
       }
-      for (int j = 0; j < kGroup; ++j) paired[g * tile + j] = static_cast<X>(level[Decoder::source(j)]);
+      X* step = paired + g / kGroup * tile * kStride;
+      for (int j = 0; j < kGroup; ++j) step[j] = static_cast<X>(level[Decoder::source(j)]);
+      Decoder::start_values(step, step + kGroup);
     }
   } else {
     for (int64_t g = 0; g < a.K; g += kGroup)
@@ -275,6 +294,7 @@ void walk_integer(const GemvWork& a, const Decoder& decode, int64_t block, const
                   F (&acc)[MT][kChains]) {
   constexpr int kGroup = Decoder::kGroup, kVectors = Decoder::kVectors, kStep = kGroup / kVectors;
   constexpr int kScales = kGroup / kGemvXGroup;
+  constexpr int64_t kStride = x_stride<Decoder>();
   const int64_t scales_per_block = a.weight.blocksize / kGemvXGroup, scales_per_row = a.K / kGemvXGroup;
   alignas(64) float block_scale[kFoldScales];
   alignas(64) float fold[MT][kFoldScales + kScales];  // + the missing half of a last step
@@ -294,7 +314,7 @@ void walk_integer(const GemvWork& a, const Decoder& decode, int64_t block, const
     }
     // step j goes to chain j % kChains (constant indices keep the chains in registers)
     for (int64_t j0 = 0; j0 < steps; j0 += kChains) {
-      for (int c = 0; c < kChains && j0 + c < steps; ++c, p += kGroup / 2, xg += MT * kGroup) {
+      for (int c = 0; c < kChains && j0 + c < steps; ++c, p += kGroup / 2, xg += MT * kStride) {
         typename Decoder::Weights w[kVectors];
         __builtin_prefetch(p + kPrefetchBytes);
         if (kScales > 1 && (j0 + c + 1) * kGroup > columns) {
@@ -307,8 +327,9 @@ void walk_integer(const GemvWork& a, const Decoder& decode, int64_t block, const
           decode(0.0f, p, w);
         }
         for (int m = 0; m < MT; ++m) {
-          typename Decoder::Sum sum = Decoder::madd(w[0], xg + m * kGroup, Decoder::zero());
-          for (int v = 1; v < kVectors; ++v) sum = Decoder::madd(w[v], xg + m * kGroup + v * kStep, sum);
+          const typename Decoder::X* xm = xg + m * kStride;
+          typename Decoder::Sum sum = Decoder::start(xm + kGroup);
+          for (int v = 0; v < kVectors; ++v) sum = Decoder::madd(w[v], xm + v * kStep, sum);
           chains[m][c] = fmadd(Decoder::sum_to_float(sum), Decoder::fold(fold[m] + (j0 + c) * kScales),
                                chains[m][c]);
         }
@@ -332,7 +353,15 @@ void gemv_tile(const GemvWork& a, const Decoder& decode, int64_t m0, int64_t n0,
   const int64_t blocks_per_row = a.K / blocksize;
   // slices end where both a block and a decoder step end
   const int64_t granule = blocksize % kGroup == 0 ? blocksize : std::lcm(blocksize, int64_t(kGroup));
-  int64_t k_slice = kSliceBytes / (MT * int64_t(sizeof(X))) / granule * granule;
+  // (x's bytes per column: sizeof(X), times x_stride / kGroup with start values)
+  int64_t k_slice = kSliceBytes * kGroup / (MT * int64_t(sizeof(X)) * x_stride<Decoder>()) / granule * granule;
+  // integer decoders: whole vectors of fold factors per slice (fold_factors' scalar tail
+  // was 16% of an int8 M = 8 call's cycles with 1280-column slices; 1024-column ones: int8
+  // 6.0 -> 4.0 ms, int16 6.1 -> 4.2 ms, one Zen 4 thread, 4096x4096 in cache, noisy)
+  if constexpr (Decoder::kIntegerSums) {
+    const int64_t whole = std::lcm(granule, int64_t(kW * kGemvXGroup));
+    if (k_slice >= whole) k_slice = k_slice / whole * whole;
+  }
   if (k_slice < granule) k_slice = granule;
   if (MT < kMinSlicedTile) k_slice = a.K;
   const X* x = reinterpret_cast<const X*>(a.x_paired) + m0 * paired_columns<Decoder>(a.K);
@@ -349,7 +378,8 @@ void gemv_tile(const GemvWork& a, const Decoder& decode, int64_t m0, int64_t n0,
         const uint8_t* p = a.weight.packed + (n * a.K + k0) / 2;
         const float* x_scales = a.x_scales + m0 * (a.K / kGemvXGroup);
         if constexpr (Decoder::kIntegerSums)
-          walk_integer<MT, kChains>(a, decode, block, p, x + k0 * MT, x_scales, k0, k1, acc);
+          walk_integer<MT, kChains>(a, decode, block, p, x + k0 / kGroup * MT * x_stride<Decoder>(),
+                                    x_scales, k0, k1, acc);
         else
           walk_float<MT, kChains>(a, decode, block, p, x + k0 * MT, k0, k1, acc);
         if (k1 == a.K) {

@@ -33,23 +33,28 @@ template <> inline float from_float<float>(float x) { return x; }
 template <> inline bf16 from_float<bf16>(float x) { return bf16{float_to_bf16_bits(x)}; }
 template <> inline fp16 from_float<fp16>(float x) { return fp16{float_to_fp16_bits(x)}; }
 
-// The integer GEMV decoders (gemv_body.h) multiply 16-bit integers: the 16 levels of the
-// weight's code table times kGemvLevelScale, rounded (codebook.check_code keeps every level
-// within [-1, 1], so |level| <= 16383), and x per group of kGemvXGroup elements times
-// 16383 / max |x|, rounded. 16383^2 * 8 < 2^31: eight products per int32 lane (a step of
-// 64 in AVX2's 8 lanes, of 128 in AVX-512's 16) cannot overflow.
+// The integer GEMV decoders (gemv_body.h) multiply integers: the 16 levels of the weight's
+// code table times a level scale, rounded (codebook.check_code keeps every level within
+// [-1, 1]), and x per group of kGemvXGroup elements times that scale / max |x|, rounded.
+// int16 (kGemvLevelScale, the default): 16383^2 * 8 < 2^31, so eight products per int32
+// lane (a step of 64 in AVX2's 8 lanes, of 128 in AVX-512's 16) cannot overflow. int8
+// (kGemvInt8LevelScale, opt-in NF4LORA_CPU_GEMV=int8, AVX512-VNNI vpdpbusd: see
+// isa_avx512.cpp GemvInt8Decoder for its bound).
 constexpr float kGemvLevelScale = 16383.0f;
-inline void int16_levels(const CodeTable& table, int16_t* out) {
+constexpr float kGemvInt8LevelScale = 127.0f;
+template <class Level>
+inline void integer_levels(const CodeTable& table, float scale, Level* out) {
   for (int c = 0; c < 16; ++c) {
     // A level beyond [-1, 1] (only a hand-made KernelCodec has one) saturates rather than
     // wraps. Compares, not fminf/fmaxf: those were libm calls here, 1.5% of an M = 1
     // 4096x4096 GEMV, which builds its decoder once per 16 rows of W.
-    const float level = table.level[c] * kGemvLevelScale;
-    const float kept = level > kGemvLevelScale    ? kGemvLevelScale
-                       : level < -kGemvLevelScale ? -kGemvLevelScale
-                                                  : level;
-    out[c] = static_cast<int16_t>(lrintf(kept));
+    const float level = table.level[c] * scale;
+    const float kept = level > scale ? scale : level < -scale ? -scale : level;
+    out[c] = static_cast<Level>(lrintf(kept));
   }
+}
+inline void int16_levels(const CodeTable& table, int16_t* out) {
+  integer_levels(table, kGemvLevelScale, out);
 }
 
 struct Quant4Args {
@@ -72,14 +77,20 @@ struct Dequant8Args {
 // The fused small-M matmul (gemv_body.h): its operands plus the float32 workspaces the
 // dispatcher allocates, [M, K], [M, K] (only with LoRA), [M, rank] and [M, K / 64] (the
 // activation scales of the integer decoders), the dispatcher's choice of decoder
-// (integer_sums: the ISA's integer decoder where it has one; dispatch.cpp gemv_sums), and
+// (sums: float, the ISA's int16 integer decoder, or its int8 one; dispatch.cpp
+// gemv_sums), and
 // which adapter each row of x uses (kernels.h AdapterRows). One adapter is the case of
 // adapter_index null: adapter 0, `scaling`, for every row; a mixed batch
 // (multi_lora_gemv_4bit) gives row m adapter_index[m] (-1: none), its rows of the stacked
 // lora_A [adapters, rank, K] and lora_B [adapters, N, rank], and scalings[adapter_index[m]].
 constexpr int64_t kGemvXGroup = 64;  // elements of x per activation scale (integer decoders)
+// Which sums the fused GEMV computes: float (every ISA), exact int32 sums of int16 levels
+// (avx2, avx512, avx512bf16), or of int8 levels (avx512bf16 only, opt-in). An ISA or a
+// blocksize without the chosen integer decoder runs the next one down (gemv_body.h
+// with_decoder: int8 -> int16 -> float).
+enum class GemvSums : uint8_t { kFloat, kInt16, kInt8 };
 struct GemvWork : LoraGemvArgs {
-  float* x_paired; float* x_natural; float* h_scaled; float* x_scales; bool integer_sums;
+  float* x_paired; float* x_natural; float* h_scaled; float* x_scales; GemvSums sums;
   const int64_t* adapter_index = nullptr;  // [M] in [-1, adapters), or null
   const float* scalings = nullptr;         // [adapters] (with adapter_index)
 

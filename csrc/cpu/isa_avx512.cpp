@@ -153,6 +153,7 @@ inline void store_interleaved(void* o, I low, I high) {
   store_vector<kStream>(o, _mm512_unpacklo_epi8(low, high));
 }
 
+#define NF4LORA_GEMV_INT8 NF4LORA_AVX512_BF16  // GemvInt8Decoder below
 #include "simd_body.h"
 
 // ---- kernel_body.h's narrowing stores ------------------------------------------------
@@ -239,6 +240,12 @@ inline void lookup64_epi16(const uint8_t* p, I table, I* w) {
 // Rapids, Zen 4; the dispatcher checks both): its vpdpwssd is vpmaddwd + vpaddd in one.
 // Each int32 lane i of a Sum holds words 2i and 2i + 1 of each vector: elements 8i..8i+7,
 // so lanes 0-7 sum the step's first x scale group (64 columns) and lanes 8-15 its second.
+inline F fold_halves(const float* factors) {  // lanes 0-7: factors[0], 8-15: factors[1]
+  double pair;
+  memcpy(&pair, factors, sizeof(pair));
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+                               _mm512_castpd_ps(_mm512_set1_pd(pair)));
+}
 struct GemvInt16Decoder : IntegerGemvDecoder {
   static constexpr int kGroup = 128, kVectors = 4;
   static int source(int j) {
@@ -267,13 +274,63 @@ struct GemvInt16Decoder : IntegerGemvDecoder {
     return _mm512_add_epi32(sum, _mm512_madd_epi16(w, xv));
 #endif
   }
-  static F fold(const float* factors) {  // lanes 0-7: factors[0], 8-15: factors[1]
-    double pair;
-    memcpy(&pair, factors, sizeof(pair));
-    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
-                                 _mm512_castpd_ps(_mm512_set1_pd(pair)));
-  }
+  static F fold(const float* factors) { return fold_halves(factors); }
 };
+
+#if NF4LORA_AVX512_BF16
+// The opt-in int8 decoder (NF4LORA_CPU_GEMV=int8; the dispatcher never picks it itself):
+// levels and x as int8 (x127, x per 64 columns 127 / max |x|), AVX512-VNNI vpdpbusd: 64
+// byte products per instruction into 16 int32 lanes, twice vpdpwssd's 32. At M = 8 the
+// int16 decoder is bound by its multiplies (4 vpdpwssd per row per 128 weights, shared
+// decode), this one issues 2. vpdpbusd multiplies unsigned by signed bytes, so the weights
+// are level + 128 (1..255) and each step's Sum starts at -128 * (the sum of the x levels it
+// multiplies), x-only and exact: computed once per row in gemv_prepare_rows
+// (start_values) and stored after the step's 128 x levels (kStartColumns), one 64-byte
+// load per row and step. Bounds per int32 lane and step: 8 products of at most 255 * 127
+// plus a start of at most 128 * 8 * 127, < 2^19; the sum itself is at most 8 * 127^2 <
+// 2^24, so even its conversion to float is exact.
+// A step is one 64-byte load, 128 weights: the low nibbles and the high nibbles (shifted
+// down by 4 within 16-bit words) masked to 0..15, each looked up by vpshufb in the 16
+// biased levels repeated in every 128-bit lane. vpermb (VBMI) would save the two ands,
+// but Cooper Lake has AVX512-BF16 and VNNI without VBMI. Byte b of w[0] is element 2b
+// (high nibble), of w[1] element 2b + 1: int32 lane i sums bytes 4i..4i + 3 of both, the
+// elements 8i..8i + 7, so the lane -> scale group mapping (fold) is the int16 decoder's.
+// Error: each level and each x within 0.5 / 127 of its scale (4e-3), twice bf16's 2^-9:
+// less exact than the dense bf16 baseline (tests/test_cpu_matmul.py states it).
+struct GemvInt8Decoder : IntegerSums<int8_t, int(kGemvInt8LevelScale)> {
+  static constexpr int kGroup = 128, kVectors = 2;
+  static constexpr int kStartColumns = 64;  // 16 int32 start values
+  static int source(int j) { return j < 64 ? 2 * j : 2 * (j - 64) + 1; }
+  I levels;  // the 16 levels + 128 as bytes, in every 128-bit lane
+  explicit GemvInt8Decoder(const CodeTable& table) {
+    int8_t level[16];
+    integer_levels(table, kLevelScale, level);
+    alignas(16) uint8_t biased[16];
+    for (int c = 0; c < 16; ++c) biased[c] = static_cast<uint8_t>(level[c] + 128);
+    levels = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(biased)));
+  }
+  void operator()(const Table&, const uint8_t* p, I* w) const {
+    const I q = _mm512_loadu_si512(p), low = _mm512_set1_epi8(0x0F);
+    w[0] = _mm512_shuffle_epi8(levels, _mm512_and_si512(_mm512_srli_epi16(q, 4), low));
+    w[1] = _mm512_shuffle_epi8(levels, _mm512_and_si512(q, low));
+  }
+  static I madd(I w, const X* x, I sum) { return _mm512_dpbusd_epi32(sum, w, _mm512_loadu_si512(x)); }
+  static I start(const X* at) { return _mm512_loadu_si512(at); }
+  // lane i's start: -128 times the x levels of bytes 4i..4i + 3 of both vectors
+  static void start_values(const X* level, X* out) {
+    int32_t start[16];
+    for (int i = 0; i < 16; ++i) {
+      int32_t sum = 0;
+      for (int v = 0; v < kVectors; ++v)
+        for (int b = 0; b < 4; ++b) sum += level[v * (kGroup / kVectors) + 4 * i + b];
+      start[i] = -128 * sum;
+    }
+    memcpy(out, start, sizeof(start));
+  }
+  static F fold(const float* factors) { return fold_halves(factors); }
+};
+constexpr bool kHasInt8Decoder = true;
+#endif
 
 #if NF4LORA_AVX512_BF16
 // bf16 activations on CPUs with AVX512-BF16: 64 weights from 32 bytes, as bf16, and

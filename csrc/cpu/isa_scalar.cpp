@@ -103,6 +103,8 @@ struct GemvDecoder {
 template <class T> struct GemvDecoderFor { using type = GemvDecoder; };
 constexpr bool kHasIntegerDecoder = false;
 using GemvIntegerDecoder = GemvDecoder;  // never used
+constexpr bool kHasInt8Decoder = false;
+using GemvInt8Decoder = GemvDecoder;  // never used
 
 #include "kernel_body.h"
 #include "gemv_body.h"

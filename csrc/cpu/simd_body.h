@@ -274,27 +274,34 @@ struct FloatGemvDecoder {
   static F madd(F w, const X* x, F acc) { return fmadd(w, load(x), acc); }
 };
 
-// ... and what their integer decoders share (see gemv_body.h): int16 weights and x, the
-// block constant as the Table, exact int32 sums per group.
-struct IntegerGemvDecoder {
+// ... and what their integer decoders share (see gemv_body.h): integer weights and x
+// (Level: int16_t with kGemvLevelScale, or int8_t with kGemvInt8LevelScale), the block
+// constant as the Table, exact int32 sums per group.
+template <class Level, int kMaxLevel>
+struct IntegerSums {
   static constexpr bool kIntegerSums = true;
-  using X = int16_t;
+  static constexpr float kLevelScale = float(kMaxLevel);
+  // X elements after a row's kGroup levels in each step of x_paired that hold the start
+  // value of its Sum (start_values, start): none, a Sum starts at 0
+  static constexpr int kStartColumns = 0;
+  using X = Level;
   using Weights = I;
   using Table = float;
   using Sum = I;
   Table table(float scale) const { return scale; }
-  static I zero() { return splat_i(0); }
+  static I start(const X*) { return splat_i(0); }
+  static void start_values(const X*, X*) {}
   static F sum_to_float(I sum) { return NF4LORA_MM(cvtepi32_ps)(sum); }  // rounds once, 2^-24
-  // x's kGemvXGroup elements at x as levels, x * 16383 / max |x| rounded to nearest (ties
-  // to even), |level| <= 16383, into out; returns max |x| (x is finite: the dispatcher
-  // checked)
+  // x's kGemvXGroup elements at x as levels, x * kLevelScale / max |x| rounded to nearest
+  // (ties to even), |level| <= kLevelScale, into out; returns max |x| (x is finite: the
+  // dispatcher checked)
   template <class In>
   static float x_levels(const In* x, int32_t* out) {
     F biggest = splat(0.0f);
     for (int j = 0; j < kGemvXGroup; j += kW) biggest = NF4LORA_MM(max_ps)(biggest, abs(load(x + j)));
     const float max_abs = reduce_max(biggest);
-    const F to_level = splat(max_abs > 0.0f ? kGemvLevelScale / max_abs : 0.0f);
-    const F most = splat(kGemvLevelScale), least = splat(-kGemvLevelScale);
+    const F to_level = splat(max_abs > 0.0f ? kLevelScale / max_abs : 0.0f);
+    const F most = splat(kLevelScale), least = splat(-kLevelScale);
     for (int j = 0; j < kGemvXGroup; j += kW) {  // (+ the rounding of to_level: clamped)
       const F v = NF4LORA_MM(min_ps)(NF4LORA_MM(max_ps)(mul(load(x + j), to_level), least), most);
       store_vector<false>(out + j, NF4LORA_MM(cvtps_epi32)(v));
@@ -341,3 +348,11 @@ struct IntegerGemvDecoder {
     for (; j < groups; ++j) fold[j] = mul_rn(block_scale[j / groups_per_block], x_scale[j]);
   }
 };
+// the int16 decoders' base (every ISA with an integer decoder)
+using IntegerGemvDecoder = IntegerSums<int16_t, int(kGemvLevelScale)>;
+// The int8 decoder (gemv_body.h with_decoder) is AVX512-VNNI's alone: a file that has one
+// defines NF4LORA_GEMV_INT8 to 1 and its own kHasInt8Decoder and GemvInt8Decoder.
+#if !defined(NF4LORA_GEMV_INT8) || !NF4LORA_GEMV_INT8
+constexpr bool kHasInt8Decoder = false;
+using GemvInt8Decoder = IntegerGemvDecoder;  // never used
+#endif

@@ -95,9 +95,14 @@ static void run_case(const IsaKernels& K_, int64_t M, int64_t K, int64_t N, int6
       x_scales(M * (K / kGemvXGroup) + slack);
   auto fillc = [](std::vector<float>& v) { for (auto& f : v) memcpy(&f, &kCanary, 4); };
   fillc(x_paired); fillc(x_natural); fillc(h_scaled); fillc(x_scales);
-  // 16-bit x: every other case takes the integer decoder (where the ISA has one), as the
-  // dispatcher's default does for few rows; the rest the float decoders
-  const bool integer_sums = dt != kF32 && st.cases % 2 == 0;
+  // 16-bit x: one case in four takes the int16 integer decoder (where the ISA has one), as
+  // the dispatcher's default does for few rows, one in four the int8 one (avx512bf16;
+  // int16 on the ISAs without it, as gemv_body.h with_decoder falls back); the rest the
+  // float decoders
+  const GemvSums sums = dt == kF32 || st.cases % 2 != 0 ? GemvSums::kFloat
+                        : st.cases % 4 == 0             ? GemvSums::kInt16
+                                                        : GemvSums::kInt8;
+  const bool integer_sums = sums != GemvSums::kFloat;
 
   PackedWeight w;
   w.packed = packed.data(); w.absmax = absmax.data(); w.n = N * K; w.blocksize = bs; w.table = format.table;
@@ -108,7 +113,7 @@ static void run_case(const IsaKernels& K_, int64_t M, int64_t K, int64_t N, int6
   const LoraGemvArgs op{x.data(), dt, M, N, K, w, rank ? A.data() : nullptr, rank ? B.data() : nullptr,
                         rank, scaling, has_bias ? bias.data() : nullptr, y.data(), rank ? h.data() : nullptr};
   GemvWork args{op, x_paired.data(), rank > 0 ? x_natural.data() : nullptr, h_scaled.data(),
-                x_scales.data(), integer_sums};
+                x_scales.data(), sums};
   if (mixed) {
     args.adapter_index = index.data();
     args.scalings = adapter_scalings;
@@ -162,9 +167,11 @@ static void run_case(const IsaKernels& K_, int64_t M, int64_t K, int64_t N, int6
       }
       check_val(dt, get(h.data(), dt, m * rank + j), s, sa, st, "h", desc, m, j);
     }
-    // the integer decoders: x within 0.5 / 16383 of its group's max |x|, each table value
-    // within 0.5 / 16383 (times the block constant)
+    // the integer decoders: x within 0.5 / L of its group's max |x|, each table value
+    // within 0.5 / L (times the block constant), L = 16383 (int16) or 127 (int8)
     const bool integer = integer_sums && strcmp(K_.name, "scalar") != 0 && bs % kGemvXGroup == 0;
+    const double level_scale = sums == GemvSums::kInt8 && strcmp(K_.name, "avx512bf16") == 0
+                                   ? kGemvInt8LevelScale : kGemvLevelScale;
     std::vector<double> group_max(K / kGemvXGroup + 1, 0.0);
     for (int64_t k = 0; k < K; ++k)
       group_max[k / kGemvXGroup] = fmax(group_max[k / kGemvXGroup], fabs(get(x.data(), dt, m * K + k)));
@@ -175,8 +182,8 @@ static void run_case(const IsaKernels& K_, int64_t M, int64_t K, int64_t N, int6
         double t = xk * W[n * K + k];
         s += t; sa += fabs(t);
         if (integer) {
-          bound += 0.5 / kGemvLevelScale * (group_max[k / kGemvXGroup] * fabs(W[n * K + k]) +
-                                            fabs(xk) * block_constant[(n * K + k) / bs]);
+          const double g = group_max[k / kGemvXGroup], c = block_constant[(n * K + k) / bs];
+          bound += 0.5 / level_scale * (g * fabs(W[n * K + k]) + fabs(xk) * c + 0.5 / level_scale * g * c);
         }
       }
       for (int64_t j = 0; j < rank && a >= 0; ++j) {  // epilogue uses the kernel's rounded h
