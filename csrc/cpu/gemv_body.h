@@ -15,6 +15,7 @@
 //   hsum(F)                       sum of the kW lanes in a fixed order
 //   GemvDecoderFor<T>::type       the decoder for activations of type T (a Decoder below)
 //   kGemvAccumulators             accumulators a tile may keep (registers to spare)
+//   block_constants(w, b0, n, out)  the float constants of blocks [b0, b0 + n) of w
 //
 // A Decoder turns packed bytes into weight vectors and multiplies them with x:
 //   kGroup, kVectors              weights per step (from kGroup / 2 bytes), vectors per step
@@ -183,36 +184,6 @@ void gemv_lora_h_impl(const GemvWork& a, int64_t m, int64_t j) {
   a.h_scaled[m * a.rank + j] = mul_rn(to_float(rounded), a.scaling_of(adapter));
 }
 
-// Walks the block constants of consecutive blocks. With double quantization each is
-// code2[q[b]] * absmax2[b / nested blocksize] + offset; the index of absmax2 is carried
-// along, because a 64-bit division per 64-weight block costs ~40 cycles, as much as
-// decoding the block.
-class BlockScales {
- public:
-  BlockScales() = default;  // (arrays of walkers: grad_input_rows)
-  BlockScales(const PackedWeight& w, int64_t first_block) : w_(&w), b_(first_block) {
-    if (w.is_nested()) {
-      group_ = first_block / w.nested.blocksize;
-      left_ = w.nested.blocksize - first_block % w.nested.blocksize;
-    }
-  }
-  float next() {  // the constant of the current block, then move to the next block
-    const int64_t b = b_++;
-    if (!w_->is_nested()) return w_->absmax[b];
-    const float scale = decode_nested_absmax(w_->nested.code2, w_->nested.q[b],
-                                             w_->nested.absmax2[group_], w_->nested.offset);
-    if (--left_ == 0) {
-      ++group_;
-      left_ = w_->nested.blocksize;
-    }
-    return scale;
-  }
-
- private:
-  const PackedWeight* w_ = nullptr;
-  int64_t b_ = 0, group_ = 0, left_ = 0;
-};
-
 // ---- phase 3: rows [n0, n1) of y for MT consecutive rows of x starting at m0. -------
 
 // y[m0 + m, n] from the finished accumulators: LoRA term, bias, rounding to T.
@@ -255,20 +226,27 @@ constexpr int64_t kSliceBytes = 16 << 10;  // of x per slice: half a 32 KiB L1
 // One row of W, columns [k0, k1), against the tile's MT rows of x (xg: the tile's x at
 // k0; p: the packed bytes at k0), into acc. Float decoders: an FMA (or vdpbf16ps) per
 // vector and row.
+constexpr int64_t kWalkBlocks = 64;  // block constants decoded ahead, per call of block_constants
+
 template <int MT, int kChains, class Decoder>
 void walk_float(const GemvWork& a, const Decoder& decode, int64_t block, const uint8_t* p,
                 const typename Decoder::X* xg, int64_t k0, int64_t k1, F (&acc)[MT][kChains]) {
   constexpr int kGroup = Decoder::kGroup, kVectors = Decoder::kVectors, kStep = kGroup / kVectors;
   const int64_t blocksize = a.weight.blocksize;
-  BlockScales scales(a.weight, block);
-  for (int64_t k = k0; k < k1; k += blocksize) {
-    const typename Decoder::Table table = decode.table(scales.next());
-    for (int64_t g = 0; g < blocksize; g += kGroup, p += kGroup / 2, xg += MT * kGroup) {
-      typename Decoder::Weights w[kVectors];
-      decode(table, p, w);
-      for (int m = 0; m < MT; ++m)
-        for (int v = 0; v < kVectors; ++v)
-          acc[m][v % kChains] = Decoder::madd(w[v], xg + m * kGroup + v * kStep, acc[m][v % kChains]);
+  alignas(64) float constants[kWalkBlocks];  // of the next up to kWalkBlocks blocks
+  for (int64_t k = k0; k < k1;) {
+    const int64_t blocks = (k1 - k) / blocksize < kWalkBlocks ? (k1 - k) / blocksize : kWalkBlocks;
+    block_constants(a.weight, block, blocks, constants);
+    block += blocks;
+    for (int64_t b = 0; b < blocks; ++b, k += blocksize) {
+      const typename Decoder::Table table = decode.table(constants[b]);
+      for (int64_t g = 0; g < blocksize; g += kGroup, p += kGroup / 2, xg += MT * kGroup) {
+        typename Decoder::Weights w[kVectors];
+        decode(table, p, w);
+        for (int m = 0; m < MT; ++m)
+          for (int v = 0; v < kVectors; ++v)
+            acc[m][v % kChains] = Decoder::madd(w[v], xg + m * kGroup + v * kStep, acc[m][v % kChains]);
+      }
     }
   }
 }
@@ -305,7 +283,7 @@ void walk_integer(const GemvWork& a, const Decoder& decode, int64_t block, const
     const int64_t columns = k1 - c0 < kFoldColumns ? k1 - c0 : kFoldColumns;
     const int64_t scales = columns / kGemvXGroup, blocks = columns / a.weight.blocksize;
     const int64_t steps = (columns + kGroup - 1) / kGroup;
-    Decoder::block_constants(a.weight, block, blocks, block_scale);
+    block_constants(a.weight, block, blocks, block_scale);
     block += blocks;
     for (int m = 0; m < MT; ++m) {
       Decoder::fold_factors(block_scale, x_scales + m * scales_per_row + c0 / kGemvXGroup, scales,
@@ -449,15 +427,14 @@ void grad_input_rows(const GradInputWork& a, const Decoder& decode, int64_t n, i
                      int64_t c1, float* slab) {
   constexpr int kGroup = Decoder::kGroup, kVectors = Decoder::kVectors, kStep = kGroup / kVectors;
   const int64_t blocksize = a.weight.blocksize, width = c1 - c0;
-  // the block constants first: R walkers live through the decode loop took the registers
-  // of its pointers (spilled to xmm and back; AVX2, one thread, 4096x4096 M = 1, W in
-  // cache: 3.65 -> 1.67 ms; AVX-512 unchanged)
+  // the block constants first: R scalar walkers live through the decode loop took the
+  // registers of its pointers (spilled to xmm and back; AVX2, one thread, 4096x4096 M = 1,
+  // W in cache: 3.65 -> 1.67 ms; AVX-512 unchanged)
   const int64_t blocks = width / blocksize;
   float constants[R][kGradPanelMaxBlocks];
   const uint8_t* p[R];
   for (int r = 0; r < R; ++r) {
-    BlockScales scales(a.weight, ((n + r) * a.K + c0) / blocksize);
-    for (int64_t b = 0; b < blocks; ++b) constants[r][b] = scales.next();
+    block_constants(a.weight, ((n + r) * a.K + c0) / blocksize, blocks, constants[r]);
     p[r] = a.weight.packed + ((n + r) * a.K + c0) / 2;
   }
   const float* g = a.grad_f + n;

@@ -77,6 +77,17 @@ struct Decoder8 {
   void operator()(const uint8_t* q, Out* o) const { *o = from_float<Out>(mul_rn(code[*q], scale)); }
 };
 
+// gemv_body.h: the constants of w's blocks [b0, b0 + count) (simd_body.h's, one at a time).
+inline void block_constants(const PackedWeight& w, int64_t b0, int64_t count, float* out) {
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t b = b0 + i;
+    out[i] = !w.is_nested() ? w.absmax[b]
+                            : decode_nested_absmax(w.nested.code2, w.nested.q[b],
+                                                   w.nested.absmax2[b / w.nested.blocksize],
+                                                   w.nested.offset);
+  }
+}
+
 // gemv_body.h: four packed bytes -> their eight weights, in element order. Eight
 // "vectors" of one float, so the sums split into as many independent chains as AVX2's
 // 8 lanes (one chain of K products was 8x torch's float32 error at K = 1088).
