@@ -239,14 +239,31 @@ template <class T> struct GemvDecoderFor { using type = GemvDecoder; };
 
 // 16-bit activations: the integer decoder (gemv_body.h). The same in-lane lookup with two
 // byte planes (the low and high bytes of the 16 int16 levels, built once per call, not per
-// block) and one byte interleave give 32 int16 weights per 16 packed bytes; vpmaddwd +
-// vpaddd multiply and sum them with x. w[2s] holds elements 32s + {0, 2, .., 14} in lane 0
-// and 32s + {1, 3, .., 15} in lane 1; w[2s + 1] the same 16 higher: source() is that order.
+// block) and one byte interleave per vector give 64 int16 weights per 32 packed bytes: one
+// 32-byte load, a 16-bit shift and two ands make the high nibbles (element 2b of byte b) and
+// the low ones (2b + 1) one code per byte, 4 pshufb look up their levels' low and high
+// bytes, 4 unpacks make the words. 12 instructions per 64 weights, where two 16-byte loads
+// each broadcast to both lanes and split by a variable shift took 14 (AMD EPYC Zen 4, one
+// thread, NF4LORA_CPU_ISA=avx2, bf16 x, 4096x4096 W in cache, interleaved A/B, TSC ticks
+// per 32 weights: M = 1 3.60 -> 3.40, M = 2 5.0 -> 4.9, M = 4 9.2 -> 9.0, M = 8 unchanged
+// at ~17: each row's 10 multiply-add-fold instructions per 64 dominate there). The
+// interleaves stay in their 128-bit lane: w[v] holds packed bytes 0-7 (v = 0, 2) or 8-15
+// (v = 1, 3) in lane 0 and bytes 16-23 / 24-31 in lane 1, v < 2 their high nibbles, v >= 2
+// their low ones: source() is that order. A step is one x scale group, so each int32 lane
+// of a sum adds 8 products (isa.h: no overflow).
+// Tried (a micro-benchmark of this loop, W in L2 or L3, the same Zen 4 thread, ticks per 32
+// weights at M = 1 / 2 / 4, this decoder 2.45 / 3.50 / 6.17): the unpacks replaced by
+// shifts, ands and ors (3.20 / 4.33 / 7.00) or by shifts and vpblendvb (2.96 / 4.05 / 6.70),
+// more instructions than the unpacks they save; a 128-weight step with one int32 sum per
+// scale group (no lane may add 16 products) and two folds, halving the loop's overhead
+// (2.37 / 3.83 / 6.38: 3% faster at M = 1, 9% slower at M = 2, and gemv_body.h's loop would
+// need two folds per step). GCC already adds the 4 vpmaddwd results pairwise (3 vpaddd per
+// step and row, the first add of zero folded away).
 struct GemvInt16Decoder : IntegerGemvDecoder {
   static constexpr int kGroup = 64, kVectors = 4;
-  static int source(int j) {
-    const int i = j % 16;
-    return (j / 16) * 16 + 2 * (i % 8) + i / 8;
+  static int source(int j) {  // vector j / 16, word j % 16: packed byte b, element 2b or 2b + 1
+    const int byte = j % 8 + 8 * ((j / 16) % 2) + 16 * ((j / 8) % 2);
+    return 2 * byte + j / 32;
   }
   I plane_lo, plane_hi;
   explicit GemvInt16Decoder(const CodeTable& table) {
@@ -261,15 +278,15 @@ struct GemvInt16Decoder : IntegerGemvDecoder {
     plane_hi = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(hi)));
   }
   void operator()(const Table&, const uint8_t* p, I* w) const {
-    for (int s = 0; s < 2; ++s) {
-      const I q = _mm256_broadcastsi128_si256(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * s)));
-      const I codes = _mm256_and_si256(
-          _mm256_srlv_epi32(q, _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0)), _mm256_set1_epi8(0x0F));
-      const I lo = _mm256_shuffle_epi8(plane_lo, codes), hi = _mm256_shuffle_epi8(plane_hi, codes);
-      w[2 * s] = _mm256_unpacklo_epi8(lo, hi);
-      w[2 * s + 1] = _mm256_unpackhi_epi8(lo, hi);
-    }
+    const I q = _mm256_loadu_si256(reinterpret_cast<const I*>(p));
+    const I nibble = _mm256_set1_epi8(0x0F);
+    const I even = _mm256_and_si256(_mm256_srli_epi16(q, 4), nibble), odd = _mm256_and_si256(q, nibble);
+    const I even_lo = _mm256_shuffle_epi8(plane_lo, even), even_hi = _mm256_shuffle_epi8(plane_hi, even);
+    const I odd_lo = _mm256_shuffle_epi8(plane_lo, odd), odd_hi = _mm256_shuffle_epi8(plane_hi, odd);
+    w[0] = _mm256_unpacklo_epi8(even_lo, even_hi);
+    w[1] = _mm256_unpackhi_epi8(even_lo, even_hi);
+    w[2] = _mm256_unpacklo_epi8(odd_lo, odd_hi);
+    w[3] = _mm256_unpackhi_epi8(odd_lo, odd_hi);
   }
   static I madd(I w, const X* x, I sum) {
     return _mm256_add_epi32(sum, _mm256_madd_epi16(w, _mm256_loadu_si256(reinterpret_cast<const I*>(x))));
