@@ -119,14 +119,13 @@ def _state_objects(quant_state) -> tuple:
     return tuple(getattr(quant_state, f, None) for f in _STATE_FIELDS) + nested
 
 
-def _state_sources(packed: Tensor, quant_state) -> tuple:
-    """Identifies (packed, quant_state) for PackedWeight.from_state's cache: the packed
-    storage (address, size, dtype, device), the nested offset's version (its value is read
-    into the kept weight) and the identities of the state's objects."""
-    offset = getattr(quant_state, "offset", None)
+def _state_sources(packed: Tensor, objects: tuple) -> tuple:
+    """Identifies (packed, the state's `objects`) for PackedWeight.from_state's cache: the
+    packed storage (address, size, dtype, device), the nested offset's version (its value
+    is read into the kept weight) and the identities of the objects."""
+    offset = objects[_STATE_FIELDS.index("offset")]
     return ((packed.data_ptr(), packed.numel(), packed.dtype, packed.device,
-             offset._version if isinstance(offset, Tensor) else None)
-            + tuple(map(id, _state_objects(quant_state))))
+             offset._version if isinstance(offset, Tensor) else None) + tuple(map(id, objects)))
 
 
 def contents_key(*tensors: Tensor) -> tuple:
@@ -198,7 +197,8 @@ class PackedWeight(NamedTuple):
             return cls._from_state(packed, quant_state, name)
         if type(packed) is not Tensor and isinstance(packed, Tensor):
             packed = packed.as_subclass(Tensor)  # plain attribute reads below, not __torch_function__
-        sources = _state_sources(packed, quant_state)
+        objects = _state_objects(quant_state)
+        sources = _state_sources(packed, objects)
         cached = getattr(quant_state, _CACHE_ATTRIBUTE, None)
         if cached is not None and cached[0] == sources:
             return cached[2]
@@ -208,7 +208,7 @@ class PackedWeight(NamedTuple):
         if weight.device.type != "meta":
             weight = weight.with_offset_read()
         try:  # (the objects themselves are kept, so their ids stay unique while cached)
-            setattr(quant_state, _CACHE_ATTRIBUTE, (sources, _state_objects(quant_state), weight))
+            setattr(quant_state, _CACHE_ATTRIBUTE, (sources, objects, weight))
         except AttributeError:  # a state type that takes no attributes: no cache
             pass
         return weight
