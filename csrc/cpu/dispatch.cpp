@@ -361,9 +361,15 @@ static void run_lora_gemv_4bit(const LoraGemvArgs& op, const AdapterRows* adapte
   const IsaKernels& k = select_kernels();
   // x_paired: + a decoder step's missing half (gemv_body.h paired_columns); the int8
   // decoder's x (1 byte per column plus 64 per 128-column step) takes less than this
-  std::vector<float> x_paired(M * (K + kGemvXGroup)), x_natural(rank > 0 ? M * K : 0), h_scaled(M * rank),
-      x_scales(M * (K / kGemvXGroup + 1));
-  GemvWork args{op, x_paired.data(), rank > 0 ? x_natural.data() : nullptr, h_scaled.data(),
+  // x_paired is read by 64-byte loads at multiples of 64 bytes from its start: aligned, none
+  // straddles two cache lines (a split load takes two of L1's load slots, and at M = 8 the
+  // bf16 decoder issues one x load per vdpbf16ps)
+  constexpr int64_t kAlignFloats = 64 / sizeof(float);
+  std::vector<float> x_paired_storage(M * (K + kGemvXGroup) + kAlignFloats), x_natural(rank > 0 ? M * K : 0),
+      h_scaled(M * rank), x_scales(M * (K / kGemvXGroup + 1));
+  float* x_paired = reinterpret_cast<float*>(
+      (reinterpret_cast<uintptr_t>(x_paired_storage.data()) + 63) & ~uintptr_t(63));
+  GemvWork args{op, x_paired, rank > 0 ? x_natural.data() : nullptr, h_scaled.data(),
                 x_scales.data(), gemv_sums(op, k)};
   if (adapters != nullptr) {
     args.adapter_index = adapters->index;

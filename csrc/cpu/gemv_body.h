@@ -224,31 +224,30 @@ constexpr int64_t kSliceRows = 16;
 constexpr int64_t kSliceBytes = 16 << 10;  // of x per slice: half a 32 KiB L1
 
 // One row of W, columns [k0, k1), against the tile's MT rows of x (xg: the tile's x at
-// k0; p: the packed bytes at k0), into acc. Float decoders: an FMA (or vdpbf16ps) per
-// vector and row.
-constexpr int64_t kWalkBlocks = 64;  // block constants decoded ahead, per call of block_constants
-
+// k0; p: the packed bytes at k0; constants: the float constants of its blocks from k0),
+// into acc. Float decoders: an FMA (or vdpbf16ps) per vector and row.
 template <int MT, int kChains, class Decoder>
-void walk_float(const GemvWork& a, const Decoder& decode, int64_t block, const uint8_t* p,
+void walk_float(const GemvWork& a, const Decoder& decode, const float* constants, const uint8_t* p,
                 const typename Decoder::X* xg, int64_t k0, int64_t k1, F (&acc)[MT][kChains]) {
   constexpr int kGroup = Decoder::kGroup, kVectors = Decoder::kVectors, kStep = kGroup / kVectors;
   const int64_t blocksize = a.weight.blocksize;
-  alignas(64) float constants[kWalkBlocks];  // of the next up to kWalkBlocks blocks
-  for (int64_t k = k0; k < k1;) {
-    const int64_t blocks = (k1 - k) / blocksize < kWalkBlocks ? (k1 - k) / blocksize : kWalkBlocks;
-    block_constants(a.weight, block, blocks, constants);
-    block += blocks;
-    for (int64_t b = 0; b < blocks; ++b, k += blocksize) {
-      const typename Decoder::Table table = decode.table(constants[b]);
-      for (int64_t g = 0; g < blocksize; g += kGroup, p += kGroup / 2, xg += MT * kGroup) {
-        typename Decoder::Weights w[kVectors];
-        decode(table, p, w);
-        for (int m = 0; m < MT; ++m)
-          for (int v = 0; v < kVectors; ++v)
-            acc[m][v % kChains] = Decoder::madd(w[v], xg + m * kGroup + v * kStep, acc[m][v % kChains]);
-      }
+  // local accumulators: acc (a reference) might alias constants[] for all the compiler
+  // knows, which made it store and reload all of them at every group
+  F chains[MT][kChains];
+  for (int m = 0; m < MT; ++m)
+    for (int c = 0; c < kChains; ++c) chains[m][c] = acc[m][c];
+  for (int64_t k = k0, b = 0; k < k1; k += blocksize, ++b) {
+    const typename Decoder::Table table = decode.table(constants[b]);
+    for (int64_t g = 0; g < blocksize; g += kGroup, p += kGroup / 2, xg += MT * kGroup) {
+      typename Decoder::Weights w[kVectors];
+      decode(table, p, w);
+      for (int m = 0; m < MT; ++m)
+        for (int v = 0; v < kVectors; ++v)
+          chains[m][v % kChains] = Decoder::madd(w[v], xg + m * kGroup + v * kStep, chains[m][v % kChains]);
     }
   }
+  for (int m = 0; m < MT; ++m)
+    for (int c = 0; c < kChains; ++c) acc[m][c] = chains[m][c];
 }
 
 // Integer decoders: per step and row, exact int32 sums, then one FMA that folds them in
@@ -344,8 +343,15 @@ void gemv_tile(const GemvWork& a, const Decoder& decode, int64_t m0, int64_t n0,
   if (MT < kMinSlicedTile) k_slice = a.K;
   const X* x = reinterpret_cast<const X*>(a.x_paired) + m0 * paired_columns<Decoder>(a.K);
   F saved[kSliceRows][MT][kChains];  // accumulators between slices
+  // Float decoders: the block constants of kSliceRows whole rows in one call (each row's
+  // blocks follow the previous row's). Per row and slice, a call of its own (with the
+  // 256-entry nested code loaded into registers each time) cost ~150 TSC ticks, as much
+  // as 16 of the M = 8 tile's 64-weight groups.
+  std::vector<float> constants(Decoder::kIntegerSums ? 0 : kSliceRows * blocks_per_row);
   for (int64_t r0 = n0; r0 < n1; r0 += kSliceRows) {
     const int64_t r1 = r0 + kSliceRows < n1 ? r0 + kSliceRows : n1;
+    if constexpr (!Decoder::kIntegerSums)
+      block_constants(a.weight, r0 * blocks_per_row, (r1 - r0) * blocks_per_row, constants.data());
     for (int64_t k0 = 0; k0 < a.K; k0 += k_slice) {
       const int64_t k1 = k0 + k_slice < a.K ? k0 + k_slice : a.K;
       for (int64_t n = r0; n < r1; ++n) {
@@ -359,7 +365,8 @@ void gemv_tile(const GemvWork& a, const Decoder& decode, int64_t m0, int64_t n0,
           walk_integer<MT, kChains>(a, decode, block, p, x + k0 / kGroup * MT * x_stride<Decoder>(),
                                     x_scales, k0, k1, acc);
         else
-          walk_float<MT, kChains>(a, decode, block, p, x + k0 * MT, k0, k1, acc);
+          walk_float<MT, kChains>(a, decode, constants.data() + (n - r0) * blocks_per_row + k0 / blocksize,
+                                  p, x + k0 * MT, k0, k1, acc);
         if (k1 == a.K) {
           gemv_finish_row<T, MT, kChains>(a, acc, m0, n);
         } else {
