@@ -40,7 +40,7 @@ __device__ __forceinline__ void wait_for_shrink(const int* done, int count, int 
 // sm_90 (scripts/check_cuda.sh): M = 4 in 128 registers (4 blocks), M = 5..7 in 170
 // (3 blocks). M = 8 takes ~248 on sm_80 (168 on sm_90) and a cap would spill: no hint.
 // The mixed-batch instances (kPerRow) fit the same hints without spills: M = 4 in 127
-// (sm_80) / 126 (sm_90), M = 5..7 in 162-168; M = 8 in 238 / 168.
+// (sm_80) / 126 (sm_90), M = 5..7 in 162-168; M = 8 in 238 (sm_80) / 167-168 (sm_90).
 constexpr int gemv_min_blocks_per_sm(int M) { return M == 4 ? 4 : (M >= 5 && M <= 7 ? 3 : 0); }
 
 template <class T, int M, bool kPerRow>
