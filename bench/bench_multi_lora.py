@@ -8,6 +8,7 @@ single-adapter forward (one active adapter: one fused call).
 
     python -m bench.bench_multi_lora [--shape 4096x4096] [--tokens 8] [--adapters 8]
                                      [--rank 16] [--threads N] [--reps 60] [--out DIR]
+                                     [--device cpu|cuda] [--plan]
 
 bf16 activations, NF4 + double quantization, blocksize 64, one layer built by
 nf4lora.replace_linear (PEFT's adapters on it, float32 as PEFT keeps them; the op-level rows
@@ -16,6 +17,13 @@ get them stacked and cast to bf16 once, outside the timing); the weight stays in
 The providers take turns call by call (harness.time_calls), so that a burst of load from
 other processes lands on all of them; with --threads 1 the clock is the thread's CPU time
 (time.thread_time), which other processes on a shared machine do not inflate.
+
+--device cuda (scripts/gpu_check.sh): the two op rows on CUDA tensors, once per nf4lora GPU
+backend usable here (nf4lora[cuda]: the mixed-adapter GEMV, one launch; nf4lora[triton]),
+each backend's multi_lora_matmul_4bit first checked against the spec (float32 math on the
+decoded weight, up to bf16: bench_matmul.mismatch); CUDA-event time per call (the two
+providers take turns) and the GPU's busy time per call from the profiler (kernel ms). PEFT's
+rows stay CPU rows. --plan prints what a run would time and exits (the dry run's check).
 """
 from __future__ import annotations
 
@@ -26,6 +34,8 @@ from typing import Optional, Sequence
 import torch
 
 from bench import harness
+from bench.bench_codec import gpu_kernel_seconds, gpu_time_calls, print_plan
+from bench.bench_matmul import mismatch, root_sum_squares
 
 DTYPE = torch.bfloat16
 COLUMNS = [("provider", "provider", "s"), ("shape", "shape", ""), ("M", "tokens", "d"),
@@ -87,6 +97,86 @@ def providers(shape, tokens: int, adapters: int, rank: int) -> dict:
     }
 
 
+GPU_COLUMNS = [("provider", "provider", "s"), ("backend", "backend", "s"), ("shape", "shape", ""),
+               ("M", "tokens", "d"), ("adapters", "adapters", "d"), ("r", "rank", "d"),
+               ("median ms", "median_ms", ".4f"), ("kernel ms", "kernel_ms", ".4f"),
+               ("x single-adapter", "x_vs_single", ".2f"),
+               ("kernel x single", "kernel_x_vs_single", ".2f")]
+
+
+def gpu_calls(shape, tokens: int, adapters: int, rank: int, device: str = "cuda"):
+    """({SINGLE, MULTI: zero-argument call} on `device`'s tensors, the multi call's exact y and the
+    root-sum-square of its terms, both float32): one NF4 + double-quant weight, `adapters`
+    bf16 adapters of rank `rank`, row m on adapter m % adapters (the index on the CPU, as a
+    scheduler's would be). Quantized by whichever backend is current."""
+    import nf4lora
+    import nf4lora.functional as F
+    gen = torch.Generator().manual_seed(0)
+    out_features, in_features = shape
+    packed, state = F.quantize_4bit(torch.randn(shape, generator=gen).to(device), blocksize=64,
+                                    compress_statistics=True, quant_type="nf4")
+    # Each adapter's term about as large as the base's (~sqrt(in)), so that the check
+    # below sees a row that got another adapter, or none.
+    A, B = nf4lora.pad_adapters(
+        [torch.randn(rank, in_features, generator=gen) / in_features ** 0.5
+         for _ in range(adapters)],
+        [torch.randn(out_features, rank, generator=gen) * (in_features / rank) ** 0.5 / 2
+         for _ in range(adapters)])
+    A, B = A.to(device, DTYPE), B.to(device, DTYPE)
+    scalings = [2.0] * adapters   # lora_alpha 2 r / r
+    x = torch.randn(tokens, in_features, generator=gen).to(device, DTYPE)
+    index = torch.arange(tokens) % adapters
+    W = F.dequantize_4bit(packed, state).float()
+    rows = index.to(device)
+    h = torch.einsum("mk,mrk->mr", x.float(), A.float()[rows])
+    want = x.float() @ W.t() + 2.0 * torch.einsum("mr,mnr->mn", h, B.float()[rows])
+    terms = (root_sum_squares(x.float(), W.t())
+             + 2.0 * torch.einsum("mr,mnr->mn", h * h, B.float()[rows] ** 2).sqrt())
+    calls = {SINGLE: lambda: nf4lora.lora_matmul_4bit(x, packed, state, A[0], B[0], scalings[0]),
+             MULTI: lambda: nf4lora.multi_lora_matmul_4bit(x, packed, state, A, B, scalings, index)}
+    return calls, want, terms
+
+
+def main_gpu(args, argv) -> dict:
+    """--device cuda: the op rows per GPU backend, checked, then timed (see the docstring)."""
+    shape = tuple(int(v) for v in args.shape.lower().split("x"))
+    if args.plan:   # every GPU backend, available here or not: nothing touches a GPU
+        names = [f"{p} nf4lora[{b}]" for b in harness.GPU_BACKENDS for p in (SINGLE, MULTI)]
+        return print_plan("cuda", ["multi-lora"], [shape], names, harness.nf4lora_gpu_backends()[1],
+                          extra=f" tokens={args.tokens} adapters={args.adapters} r={args.rank}")
+    backends, notes = harness.nf4lora_gpu_backends()
+    rows = []
+    with torch.no_grad():
+        for backend in backends:
+            with harness.using_backend(backend):
+                calls, want, terms = gpu_calls(shape, args.tokens, args.adapters, args.rank)
+                why = mismatch(calls[MULTI](), want, terms)
+                if why:
+                    notes.append(f"nf4lora[{backend}] {MULTI}: not timed, wrong result: {why}")
+                    continue
+                times = gpu_time_calls(list(calls.values()), args.reps)   # interleaved
+                for i, name in enumerate(calls):
+                    kernel_s = gpu_kernel_seconds([calls[name]] * 10)
+                    rows.append(dict(provider=name, backend=f"nf4lora[{backend}]", shape=list(shape),
+                                     tokens=args.tokens, adapters=args.adapters, rank=args.rank,
+                                     **harness.quantiles_ms(times[i::len(calls)]),
+                                     kernel_ms=None if kernel_s is None else kernel_s * 1e3))
+    for row in rows:
+        single = next(r for r in rows if r["backend"] == row["backend"] and r["provider"] == SINGLE)
+        row["x_vs_single"] = row["median_ms"] / single["median_ms"]
+        row["kernel_x_vs_single"] = (row["kernel_ms"] / single["kernel_ms"]
+                                     if row["kernel_ms"] and single["kernel_ms"] else None)
+    print(f"{shape[0]}x{shape[1]} NF4 + double quant, bf16, M = {args.tokens} over "
+          f"{args.adapters} adapters, r = {args.rank}; GPU: "
+          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+    print(harness.format_table(rows, GPU_COLUMNS))
+    harness.print_notes(notes)
+    config = {k: v for k, v in vars(args).items() if k != "out"}
+    return harness.save_run(args.out, "multi-lora-gpu", benchmark="multi_lora", device="cuda",
+                            metadata=harness.metadata(), config=config, argv=argv, rows=rows,
+                            notes=notes)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="4096x4096", help="OUTxIN (default 4096x4096)")
@@ -96,7 +186,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--reps", type=int, default=60)
     harness.add_threads_flag(parser)
     harness.add_out_flag(parser)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: the op rows on CUDA tensors, per nf4lora GPU backend")
+    parser.add_argument("--plan", action="store_true",
+                        help="with --device cuda: print what a run would time, and exit")
     args = parser.parse_args(argv)
+    if args.device == "cuda":
+        return main_gpu(args, argv)
     shape = tuple(int(v) for v in args.shape.lower().split("x"))
     clock = time.thread_time if args.threads == 1 else time.perf_counter
     with harness.threads_set_to(args.threads), torch.no_grad():

@@ -10,9 +10,10 @@
 // have validated the other tensors (dtypes, shapes, devices, contiguity); the kernels
 // check what would otherwise be undefined behaviour.
 //
-// The ops both modules have (4-bit and 8-bit quantize / dequantize, the fused GEMV) are
-// defined once, at the bottom: the shared Python arguments, then the module's own trailing
-// ones (CUDA: a workspace tensor, the stream as an integer).
+// The ops both modules have (4-bit and 8-bit quantize / dequantize, the fused GEMV, the
+// mixed-adapter GEMV: only _C_cuda's so far) are defined once, at the bottom: the shared
+// Python arguments, then the module's own trailing ones (CUDA: a workspace tensor, the
+// stream as an integer).
 #pragma once
 
 #include <pybind11/pybind11.h>
@@ -170,6 +171,25 @@ inline LoraGemvArgs lora_gemv_args(py::handle x, py::handle weight, py::handle l
   return a;
 }
 
+// A mixed-adapter batch's operands: lora_gemv_args with lora_A [n, r, K] and lora_B [n, N, r]
+// stacked (rank: r), and `adapters` read from adapter_index (int64 [M], -1: none) and
+// scalings (float32 [n]). The index's values are the kernel's contract (launch.h): the
+// CUDA one cannot read them from the host, so nf4lora._ops checks them.
+inline LoraGemvArgs multi_lora_gemv_args(py::handle x, py::handle weight, py::handle lora_A,
+                                         py::handle lora_B, py::handle scalings,
+                                         py::handle adapter_index, py::handle bias, py::handle y,
+                                         py::handle h, AdapterRows& adapters) {
+  if (lora_A.is_none() || lora_B.is_none())
+    throw py::value_error("a mixed-adapter batch needs lora_A [n, r, K] and lora_B [n, N, r]");
+  LoraGemvArgs a = lora_gemv_args(x, weight, lora_A, lora_B, 1.0f, bias, y, h);
+  a.rank = dim(lora_A, 1);
+  adapters.count = dim(lora_A, 0);
+  adapters.index = checked_data<int64_t>(adapter_index, "adapter_index", "int64", a.M, "the batch");
+  adapters.scalings = checked_data<float>(scalings, "scalings", "float32", adapters.count,
+                                          "the adapter stack");
+  return a;
+}
+
 // A module's own trailing arguments, as its kernels take them.
 inline void* native(py::handle tensor) { return data(tensor); }                      // workspace
 inline void* native(uintptr_t stream) { return reinterpret_cast<void*>(stream); }  // cudaStream_t
@@ -228,6 +248,16 @@ void lora_gemv_4bit(py::handle x, py::handle weight, py::handle lora_A, py::hand
            native(extra)...);
 }
 
+template <auto kernel, class... Extra>
+void multi_lora_gemv_4bit(py::handle x, py::handle weight, py::handle lora_A, py::handle lora_B,
+                          py::handle scalings, py::handle adapter_index, py::handle bias,
+                          py::handle y, py::handle h, Extra... extra) {
+  AdapterRows adapters;
+  const LoraGemvArgs a =
+      multi_lora_gemv_args(x, weight, lora_A, lora_B, scalings, adapter_index, bias, y, h, adapters);
+  released(kernel, a, adapters, native(extra)...);
+}
+
 }  // namespace ops
 
 // Defines the four codec ops on m with the module's kernels; Extra: the types of the
@@ -258,6 +288,18 @@ void def_lora_gemv_4bit(py::module_& m, const Names&... names) {
         py::arg("h"), names...,
         "y[M,N] = x @ W^T + scaling * h @ lora_B^T + bias, h[M,rank] = x @ lora_A^T (W: weight, a "
         "PackedWeight [N, K]; lora_A/lora_B None: no LoRA; bias None: none)");
+}
+
+// Defines multi_lora_gemv_4bit on m, as def_lora_gemv_4bit. (nf4lora._C defines its own in
+// csrc/bindings.cpp, with csrc/cpu/kernels.h's twin of weight.h's AdapterRows.)
+template <auto kernel, class... Extra, class... Names>
+void def_multi_lora_gemv_4bit(py::module_& m, const Names&... names) {
+  m.def("multi_lora_gemv_4bit", &ops::multi_lora_gemv_4bit<kernel, Extra...>, py::arg("x"),
+        py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("scalings"),
+        py::arg("adapter_index"), py::arg("bias"), py::arg("y"), py::arg("h"), names...,
+        "lora_gemv_4bit with each row m of x its own adapter i = adapter_index[m] (int64 [M], -1: "
+        "none) of lora_A [n, r, K], lora_B [n, N, r], scaled by scalings[i] (float32 [n]); h[M,r] "
+        "each row's own (0 for -1)");
 }
 
 }  // namespace bindings

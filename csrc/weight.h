@@ -59,6 +59,17 @@ struct LoraGemvArgs {
   void* h = nullptr;             // [M, rank], rounded to dtype (what backward saves)
 };
 
+// A mixed-adapter batch (nf4lora.multi_lora_matmul_4bit): `count` adapters stacked, so that
+// LoraGemvArgs::lora_A is [count, rank, K] and lora_B [count, N, rank], and row m of x uses
+// adapter index[m] with scaling scalings[index[m]] (LoraGemvArgs::scaling unused), or none
+// where index[m] is -1 (its h row 0, its y the matmul's without LoRA). The CUDA kernels take
+// this one; csrc/cpu/kernels.h still has its own twin (cpu::AdapterRows, same fields).
+struct AdapterRows {
+  const int64_t* index = nullptr;   // [M], each in [-1, count)
+  const float* scalings = nullptr;  // [count]
+  int64_t count = 0;
+};
+
 // The backward's grad-input for small M (CPU: csrc/cpu/gemv_body.h grad_input):
 //   dx = grad @ W + grad_h @ lora_A
 // grad [M, N], grad_h [M, rank], lora_A [rank, K] and dx [M, K] all of `dtype`; W is

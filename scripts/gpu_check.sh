@@ -33,12 +33,14 @@
 #   bench    nf4lora bench codec (dequantize) and nf4lora bench matmul (lora forward and
 #            train = forward + backward, M = 1, 8, 64, 512, the Llama-7B shapes) with
 #            --device cuda: nf4lora[cuda], nf4lora[triton] (and without split-K),
-#            bitsandbytes, dense bf16 F.linear; kernel time, GB/s, share of HBM bandwidth
+#            bitsandbytes, dense bf16 F.linear; kernel time, GB/s, share of HBM bandwidth;
+#            and bench.bench_multi_lora --device cuda: a mixed-adapter batch (M = 8 over 8
+#            adapters, 4096x4096, r = 16) against one single-adapter call, per backend
 #   summary  OUT_DIR/gpu_check.json (all results) and OUT_DIR/gpu_check.txt (the tables);
 #            prints at most 40 lines
-# Budget on an H100: about 5 minutes expected, the step limits sum to 7.3 (--quick:
+# Budget on an H100: about 5 minutes expected, the step limits sum to 7.7 (--quick:
 # 4096x4096 at M = 1 and 64, no compile report, fewer Triton tests, no pip try for
-# bitsandbytes; limits sum to 2.8 minutes).
+# bitsandbytes; limits sum to 3.1 minutes).
 # Exit 0 when every step passed, 1 when one failed, 3 when a requirement is missing, 2 on
 # bad arguments.
 set -uo pipefail
@@ -77,6 +79,7 @@ GPU_TESTS=(tests/test_cuda_host.py tests/test_triton_matmul.py tests/test_triton
            tests/test_gpu_check.py)
 BENCH_CODEC=(-m nf4lora.cli bench codec --device cuda --ops dequantize --out "$WORK/bench")
 BENCH_MATMUL=(-m nf4lora.cli bench matmul --device cuda --ops lora train --out "$WORK/bench")
+BENCH_MULTI=(-m bench.bench_multi_lora --device cuda --out "$WORK/bench")
 COMPILE_REPORT=(-m triton_kernels.compile_report --json --jobs "$NPROC")
 # Limits (seconds), each step's expected time x 1.5-3. Measured on 2 cores here: the CPU
 # extension builds in 23 s (its 6 files one after another, so about the same on 16
@@ -85,9 +88,10 @@ COMPILE_REPORT=(-m triton_kernels.compile_report --json --jobs "$NPROC")
 # 16 cores: the compile report ~15 s (165 variants over 16 processes), the tests ~1 min
 # (Triton JIT-compiles ~150 specializations over 8 workers; the 633 CUDA-backend tests
 # take seconds), the bench ~2 min (~130 rows of ~30-layer rotations at ~0.5 s each,
-# plus ~30 JIT compiles for the bench and guard shapes).
+# plus ~30 JIT compiles for the bench and guard shapes; the mixed-adapter rows: 4 rows of
+# 60 calls of ~10-100 us, and a few Triton JIT compiles for their shape, +20 s allowed).
 # Env (pip tries only for what is missing, LIMIT_PIP each) is not limited as a whole.
-LIMIT_BUILD=110 LIMIT_COMPILE=40 LIMIT_TESTS=120 LIMIT_BENCH=170 LIMIT_PIP=60
+LIMIT_BUILD=110 LIMIT_COMPILE=40 LIMIT_TESTS=120 LIMIT_BENCH=190 LIMIT_PIP=60
 QUICK_TESTS=()
 if [[ "$MODE" == quick ]]; then
   BENCH_MATMUL+=(--shapes 4096x4096 --tokens 1 64)
@@ -95,7 +99,7 @@ if [[ "$MODE" == quick ]]; then
   # combinations, and the codec sizes but 4097, left out (each is a batch of JIT
   # compiles); every kernel still runs, the CUDA backend's tests all run (no JIT).
   QUICK_TESTS=(-k "not blocksizes_and_row_layouts and not forward_ranks and not forward_fp4 and not lora_and_bias_on_and_off and not (codec_on_cuda and not 4097)")
-  LIMIT_BUILD=75 LIMIT_COMPILE=0 LIMIT_TESTS=55 LIMIT_BENCH=40
+  LIMIT_BUILD=75 LIMIT_COMPILE=0 LIMIT_TESTS=55 LIMIT_BENCH=60
 fi
 
 say() { echo "$*" | tee -a "$LOG"; }
@@ -234,6 +238,8 @@ step_bench() {
   fi
   env -u TRITON_INTERPRET "$PY" "${BENCH_CODEC[@]}" "${codec[@]}" || status=1
   env -u TRITON_INTERPRET "$PY" "${BENCH_MATMUL[@]}" "${matmul[@]}" || status=1
+  # every usable GPU backend (without nf4lora._C_cuda, --skip-cuda: triton alone)
+  env -u TRITON_INTERPRET "$PY" "${BENCH_MULTI[@]}" || status=1
   return $status
 }
 
@@ -247,7 +253,7 @@ run_step() {
   # A function cannot run under `timeout` directly: export what it needs, run it in bash.
   export -f "$fn" has arch_of find_nvcc say missing pip_install
   export PY ARCH NVCC WORK LOG MODE SKIP_CUDA NPROC LIMIT_PIP
-  timeout -k 10 "$limit" bash -c "$(declare -p GPU_TESTS BENCH_CODEC BENCH_MATMUL COMPILE_REPORT QUICK_TESTS 2>/dev/null); $fn" >>"$LOG" 2>&1
+  timeout -k 10 "$limit" bash -c "$(declare -p GPU_TESTS BENCH_CODEC BENCH_MATMUL BENCH_MULTI COMPILE_REPORT QUICK_TESTS 2>/dev/null); $fn" >>"$LOG" 2>&1
   rc=$?
   local seconds=$((SECONDS - start)) status=ok
   [[ $rc == 0 ]] || status=FAILED
@@ -294,12 +300,14 @@ except (OSError, ET.ParseError):
 compile_rows = load("compile.json") or []
 codec = load("bench/codec-gpu-latest.json") or {}
 matmul = load("bench/matmul-gpu-latest.json") or {}
+multi = load("bench/multi-lora-gpu-latest.json") or {}
 bench_rows = codec.get("rows", []) + matmul.get("rows", [])
 bandwidth = matmul.get("bandwidth") or codec.get("bandwidth") or {}
 ok = bool(steps) and all(s["status"] in ("ok", "skipped") for s in steps) and mode != "dry-run"
 result = dict(mode=mode, ok=ok, dry_run=mode == "dry-run", env=env, steps=steps, tests=tests,
               compile_report=compile_rows, bandwidth=bandwidth, bench_rows=bench_rows,
-              bench_notes=codec.get("notes", []) + matmul.get("notes", []))
+              multi_lora_rows=multi.get("rows", []),
+              bench_notes=codec.get("notes", []) + matmul.get("notes", []) + multi.get("notes", []))
 with open(os.path.join(out, "gpu_check.json"), "w") as f:
     json.dump(result, f, indent=1, default=str)
 
@@ -334,6 +342,21 @@ def table(rows, ops, shapes=None):
                          + "  ".join(f"{cell(by.get(p)):>15}" for p in providers))
     return lines
 
+def multi_lines(rows):
+    """One line per backend: the mixed-adapter batch against its single-adapter call."""
+    lines = []
+    for backend in dict.fromkeys(r["backend"] for r in rows):
+        single, mixed = (next((r for r in rows if r["backend"] == backend
+                               and r["provider"].startswith(p)), None) for p in ("single", "nf4lora"))
+        if single and mixed:
+            kernel = (f", kernel {mixed['kernel_ms']:.4f} vs {single['kernel_ms']:.4f} ms"
+                      if mixed.get("kernel_ms") and single.get("kernel_ms") else "")
+            lines.append(f"multi-lora {backend}: {'x'.join(map(str, mixed['shape']))} M = "
+                         f"{mixed['tokens']} over {mixed['adapters']} adapters, r = {mixed['rank']}: "
+                         f"{mixed['median_ms']:.4f} ms vs single adapter {single['median_ms']:.4f} ms "
+                         f"({mixed['x_vs_single']:.2f}x){kernel}")
+    return lines
+
 head = []
 if env:
     head.append(f"gpu_check ({mode}): {env.get('gpu', 'no GPU')} "
@@ -357,6 +380,7 @@ if bandwidth:
                 f"{bandwidth.get('copy_gbs', 0):.0f} GB/s, nominal {bandwidth.get('nominal_gbs') or 0:.0f} GB/s; "
                 "cells: GPU kernel ms per call, % of nominal HBM (else of the probe)")
 # At most 32 lines, so that with the 5 step lines before it the output stays under 40.
+head += multi_lines(result["multi_lora_rows"])
 body = table(bench_rows, ["dequantize"]) + table(bench_rows, ["lora", "train"], {(4096, 4096)})
 notes = result["bench_notes"]
 summary = head + body[:32 - len(head) - 3]
@@ -395,6 +419,7 @@ dry_run() {
   fi
   check "bench codec accepts the GPU providers (${BENCH_CODEC[*]:2} --plan)" "$PY" "${BENCH_CODEC[@]}" --plan
   check "bench matmul accepts the GPU providers (${BENCH_MATMUL[*]:2} --plan)" "$PY" "${BENCH_MATMUL[@]}" --plan
+  check "bench multi-lora accepts --device cuda (${BENCH_MULTI[*]:1} --plan)" "$PY" "${BENCH_MULTI[@]}" --plan
   grep '^plan:' "$LOG" | sed 's/^/  /'
   echo "dry-run skipped 0 0" >"$WORK/steps.txt"
   check "summary step writes gpu_check.json and gpu_check.txt" \

@@ -226,6 +226,16 @@ def test_multi_lora_bench_quick_run(tmp_path):
     assert (tmp_path / "multi-lora-latest.json").exists()
 
 
+def test_multi_lora_bench_gpu_check_sees_a_wrong_adapter():
+    """--device cuda checks multi_lora_matmul_4bit against the spec before it times it (the
+    check runs here on CPU tensors): the op passes, and the single-adapter call, every row
+    on adapter 0, does not (the adapters' terms are as large as the base's)."""
+    from bench import bench_multi_lora
+    calls, want, terms = bench_multi_lora.gpu_calls((96, 128), 4, 3, 8, device="cpu")
+    assert bench_matmul.mismatch(calls[bench_multi_lora.MULTI](), want, terms) is None
+    assert bench_matmul.mismatch(calls[bench_multi_lora.SINGLE](), want, terms) is not None
+
+
 def test_matmul_bytes_and_flops_follow_the_docstring():
     weights = bench_matmul.Weights((4096, 4096), quantizer=None)
     nf4 = bench_codec.quantized_bytes(4096 * 4096)

@@ -13,7 +13,15 @@ module standing in for nf4lora._C_cuda, on CPU tensors, and compare with nf4lora
   * dequantize (4-bit with float or nested absmax, 8-bit), every output dtype: bit-exact;
   * the GEMV + LoRA (M = 1..8, K not a multiple of the 32-wide chunk or of the 1024-wide
     warp step, rows past N, rank > 32), y and the h = x @ A^T it returns: within the error
-    that the same computation done by torch in the activation dtype makes against float64.
+    that the same computation done by torch in the activation dtype makes against float64;
+    N = 0 and K = 0 too;
+  * the same GEMV for a mixed-adapter batch (multi_lora_gemv_4bit: row m its own adapter
+    of a stack, -1 for none; M = 1..8, repeated adapters, rank 1 and 70): y and each row's h
+    within the dtype baseline of nf4lora.reference.multi_lora_matmul_4bit, and bit for bit
+    the single-adapter GEMV's rows for the same adapter (a -1 row: the GEMV without LoRA's,
+    h = 0), the whole output when every row has the same adapter; the public op
+    nf4lora.multi_lora_matmul_4bit routed through the CUDA backend (the GEMV for 1..8 rows
+    of fp16/bf16, else composite), and its clear errors for an index out of range.
 
 On a machine with a GPU and the extension built, every such test runs a second time
 through the real nf4lora._C_cuda on CUDA tensors (the "gpu" variant, skipped elsewhere).
@@ -43,11 +51,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import nf4lora
 from nf4lora import backends, codebook, reference
 from conftest import dequantize_into
 from test_cpu_backend import tie_values  # values on and 1 ulp around every threshold
 from nf4lora.backends import NestedAbsmax, PackedWeight
-from nf4lora.backends import cuda as cuda_backend
+from nf4lora.backends import composite, cuda as cuda_backend
 from nf4lora.codebook import create_dynamic_map
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -392,6 +401,251 @@ def test_gemv_rejects_bad_shapes(glue):
         glue.gemv_4bit_lora(x[:2], weight, lora_A=torch.zeros(4, 63, dtype=torch.bfloat16),
                             lora_B=torch.zeros(8, 4, dtype=torch.bfloat16))
 
+
+
+# ---- mixed-adapter batch: the same GEMV, each row its own adapter ------------------------
+def mixed_case(M, N, K, ranks, index, dtype, nested, with_bias, seed):
+    """gemv_case's weight, x and bias, plus adapters of `ranks` zero-padded to the largest
+    (nf4lora.pad_adapters) into lora_A [n, r, K], lora_B [n, N, r], scalings float32 [n]
+    (exact in bf16, so the dtype baseline scales exactly too) and adapter_index [M]."""
+    case = gemv_case(M, N, K, 0, dtype, "nf4" if seed % 2 else "fp4", nested, with_bias, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    As = [(torch.randn(r, K, generator=g) / math.sqrt(K)).to(dtype) for r in ranks]
+    Bs = [(torch.randn(N, r, generator=g) * 0.1).to(dtype) for r in ranks]
+    case["A"], case["B"] = nf4lora.pad_adapters(As, Bs)
+    case["scalings"] = torch.tensor([(0.5, 1.25, 2.0, 0.75)[i % 4] for i in range(len(ranks))])
+    case["index"] = torch.tensor(index)
+    return case
+
+
+MIXED_CASES = [  # (M, N, K, ranks, index): every M, -1 rows and repeated adapters, rank 1
+    # and 70 (> 32 lanes: two expand steps), K not a multiple of 32 (the element-wise path)
+    # or of 1024, N not a multiple of the rows per warp (R = 2 or 4) or per block
+    (1, 37, 64, (16,), [0]),
+    (1, 19, 96, (3, 5), [-1]),
+    (2, 19, 96, (3, 5), [1, -1]),
+    (3, 50, 1000, (1, 70), [1, 1, 0]),
+    (4, 64, 1024, (16, 16, 16), [2, -1, 2, 0]),
+    (5, 23, 2080, (40, 8), [1, 0, -1, 1, 1]),
+    (6, 17, 33, (1,), [0, -1, 0, 0, -1, 0]),
+    (7, 70, 320, (8, 8, 8, 8), [3, 2, 1, 0, -1, 3, 3]),
+    (8, 65, 4096, (16,) * 8, [0, 1, 2, 3, 4, 5, 6, 7]),
+    (8, 9, 1, (2, 70), [-1, -1, 1, 0, 1, -1, 0, 0]),
+]
+
+
+def multi_lora_linear(case, dtype):
+    """The spec (reference.multi_lora_matmul_4bit on the dequantized W), every tensor cast
+    to `dtype` first; and h [M, r] (x[m] @ A_i^T, 0 on -1 rows) in `dtype`."""
+    x, A = case["x"].to(dtype), case["A"].to(dtype)
+    bias = None if case["bias"] is None else case["bias"].to(dtype)
+    y = reference.multi_lora_matmul_4bit(x, case["W"].to(dtype), A, case["B"].to(dtype),
+                                         case["scalings"], case["index"], bias)
+    rows = case["index"].clamp(min=0)
+    h = torch.einsum("mk,mrk->mr", x, A.index_select(0, rows)) * (case["index"] >= 0)[:, None]
+    return y, h
+
+
+@pytest.mark.parametrize("with_bias", (False, True))
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("M,N,K,ranks,index", MIXED_CASES)
+def test_multi_lora_gemv_within_the_dtype_baseline(glue, M, N, K, ranks, index, dtype, with_bias):
+    case = mixed_case(M, N, K, ranks, index, dtype, nested=(M % 2 == 0), with_bias=with_bias,
+                      seed=M * N + K)
+    y, h = glue.multi_lora_gemv_4bit(case["x"], case["weight"], case["A"], case["B"],
+                                     case["scalings"], case["index"], case["bias"])
+    rank = case["A"].shape[1]
+    assert y.shape == (M, N) and y.dtype == dtype and h.shape == (M, rank) and h.dtype == dtype
+    baseline_y, baseline_h = multi_lora_linear(case, dtype)
+    exact_y, exact_h = multi_lora_linear(case, torch.float64)
+    assert_within_dtype_baseline(y, baseline_y, exact_y, "y")
+    assert_within_dtype_baseline(h, baseline_h, exact_h, "h")
+    assert_same(h[case["index"] < 0], torch.zeros_like(h[case["index"] < 0]), "h of -1 rows")
+
+
+@pytest.mark.parametrize("uniform", (False, True), ids=("mixed", "one-adapter"))
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("M,N,K,ranks,index", MIXED_CASES)
+def test_multi_lora_gemv_rows_are_the_single_adapter_gemv(glue, M, N, K, ranks, index, dtype,
+                                                          uniform):
+    """Row m with adapter i has the bits of gemv_4bit_lora on the same x with adapter i
+    alone and scaling scalings[i] (a -1 row: of the GEMV without LoRA; its h is 0): one
+    kernel, the adapter per row. "one-adapter": every row uses the last adapter, and the
+    whole y and h are the single-adapter call's."""
+    if uniform:
+        index = [len(ranks) - 1] * M
+    case = mixed_case(M, N, K, ranks, index, dtype, nested=True, with_bias=True, seed=M + K)
+    x, weight, A, B, scalings = case["x"], case["weight"], case["A"], case["B"], case["scalings"]
+    y, h = glue.multi_lora_gemv_4bit(x, weight, A, B, scalings, case["index"], case["bias"])
+    for i in sorted(set(index)):
+        rows = case["index"] == i
+        if i < 0:
+            single_y, _ = glue.gemv_4bit_lora(x, weight, None, None, 1.0, case["bias"])
+            single_h = torch.zeros_like(h)
+        else:
+            single_y, single_h = glue.gemv_4bit_lora(x, weight, A[i], B[i], float(scalings[i]),
+                                                     case["bias"])
+        assert_same(y[rows], single_y[rows], f"y of adapter {i}'s rows")
+        assert_same(h[rows], single_h[rows], f"h of adapter {i}'s rows")
+        if uniform:
+            assert_same(y, single_y, "y")
+            assert_same(h, single_h, "h")
+
+
+def test_multi_lora_gemv_without_adapters_on_a_row_adds_nothing(glue):
+    """A -1 row's y is the base GEMV's, not base + 0 * B: adapter 0's B holds an Inf, which
+    a zero t times adapter 0 (the stand-in a clamped index would read) would turn into NaN."""
+    M, N, K = 3, 8, 64
+    case = mixed_case(M, N, K, (4,), [0, -1, -1], torch.bfloat16, False, False, seed=5)
+    case["B"][0, 2, 1] = float("inf")
+    y, h = glue.multi_lora_gemv_4bit(case["x"], case["weight"], case["A"], case["B"],
+                                     case["scalings"], case["index"], None)
+    base, _ = glue.gemv_4bit_lora(case["x"], case["weight"], None, None, 1.0, None)
+    assert_same(y[1:], base[1:], "-1 rows")
+    assert not y[1:].isnan().any() and y[0, 2].isinf()
+    assert_same(h[1:], torch.zeros(2, 4, dtype=torch.bfloat16), "h of -1 rows")
+
+
+@pytest.mark.parametrize("rank", (0, 5))
+@pytest.mark.parametrize("N,K", [(0, 96), (6, 0)])
+def test_gemv_with_an_empty_dimension(glue, N, K, rank):
+    """N = 0: nothing for the output warps, but h = x @ A^T is still the kernel's to write
+    (it returned uninitialized memory before). K = 0: y = 0 and h = 0. Both GEMVs."""
+    case = mixed_case(2, N, K, (rank,), [0, -1], torch.bfloat16, False, False, seed=3)
+    A, B = case["A"], case["B"]
+    y, h = glue.gemv_4bit_lora(case["x"], case["weight"], A[0], B[0], 2.0, None)
+    assert y.shape == (2, N) and h.shape == (2, rank)
+    assert_same(y, torch.zeros(2, N, dtype=torch.bfloat16), "y")
+    want_h = torch.zeros(2, rank, dtype=torch.bfloat16)
+    if N == 0:   # h from the same GEMV over a one-row weight
+        one_row = gemv_case(2, 1, K, 0, torch.bfloat16, "nf4", False, False, 0)["weight"]
+        _, want_h = glue.gemv_4bit_lora(case["x"], one_row, A[0],
+                                        torch.zeros(1, rank, dtype=torch.bfloat16), 2.0, None)
+    assert_same(h, want_h, "h")
+    y, h = glue.multi_lora_gemv_4bit(case["x"], case["weight"], A, B, case["scalings"],
+                                     case["index"], None)
+    assert_same(y, torch.zeros(2, N, dtype=torch.bfloat16), "mixed y")
+    assert_same(h, torch.cat([want_h[:1], torch.zeros_like(want_h[1:])]), "mixed h")
+
+
+@pytest.fixture(params=["host", "gpu"])
+def cuda_op_device(request, monkeypatch):
+    """The device on which nf4lora's public ops run the CUDA backend: "host" routes CPU
+    tensors to nf4lora.backends.cuda with the host replay as its _C_cuda (the backend made
+    available and taking CPU tensors); "gpu" is the real thing (skipped without one)."""
+    if request.param == "gpu":
+        reason = cuda_backend.availability()
+        if reason is not None:
+            pytest.skip(f"real CUDA kernels unavailable: {reason}")
+        device = torch.device("cuda")
+    else:
+        monkeypatch.setattr(cuda_backend, "_C_cuda", request.getfixturevalue("host"))
+        monkeypatch.setattr(cuda_backend, "_stream", lambda device: 0)
+        monkeypatch.setattr(cuda_backend, "availability", lambda: None)
+        monkeypatch.setattr(cuda_backend, "DEVICE_TYPES", ("cuda", "cpu"))
+        device = torch.device("cpu")
+    backends.set_backend("cuda")
+    yield device
+    backends.set_backend(None)
+
+
+def op_case(M, dtype, device, seed=11):
+    """A mixed batch as the public op takes it (packed + QuantState, quantized on `device`
+    by the CUDA backend), over 3 adapters of ranks 6, 70, 1 with -1 rows, and its float64
+    spec inputs (multi_lora_linear's keys)."""
+    N, K, ranks = 40, 256, (6, 70, 1)
+    g = torch.Generator().manual_seed(seed)
+    packed, state = nf4lora.functional.quantize_4bit(torch.randn(N, K, generator=g).to(device),
+                                                     blocksize=64, compress_statistics=True)
+    W = nf4lora.functional.dequantize_4bit(packed, state).cpu().double()
+    A, B = nf4lora.pad_adapters([(torch.randn(r, K, generator=g) / 16).to(dtype) for r in ranks],
+                                [(torch.randn(N, r, generator=g) / 10).to(dtype) for r in ranks])
+    index = torch.tensor([(m * 5 + 2) % (len(ranks) + 1) - 1 for m in range(M)])   # -1 .. 2
+    return dict(packed=packed, state=state, W=W, A=A, B=B, x=torch.randn(M, K, generator=g).to(dtype),
+                bias=torch.randn(N, generator=g).to(dtype), scalings=torch.tensor([0.5, 2.0, 1.25]),
+                index=index)
+
+
+def run_op(case, device, **change):
+    """nf4lora.multi_lora_matmul_4bit on `device` (adapter_index stays on the CPU, as a
+    scheduler's would), with `change`d arguments."""
+    args = dict(case, **change)
+    return nf4lora.multi_lora_matmul_4bit(
+        args["x"].to(device), args["packed"], args["state"], args["A"].to(device),
+        args["B"].to(device), args["scalings"].tolist(), args["index"], args["bias"].to(device))
+
+
+@pytest.mark.parametrize("M,dtype,path", [(1, torch.bfloat16, "gemv"), (8, torch.float16, "gemv"),
+                                          (9, torch.bfloat16, "composite"),
+                                          (3, torch.float32, "composite")])
+def test_multi_lora_matmul_routes_decode_to_the_gemv(cuda_op_device, monkeypatch, M, dtype, path):
+    """nf4lora.multi_lora_matmul_4bit on the CUDA backend: 1..8 rows of fp16/bf16 take the
+    mixed-adapter GEMV (one launch), other shapes the composite path (the base matmul,
+    then the adapters in torch); both are the spec within the dtype's error."""
+    case = op_case(M, dtype, cuda_op_device)
+    ran = []
+    gemv, composite_path = cuda_backend.multi_lora_gemv_4bit, composite.multi_lora_matmul_4bit
+    monkeypatch.setattr(cuda_backend, "multi_lora_gemv_4bit",
+                        lambda *args: ran.append("gemv") or gemv(*args))
+    monkeypatch.setattr(composite, "multi_lora_matmul_4bit",
+                        lambda *args: ran.append("composite") or composite_path(*args))
+    y = run_op(case, cuda_op_device)
+    assert ran == [path] and y.device.type == cuda_op_device.type
+    baseline_y, _ = multi_lora_linear(case, dtype)
+    exact_y, _ = multi_lora_linear(case, torch.float64)
+    assert_within_dtype_baseline(y.cpu(), baseline_y, exact_y, "y")
+
+
+@pytest.mark.parametrize("index,match", [([0, 3], r"adapter_index must lie in \[-1, 2\]"),
+                                         ([-2, 0], r"adapter_index must lie in \[-1, 2\]")])
+def test_multi_lora_matmul_rejects_an_index_out_of_range(cuda_op_device, index, match):
+    """The GPU kernel reads the adapter an index names and cannot check it: the op does
+    (nf4lora._ops._check_multi_lora), before anything runs."""
+    case = op_case(2, torch.bfloat16, cuda_op_device)
+    with pytest.raises(ValueError, match=match):
+        run_op(case, cuda_op_device, index=torch.tensor(index))
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (dict(index=torch.tensor([0, 2])), ValueError, "adapter index out of range"),
+    (dict(index=torch.tensor([-2, 0])), ValueError, "adapter index out of range"),
+    (dict(index=torch.tensor([0, 1], dtype=torch.int32)), ValueError, "adapter_index must be torch.int64"),
+    (dict(index=torch.tensor([0])), ValueError, "adapter_index holds 1 elements, the batch needs 2"),
+    (dict(scalings=torch.ones(1)), ValueError, "scalings holds 1 elements, the adapter stack needs 2"),
+    (dict(scalings=torch.ones(2, dtype=torch.float64)), ValueError, "scalings must be torch.float32"),
+    (dict(A=None), ValueError, "a mixed-adapter batch needs lora_A"),
+])
+def test_multi_lora_binding_guards_its_reads(host, change, error, match):
+    """The binding checks what it reads for callers that skip the op's checks; the index's
+    values the device cannot check (launch.h), the host replay does, so that no test passes
+    the kernel an index that reads outside the stacks."""
+    case = mixed_case(2, 8, 64, (4, 4), [0, 1], torch.bfloat16, False, False, seed=1)
+    args = dict(A=case["A"], B=case["B"], scalings=case["scalings"], index=case["index"])
+    args.update(change)
+    with pytest.raises(error, match=match):
+        host.multi_lora_gemv_4bit(case["x"], case["weight"], args["A"], args["B"], args["scalings"],
+                                  args["index"], None, torch.empty(2, 8, dtype=torch.bfloat16),
+                                  torch.empty(2, 4, dtype=torch.bfloat16),
+                                  torch.zeros(64, dtype=torch.int32), 0)
+
+
+def test_multi_lora_gemv_rejects_bad_shapes(glue):
+    case = mixed_case(2, 8, 64, (4, 4), [0, 1], torch.bfloat16, False, False, seed=1)
+    x, weight, A, B, scalings, index = (case[k] for k in ("x", "weight", "A", "B", "scalings", "index"))
+    with pytest.raises(ValueError, match="1..8 rows"):
+        glue.multi_lora_gemv_4bit(x.repeat(5, 1), weight, A, B, scalings, index.repeat(5))
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        glue.multi_lora_gemv_4bit(x.float(), weight, A.float(), B.float(), scalings, index)
+    with pytest.raises(ValueError, match="lora_A must be"):
+        glue.multi_lora_gemv_4bit(x, weight, A[0], B, scalings, index)
+    with pytest.raises(ValueError, match="lora_A must be"):
+        glue.multi_lora_gemv_4bit(x, weight, A, B[:, :, :3], scalings, index)
+    with pytest.raises(ValueError, match="scalings must be float32"):
+        glue.multi_lora_gemv_4bit(x, weight, A, B, scalings[:1], index)
+    with pytest.raises(ValueError, match="adapter_index must be"):
+        glue.multi_lora_gemv_4bit(x, weight, A, B, scalings, index[:1])
+    with pytest.raises(TypeError, match="bias must be"):
+        glue.multi_lora_gemv_4bit(x, weight, A, B, scalings, index, torch.zeros(8))
 
 # ---- availability, build, roofline ---------------------------------------------------------
 def test_backend_without_the_extension_says_how_to_build_it(monkeypatch):

@@ -25,8 +25,11 @@ PYBIND11_MODULE(_C_cuda, m) {
   b::def_codec_ops<cu::quantize_4bit, cu::dequantize_4bit, cu::quantize_blockwise,
                    cu::dequantize_blockwise, uintptr_t>(m, py::arg("stream"));
   // 1..8 rows of x, float16 or bfloat16; `workspace`: gemv_workspace_bytes(M, rank) bytes
+  // (both GEMVs: one adapter, and a mixed-adapter batch)
   b::def_lora_gemv_4bit<cu::gemv_4bit_lora, py::handle, uintptr_t>(m, py::arg("workspace"),
                                                                     py::arg("stream"));
+  b::def_multi_lora_gemv_4bit<cu::multi_lora_gemv_4bit, py::handle, uintptr_t>(
+      m, py::arg("workspace"), py::arg("stream"));
   m.def("gemv_workspace_bytes", &cu::gemv_workspace_bytes, py::arg("M"), py::arg("rank"),
         "Bytes of device workspace lora_gemv_4bit needs.");
   m.def("runtime_status", &cu::runtime_status,

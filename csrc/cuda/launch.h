@@ -43,6 +43,15 @@ void dequantize_blockwise(const uint8_t* q, const float* absmax, const float* co
 // before the launch. h comes from the same sums as the LoRA term of y.
 void gemv_4bit_lora(const LoraGemvArgs& args, void* workspace, void* stream);
 
+// The same kernel for a mixed-adapter batch (weight.h AdapterRows): args.lora_A [count,
+// rank, K] and args.lora_B [count, N, rank] stacked, row m with adapter adapters.index[m]
+// (-1: none; every index must lie in [-1, count): the kernel reads the adapter it names)
+// scaled by adapters.scalings[index]; args.scaling unused. h[m] is row m's own x @ A_i^T
+// (0 where -1). Row m gets the bytes gemv_4bit_lora gives it with adapter index[m] alone.
+// `workspace`: gemv_workspace_bytes(M, rank), as there.
+void multi_lora_gemv_4bit(const LoraGemvArgs& args, const AdapterRows& adapters, void* workspace,
+                          void* stream);
+
 // Bytes of GEMV workspace: 2 int32 counters, then M * rank float32 (scaling * x @ A^T).
 inline int64_t gemv_workspace_bytes(int64_t M, int64_t rank) {
   return rank > 0 ? 8 + 4 * M * rank : 0;

@@ -44,6 +44,15 @@ void with_half_type(int dtype, Fn&& fn) {
   });
 }
 
+// fn(std::bool_constant<b>{}): a run-time flag as a template argument.
+template <class Fn>
+void with_bool(bool b, Fn&& fn) {
+  if (b)
+    fn(std::true_type{});
+  else
+    fn(std::false_type{});
+}
+
 // fn(std::integral_constant<int, M>{}) for M in 1..8.
 template <class Fn>
 void with_rows(int64_t M, Fn&& fn) {
@@ -161,10 +170,14 @@ struct GemvPlan {
   CodeTable table;  // the weight's levels, a kernel parameter (staged to shared memory)
   GemvGrid grid;
   int* counters;  // [2] in the workspace: block tickets, finished shrink warps
-  bool empty;     // nothing to launch (M * N == 0)
+  bool per_row;   // a mixed-adapter batch: the kernel's kPerRow
+  bool empty;     // nothing to launch: N == 0 and no LoRA (with LoRA h is still written)
 };
 
-inline GemvPlan plan_gemv(const LoraGemvArgs& a, void* workspace) {
+// `adapters`: null for one adapter (lora_gemv_4bit), else a mixed batch's (the kernel's
+// kPerRow), with a.lora_A / a.lora_B the stacks. The index's values are the caller's to
+// check (the host cannot read device memory; nf4lora._ops checks them).
+inline GemvPlan plan_gemv(const LoraGemvArgs& a, const AdapterRows* adapters, void* workspace) {
   const PackedWeight& w = a.weight;
   require(a.M >= 1 && a.M <= kGemvMaxM, "GEMV: M (rows of x) must be 1..8");
   require(a.dtype == kF16 || a.dtype == kBF16, "GEMV dtype must be 1 (float16) or 2 (bfloat16)");
@@ -175,18 +188,30 @@ inline GemvPlan plan_gemv(const LoraGemvArgs& a, void* workspace) {
   plan.table = w.table;
   GemvParams& p = plan.params;
   p.blocksize_shift = blocksize_shift_4bit(w.blocksize);
-  plan.empty = a.N == 0;
+  plan.empty = a.N == 0 && a.rank == 0;
   if (plan.empty) return plan;
   require(a.x != nullptr || a.K == 0, "GEMV: null x");
-  require(a.y != nullptr, "GEMV: null y");
-  require(w.packed != nullptr || a.K == 0, "GEMV: null weight");
+  require(a.y != nullptr || a.N == 0, "GEMV: null y");
+  require(w.packed != nullptr || w.n == 0, "GEMV: null weight");
   if (a.rank > 0) {
-    require(a.lora_A && a.lora_B && a.h, "GEMV: rank > 0 needs lora_A, lora_B and h");
+    // (an empty tensor may have a null address: lora_A when K == 0, lora_B when N == 0)
+    require((a.lora_A || a.K == 0) && (a.lora_B || a.N == 0) && a.h,
+            "GEMV: rank > 0 needs lora_A, lora_B and h");
     require(workspace != nullptr, "GEMV: rank > 0 needs a workspace (gemv_workspace_bytes)");
+  }
+  plan.per_row = adapters != nullptr;
+  if (plan.per_row) {
+    require(adapters->count >= 1, "GEMV: a mixed batch needs at least one adapter");
+    require(a.rank == 0 || (adapters->index && adapters->scalings),
+            "GEMV: a mixed batch needs adapter_index and scalings");
+    // the shrink warps are counted in an int (M * rank of them)
+    require(a.M * a.rank <= 0x7fffffff, "GEMV: M * rank must be < 2^31 for a mixed batch");
+    p.adapter_index = adapters->index;
+    p.scalings = adapters->scalings;
   }
   p.x = a.x;
   p.packed = w.packed;
-  p.scales = a.K > 0 ? make_scales(w) : Scales{};
+  p.scales = w.n > 0 ? make_scales(w) : Scales{};
   p.lora_A = a.lora_A;
   p.lora_B = a.lora_B;
   p.scaling = a.scaling;
@@ -199,10 +224,11 @@ inline GemvPlan plan_gemv(const LoraGemvArgs& a, void* workspace) {
   p.N = a.N;
   p.K = a.K;
   // K % 32 == 0 puts every row, and every lane's 32-weight chunk, on a 16-byte boundary
-  // of the packed weight and of x and A (64 bytes of fp16/bf16).
+  // of the packed weight and of x and A (64 bytes of fp16/bf16; every adapter's A of a
+  // stack too, rank * K elements after the previous one's).
   p.vector_ok = a.K % kGemvChunk == 0 && aligned16(a.x) && aligned16(w.packed) &&
                 (a.rank == 0 || aligned16(a.lora_A));
-  plan.grid = gemv_grid((int)a.M, a.N, (int)a.rank);
+  plan.grid = gemv_grid((int)a.M, a.N, (int)a.rank, plan.per_row);
   require_grid(plan.grid.blocks);
   return plan;
 }

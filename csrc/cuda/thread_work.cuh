@@ -185,6 +185,15 @@ NF4K_HD void dequantize_8bit_thread(const Dequant8Params& p, const float* code, 
 // W is 4-bit [N, K]; x, A [rank, K], B [N, rank], bias [N], y [M, N] and h [M, rank] are
 // fp16 or bf16; every product is accumulated in float32 (FMA), each output rounded once.
 //
+// A mixed-adapter batch (multi_lora_gemv_4bit) is the same kernel with kPerRow = true: row
+// m uses adapter i = adapter_index[m] of the stacks A [adapters, rank, K], B [adapters, N,
+// rank], and scalings[i]: t[m, j] = scalings[i] * x[m] . A_i[j], y[m, n] += sum_j t[m, j]
+// B_i[n, j]. A row with i = -1 has t = h = 0 and no LoRA term (its y: the bytes of the
+// matmul without LoRA). One adapter (lora_gemv_4bit) is kPerRow = false: adapter 0 and
+// `scaling` on every row, known at compile time, so that instance is the code it was
+// before per-row adapters existed (its PTX identical up to register names, 16 more bytes of
+// parameters; scripts/check_cuda.sh: the same registers, sm_80 and sm_90).
+//
 // Work split: a warp owns R = gemv_rows_per_warp(M) rows of W (or one row of A: the
 // shrink is the same dot product with a dense row, done in the same launch and the same
 // loop over x). Lane l takes the chunks k0 = 32 l + 1024 s of 32 consecutive k: one
@@ -209,9 +218,9 @@ struct GemvParams {
   const uint8_t* packed;  // W [N, K] 4-bit, flat row-major (a row may start mid-byte)
   Scales scales;
   int blocksize_shift;    // log2(blocksize), blocksize a power of two >= 32
-  const void* lora_A;     // [rank, K] T
-  const void* lora_B;     // [N, rank] T
-  float scaling;
+  const void* lora_A;     // [rank, K] T; kPerRow: [adapters, rank, K]
+  const void* lora_B;     // [N, rank] T; kPerRow: [adapters, N, rank]
+  float scaling;          // one adapter's (kPerRow: unused)
   int rank;               // 0: no LoRA
   const void* bias;       // [N] T, or null
   float* t;               // [M, rank] float32 workspace: scaling * (x @ A^T)
@@ -219,6 +228,10 @@ struct GemvParams {
   void* y;                // [M, N] T
   int64_t N, K;
   bool vector_ok;         // K % 32 == 0 and x, A, W 16-byte aligned: the vector path
+  // A mixed-adapter batch (kPerRow) only; last, so that the fields before keep their
+  // offsets in the kernel's parameter block.
+  const int64_t* adapter_index;  // [M], row m's adapter in [-1, adapters)
+  const float* scalings;         // [adapters]
 };
 
 // Rows of the 4-bit weight as a source for lane_dot: a chunk is R 16-byte loads plus R
@@ -287,13 +300,12 @@ struct DenseRow {
   NF4K_HD float value(int, int64_t k) const { return T::widen(a[k]); }
 };
 
-// One lane's partial dot products of the source's rows with the M rows of x, over the
-// lane's chunks, in increasing k (the host driver replays the same order).
+// One lane's partial dot products of the source's rows with M rows of x (x [M, K]), over
+// the lane's chunks, in increasing k (the host driver replays the same order).
 template <class T, int M, class Rows>
-NF4K_HD void lane_dot(const GemvParams& p, const Rows& rows, int lane,
-                      float (&acc)[M][Rows::kRows]) {
+NF4K_HD void lane_dot(const GemvParams& p, const typename T::Storage* x, const Rows& rows,
+                      int lane, float (&acc)[M][Rows::kRows]) {
   constexpr int R = Rows::kRows;
-  const auto* x = static_cast<const typename T::Storage*>(p.x);
   NF4K_UNROLL
   for (int m = 0; m < M; ++m)
     NF4K_UNROLL
@@ -343,23 +355,67 @@ NF4K_HD float load_coherent(const float* p) {
 #endif
 }
 
-// --- the shrink: warp j computes row j of t -------------------------------------
-template <class T, int M>
-NF4K_HD void shrink_lane_dot(const GemvParams& p, int j, int lane, float (&acc)[M][1]) {
-  const DenseRow<T> row{static_cast<const typename T::Storage*>(p.lora_A) + (int64_t)j * p.K};
-  lane_dot<T, M>(p, row, lane, acc);
+// Row m's adapter: adapter_index[m] in a mixed batch (-1: none), else adapter 0.
+template <bool kPerRow>
+NF4K_HD int64_t row_adapter(const GemvParams& p, int m) {
+  return kPerRow ? p.adapter_index[m] : 0;
 }
 
-// After the warp sum (every lane holds all M sums): lane m writes t[m, j], the scaled
-// float32 sum the expand uses, and h[m, j], the same sum rounded to T.
-template <class T, int M>
-NF4K_HD void shrink_lane_store(const GemvParams& p, int j, int lane, const float (&sum)[M][1]) {
+// --- the shrink: one warp per row j of A and group of rows of x -------------------
+// One adapter: warp j takes all M rows of x (one A row, loaded once for all of them). A
+// mixed batch: warp u takes row m = u / rank of x and row j = u % rank of that row's
+// adapter's A, so M * rank warps (a row's own A row is the whole point; the x row is the
+// one reused, and it stays in L1/L2: 8 KB at K = 4096).
+NF4K_HD constexpr int gemv_shrink_rows(int M, bool per_row) { return per_row ? 1 : M; }
+NF4K_HD constexpr int gemv_shrink_warps(int M, int rank, bool per_row) {
+  return rank * (M / gemv_shrink_rows(M, per_row));
+}
+
+// What shrink warp u (0 <= u < gemv_shrink_warps) computes.
+struct ShrinkWarp {
+  int m0;  // its first row of x (whose adapter is the warp's)
+  int j;   // its row of A
+};
+
+template <bool kPerRow>
+NF4K_HD ShrinkWarp shrink_warp(const GemvParams& p, int u) {
+  return kPerRow ? ShrinkWarp{u / p.rank, u % p.rank} : ShrinkWarp{0, u};
+}
+
+// The dot products of the warp's rows of x with row j of their adapter's A. A row without
+// adapter (-1) dots with adapter 0's row and its store writes 0 instead: branching around
+// the dot instead made ptxas spill at M = 1 on sm_80 (20 bytes, a 16-byte stack frame;
+// 40 registers), and the row it reads (K * 2 bytes, 8 KB at K = 4096) is likely in L2.
+template <class T, int M, bool kPerRow>
+NF4K_HD void shrink_lane_dot(const GemvParams& p, int u, int lane,
+                             float (&acc)[gemv_shrink_rows(M, kPerRow)][1]) {
+  constexpr int S = gemv_shrink_rows(M, kPerRow);
+  const ShrinkWarp w = shrink_warp<kPerRow>(p, u);
+  const int64_t adapter = row_adapter<kPerRow>(p, w.m0);
+  const auto* A = static_cast<const typename T::Storage*>(p.lora_A);
+  const DenseRow<T> row{A + ((adapter < 0 ? 0 : adapter) * p.rank + w.j) * p.K};
+  lane_dot<T, S>(p, static_cast<const typename T::Storage*>(p.x) + (int64_t)w.m0 * p.K, row, lane,
+                 acc);
+}
+
+// After the warp sum (every lane holds all sums): lane s writes t[m0 + s, j], the scaled
+// float32 sum the expand uses, and h[m0 + s, j], the same sum rounded to T (both 0 on a
+// row without adapter).
+template <class T, int M, bool kPerRow>
+NF4K_HD void shrink_lane_store(const GemvParams& p, int u, int lane,
+                               const float (&sum)[gemv_shrink_rows(M, kPerRow)][1]) {
+  constexpr int S = gemv_shrink_rows(M, kPerRow);
+  const ShrinkWarp w = shrink_warp<kPerRow>(p, u);
   auto* h = static_cast<typename T::Storage*>(p.h);
+  const int64_t adapter = row_adapter<kPerRow>(p, w.m0);
+  const float scaling = !kPerRow ? p.scaling : adapter < 0 ? 0.0f : p.scalings[adapter];
   NF4K_UNROLL
-  for (int m = 0; m < M; ++m)
-    if (lane == m) {
-      p.t[m * p.rank + j] = mul_rn(p.scaling, sum[m][0]);
-      h[m * p.rank + j] = T::round(sum[m][0]);
+  for (int s = 0; s < S; ++s)
+    if (lane == s) {
+      const int m = w.m0 + s;
+      const float v = adapter < 0 ? 0.0f : sum[s][0];
+      p.t[m * p.rank + w.j] = mul_rn(scaling, v);
+      h[m * p.rank + w.j] = T::round(v);
     }
 }
 
@@ -368,17 +424,28 @@ template <class T, int M>
 NF4K_HD void gemv_lane_dot(const GemvParams& p, const float* lut, int64_t row0, int lane,
                            float (&acc)[M][gemv_rows_per_warp(M)]) {
   const PackedRows<gemv_rows_per_warp(M)> rows{p, lut, row0};
-  lane_dot<T, M>(p, rows, lane, acc);
+  lane_dot<T, M>(p, static_cast<const typename T::Storage*>(p.x), rows, lane, acc);
 }
 
 // The expand, this lane's share (j = lane, lane + 32, ...), added to the partials before
 // the warp sum, so one butterfly reduces both. Needs all of t: on the device, after the
-// wait on the shrink warps (gemv_kernel.cu).
-template <class T, int M>
+// wait on the shrink warps (gemv_kernel.cu). Row m reads its adapter's B; a row without
+// adapter reads none and adds nothing (its t is 0, but 0 * an Inf in some B is NaN). One
+// adapter loads B[row, j] once for all M rows. Why `if constexpr` and not one generic
+// per-row load that folds to the same thing for adapter 0: that form changed LLVM's
+// unrolling of the j loop in the one-adapter instances (their PTX differed at M = 3..6);
+// this one leaves their PTX as it was.
+template <class T, int M, bool kPerRow>
 NF4K_HD void gemv_lane_expand(const GemvParams& p, int64_t row0, int lane,
                               float (&acc)[M][gemv_rows_per_warp(M)]) {
   constexpr int R = gemv_rows_per_warp(M);
   const auto* B = static_cast<const typename T::Storage*>(p.lora_B);
+  const typename T::Storage* B_of[M];  // row m's adapter's B, null: none
+  NF4K_UNROLL
+  for (int m = 0; m < M; ++m) {
+    const int64_t adapter = row_adapter<kPerRow>(p, m);
+    B_of[m] = adapter < 0 ? nullptr : B + adapter * p.N * p.rank;
+  }
   for (int j = lane; j < p.rank; j += kWarp) {
     float t[M];
     NF4K_UNROLL
@@ -387,9 +454,15 @@ NF4K_HD void gemv_lane_expand(const GemvParams& p, int64_t row0, int lane,
     for (int r = 0; r < R; ++r) {
       const int64_t row = row0 + r;
       if (row >= p.N) continue;
-      const float b = T::widen(B[row * p.rank + j]);
+      float b = kPerRow ? 0.0f : T::widen(B[row * p.rank + j]);
       NF4K_UNROLL
-      for (int m = 0; m < M; ++m) acc[m][r] = fma_rn(t[m], b, acc[m][r]);
+      for (int m = 0; m < M; ++m) {
+        if constexpr (kPerRow) {
+          if (B_of[m] == nullptr) continue;
+          b = T::widen(B_of[m][row * p.rank + j]);
+        }
+        acc[m][r] = fma_rn(t[m], b, acc[m][r]);
+      }
     }
   }
 }
@@ -414,8 +487,8 @@ NF4K_HD void gemv_lane_store(const GemvParams& p, int64_t row0, int lane,
     }
 }
 
-// Launch geometry. CUDA blocks [0, shrink_blocks) compute t (warp w of block b: row
-// j = b * kGemvWarps + w of A); the rest compute y (warp w of block b: rows
+// Launch geometry. CUDA blocks [0, shrink_blocks) compute t (warp w of block b: shrink
+// warp b * kGemvWarps + w, see shrink_warp); the rest compute y (warp w of block b: rows
 // ((b - shrink_blocks) * kGemvWarps + w) * R ...). On the device "block b" is the order
 // in which blocks START (an atomic ticket), not blockIdx: see gemv_kernel.cu.
 struct GemvGrid {
@@ -423,10 +496,10 @@ struct GemvGrid {
   int64_t blocks;  // total
 };
 
-NF4K_HD GemvGrid gemv_grid(int M, int64_t N, int rank) {
+NF4K_HD GemvGrid gemv_grid(int M, int64_t N, int rank, bool per_row) {
   const int R = gemv_rows_per_warp(M);
   const int64_t groups = (N + R - 1) / R;
-  const int64_t shrink = (rank + kGemvWarps - 1) / kGemvWarps;
+  const int64_t shrink = ((int64_t)gemv_shrink_warps(M, rank, per_row) + kGemvWarps - 1) / kGemvWarps;
   return GemvGrid{shrink, shrink + (groups + kGemvWarps - 1) / kGemvWarps};
 }
 

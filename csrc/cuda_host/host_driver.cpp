@@ -13,7 +13,9 @@
 //     (common.cuh: warp_reduce_lanes), so the sums have the same bits;
 //   * shared-memory tables as plain arrays (the kernels only copy them in);
 //   * the GEMV's ticket order: the LoRA-shrink blocks first, then the output blocks,
-//     which is the order the device's tickets + wait enforce.
+//     which is the order the device's tickets + wait enforce;
+//   * a mixed-adapter batch's index is checked here (the replay can read it; the device
+//     trusts its caller), so a test cannot pass one that reads outside the stacks.
 // Not replayed (see the test module's docstring): the shuffles, __syncthreads, the
 // atomics and the fence/spin between blocks, and the device-only conversions.
 // The stream is ignored: each call has finished when it returns.
@@ -55,21 +57,23 @@ void warp_sum(float (&acc)[kWarp][M][R]) {
     }
 }
 
-template <class T, int M>
+template <class T, int M, bool kPerRow>
 void run_gemv(const GemvPlan& plan) {
   constexpr int R = gemv_rows_per_warp(M);
+  constexpr int S = gemv_shrink_rows(M, kPerRow);
   const GemvParams& p = plan.params;
   const int64_t shrink_blocks = plan.grid.shrink_blocks;
   for (int64_t block = 0; block < plan.grid.blocks; ++block)  // ticket order
     for (int warp = 0; warp < kGemvWarps; ++warp) {
       if (block < shrink_blocks) {
-        const int64_t j = block * kGemvWarps + warp;
-        if (j >= p.rank) continue;
-        float acc[kWarp][M][1];
-        for (int lane = 0; lane < kWarp; ++lane) shrink_lane_dot<T, M>(p, (int)j, lane, acc[lane]);
+        const int64_t u = block * kGemvWarps + warp;
+        if (u >= gemv_shrink_warps(M, p.rank, kPerRow)) continue;
+        float acc[kWarp][S][1];
+        for (int lane = 0; lane < kWarp; ++lane)
+          shrink_lane_dot<T, M, kPerRow>(p, (int)u, lane, acc[lane]);
         warp_sum(acc);
         for (int lane = 0; lane < kWarp; ++lane)
-          shrink_lane_store<T, M>(p, (int)j, lane, acc[lane]);
+          shrink_lane_store<T, M, kPerRow>(p, (int)u, lane, acc[lane]);
         continue;
       }
       const int64_t row0 = ((block - shrink_blocks) * kGemvWarps + warp) * R;
@@ -78,7 +82,8 @@ void run_gemv(const GemvPlan& plan) {
       for (int lane = 0; lane < kWarp; ++lane)
         gemv_lane_dot<T, M>(p, plan.table.level, row0, lane, acc[lane]);
       if (p.rank > 0)
-        for (int lane = 0; lane < kWarp; ++lane) gemv_lane_expand<T, M>(p, row0, lane, acc[lane]);
+        for (int lane = 0; lane < kWarp; ++lane)
+          gemv_lane_expand<T, M, kPerRow>(p, row0, lane, acc[lane]);
       warp_sum(acc);
       for (int lane = 0; lane < kWarp; ++lane) gemv_lane_store<T, M>(p, row0, lane, acc[lane]);
     }
@@ -121,10 +126,24 @@ void dequantize_blockwise(const uint8_t* q, const float* absmax, const float* co
 }
 
 void gemv_4bit_lora(const LoraGemvArgs& args, void* workspace, void*) {
-  const GemvPlan plan = plan_gemv(args, workspace);
+  const GemvPlan plan = plan_gemv(args, nullptr, workspace);
   if (plan.empty) return;
   with_half_type(args.dtype, [&](auto t) {
-    with_rows(args.M, [&](auto m) { run_gemv<decltype(t), decltype(m)::value>(plan); });
+    with_rows(args.M, [&](auto m) { run_gemv<decltype(t), decltype(m)::value, false>(plan); });
+  });
+}
+
+void multi_lora_gemv_4bit(const LoraGemvArgs& args, const AdapterRows& adapters, void* workspace,
+                          void*) {
+  const GemvPlan plan = plan_gemv(args, &adapters, workspace);
+  if (plan.empty) return;
+  // The device trusts the index (its caller checked it); the replay, which can read it,
+  // makes sure no test hands the kernel one that would read outside the stacks.
+  for (int64_t m = 0; m < args.M && args.rank > 0; ++m)
+    require(adapters.index[m] >= -1 && adapters.index[m] < adapters.count,
+            "adapter index out of range: each must lie in [-1, adapters)");
+  with_half_type(args.dtype, [&](auto t) {
+    with_rows(args.M, [&](auto m) { run_gemv<decltype(t), decltype(m)::value, true>(plan); });
   });
 }
 
