@@ -35,29 +35,7 @@ PYBIND11_MODULE(_C, m) {
   b::def_codec_ops<cpu::quantize_4bit, cpu::dequantize_4bit, cpu::quantize_blockwise,
                    cpu::dequantize_blockwise>(m);
   b::def_lora_gemv_4bit<cpu::lora_gemv_4bit>(m);
-
-  m.def(
-      "multi_lora_gemv_4bit",
-      [](py::handle x, py::handle weight, py::handle lora_A, py::handle lora_B,
-         py::handle scalings, py::handle adapter_index, py::handle bias, py::handle y,
-         py::handle h) {
-        if (lora_A.is_none() || lora_B.is_none())
-          throw py::value_error("a mixed-adapter batch needs lora_A [n, r, K] and lora_B [n, N, r]");
-        nf4lora::LoraGemvArgs a = b::lora_gemv_args(x, weight, lora_A, lora_B, 1.0f, bias, y, h);
-        a.rank = b::dim(lora_A, 1);  // lora_A [adapters, rank, K]
-        cpu::AdapterRows adapters;
-        adapters.count = b::dim(lora_A, 0);
-        adapters.index = b::checked_data<int64_t>(adapter_index, "adapter_index", "int64", a.M,
-                                                  "the batch");
-        adapters.scalings = b::checked_data<float>(scalings, "scalings", "float32",
-                                                   adapters.count, "the adapter stack");
-        b::released(cpu::multi_lora_gemv_4bit, a, adapters);
-      },
-      py::arg("x"), py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("scalings"),
-      py::arg("adapter_index"), py::arg("bias"), py::arg("y"), py::arg("h"),
-      "lora_gemv_4bit with each row m of x its own adapter i = adapter_index[m] (int64 [M], -1: "
-      "none) of lora_A [n, r, K], lora_B [n, N, r], scaled by scalings[i] (float32 [n]); h[M,r] "
-      "each row's own (0 for -1)");
+  b::def_multi_lora_gemv_4bit<cpu::multi_lora_gemv_4bit>(m);
 
   m.def(
       "lora_grad_input_4bit",

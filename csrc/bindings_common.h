@@ -290,8 +290,7 @@ void def_lora_gemv_4bit(py::module_& m, const Names&... names) {
         "PackedWeight [N, K]; lora_A/lora_B None: no LoRA; bias None: none)");
 }
 
-// Defines multi_lora_gemv_4bit on m, as def_lora_gemv_4bit. (nf4lora._C defines its own in
-// csrc/bindings.cpp, with csrc/cpu/kernels.h's twin of weight.h's AdapterRows.)
+// Defines multi_lora_gemv_4bit on m, as def_lora_gemv_4bit.
 template <auto kernel, class... Extra, class... Names>
 void def_multi_lora_gemv_4bit(py::module_& m, const Names&... names) {
   m.def("multi_lora_gemv_4bit", &ops::multi_lora_gemv_4bit<kernel, Extra...>, py::arg("x"),

@@ -62,8 +62,7 @@ struct LoraGemvArgs {
 // A mixed-adapter batch (nf4lora.multi_lora_matmul_4bit): `count` adapters stacked, so that
 // LoraGemvArgs::lora_A is [count, rank, K] and lora_B [count, N, rank], and row m of x uses
 // adapter index[m] with scaling scalings[index[m]] (LoraGemvArgs::scaling unused), or none
-// where index[m] is -1 (its h row 0, its y the matmul's without LoRA). The CUDA kernels take
-// this one; csrc/cpu/kernels.h still has its own twin (cpu::AdapterRows, same fields).
+// where index[m] is -1 (its h row 0, its y the matmul's without LoRA).
 struct AdapterRows {
   const int64_t* index = nullptr;   // [M], each in [-1, count)
   const float* scalings = nullptr;  // [count]

@@ -84,7 +84,7 @@ struct Dequant8Args {
 // activation scales of the integer decoders), the dispatcher's choice of decoder
 // (sums: float, the ISA's int16 integer decoder, or its int8 one; dispatch.cpp
 // gemv_sums), and
-// which adapter each row of x uses (kernels.h AdapterRows). One adapter is the case of
+// which adapter each row of x uses (weight.h AdapterRows). One adapter is the case of
 // adapter_index null: adapter 0, `scaling`, for every row; a mixed batch
 // (multi_lora_gemv_4bit) gives row m adapter_index[m] (-1: none), its rows of the stacked
 // lora_A [adapters, rank, K] and lora_B [adapters, N, rank], and scalings[adapter_index[m]].

@@ -47,18 +47,10 @@ void dequantize_blockwise(const uint8_t* q, const float* absmax, const float* co
 // float32; output bytes do not depend on the thread count.
 void lora_gemv_4bit(const LoraGemvArgs& args);
 
-// A mixed-adapter batch (nf4lora.multi_lora_matmul_4bit): `count` adapters stacked, so
-// that args.lora_A is [count, rank, K] and args.lora_B [count, N, rank], and row m of x
-// uses adapter index[m] with scaling scalings[index[m]], or none where index[m] is -1.
-struct AdapterRows {
-  const int64_t* index = nullptr;   // [M], each in [-1, count)
-  const float* scalings = nullptr;  // [count]
-  int64_t count = 0;
-};
-
-// lora_gemv_4bit with each row's adapter (args.scaling unused): the same kernel and one
-// pass over W; row m gets the bytes lora_gemv_4bit gives it on the same x with adapter
-// index[m] on every row (a row without adapter: those of the matmul without LoRA).
+// lora_gemv_4bit for a mixed-adapter batch (weight.h AdapterRows; args.scaling unused):
+// the same kernel and one pass over W; row m gets the bytes lora_gemv_4bit gives it on the
+// same x with adapter index[m] on every row (a row without adapter: those of the matmul
+// without LoRA).
 void multi_lora_gemv_4bit(const LoraGemvArgs& args, const AdapterRows& adapters);
 
 // Fused small-M grad-input (the backward of the matmul for x), csrc/weight.h
