@@ -287,29 +287,37 @@ NF4LORA_ALWAYS_INLINE void walk_integer(const GemvWork& a, const Decoder& decode
                             scales_per_block, fold[m]);
       for (int64_t s = scales; s % kScales != 0; ++s) fold[m][s] = 0.0f;  // x = 0 there too
     }
-    // step j goes to chain j % kChains (constant indices keep the chains in registers)
-    for (int64_t j0 = 0; j0 < steps; j0 += kChains) {
-      for (int c = 0; c < kChains && j0 + c < steps; ++c, p += kGroup / 2, xg += MT * kStride) {
-        typename Decoder::Weights w[kVectors];
-        __builtin_prefetch(p + kPrefetchBytes);
-        if (kScales > 1 && (j0 + c + 1) * kGroup > columns) {
-          // a row's last step with only its first scale group: read that half into a
-          // zeroed copy (the bytes after it are the next row's, or past the end of W)
-          alignas(64) uint8_t half[kGroup / 2] = {};
-          memcpy(half, p, (columns % kGroup) / 2);
-          decode(0.0f, half, w);
-        } else {
-          decode(0.0f, p, w);
-        }
-        for (int m = 0; m < MT; ++m) {
-          const typename Decoder::X* xm = xg + m * kStride;
-          typename Decoder::Sum sum = Decoder::start(xm + kGroup);
-          for (int v = 0; v < kVectors; ++v) sum = Decoder::madd(w[v], xm + v * kStep, sum);
-          chains[m][c] = fmadd(Decoder::sum_to_float(sum), Decoder::fold(fold[m] + (j0 + c) * kScales),
-                               chains[m][c]);
-        }
+    // step j goes to chain j % kChains: each step adds into chains[m][0] and rotates the
+    // chains by one, so every index is a constant and the chains stay in registers (indexed
+    // by the step, gcc kept them on the stack: a load and a store per step and row)
+    for (int64_t j = 0; j < steps; ++j, p += kGroup / 2, xg += MT * kStride) {
+      typename Decoder::Weights w[kVectors];
+      __builtin_prefetch(p + kPrefetchBytes);
+      if (kScales > 1 && (j + 1) * kGroup > columns) {
+        // a row's last step with only its first scale group: read that half into a
+        // zeroed copy (the bytes after it are the next row's, or past the end of W)
+        alignas(64) uint8_t half[kGroup / 2] = {};
+        memcpy(half, p, (columns % kGroup) / 2);
+        decode(0.0f, half, w);
+      } else {
+        decode(0.0f, p, w);
+      }
+      for (int m = 0; m < MT; ++m) {
+        const typename Decoder::X* xm = xg + m * kStride;
+        typename Decoder::Sum sum = Decoder::start(xm + kGroup);
+        for (int v = 0; v < kVectors; ++v) sum = Decoder::madd(w[v], xm + v * kStep, sum);
+        const F added = fmadd(Decoder::sum_to_float(sum), Decoder::fold(fold[m] + j * kScales), chains[m][0]);
+        for (int c = 0; c + 1 < kChains; ++c) chains[m][c] = chains[m][c + 1];
+        chains[m][kChains - 1] = added;
       }
     }
+    // back to chain c in chains[m][c] (steps % kChains rotations ago)
+    for (int64_t r = steps % kChains; r > 0 && r < kChains; ++r)
+      for (int m = 0; m < MT; ++m) {
+        const F last = chains[m][kChains - 1];
+        for (int c = kChains - 1; c > 0; --c) chains[m][c] = chains[m][c - 1];
+        chains[m][0] = last;
+      }
   }
   for (int m = 0; m < MT; ++m)
     for (int c = 0; c < kChains; ++c) acc[m][c] = chains[m][c];
