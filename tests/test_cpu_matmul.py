@@ -160,6 +160,40 @@ def test_nonfinite_x_gives_what_float_math_gives(isa, sums, special):
     assert y[[0, 2]].isfinite().all()
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_float_decoders_use_the_dequantized_weights_at_any_scale(isa, monkeypatch, quant_type):
+    # One-hot rows of x pick single weights, so y is the decoder's weight exactly (rounded
+    # to x's dtype): float32 level * constant, or for AVX512-BF16's decoder that rounded to
+    # bf16 (dequantize_4bit to bf16), read as 0 where subnormal (vdpbf16ps does). Each row
+    # of W has one kind of block constant: products with the levels that are subnormal or
+    # round up to the smallest normal bf16 (the decoder's table rounds those exactly:
+    # vcvtneps2bf16 would flush them to 0), huge (some round up to inf in bf16), inf and
+    # NaN (0 * inf = NaN across the row, as in float math).
+    monkeypatch.setenv("NF4LORA_CPU_GEMV", "float")
+    rows = [[1e-40, 3e-39, 5e-45, 1.1754942e-38], [1.2e-38, 1.5e-37, 2e-36, 1.0],
+            [3.3e38, 1e30, 2.0, 0.0], [3.4028235e38, 3.39e38, 1.0, 7.0],
+            [float("inf"), 1.0, 1.0, 1.0], [float("nan"), 1.0, 1.0, 1.0]]
+    columns = [0, 63, 64, 130, 200, 255]
+    w = torch.randn(len(rows), 256, generator=torch.Generator().manual_seed(3))
+    w[:, columns[::2]] = 10.0  # the largest level, 1.0, at half of the picked columns
+    packed, state = nf.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=False)
+    state.absmax = torch.tensor(rows, dtype=torch.float32).reshape(-1)
+    for dtype in (torch.bfloat16, torch.float16):
+        decoder = cpu_backend._C.gemv_decoder(len(columns), dtype)
+        W = nf.dequantize_4bit(packed, state)
+        if decoder == "bf16":
+            W = W.to(torch.bfloat16)
+            W[W.abs() < torch.finfo(torch.bfloat16).tiny] = 0
+        x = torch.zeros(len(columns), 256, dtype=dtype)
+        x[torch.arange(len(columns)), columns] = 1
+        y, _ = run_op(x, packed, state, None, None, 1.0, None)
+        expected = (x.double()[:, None, :] * W.double()[None, :, :]).sum(-1).to(dtype)
+        assert torch.equal(y.isnan(), expected.isnan()), decoder
+        assert torch.equal(y[~y.isnan()], expected[~expected.isnan()]), decoder
+        if dtype == torch.bfloat16:  # the cases occur: tiny and overflowing weights
+            assert expected[:, 0].ne(0).any() and expected[:, 3].isinf().any()
+
+
 def test_gemv_decoder_choice(isa, monkeypatch, capsys):
     # the measured defaults (csrc/cpu/dispatch.cpp): integer sums for 16-bit x, but bf16 x
     # on avx512bf16 beyond 3 rows (vdpbf16ps was faster there); float32 x always float
