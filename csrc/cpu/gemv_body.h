@@ -188,7 +188,7 @@ void gemv_lora_h_impl(const GemvWork& a, int64_t m, int64_t j) {
 
 // y[m0 + m, n] from the finished accumulators: LoRA term, bias, rounding to T.
 template <class T, int MT, int kChains>
-NF4LORA_ALWAYS_INLINE void gemv_finish_row(const GemvWork& a, const F (&acc)[MT][kChains], int64_t m0, int64_t n) {
+void gemv_finish_row(const GemvWork& a, const F (&acc)[MT][kChains], int64_t m0, int64_t n) {
   const T* bias = static_cast<const T*>(a.bias);
   for (int m = 0; m < MT; ++m) {
     F sum_v = acc[m][0];
@@ -227,7 +227,7 @@ constexpr int64_t kSliceBytes = 16 << 10;  // of x per slice: half a 32 KiB L1
 // k0; p: the packed bytes at k0; constants: the float constants of its blocks from k0),
 // into acc. Float decoders: an FMA (or vdpbf16ps) per vector and row.
 template <int MT, int kChains, class Decoder>
-NF4LORA_ALWAYS_INLINE void walk_float(const GemvWork& a, const Decoder& decode, const float* constants, const uint8_t* p,
+void walk_float(const GemvWork& a, const Decoder& decode, const float* constants, const uint8_t* p,
                 const typename Decoder::X* xg, int64_t k0, int64_t k1, F (&acc)[MT][kChains]) {
   constexpr int kGroup = Decoder::kGroup, kVectors = Decoder::kVectors, kStep = kGroup / kVectors;
   const int64_t blocksize = a.weight.blocksize;
@@ -243,7 +243,8 @@ NF4LORA_ALWAYS_INLINE void walk_float(const GemvWork& a, const Decoder& decode, 
       decode(table, p, w);
       for (int m = 0; m < MT; ++m)
         for (int v = 0; v < kVectors; ++v)
-          chains[m][v % kChains] = Decoder::madd(w[v], xg + m * kGroup + v * kStep, chains[m][v % kChains]);
+          chains[m][v % kChains] =
+              Decoder::madd(w[v], xg + m * kGroup + v * kStep, chains[m][v % kChains]);
     }
   }
   for (int m = 0; m < MT; ++m)
@@ -266,58 +267,52 @@ constexpr int64_t kFoldScales = kFoldColumns / kGemvXGroup;
 constexpr int64_t kPrefetchBytes = 1024;
 
 template <int MT, int kChains, class Decoder>
-NF4LORA_ALWAYS_INLINE void walk_integer(const GemvWork& a, const Decoder& decode, const float* constants, const uint8_t* p,
+void walk_integer(const GemvWork& a, const Decoder& decode, int64_t block, const uint8_t* p,
                   const typename Decoder::X* xg, const float* x_scales, int64_t k0, int64_t k1,
                   F (&acc)[MT][kChains]) {
   constexpr int kGroup = Decoder::kGroup, kVectors = Decoder::kVectors, kStep = kGroup / kVectors;
   constexpr int kScales = kGroup / kGemvXGroup;
   constexpr int64_t kStride = x_stride<Decoder>();
   const int64_t scales_per_block = a.weight.blocksize / kGemvXGroup, scales_per_row = a.K / kGemvXGroup;
+  alignas(64) float block_scale[kFoldScales];
   alignas(64) float fold[MT][kFoldScales + kScales];  // + the missing half of a last step
   F chains[MT][kChains];
   for (int m = 0; m < MT; ++m)
     for (int c = 0; c < kChains; ++c) chains[m][c] = acc[m][c];
   for (int64_t c0 = k0; c0 < k1; c0 += kFoldColumns) {
     const int64_t columns = k1 - c0 < kFoldColumns ? k1 - c0 : kFoldColumns;
-    const int64_t scales = columns / kGemvXGroup;
+    const int64_t scales = columns / kGemvXGroup, blocks = columns / a.weight.blocksize;
     const int64_t steps = (columns + kGroup - 1) / kGroup;
-    const float* block_scale = constants + (c0 - k0) / a.weight.blocksize;
+    block_constants(a.weight, block, blocks, block_scale);
+    block += blocks;
     for (int m = 0; m < MT; ++m) {
       Decoder::fold_factors(block_scale, x_scales + m * scales_per_row + c0 / kGemvXGroup, scales,
                             scales_per_block, fold[m]);
       for (int64_t s = scales; s % kScales != 0; ++s) fold[m][s] = 0.0f;  // x = 0 there too
     }
-    // step j goes to chain j % kChains: each step adds into chains[m][0] and rotates the
-    // chains by one, so every index is a constant and the chains stay in registers (indexed
-    // by the step, gcc kept them on the stack: a load and a store per step and row)
-    for (int64_t j = 0; j < steps; ++j, p += kGroup / 2, xg += MT * kStride) {
-      typename Decoder::Weights w[kVectors];
-      __builtin_prefetch(p + kPrefetchBytes);
-      if (kScales > 1 && (j + 1) * kGroup > columns) {
-        // a row's last step with only its first scale group: read that half into a
-        // zeroed copy (the bytes after it are the next row's, or past the end of W)
-        alignas(64) uint8_t half[kGroup / 2] = {};
-        memcpy(half, p, (columns % kGroup) / 2);
-        decode(0.0f, half, w);
-      } else {
-        decode(0.0f, p, w);
-      }
-      for (int m = 0; m < MT; ++m) {
-        const typename Decoder::X* xm = xg + m * kStride;
-        typename Decoder::Sum sum = Decoder::start(xm + kGroup);
-        for (int v = 0; v < kVectors; ++v) sum = Decoder::madd(w[v], xm + v * kStep, sum);
-        const F added = fmadd(Decoder::sum_to_float(sum), Decoder::fold(fold[m] + j * kScales), chains[m][0]);
-        for (int c = 0; c + 1 < kChains; ++c) chains[m][c] = chains[m][c + 1];
-        chains[m][kChains - 1] = added;
+    // step j goes to chain j % kChains (constant indices keep the chains in registers)
+    for (int64_t j0 = 0; j0 < steps; j0 += kChains) {
+      for (int c = 0; c < kChains && j0 + c < steps; ++c, p += kGroup / 2, xg += MT * kStride) {
+        typename Decoder::Weights w[kVectors];
+        __builtin_prefetch(p + kPrefetchBytes);
+        if (kScales > 1 && (j0 + c + 1) * kGroup > columns) {
+          // a row's last step with only its first scale group: read that half into a
+          // zeroed copy (the bytes after it are the next row's, or past the end of W)
+          alignas(64) uint8_t half[kGroup / 2] = {};
+          memcpy(half, p, (columns % kGroup) / 2);
+          decode(0.0f, half, w);
+        } else {
+          decode(0.0f, p, w);
+        }
+        for (int m = 0; m < MT; ++m) {
+          const typename Decoder::X* xm = xg + m * kStride;
+          typename Decoder::Sum sum = Decoder::start(xm + kGroup);
+          for (int v = 0; v < kVectors; ++v) sum = Decoder::madd(w[v], xm + v * kStep, sum);
+          chains[m][c] = fmadd(Decoder::sum_to_float(sum), Decoder::fold(fold[m] + (j0 + c) * kScales),
+                               chains[m][c]);
+        }
       }
     }
-    // back to chain c in chains[m][c] (steps % kChains rotations ago)
-    for (int64_t r = steps % kChains; r > 0 && r < kChains; ++r)
-      for (int m = 0; m < MT; ++m) {
-        const F last = chains[m][kChains - 1];
-        for (int c = kChains - 1; c > 0; --c) chains[m][c] = chains[m][c - 1];
-        chains[m][0] = last;
-      }
   }
   for (int m = 0; m < MT; ++m)
     for (int c = 0; c < kChains; ++c) acc[m][c] = chains[m][c];
@@ -349,28 +344,32 @@ void gemv_tile(const GemvWork& a, const Decoder& decode, int64_t m0, int64_t n0,
   if (MT < kMinSlicedTile) k_slice = a.K;
   const X* x = reinterpret_cast<const X*>(a.x_paired) + m0 * paired_columns<Decoder>(a.K);
   F saved[kSliceRows][MT][kChains];  // accumulators between slices
-  // The block constants of kSliceRows whole rows in one call (each row's blocks follow the
-  // previous row's). A call per row (and slice), with the 256-entry nested code loaded into
-  // registers each time, cost ~150 TSC ticks: as much as 16 of the M = 8 tile's 64-weight
-  // groups, or ~40 of the ~235 of a 2048-wide row at M = 1 (AVX-512, one thread).
-  std::vector<float> constants(kSliceRows * blocks_per_row);
+  // Float decoders: the block constants of kSliceRows whole rows in one call (each row's
+  // blocks follow the previous row's). A call per row and slice, with the 256-entry nested
+  // code loaded into registers each time, cost ~150 TSC ticks, as much as 16 of the M = 8
+  // tile's 64-weight groups. (The integer walk at M = 1 was faster so with W in cache, but
+  // 1.2-1.3x slower with W streamed from memory, as was keeping its chains in registers by
+  // rotating them, and forcing these helpers inline: measured, not understood.)
+  std::vector<float> constants(Decoder::kIntegerSums ? 0 : kSliceRows * blocks_per_row);
   for (int64_t r0 = n0; r0 < n1; r0 += kSliceRows) {
     const int64_t r1 = r0 + kSliceRows < n1 ? r0 + kSliceRows : n1;
-    block_constants(a.weight, r0 * blocks_per_row, (r1 - r0) * blocks_per_row, constants.data());
+    if constexpr (!Decoder::kIntegerSums)
+      block_constants(a.weight, r0 * blocks_per_row, (r1 - r0) * blocks_per_row, constants.data());
     for (int64_t k0 = 0; k0 < a.K; k0 += k_slice) {
       const int64_t k1 = k0 + k_slice < a.K ? k0 + k_slice : a.K;
       for (int64_t n = r0; n < r1; ++n) {
         F acc[MT][kChains];
         for (int m = 0; m < MT; ++m)
           for (int c = 0; c < kChains; ++c) acc[m][c] = k0 == 0 ? splat(0.0f) : saved[n - r0][m][c];
-        const float* row_constants = constants.data() + (n - r0) * blocks_per_row + k0 / blocksize;
+        const int64_t block = n * blocks_per_row + k0 / blocksize;  // W's block at k0
         const uint8_t* p = a.weight.packed + (n * a.K + k0) / 2;
         const float* x_scales = a.x_scales + m0 * (a.K / kGemvXGroup);
         if constexpr (Decoder::kIntegerSums)
-          walk_integer<MT, kChains>(a, decode, row_constants, p, x + k0 / kGroup * MT * x_stride<Decoder>(),
+          walk_integer<MT, kChains>(a, decode, block, p, x + k0 / kGroup * MT * x_stride<Decoder>(),
                                     x_scales, k0, k1, acc);
         else
-          walk_float<MT, kChains>(a, decode, row_constants, p, x + k0 * MT, k0, k1, acc);
+          walk_float<MT, kChains>(a, decode, constants.data() + (block - r0 * blocks_per_row), p,
+                                  x + k0 * MT, k0, k1, acc);
         if (k1 == a.K) {
           gemv_finish_row<T, MT, kChains>(a, acc, m0, n);
         } else {

@@ -20,11 +20,6 @@
 namespace nf4lora {
 namespace cpu {
 
-// For the GEMV's per-row helpers (gemv_body.h walk_*, gemv_finish_row): gcc kept them as
-// calls at small tiles, so the accumulators passed by reference went through memory (a
-// store-forward stall at each row's start and end): at M = 1 and K = 256, 40% of the time.
-#define NF4LORA_ALWAYS_INLINE inline __attribute__((always_inline))
-
 // 16-bit storage types: distinct types so templates can tell bf16 from fp16.
 struct bf16 { uint16_t bits; };
 struct fp16 { uint16_t bits; };
