@@ -120,10 +120,15 @@ def dequantize_blockwise(codes, absmax, code, blocksize, out):
 # keeps a margin. AMD EPYC Zen 4 (AVX512-BF16), one thread, W in cache, CPU time:
 #   bf16 x, native bf16 GEMM: M = 4: 1.9 vs 4.5;  8: 3.7 vs 5.2;  16: 6.0 vs 6.3;  32: 12.5 vs 8.7
 #   fp16 x (float32 GEMM):    M = 8: 4.3 vs 10.3; 16: 8.1 vs 13.1; 24: 12.1 vs 16.0; 32: 15.9 vs 18.8
-# so a dtype with native 16-bit GEMM crosses over at FUSED_MAX_M_NATIVE_GEMM (AMX CPUs
-# sooner still: re-measure with `python -m bench.bench_matmul --tokens 8 16 32 64`).
+# and after the bf16 decoder's per-16-rows block constants and vcvtneps2bf16 tables (same
+# machine, rank 16, interleaved, two runs, the other core busy):
+#   bf16 x, native bf16 GEMM: M = 16: 5.6 vs 7.4;  17: 6.3-7.8 vs 7.8-8.0;  20: 6.8 vs 8.3;
+#                             24: 7.8-9.3 vs 8.7-9.9;  28: 10.0 vs 9.4;  32: 10.6-13.4 vs 10.1-11.6
+# so a dtype with native 16-bit GEMM crosses over at FUSED_MAX_M_NATIVE_GEMM (it was 16:
+# DoRA's 17-row pass at M = 1, x's row and r = 16 of lora_A, now takes the fused kernel;
+# AMX CPUs sooner: re-measure with `python -m bench.bench_matmul --tokens 8 16 24 32 64`).
 FUSED_MAX_M = 32
-FUSED_MAX_M_NATIVE_GEMM = 16
+FUSED_MAX_M_NATIVE_GEMM = 24
 
 # Largest M whose backward grad-input (dx = grad @ W + grad_h @ lora_A) takes the fused
 # kernel (`_C.lora_grad_input_4bit`: W read packed, never materialized) instead of
