@@ -69,6 +69,24 @@ static inline void shim_stream_si512(simde__m512i* p, simde__m512i v) {
 }
 #define _mm512_stream_si512 shim_stream_si512
 
+// AVX512-BF16's vcvtneps2bf16: nearest even, NaN quieted (its top 16 bits | 0x40), and
+// subnormal inputs read as zero of their sign (the hardware's DAZ; checked on Zen 4)
+static inline simde__m256bh shim_cvtneps_pbh(simde__m512 a) {
+  simde__m512_private x = simde__m512_to_private(a);
+  uint16_t out[16];
+  for (int k = 0; k < 16; ++k) {
+    uint32_t u;
+    memcpy(&u, &x.f32[k], 4);
+    if ((u & 0x7f800000u) == 0) u &= 0x80000000u;
+    out[k] = (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)((u >> 16) | 0x40)
+                                              : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+  }
+  simde__m256bh r;
+  memcpy(&r, out, 32);
+  return r;
+}
+#define _mm512_cvtneps_pbh shim_cvtneps_pbh
+
 // simde 0.7.4 aliases _mm512_madd_epi16 with the four arguments of its masked form
 #undef _mm512_madd_epi16
 #define _mm512_madd_epi16(a, b) simde_mm512_madd_epi16(a, b)
