@@ -404,6 +404,34 @@ def test_dora_bench_quick_run(tmp_path):
     assert (tmp_path / "dora-latest.json").exists()
 
 
+def test_dora_bench_gpu_check_sees_a_wrong_result():
+    """--device cuda checks each nf4lora row's y and dx against the spec before it times it
+    (bench_dora.spec_check); here on CPU tensors through the current backend: the rows pass,
+    a changed magnitude or adapter after the call does not."""
+    from bench import bench_dora
+    for tokens in (1, 20):
+        steps, models = bench_dora.gpu_steps((96, 128), tokens, 8, device="cpu")
+        assert bench_dora.check_steps(steps, models) == dict.fromkeys(bench_dora.NF4LORA_PROVIDERS)
+    for provider, change in (("nf4lora DoRA", lambda layer: layer.lora_magnitude_vector.weight),
+                             ("nf4lora LoRA", lambda layer: layer.lora_B.weight[0])):
+        step = steps[provider]
+        step.x.grad = None
+        y = step()
+        with torch.no_grad():
+            change(models[provider][0]).mul_(1.5)
+        assert bench_dora.spec_check(models[provider], step, y).startswith("y: ")
+
+
+def test_dora_bench_gpu_plan(capsys):
+    """--device cuda --plan: every GPU backend variant's three rows, no GPU touched."""
+    from bench import bench_dora
+    plan = bench_dora.main(["--device", "cuda", "--plan"])
+    assert plan["plan"] and plan["ops"] == ["dora"]
+    assert len(plan["providers"]) == 9
+    assert "nf4lora DoRA nf4lora[cuda] no-triton" in plan["providers"]
+    assert "CPU rows only" in capsys.readouterr().out
+
+
 def test_providers_of_a_case_take_turns():
     # harness.measure_interleaved: pass r of every provider before pass r + 1 of any, each
     # inside its own context, so a burst of outside load lands on all of them

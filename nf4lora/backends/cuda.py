@@ -242,6 +242,10 @@ def multi_lora_gemv_4bit(x, weight, lora_A, lora_B, scalings, adapter_index, bia
 
 PATH_GEMV, PATH_TRITON, PATH_COMPOSITE = "gemv", "triton", "composite"
 GEMV_DTYPES = (torch.float16, torch.bfloat16)
+# False: never hand rows to Triton (the composite path instead), for the benchmarks'
+# comparison of both sides of the crossover (bench_matmul's and bench_dora's
+# "nf4lora[cuda] no-triton" rows); the ops read it on every call.
+TRITON_ROUTE_ENABLED = True
 
 
 def matmul_path(m: int, n: int, k: int, dtype: torch.dtype,
@@ -297,8 +301,8 @@ def _triton_available() -> bool:
 
 def _path(m: int, n: int, k: int, t: torch.Tensor, grad_input: bool = False) -> str:
     """matmul_path for an op on activations (or grad) `t` on its device."""
-    return matmul_path(m, n, k, t.dtype, _capability(t.device), _triton_available(),
-                       grad_input=grad_input)
+    return matmul_path(m, n, k, t.dtype, _capability(t.device),
+                       TRITON_ROUTE_ENABLED and _triton_available(), grad_input=grad_input)
 
 
 def lora_matmul_4bit(x, weight, lora_A, lora_B, scaling, bias):
