@@ -20,8 +20,14 @@ module standing in for nf4lora._C_cuda, on CPU tensors, and compare with nf4lora
     within the dtype baseline of nf4lora.reference.multi_lora_matmul_4bit, and bit for bit
     the single-adapter GEMV's rows for the same adapter (a -1 row: the GEMV without LoRA's,
     h = 0), the whole output when every row has the same adapter; the public op
-    nf4lora.multi_lora_matmul_4bit routed through the CUDA backend (the GEMV for 1..8 rows
-    of fp16/bf16, else composite), and its clear errors for an index out of range.
+    nf4lora.multi_lora_matmul_4bit routed through the CUDA backend, and its clear errors
+    for an index out of range;
+  * the backend's route (matmul_path, a pure function: rows, dtype, Triton usable or not,
+    compute capability): the GEMV for 1..8 rows of fp16/bf16, Triton's op up to its
+    fused_max_m, else composite; and through the public ops, with Triton's kernels run by
+    its interpreter (fp16 / fp32: its bf16 tl.dot is wrong), the rows each route takes and
+    their results: LoRA at 17 rows (DoRA's M = 1 + r = 16) forward and backward, DoRA at
+    M = 1 (its one 17-row call and its 1-row grad @ W both through Triton).
 
 On a machine with a GPU and the extension built, every such test runs a second time
 through the real nf4lora._C_cuda on CUDA tensors (the "gpu" variant, skipped elsewhere).

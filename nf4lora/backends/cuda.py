@@ -23,6 +23,10 @@ on sm_90), Triton's own op (its routing picks its GEMV or fused kernel: W read p
 once) when the Triton backend can run here; above that, or without Triton, the composite
 path (this backend's dequantize into a buffer + cuBLAS). DoRA is why the middle matters:
 its forward runs x's rows and lora_A's r rows through one call (M = 1, r = 16: 17 rows).
+The Triton rows are a route by shape, not a fallback for a missing backend: without a
+usable Triton the same shapes take the composite path, and TRITON_ROUTE_ENABLED = False
+turns the route off (the benchmarks' "nf4lora[cuda] no-triton" rows). Its bounds are
+Triton's derived crossovers, not yet measured: scripts/gpu_check.sh times both sides.
 """
 from __future__ import annotations
 
