@@ -191,12 +191,13 @@ def spec_check(model, step, y) -> Optional[str]:
     return f"dx: {why}" if why else None
 
 
-def gpu_steps(shape, tokens: int, rank: int, device: str = "cuda"):
-    """({provider: zero-argument forward + backward step} of the nf4lora rows on `device`'s
-    tensors, {provider: its model}), built and quantized by the current backend."""
-    models = {provider: build(provider, shape, rank, device) for provider in NF4LORA_PROVIDERS}
+def gpu_steps(shape, tokens: int, rank: int, device: str = "cuda",
+              providers: Sequence[str] = NF4LORA_PROVIDERS):
+    """({provider: zero-argument forward + backward step} of the nf4lora rows `providers` on
+    `device`'s tensors, {provider: its model}), built and quantized by the current backend."""
+    models = {provider: build(provider, shape, rank, device) for provider in providers}
     steps = {provider: step_of(models[provider], tokens, shape[1], provider, device)
-             for provider in NF4LORA_PROVIDERS}
+             for provider in providers}
     return steps, models
 
 
@@ -215,12 +216,13 @@ def main_gpu(args, argv) -> dict:
     """--device cuda: the nf4lora rows per GPU backend variant, checked, then timed."""
     from bench.bench_codec import gpu_kernel_seconds, gpu_time_calls, print_plan
     shape = tuple(int(v) for v in args.shape.lower().split("x"))
-    cpu_only = [p for p in PROVIDERS if p not in NF4LORA_PROVIDERS]
-    cpu_note = (f"{', '.join(cpu_only)}: CPU rows only (--device cpu); peak memory: a "
-                "resident-set measure, CPU only")
+    cpu_only = [p for p in PROVIDERS if p not in NF4LORA_PROVIDERS and p in args.providers]
+    providers = [p for p in NF4LORA_PROVIDERS if p in args.providers]
+    cpu_note = ((f"{', '.join(cpu_only)}: CPU rows only (--device cpu); " if cpu_only else "")
+                + "peak memory: a resident-set measure, CPU only")
     if args.plan:   # every GPU backend, available here or not: nothing touches a GPU
         names = [f"{p} {label_of(v)}" for v in gpu_variants(harness.GPU_BACKENDS)
-                 for p in NF4LORA_PROVIDERS]
+                 for p in providers]
         return print_plan("cuda", ["dora"], [shape], names,
                           harness.nf4lora_gpu_backends()[1] + [cpu_note],
                           extra=f" tokens={' '.join(map(str, args.tokens))} r={args.rank}")
@@ -232,7 +234,7 @@ def main_gpu(args, argv) -> dict:
         label = label_of(variant)
         for tokens in args.tokens:
             with gpu_backend(variant):
-                steps, models = gpu_steps(shape, tokens, args.rank)
+                steps, models = gpu_steps(shape, tokens, args.rank, providers=providers)
                 wrong = {p: why for p, why in check_steps(steps, models).items() if why}
                 for provider, why in wrong.items():
                     notes.append(f"{label} {provider} M = {tokens}: not timed, wrong result: {why}")

@@ -422,6 +422,35 @@ def test_dora_bench_gpu_check_sees_a_wrong_result():
         assert bench_dora.spec_check(models[provider], step, y).startswith("y: ")
 
 
+def test_dora_bench_gpu_run_end_to_end_on_a_stand_in(tmp_path, monkeypatch):
+    """main_gpu's whole flow (variants, check, interleaved timing, ratios, save) with the CPU
+    backend standing in for the GPU backends and wall-clock timers for CUDA events."""
+    import time
+    from bench import bench_codec, bench_dora
+    monkeypatch.setattr(harness, "nf4lora_gpu_backends", lambda: (["cpu"], []))
+    steps_on_cpu = bench_dora.gpu_steps
+    monkeypatch.setattr(bench_dora, "gpu_steps",
+                        lambda *args, **kwargs: steps_on_cpu(*args, device="cpu", **kwargs))
+
+    def wall_times(calls, reps):
+        times = []
+        for _ in range(reps):
+            for call in calls:
+                start = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - start)
+        return times
+    monkeypatch.setattr(bench_codec, "gpu_time_calls", wall_times)
+    monkeypatch.setattr(bench_codec, "gpu_kernel_seconds", lambda calls: None)
+    payload = bench_dora.main(["--device", "cuda", "--shape", "64x128", "--tokens", "1", "3",
+                               "--rank", "4", "--reps", "2", "--out", str(tmp_path)])
+    rows = payload["rows"]
+    assert len(rows) == 6 and {r["backend"] for r in rows} == {"nf4lora[cpu]"}
+    assert [r["x_vs_lora"] for r in rows if r["provider"] == "nf4lora LoRA"] == [1.0, 1.0]
+    assert not [n for n in payload["notes"] if "wrong result" in n]
+    assert (tmp_path / "dora-gpu-latest.json").exists()
+
+
 def test_dora_bench_gpu_plan(capsys):
     """--device cuda --plan: every GPU backend variant's three rows, no GPU touched."""
     from bench import bench_dora
