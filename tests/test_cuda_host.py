@@ -673,6 +673,22 @@ def test_lora_matmul_mid_rows_take_triton_forward_and_backward(cuda_op_device, m
     assert_within_dtype_baseline(x_dev.grad.cpu(), base_dx, exact_dx, "dx")
 
 
+def test_triton_route_off_takes_the_composite_path(cuda_op_device, monkeypatch):
+    """TRITON_ROUTE_ENABLED = False (the benchmarks' "nf4lora[cuda] no-triton" rows): past
+    the GEMV, dequantize + cuBLAS, forward and backward, as before the route existed."""
+    monkeypatch.setattr(cuda_backend, "TRITON_ROUTE_ENABLED", False)
+    N, K = 40, 256
+    packed, state = nf4lora.functional.quantize_4bit(torch.randn(N, K).to(cuda_op_device),
+                                                     blocksize=64)
+    A, B = torch.randn(16, K) / 16, torch.randn(N, 16) / 10
+    ran = []
+    record_paths(monkeypatch, ran)
+    x = torch.randn(17, K, device=cuda_op_device, dtype=torch.float16, requires_grad=True)
+    y = nf4lora.lora_matmul_4bit(x, packed, state, A.to(x), B.to(x), 0.5)
+    y.sum().backward()
+    assert ran == ["composite", "composite dx"]
+
+
 def test_dora_at_one_row_reads_w_packed_through_triton(host, monkeypatch):
     """nf4lora.dora_matmul_4bit at M = 1, r = 16 on the CUDA backend (host replay): its
     forward's one call of 1 + 16 rows and its backward's grad @ W both take the Triton
