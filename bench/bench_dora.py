@@ -6,6 +6,7 @@ nf4lora's QLoRA <= 1.1x of it at M = 512).
 
     python -m bench.bench_dora [--shape 4096x4096] [--tokens 1 512] [--rank 16]
                                [--reps 5] [--threads N] [--no-memory] [--out DIR]
+                               [--device cpu|cuda] [--plan]
 
 bf16 activations that require grad (a layer inside a model), NF4 + double quantization,
 blocksize 64, adapters in float32 cast to bf16 (PEFT's default). One call = forward and
@@ -18,10 +19,24 @@ backward; "peak MiB" is the resident-set high-water mark of that call above the 
 set before it (Linux's VmHWM, reset through /proc/self/clear_refs). What DoRA keeps
 between calls (||W_o||^2, 4 bytes a row) is counted in its first call. The dense W in
 bf16 of a 4096x4096 layer is 32 MiB, in float32 64 MiB.
+
+--device cuda (scripts/gpu_check.sh): the three nf4lora rows (LoRA, DoRA with the adapter
+changed every call, DoRA with the norm kept) on CUDA tensors, once per nf4lora GPU backend
+usable here: nf4lora[cuda] (its route, backends/cuda.py matmul_path: DoRA's M + r rows
+and every backward's grad @ W through Triton's kernels, W read packed), nf4lora[cuda]
+no-triton (the same backend with that route off, TRITON_ROUTE_ENABLED = False: dequantize
++ cuBLAS past the GEMV, the route before it) and nf4lora[triton]. Each provider's y and dx
+of a call first checked against the spec (float32 math on the decoded weight, up to bf16:
+bench_matmul.mismatch), then timed: CUDA-event time per forward + backward (a backend's
+providers take turns; default 30 reps) and the GPU's busy time per call from the profiler
+(kernel ms). Issue 15's target: DoRA <= 1.3x LoRA at M = 1 on the GPU. PEFT's and the
+dense rows, and the peak memory (a resident-set measure), stay CPU rows, skipped with a
+note. --plan prints what a run would time and exits (the dry run's check).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import subprocess
@@ -46,11 +61,12 @@ COLUMNS = [("provider", "provider", "s"), ("shape", "shape", ""), ("M", "tokens"
            ("peak MiB", "peak_mib", ".1f")]
 
 
-def build(provider: str, shape, rank: int):
-    """A one-layer module of `provider` over a random [out, in] weight (fixed seed)."""
+def build(provider: str, shape, rank: int, device: str = "cpu"):
+    """A one-layer module of `provider` over a random [out, in] weight (fixed seed), its
+    dense layer on `device` before nf4lora quantizes it (by the current backend)."""
     out_features, in_features = shape
     torch.manual_seed(0)
-    dense = torch.nn.Sequential(torch.nn.Linear(in_features, out_features, bias=False))
+    dense = torch.nn.Sequential(torch.nn.Linear(in_features, out_features, bias=False)).to(device)
     if provider.startswith("nf4lora"):
         import nf4lora
         nf4lora.replace_linear(dense, quant_type="nf4", compute_dtype=DTYPE, progress=False)
@@ -72,8 +88,8 @@ def build(provider: str, shape, rank: int):
     return model
 
 
-def step_of(model, tokens: int, in_features: int, provider: str):
-    x = torch.randn(tokens, in_features, generator=torch.Generator().manual_seed(1)).to(DTYPE)
+def step_of(model, tokens: int, in_features: int, provider: str, device: str = "cpu"):
+    x = torch.randn(tokens, in_features, generator=torch.Generator().manual_seed(1)).to(device, DTYPE)
     x.requires_grad_()
     # An in-place no-op on the adapter, as an optimizer step writes it: its version changes.
     changed = [p for p in model.parameters() if p.requires_grad] if provider == "nf4lora DoRA" else []
@@ -85,6 +101,7 @@ def step_of(model, tokens: int, in_features: int, provider: str):
         y = model(x)
         y.backward(torch.ones_like(y))
         return y
+    step.x = x    # the GPU rows' spec check reads its gradient
     return step
 
 
@@ -112,18 +129,161 @@ def memory_child(provider: str, shape, tokens: int, rank: int) -> None:
     print(json.dumps({"peak_mib": (_kib("VmHWM:") - before) / 1024}))
 
 
+# --- --device cuda -------------------------------------------------------------------------
+
+NF4LORA_PROVIDERS = PROVIDERS[:3]      # the rows that run on CUDA tensors
+GPU_COLUMNS = [("provider", "provider", "s"), ("backend", "backend", "s"), ("shape", "shape", ""),
+               ("M", "tokens", "d"), ("r", "rank", "d"), ("median ms", "median_ms", ".4f"),
+               ("p20 ms", "p20_ms", ".4f"), ("p80 ms", "p80_ms", ".4f"),
+               ("kernel ms", "kernel_ms", ".4f"), ("x LoRA", "x_vs_lora", ".2f"),
+               ("kernel x LoRA", "kernel_x_vs_lora", ".2f")]
+NO_TRITON = " no-triton"
+
+
+@contextlib.contextmanager
+def gpu_backend(variant: str):
+    """nf4lora backend of `variant` ("cuda", "cuda no-triton", "triton") inside the block;
+    no-triton: the CUDA backend's route to Triton off (bench_matmul.without_triton_route)."""
+    from bench.bench_matmul import without_triton_route
+    backend = variant.split()[0]
+    context = without_triton_route if variant.endswith(NO_TRITON) else harness.using_backend
+    with context(backend):
+        yield
+
+
+def label_of(variant: str) -> str:
+    """"cuda no-triton" -> "nf4lora[cuda] no-triton", bench_matmul's provider names."""
+    backend, _, rest = variant.partition(" ")
+    return f"nf4lora[{backend}]" + (f" {rest}" if rest else "")
+
+
+def gpu_variants(backends: Sequence[str]) -> list[str]:
+    """The backend variants timed for these usable GPU backends (cuda also without Triton)."""
+    return [v for b in backends for v in ((b, b + NO_TRITON) if b == "cuda" else (b,))]
+
+
+def spec_check(model, step, y) -> Optional[str]:
+    """None if y and x's gradient of one step() (the backward of y.sum()) are the spec up to
+    bf16 arithmetic (bench_matmul.mismatch), else what is off. The spec, float32 on the
+    decoded weight: y = s_o (x W^T + c x A^T B^T), s_o = m_o / ||W + c B A||_o for DoRA (1
+    for LoRA), so every row of dx is sum_o s_o (W + c B A)_o."""
+    import nf4lora.functional as F
+    from bench.bench_matmul import mismatch, root_sum_squares
+    layer = model[0]
+    packed = layer.base_layer.weight
+    W = F.dequantize_4bit(packed, packed.quant_state).float()
+    A, B, c = layer.lora_A.weight.float(), layer.lora_B.weight.float(), layer.scaling
+    x = step.x.detach().float()
+    h = x @ A.t()
+    delta = c * B @ A
+    scale = torch.ones(W.shape[0], device=W.device)
+    if layer.use_dora:
+        scale = layer.lora_magnitude_vector.weight.float() / (W + delta).norm(dim=1)
+    want_y = scale * (x @ W.t() + c * h @ B.t())
+    terms_y = scale.abs() * (root_sum_squares(x, W.t()) + c * root_sum_squares(h, B.t()))
+    rows = x.shape[0]
+    want_dx = (scale[:, None] * (W + delta)).sum(0).expand(rows, -1)
+    terms_dx = (scale[:, None] ** 2 * (W * W + delta * delta)).sum(0).sqrt().expand(rows, -1)
+    why = mismatch(y.detach(), want_y, terms_y)
+    if why:
+        return f"y: {why}"
+    why = mismatch(step.x.grad, want_dx, terms_dx)
+    return f"dx: {why}" if why else None
+
+
+def gpu_steps(shape, tokens: int, rank: int, device: str = "cuda",
+              providers: Sequence[str] = NF4LORA_PROVIDERS):
+    """({provider: zero-argument forward + backward step} of the nf4lora rows `providers` on
+    `device`'s tensors, {provider: its model}), built and quantized by the current backend."""
+    models = {provider: build(provider, shape, rank, device) for provider in providers}
+    steps = {provider: step_of(models[provider], tokens, shape[1], provider, device)
+             for provider in providers}
+    return steps, models
+
+
+def check_steps(steps, models) -> dict:
+    """{provider: None, or how its step is off the spec}: one step each (x's gradient
+    cleared around it: it accumulates over calls)."""
+    found = {}
+    for provider, step in steps.items():
+        step.x.grad = None
+        found[provider] = spec_check(models[provider], step, step())
+        step.x.grad = None
+    return found
+
+
+def main_gpu(args, argv) -> dict:
+    """--device cuda: the nf4lora rows per GPU backend variant, checked, then timed."""
+    from bench.bench_codec import gpu_kernel_seconds, gpu_time_calls, print_plan
+    shape = tuple(int(v) for v in args.shape.lower().split("x"))
+    cpu_only = [p for p in PROVIDERS if p not in NF4LORA_PROVIDERS and p in args.providers]
+    providers = [p for p in NF4LORA_PROVIDERS if p in args.providers]
+    cpu_note = ((f"{', '.join(cpu_only)}: CPU rows only (--device cpu); " if cpu_only else "")
+                + "peak memory: a resident-set measure, CPU only")
+    if args.plan:   # every GPU backend, available here or not: nothing touches a GPU
+        names = [f"{p} {label_of(v)}" for v in gpu_variants(harness.GPU_BACKENDS)
+                 for p in providers]
+        return print_plan("cuda", ["dora"], [shape], names,
+                          harness.nf4lora_gpu_backends()[1] + [cpu_note],
+                          extra=f" tokens={' '.join(map(str, args.tokens))} r={args.rank}")
+    backends, notes = harness.nf4lora_gpu_backends()
+    notes.append(cpu_note)
+    reps = args.reps or 30
+    rows = []
+    for variant in gpu_variants(backends):
+        label = label_of(variant)
+        for tokens in args.tokens:
+            with gpu_backend(variant):
+                steps, models = gpu_steps(shape, tokens, args.rank, providers=providers)
+                wrong = {p: why for p, why in check_steps(steps, models).items() if why}
+                for provider, why in wrong.items():
+                    notes.append(f"{label} {provider} M = {tokens}: not timed, wrong result: {why}")
+                timed = [p for p in steps if p not in wrong]
+                times = gpu_time_calls([steps[p] for p in timed], reps) if timed else []
+                for i, provider in enumerate(timed):   # the providers took turns
+                    kernel_s = gpu_kernel_seconds([steps[provider]] * 10)
+                    rows.append(dict(provider=provider, backend=label, shape=list(shape),
+                                     tokens=tokens, rank=args.rank,
+                                     **harness.quantiles_ms(times[i::len(timed)]),
+                                     kernel_ms=None if kernel_s is None else kernel_s * 1e3))
+            del steps, models
+            torch.cuda.empty_cache()
+    for row in rows:
+        lora = next((r for r in rows if r["backend"] == row["backend"]
+                     and r["tokens"] == row["tokens"] and r["provider"] == PROVIDERS[0]), None)
+        row["x_vs_lora"] = row["median_ms"] / lora["median_ms"] if lora else None
+        row["kernel_x_vs_lora"] = (row["kernel_ms"] / lora["kernel_ms"]
+                                   if lora and row["kernel_ms"] and lora["kernel_ms"] else None)
+    print(f"{shape[0]}x{shape[1]} NF4 + double quant, bf16, forward + backward, r = {args.rank}; "
+          f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+    print(harness.format_table(rows, GPU_COLUMNS))
+    harness.print_notes(notes)
+    config = {k: v for k, v in vars(args).items() if k != "out"}
+    return harness.save_run(args.out, "dora-gpu", benchmark="dora", device="cuda",
+                            metadata=harness.metadata(), config=config, argv=argv, rows=rows,
+                            notes=notes)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="4096x4096", help="OUTxIN (default 4096x4096)")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 512])
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, help="timed calls per provider (default 5; "
+                        "--device cuda: 30)")
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--memory-child", choices=PROVIDERS, help=argparse.SUPPRESS)
     harness.add_threads_flag(parser)
     harness.add_out_flag(parser)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: the nf4lora rows on CUDA tensors, per nf4lora GPU backend")
+    parser.add_argument("--plan", action="store_true",
+                        help="with --device cuda: print what a run would time, and exit")
     args = parser.parse_args(argv)
+    if args.device == "cuda":
+        return main_gpu(args, argv)
+    args.reps = args.reps or 5
     shape = tuple(int(v) for v in args.shape.lower().split("x"))
     if args.memory_child:
         return memory_child(args.memory_child, shape, args.tokens[0], args.rank)

@@ -35,9 +35,10 @@ Bytes one call must move (the basis of GB/s and "% read BW"), with n = out * in:
 FLOPs: 2 M n per matmul, + 2 M r (in + out) for the adapter; train: 4 M n + 6 M r (in + out).
 
 --device cuda (scripts/gpu_check.sh): the same ops on CUDA tensors, train at every M (the
-backward at decode and prefill sizes), providers nf4lora[cuda], nf4lora[triton],
-nf4lora[triton] no-split-k (split-K off: what fused_splits buys), bitsandbytes (its CUDA
-kernels) and dense-bf16; timing, GB/s and shares of the bandwidth as bench_codec's "GPU
+backward at decode and prefill sizes), providers nf4lora[cuda], nf4lora[cuda] no-triton
+(its route to Triton's kernels off: dequantize + cuBLAS past the CUDA GEMV, the other side
+of that route's crossover), nf4lora[triton], nf4lora[triton] no-split-k (split-K off: what
+fused_splits buys), bitsandbytes (its CUDA kernels) and dense-bf16; timing, GB/s and shares of the bandwidth as bench_codec's "GPU
 mode" says. --plan prints what a run would time and exits (the dry run's check).
 """
 from __future__ import annotations
@@ -297,8 +298,24 @@ def without_split_k(backend: str):
             triton_backend.SPLIT_K_ENABLED = previous
 
 
-def nf4lora_impl(backend: str, split_k: bool = True) -> Impl:
-    """split_k=False: the Triton backend without the fused kernels' split-K (GPU rows)."""
+@contextlib.contextmanager
+def without_triton_route(backend: str):
+    """nf4lora `backend` ("cuda") with its route to Triton's kernels off (backends/cuda.py
+    TRITON_ROUTE_ENABLED): dequantize + cuBLAS for every shape past the CUDA GEMV, the other
+    side of the crossover that route stands on."""
+    from nf4lora.backends import cuda as cuda_backend
+    with harness.using_backend(backend):
+        previous = cuda_backend.TRITON_ROUTE_ENABLED
+        cuda_backend.TRITON_ROUTE_ENABLED = False
+        try:
+            yield
+        finally:
+            cuda_backend.TRITON_ROUTE_ENABLED = previous
+
+
+def nf4lora_impl(backend: str, split_k: bool = True, triton_route: bool = True) -> Impl:
+    """split_k=False: the Triton backend without the fused kernels' split-K (GPU rows);
+    triton_route=False: the CUDA backend without its route to Triton (GPU rows)."""
     import nf4lora
 
     def make_forward(case: Case) -> Forward:
@@ -312,10 +329,12 @@ def nf4lora_impl(backend: str, split_k: bool = True) -> Impl:
         return forward
 
     reference = backend == "reference"
-    return Impl(f"nf4lora[{backend}]" + ("" if split_k else " no-split-k"), make_forward,
+    context = (harness.using_backend if split_k and triton_route
+               else without_split_k if triton_route else without_triton_route)
+    return Impl(f"nf4lora[{backend}]" + ("" if split_k else " no-split-k")
+                + ("" if triton_route else " no-triton"), make_forward,
                 quantized_bytes, ops=("matmul", "lora") if reference else OPS, slow=reference,
-                context=functools.partial(harness.using_backend if split_k else without_split_k,
-                                          backend), guarded=True)
+                context=functools.partial(context, backend), guarded=True)
 
 
 def bitsandbytes_impl(bnb) -> Impl:
@@ -635,8 +654,8 @@ def parse_args(argv):
                                            on_gpu=", train at every M", plans="cases")
 
 
-GPU_PROVIDERS = ("nf4lora[cuda]", "nf4lora[triton]", "nf4lora[triton] no-split-k", BASELINE,
-                 DENSE)
+GPU_PROVIDERS = ("nf4lora[cuda]", "nf4lora[cuda] no-triton", "nf4lora[triton]",
+                 "nf4lora[triton] no-split-k", BASELINE, DENSE)
 GPU_COLUMNS = [("op", "op", ""), ("shape", "shape", ""), ("M", "tokens", "d"),
                ("provider", "provider", ""), ("layers", "layers", "d"),
                ("median ms", "median_ms", ".4f"), ("kernel ms", "kernel_ms", ".4f"),
@@ -664,6 +683,8 @@ def find_gpu_providers(args, notes: list[str]) -> Found:
     if args.plan:
         backends = list(harness.GPU_BACKENDS)
     impls = [nf4lora_impl(backend) for backend in backends]
+    if "cuda" in backends:
+        impls.append(nf4lora_impl("cuda", triton_route=False))
     if "triton" in backends:
         impls.append(nf4lora_impl("triton", split_k=False))
     bnb, bnb_messages = None, []

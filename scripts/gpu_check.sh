@@ -32,15 +32,19 @@
 #            mixed-adapter batches; tests/test_gpu_check.py: codec bit-exact)
 #   bench    nf4lora bench codec (dequantize) and nf4lora bench matmul (lora forward and
 #            train = forward + backward, M = 1, 8, 64, 512, the Llama-7B shapes) with
-#            --device cuda: nf4lora[cuda], nf4lora[triton] (and without split-K),
-#            bitsandbytes, dense bf16 F.linear; kernel time, GB/s, share of HBM bandwidth;
-#            and bench.bench_multi_lora --device cuda: a mixed-adapter batch (M = 8 over 8
-#            adapters, 4096x4096, r = 16) against one single-adapter call, per backend
+#            --device cuda: nf4lora[cuda] (and without its route to Triton: dequantize +
+#            cuBLAS past its GEMV), nf4lora[triton] (and without split-K), bitsandbytes,
+#            dense bf16 F.linear; kernel time, GB/s, share of HBM bandwidth;
+#            bench.bench_multi_lora --device cuda: a mixed-adapter batch (M = 8 over 8
+#            adapters, 4096x4096, r = 16) against one single-adapter call, per backend;
+#            and bench.bench_dora --device cuda: DoRA forward + backward (adapter changed
+#            every call, and with the norm kept) against LoRA at M = 1 and 512, 4096x4096,
+#            r = 16, per backend (issue 15: DoRA <= 1.3x LoRA at M = 1)
 #   summary  OUT_DIR/gpu_check.json (all results) and OUT_DIR/gpu_check.txt (the tables);
 #            prints at most 40 lines
-# Budget on an H100: about 5 minutes expected, the step limits sum to 7.7 (--quick:
-# 4096x4096 at M = 1 and 64, no compile report, fewer Triton tests, no pip try for
-# bitsandbytes; limits sum to 3.1 minutes).
+# Budget on an H100: about 6 minutes expected, the step limits sum to 9.2 (--quick:
+# 4096x4096 at M = 1 and 64, DoRA at M = 1, no compile report, fewer Triton tests, no pip
+# try for bitsandbytes; limits sum to 3.5 minutes).
 # Exit 0 when every step passed, 1 when one failed, 3 when a requirement is missing, 2 on
 # bad arguments.
 set -uo pipefail
@@ -80,6 +84,7 @@ GPU_TESTS=(tests/test_cuda_host.py tests/test_triton_matmul.py tests/test_triton
 BENCH_CODEC=(-m nf4lora.cli bench codec --device cuda --ops dequantize --out "$WORK/bench")
 BENCH_MATMUL=(-m nf4lora.cli bench matmul --device cuda --ops lora train --out "$WORK/bench")
 BENCH_MULTI=(-m bench.bench_multi_lora --device cuda --out "$WORK/bench")
+BENCH_DORA=(-m bench.bench_dora --device cuda --out "$WORK/bench")
 COMPILE_REPORT=(-m triton_kernels.compile_report --json --jobs "$NPROC")
 # Limits (seconds), each step's expected time x 1.5-3. Measured on 2 cores here: the CPU
 # extension builds in 23 s (its 6 files one after another, so about the same on 16
@@ -89,17 +94,22 @@ COMPILE_REPORT=(-m triton_kernels.compile_report --json --jobs "$NPROC")
 # (Triton JIT-compiles ~150 specializations over 8 workers; the 633 CUDA-backend tests
 # take seconds), the bench ~2 min (~130 rows of ~30-layer rotations at ~0.5 s each,
 # plus ~30 JIT compiles for the bench and guard shapes; the mixed-adapter rows: 4 rows of
-# 60 calls of ~10-100 us, and a few Triton JIT compiles for their shape, +20 s allowed).
+# 60 calls of ~10-100 us, and a few Triton JIT compiles for their shape, +20 s allowed;
+# nf4lora[cuda] no-triton adds a sixth of the matmul rows, +25 s; the DoRA rows: 9
+# providers x 2 M, each ~40 forward + backward calls of ~0.1-2 ms, 18 one-layer models
+# quantized on the GPU, and the Triton JIT compiles of 17 rows forward and 1 row
+# backward (cached from the matmul run when its shapes match), ~30 s, +60 s allowed).
 # Env (pip tries only for what is missing, LIMIT_PIP each) is not limited as a whole.
-LIMIT_BUILD=110 LIMIT_COMPILE=40 LIMIT_TESTS=120 LIMIT_BENCH=190 LIMIT_PIP=60
+LIMIT_BUILD=110 LIMIT_COMPILE=40 LIMIT_TESTS=120 LIMIT_BENCH=275 LIMIT_PIP=60
 QUICK_TESTS=()
 if [[ "$MODE" == quick ]]; then
   BENCH_MATMUL+=(--shapes 4096x4096 --tokens 1 64)
+  BENCH_DORA+=(--tokens 1 --reps 20)
   # The quick test set: the Triton sweeps over blocksizes, ranks, FP4 and LoRA/bias
   # combinations, and the codec sizes but 4097, left out (each is a batch of JIT
   # compiles); every kernel still runs, the CUDA backend's tests all run (no JIT).
   QUICK_TESTS=(-k "not blocksizes_and_row_layouts and not forward_ranks and not forward_fp4 and not lora_and_bias_on_and_off and not (codec_on_cuda and not 4097)")
-  LIMIT_BUILD=75 LIMIT_COMPILE=0 LIMIT_TESTS=55 LIMIT_BENCH=60
+  LIMIT_BUILD=75 LIMIT_COMPILE=0 LIMIT_TESTS=55 LIMIT_BENCH=80   # DoRA at M = 1: +20 s
 fi
 
 say() { echo "$*" | tee -a "$LOG"; }
@@ -232,7 +242,7 @@ step_tests() {
 step_bench() {
   # Two processes: the codec rows are saved even if the matmul run hits the limit.
   local status=0 codec=() matmul=()
-  if [[ "$SKIP_CUDA" == 1 ]]; then   # every provider but nf4lora[cuda]
+  if [[ "$SKIP_CUDA" == 1 ]]; then   # every provider but nf4lora[cuda] (and its no-triton)
     codec=(--providers "nf4lora[triton]" bitsandbytes copy-bf16)
     matmul=(--providers "nf4lora[triton]" bitsandbytes dense-bf16)
   fi
@@ -240,6 +250,7 @@ step_bench() {
   env -u TRITON_INTERPRET "$PY" "${BENCH_MATMUL[@]}" "${matmul[@]}" || status=1
   # every usable GPU backend (without nf4lora._C_cuda, --skip-cuda: triton alone)
   env -u TRITON_INTERPRET "$PY" "${BENCH_MULTI[@]}" || status=1
+  env -u TRITON_INTERPRET "$PY" "${BENCH_DORA[@]}" || status=1
   return $status
 }
 
@@ -253,7 +264,7 @@ run_step() {
   # A function cannot run under `timeout` directly: export what it needs, run it in bash.
   export -f "$fn" has arch_of find_nvcc say missing pip_install
   export PY ARCH NVCC WORK LOG MODE SKIP_CUDA NPROC LIMIT_PIP
-  timeout -k 10 "$limit" bash -c "$(declare -p GPU_TESTS BENCH_CODEC BENCH_MATMUL BENCH_MULTI COMPILE_REPORT QUICK_TESTS 2>/dev/null); $fn" >>"$LOG" 2>&1
+  timeout -k 10 "$limit" bash -c "$(declare -p GPU_TESTS BENCH_CODEC BENCH_MATMUL BENCH_MULTI BENCH_DORA COMPILE_REPORT QUICK_TESTS 2>/dev/null); $fn" >>"$LOG" 2>&1
   rc=$?
   local seconds=$((SECONDS - start)) status=ok
   [[ $rc == 0 ]] || status=FAILED
@@ -301,13 +312,15 @@ compile_rows = load("compile.json") or []
 codec = load("bench/codec-gpu-latest.json") or {}
 matmul = load("bench/matmul-gpu-latest.json") or {}
 multi = load("bench/multi-lora-gpu-latest.json") or {}
+dora = load("bench/dora-gpu-latest.json") or {}
 bench_rows = codec.get("rows", []) + matmul.get("rows", [])
 bandwidth = matmul.get("bandwidth") or codec.get("bandwidth") or {}
 ok = bool(steps) and all(s["status"] in ("ok", "skipped") for s in steps) and mode != "dry-run"
 result = dict(mode=mode, ok=ok, dry_run=mode == "dry-run", env=env, steps=steps, tests=tests,
               compile_report=compile_rows, bandwidth=bandwidth, bench_rows=bench_rows,
-              multi_lora_rows=multi.get("rows", []),
-              bench_notes=codec.get("notes", []) + matmul.get("notes", []) + multi.get("notes", []))
+              multi_lora_rows=multi.get("rows", []), dora_rows=dora.get("rows", []),
+              bench_notes=codec.get("notes", []) + matmul.get("notes", []) + multi.get("notes", [])
+              + dora.get("notes", []))
 with open(os.path.join(out, "gpu_check.json"), "w") as f:
     json.dump(result, f, indent=1, default=str)
 
@@ -321,6 +334,7 @@ def cell(row):
     return f"{ms(row):.4f}" + (f" {share:3.0f}%" if share is not None else "")
 
 SHORT = {"nf4lora[cuda]": "cuda", "nf4lora[cuda] out=": "cuda out=",
+         "nf4lora[cuda] no-triton": "cuda no-triton",
          "nf4lora[triton]": "triton", "nf4lora[triton] out=": "triton out=",
          "nf4lora[triton] no-split-k": "triton no-split", "bitsandbytes": "bnb",
          "dense-bf16": "dense", "copy-bf16": "copy", "copy-bf16 out=": "copy out="}
@@ -357,6 +371,24 @@ def multi_lines(rows):
                          f"({mixed['x_vs_single']:.2f}x){kernel}")
     return lines
 
+def dora_lines(rows):
+    """One line per backend: LoRA's GPU time per forward + backward at each M (kernel ms
+    where the profiler had it), and DoRA's and DoRA-with-the-norm-kept's ratio to it."""
+    lines = []
+    for backend in dict.fromkeys(r["backend"] for r in rows):
+        cells = []
+        for m in dict.fromkeys(r["tokens"] for r in rows if r["backend"] == backend):
+            by = {r["provider"]: r for r in rows if r["backend"] == backend and r["tokens"] == m}
+            lora = by.get("nf4lora LoRA")
+            cell = f"M = {m}: LoRA " + (f"{ms(lora):.3f} ms" if lora else "-")
+            for name, short in (("nf4lora DoRA", "DoRA"), ("nf4lora DoRA, kept norm", "kept norm")):
+                row = by.get(name) or {}
+                ratio = row.get("kernel_x_vs_lora") or row.get("x_vs_lora")
+                cell += f", {short} " + (f"{ratio:.2f}x" if ratio is not None else "-")
+            cells.append(cell)
+        lines.append(f"dora {backend}: " + "; ".join(cells))
+    return lines
+
 head = []
 if env:
     head.append(f"gpu_check ({mode}): {env.get('gpu', 'no GPU')} "
@@ -380,7 +412,7 @@ if bandwidth:
                 f"{bandwidth.get('copy_gbs', 0):.0f} GB/s, nominal {bandwidth.get('nominal_gbs') or 0:.0f} GB/s; "
                 "cells: GPU kernel ms per call, % of nominal HBM (else of the probe)")
 # At most 32 lines, so that with the 5 step lines before it the output stays under 40.
-head += multi_lines(result["multi_lora_rows"])
+head += multi_lines(result["multi_lora_rows"]) + dora_lines(result["dora_rows"])
 body = table(bench_rows, ["dequantize"]) + table(bench_rows, ["lora", "train"], {(4096, 4096)})
 notes = result["bench_notes"]
 summary = head + body[:32 - len(head) - 3]
@@ -420,6 +452,7 @@ dry_run() {
   check "bench codec accepts the GPU providers (${BENCH_CODEC[*]:2} --plan)" "$PY" "${BENCH_CODEC[@]}" --plan
   check "bench matmul accepts the GPU providers (${BENCH_MATMUL[*]:2} --plan)" "$PY" "${BENCH_MATMUL[@]}" --plan
   check "bench multi-lora accepts --device cuda (${BENCH_MULTI[*]:1} --plan)" "$PY" "${BENCH_MULTI[@]}" --plan
+  check "bench dora accepts --device cuda (${BENCH_DORA[*]:1} --plan)" "$PY" "${BENCH_DORA[@]}" --plan
   grep '^plan:' "$LOG" | sed 's/^/  /'
   echo "dry-run skipped 0 0" >"$WORK/steps.txt"
   check "summary step writes gpu_check.json and gpu_check.txt" \

@@ -33,11 +33,13 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(items):
-    # test_cuda_host.py's "gpu" variant of its `glue` fixture: the real nf4lora._C_cuda
-    # on CUDA tensors (the file's own "host" variant replays the kernels on the CPU).
+    # test_cuda_host.py's "gpu" variant of its `glue` and `cuda_op_device` fixtures: the
+    # real nf4lora._C_cuda on CUDA tensors (the file's own "host" variant replays the
+    # kernels on the CPU).
     for item in items:
         callspec = getattr(item, "callspec", None)
-        if callspec is not None and callspec.params.get("glue") == "gpu":
+        if callspec is not None and "gpu" in (callspec.params.get("glue"),
+                                              callspec.params.get("cuda_op_device")):
             item.add_marker(pytest.mark.gpu)
 
 

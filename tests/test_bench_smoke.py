@@ -404,6 +404,63 @@ def test_dora_bench_quick_run(tmp_path):
     assert (tmp_path / "dora-latest.json").exists()
 
 
+def test_dora_bench_gpu_check_sees_a_wrong_result():
+    """--device cuda checks each nf4lora row's y and dx against the spec before it times it
+    (bench_dora.spec_check); here on CPU tensors through the current backend: the rows pass,
+    a changed magnitude or adapter after the call does not."""
+    from bench import bench_dora
+    for tokens in (1, 20):
+        steps, models = bench_dora.gpu_steps((96, 128), tokens, 8, device="cpu")
+        assert bench_dora.check_steps(steps, models) == dict.fromkeys(bench_dora.NF4LORA_PROVIDERS)
+    for provider, change in (("nf4lora DoRA", lambda layer: layer.lora_magnitude_vector.weight),
+                             ("nf4lora LoRA", lambda layer: layer.lora_B.weight[0])):
+        step = steps[provider]
+        step.x.grad = None
+        y = step()
+        with torch.no_grad():
+            change(models[provider][0]).mul_(1.5)
+        assert bench_dora.spec_check(models[provider], step, y).startswith("y: ")
+
+
+def test_dora_bench_gpu_run_end_to_end_on_a_stand_in(tmp_path, monkeypatch):
+    """main_gpu's whole flow (variants, check, interleaved timing, ratios, save) with the CPU
+    backend standing in for the GPU backends and wall-clock timers for CUDA events."""
+    import time
+    from bench import bench_codec, bench_dora
+    monkeypatch.setattr(harness, "nf4lora_gpu_backends", lambda: (["cpu"], []))
+    steps_on_cpu = bench_dora.gpu_steps
+    monkeypatch.setattr(bench_dora, "gpu_steps",
+                        lambda *args, **kwargs: steps_on_cpu(*args, device="cpu", **kwargs))
+
+    def wall_times(calls, reps):
+        times = []
+        for _ in range(reps):
+            for call in calls:
+                start = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - start)
+        return times
+    monkeypatch.setattr(bench_codec, "gpu_time_calls", wall_times)
+    monkeypatch.setattr(bench_codec, "gpu_kernel_seconds", lambda calls: None)
+    payload = bench_dora.main(["--device", "cuda", "--shape", "64x128", "--tokens", "1", "3",
+                               "--rank", "4", "--reps", "2", "--out", str(tmp_path)])
+    rows = payload["rows"]
+    assert len(rows) == 6 and {r["backend"] for r in rows} == {"nf4lora[cpu]"}
+    assert [r["x_vs_lora"] for r in rows if r["provider"] == "nf4lora LoRA"] == [1.0, 1.0]
+    assert not [n for n in payload["notes"] if "wrong result" in n]
+    assert (tmp_path / "dora-gpu-latest.json").exists()
+
+
+def test_dora_bench_gpu_plan(capsys):
+    """--device cuda --plan: every GPU backend variant's three rows, no GPU touched."""
+    from bench import bench_dora
+    plan = bench_dora.main(["--device", "cuda", "--plan"])
+    assert plan["plan"] and plan["ops"] == ["dora"]
+    assert len(plan["providers"]) == 9
+    assert "nf4lora DoRA nf4lora[cuda] no-triton" in plan["providers"]
+    assert "CPU rows only" in capsys.readouterr().out
+
+
 def test_providers_of_a_case_take_turns():
     # harness.measure_interleaved: pass r of every provider before pass r + 1 of any, each
     # inside its own context, so a burst of outside load lands on all of them

@@ -20,8 +20,14 @@ module standing in for nf4lora._C_cuda, on CPU tensors, and compare with nf4lora
     within the dtype baseline of nf4lora.reference.multi_lora_matmul_4bit, and bit for bit
     the single-adapter GEMV's rows for the same adapter (a -1 row: the GEMV without LoRA's,
     h = 0), the whole output when every row has the same adapter; the public op
-    nf4lora.multi_lora_matmul_4bit routed through the CUDA backend (the GEMV for 1..8 rows
-    of fp16/bf16, else composite), and its clear errors for an index out of range.
+    nf4lora.multi_lora_matmul_4bit routed through the CUDA backend, and its clear errors
+    for an index out of range;
+  * the backend's route (matmul_path, a pure function: rows, dtype, Triton usable or not,
+    compute capability): the GEMV for 1..8 rows of fp16/bf16, Triton's op up to its
+    fused_max_m, else composite; and through the public ops, with Triton's kernels run by
+    its interpreter (fp16 / fp32: its bf16 tl.dot is wrong), the rows each route takes and
+    their results: LoRA at 17 rows (DoRA's M = 1 + r = 16) forward and backward, DoRA at
+    M = 1 (its one 17-row call and its 1-row grad @ W both through Triton).
 
 On a machine with a GPU and the extension built, every such test runs a second time
 through the real nf4lora._C_cuda on CUDA tensors (the "gpu" variant, skipped elsewhere).
@@ -575,25 +581,131 @@ def run_op(case, device, **change):
         args["B"].to(device), args["scalings"].tolist(), args["index"], args["bias"].to(device))
 
 
-@pytest.mark.parametrize("M,dtype,path", [(1, torch.bfloat16, "gemv"), (8, torch.float16, "gemv"),
-                                          (9, torch.bfloat16, "composite"),
-                                          (3, torch.float32, "composite")])
-def test_multi_lora_matmul_routes_decode_to_the_gemv(cuda_op_device, monkeypatch, M, dtype, path):
+def expected_path(M, N, K, dtype, device, grad_input=False):
+    """What the CUDA backend's routing should pick here: the GEMV and composite rows of
+    matmul_path are the same everywhere; "triton" needs the Triton backend, which the host
+    variant has through the interpreter (tests/conftest.py sets TRITON_INTERPRET=1)."""
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return cuda_backend.matmul_path(M, N, K, dtype, capability, cuda_backend._triton_available(),
+                                    grad_input=grad_input)
+
+
+def record_paths(monkeypatch, ran, *, multi=False):
+    """Wrap the three routes of the CUDA backend's matmul ops so that each call appends
+    its path to `ran` ("gemv", "triton", "composite"; grad-input calls as "... dx")."""
+    from nf4lora.backends import triton as triton_backend
+    name = "multi_lora_matmul_4bit" if multi else "lora_matmul_4bit"
+    routes = [(cuda_backend, "multi_lora_gemv_4bit" if multi else "gemv_4bit_lora", "gemv"),
+              (triton_backend, name, "triton"), (composite, name, "composite"),
+              (triton_backend, "lora_matmul_4bit_grad_input", "triton dx"),
+              (composite, "lora_matmul_4bit_grad_input", "composite dx")]
+    for module, attr, label in routes:
+        original = getattr(module, attr)
+
+        def wrapped(*args, _original=original, _label=label, **kwargs):
+            ran.append(_label)
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(module, attr, wrapped)
+
+
+# Triton's interpreter computes tl.dot of two bf16 tiles wrongly (design.md): the rows that
+# go to Triton's kernels are checked in fp16 / fp32 on the host, bf16 on a GPU.
+@pytest.mark.parametrize("M,dtype", [(1, torch.bfloat16), (8, torch.float16), (9, torch.float16),
+                                     (17, torch.float16), (3, torch.float32),
+                                     (65, torch.bfloat16)])
+def test_multi_lora_matmul_routes_by_matmul_path(cuda_op_device, monkeypatch, M, dtype):
     """nf4lora.multi_lora_matmul_4bit on the CUDA backend: 1..8 rows of fp16/bf16 take the
-    mixed-adapter GEMV (one launch), other shapes the composite path (the base matmul,
-    then the adapters in torch); both are the spec within the dtype's error."""
+    mixed-adapter GEMV (one launch), the rows Triton's kernels take (up to its fused_max_m)
+    its op, larger M the composite path (the base matmul, then the adapters in torch); all
+    are the spec within the dtype's error."""
     case = op_case(M, dtype, cuda_op_device)
+    path = expected_path(M, 40, 256, dtype, cuda_op_device)
+    assert path == {1: "gemv", 8: "gemv", 65: "composite"}.get(M, path)
+    if cuda_op_device.type == "cpu":
+        assert path == {9: "triton", 17: "triton", 3: "triton"}.get(M, path)
     ran = []
-    gemv, composite_path = cuda_backend.multi_lora_gemv_4bit, composite.multi_lora_matmul_4bit
-    monkeypatch.setattr(cuda_backend, "multi_lora_gemv_4bit",
-                        lambda *args: ran.append("gemv") or gemv(*args))
-    monkeypatch.setattr(composite, "multi_lora_matmul_4bit",
-                        lambda *args: ran.append("composite") or composite_path(*args))
+    record_paths(monkeypatch, ran, multi=True)
     y = run_op(case, cuda_op_device)
     assert ran == [path] and y.device.type == cuda_op_device.type
     baseline_y, _ = multi_lora_linear(case, dtype)
     exact_y, _ = multi_lora_linear(case, torch.float64)
     assert_within_dtype_baseline(y.cpu(), baseline_y, exact_y, "y")
+
+
+@pytest.mark.parametrize("M,dtype", [(17, torch.float16), (17, torch.bfloat16), (12, torch.float32),
+                                     (1, torch.float16)])
+def test_lora_matmul_mid_rows_take_triton_forward_and_backward(cuda_op_device, monkeypatch, M,
+                                                                dtype):
+    """nf4lora.lora_matmul_4bit forward + backward on the CUDA backend. 17 rows (DoRA's
+    M = 1 with r = 16) go to the Triton backend's op (its fused kernel: W read packed)
+    instead of dequantize + cuBLAS, and so does every backward's grad @ W (no CUDA
+    backward kernel: M = 1 too), within the dtype's error of the spec."""
+    if cuda_op_device.type == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter: tl.dot of bf16 tiles is wrong (design.md); on a GPU only")
+    N, K, r, scaling = 40, 256, 16, 0.5
+    g = torch.Generator().manual_seed(M)
+    packed, state = nf4lora.functional.quantize_4bit(torch.randn(N, K, generator=g).to(cuda_op_device),
+                                                     blocksize=64, compress_statistics=True)
+    W = nf4lora.functional.dequantize_4bit(packed, state).cpu().double()
+    x = torch.randn(M, K, generator=g).to(dtype)
+    A = (torch.randn(r, K, generator=g) / 16).to(dtype)
+    B = (torch.randn(N, r, generator=g) / 10).to(dtype)
+    grad = torch.randn(M, N, generator=g).to(dtype)
+    ran = []
+    record_paths(monkeypatch, ran)
+    x_dev = x.to(cuda_op_device, copy=True).requires_grad_()
+    y = nf4lora.lora_matmul_4bit(x_dev, packed, state, A.to(cuda_op_device), B.to(cuda_op_device),
+                                 scaling)
+    y.backward(grad.to(cuda_op_device))
+    forward = expected_path(M, N, K, dtype, cuda_op_device)
+    backward = expected_path(M, N, K, dtype, cuda_op_device, grad_input=True) + " dx"
+    if cuda_op_device.type == "cpu":   # the interpreter's Triton: the route under test
+        assert (forward, backward) == ("gemv" if M == 1 else "triton", "triton dx")
+    assert ran == [forward, backward]
+
+    def spec(dtype):
+        xs = x.to(dtype, copy=True).requires_grad_()
+        ys = lora_linear(xs, W, A, B, None, scaling, dtype)
+        ys.backward(grad.to(dtype))
+        return ys.detach(), xs.grad
+    (base_y, base_dx), (exact_y, exact_dx) = spec(dtype), spec(torch.float64)
+    assert_within_dtype_baseline(y.detach().cpu(), base_y, exact_y, "y")
+    assert_within_dtype_baseline(x_dev.grad.cpu(), base_dx, exact_dx, "dx")
+
+
+def test_triton_route_off_takes_the_composite_path(cuda_op_device, monkeypatch):
+    """TRITON_ROUTE_ENABLED = False (the benchmarks' "nf4lora[cuda] no-triton" rows): past
+    the GEMV, dequantize + cuBLAS, forward and backward, as before the route existed."""
+    monkeypatch.setattr(cuda_backend, "TRITON_ROUTE_ENABLED", False)
+    N, K = 40, 256
+    packed, state = nf4lora.functional.quantize_4bit(torch.randn(N, K).to(cuda_op_device),
+                                                     blocksize=64)
+    A, B = torch.randn(16, K) / 16, torch.randn(N, 16) / 10
+    ran = []
+    record_paths(monkeypatch, ran)
+    x = torch.randn(17, K, device=cuda_op_device, dtype=torch.float16, requires_grad=True)
+    y = nf4lora.lora_matmul_4bit(x, packed, state, A.to(x), B.to(x), 0.5)
+    y.sum().backward()
+    assert ran == ["composite", "composite dx"]
+
+
+def test_dora_at_one_row_reads_w_packed_through_triton(host, monkeypatch):
+    """nf4lora.dora_matmul_4bit at M = 1, r = 16 on the CUDA backend (host replay): its
+    forward's one call of 1 + 16 rows and its backward's grad @ W both take the Triton
+    backend's op (the route issue 15's DoRA <= 1.3x LoRA at M = 1 needs on a GPU), and every
+    output and gradient is the spec's within test_dora.py's rule (fp16: the interpreter)."""
+    from test_dora import run_and_compare
+    reason = backends.availability("triton")
+    if reason is not None:
+        pytest.skip(f"the Triton backend is unavailable here: {reason}")
+    monkeypatch.setattr(cuda_backend, "_C_cuda", host)
+    monkeypatch.setattr(cuda_backend, "_stream", lambda device: 0)
+    monkeypatch.setattr(cuda_backend, "availability", lambda: None)
+    monkeypatch.setattr(cuda_backend, "DEVICE_TYPES", ("cuda", "cpu"))
+    ran = []
+    record_paths(monkeypatch, ran)
+    run_and_compare(torch.float16, 1, in_f=192, out_f=37, r=16, backend="cuda")
+    assert ran == ["triton", "triton dx"]
 
 
 @pytest.mark.parametrize("index,match", [([0, 3], r"adapter_index must lie in \[-1, 2\]"),
@@ -646,6 +758,54 @@ def test_multi_lora_gemv_rejects_bad_shapes(glue):
         glue.multi_lora_gemv_4bit(x, weight, A, B, scalings, index[:1])
     with pytest.raises(TypeError, match="bias must be"):
         glue.multi_lora_gemv_4bit(x, weight, A, B, scalings, index, torch.zeros(8))
+
+# ---- routing: matmul_path, a pure function ---------------------------------------------
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+H100, A100 = (9, 0), (8, 0)
+
+
+@pytest.mark.parametrize("m,n,k,dtype,capability,triton,grad_input,path", [
+    (1, 4096, 4096, BF16, H100, True, False, "gemv"),        # decode: the CUDA GEMV
+    (8, 4096, 4096, FP16, A100, True, False, "gemv"),
+    (8, 4096, 4096, BF16, H100, False, False, "gemv"),       # no Triton needed for it
+    (9, 4096, 4096, BF16, H100, True, False, "triton"),      # Triton's GEMV rows
+    (17, 4096, 4096, BF16, H100, True, False, "triton"),     # DoRA, M = 1 + r = 16
+    (17, 4096, 4096, BF16, H100, False, False, "composite"),  # no Triton: dequantize + cuBLAS
+    (17, 4096, 4096, BF16, None, True, False, "triton"),     # CPU tensors: the interpreter
+    (17, 4096, 4096, BF16, (7, 5), True, False, "composite"),  # below sm_80: no fused kernel
+    (17, 4096, 4096, BF16, (10, 0), True, False, "triton"),  # newer archs: Triton's default
+    (39, 4096, 4096, BF16, A100, True, False, "triton"),     # fused_max_m(8.x) = 39
+    (40, 4096, 4096, BF16, A100, True, False, "composite"),
+    (64, 4096, 4096, BF16, H100, True, False, "triton"),     # fused_max_m(9.x) = 64
+    (65, 4096, 4096, BF16, H100, True, False, "composite"),
+    (512, 4096, 4096, BF16, H100, True, False, "composite"),
+    (3, 4096, 4096, FP32, H100, True, False, "triton"),      # fp32: no CUDA GEMV
+    (3, 4096, 4096, FP32, H100, False, False, "composite"),
+    (17, 4096, 4095, BF16, H100, True, False, "composite"),  # odd in_features: Triton's rule
+    (0, 4096, 4096, BF16, H100, True, False, "composite"),   # empty
+    (9, 0, 4096, BF16, H100, True, False, "composite"),
+    (1, 4096, 4096, BF16, H100, True, True, "triton"),       # backward: no CUDA kernel
+    (1, 4096, 4096, BF16, H100, False, True, "composite"),
+    (64, 4096, 4096, BF16, H100, True, True, "triton"),
+    (65, 4096, 4096, BF16, H100, True, True, "composite"),
+])
+def test_matmul_path_by_rows_dtype_triton_and_arch(m, n, k, dtype, capability, triton, grad_input,
+                                                   path):
+    assert cuda_backend.matmul_path(m, n, k, dtype, capability, triton,
+                                    grad_input=grad_input) == path
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (8, 6), (9, 0), (10, 0), None])
+def test_matmul_path_hands_triton_exactly_its_fused_rows(capability):
+    """Past the CUDA GEMV, the CUDA backend's rows for Triton end where Triton's own
+    fused_max_m does (one constant, backends/triton.py FUSED_MAX_M, no copy of it here)."""
+    from nf4lora.backends import triton as triton_backend
+    limit = triton_backend.fused_max_m(capability)
+    paths = [cuda_backend.matmul_path(m, 4096, 4096, BF16, capability, True)
+             for m in range(1, limit + 2)]
+    gemv = cuda_backend.GEMV_MAX_M
+    assert paths == ["gemv"] * gemv + ["triton"] * (limit - gemv) + ["composite"]
+
 
 # ---- availability, build, roofline ---------------------------------------------------------
 def test_backend_without_the_extension_says_how_to_build_it(monkeypatch):

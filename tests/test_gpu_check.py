@@ -3,7 +3,8 @@ GPU machine: its dry run (here, on every CI run), and the GPU tests it runs that
 other home.
 
   * test_dry_run_*: `gpu_check.sh --dry-run` collects the GPU tests (`pytest -m gpu`,
-    not zero), has the benchmarks accept the GPU providers (`--device cuda --plan`),
+    not zero), has the benchmarks accept the GPU providers (`--device cuda --plan`: codec,
+    matmul, multi-lora, dora),
     checks each step's command and runs the summary step; ~20 s on 2 cores.
   * test_triton_codec_on_cuda_*: the Triton codec kernels (quantize, double quantize,
     dequantize, 8-bit blockwise) compiled, on CUDA tensors, bit-exact against
@@ -51,13 +52,15 @@ def test_dry_run_collects_the_gpu_tests_and_plans_the_bench(tmp_path):
     collected = re.search(r"GPU tests collected: (\d+)", result.stdout)
     assert collected and int(collected.group(1)) > 0, result.stdout
     for step in ("bench codec accepts the GPU providers", "bench matmul accepts the GPU providers",
-                 "bench multi-lora accepts --device cuda", "setup.py parses",
+                 "bench multi-lora accepts --device cuda", "bench dora accepts --device cuda",
+                 "setup.py parses",
                  "compile report command", "summary step writes"):
         assert f"dry-run: ok      {step}" in result.stdout, result.stdout
     # Every provider of the real run is in the plans.
     for provider in ("nf4lora[cuda]", "nf4lora[triton]", "nf4lora[triton] no-split-k",
                      "bitsandbytes", "dense-bf16", "copy-bf16",
-                     "nf4lora multi_lora_matmul_4bit nf4lora[cuda]"):
+                     "nf4lora multi_lora_matmul_4bit nf4lora[cuda]", "nf4lora[cuda] no-triton",
+                     "nf4lora DoRA nf4lora[cuda]", "nf4lora DoRA, kept norm nf4lora[triton]"):
         assert provider in result.stdout, provider
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     assert summary["dry_run"] and not summary["ok"]

@@ -14,10 +14,24 @@ Beyond the backend interface, `gemv_4bit_lora` is the fused decode kernel
 (y = x @ W^T + scaling * (x @ A^T) @ B^T + bias and h = x @ A^T for up to 8 rows of x,
 one launch), and `multi_lora_gemv_4bit` the same kernel for a mixed-adapter batch (each
 row of x its own adapter of a stack, or none).
+
+Which kernel runs a matmul op (lora_matmul_4bit, multi_lora_matmul_4bit,
+lora_matmul_4bit_grad_input) is decided in one place, `matmul_path`: the GEMV above for
+1..8 rows of fp16/bf16 (forward only: there is no CUDA backward kernel); the rest, up to
+the Triton backend's fused-kernel rows (backends/triton.py fused_max_m: 39 on sm_8x, 64
+on sm_90), Triton's own op (its routing picks its GEMV or fused kernel: W read packed
+once) when the Triton backend can run here; above that, or without Triton, the composite
+path (this backend's dequantize into a buffer + cuBLAS). DoRA is why the middle matters:
+its forward runs x's rows and lora_A's r rows through one call (M = 1, r = 16: 17 rows).
+The Triton rows are a route by shape, not a fallback for a missing backend: without a
+usable Triton the same shapes take the composite path, and TRITON_ROUTE_ENABLED = False
+turns the route off (the benchmarks' "nf4lora[cuda] no-triton" rows). Its bounds are
+Triton's derived crossovers, not yet measured: scripts/gpu_check.sh times both sides.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import sys
 
@@ -44,7 +58,7 @@ except ImportError as error:  # not built (no nvcc at install time) or built bro
     _C_cuda = None
     _IMPORT_ERROR = f"the CUDA extension nf4lora._C_cuda is not importable ({error}); {BUILD_HINT}"
 
-GEMV_MAX_M = 8  # rows of x the GEMV kernel takes (decode); larger M: dequantize + matmul
+GEMV_MAX_M = 8  # rows of x the GEMV kernel takes (decode); larger M: see matmul_path
 
 
 def availability() -> str | None:
@@ -226,26 +240,112 @@ def multi_lora_gemv_4bit(x, weight, lora_A, lora_B, scalings, adapter_index, bia
     return y, h
 
 
-def _takes_gemv(x) -> bool:
-    """Whether the matmul ops take the GEMV for activations x [M, K]: decode sizes."""
-    return 1 <= x.shape[0] <= GEMV_MAX_M and x.dtype in (torch.float16, torch.bfloat16)
+# --------------------------------------------------------------------------------------
+# Routing: which kernel runs a matmul op (the one place this backend decides it).
+# --------------------------------------------------------------------------------------
+
+PATH_GEMV, PATH_TRITON, PATH_COMPOSITE = "gemv", "triton", "composite"
+GEMV_DTYPES = (torch.float16, torch.bfloat16)
+# False: never hand rows to Triton (the composite path instead), for the benchmarks'
+# comparison of both sides of the crossover (bench_matmul's and bench_dora's
+# "nf4lora[cuda] no-triton" rows); the ops read it on every call.
+TRITON_ROUTE_ENABLED = True
+
+
+def matmul_path(m: int, n: int, k: int, dtype: torch.dtype,
+                capability: tuple[int, int] | None, triton_available: bool, *,
+                grad_input: bool = False) -> str:
+    """PATH_GEMV, PATH_TRITON or PATH_COMPOSITE for a matmul op of x [m, k] (grad [m, n]
+    with grad_input) and W [n, k] in `dtype`, on a GPU of this compute capability (None:
+    CPU tensors, Triton's interpreter), with the Triton backend usable here or not.
+
+      gemv       1..GEMV_MAX_M rows of fp16/bf16, the forward ops: this backend's fused
+                 decode GEMV (one launch). No backward GEMV exists: grad_input never.
+      triton     the Triton backend's op, which routes by its own matmul_path (its split-K
+                 GEMV up to 16 rows, its fused tensor-core kernel up to
+                 fused_max_m(capability)), whenever that route is not composite: W read
+                 packed, 0.52 bytes per weight, against the composite path's ~4.5 (read
+                 0.52, write 2, read 2 again). The rows it takes, FUSED_MAX_M = {8: 39, 9: 64}
+                 in backends/triton.py, are the roofline ridge points M* = peak FLOP/s *
+                 0.516 B / (2 * bandwidth) of the A100 and H100 (below M* the GEMM is
+                 memory-bound and the single pass wins; above it cuBLAS's tensor-core GEMM
+                 wins); derived, not yet measured: scripts/gpu_check.sh times both sides
+                 (bench_matmul's nf4lora[cuda] and nf4lora[triton] rows, bench_dora).
+      composite  the rest (more rows, odd in_features or empty shapes, a GPU below sm_80,
+                 or no usable Triton): this backend's dequantize into a fresh 16-bit
+                 buffer, then cuBLAS (backends/composite.py).
+
+    Pure (no device queries): the ops pass in the capability and Triton's availability."""
+    if not grad_input and 1 <= m <= GEMV_MAX_M and dtype in GEMV_DTYPES:
+        return PATH_GEMV
+    if triton_available:
+        triton_backend = _triton_module()
+        if triton_backend.matmul_path(m, n, k, capability) != triton_backend.PATH_COMPOSITE:
+            return PATH_TRITON
+    return PATH_COMPOSITE
+
+
+def _triton_module():
+    """nf4lora.backends.triton (imported on first use: it imports triton)."""
+    from . import triton as triton_backend
+    return triton_backend
+
+
+def _capability(device: torch.device):
+    """The device's compute capability; None for CPU tensors (the host replay in tests)."""
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_available() -> bool:
+    """Whether the Triton backend can run here (asked once per process: what it depends
+    on, triton's import, TRITON_INTERPRET and the CUDA driver, is fixed by then)."""
+    return _triton_module().availability() is None
+
+
+def _path(m: int, n: int, k: int, t: torch.Tensor, grad_input: bool = False) -> str:
+    """matmul_path for an op on activations (or grad) `t` on its device."""
+    return matmul_path(m, n, k, t.dtype, _capability(t.device),
+                       TRITON_ROUTE_ENABLED and _triton_available(), grad_input=grad_input)
 
 
 def lora_matmul_4bit(x, weight, lora_A, lora_B, scaling, bias):
-    """The registry's fused op: the GEMV for decode (1..8 rows, fp16/bf16), otherwise
-    dequantize + cuBLAS (composite), which wins once W's bytes are amortized over rows."""
-    if _takes_gemv(x):
+    """The registry's fused op, routed by matmul_path: the GEMV for decode (1..8 rows,
+    fp16/bf16), Triton's op for the rows its kernels read W packed, else dequantize +
+    cuBLAS (composite), which wins once W's bytes are amortized over rows."""
+    path = _path(x.shape[0], weight.out_features, x.shape[1], x)
+    if path == PATH_GEMV:
         return gemv_4bit_lora(x, weight, lora_A, lora_B, scaling, bias)
+    if path == PATH_TRITON:
+        return _triton_module().lora_matmul_4bit(x, weight, lora_A, lora_B, scaling, bias)
     return composite.lora_matmul_4bit(sys.modules[__name__], x, weight, lora_A, lora_B,
                                       scaling, bias)
 
 
 def multi_lora_matmul_4bit(x, weight, lora_A, lora_B, scalings, adapter_index, bias):
-    """A mixed-adapter batch (nf4lora._ops.multi_lora_matmul_4bit): y [M, N]. Decode sizes
-    (as lora_matmul_4bit) take the GEMV with each row's adapter inside it (one launch, one
-    pass over W); the rest the composite path: lora_matmul_4bit without adapter (dequantize
-    + cuBLAS), then the adapters gathered in torch (composite.multi_lora_matmul_4bit)."""
-    if _takes_gemv(x):
+    """A mixed-adapter batch (nf4lora._ops.multi_lora_matmul_4bit): y [M, N], routed as
+    lora_matmul_4bit. Decode sizes take the GEMV with each row's adapter inside it (one
+    launch, one pass over W); Triton's rows its op (each row's adapter inside its kernels);
+    the rest the composite path: lora_matmul_4bit without adapter, then the adapters
+    gathered in torch (composite.multi_lora_matmul_4bit)."""
+    path = _path(x.shape[0], weight.out_features, x.shape[1], x)
+    if path == PATH_GEMV:
         return multi_lora_gemv_4bit(x, weight, lora_A, lora_B, scalings, adapter_index, bias)[0]
+    if path == PATH_TRITON:
+        return _triton_module().multi_lora_matmul_4bit(x, weight, lora_A, lora_B, scalings,
+                                                       adapter_index, bias)
     return composite.multi_lora_matmul_4bit(sys.modules[__name__], x, weight, lora_A, lora_B,
                                             scalings, adapter_index, bias)
+
+
+def lora_matmul_4bit_grad_input(grad, weight, lora_A, grad_h):
+    """dx [M, in] = grad @ W + grad_h @ lora_A (the backward of both ops), routed by
+    matmul_path(grad_input=True): no CUDA kernel of its own, so Triton's op (its backward
+    kernel reads W packed, up to the forward's fused rows) where it takes the shape, else
+    dequantize + cuBLAS. Without this op every backward, M = 1 included, dequantized all
+    of W (the registry's composite fallback)."""
+    path = _path(grad.shape[0], grad.shape[1], weight.in_features, grad, grad_input=True)
+    if path == PATH_TRITON:
+        return _triton_module().lora_matmul_4bit_grad_input(grad, weight, lora_A, grad_h)
+    return composite.lora_matmul_4bit_grad_input(sys.modules[__name__], grad, weight, lora_A,
+                                                 grad_h)
