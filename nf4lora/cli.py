@@ -40,7 +40,7 @@ def _info(_args) -> int:
         from nf4lora.backends import cpu
         print(f"  cpu kernel path: {_C.isa()} (best of {', '.join(_C.supported_isas())}; "
               "NF4LORA_CPU_ISA picks another)")
-        rows = (1, 2, 4, 8, 16, 32)
+        rows = (1, 2, 4, 8, 16, 24, 32)
         print("  cpu matmul path by rows of x: the fused kernel's decoder, or dequantize + GEMM;")
         print("    the fastest measured (backends/cpu.py fused_max_m, csrc/cpu/dispatch.cpp;")
         print("    NF4LORA_CPU_GEMV picks a decoder, int8 = opt-in, less exact than dense bf16;")
