@@ -248,20 +248,12 @@ def main_gpu(args, argv) -> dict:
                                      kernel_ms=None if kernel_s is None else kernel_s * 1e3))
             del steps, models
             torch.cuda.empty_cache()
-    for row in rows:
-        lora = next((r for r in rows if r["backend"] == row["backend"]
-                     and r["tokens"] == row["tokens"] and r["provider"] == PROVIDERS[0]), None)
-        row["x_vs_lora"] = row["median_ms"] / lora["median_ms"] if lora else None
-        row["kernel_x_vs_lora"] = (row["kernel_ms"] / lora["kernel_ms"]
-                                   if lora and row["kernel_ms"] and lora["kernel_ms"] else None)
-    print(f"{shape[0]}x{shape[1]} NF4 + double quant, bf16, forward + backward, r = {args.rank}; "
-          f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
-    print(harness.format_table(rows, GPU_COLUMNS))
-    harness.print_notes(notes)
-    config = {k: v for k, v in vars(args).items() if k != "out"}
-    return harness.save_run(args.out, "dora-gpu", benchmark="dora", device="cuda",
-                            metadata=harness.metadata(), config=config, argv=argv, rows=rows,
-                            notes=notes)
+    harness.add_gpu_ratios(rows, "x_vs_lora", lambda row: next(
+        (r for r in rows if r["backend"] == row["backend"] and r["tokens"] == row["tokens"]
+         and r["provider"] == PROVIDERS[0]), None))
+    return harness.print_and_save_gpu_table(
+        args, argv, "dora-gpu", "dora", f"{shape[0]}x{shape[1]} NF4 + double quant, bf16, "
+        f"forward + backward, r = {args.rank}", rows, GPU_COLUMNS, notes)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

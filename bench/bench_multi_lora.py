@@ -161,20 +161,12 @@ def main_gpu(args, argv) -> dict:
                                      tokens=args.tokens, adapters=args.adapters, rank=args.rank,
                                      **harness.quantiles_ms(times[i::len(calls)]),
                                      kernel_ms=None if kernel_s is None else kernel_s * 1e3))
-    for row in rows:
-        single = next(r for r in rows if r["backend"] == row["backend"] and r["provider"] == SINGLE)
-        row["x_vs_single"] = row["median_ms"] / single["median_ms"]
-        row["kernel_x_vs_single"] = (row["kernel_ms"] / single["kernel_ms"]
-                                     if row["kernel_ms"] and single["kernel_ms"] else None)
-    print(f"{shape[0]}x{shape[1]} NF4 + double quant, bf16, M = {args.tokens} over "
-          f"{args.adapters} adapters, r = {args.rank}; GPU: "
-          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
-    print(harness.format_table(rows, GPU_COLUMNS))
-    harness.print_notes(notes)
-    config = {k: v for k, v in vars(args).items() if k != "out"}
-    return harness.save_run(args.out, "multi-lora-gpu", benchmark="multi_lora", device="cuda",
-                            metadata=harness.metadata(), config=config, argv=argv, rows=rows,
-                            notes=notes)
+    harness.add_gpu_ratios(rows, "x_vs_single", lambda row: next(
+        (r for r in rows if r["backend"] == row["backend"] and r["provider"] == SINGLE), None))
+    return harness.print_and_save_gpu_table(
+        args, argv, "multi-lora-gpu", "multi_lora", f"{shape[0]}x{shape[1]} NF4 + double quant, "
+        f"bf16, M = {args.tokens} over {args.adapters} adapters, r = {args.rank}", rows,
+        GPU_COLUMNS, notes)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

@@ -641,6 +641,30 @@ def print_and_save_table(args, argv, file_name: str, benchmark: str, heading: st
                     argv=argv, rows=rows)
 
 
+def add_gpu_ratios(rows: list[dict], name: str, baseline_of) -> None:
+    """row[name] = the row's median_ms over that of its baseline row (baseline_of(row): a
+    row of `rows`, or None), and row["kernel_" + name] the same for the profiler's
+    kernel_ms; None where a side is missing. The GPU benchmarks' ratios within a backend."""
+    for row in rows:
+        base = baseline_of(row)
+        row[name] = row["median_ms"] / base["median_ms"] if base else None
+        row["kernel_" + name] = (row["kernel_ms"] / base["kernel_ms"]
+                                 if base and row.get("kernel_ms") and base.get("kernel_ms") else None)
+
+
+def print_and_save_gpu_table(args, argv, file_name: str, benchmark: str, heading: str,
+                             rows: list[dict], columns, notes: Sequence[str]) -> dict:
+    """print_and_save_table for a GPU run: the heading with the GPU's name, the notes, and
+    the payload marked device "cuda" with the notes."""
+    import torch
+    print(f"{heading}; GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+    print(format_table(rows, columns))
+    print_notes(notes)
+    config = {k: v for k, v in vars(args).items() if k != "out"}
+    return save_run(args.out, file_name, benchmark=benchmark, device="cuda", metadata=metadata(),
+                    config=config, argv=argv, rows=rows, notes=list(notes))
+
+
 def load_average() -> Optional[list[float]]:
     """The 1, 5 and 15 minute load averages (None where the OS has none): other jobs on a
     shared machine distort timings, and the JSON says how busy it was."""

@@ -422,6 +422,38 @@ def test_dora_bench_gpu_check_sees_a_wrong_result():
         assert bench_dora.spec_check(models[provider], step, y).startswith("y: ")
 
 
+def test_multi_lora_bench_gpu_run_end_to_end_on_a_stand_in(tmp_path, monkeypatch):
+    """main_gpu's whole flow (check, interleaved timing, ratios, save) with the CPU backend
+    standing in for the GPU backends and wall-clock timers for CUDA events."""
+    import time
+    from bench import bench_multi_lora
+    monkeypatch.setattr(harness, "nf4lora_gpu_backends", lambda: (["cpu"], []))
+    calls_on_cpu = bench_multi_lora.gpu_calls
+    monkeypatch.setattr(bench_multi_lora, "gpu_calls",
+                        lambda *args, **kwargs: calls_on_cpu(*args, device="cpu", **kwargs))
+
+    def wall_times(calls, reps):
+        times = []
+        for _ in range(reps):
+            for call in calls:
+                start = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - start)
+        return times
+    monkeypatch.setattr(bench_multi_lora, "gpu_time_calls", wall_times)
+    monkeypatch.setattr(bench_multi_lora, "gpu_kernel_seconds", lambda calls: None)
+    payload = bench_multi_lora.main(["--device", "cuda", "--shape", "64x128", "--tokens", "4",
+                                     "--adapters", "3", "--rank", "4", "--reps", "2",
+                                     "--out", str(tmp_path)])
+    rows = {r["provider"]: r for r in payload["rows"]}
+    assert set(rows) == {bench_multi_lora.SINGLE, bench_multi_lora.MULTI}
+    assert rows[bench_multi_lora.SINGLE]["x_vs_single"] == 1.0
+    assert rows[bench_multi_lora.MULTI]["x_vs_single"] > 0
+    assert rows[bench_multi_lora.MULTI]["kernel_x_vs_single"] is None
+    assert payload["device"] == "cuda" and not payload["notes"]
+    assert (tmp_path / "multi-lora-gpu-latest.json").exists()
+
+
 def test_dora_bench_gpu_run_end_to_end_on_a_stand_in(tmp_path, monkeypatch):
     """main_gpu's whole flow (variants, check, interleaved timing, ratios, save) with the CPU
     backend standing in for the GPU backends and wall-clock timers for CUDA events."""
