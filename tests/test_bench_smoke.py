@@ -422,26 +422,23 @@ def test_dora_bench_gpu_check_sees_a_wrong_result():
         assert bench_dora.spec_check(models[provider], step, y).startswith("y: ")
 
 
+def run_gpu_flow_on_the_cpu(monkeypatch, timers):
+    """A GPU benchmark's main_gpu on this machine: the CPU backend stands in for the GPU
+    backends, harness.time_calls' wall clock for CUDA events (`timers`: the module whose
+    gpu_time_calls the benchmark calls), and the profiler's kernel time is absent."""
+    monkeypatch.setattr(harness, "nf4lora_gpu_backends", lambda: (["cpu"], []))
+    monkeypatch.setattr(timers, "gpu_time_calls", harness.time_calls)
+    monkeypatch.setattr(timers, "gpu_kernel_seconds", lambda calls: None)
+
+
 def test_multi_lora_bench_gpu_run_end_to_end_on_a_stand_in(tmp_path, monkeypatch):
     """main_gpu's whole flow (check, interleaved timing, ratios, save) with the CPU backend
     standing in for the GPU backends and wall-clock timers for CUDA events."""
-    import time
     from bench import bench_multi_lora
-    monkeypatch.setattr(harness, "nf4lora_gpu_backends", lambda: (["cpu"], []))
+    run_gpu_flow_on_the_cpu(monkeypatch, bench_multi_lora)
     calls_on_cpu = bench_multi_lora.gpu_calls
     monkeypatch.setattr(bench_multi_lora, "gpu_calls",
                         lambda *args, **kwargs: calls_on_cpu(*args, device="cpu", **kwargs))
-
-    def wall_times(calls, reps):
-        times = []
-        for _ in range(reps):
-            for call in calls:
-                start = time.perf_counter()
-                call()
-                times.append(time.perf_counter() - start)
-        return times
-    monkeypatch.setattr(bench_multi_lora, "gpu_time_calls", wall_times)
-    monkeypatch.setattr(bench_multi_lora, "gpu_kernel_seconds", lambda calls: None)
     payload = bench_multi_lora.main(["--device", "cuda", "--shape", "64x128", "--tokens", "4",
                                      "--adapters", "3", "--rank", "4", "--reps", "2",
                                      "--out", str(tmp_path)])
@@ -457,23 +454,11 @@ def test_multi_lora_bench_gpu_run_end_to_end_on_a_stand_in(tmp_path, monkeypatch
 def test_dora_bench_gpu_run_end_to_end_on_a_stand_in(tmp_path, monkeypatch):
     """main_gpu's whole flow (variants, check, interleaved timing, ratios, save) with the CPU
     backend standing in for the GPU backends and wall-clock timers for CUDA events."""
-    import time
     from bench import bench_codec, bench_dora
-    monkeypatch.setattr(harness, "nf4lora_gpu_backends", lambda: (["cpu"], []))
+    run_gpu_flow_on_the_cpu(monkeypatch, bench_codec)
     steps_on_cpu = bench_dora.gpu_steps
     monkeypatch.setattr(bench_dora, "gpu_steps",
                         lambda *args, **kwargs: steps_on_cpu(*args, device="cpu", **kwargs))
-
-    def wall_times(calls, reps):
-        times = []
-        for _ in range(reps):
-            for call in calls:
-                start = time.perf_counter()
-                call()
-                times.append(time.perf_counter() - start)
-        return times
-    monkeypatch.setattr(bench_codec, "gpu_time_calls", wall_times)
-    monkeypatch.setattr(bench_codec, "gpu_kernel_seconds", lambda calls: None)
     payload = bench_dora.main(["--device", "cuda", "--shape", "64x128", "--tokens", "1", "3",
                                "--rank", "4", "--reps", "2", "--out", str(tmp_path)])
     rows = payload["rows"]
