@@ -46,10 +46,11 @@ PYBIND11_MODULE(_C, m) {
         a.M = b::dim(grad, 0);
         a.N = b::dim(grad, 1);
         a.weight = b::packed_weight(weight);
-        a.K = weight.attr("in_features").cast<int64_t>();
-        if (weight.attr("out_features").cast<int64_t>() != a.N)
-          throw py::value_error("grad has " + std::to_string(a.N) + " columns, the weight's shape is " +
-                                std::string(py::str(weight.attr("shape"))));
+        int64_t out_features;
+        std::tie(out_features, a.K) = b::matmul_shape(weight);
+        if (out_features != a.N)
+          throw py::value_error("grad has " + std::to_string(a.N) + " columns, the weight's shape is [" +
+                                std::to_string(out_features) + ", " + std::to_string(a.K) + "]");
         a.lora_A = b::data(lora_A);
         a.grad_h = b::data(grad_h);
         a.rank = lora_A.is_none() ? 0 : b::dim(lora_A, 0);

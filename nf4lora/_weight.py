@@ -23,6 +23,7 @@ while bitsandbytes' functional API raises ValueError; drop-in code may catch eit
 from __future__ import annotations
 
 import math
+import operator
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -110,20 +111,28 @@ _CACHE_ATTRIBUTE = "_nf4lora_weight"
 _STATE_FIELDS = ("absmax", "shape", "blocksize", "quant_type", "code", "dtype", "offset", "state2")
 
 
+_OFFSET_FIELD = _STATE_FIELDS.index("offset")
+_read_state_fields = operator.attrgetter(*_STATE_FIELDS)   # one C call (runs on every op call)
+_NO_NESTED = (None,) * 3
+
+
 def _state_objects(quant_state) -> tuple:
     """The objects a PackedWeight is built from: the state's fields and its nested state's."""
-    state2 = getattr(quant_state, "state2", None)
-    nested = (None,) * 3 if state2 is None else (getattr(state2, "absmax", None),
-                                                 getattr(state2, "code", None),
-                                                 getattr(state2, "blocksize", None))
-    return tuple(getattr(quant_state, f, None) for f in _STATE_FIELDS) + nested
+    try:
+        objects = _read_state_fields(quant_state)
+    except AttributeError:  # a duck-typed state without some of them
+        objects = tuple(getattr(quant_state, f, None) for f in _STATE_FIELDS)
+    state2 = objects[-1]
+    return objects + (_NO_NESTED if state2 is None else (getattr(state2, "absmax", None),
+                                                         getattr(state2, "code", None),
+                                                         getattr(state2, "blocksize", None)))
 
 
 def _state_sources(packed: Tensor, objects: tuple) -> tuple:
     """Identifies (packed, the state's `objects`) for PackedWeight.from_state's cache: the
     packed storage (address, size, dtype, device), the nested offset's version (its value
     is read into the kept weight) and the identities of the objects."""
-    offset = objects[_STATE_FIELDS.index("offset")]
+    offset = objects[_OFFSET_FIELD]
     return ((packed.data_ptr(), packed.numel(), packed.dtype, packed.device,
              offset._version if isinstance(offset, Tensor) else None) + tuple(map(id, objects)))
 

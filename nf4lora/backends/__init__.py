@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 import warnings
 import torch
 
@@ -57,11 +56,16 @@ ENV_VAR = "NF4LORA_BACKEND"
 _override: str | None = None
 
 
+_loaded: dict = {}  # name -> the imported backend module
+
+
 def _module(name: str):
-    # sys.modules first: import_module costs ~1 us even for a loaded module, and
-    # backend_for runs on every op call (three lookups)
-    module = sys.modules.get(f"nf4lora.backends.{name}")
-    return module if module is not None else importlib.import_module(f"nf4lora.backends.{name}")
+    # kept after the first import: import_module costs ~1 us even for a loaded module, and
+    # backend_for runs on every op call
+    module = _loaded.get(name)
+    if module is None:
+        module = _loaded[name] = importlib.import_module(f"nf4lora.backends.{name}")
+    return module
 
 
 def availability(name: str) -> str | None:
@@ -88,18 +92,38 @@ def set_backend(name: str | None) -> None:
     _override = name
 
 
+# os.environ.get costs ~0.75 us (it encodes the key and raises KeyError when the variable is
+# unset), ~2% of a small layer's whole call; os.environ keeps its variables in a dict of
+# bytes (CPython's os._Environ._data, which every write through os.environ updates), read
+# here directly where it exists.
+_ENVIRON_BYTES = getattr(os.environ, "_data", None)
+_ENV_KEY = ENV_VAR.encode() if isinstance(_ENVIRON_BYTES, dict) and os.name == "posix" else None
+
+
 def get_backend() -> str | None:
     """The forced backend, from `set_backend` or NF4LORA_BACKEND, or None."""
-    return _override or os.environ.get(ENV_VAR) or None
+    if _override:
+        return _override
+    if _ENV_KEY is not None and _ENV_KEY not in _ENVIRON_BYTES:
+        return None
+    return os.environ.get(ENV_VAR) or None
 
 
 _warned_reference_fallback = False
 
 
-def _default_for(device: torch.device) -> str:
+def _default_for(device_type: str) -> str:
+    """The device's default backend, which is available (or a RuntimeError says why none is)."""
     global _warned_reference_fallback
-    if device.type == "cuda":
-        return "cuda" if availability("cuda") is None else "triton"
+    if device_type == "cuda":
+        cuda = availability("cuda")
+        if cuda is None:
+            return "cuda"
+        triton = availability("triton")
+        if triton is None:
+            return "triton"
+        raise RuntimeError(f"no nf4lora backend runs CUDA tensors here (cuda: {cuda}; triton: "
+                           f"{triton})")
     if availability("cpu") is None:
         return "cpu"
     if not _warned_reference_fallback:
@@ -113,15 +137,22 @@ def backend_for(device: torch.device, quant_type: str | None = None):
     """The backend module that runs ops on `device` for 4-bit format `quant_type` (a format
     key; None for the 8-bit ops). The chosen backend must be available even when the
     format sends the op to the reference backend, so a misconfiguration never hides."""
-    name = get_backend() or _default_for(device)
-    reason = availability(name)
-    if reason is not None:
-        raise RuntimeError(f"nf4lora backend {name!r} (requested via "
-                           f"{'set_backend' if _override else ENV_VAR}) is not available: {reason}")
+    # (on every op call: the default is available by construction, so only a requested
+    # backend is checked)
+    device_type = device.type
+    name = get_backend()
+    if name is None:
+        name = _default_for(device_type)
+    else:
+        reason = availability(name)
+        if reason is not None:
+            raise RuntimeError(f"nf4lora backend {name!r} (requested via "
+                               f"{'set_backend' if _override else ENV_VAR}) is not available: "
+                               f"{reason}")
     module = _module(name)
     if quant_type is not None and not module.takes_format(quant_type):
         module = _module("reference")   # see takes_format above: its kernels lack this table
-    if device.type not in module.DEVICE_TYPES:
+    if device_type not in module.DEVICE_TYPES:
         raise RuntimeError(f"nf4lora backend {name!r} runs on {module.DEVICE_TYPES} tensors, "
-                           f"not {device.type}")
+                           f"not {device_type}")
     return module

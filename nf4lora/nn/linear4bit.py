@@ -522,9 +522,12 @@ class Linear4bit(_Layer4bit, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         dtype = self.prepare(x)
         # the weight as stored: matmul_4bit takes either orientation (bitsandbytes passes
-        # weight.t(), a Params4bit op through __torch_function__, ~2 us a call)
-        y = matmul_4bit(x.to(dtype), self.weight, self.weight.quant_state, bias=self.bias)
-        return y.to(x.dtype)
+        # weight.t(), a Params4bit op through __torch_function__, ~2 us a call); no cast
+        # where the dtypes already agree (a no-op .to() still costs ~1 us)
+        weight = self.weight
+        y = matmul_4bit(x if x.dtype == dtype else x.to(dtype), weight, weight.quant_state,
+                        bias=self.bias)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
     def row_sq_norms(self) -> Tensor:
