@@ -268,10 +268,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--memory-child", choices=PROVIDERS, help=argparse.SUPPRESS)
     harness.add_threads_flag(parser)
     harness.add_out_flag(parser)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="cuda: the nf4lora rows on CUDA tensors, per nf4lora GPU backend")
-    parser.add_argument("--plan", action="store_true",
-                        help="with --device cuda: print what a run would time, and exit")
+    harness.add_device_flags(parser, "the nf4lora rows on CUDA tensors, per nf4lora GPU backend",
+                             "(with --device cuda) what")
     args = parser.parse_args(argv)
     if args.device == "cuda":
         return main_gpu(args, argv)

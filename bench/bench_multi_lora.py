@@ -178,10 +178,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--reps", type=int, default=60)
     harness.add_threads_flag(parser)
     harness.add_out_flag(parser)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="cuda: the op rows on CUDA tensors, per nf4lora GPU backend")
-    parser.add_argument("--plan", action="store_true",
-                        help="with --device cuda: print what a run would time, and exit")
+    harness.add_device_flags(parser, "the op rows on CUDA tensors, per nf4lora GPU backend",
+                             "(with --device cuda) what")
     args = parser.parse_args(argv)
     if args.device == "cuda":
         return main_gpu(args, argv)

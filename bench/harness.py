@@ -457,6 +457,15 @@ def add_out_flag(parser, saves: str = "JSON") -> None:
                         help=f"{saves} directory (default ./{DEFAULT_OUT})")
 
 
+def add_device_flags(parser, gpu_rows: str, plans: str) -> None:
+    """--device cpu|cuda (cuda: `gpu_rows` run on CUDA tensors) and --plan (print `plans`,
+    what a run would time, then exit: gpu_check.sh --dry-run's check)."""
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help=f"cuda: {gpu_rows}")
+    parser.add_argument("--plan", action="store_true",
+                        help=f"print {plans} a run would time, then exit")
+
+
 def check_gpu_providers(parser, args, known: Sequence[str]) -> None:
     """--device cuda: every --providers name must select one of `known` (a typo would
     otherwise time nothing, silently)."""
@@ -475,10 +484,8 @@ def parse_kernel_bench_args(parser, argv, gpu_providers: Sequence[str], *, saves
     add_threads_flag(parser)
     parser.add_argument("--warm", action="store_true", help="also time one layer looped (warm rows)")
     add_out_flag(parser, saves)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help=f"cuda: the GPU rows ({', '.join(gpu_providers)}){on_gpu}")
-    parser.add_argument("--plan", action="store_true",
-                        help=f"print the providers and {plans} a run would time, then exit")
+    add_device_flags(parser, f"the GPU rows ({', '.join(gpu_providers)}){on_gpu}",
+                     f"the providers and {plans}")
     args = parser.parse_args(argv)
     if args.device == "cuda":
         check_gpu_providers(parser, args, gpu_providers)
