@@ -263,7 +263,10 @@ constexpr int64_t kFoldScales = kFoldColumns / kGemvXGroup;
 // How far ahead of the step being decoded W is prefetched (16 steps at AVX-512's 64 bytes).
 // Cold W (4096x4096 and 11008x4096 rotated through > 256 MB), M = 1, one Zen 4 thread,
 // interleaved against the build without it: 0.65-0.99x the time at 1 KiB (4 runs, load
-// average 1-5); 256 B and 4 KiB were not better.
+// average 1-5); 256 B and 4 KiB were not better. Re-measured at the decode shapes
+// (2048x2048, 5632x2048, 2048x5632, 4096x4096; one and two threads, W in cache and
+// streamed): 512 B, 2, 4 and 8 KiB all within +-4% of 1 KiB, as close as two builds of
+// the same source.
 constexpr int64_t kPrefetchBytes = 1024;
 
 template <int MT, int kChains, class Decoder>
@@ -349,7 +352,16 @@ void gemv_tile(const GemvWork& a, const Decoder& decode, int64_t m0, int64_t n0,
   // code loaded into registers each time, cost ~150 TSC ticks, as much as 16 of the M = 8
   // tile's 64-weight groups. (The integer walk at M = 1 was faster so with W in cache, but
   // 1.2-1.3x slower with W streamed from memory, as was keeping its chains in registers by
-  // rotating them, and forcing these helpers inline: measured, not understood.)
+  // rotating them, and forcing these helpers inline: measured, not understood. Re-measured
+  // alone, one Zen 4 thread, M = 1, old and new builds interleaved in one process: with W
+  // in cache 0.86-0.90x the time at K = 2048 and 5632, 1.0x at 4096; with W streamed
+  // 0.94-1.08x at K = 2048 and 5632 and 1.18x at 4096x4096. Constants per 4 or 8 rows,
+  // and prefetching the group's next 3-7 KiB of W before them, were no better. What a row
+  // costs beyond its steps at K = 2048 is ~80 TSC ticks, a third of its time (2.96 ticks
+  // per 32 weights in cache, the step loop alone ~1.7): the nested lookup ~26 (10 + 0.45 a
+  // block, against float32 absmax), the rest the fold factors, the row's setup and sums;
+  // finishing 16 rows' sums at once (bit-identical, no row waiting on its own reduction)
+  // changed nothing measurable.)
   std::vector<float> constants(Decoder::kIntegerSums ? 0 : kSliceRows * blocks_per_row);
   for (int64_t r0 = n0; r0 < n1; r0 += kSliceRows) {
     const int64_t r1 = r0 + kSliceRows < n1 ? r0 + kSliceRows : n1;
