@@ -78,6 +78,33 @@ def test_unavailable_backend_is_an_error_not_a_fallback(monkeypatch):
         F.quantize_4bit(torch.randn(64))
 
 
+def test_environment_is_read_at_every_call_and_unset_means_automatic(monkeypatch):
+    """NF4LORA_BACKEND set or removed while running takes effect at the next op (get_backend
+    reads os.environ's own dict where it can, which os.environ's writes keep current)."""
+    monkeypatch.delenv("NF4LORA_BACKEND", raising=False)
+    assert nf4lora.get_backend() is None
+    monkeypatch.setenv("NF4LORA_BACKEND", "reference")
+    assert nf4lora.get_backend() == "reference"
+    assert backends.backend_for(torch.device("cpu")).__name__ == "nf4lora.backends.reference"
+    monkeypatch.setenv("NF4LORA_BACKEND", "")
+    assert nf4lora.get_backend() is None
+    monkeypatch.delenv("NF4LORA_BACKEND")
+    assert nf4lora.get_backend() is None
+
+
+def test_no_backend_for_cuda_tensors_names_both_reasons(monkeypatch):
+    """The automatic choice for CUDA tensors is cuda, else triton; with neither usable the
+    error gives both reasons (it used to blame NF4LORA_BACKEND, which nobody had set)."""
+    monkeypatch.delenv("NF4LORA_BACKEND", raising=False)
+    monkeypatch.setattr(backends._module("cuda"), "availability", lambda: "no CUDA here")
+    monkeypatch.setattr(backends._module("triton"), "availability", lambda: "no Triton here")
+    with pytest.raises(RuntimeError, match=r"no nf4lora backend runs CUDA tensors here "
+                                           r"\(cuda: no CUDA here; triton: no Triton here\)"):
+        backends.backend_for(torch.device("cuda"))
+    monkeypatch.setattr(backends._module("triton"), "availability", lambda: None)
+    assert backends.backend_for(torch.device("cuda")).__name__ == "nf4lora.backends.triton"
+
+
 def test_eager_calls_skip_the_dispatcher_only_when_nothing_needs_the_op(monkeypatch):
     """call_lora_matmul_4bit runs the op's function directly in plain eager mode (same
     result) and goes through torch's dispatcher under a dispatch mode such as fake tensors."""
