@@ -304,7 +304,9 @@ void dequantize_4bit(const PackedWeight& weight, void* out, int out_dtype) {
   advise_huge_pages(out, out_bytes);
   const bool stream = stream_output(out, out_bytes, blocksize * dtype_size(out_dtype));
   const Dequant4Args args{weight, out, out_dtype, stream};
-  // chunks of 64 Ki elements: ~10 us of work each, so the hand-out costs < 1%
+  // chunks of 64 Ki elements: ~10 us of work each, so the hand-out costs < 1% (256 Ki and
+  // 512 Ki, interleaved in one process, W streamed, bf16 out, Zen 4: within 0-5% at one and
+  // two threads, 2048x2048 to 11008x4096; two threads already write ~32 GB/s here)
   const int64_t chunk = blocksize < kChunkElements ? kChunkElements / blocksize : 1;
   parallel_blocks(weight.blocks(), n,
                   [&](int64_t b0, int64_t b1) { k.dequantize_4bit(args, b0, b1); }, chunk);
