@@ -269,15 +269,35 @@ constexpr int64_t kFoldScales = kFoldColumns / kGemvXGroup;
 // the same source.
 constexpr int64_t kPrefetchBytes = 1024;
 
+// Rows of few blocks: the integer walk gets each row's block constants ready (`ready`)
+// and computes the next row's (from block `next_block`, into `next`) halfway through its
+// own steps, where they overlap with the steps, instead of between two rows, where a
+// row's constants (the nested lookup: ~26 TSC ticks of ~80 a row costs beyond its steps at
+// K = 2048) waited for nothing else. One Zen 4 thread, M = 1, NF4 + double quant,
+// blocksize 64, old and new builds interleaved in one process, time with W in cache /
+// streamed: K = 1536 0.90 / 0.91x, 2048 0.90-0.91 / 0.90-0.95x (two threads 0.90-0.92 /
+// 0.93-0.95x), 2560 0.95 / 0.98x, 3072 0.84-0.95 / 0.88-0.98x; but 3584 1.02 / 1.06x and
+// 4096 1.00 / 1.00-1.09x: up to 48 blocks (3 lookups of 16 mid-row), not beyond. M = 2-3:
+// 0.96-1.02x. Bit-identical either way (the same constants, the same sums). AVX-512 only:
+// AVX2's walk (64-weight steps, gathered constants) has not been timed on an AVX2 CPU.
+constexpr int64_t kPipelinedMaxBlocks = 48;
+// ready: the row's constants of [k0, k1) (the whole row, one chunk); next_block >= 0: the
+// next row's first block, whose constants go to `next`.
+struct NextRow {
+  const float* ready = nullptr;
+  int64_t next_block = -1;
+  float* next = nullptr;
+};
+
 template <int MT, int kChains, class Decoder>
 void walk_integer(const GemvWork& a, const Decoder& decode, int64_t block, const uint8_t* p,
                   const typename Decoder::X* xg, const float* x_scales, int64_t k0, int64_t k1,
-                  F (&acc)[MT][kChains]) {
+                  F (&acc)[MT][kChains], const NextRow& pipe = NextRow()) {
   constexpr int kGroup = Decoder::kGroup, kVectors = Decoder::kVectors, kStep = kGroup / kVectors;
   constexpr int kScales = kGroup / kGemvXGroup;
   constexpr int64_t kStride = x_stride<Decoder>();
   const int64_t scales_per_block = a.weight.blocksize / kGemvXGroup, scales_per_row = a.K / kGemvXGroup;
-  alignas(64) float block_scale[kFoldScales];
+  alignas(64) float own_scale[kFoldScales];
   alignas(64) float fold[MT][kFoldScales + kScales];  // + the missing half of a last step
   F chains[MT][kChains];
   for (int m = 0; m < MT; ++m)
@@ -286,7 +306,11 @@ void walk_integer(const GemvWork& a, const Decoder& decode, int64_t block, const
     const int64_t columns = k1 - c0 < kFoldColumns ? k1 - c0 : kFoldColumns;
     const int64_t scales = columns / kGemvXGroup, blocks = columns / a.weight.blocksize;
     const int64_t steps = (columns + kGroup - 1) / kGroup;
-    block_constants(a.weight, block, blocks, block_scale);
+    const float* block_scale = pipe.ready;
+    if (block_scale == nullptr) {
+      block_constants(a.weight, block, blocks, own_scale);
+      block_scale = own_scale;
+    }
     block += blocks;
     for (int m = 0; m < MT; ++m) {
       Decoder::fold_factors(block_scale, x_scales + m * scales_per_row + c0 / kGemvXGroup, scales,
@@ -298,6 +322,8 @@ void walk_integer(const GemvWork& a, const Decoder& decode, int64_t block, const
       for (int c = 0; c < kChains && j0 + c < steps; ++c, p += kGroup / 2, xg += MT * kStride) {
         typename Decoder::Weights w[kVectors];
         __builtin_prefetch(p + kPrefetchBytes);
+        if (pipe.next_block >= 0 && j0 + c == steps / 2)
+          block_constants(a.weight, pipe.next_block, blocks, pipe.next);
         if (kScales > 1 && (j0 + c + 1) * kGroup > columns) {
           // a row's last step with only its first scale group: read that half into a
           // zeroed copy (the bytes after it are the next row's, or past the end of W)
@@ -347,6 +373,10 @@ void gemv_tile(const GemvWork& a, const Decoder& decode, int64_t m0, int64_t n0,
   if (MT < kMinSlicedTile) k_slice = a.K;
   const X* x = reinterpret_cast<const X*>(a.x_paired) + m0 * paired_columns<Decoder>(a.K);
   F saved[kSliceRows][MT][kChains];  // accumulators between slices
+  // the integer walk's rows' constants, this row's and the next (see kPipelinedMaxBlocks)
+  alignas(64) float pipe_scale[2][kFoldScales];
+  const bool pipelined = Decoder::kIntegerSums && kW == 16 && MT < kMinSlicedTile &&
+                         a.K <= kFoldColumns && blocks_per_row <= kPipelinedMaxBlocks;
   // Float decoders: the block constants of kSliceRows whole rows in one call (each row's
   // blocks follow the previous row's). A call per row and slice, with the 256-entry nested
   // code loaded into registers each time, cost ~150 TSC ticks, as much as 16 of the M = 8
@@ -379,10 +409,19 @@ void gemv_tile(const GemvWork& a, const Decoder& decode, int64_t m0, int64_t n0,
         const int64_t block = n * blocks_per_row + k0 / blocksize;  // W's block at k0
         const uint8_t* p = a.weight.packed + (n * a.K + k0) / 2;
         const float* x_scales = a.x_scales + m0 * (a.K / kGemvXGroup);
-        if constexpr (Decoder::kIntegerSums)
+        if constexpr (Decoder::kIntegerSums) {
+          NextRow pipe;
+          if (pipelined) {
+            if (n == n0) block_constants(a.weight, block, blocks_per_row, pipe_scale[n & 1]);
+            pipe.ready = pipe_scale[n & 1];
+            if (n + 1 < n1) {
+              pipe.next_block = block + blocks_per_row;
+              pipe.next = pipe_scale[(n + 1) & 1];
+            }
+          }
           walk_integer<MT, kChains>(a, decode, block, p, x + k0 / kGroup * MT * x_stride<Decoder>(),
-                                    x_scales, k0, k1, acc);
-        else
+                                    x_scales, k0, k1, acc, pipe);
+        } else
           walk_float<MT, kChains>(a, decode, constants.data() + (block - r0 * blocks_per_row), p,
                                   x + k0 * MT, k0, k1, acc);
         if (k1 == a.K) {
