@@ -277,7 +277,10 @@ constexpr int64_t kPrefetchBytes = 1024;
 // blocksize 64, old and new builds interleaved in one process, time with W in cache /
 // streamed: K = 1536 0.90 / 0.91x, 2048 0.90-0.91 / 0.90-0.95x (two threads 0.90-0.92 /
 // 0.93-0.95x), 2560 0.95 / 0.98x, 3072 0.84-0.95 / 0.88-0.98x; but 3584 1.02 / 1.06x and
-// 4096 1.00 / 1.00-1.09x: up to 48 blocks (3 lookups of 16 mid-row), not beyond. M = 2-3:
+// 4096 1.00 / 1.00-1.09x: up to 48 blocks (3 lookups of 16 mid-row), not beyond (cutting
+// the next row's constants into pieces of 32 or 16 blocks spread over the steps, to reach
+// K = 4096, was 1.2-1.6x slower even at K = 2048: the step loop's code got worse around
+// it; the one test at steps / 2 leaves it alone). M = 2-3:
 // 0.96-1.02x. Bit-identical either way (the same constants, the same sums). AVX-512 only:
 // AVX2's walk (64-weight steps, gathered constants) has not been timed on an AVX2 CPU.
 constexpr int64_t kPipelinedMaxBlocks = 48;
