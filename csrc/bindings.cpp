@@ -43,11 +43,10 @@ PYBIND11_MODULE(_C, m) {
         nf4lora::GradInputArgs a;
         a.grad = b::data(grad);
         a.dtype = b::float_dtype(grad);
-        a.M = b::dim(grad, 0);
-        a.N = b::dim(grad, 1);
+        std::tie(a.M, a.N) = b::shape_2d(grad, "grad");
         a.weight = b::packed_weight(weight);
         int64_t out_features;
-        std::tie(out_features, a.K) = b::matmul_shape(weight);
+        std::tie(out_features, a.K) = b::shape_2d(weight, "a matmul weight");
         if (out_features != a.N)
           throw py::value_error("grad has " + std::to_string(a.N) + " columns, the weight's shape is [" +
                                 std::to_string(out_features) + ", " + std::to_string(a.K) + "]");

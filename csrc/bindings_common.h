@@ -113,12 +113,13 @@ const T* checked_data(py::handle tensor, const std::string& name, const char* dt
   return data<const T>(tensor);
 }
 
-// [out_features, in_features] of a matmul's PackedWeight (its `shape`, 2-D).
-inline std::pair<int64_t, int64_t> matmul_shape(py::handle weight) {
-  const py::object shape = get(weight, NF4LORA_NAME(shape));
+// The two sizes of a 2-D `shape` (a tensor's, or a matmul PackedWeight's [out_features,
+// in_features]), read once; ValueError naming `what` otherwise.
+inline std::pair<int64_t, int64_t> shape_2d(py::handle obj, const char* what) {
+  const py::object shape = get(obj, NF4LORA_NAME(shape));
   const py::tuple dims = shape.cast<py::tuple>();
   if (dims.size() != 2)
-    throw py::value_error("a matmul weight must be 2-D, got shape " + std::string(py::str(shape)));
+    throw py::value_error(std::string(what) + " must be 2-D, got shape " + std::string(py::str(shape)));
   return {dims[0].cast<int64_t>(), dims[1].cast<int64_t>()};
 }
 
@@ -208,11 +209,10 @@ inline LoraGemvArgs lora_gemv_args(py::handle x, py::handle weight, py::handle l
   LoraGemvArgs a;
   a.x = data(x);
   a.dtype = float_dtype(x);
-  a.M = dim(x, 0);
-  a.K = dim(x, 1);
+  std::tie(a.M, a.K) = shape_2d(x, "x");
   a.weight = packed_weight(weight);
   int64_t in_features;
-  std::tie(a.N, in_features) = matmul_shape(weight);
+  std::tie(a.N, in_features) = shape_2d(weight, "a matmul weight");
   if (in_features != a.K)
     throw py::value_error("x has " + std::to_string(a.K) + " features, the weight's shape is [" +
                           std::to_string(a.N) + ", " + std::to_string(in_features) + "]");

@@ -376,10 +376,11 @@ void gemv_tile(const GemvWork& a, const Decoder& decode, int64_t m0, int64_t n0,
   if (MT < kMinSlicedTile) k_slice = a.K;
   const X* x = reinterpret_cast<const X*>(a.x_paired) + m0 * paired_columns<Decoder>(a.K);
   F saved[kSliceRows][MT][kChains];  // accumulators between slices
-  // the integer walk's rows' constants, this row's and the next (see kPipelinedMaxBlocks)
+  // the integer walk's rows' constants, this row's and the next (see kPipelinedMaxBlocks):
+  // AVX-512, unsliced tiles, rows of one fold chunk and few blocks
   alignas(64) float pipe_scale[2][kFoldScales];
-  const bool pipelined = Decoder::kIntegerSums && kW == 16 && MT < kMinSlicedTile &&
-                         a.K <= kFoldColumns && blocks_per_row <= kPipelinedMaxBlocks;
+  const bool pipelined = kW == 16 && MT < kMinSlicedTile && a.K <= kFoldColumns &&
+                         blocks_per_row <= kPipelinedMaxBlocks;
   // Float decoders: the block constants of kSliceRows whole rows in one call (each row's
   // blocks follow the previous row's). A call per row and slice, with the 256-entry nested
   // code loaded into registers each time, cost ~150 TSC ticks, as much as 16 of the M = 8
