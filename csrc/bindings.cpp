@@ -62,6 +62,26 @@ PYBIND11_MODULE(_C, m) {
       "contiguous (the caller checks)");
 
   m.def(
+      "interleave_4bit",
+      [](py::handle weight, py::handle out) {
+        const nf4lora::PackedWeight w = b::packed_weight(weight);
+        int64_t N, K;
+        std::tie(N, K) = b::shape_2d(weight, "a matmul weight");
+        uint8_t* o = const_cast<uint8_t*>(b::checked_data<uint8_t>(
+            out, "out", "uint8", nf4lora::interleaved_bytes(N, K), "the interleaved copy"));
+        b::released(cpu::interleave_4bit, w, N, K, o);
+      },
+      py::arg("weight"), py::arg("out"),
+      "out[interleaved_bytes(N, K)] u8 <- the interleaved copy of weight (a PackedWeight [N, K], "
+      "K and blocksize multiples of 64) that lora_gemv_4bit reads where has_interleaved_gemv()");
+  m.def("has_interleaved_gemv", &cpu::has_interleaved_gemv,
+        "Whether the active ISA's fused GEMV reads a weight's interleaved copy (AVX-512).");
+  m.def(
+      "interleaved_bytes",
+      [](int64_t N, int64_t K) { return nf4lora::interleaved_bytes(N, K); }, py::arg("N"), py::arg("K"),
+      "Bytes of the interleaved copy of an N x K weight (csrc/weight.h).");
+
+  m.def(
       "native_16bit_gemm",
       [](py::handle dtype) { return cpu::native_16bit_gemm(b::dtype_id(dtype)); }, py::arg("dtype"),
       "Whether this CPU has native GEMM instructions for a torch dtype (bfloat16: AVX512-BF16 / "

@@ -223,6 +223,11 @@ inline LoraGemvArgs lora_gemv_args(py::handle x, py::handle weight, py::handle l
   a.bias = data(bias);
   a.y = data(y);
   a.h = data(h);
+  // the CPU kernels' interleaved copy (PackedWeight.interleaved), when the weight has one
+  const py::object interleaved = get(weight, NF4LORA_NAME(interleaved));
+  if (!interleaved.is_none())
+    a.interleaved = checked_data<uint8_t>(interleaved, "interleaved weight", "uint8",
+                                          interleaved_bytes(a.N, a.K));
   return a;
 }
 

@@ -42,6 +42,32 @@ struct PackedWeight {
   NF4_HD int64_t blocks() const { return (n + blocksize - 1) / blocksize; }
 };
 
+// The CPU kernels' row-interleaved copy of a matmul weight [N, K] (nf4lora.backends.cpu
+// interleave_4bit; built once per weight, for repeated small-M calls: an eval-mode
+// Linear4bit). The bitsandbytes-format bytes above stay the weight; this is a cache the
+// fused GEMV reads instead, where one vector lane is one row of W (csrc/cpu/gemv_body.h
+// "interleaved"). Tiles of kInterleavedRows rows (the last one padded with rows of code 0
+// and constant 0), each cut into groups of kInterleavedColumns columns, stored group
+// after group (one sequential stream per tile):
+//   8 chunks of 64 bytes: 32 16-bit words; word 2j + h of chunk c holds, in bits 4s..4s+3,
+//     the code of row j, column 64 g + 8 c + 2 s + h (s = 0..3)
+//   16 float32: the block constant of each row at that group (double quantization decoded
+//     by the spec's rule, nf4_codec.h decode_nested_absmax: the same float32 the row
+//     layout's kernels compute)
+// Needs K a multiple of 64 and blocksize a multiple of 64 (one constant per group).
+constexpr int64_t kInterleavedRows = 16;
+constexpr int64_t kInterleavedColumns = 64;
+constexpr int64_t kInterleavedChunks = kInterleavedColumns / 8;  // of 8 columns x 16 rows
+constexpr int64_t kInterleavedGroupBytes =
+    kInterleavedRows * kInterleavedColumns / 2 + kInterleavedRows * int64_t(sizeof(float));
+NF4_HD int64_t interleaved_tiles(int64_t N) { return (N + kInterleavedRows - 1) / kInterleavedRows; }
+NF4_HD int64_t interleaved_bytes(int64_t N, int64_t K) {
+  return interleaved_tiles(N) * (K / kInterleavedColumns) * kInterleavedGroupBytes;
+}
+NF4_HD bool interleavable(int64_t K, int64_t blocksize) {
+  return K % kInterleavedColumns == 0 && blocksize % kInterleavedColumns == 0;
+}
+
 // The fused small-M matmul (decode), the same operands on CPU and CUDA:
 //   y = x @ W^T + (scaling * h) @ lora_B^T + bias        h = x @ lora_A^T
 // x, lora_A, lora_B, bias, y and h are all of `dtype`; W is `weight`, [N, K].
@@ -57,6 +83,9 @@ struct LoraGemvArgs {
   const void* bias = nullptr;    // [N], or null
   void* y = nullptr;             // [M, N]
   void* h = nullptr;             // [M, rank], rounded to dtype (what backward saves)
+  // CPU only: the weight's interleaved copy (interleaved_bytes(N, K)), or null. The CPU
+  // dispatcher reads it where its kernel runs (dispatch.cpp), the row layout otherwise.
+  const uint8_t* interleaved = nullptr;
 };
 
 // A mixed-adapter batch (nf4lora.multi_lora_matmul_4bit): `count` adapters stacked, so that

@@ -166,6 +166,11 @@ class PackedWeight(NamedTuple):
                                     # (nf4lora.codebook.format_key / table)
     shape: tuple
     nested: Optional[NestedAbsmax]
+    # The CPU kernels' interleaved copy of a matmul weight (nf4lora.backends.cpu.interleave,
+    # csrc/weight.h), which the fused GEMV reads instead of `packed` where its kernel runs;
+    # None: the row layout. A cache of the same codes (an eval-mode Linear4bit keeps one),
+    # never part of the format: op_args, rows and columns leave it out.
+    interleaved: Optional[Tensor] = None
 
     @property
     def numel(self) -> int:
@@ -210,17 +215,56 @@ class PackedWeight(NamedTuple):
         sources = _state_sources(packed, objects)
         cached = getattr(quant_state, _CACHE_ATTRIBUTE, None)
         if cached is not None and cached[0] == sources:
-            return cached[2]
+            weight = cached[2]
+            if weight.interleaved is None or cached[3] == contents_key(*weight.contents):
+                return weight
+            # the codes or constants were written since the copy was made: drop it
+            weight = weight._replace(interleaved=None)
+            setattr(quant_state, _CACHE_ATTRIBUTE, (sources, objects, weight, None))
+            return weight
         # the kept weight has the nested offset read (with_offset_read: on a GPU a sync, once
         # per state instead of once per op call); its version is in the key
         weight = cls._from_state(packed, quant_state, name)
         if weight.device.type != "meta":
             weight = weight.with_offset_read()
         try:  # (the objects themselves are kept, so their ids stay unique while cached)
-            setattr(quant_state, _CACHE_ATTRIBUTE, (sources, objects, weight))
+            setattr(quant_state, _CACHE_ATTRIBUTE, (sources, objects, weight, None))
         except AttributeError:  # a state type that takes no attributes: no cache
             pass
         return weight
+
+    @classmethod
+    def keep_interleaved(cls, packed: Tensor, quant_state, make) -> None:
+        """Keep an interleaved copy (`make(weight)`, None: none) of the weight that
+        (packed, quant_state) describe in from_state's cache, so that every op on that
+        weight reads it, until the codes or constants are written (their storages' version
+        counters are checked at each from_state) or `drop_interleaved`. An eval-mode
+        Linear4bit calls this (nn.linear4bit); cheap when the copy is there already."""
+        weight = cls.from_state(packed, quant_state)
+        if weight.interleaved is not None:
+            return
+        cached = getattr(quant_state, _CACHE_ATTRIBUTE, None)
+        if cached is None or cached[2] is not weight:  # traced, or a state without the cache
+            return
+        copy = make(weight)
+        if copy is not None:
+            setattr(quant_state, _CACHE_ATTRIBUTE, (cached[0], cached[1], weight._replace(interleaved=copy),
+                                                    contents_key(*weight.contents)))
+
+    @staticmethod
+    def drop_interleaved(quant_state) -> None:
+        """Forget the interleaved copy kept by `keep_interleaved` (its memory goes with it)."""
+        cached = getattr(quant_state, _CACHE_ATTRIBUTE, None)
+        if cached is not None and cached[2].interleaved is not None:
+            setattr(quant_state, _CACHE_ATTRIBUTE, cached[:2] + (cached[2]._replace(interleaved=None), None))
+
+    @property
+    def contents(self) -> tuple:
+        """The tensors holding the weight's codes and constants."""
+        nested = self.nested
+        if nested is None:
+            return (self.packed, self.absmax)
+        return (self.packed, self.absmax, nested.absmax, nested.code)
 
     @classmethod
     def _from_state(cls, packed: Tensor, quant_state, name: str) -> "PackedWeight":
@@ -334,7 +378,7 @@ class PackedWeight(NamedTuple):
                 first:first + num_blocks(blocks, nested.blocksize)])
         return self._replace(packed=self.packed[n0 * K // 2:][:packed_bytes(n)],
                              absmax=self.absmax[block:block + blocks], shape=(n1 - n0, K),
-                             nested=nested)
+                             nested=nested, interleaved=None)
 
     def with_absmax_decoded(self) -> "PackedWeight":
         """The same weight with double-quantized block constants decoded to float32 by the
@@ -380,7 +424,8 @@ class PackedWeight(NamedTuple):
         else:
             out.view(N, width).copy_(rows)
         absmax = self.absmax.view(N, K // bs)[:, c0 // bs:c1 // bs]
-        return self._replace(packed=out, absmax=absmax.contiguous().view(-1), shape=(N, c1 - c0))
+        return self._replace(packed=out, absmax=absmax.contiguous().view(-1), shape=(N, c1 - c0),
+                             interleaved=None)
 
     def with_offset_read(self) -> "PackedWeight":
         """The same weight with the nested offset as a checked Python float: what the

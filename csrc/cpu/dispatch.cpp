@@ -15,6 +15,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "interleave.h"
 #include "isa.h"
 
 namespace nf4lora {
@@ -226,17 +227,41 @@ bool all_finite(const void* x, int dtype, int64_t n) {
 // (the float decoders give what float math gives).
 constexpr int64_t kIntegerOverBf16MaxM = 3;
 
-GemvSums gemv_wants_sums(int64_t M, int dtype, const IsaKernels& isa) {
-  if (dtype == kF32 || strcmp(isa.name, "scalar") == 0) return GemvSums::kFloat;
-  const bool bf16_isa = strcmp(isa.name, "avx512bf16") == 0;
+enum class GemvEnv { kAuto, kInteger, kInt8, kFloat };
+GemvEnv gemv_env() {  // NF4LORA_CPU_GEMV, read at every call
   const char* env = getenv("NF4LORA_CPU_GEMV");
-  if (env == nullptr || env[0] == '\0' || strcmp(env, "auto") == 0)
-    return M <= kIntegerOverBf16MaxM || dtype != kBF16 || !bf16_isa ? GemvSums::kInt16 : GemvSums::kFloat;
-  if (strcmp(env, "integer") == 0) return GemvSums::kInt16;
-  if (strcmp(env, "int8") == 0) return bf16_isa ? GemvSums::kInt8 : GemvSums::kInt16;
-  if (strcmp(env, "float") == 0) return GemvSums::kFloat;
+  if (env == nullptr || env[0] == '\0' || strcmp(env, "auto") == 0) return GemvEnv::kAuto;
+  if (strcmp(env, "integer") == 0) return GemvEnv::kInteger;
+  if (strcmp(env, "int8") == 0) return GemvEnv::kInt8;
+  if (strcmp(env, "float") == 0) return GemvEnv::kFloat;
   throw std::runtime_error(std::string("NF4LORA_CPU_GEMV=") + env +
                            ": expected one of auto, integer, int8, float");
+}
+
+GemvSums gemv_wants_sums(int64_t M, int dtype, const IsaKernels& isa) {
+  const GemvEnv env = gemv_env();
+  if (dtype == kF32 || strcmp(isa.name, "scalar") == 0) return GemvSums::kFloat;
+  const bool bf16_isa = strcmp(isa.name, "avx512bf16") == 0;
+  switch (env) {
+    case GemvEnv::kAuto:
+      return M <= kIntegerOverBf16MaxM || dtype != kBF16 || !bf16_isa ? GemvSums::kInt16 : GemvSums::kFloat;
+    case GemvEnv::kInteger: return GemvSums::kInt16;
+    case GemvEnv::kInt8: return bf16_isa ? GemvSums::kInt8 : GemvSums::kInt16;
+    default: return GemvSums::kFloat;
+  }
+}
+
+// The interleaved copy (weight.h, gemv_interleaved.h) is read where the ISA has its
+// kernel, x is 16-bit, K and the blocksize are whole groups of 64, and NF4LORA_CPU_GEMV
+// leaves the integer arithmetic to the dispatcher (auto) or asks for it (integer): float
+// and int8 name other decoders, which read the row layout. It takes every M up to the
+// fused path's crossover: one Zen 4 thread, 4096x4096, TSC ticks per 32 weights with W in
+// cache, interleaved int16 / the row layout's best: M = 1 1.25 / 2.5 (integer), M = 4 3.6
+// / 8.9 (bf16), M = 8 6.6 / 17.5 (bf16) (prototype; README "CPU matmul" has the bench).
+bool wants_interleaved(const LoraGemvArgs& op, const IsaKernels& isa) {
+  if (op.interleaved == nullptr || isa.gemv_interleaved_tiles == nullptr || op.dtype == kF32) return false;
+  const GemvEnv env = gemv_env();
+  return (env == GemvEnv::kAuto || env == GemvEnv::kInteger) && interleavable(op.K, op.weight.blocksize);
 }
 
 GemvSums gemv_sums(const LoraGemvArgs& op, const IsaKernels& isa) {
@@ -367,6 +392,8 @@ static void run_lora_gemv_4bit(const LoraGemvArgs& op, const AdapterRows* adapte
             "adapter index out of range: each must lie in [-1, adapters)");
   }
   const IsaKernels& k = select_kernels();
+  // (an Inf or NaN in x has no integer level: the row layout's float decoders take it)
+  const bool interleaved = wants_interleaved(op, k) && all_finite(op.x, op.dtype, M * K);
   // x_paired: + a decoder step's missing half (gemv_body.h paired_columns); the int8
   // decoder's x (1 byte per column plus 64 per 128-column step) takes less than this
   // x_paired is read by 64-byte loads at multiples of 64 bytes from its start: aligned, none
@@ -378,7 +405,12 @@ static void run_lora_gemv_4bit(const LoraGemvArgs& op, const AdapterRows* adapte
   float* x_paired = reinterpret_cast<float*>(
       (reinterpret_cast<uintptr_t>(x_paired_storage.data()) + 63) & ~uintptr_t(63));
   GemvWork args{op, x_paired, rank > 0 ? x_natural.data() : nullptr, h_scaled.data(),
-                x_scales.data(), gemv_sums(op, k)};
+                x_scales.data(), interleaved ? GemvSums::kInt16 : gemv_sums(op, k)};
+  if (!interleaved) args.interleaved = nullptr;
+  const GemvXPhase prepare = interleaved ? k.gemv_interleaved_prepare : k.gemv_prepare;
+  const GemvWPhase rows = interleaved ? k.gemv_interleaved_tiles : k.gemv_rows;
+  // rows of W per work item: interleaved, whole tiles of kInterleavedRows
+  const int64_t granule = interleaved ? kInterleavedRows : 1;
   if (adapters != nullptr) {
     args.adapter_index = adapters->index;
     args.scalings = adapters->scalings;
@@ -387,7 +419,8 @@ static void run_lora_gemv_4bit(const LoraGemvArgs& op, const AdapterRows* adapte
   if (threads > N * K / kMinElementsPerThread) threads = N * K / kMinElementsPerThread;
   int64_t rows_per_chunk = kGemvRowsPerChunk;
   while (rows_per_chunk > kGemvMinRowsPerChunk && N < 2 * threads * rows_per_chunk) rows_per_chunk /= 2;
-  const int64_t chunks = (N + rows_per_chunk - 1) / rows_per_chunk;
+  const int64_t units = (N + granule - 1) / granule, units_per_chunk = rows_per_chunk / granule;
+  const int64_t chunks = (units + units_per_chunk - 1) / units_per_chunk;
   if (threads > chunks) threads = chunks;
   if (threads < 1) threads = 1;
   // One parallel region, three work-shared loops (each ends in a barrier): x to float32,
@@ -395,18 +428,36 @@ static void run_lora_gemv_4bit(const LoraGemvArgs& op, const AdapterRows* adapte
 #pragma omp parallel num_threads((int)threads)
   {
 #pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; ++m) k.gemv_prepare(args, m);
+    for (int64_t m = 0; m < M; ++m) prepare(args, m);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < M * rank; ++i) k.gemv_lora_h(args, i / rank, i % rank);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t n0 = c * rows_per_chunk;
-      k.gemv_rows(args, n0, n0 + rows_per_chunk < N ? n0 + rows_per_chunk : N);
+      const int64_t u0 = c * units_per_chunk;
+      rows(args, u0, u0 + units_per_chunk < units ? u0 + units_per_chunk : units);
     }
   }
 }
 
 void lora_gemv_4bit(const LoraGemvArgs& op) { run_lora_gemv_4bit(op, nullptr); }
+
+bool has_interleaved_gemv() { return select_kernels().gemv_interleaved_tiles != nullptr; }
+
+// Scalar: it runs once per weight (4096x4096: ~15 ms on one Zen 4 thread, a few calls'
+// worth of the GEMV it speeds up). Threads take tiles (interleave.h).
+void interleave_4bit(const PackedWeight& w, int64_t N, int64_t K, uint8_t* out) {
+  check(N >= 0 && K >= 0 && w.n == N * K, "the weight must have N * K elements");
+  check(interleavable(K, w.blocksize), "K and the blocksize must be multiples of 64");
+  if (N == 0 || K == 0) return;
+  check(w.packed && out, "null pointer");
+  check_block_constants(w);
+  const int64_t tiles = interleaved_tiles(N);
+  int64_t threads = num_threads();
+  if (threads > N * K / kMinElementsPerThread) threads = N * K / kMinElementsPerThread;
+  if (threads < 1) threads = 1;
+#pragma omp parallel for num_threads((int)threads) schedule(static)
+  for (int64_t t = 0; t < tiles; ++t) interleave_tiles(w, N, K, t, t + 1, out);
+}
 
 void multi_lora_gemv_4bit(const LoraGemvArgs& op, const AdapterRows& adapters) {
   run_lora_gemv_4bit(op, &adapters);

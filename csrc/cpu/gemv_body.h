@@ -583,3 +583,11 @@ void grad_input_panel_entry(const GradInputWork& a, int64_t c0, int64_t c1, floa
     grad_input_panel_impl<decltype(x)>(a, GemvDecoder(a.weight.table), c0, c1, scratch);
   });
 }
+
+// The interleaved layout's phases (gemv_interleaved.h), where the ISA has them.
+#if defined(NF4LORA_GEMV_INTERLEAVED) && NF4LORA_GEMV_INTERLEAVED
+#include "gemv_interleaved.h"
+#else
+constexpr GemvXPhase kGemvInterleavedPrepare = nullptr;
+constexpr GemvWPhase kGemvInterleavedTiles = nullptr;
+#endif

@@ -41,6 +41,10 @@ template <> inline fp16 from_float<fp16>(float x) { return fp16{float_to_fp16_bi
 // (kGemvInt8LevelScale, opt-in NF4LORA_CPU_GEMV=int8, AVX512-VNNI vpdpbusd: see
 // isa_avx512.cpp GemvInt8Decoder for its bound).
 constexpr float kGemvLevelScale = 16383.0f;
+// The interleaved GEMV's W levels (gemv_interleaved.h: a lane sums 64 / 16 columns between
+// folds, so its levels are smaller; x keeps kGemvLevelScale), for bf16 / fp16 x.
+constexpr float kInterleavedLevelScaleBf16 = 2047.0f;
+constexpr float kInterleavedLevelScaleFp16 = 8191.0f;
 constexpr float kGemvInt8LevelScale = 127.0f;
 template <class Level>
 inline void integer_levels(const CodeTable& table, float scale, Level* out) {
@@ -106,6 +110,9 @@ struct GradInputWork : GradInputArgs {
   const float* grad_f; const float* grad_h_f; int64_t panel;
 };
 
+// The fused GEMV's phases: per row m of x; over rows (or tiles) [i0, i1) of W.
+using GemvXPhase = void (*)(const GemvWork&, int64_t m);
+using GemvWPhase = void (*)(const GemvWork&, int64_t i0, int64_t i1);
 struct IsaKernels {
   const char* name;
   void (*quantize_4bit)(const Quant4Args&, int64_t b0, int64_t b1);
@@ -116,6 +123,10 @@ struct IsaKernels {
   void (*gemv_prepare)(const GemvWork&, int64_t m);
   void (*gemv_lora_h)(const GemvWork&, int64_t m, int64_t j);
   void (*gemv_rows)(const GemvWork&, int64_t n0, int64_t n1);
+  // the same phases 1 and 3 on the weight's interleaved copy (gemv_interleaved.h; null
+  // where the ISA has none): per row m of x; tiles [t0, t1) of 16 rows of W
+  GemvXPhase gemv_interleaved_prepare;
+  GemvWPhase gemv_interleaved_tiles;
   // dx[:, c0:c1] of the fused grad-input (c0, c1 on block boundaries)
   void (*grad_input_panel)(const GradInputWork&, int64_t c0, int64_t c1, float* scratch);
 };
@@ -129,6 +140,7 @@ struct IsaKernels {
     static const IsaKernels k{name, &quantize_4bit_entry, &dequantize_4bit_entry,        \
                               &quantize_blockwise_entry, &dequantize_blockwise_entry,    \
                               &gemv_prepare_entry, &gemv_lora_h_entry, &gemv_rows_entry,  \
+                              kGemvInterleavedPrepare, kGemvInterleavedTiles,             \
                               &grad_input_panel_entry};                                   \
     return k;                                                                            \
   }                                                                                      \

@@ -47,6 +47,14 @@ void dequantize_blockwise(const uint8_t* q, const float* absmax, const float* co
 // float32; output bytes do not depend on the thread count.
 void lora_gemv_4bit(const LoraGemvArgs& args);
 
+// The weight's interleaved copy for lora_gemv_4bit (weight.h kInterleaved*: args.interleaved):
+// out[interleaved_bytes(N, K)] <- weight [N, K]. Needs interleavable(K, blocksize).
+void interleave_4bit(const PackedWeight& weight, int64_t N, int64_t K, uint8_t* out);
+
+// Whether the active ISA has the kernel that reads an interleaved copy (AVX-512); where it
+// has not, lora_gemv_4bit reads the row layout and ignores args.interleaved.
+bool has_interleaved_gemv();
+
 // lora_gemv_4bit for a mixed-adapter batch (weight.h AdapterRows; args.scaling unused):
 // the same kernel and one pass over W; row m gets the bytes lora_gemv_4bit gives it on the
 // same x with adapter index[m] on every row (a row without adapter: those of the matmul

@@ -31,7 +31,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional
-from .._weight import check_packed, contents_key
+from .._weight import PackedWeight, check_packed, contents_key
+from ..backends import backend_for
+from ..backends import cpu as cpu_backend
 from ..codebook import CUSTOM, check_code
 from ..autograd import matmul_4bit, row_sq_norms_4bit
 from ..quant_state import QuantState
@@ -523,7 +525,25 @@ class Linear4bit(_Layer4bit, nn.Linear):
             # As bitsandbytes does: the bias itself takes the compute dtype, once, instead of
             # a cast on every call (its test_linear_kbit_fp32_bias checks the bias dtype).
             bias.data = bias.data.to(dtype)
+        if not self.training and x.device.type == "cpu":
+            self._keep_interleaved(weight)
         return dtype
+
+    def _keep_interleaved(self, weight: "Params4bit") -> None:
+        """In eval mode on a CPU, the weight's interleaved copy for the fused kernel
+        (backends.cpu.interleave: 1.5-2.3x faster small-M calls for the packed bytes once
+        more), kept with the weight's state until train(), a write into the codes, or
+        NF4LORA_CPU_INTERLEAVE=0 at the time it would be made; what bitsandbytes does with
+        its CPU repacking, except that the weight and its state dict stay as they are."""
+        if backend_for(weight.device, weight.quant_state.quant_type) is cpu_backend:
+            PackedWeight.keep_interleaved(weight, weight.quant_state, cpu_backend.interleave)
+
+    def train(self, mode: bool = True):
+        if mode:  # the interleaved copy is an eval-mode cache (see _keep_interleaved)
+            state = getattr(self.weight, "quant_state", None)
+            if state is not None:
+                PackedWeight.drop_interleaved(state)
+        return super().train(mode)
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = self.prepare(x)

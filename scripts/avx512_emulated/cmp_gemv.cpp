@@ -8,6 +8,7 @@
 
 #include <vector>
 
+#include "cpu/interleave.h"
 #include "cpu/isa.h"
 #include "formats.h"
 #include "values.h"
@@ -16,7 +17,7 @@ using namespace nf4lora::cpu;
 
 using namespace harness;
 
-struct Stats { double max_excess[3] = {0, 0, 0}; long over1[3] = {0, 0, 0}; double max_err[3] = {0, 0, 0}; long checked[3] = {0, 0, 0}; long fails = 0; long cases = 0; };
+struct Stats { double max_excess[3] = {0, 0, 0}; long over1[3] = {0, 0, 0}; double max_err[3] = {0, 0, 0}; long checked[3] = {0, 0, 0}; long fails = 0; long cases = 0; long interleaved = 0; };
 
 static const double kRelTol = 1e-5;
 
@@ -57,9 +58,9 @@ static void run_case(const IsaKernels& K_, int64_t M, int64_t K, int64_t N, int6
   // adapter (m * 5 + 2) % 4 - 1 (-1: none), each its own scaling (isa.h GemvWork::adapter)
   const bool mixed = rank > 0 && (st.cases / 2) % 2 == 0;
   char desc[200];
-  snprintf(desc, sizeof desc, "[%s M=%lld K=%lld N=%lld bs=%lld %s nbs=%d r=%lld bias=%d dt=%d mixed=%d]",
+  snprintf(desc, sizeof desc, "[%s M=%lld K=%lld N=%lld bs=%lld %s nbs=%d r=%lld bias=%d dt=%d mixed=%d case=%ld]",
            K_.name, (long long)M, (long long)K, (long long)N, (long long)bs, format.name, nested_bs,
-           (long long)rank, has_bias, dt, mixed);
+           (long long)rank, has_bias, dt, mixed, st.cases);
   const int es = es_of(dt);
   const int64_t blocks = N * K / bs;
   const int64_t adapters = mixed ? 3 : 1;
@@ -110,21 +111,33 @@ static void run_case(const IsaKernels& K_, int64_t M, int64_t K, int64_t N, int6
     w.nested.q = q.data(); w.nested.absmax2 = absmax2.data(); w.nested.code2 = code2.data();
     w.nested.offset = offset; w.nested.blocksize = nested_bs;
   }
-  const LoraGemvArgs op{x.data(), dt, M, N, K, w, rank ? A.data() : nullptr, rank ? B.data() : nullptr,
-                        rank, scaling, has_bias ? bias.data() : nullptr, y.data(), rank ? h.data() : nullptr};
+  LoraGemvArgs op{x.data(), dt, M, N, K, w, rank ? A.data() : nullptr, rank ? B.data() : nullptr,
+                  rank, scaling, has_bias ? bias.data() : nullptr, y.data(), rank ? h.data() : nullptr};
+  // half of the int16 cases read the weight's interleaved copy where the ISA has that
+  // kernel (as the dispatcher does when the call brings one: dispatch.cpp wants_interleaved)
+  const bool interleaved = sums == GemvSums::kInt16 && K_.gemv_interleaved_tiles != nullptr &&
+                           dt != kF32 && interleavable(K, bs) && (st.cases / 4) % 2 == 0;
+  std::vector<uint8_t> interleaved_copy(interleaved ? interleaved_bytes(N, K) : 0);
+  if (interleaved) {
+    interleave_tiles(w, N, K, 0, interleaved_tiles(N), interleaved_copy.data());
+    op.interleaved = interleaved_copy.data();
+    st.interleaved++;
+  }
   GemvWork args{op, x_paired.data(), rank > 0 ? x_natural.data() : nullptr, h_scaled.data(),
                 x_scales.data(), sums};
   if (mixed) {
     args.adapter_index = index.data();
     args.scalings = adapter_scalings;
   }
-  for (int64_t m = 0; m < M; ++m) K_.gemv_prepare(args, m);
+  for (int64_t m = 0; m < M; ++m) (interleaved ? K_.gemv_interleaved_prepare : K_.gemv_prepare)(args, m);
   for (int64_t i = 0; i < M * rank; ++i) K_.gemv_lora_h(args, i / rank, i % rank);
-  // rows in three ranges, out of order
-  const int64_t c1 = N / 3, c2 = (2 * N) / 3;
-  K_.gemv_rows(args, c2, N);
-  K_.gemv_rows(args, 0, c1);
-  K_.gemv_rows(args, c1, c2);
+  // rows (tiles of 16 rows, interleaved) in three ranges, out of order
+  const int64_t units = interleaved ? interleaved_tiles(N) : N;
+  const int64_t c1 = units / 3, c2 = (2 * units) / 3;
+  const GemvWPhase rows = interleaved ? K_.gemv_interleaved_tiles : K_.gemv_rows;
+  rows(args, c2, units);
+  rows(args, 0, c1);
+  rows(args, c1, c2);
   st.cases++;
 
   // canaries
@@ -170,8 +183,11 @@ static void run_case(const IsaKernels& K_, int64_t M, int64_t K, int64_t N, int6
     // the integer decoders: x within 0.5 / L of its group's max |x|, each table value
     // within 0.5 / L (times the block constant), L = 16383 (int16) or 127 (int8)
     const bool integer = integer_sums && strcmp(K_.name, "scalar") != 0 && bs % kGemvXGroup == 0;
+    // (x's and W's: the interleaved kernel's W levels are smaller)
     const double level_scale = sums == GemvSums::kInt8 && strcmp(K_.name, "avx512bf16") == 0
                                    ? kGemvInt8LevelScale : kGemvLevelScale;
+    const double w_level_scale = !interleaved ? level_scale
+                                 : dt == kBF16 ? kInterleavedLevelScaleBf16 : kInterleavedLevelScaleFp16;
     std::vector<double> group_max(K / kGemvXGroup + 1, 0.0);
     for (int64_t k = 0; k < K; ++k)
       group_max[k / kGemvXGroup] = fmax(group_max[k / kGemvXGroup], fabs(get(x.data(), dt, m * K + k)));
@@ -183,7 +199,8 @@ static void run_case(const IsaKernels& K_, int64_t M, int64_t K, int64_t N, int6
         s += t; sa += fabs(t);
         if (integer) {
           const double g = group_max[k / kGemvXGroup], c = block_constant[(n * K + k) / bs];
-          bound += 0.5 / level_scale * (g * fabs(W[n * K + k]) + fabs(xk) * c + 0.5 / level_scale * g * c);
+          bound += 0.5 / level_scale * g * fabs(W[n * K + k]) + 0.5 / w_level_scale * fabs(xk) * c +
+                   0.25 / (level_scale * w_level_scale) * g * c;
         }
       }
       for (int64_t j = 0; j < rank && a >= 0; ++j) {  // epilogue uses the kernel's rounded h
@@ -223,7 +240,7 @@ int main(int argc, char** argv) {
                       run_case(*ks, M, K, N, bs, qt, formats[qt], nbs, rank, bias, dt, st);
                     }
           }
-    printf("%-7s cases=%ld fails=%ld\n  f32: max |out-ref|/sum|terms| = %.3g over %ld values\n", ks->name, st.cases, st.fails, st.max_err[kF32], st.checked[kF32]);
+    printf("%-7s cases=%ld (interleaved copy: %ld) fails=%ld\n  f32: max |out-ref|/sum|terms| = %.3g over %ld values\n", ks->name, st.cases, st.interleaved, st.fails, st.max_err[kF32], st.checked[kF32]);
     for (int d : {kF16, kBF16})
       printf("  %s: max |out-round(ref)| = %.3g ulp over %ld values; %ld values > 1 ulp (cancellation), their max (excess over 1 ulp)/sum|terms| = %.3g\n",
              d == kF16 ? "f16 " : "bf16", st.max_err[d], st.checked[d], st.over1[d], st.max_excess[d]);

@@ -1,0 +1,173 @@
+// gemv_interleaved.h: the fused small-M matmul of gemv_body.h on a weight's interleaved
+// copy (weight.h kInterleaved*: 16 rows of W per tile, one row per int32 lane), AVX-512
+// only. Included at the end of gemv_body.h where the ISA file defines
+// NF4LORA_GEMV_INTERLEAVED to 1 (isa_avx512.cpp; no include guard), whose phase 2
+// (h = x @ A^T) and epilogue (gemv_finish_row) it shares; the dispatcher runs its two
+// entries in place of gemv_prepare and gemv_rows when the call has an interleaved copy
+// (dispatch.cpp use_interleaved).
+//
+// Why a second layout: on the bitsandbytes layout a thread walks one row of W at a time,
+// and each row pays a fixed cost beyond its steps (its block constants with the nested
+// lookup, the fold factors, the horizontal sum): ~80 TSC ticks at K = 2048, a third of
+// its time (gemv_body.h kPipelinedMaxBlocks), and walking several rows at once broke the
+// prefetchers' one stream. Here a 64-byte load holds 8 columns of 16 rows, each lane
+// sums its own row, so the fixed costs are paid once per 16 rows, x is broadcast (one
+// 32-bit pair of x per vpdpwssd, a memory operand), the block constants are float32
+// vectors stored beside their codes (decoded once, when the copy is built), and the tile
+// is still one sequential stream. Prototype, one Zen 4 thread, M = 1, TSC ticks per 32
+// weights, W in cache / streamed: 4096x4096 1.25 / 1.92 (row layout 2.5 / 3.1),
+// 5632x2048 1.31 / 2.07 (2.96 in cache); M = 8 4096x4096 6.6 / 8.8 (bf16 decoder ~17).
+//
+// Arithmetic: the integer decoder's (gemv_body.h), with the levels of W at a smaller
+// scale. A lane sums kFoldChunks chunks (8 columns each) of its row before the fold (one
+// cvt + FMA per 16 rows), so their products must fit int32: with x levels within 16383
+// (kGemvLevelScale), bf16 x takes W levels within 2047 and folds once per group of 64
+// columns (64 * 16383 * 2047 < 2^31), fp16 x levels within 8191 folded every 16 columns
+// (16 * 16383 * 8191 < 2^31). Why two: fp16's own rounding is 8x finer than bf16's, and
+// the error must stay below the dense same-dtype baseline's (tests/test_cpu_matmul.py:
+// mean |error| <= floor + half of what the baseline adds). Simulated, 512x4096, mean
+// |error| vs float64, floor / dense baseline / W levels 16383, 8191, 4095, 2047:
+//   NF4, bf16 x: 0.0723 / 0.114 / 0.0725, 0.0727, 0.0728, 0.0753 (bound 0.093)
+//   NF4, fp16 x: 0.0088 / 0.0142 / 0.0095, 0.0102, 0.0117, 0.0184 (bound 0.0115)
+//   FP4, fp16 x: 0.0091 / 0.0146 / 0.0100, 0.0112, 0.0154, 0.0232 (bound 0.0118)
+// (16383 would fold every 8 columns, 4 times as often as fp16 does.)
+
+// Determinism: each output element is one lane of one thread's tile, summed in column
+// order; the bytes do not depend on the thread count.
+
+// The level scale of W and the chunks between folds, per activation type (above).
+template <class T> struct InterleavedLevels {
+  static constexpr int kScale = int(kInterleavedLevelScaleBf16), kFoldChunks = 8;
+};
+template <> struct InterleavedLevels<fp16> {
+  static constexpr int kScale = int(kInterleavedLevelScaleFp16), kFoldChunks = 2;
+};
+template <class T>
+constexpr bool fits_int32() {
+  return int64_t(8) * InterleavedLevels<T>::kFoldChunks * int64_t(kGemvLevelScale) * InterleavedLevels<T>::kScale <
+         (int64_t(1) << 31);
+}
+static_assert(fits_int32<bf16>() && fits_int32<fp16>(), "a lane's products between folds must fit int32");
+static_assert(kInterleavedColumns == kGemvXGroup && kInterleavedRows == kW,
+              "a group is one x scale group, a tile one vector of rows");
+
+// Phase 1, per row m of x: its levels as int16 in column order (so a pair of adjacent
+// columns is one int32 to broadcast) at x_paired + m * K / 2 floats, its scales per group
+// (max |x| / (16383 * W's level scale): both level scales come out in the fold), and x_natural as
+// gemv_prepare_rows writes it (phase 2 reads it).
+template <class In>
+void interleaved_prepare_rows(const GemvWork& a, int64_t m) {
+  const In* x = static_cast<const In*>(a.x) + m * a.K;
+  int16_t* levels = reinterpret_cast<int16_t*>(a.x_paired) + m * a.K;
+  float* scales = a.x_scales + m * (a.K / kGemvXGroup);
+  alignas(64) int32_t level[kGemvXGroup];
+  for (int64_t e0 = 0; e0 < a.K; e0 += kGemvXGroup) {
+    const float max_abs = IntegerGemvDecoder::x_levels(x + e0, level);
+    for (int j = 0; j < kGemvXGroup; ++j) levels[e0 + j] = static_cast<int16_t>(level[j]);
+    scales[e0 / kGemvXGroup] = static_cast<float>(
+        double(max_abs) / (double(kGemvLevelScale) * double(InterleavedLevels<In>::kScale)));
+  }
+  if (a.x_natural != nullptr)
+    for (int64_t k = 0; k < a.K; k += kW) store_out<float>(a.x_natural + m * a.K + k, load(x + k));
+}
+
+// Phase 3: tile t (rows 16 t .. 16 t + 15 of W) against MT rows of x from m0. Per chunk
+// (64 bytes: 8 columns of 16 rows), vpermw of each word shifted by 0, 4, 8 and 12 bits
+// gives 4 vectors of 16 lanes x (2 columns) of levels (bit 4 of an index is the next
+// code's low bit: the 16 levels repeated in lanes 16-31), and each goes into a vpdpwssd
+// per row of x with that column pair of x broadcast. Chains: a vpdpwssd has ~4 cycles of
+// latency, so at MT = 1 the four vectors go to four sums, at MT = 2 to two.
+template <class T, int MT>
+void interleaved_tile(const GemvWork& a, I levels, int64_t m0, int64_t t) {
+  constexpr int kChains = MT == 1 ? 4 : (MT == 2 ? 2 : 1);
+  constexpr int kFoldChunks = InterleavedLevels<T>::kFoldChunks;
+  const int64_t groups = a.K / kInterleavedColumns;
+  const uint8_t* p = a.interleaved + t * groups * kInterleavedGroupBytes;
+  const int32_t* x = reinterpret_cast<const int32_t*>(a.x_paired) + m0 * (a.K / 2);
+  const float* x_scales = a.x_scales + m0 * groups;
+  F acc[MT];
+  for (int m = 0; m < MT; ++m) acc[m] = splat(0.0f);
+  for (int64_t g = 0; g < groups; ++g, p += kInterleavedGroupBytes) {
+    __builtin_prefetch(p + kPrefetchBytes);
+    const F constants = _mm512_loadu_ps(reinterpret_cast<const float*>(p + kInterleavedChunks * 64));
+    F fold[MT];
+    for (int m = 0; m < MT; ++m) fold[m] = mul(constants, splat(x_scales[m * groups + g]));
+    const int32_t* xg = x + g * (kInterleavedColumns / 2);
+#pragma GCC unroll 8
+    for (int c0 = 0; c0 < kInterleavedChunks; c0 += kFoldChunks) {
+      I sum[MT][kChains];
+      for (int m = 0; m < MT; ++m)
+        for (int c = 0; c < kChains; ++c) sum[m][c] = splat_i(0);
+#pragma GCC unroll 8
+      for (int c = c0; c < c0 + kFoldChunks; ++c) {
+        const I q = _mm512_loadu_si512(p + 64 * c);
+        const I w[4] = {_mm512_permutexvar_epi16(q, levels),
+                        _mm512_permutexvar_epi16(_mm512_srli_epi16(q, 4), levels),
+                        _mm512_permutexvar_epi16(_mm512_srli_epi16(q, 8), levels),
+                        _mm512_permutexvar_epi16(_mm512_srli_epi16(q, 12), levels)};
+#pragma GCC unroll 8
+        for (int m = 0; m < MT; ++m)
+#pragma GCC unroll 4
+          for (int v = 0; v < 4; ++v) {
+            const I pair = _mm512_set1_epi32(xg[m * (a.K / 2) + 4 * c + v]);
+#if NF4LORA_AVX512_BF16  // (the build with AVX512-VNNI)
+            sum[m][v % kChains] = _mm512_dpwssd_epi32(sum[m][v % kChains], w[v], pair);
+#else
+            sum[m][v % kChains] = _mm512_add_epi32(sum[m][v % kChains], _mm512_madd_epi16(w[v], pair));
+#endif
+          }
+      }
+      for (int m = 0; m < MT; ++m) {
+        I total = sum[m][0];
+        for (int c = 1; c < kChains; ++c) total = _mm512_add_epi32(total, sum[m][c]);
+        acc[m] = fmadd(_mm512_cvtepi32_ps(total), fold[m], acc[m]);
+      }
+    }
+  }
+  // the epilogue per row of W: its lane alone in a vector, so gemv_finish_row adds the
+  // LoRA term and bias as it does for the row layout's sums
+  alignas(64) float lanes[MT][kW];
+  for (int m = 0; m < MT; ++m) _mm512_store_ps(lanes[m], acc[m]);
+  const int64_t n0 = t * kInterleavedRows;
+  for (int64_t j = 0; j < kInterleavedRows && n0 + j < a.N; ++j) {
+    F one[MT][1];
+    for (int m = 0; m < MT; ++m) one[m][0] = _mm512_maskz_mov_ps(1, splat(lanes[m][j]));
+    gemv_finish_row<T, MT, 1>(a, one, m0, n0 + j);
+  }
+}
+
+template <class T>
+void interleaved_tiles_impl(const GemvWork& a, int64_t t0, int64_t t1) {
+  alignas(64) int16_t level[32];
+  integer_levels(a.weight.table, float(InterleavedLevels<T>::kScale), level);
+  memcpy(level + 16, level, 16 * sizeof(int16_t));
+  const I levels = _mm512_load_si512(level);
+  for (int64_t m0 = 0; m0 < a.M; m0 += kMaxTile) {
+    for (int64_t t = t0; t < t1; ++t) {
+      switch (a.M - m0 < kMaxTile ? a.M - m0 : kMaxTile) {
+        case 1: interleaved_tile<T, 1>(a, levels, m0, t); break;
+        case 2: interleaved_tile<T, 2>(a, levels, m0, t); break;
+        case 3: interleaved_tile<T, 3>(a, levels, m0, t); break;
+        case 4: interleaved_tile<T, 4>(a, levels, m0, t); break;
+        case 5: interleaved_tile<T, 5>(a, levels, m0, t); break;
+        case 6: interleaved_tile<T, 6>(a, levels, m0, t); break;
+        case 7: interleaved_tile<T, 7>(a, levels, m0, t); break;
+        default: interleaved_tile<T, 8>(a, levels, m0, t); break;
+      }
+    }
+  }
+}
+
+void gemv_interleaved_prepare_entry(const GemvWork& a, int64_t m) {
+  with_dtype(a.dtype, [&](auto x) {
+    if constexpr (!std::is_same_v<decltype(x), float>) interleaved_prepare_rows<decltype(x)>(a, m);
+  });
+}
+
+void gemv_interleaved_tiles_entry(const GemvWork& a, int64_t t0, int64_t t1) {
+  with_dtype(a.dtype, [&](auto x) {
+    if constexpr (!std::is_same_v<decltype(x), float>) interleaved_tiles_impl<decltype(x)>(a, t0, t1);
+  });
+}
+constexpr GemvXPhase kGemvInterleavedPrepare = &gemv_interleaved_prepare_entry;
+constexpr GemvWPhase kGemvInterleavedTiles = &gemv_interleaved_tiles_entry;
