@@ -76,10 +76,11 @@ void interleaved_prepare_rows(const GemvWork& a, int64_t m) {
 // gives 4 vectors of 16 lanes x (2 columns) of levels (bit 4 of an index is the next
 // code's low bit: the 16 levels repeated in lanes 16-31), and each goes into a vpdpwssd
 // per row of x with that column pair of x broadcast. Chains: a vpdpwssd has ~4 cycles of
-// latency, so at MT = 1 the four vectors go to four sums, at MT = 2 to two.
+// latency, so at MT = 1 the four vectors go to four sums, at MT = 2-4 to two (M = 3, 4:
+// 0.86-0.93x the time with one, W in cache; the same bytes: the sums are exact).
 template <class T, int MT>
 void interleaved_tile(const GemvWork& a, I levels, int64_t m0, int64_t t) {
-  constexpr int kChains = MT == 1 ? 4 : (MT == 2 ? 2 : 1);
+  constexpr int kChains = MT == 1 ? 4 : (MT <= 4 ? 2 : 1);
   constexpr int kFoldChunks = InterleavedLevels<T>::kFoldChunks;
   const int64_t groups = a.K / kInterleavedColumns;
   const uint8_t* p = a.interleaved + t * groups * kInterleavedGroupBytes;
@@ -88,7 +89,17 @@ void interleaved_tile(const GemvWork& a, I levels, int64_t m0, int64_t t) {
   F acc[MT];
   for (int m = 0; m < MT; ++m) acc[m] = splat(0.0f);
   for (int64_t g = 0; g < groups; ++g, p += kInterleavedGroupBytes) {
-    __builtin_prefetch(p + kPrefetchBytes);
+    // Prefetch: rows of x that take longer over a group than the hardware prefetcher's
+    // stream allows want every line of the group two groups ahead: one Zen 4 thread, W
+    // streamed, 0.86x the time at M = 3, 0.62-0.70x at M = 4-8 (two threads 0.63-0.74x);
+    // at M = 1-2 that was 1.0-1.18x, so those keep the one line kPrefetchBytes ahead
+    // (memory-bound: the hardware streams the rest).
+    if constexpr (MT < 3) {
+      __builtin_prefetch(p + kPrefetchBytes);
+    } else {
+      for (int64_t line = 0; line < kInterleavedGroupBytes; line += 64)
+        __builtin_prefetch(p + 2 * kInterleavedGroupBytes + line);
+    }
     const F constants = _mm512_loadu_ps(reinterpret_cast<const float*>(p + kInterleavedChunks * 64));
     F fold[MT];
     for (int m = 0; m < MT; ++m) fold[m] = mul(constants, splat(x_scales[m * groups + g]));
