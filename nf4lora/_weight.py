@@ -216,7 +216,7 @@ class PackedWeight(NamedTuple):
         cached = getattr(quant_state, _CACHE_ATTRIBUTE, None)
         if cached is not None and cached[0] == sources:
             weight = cached[2]
-            if weight.interleaved is None or cached[3] == contents_key(*weight.contents):
+            if weight.interleaved is None or cached[3] == weight.versions():
                 return weight
             # the codes or constants were written since the copy was made: drop it
             weight = weight._replace(interleaved=None)
@@ -239,7 +239,10 @@ class PackedWeight(NamedTuple):
         (packed, quant_state) describe in from_state's cache, so that every op on that
         weight reads it, until the codes or constants are written (their storages' version
         counters are checked at each from_state) or `drop_interleaved`. An eval-mode
-        Linear4bit calls this (nn.linear4bit); cheap when the copy is there already."""
+        Linear4bit calls this (nn.linear4bit) on every call: with the copy there already it
+        returns at once (the next from_state checks the copy is current)."""
+        if cls.has_interleaved(quant_state):
+            return
         weight = cls.from_state(packed, quant_state)
         if weight.interleaved is not None:
             return
@@ -249,7 +252,14 @@ class PackedWeight(NamedTuple):
         copy = make(weight)
         if copy is not None:
             setattr(quant_state, _CACHE_ATTRIBUTE, (cached[0], cached[1], weight._replace(interleaved=copy),
-                                                    contents_key(*weight.contents)))
+                                                    weight.versions()))
+
+    @staticmethod
+    def has_interleaved(quant_state) -> bool:
+        """Whether from_state's cache holds a weight with an interleaved copy (current or
+        not: from_state checks that)."""
+        cached = getattr(quant_state, _CACHE_ATTRIBUTE, None)
+        return cached is not None and cached[2].interleaved is not None
 
     @staticmethod
     def drop_interleaved(quant_state) -> None:
@@ -258,13 +268,14 @@ class PackedWeight(NamedTuple):
         if cached is not None and cached[2].interleaved is not None:
             setattr(quant_state, _CACHE_ATTRIBUTE, cached[:2] + (cached[2]._replace(interleaved=None), None))
 
-    @property
-    def contents(self) -> tuple:
-        """The tensors holding the weight's codes and constants."""
+    def versions(self) -> tuple:
+        """The version counters of the tensors holding the codes and constants (every
+        in-place write through torch bumps one; `.data` writes do not): with from_state's
+        key (their storages and objects), what a derived copy must match to be current."""
         nested = self.nested
         if nested is None:
-            return (self.packed, self.absmax)
-        return (self.packed, self.absmax, nested.absmax, nested.code)
+            return (self.packed._version, self.absmax._version)
+        return (self.packed._version, self.absmax._version, nested.absmax._version, nested.code._version)
 
     @classmethod
     def _from_state(cls, packed: Tensor, quant_state, name: str) -> "PackedWeight":

@@ -535,8 +535,9 @@ class Linear4bit(_Layer4bit, nn.Linear):
         more), kept with the weight's state until train(), a write into the codes, or
         NF4LORA_CPU_INTERLEAVE=0 at the time it would be made; what bitsandbytes does with
         its CPU repacking, except that the weight and its state dict stay as they are."""
-        if backend_for(weight.device, weight.quant_state.quant_type) is cpu_backend:
-            PackedWeight.keep_interleaved(weight, weight.quant_state, cpu_backend.interleave)
+        state = weight.quant_state
+        if not PackedWeight.has_interleaved(state) and backend_for(weight.device, state.quant_type) is cpu_backend:
+            PackedWeight.keep_interleaved(weight, state, cpu_backend.interleave)
 
     def train(self, mode: bool = True):
         if mode:  # the interleaved copy is an eval-mode cache (see _keep_interleaved)
