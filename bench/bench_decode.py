@@ -312,9 +312,13 @@ def nf4lora_paths(model: nn.Module, prompt: torch.Tensor, tokens: torch.Tensor) 
         with count_nf4lora_paths(counter):
             model(input_ids=ids, use_cache=False, logits_to_keep=1)
         info[phase] = dict(counter)
-    n4 = sum(1 for m in model.modules() if isinstance(m, nf4lora.nn.Linear4bit))
+    layers = [m for m in model.modules() if isinstance(m, nf4lora.nn.Linear4bit)]
     fused = sum(n for key, n in info["decode"].items() if key.startswith("fused"))
-    info["decode_fused"] = f"{fused}/{n4}"
+    info["decode_fused"] = f"{fused}/{len(layers)}"
+    # eval layers on a CPU with the kernel for it read an interleaved copy (backends.cpu.interleave)
+    from nf4lora._weight import PackedWeight
+    kept = sum(PackedWeight.has_interleaved(m.weight.quant_state) for m in layers)
+    info["interleaved_copy"] = f"{kept}/{len(layers)}"
     return info
 
 
@@ -574,7 +578,8 @@ def _run(args, argv) -> dict:
                 if provider.name == NF4LORA:
                     info = nf4lora_paths(model, prompt, result["tokens"])
                     row["nf4lora_path"] = info
-                    row["path"] = f"{info['backend']}/{info['isa']}: decode fused {info['decode_fused']}"
+                    row["path"] = (f"{info['backend']}/{info['isa']}: decode fused {info['decode_fused']}, "
+                                   f"interleaved copy {info['interleaved_copy']}")
                 elif provider.name == BNB:
                     row["bitsandbytes_path"] = bnb_paths(model, bnb_messages)
                     row["path"] = row["bitsandbytes_path"]["path"].split(" (")[0]

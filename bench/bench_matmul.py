@@ -14,6 +14,8 @@ activations x [M, in], NF4 with double quantization, blocksize 64 (perf.md):
 Providers, all on CPU tensors in one run:
   nf4lora[<backend>]  nf4lora.matmul_4bit / lora_matmul_4bit (fused base + adapter), once per
                       backend usable on CPU ("cpu", "reference"; the reference not in train)
+  nf4lora-eval        an eval-mode nf4lora.nn.Linear4bit under no_grad (matmul): on CPUs with
+                      AVX-512 it reads the interleaved copy it builds in its first forward
   bitsandbytes        bitsandbytes.matmul_4bit (its CPU path: which one ran is in the JSON),
                       plus the adapter as PEFT adds it: y + lora_B(lora_A(x)) * s
   bitsandbytes-gemv   an eval-mode bitsandbytes.nn.Linear4bit under no_grad (matmul, M = 1): on
@@ -337,6 +339,47 @@ def nf4lora_impl(backend: str, split_k: bool = True, triton_route: bool = True) 
                 context=functools.partial(context, backend), guarded=True)
 
 
+NF4LORA_EVAL = "nf4lora-eval"
+
+
+def nf4lora_eval_impl() -> Impl:
+    """nf4lora's drop-in for inference: an eval-mode nf4lora.nn.Linear4bit under no_grad on
+    the same bytes (NF4, double quant, bf16 compute), as bitsandbytes-gemv is bitsandbytes'.
+    On CPUs with an AVX-512 kernel for it, its first forward (the warm-up) builds the
+    interleaved copy of the weight that the fused kernel then reads (backends.cpu.interleave;
+    the row's bytes are still the format's, for "% read BW"; the copy is 9% more); elsewhere
+    it is nf4lora[cpu]. nf4lora_eval_path() says which."""
+    import nf4lora
+
+    def make_forward(case: Case) -> Forward:
+        packed, state = case.weights.quantized()
+        out_features, in_features = case.shape
+        layer = nf4lora.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=DTYPE,
+                                      quant_type="nf4", device="meta")
+        layer.weight = nf4lora.nn.Params4bit.from_prequantized(packed.clone(), state.as_dict(packed=True),
+                                                               device="cpu", module=layer)
+        layer.eval()
+        nf4lora_eval_layers.append(layer)
+
+        def forward(x, A, B):
+            with torch.no_grad():
+                return layer(x)
+        return forward
+
+    return Impl(NF4LORA_EVAL, make_forward, quantized_bytes, ops=("matmul",), guarded=True)
+
+
+nf4lora_eval_layers: list = []   # the layers nf4lora_eval_impl built, for nf4lora_eval_path()
+
+
+def nf4lora_eval_path() -> str:
+    from nf4lora._weight import PackedWeight
+    kept = sum(PackedWeight.has_interleaved(layer.weight.quant_state) for layer in nf4lora_eval_layers)
+    return (f"{NF4LORA_EVAL}: {kept} of {len(nf4lora_eval_layers)} layers read an interleaved copy"
+            + ("" if kept else " (none: this CPU's ISA has no kernel for one, so the rows are "
+                               "nf4lora[cpu]'s kernels)"))
+
+
 def bitsandbytes_impl(bnb) -> Impl:
     def make_forward(case: Case) -> Forward:
         packed, state = case.weights.quantized()
@@ -640,7 +683,7 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true",
                         help="tiny shapes, M = 1 and 64, 64 MiB probe, 2 reps: a smoke run, not numbers")
     parser.add_argument("--providers", nargs="+", metavar="NAME",
-                        help=f"only these (nf4lora, nf4lora[cpu], nf4lora[reference], {BASELINE}, "
+                        help=f"only these (nf4lora, nf4lora[cpu], {NF4LORA_EVAL}, nf4lora[reference], {BASELINE}, "
                              f"{BNB_GEMV}, {TORCH_INT4}, "
                              f"torchao, {DENSE})")
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
@@ -712,6 +755,8 @@ def find_providers(args, notes: list[str]) -> Found:
     backends, backend_notes = harness.nf4lora_cpu_backends()
     notes += backend_notes
     impls = [nf4lora_impl(backend) for backend in backends]
+    if "cpu" in backends and wanted(NF4LORA_EVAL):
+        impls.append(nf4lora_eval_impl())
     bnb, bnb_messages, torchao_where = None, [], None
     bnb_rows = [(name, make) for name, make in ((BASELINE, bitsandbytes_impl),
                                                 (BNB_GEMV, bitsandbytes_gemv_impl)) if wanted(name)]
@@ -881,6 +926,9 @@ def run(args, preset: dict, found: Found, quantizer: Quantizer, notes: list[str]
     if any(impl.name == BNB_GEMV for impl in impls):
         notes.append(bnb_gemv_path())
         bnb_gemv_layers.clear()   # the run's layers (their weights) are not kept past it
+    if any(impl.name == NF4LORA_EVAL for impl in impls):
+        notes.append(nf4lora_eval_path())
+        nf4lora_eval_layers.clear()
     if any(r["op"] == "train" and r["provider"] in (BASELINE, DENSE) for r in rows):
         notes.append("train: the dense-bf16 and bitsandbytes steps are dominated by torch's bf16 "
                      "grad @ W (dx of F.linear's backward, W not transposed), which on CPUs without "
