@@ -35,7 +35,8 @@ inflate; otherwise wall time.
 
 Bytes. `weight MB/step` is what one decode step must read of the weights, counted from the
 model's own tensors after the run (so bitsandbytes' repacked layout is counted as it is):
-4-bit linears = packed codes + their constants (absmax, nested absmax, its code and offset),
+4-bit linears = packed codes + their constants (absmax, nested absmax, its code and offset;
+nf4lora's eval layers on AVX-512 CPUs: the interleaved copy the kernel reads instead, 9% more),
 dense linears (lm_head, and every projection of dense-bf16) in full, embeddings as read (batch
 rows), norms. `GB/s` = that / the median step, `% read BW` = against `harness.probe_bandwidth`'s
 streaming read measured in the same run: a decode step cannot be faster than its weight bytes
@@ -202,12 +203,28 @@ def _state_bytes(state) -> int:
     return total + (_state_bytes(nested) if nested is not None else 0)
 
 
+def interleaved_copy(module: nn.Module):
+    """The interleaved copy an eval-mode nf4lora Linear4bit keeps for the CPU kernel
+    (nf4lora.backends.cpu.interleave), or None."""
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    if state is None or type(module).__module__.split(".")[0] != "nf4lora":
+        return None
+    from nf4lora._weight import PackedWeight
+    return PackedWeight.kept_interleaved(state)
+
+
 def weight_bytes(model: nn.Module, batch: int) -> dict:
     """Weight bytes one decode step of `batch` tokens reads, by kind (see the docstring)."""
     parts = dict(linear_4bit=0, linear_4bit_constants=0, linear_dense=0, embedding_rows=0, other=0)
     for module in model.modules():
         own = [t for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))]
-        if is_4bit(module):
+        copy = interleaved_copy(module)
+        if copy is not None:  # what the fused kernel reads instead: 512 bytes of codes and
+            # 64 of float32 constants per 16 rows x 64 columns (csrc/weight.h)
+            parts["linear_4bit"] += copy.nbytes * 512 // 576
+            parts["linear_4bit_constants"] += copy.nbytes * 64 // 576
+            parts["other"] += module.bias.nbytes if module.bias is not None else 0
+        elif is_4bit(module):
             parts["linear_4bit"] += module.weight.data.nbytes
             parts["linear_4bit_constants"] += _state_bytes(module.weight.quant_state)
             parts["other"] += module.bias.nbytes if module.bias is not None else 0
@@ -317,7 +334,7 @@ def nf4lora_paths(model: nn.Module, prompt: torch.Tensor, tokens: torch.Tensor) 
     info["decode_fused"] = f"{fused}/{len(layers)}"
     # eval layers on a CPU with the kernel for it read an interleaved copy (backends.cpu.interleave)
     from nf4lora._weight import PackedWeight
-    kept = sum(PackedWeight.has_interleaved(m.weight.quant_state) for m in layers)
+    kept = sum(PackedWeight.kept_interleaved(m.weight.quant_state) is not None for m in layers)
     info["interleaved_copy"] = f"{kept}/{len(layers)}"
     return info
 

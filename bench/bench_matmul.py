@@ -374,7 +374,8 @@ nf4lora_eval_layers: list = []   # the layers nf4lora_eval_impl built, for nf4lo
 
 def nf4lora_eval_path() -> str:
     from nf4lora._weight import PackedWeight
-    kept = sum(PackedWeight.has_interleaved(layer.weight.quant_state) for layer in nf4lora_eval_layers)
+    kept = sum(PackedWeight.kept_interleaved(layer.weight.quant_state) is not None
+               for layer in nf4lora_eval_layers)
     return (f"{NF4LORA_EVAL}: {kept} of {len(nf4lora_eval_layers)} layers read an interleaved copy"
             + ("" if kept else " (none: this CPU's ISA has no kernel for one, so the rows are "
                                "nf4lora[cpu]'s kernels)"))

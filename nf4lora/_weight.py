@@ -241,7 +241,7 @@ class PackedWeight(NamedTuple):
         counters are checked at each from_state) or `drop_interleaved`. An eval-mode
         Linear4bit calls this (nn.linear4bit) on every call: with the copy there already it
         returns at once (the next from_state checks the copy is current)."""
-        if cls.has_interleaved(quant_state):
+        if cls.kept_interleaved(quant_state) is not None:
             return
         weight = cls.from_state(packed, quant_state)
         if weight.interleaved is not None:
@@ -255,11 +255,11 @@ class PackedWeight(NamedTuple):
                                                     weight.versions()))
 
     @staticmethod
-    def has_interleaved(quant_state) -> bool:
-        """Whether from_state's cache holds a weight with an interleaved copy (current or
-        not: from_state checks that)."""
+    def kept_interleaved(quant_state) -> Optional[Tensor]:
+        """The interleaved copy from_state's cache holds for this state (current or not:
+        from_state checks that), or None."""
         cached = getattr(quant_state, _CACHE_ATTRIBUTE, None)
-        return cached is not None and cached[2].interleaved is not None
+        return None if cached is None else cached[2].interleaved
 
     @staticmethod
     def drop_interleaved(quant_state) -> None:

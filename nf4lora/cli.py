@@ -50,6 +50,15 @@ def _info(_args) -> int:
             name = str(dtype).replace("torch.", "")
             paths = [_C.gemv_decoder(m, dtype) if m <= cpu.fused_max_m(dtype) else "gemm" for m in rows]
             print(f"      {name:<11}" + "".join(f"{path:>9}" for path in paths))
+        import os
+        if not _C.has_interleaved_gemv():
+            interleave = f"no ({_C.isa()} has no kernel for the interleaved copy: AVX-512 has)"
+        elif os.environ.get("NF4LORA_CPU_INTERLEAVE", "1") == "0":
+            interleave = "no (NF4LORA_CPU_INTERLEAVE=0)"
+        else:
+            interleave = ("yes: integer sums on an interleaved copy of W for 16-bit x at every fused M "
+                          "(0.56 bytes per weight more while in eval; NF4LORA_CPU_INTERLEAVE=0 turns it off)")
+        print(f"  eval-mode Linear4bit on CPU: {interleave}")
         print("  cpu backward grad-input path by rows of grad (backends/cpu.py grad_input_fused_max_m):")
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             name = str(dtype).replace("torch.", "")

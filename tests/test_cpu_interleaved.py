@@ -228,3 +228,17 @@ def test_no_copy_when_turned_off_or_without_the_kernel(monkeypatch):
     with torch.no_grad():
         layer(torch.randn(1, 256, dtype=torch.bfloat16))
     assert kept_copy(layer) is None
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512bf16"])
+def test_info_says_whether_eval_layers_interleave(monkeypatch, capsys, isa):
+    if isa not in cpu_backend._C.supported_isas():
+        pytest.skip(f"this CPU cannot run {isa}")
+    from nf4lora import cli
+    monkeypatch.setenv("NF4LORA_CPU_ISA", isa)
+    assert cli.main(["info"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if "eval-mode Linear4bit on CPU" in l)
+    assert line.split(": ", 1)[1].startswith("yes" if isa.startswith("avx512") else "no")
+    monkeypatch.setenv("NF4LORA_CPU_INTERLEAVE", "0")
+    assert cli.main(["info"]) == 0
+    assert "eval-mode Linear4bit on CPU: no" in capsys.readouterr().out

@@ -536,7 +536,8 @@ class Linear4bit(_Layer4bit, nn.Linear):
         NF4LORA_CPU_INTERLEAVE=0 at the time it would be made; what bitsandbytes does with
         its CPU repacking, except that the weight and its state dict stay as they are."""
         state = weight.quant_state
-        if not PackedWeight.has_interleaved(state) and backend_for(weight.device, state.quant_type) is cpu_backend:
+        if (PackedWeight.kept_interleaved(state) is None
+                and backend_for(weight.device, state.quant_type) is cpu_backend):
             PackedWeight.keep_interleaved(weight, state, cpu_backend.interleave)
 
     def train(self, mode: bool = True):
