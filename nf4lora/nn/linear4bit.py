@@ -536,8 +536,9 @@ class Linear4bit(_Layer4bit, nn.Linear):
         NF4LORA_CPU_INTERLEAVE=0 at the time it would be made; what bitsandbytes does with
         its CPU repacking, except that the weight and its state dict stay as they are."""
         state = weight.quant_state
-        if (PackedWeight.kept_interleaved(state) is None
-                and backend_for(weight.device, state.quant_type) is cpu_backend):
+        if PackedWeight.kept_interleaved(state) is not None or torch.compiler.is_compiling():
+            return  # (traced code reads the row layout: the op schema has no place for a copy)
+        if backend_for(weight.device, state.quant_type) is cpu_backend:
             PackedWeight.keep_interleaved(weight, state, cpu_backend.interleave)
 
     def train(self, mode: bool = True):
