@@ -242,3 +242,21 @@ def test_info_says_whether_eval_layers_interleave(monkeypatch, capsys, isa):
     monkeypatch.setenv("NF4LORA_CPU_INTERLEAVE", "0")
     assert cli.main(["info"]) == 0
     assert "eval-mode Linear4bit on CPU: no" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not has_kernel(), reason="this CPU's ISA has no kernel for the copy")
+def test_copies_and_pickles_leave_the_copy_behind():
+    import copy
+    import pickle
+    layer = layer_of(64, 512)
+    size = len(pickle.dumps(layer))
+    layer.eval()
+    with torch.no_grad():
+        y = layer(torch.ones(1, 512, dtype=torch.bfloat16))
+    assert kept_copy(layer) is not None
+    assert len(pickle.dumps(layer)) < size + 1024        # the copy (18 KiB) is not in it
+    twin = copy.deepcopy(layer)
+    assert kept_copy(twin) is None
+    with torch.no_grad():
+        assert torch.equal(twin(torch.ones(1, 512, dtype=torch.bfloat16)), y)
+    assert kept_copy(twin) is not None and kept_copy(twin).data_ptr() != kept_copy(layer).data_ptr()
