@@ -451,6 +451,10 @@ void interleave_4bit(const PackedWeight& w, int64_t N, int64_t K, uint8_t* out) 
   if (N == 0 || K == 0) return;
   check(w.packed && out, "null pointer");
   check_block_constants(w);
+  // huge pages for the copy (it is read as one stream at every call): W streamed, M = 1,
+  // interleaved in one process, one / two Zen 4 threads: 5632x2048 0.92 / 0.93-0.94x the
+  // time, 4096x4096 0.99 / 0.96x, 2048x5632 0.99 / 1.01x
+  advise_huge_pages(out, interleaved_bytes(N, K));
   const int64_t tiles = interleaved_tiles(N);
   int64_t threads = num_threads();
   if (threads > N * K / kMinElementsPerThread) threads = N * K / kMinElementsPerThread;
