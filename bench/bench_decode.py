@@ -324,6 +324,7 @@ def nf4lora_paths(model: nn.Module, prompt: torch.Tensor, tokens: torch.Tensor) 
     ext, _, _ = harness.import_optional("nf4lora._C")
     info["isa"] = ext.isa() if ext is not None and hasattr(ext, "isa") else None
     info["fused_max_m"] = cpu.fused_max_m(DTYPE)
+    info["fused_max_m_interleaved"] = cpu.FUSED_MAX_M_INTERLEAVED   # (for a layer reading a copy)
     for phase, ids in (("decode", tokens[:, :1]), ("prefill", prompt)):
         counter: Counter = Counter()
         with count_nf4lora_paths(counter):

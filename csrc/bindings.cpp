@@ -77,6 +77,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("has_interleaved_gemv", &cpu::has_interleaved_gemv,
         "Whether the active ISA's fused GEMV reads a weight's interleaved copy (AVX-512).");
   m.def(
+      "reads_interleaved",
+      [](py::handle dtype) { return cpu::reads_interleaved(b::dtype_id(dtype)); }, py::arg("dtype"),
+      "Whether a fused call with finite x of a torch dtype reads the interleaved copy its weight "
+      "brings (AVX-512, 16-bit x, NF4LORA_CPU_GEMV auto or integer).");
+  m.def(
       "interleaved_bytes",
       [](int64_t N, int64_t K) { return nf4lora::interleaved_bytes(N, K); }, py::arg("N"), py::arg("K"),
       "Bytes of the interleaved copy of an N x K weight (csrc/weight.h).");

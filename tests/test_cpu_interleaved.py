@@ -260,3 +260,20 @@ def test_copies_and_pickles_leave_the_copy_behind():
     with torch.no_grad():
         assert torch.equal(twin(torch.ones(1, 512, dtype=torch.bfloat16)), y)
     assert kept_copy(twin) is not None and kept_copy(twin).data_ptr() != kept_copy(layer).data_ptr()
+
+
+def test_a_copy_keeps_the_fused_path_to_a_larger_m(monkeypatch):
+    _, _, weight = weight_of(32, 256)
+    with_copy = weight._replace(interleaved=copy_of(weight))
+    reads = cpu_backend._C.reads_interleaved(torch.bfloat16)
+    assert reads == has_kernel()
+    assert not cpu_backend._C.reads_interleaved(torch.float32)
+    largest = cpu_backend.FUSED_MAX_M_INTERLEAVED if reads else cpu_backend.fused_max_m(torch.bfloat16)
+    assert cpu_backend.fused_max_m(torch.bfloat16, with_copy) == largest
+    assert cpu_backend.matmul_path(largest, with_copy, torch.bfloat16) == "fused"
+    assert cpu_backend.matmul_path(largest + 1, with_copy, torch.bfloat16) == "dequantize+gemm"
+    assert cpu_backend.fused_max_m(torch.bfloat16, weight) == cpu_backend.fused_max_m(torch.bfloat16)
+    assert cpu_backend.fused_max_m(torch.float32, with_copy) == cpu_backend.fused_max_m(torch.float32)
+    monkeypatch.setenv("NF4LORA_CPU_GEMV", "float")   # another decoder: the row layout's limits
+    assert not cpu_backend._C.reads_interleaved(torch.bfloat16)
+    assert cpu_backend.fused_max_m(torch.bfloat16, with_copy) == cpu_backend.fused_max_m(torch.bfloat16)

@@ -123,7 +123,7 @@ def check_forward(M, in_f, out_f, r, dtype, *, bias=True, scaling=2.0, **quant):
 # ---- the fused kernel ----------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M", [1, 3, 8, 9, 16, 32])
+@pytest.mark.parametrize("M", [1, 3, 8, 9, 16, 32, 61])
 def test_fused_matches_float64(isa, sums, layout, dtype, M):
     check_forward(M, 256, 40, 16, dtype)
 

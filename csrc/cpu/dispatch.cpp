@@ -258,10 +258,14 @@ GemvSums gemv_wants_sums(int64_t M, int dtype, const IsaKernels& isa) {
 // fused path's crossover: one Zen 4 thread, 4096x4096, TSC ticks per 32 weights with W in
 // cache, interleaved int16 / the row layout's best: M = 1 1.25 / 2.5 (integer), M = 4 3.6
 // / 8.9 (bf16), M = 8 6.6 / 17.5 (bf16) (prototype; README "CPU matmul" has the bench).
-bool wants_interleaved(const LoraGemvArgs& op, const IsaKernels& isa) {
-  if (op.interleaved == nullptr || isa.gemv_interleaved_tiles == nullptr || op.dtype == kF32) return false;
+bool reads_interleaved(int dtype, const IsaKernels& isa) {
+  if (isa.gemv_interleaved_tiles == nullptr || dtype == kF32) return false;
   const GemvEnv env = gemv_env();
-  return (env == GemvEnv::kAuto || env == GemvEnv::kInteger) && interleavable(op.K, op.weight.blocksize);
+  return env == GemvEnv::kAuto || env == GemvEnv::kInteger;
+}
+
+bool wants_interleaved(const LoraGemvArgs& op, const IsaKernels& isa) {
+  return op.interleaved != nullptr && interleavable(op.K, op.weight.blocksize) && reads_interleaved(op.dtype, isa);
 }
 
 GemvSums gemv_sums(const LoraGemvArgs& op, const IsaKernels& isa) {
@@ -442,6 +446,8 @@ static void run_lora_gemv_4bit(const LoraGemvArgs& op, const AdapterRows* adapte
 void lora_gemv_4bit(const LoraGemvArgs& op) { run_lora_gemv_4bit(op, nullptr); }
 
 bool has_interleaved_gemv() { return select_kernels().gemv_interleaved_tiles != nullptr; }
+
+bool reads_interleaved(int dtype) { return reads_interleaved(dtype, select_kernels()); }
 
 // Scalar: it runs once per weight (4096x4096: ~15 ms on one Zen 4 thread, a few calls'
 // worth of the GEMV it speeds up). Threads take tiles (interleave.h).

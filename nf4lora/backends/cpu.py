@@ -13,10 +13,11 @@ packed weight) only cheap checks guard what would otherwise read or write out of
 
 The matmul ops take one of two paths (`matmul_path` tells which):
 
-* "fused", M <= fused_max_m(dtype) rows (decode, small batches): `_C.lora_gemv_4bit` reads W
-  packed, decodes it in registers and does the LoRA and bias epilogue in the same pass
-  (a mixed-adapter batch: `_C.multi_lora_gemv_4bit`, the same kernel, each row its own
-  adapter).
+* "fused", M <= fused_max_m(dtype, weight) rows (decode, small batches): `_C.lora_gemv_4bit`
+  reads W packed, decodes it in registers and does the LoRA and bias epilogue in the same
+  pass (a mixed-adapter batch: `_C.multi_lora_gemv_4bit`, the same kernel, each row its own
+  adapter); a weight that brings an interleaved copy (`interleave`) has it read instead,
+  where the CPU has the kernel, and keeps the fused path to a larger M.
 * "dequantize+gemm", everything else: W is dequantized chunk by chunk into a reused
   per-thread workspace and multiplied with torch's GEMM (oneDNN). On CPUs without
   native 16-bit GEMM instructions (no AVX512-BF16 / AMX / AVX512-FP16) torch's bf16 and
@@ -130,6 +131,17 @@ def dequantize_blockwise(codes, absmax, code, blocksize, out):
 # AMX CPUs sooner: re-measure with `python -m bench.bench_matmul --tokens 8 16 24 32 64`).
 FUSED_MAX_M = 32
 FUSED_MAX_M_NATIVE_GEMM = 24
+# A weight with an interleaved copy (`interleave`; an eval-mode Linear4bit's) that the call
+# reads (`_C.reads_interleaved`): the fused kernel's integer sums on the copy against
+# dequantize + bf16 GEMM, bf16 x, NF4 + double quant, ms per call, W streamed (layers
+# rotated through 200 MB), AMD EPYC Zen 4 (AVX512-BF16), one thread / two threads:
+#   4096x4096  M = 16: 2.95 vs 6.30;  32: 5.96 vs 8.85 / 3.18 vs 5.13;  48: 8.74 vs 11.35 / 4.59 vs 6.18
+#              64: 11.5 vs 13.6 / 6.10 vs 7.28;  96: 18.2 vs 18.5 / 9.07 vs 9.71
+#   5632x2048  M = 32: 4.41 vs 6.24 / 2.16 vs 3.36;  64: 8.56 vs 9.46 / 4.30 vs 5.10;
+#              96: 13.0 vs 13.0 / 6.43 vs 6.81
+# so they cross near M = 96; 64 keeps a margin (a prompt of up to 64 tokens is prefilled
+# by the fused kernel).
+FUSED_MAX_M_INTERLEAVED = 64
 
 # Largest M whose backward grad-input (dx = grad @ W + grad_h @ lora_A) takes the fused
 # kernel (`_C.lora_grad_input_4bit`: W read packed, never materialized) instead of
@@ -182,15 +194,18 @@ def _native_16bit_gemm(dtype: torch.dtype) -> bool:
     return dtype != torch.float32 and _C is not None and _C.native_16bit_gemm(dtype)
 
 
-def fused_max_m(dtype: torch.dtype) -> int:
-    """The largest M of activations of `dtype` that takes the fused kernel (see above)."""
+def fused_max_m(dtype: torch.dtype, weight=None) -> int:
+    """The largest M of activations of `dtype` that takes the fused kernel (see above), for
+    `weight` (a PackedWeight: whether it brings an interleaved copy the call reads)."""
+    if weight is not None and weight.interleaved is not None and _C.reads_interleaved(dtype):
+        return FUSED_MAX_M_INTERLEAVED
     return FUSED_MAX_M_NATIVE_GEMM if _native_16bit_gemm(dtype) else FUSED_MAX_M
 
 
 def matmul_path(M: int, weight, dtype: torch.dtype) -> str:
     """Which path lora_matmul_4bit takes for M rows of x of `dtype`: "fused" or
     "dequantize+gemm"."""
-    fused = (0 < M <= fused_max_m(dtype) and weight.in_features > 0
+    fused = (0 < M <= fused_max_m(dtype, weight) and weight.in_features > 0
              and weight.in_features % weight.blocksize == 0)
     return "fused" if fused else "dequantize+gemm"
 
