@@ -4,7 +4,7 @@
 // NF4LORA_GEMV_INTERLEAVED to 1 (isa_avx512.cpp; no include guard), whose phase 2
 // (h = x @ A^T) and epilogue (gemv_finish_row) it shares; the dispatcher runs its two
 // entries in place of gemv_prepare and gemv_rows when the call has an interleaved copy
-// (dispatch.cpp use_interleaved).
+// (dispatch.cpp wants_interleaved).
 //
 // Why a second layout: on the bitsandbytes layout a thread walks one row of W at a time,
 // and each row pays a fixed cost beyond its steps (its block constants with the nested
@@ -17,6 +17,9 @@
 // is still one sequential stream. Prototype, one Zen 4 thread, M = 1, TSC ticks per 32
 // weights, W in cache / streamed: 4096x4096 1.25 / 1.92 (row layout 2.5 / 3.1),
 // 5632x2048 1.31 / 2.07 (2.96 in cache); M = 8 4096x4096 6.6 / 8.8 (bf16 decoder ~17).
+// This kernel against the row layout's, in one process, one thread, us with W in cache /
+// streamed: 4096x4096 M = 1 298 / 436 vs 610 / 631, M = 8 1474 / 1730 vs 2276 / 3173;
+// 5632x2048 M = 1 215 / 285 vs 495 / 508 (before the prefetch below made M >= 3 faster).
 //
 // Arithmetic: the integer decoder's (gemv_body.h), with the levels of W at a smaller
 // scale. A lane sums kFoldChunks chunks (8 columns each) of its row before the fold (one
