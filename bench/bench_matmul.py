@@ -374,9 +374,12 @@ nf4lora_eval_layers: list = []   # the layers nf4lora_eval_impl built, for nf4lo
 
 def nf4lora_eval_path() -> str:
     from nf4lora._weight import PackedWeight
-    kept = sum(PackedWeight.kept_interleaved(layer.weight.quant_state) is not None
-               for layer in nf4lora_eval_layers)
-    return (f"{NF4LORA_EVAL}: {kept} of {len(nf4lora_eval_layers)} layers read an interleaved copy"
+    layers = [layer for layer in nf4lora_eval_layers if layer.in_features % 64 == 0]
+    kept = sum(PackedWeight.kept_interleaved(layer.weight.quant_state) is not None for layer in layers)
+    others = len(nf4lora_eval_layers) - len(layers)
+    return (f"{NF4LORA_EVAL}: {kept} of {len(layers)} layers read an interleaved copy"
+            + (f" ({others} more, the correctness guard's, have in_features not a multiple of 64: "
+               "no copy)" if others else "")
             + ("" if kept else " (none: this CPU's ISA has no kernel for one, so the rows are "
                                "nf4lora[cpu]'s kernels)"))
 
