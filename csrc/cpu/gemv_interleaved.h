@@ -80,7 +80,10 @@ void interleaved_prepare_rows(const GemvWork& a, int64_t m) {
 // code's low bit: the 16 levels repeated in lanes 16-31), and each goes into a vpdpwssd
 // per row of x with that column pair of x broadcast. Chains: a vpdpwssd has ~4 cycles of
 // latency, so at MT = 1 the four vectors go to four sums, at MT = 2-4 to two (M = 3, 4:
-// 0.86-0.93x the time with one, W in cache; the same bytes: the sums are exact).
+// 0.86-0.93x the time with one, W in cache; the same bytes: the sums are exact). gcc emits
+// each pair as a vpbroadcastd and a register vpdpwssd; forcing vpdpwssd's embedded
+// broadcast ({1to16}, inline asm) measured 0.92-0.98x the time (one and two threads, W
+// streamed): not kept, for inline asm in a file the SIMDe check compiles without AVX-512.
 template <class T, int MT>
 void interleaved_tile(const GemvWork& a, I levels, int64_t m0, int64_t t) {
   constexpr int kChains = MT == 1 ? 4 : (MT <= 4 ? 2 : 1);
