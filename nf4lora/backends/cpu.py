@@ -233,7 +233,7 @@ def interleave(weight) -> torch.Tensor | None:
     kernel, in_features or blocksize not a multiple of 64, an empty weight, or
     NF4LORA_CPU_INTERLEAVE=0). It costs the packed bytes once more (+12.5% for the
     constants: 9.4 MB for 4096x4096) and one pass to build (~6 ms for 4096x4096, one
-    thread); an eval-mode Linear4bit keeps one (nn.linear4bit), for 1.5-2.3x faster
+    thread); an eval-mode Linear4bit keeps one (nn.linear4bit), for 1.4-2.3x faster
     small-M calls (README "CPU matmul")."""
     N, K = weight.out_features, weight.in_features
     if (_C is None or os.environ.get("NF4LORA_CPU_INTERLEAVE", "1") == "0" or N * K == 0
