@@ -56,9 +56,9 @@ def _info(_args) -> int:
         elif os.environ.get("NF4LORA_CPU_INTERLEAVE", "1") == "0":
             interleave = "no (NF4LORA_CPU_INTERLEAVE=0)"
         else:
-            interleave = (f"yes: integer sums on an interleaved copy of W for 16-bit x, fused up to "
-                          f"M = {cpu.FUSED_MAX_M_INTERLEAVED} (0.56 bytes per weight more while in eval; "
-                          "NF4LORA_CPU_INTERLEAVE=0 turns it off)")
+            interleave = (f"yes, an interleaved copy of W (integer sums, 16-bit x,\n    fused up "
+                          f"to M = {cpu.FUSED_MAX_M_INTERLEAVED}; 0.56 bytes per weight more while in "
+                          "eval; NF4LORA_CPU_INTERLEAVE=0: off)")
         print(f"  eval-mode Linear4bit on CPU: {interleave}")
         print("  cpu backward grad-input path by rows of grad (backends/cpu.py grad_input_fused_max_m):")
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
