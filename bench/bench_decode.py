@@ -207,7 +207,7 @@ def interleaved_copy(module: nn.Module):
     """The interleaved copy an eval-mode nf4lora Linear4bit keeps for the CPU kernel
     (nf4lora.backends.cpu.interleave), or None."""
     state = getattr(getattr(module, "weight", None), "quant_state", None)
-    if state is None or type(module).__module__.split(".")[0] != "nf4lora":
+    if state is None:
         return None
     from nf4lora._weight import PackedWeight
     return PackedWeight.kept_interleaved(state)

@@ -82,6 +82,11 @@ PYBIND11_MODULE(_C, m) {
       "Whether a fused call with finite x of a torch dtype reads the interleaved copy its weight "
       "brings (AVX-512, 16-bit x, NF4LORA_CPU_GEMV auto or integer).");
   m.def(
+      "interleavable", [](int64_t K, int64_t blocksize) { return nf4lora::interleavable(K, blocksize); },
+      py::arg("K"), py::arg("blocksize"),
+      "Whether a weight with rows of K elements in blocks of blocksize can have an interleaved "
+      "copy (csrc/weight.h: both multiples of 64).");
+  m.def(
       "interleaved_bytes",
       [](int64_t N, int64_t K) { return nf4lora::interleaved_bytes(N, K); }, py::arg("N"), py::arg("K"),
       "Bytes of the interleaved copy of an N x K weight (csrc/weight.h).");

@@ -40,6 +40,12 @@ struct PackedWeight {
 
   NF4_HD bool is_nested() const { return nested.q != nullptr; }
   NF4_HD int64_t blocks() const { return (n + blocksize - 1) / blocksize; }
+  // Block b's constant, one at a time (the vectorized kernels decode runs of them).
+  NF4_HD float constant(int64_t b) const {
+    return !is_nested() ? absmax[b]
+                        : decode_nested_absmax(nested.code2, nested.q[b], nested.absmax2[b / nested.blocksize],
+                                               nested.offset);
+  }
 };
 
 // The CPU kernels' row-interleaved copy of a matmul weight [N, K] (nf4lora.backends.cpu

@@ -50,11 +50,9 @@ def _info(_args) -> int:
             name = str(dtype).replace("torch.", "")
             paths = [_C.gemv_decoder(m, dtype) if m <= cpu.fused_max_m(dtype) else "gemm" for m in rows]
             print(f"      {name:<11}" + "".join(f"{path:>9}" for path in paths))
-        import os
-        if not _C.has_interleaved_gemv():
-            interleave = f"no ({_C.isa()} has no kernel for the interleaved copy: AVX-512 has)"
-        elif os.environ.get("NF4LORA_CPU_INTERLEAVE", "1") == "0":
-            interleave = "no (NF4LORA_CPU_INTERLEAVE=0)"
+        why_not = cpu.interleave_unavailable()
+        if why_not is not None:
+            interleave = f"no ({why_not})"
         else:
             interleave = (f"yes, an interleaved copy of W (integer sums, 16-bit x,\n    fused up "
                           f"to M = {cpu.FUSED_MAX_M_INTERLEAVED}; 0.56 bytes per weight more while in "

@@ -117,6 +117,16 @@ def quiet_eager():
         yield
 
 
+def interleaved_copy(weight):
+    """The CPU kernels' interleaved copy of a PackedWeight (csrc/weight.h), built whatever
+    the active ISA (backends.cpu.interleave builds one only where a kernel reads it)."""
+    from nf4lora.backends import cpu
+    N, K = weight.shape
+    out = torch.empty(cpu._C.interleaved_bytes(N, K), dtype=torch.uint8)
+    cpu._C.interleave_4bit(weight.with_offset_read(), out)
+    return out
+
+
 def dequantize_into(backend, packed, absmax, blocksize, quant_type, out, nested):
     """backend.dequantize_4bit of the codes of a tensor of out's shape, into out."""
     backend.dequantize_4bit(PackedWeight(packed, absmax, blocksize, quant_type, tuple(out.shape),

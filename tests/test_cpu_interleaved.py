@@ -16,6 +16,8 @@ from nf4lora._weight import _CACHE_ATTRIBUTE, PackedWeight
 from nf4lora.backends import cpu as cpu_backend
 from nf4lora.nn import Linear4bit
 
+from conftest import interleaved_copy
+
 pytestmark = pytest.mark.skipif(cpu_backend.availability() is not None,
                                 reason=str(cpu_backend.availability()))
 
@@ -33,11 +35,7 @@ def weight_of(out_f, in_f, *, blocksize=64, nested=True, quant_type="nf4", seed=
     return packed, state, PackedWeight.from_state(packed, state)
 
 
-def copy_of(weight) -> torch.Tensor:
-    N, K = weight.shape
-    out = torch.empty(cpu_backend._C.interleaved_bytes(N, K), dtype=torch.uint8)
-    cpu_backend._C.interleave_4bit(weight.with_offset_read(), out)
-    return out
+copy_of = interleaved_copy
 
 
 def expected_copy(weight) -> torch.Tensor:

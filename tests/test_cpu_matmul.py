@@ -22,7 +22,7 @@ from nf4lora._weight import PackedWeight
 from nf4lora.codebook import NAMED_FORMATS
 from nf4lora.backends import cpu as cpu_backend
 
-from conftest import DTYPES
+from conftest import DTYPES, interleaved_copy
 
 pytestmark = pytest.mark.skipif(cpu_backend.availability() is not None,
                                 reason=str(cpu_backend.availability()))
@@ -62,11 +62,9 @@ def with_interleaved_copy(weight):
     """The weight with an interleaved copy, built whatever the active ISA (an ISA without
     the kernel must ignore it), where the layout allows one (K and blocksize of 64)."""
     N, K = weight.shape
-    if K % 64 or weight.blocksize % 64 or N * K == 0:
+    if N * K == 0 or not cpu_backend._C.interleavable(K, weight.blocksize):
         return weight
-    copy = torch.empty(cpu_backend._C.interleaved_bytes(N, K), dtype=torch.uint8)
-    cpu_backend._C.interleave_4bit(weight.with_offset_read(), copy)
-    return weight._replace(interleaved=copy)
+    return weight._replace(interleaved=interleaved_copy(weight))
 
 
 def quantized(out_f, in_f, *, quant_type="nf4", nested=True, blocksize=64, seed=0):

@@ -439,20 +439,26 @@ void gemv_tile(const GemvWork& a, const Decoder& decode, int64_t m0, int64_t n0,
   }
 }
 
+// fn(std::integral_constant<int, MT>()) for a tile of MT = min(rows, kMaxTile) rows of x:
+// the tile's row count as a template argument.
+template <class Fn>
+void with_tile_rows(int64_t rows, Fn fn) {
+  switch (rows < kMaxTile ? rows : kMaxTile) {
+    case 1: return fn(std::integral_constant<int, 1>());
+    case 2: return fn(std::integral_constant<int, 2>());
+    case 3: return fn(std::integral_constant<int, 3>());
+    case 4: return fn(std::integral_constant<int, 4>());
+    case 5: return fn(std::integral_constant<int, 5>());
+    case 6: return fn(std::integral_constant<int, 6>());
+    case 7: return fn(std::integral_constant<int, 7>());
+    default: return fn(std::integral_constant<int, kMaxTile>());
+  }
+}
+
 template <class T, class Decoder>
 void gemv_rows_tiles(const GemvWork& a, const Decoder& decode, int64_t n0, int64_t n1) {
-  for (int64_t m0 = 0; m0 < a.M; m0 += kMaxTile) {
-    switch (a.M - m0 < kMaxTile ? a.M - m0 : kMaxTile) {
-      case 1: gemv_tile<T, 1>(a, decode, m0, n0, n1); break;
-      case 2: gemv_tile<T, 2>(a, decode, m0, n0, n1); break;
-      case 3: gemv_tile<T, 3>(a, decode, m0, n0, n1); break;
-      case 4: gemv_tile<T, 4>(a, decode, m0, n0, n1); break;
-      case 5: gemv_tile<T, 5>(a, decode, m0, n0, n1); break;
-      case 6: gemv_tile<T, 6>(a, decode, m0, n0, n1); break;
-      case 7: gemv_tile<T, 7>(a, decode, m0, n0, n1); break;
-      default: gemv_tile<T, 8>(a, decode, m0, n0, n1); break;
-    }
-  }
+  for (int64_t m0 = 0; m0 < a.M; m0 += kMaxTile)
+    with_tile_rows(a.M - m0, [&](auto mt) { gemv_tile<T, decltype(mt)::value>(a, decode, m0, n0, n1); });
 }
 
 template <class T>

@@ -159,20 +159,10 @@ void interleaved_tiles_impl(const GemvWork& a, int64_t t0, int64_t t1) {
   integer_levels(a.weight.table, float(InterleavedLevels<T>::kScale), level);
   memcpy(level + 16, level, 16 * sizeof(int16_t));
   const I levels = _mm512_load_si512(level);
-  for (int64_t m0 = 0; m0 < a.M; m0 += kMaxTile) {
-    for (int64_t t = t0; t < t1; ++t) {
-      switch (a.M - m0 < kMaxTile ? a.M - m0 : kMaxTile) {
-        case 1: interleaved_tile<T, 1>(a, levels, m0, t); break;
-        case 2: interleaved_tile<T, 2>(a, levels, m0, t); break;
-        case 3: interleaved_tile<T, 3>(a, levels, m0, t); break;
-        case 4: interleaved_tile<T, 4>(a, levels, m0, t); break;
-        case 5: interleaved_tile<T, 5>(a, levels, m0, t); break;
-        case 6: interleaved_tile<T, 6>(a, levels, m0, t); break;
-        case 7: interleaved_tile<T, 7>(a, levels, m0, t); break;
-        default: interleaved_tile<T, 8>(a, levels, m0, t); break;
-      }
-    }
-  }
+  for (int64_t m0 = 0; m0 < a.M; m0 += kMaxTile)
+    with_tile_rows(a.M - m0, [&](auto mt) {
+      for (int64_t t = t0; t < t1; ++t) interleaved_tile<T, decltype(mt)::value>(a, levels, m0, t);
+    });
 }
 
 void gemv_interleaved_prepare_entry(const GemvWork& a, int64_t m) {

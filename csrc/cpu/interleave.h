@@ -25,11 +25,7 @@ inline void interleave_tiles(const PackedWeight& w, int64_t N, int64_t K, int64_
         const int64_t n = t * kInterleavedRows + j;
         if (n >= N) break;  // padding rows: code 0, constant 0
         const int64_t first = n * K + g * kInterleavedColumns;  // element index
-        const int64_t b = first / w.blocksize;
-        constants[j] = !w.is_nested() ? w.absmax[b]
-                                      : decode_nested_absmax(w.nested.code2, w.nested.q[b],
-                                                             w.nested.absmax2[b / w.nested.blocksize],
-                                                             w.nested.offset);
+        constants[j] = w.constant(first / w.blocksize);
         const uint8_t* row = w.packed + first / 2;
         for (int64_t c = 0; c < kInterleavedChunks; ++c) {
           // columns 8c..8c+7: 4 bytes, high nibble first, so the even columns (h = 0) are

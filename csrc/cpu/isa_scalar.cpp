@@ -79,13 +79,7 @@ struct Decoder8 {
 
 // gemv_body.h: the constants of w's blocks [b0, b0 + count) (simd_body.h's, one at a time).
 inline void block_constants(const PackedWeight& w, int64_t b0, int64_t count, float* out) {
-  for (int64_t i = 0; i < count; ++i) {
-    const int64_t b = b0 + i;
-    out[i] = !w.is_nested() ? w.absmax[b]
-                            : decode_nested_absmax(w.nested.code2, w.nested.q[b],
-                                                   w.nested.absmax2[b / w.nested.blocksize],
-                                                   w.nested.offset);
-  }
+  for (int64_t i = 0; i < count; ++i) out[i] = w.constant(b0 + i);
 }
 
 // gemv_body.h: four packed bytes -> their eight weights, in element order. Eight

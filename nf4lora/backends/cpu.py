@@ -225,19 +225,30 @@ def _fused(x, weight, lora_A, lora_B, scaling, bias, per_row=None):
     return y, h
 
 
+def interleave_unavailable() -> str | None:
+    """Why no weight gets an interleaved copy here (`interleave`), or None: the extension
+    is missing, the active ISA has no kernel for one, or NF4LORA_CPU_INTERLEAVE=0."""
+    if _C is None:
+        return _IMPORT_ERROR
+    if not _C.has_interleaved_gemv():
+        return f"{_C.isa()} has no kernel for the interleaved copy: AVX-512 has"
+    if os.environ.get("NF4LORA_CPU_INTERLEAVE", "1") == "0":
+        return "NF4LORA_CPU_INTERLEAVE=0"
+    return None
+
+
 def interleave(weight) -> torch.Tensor | None:
     """The weight's interleaved copy (csrc/weight.h: 16 rows of W per tile, one row per
     vector lane, block constants decoded beside their codes), which the fused kernel reads
     instead of the bitsandbytes-layout bytes where the active ISA has a kernel for it
-    (`_C.has_interleaved_gemv()`: AVX-512); None where nothing would read one (no such
-    kernel, in_features or blocksize not a multiple of 64, an empty weight, or
-    NF4LORA_CPU_INTERLEAVE=0). It costs the packed bytes once more (+12.5% for the
+    (`_C.has_interleaved_gemv()`: AVX-512); None where nothing would read one
+    (`interleave_unavailable`, an empty weight, or in_features or blocksize not a multiple
+    of 64: `_C.interleavable`). It costs the packed bytes once more (+12.5% for the
     constants: 9.4 MB for 4096x4096) and one pass to build (~6 ms for 4096x4096, one
     thread); an eval-mode Linear4bit keeps one (nn.linear4bit), for 1.4-2.3x faster
     small-M calls (README "CPU matmul")."""
     N, K = weight.out_features, weight.in_features
-    if (_C is None or os.environ.get("NF4LORA_CPU_INTERLEAVE", "1") == "0" or N * K == 0
-            or K % 64 or weight.blocksize % 64 or not _C.has_interleaved_gemv()):
+    if interleave_unavailable() is not None or N * K == 0 or not _C.interleavable(K, weight.blocksize):
         return None
     out = torch.empty(_C.interleaved_bytes(N, K), dtype=torch.uint8)
     _C.interleave_4bit(weight.with_offset_read(), out)
