@@ -19,7 +19,8 @@
 // 5632x2048 1.31 / 2.07 (2.96 in cache); M = 8 4096x4096 6.6 / 8.8 (bf16 decoder ~17).
 // This kernel against the row layout's, in one process, one thread, us with W in cache /
 // streamed: 4096x4096 M = 1 298 / 436 vs 610 / 631, M = 8 1474 / 1730 vs 2276 / 3173;
-// 5632x2048 M = 1 215 / 285 vs 495 / 508 (before the prefetch below made M >= 3 faster).
+// 5632x2048 M = 1 215 / 285 vs 495 / 508 (before the prefetches below made it faster
+// streamed: 4096x4096 M = 1 0.80-0.84x of that).
 //
 // Arithmetic: the integer decoder's (gemv_body.h), with the levels of W at a smaller
 // scale. A lane sums kFoldChunks chunks (8 columns each) of its row before the fold (one
@@ -84,6 +85,30 @@ void interleaved_prepare_rows(const GemvWork& a, int64_t m) {
 // each pair as a vpbroadcastd and a register vpdpwssd; forcing vpdpwssd's embedded
 // broadcast ({1to16}, inline asm) measured 0.92-0.98x the time (one and two threads, W
 // streamed): not kept, for inline asm in a file the SIMDe check compiles without AVX-512.
+// Prefetching. A tile is one sequential stream, but the hardware prefetcher alone let a
+// thread wait on memory: one Zen 4 thread, M = 1, 4096x4096 took 436 us streamed against
+// 298 in cache, where its 9.4 MB at one thread's probed read bandwidth (29.5 GB/s) take
+// ~320. Asking for every line of a group 12 KiB ahead into L2 (`prefetcht1`: L2 tracks
+// more misses than L1; a prefetch past the copy's end does not fault) closes most of that.
+// This kernel against the one before (one line 1 KiB ahead into L1 at M <= 2), in one
+// process, W streamed, bf16 x, medians of 11, time new / old, one thread | two threads:
+//   M =           1     2     3     4     6     8  |  1     2     3     4     6     8
+//   4096x4096   0.84  0.72  0.78  0.83  0.93  0.97 | 0.83  0.79  0.81  0.86  0.95  0.95
+//   11008x4096  0.82  0.69        0.84        0.98 | 0.99  0.79        0.85        0.97
+//   2048x5632   0.79  0.66        0.79        0.98 | 0.96  0.80        0.87        0.98
+//   5632x2048   0.96  0.94        0.86        0.97 | 0.97  0.94        0.88        0.99
+//   2048x2048   0.89  0.89        0.91        0.97 | 1.00  0.98        0.96        0.98
+// fp16 x, 4096x4096, M = 1 / 4: 0.80 / 0.89 | 0.92 / 0.88. M = 8 runs the code it ran
+// before (0.95-0.99 is this measurement's own bias): with the far prefetch it took
+// 1.03-1.04x (compute-bound), hence kFarPrefetchMaxRows. Two threads at M = 1 gain little
+// where both already saturate memory (11008x4096: 31 GB/s). Bit-identical. The distance
+// (one thread, M = 1, against the old kernel): 4 KiB 1.13x, 6 KiB 0.82x, 8-32 KiB
+// 0.74-0.76x; every line into L1 (prefetcht0) 4 KiB ahead 1.05x. The near prefetch (every
+// line two groups ahead into L1, from MT = 3) stays beside it: it had made M = 3 0.86x and
+// M = 4-8 0.62-0.70x.
+constexpr int64_t kFarPrefetchBytes = 12 << 10;
+constexpr int kFarPrefetchMaxRows = 7;
+
 template <class T, int MT>
 void interleaved_tile(const GemvWork& a, I levels, int64_t m0, int64_t t) {
   constexpr int kChains = MT == 1 ? 4 : (MT <= 4 ? 2 : 1);
@@ -95,17 +120,18 @@ void interleaved_tile(const GemvWork& a, I levels, int64_t m0, int64_t t) {
   F acc[MT];
   for (int m = 0; m < MT; ++m) acc[m] = splat(0.0f);
   for (int64_t g = 0; g < groups; ++g, p += kInterleavedGroupBytes) {
-    // Prefetch: rows of x that take longer over a group than the hardware prefetcher's
-    // stream allows want every line of the group two groups ahead: one Zen 4 thread, W
-    // streamed, 0.86x the time at M = 3, 0.62-0.70x at M = 4-8 (two threads 0.63-0.74x);
-    // at M = 1-2 that was 1.0-1.18x, so those keep the one line kPrefetchBytes ahead
-    // (memory-bound: the hardware streams the rest).
-    if constexpr (MT < 3) {
-      __builtin_prefetch(p + kPrefetchBytes);
-    } else {
+    // Prefetch, two kinds (see kFarPrefetchBytes): every line of the group far ahead into
+    // L2, and, from MT = 3, every line two groups ahead into L1. The fence (no instruction)
+    // keeps the far ones ahead of the group's loads: where gcc spread them among the first
+    // chunk's instructions, M = 1 / 2 / 4 took 1.07 / 1.21 / 1.04x the time.
+    if constexpr (MT <= kFarPrefetchMaxRows) {
+      for (int64_t line = 0; line < kInterleavedGroupBytes; line += 64)
+        __builtin_prefetch(p + kFarPrefetchBytes + line, 0, 2);
+      std::atomic_signal_fence(std::memory_order_seq_cst);
+    }
+    if constexpr (MT >= 3)
       for (int64_t line = 0; line < kInterleavedGroupBytes; line += 64)
         __builtin_prefetch(p + 2 * kInterleavedGroupBytes + line);
-    }
     const F constants = _mm512_loadu_ps(reinterpret_cast<const float*>(p + kInterleavedChunks * 64));
     F fold[MT];
     for (int m = 0; m < MT; ++m) fold[m] = mul(constants, splat(x_scales[m * groups + g]));
