@@ -36,7 +36,7 @@ inflate; otherwise wall time.
 Bytes. `weight MB/step` is what one decode step must read of the weights, counted from the
 model's own tensors after the run (so bitsandbytes' repacked layout is counted as it is):
 4-bit linears = packed codes + their constants (absmax, nested absmax, its code and offset;
-nf4lora's eval layers on AVX-512 CPUs: the interleaved copy the kernel reads instead, 9% more),
+nf4lora's eval layers on AVX2 and AVX-512 CPUs: the interleaved copy the kernel reads instead, 9% more),
 dense linears (lm_head, and every projection of dense-bf16) in full, embeddings as read (batch
 rows), norms. `GB/s` = that / the median step, `% read BW` = against `harness.probe_bandwidth`'s
 streaming read measured in the same run: a decode step cannot be faster than its weight bytes

@@ -15,7 +15,7 @@ Providers, all on CPU tensors in one run:
   nf4lora[<backend>]  nf4lora.matmul_4bit / lora_matmul_4bit (fused base + adapter), once per
                       backend usable on CPU ("cpu", "reference"; the reference not in train)
   nf4lora-eval        an eval-mode nf4lora.nn.Linear4bit under no_grad (matmul): on CPUs with
-                      AVX-512 it reads the interleaved copy it builds in its first forward
+                      AVX2 or AVX-512 it reads the interleaved copy it builds in its first forward
   bitsandbytes        bitsandbytes.matmul_4bit (its CPU path: which one ran is in the JSON),
                       plus the adapter as PEFT adds it: y + lora_B(lora_A(x)) * s
   bitsandbytes-gemv   an eval-mode bitsandbytes.nn.Linear4bit under no_grad (matmul, M = 1): on

@@ -54,9 +54,14 @@ def _info(_args) -> int:
         if why_not is not None:
             interleave = f"no ({why_not})"
         else:
-            interleave = (f"yes, an interleaved copy of W (integer sums, 16-bit x,\n    fused up "
-                          f"to M = {cpu.FUSED_MAX_M_INTERLEAVED}; 0.56 bytes per weight more while in "
-                          "eval; NF4LORA_CPU_INTERLEAVE=0: off)")
+            # the largest M whose calls read the copy (AVX2: 4; AVX-512: every fused M)
+            read_to = max((m for m in range(1, cpu.FUSED_MAX_M_INTERLEAVED + 1)
+                           if _C.reads_interleaved(torch.bfloat16, m)), default=0)
+            beyond = (f"and fused up to M = {read_to}" if read_to == cpu.FUSED_MAX_M_INTERLEAVED
+                      else "the row layout beyond")
+            interleave = (f"yes, an interleaved copy of W (integer sums, 16-bit x),\n    read at "
+                          f"M <= {read_to}, {beyond}; 0.56 bytes per weight more while in eval; "
+                          "NF4LORA_CPU_INTERLEAVE=0: off")
         print(f"  eval-mode Linear4bit on CPU: {interleave}")
         print("  cpu backward grad-input path by rows of grad (backends/cpu.py grad_input_fused_max_m):")
         for dtype in (torch.bfloat16, torch.float16, torch.float32):

@@ -111,29 +111,37 @@ def test_kernel_checks_the_copy_it_is_given():
         cpu_backend._C.lora_gemv_4bit(x, wrong, None, None, 1.0, None, y, h)
 
 
+# Where the active ISA's fused kernel reads a copy: AVX-512 at every M, AVX2 up to M = 4
+# (csrc/cpu/gemv_interleaved.h kGemvInterleavedMaxM: beyond it the row layout is faster).
+INTERLEAVED_MAX_M = {"scalar": 0, "avx2": 4, "avx512": 1 << 62, "avx512bf16": 1 << 62}
+
+
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512bf16"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_kernel_reads_the_copy_where_it_has_one(monkeypatch, isa, dtype):
-    # A zeroed copy gives y = bias where the copy is read (AVX-512, 16-bit x), and changes
-    # nothing where it is not (other ISAs, float32 x, NF4LORA_CPU_GEMV=float).
+@pytest.mark.parametrize("M", [1, 4, 5])
+def test_kernel_reads_the_copy_where_it_has_one(monkeypatch, isa, dtype, M):
+    # A zeroed copy gives y = bias where the copy is read (AVX2 up to M = 4, AVX-512, 16-bit
+    # x), and changes nothing where it is not (scalar, AVX2 from M = 5, float32 x,
+    # NF4LORA_CPU_GEMV=float).
     if isa not in cpu_backend._C.supported_isas():
         pytest.skip(f"this CPU cannot run {isa}")
     monkeypatch.setenv("NF4LORA_CPU_ISA", isa)
     _, _, weight = weight_of(40, 256)
-    x = torch.randn(3, 256).to(dtype)
+    x = torch.randn(M, 256).to(dtype)
     bias = torch.randn(40).to(dtype)
 
     def run(w):
-        y, h = torch.empty(3, 40, dtype=dtype), torch.empty(3, 0, dtype=dtype)
+        y, h = torch.empty(M, 40, dtype=dtype), torch.empty(M, 0, dtype=dtype)
         cpu_backend._C.lora_gemv_4bit(x, w, None, None, 1.0, bias, y, h)
         return y
 
     rows = run(weight)
     zeroed = run(weight._replace(interleaved=torch.zeros_like(copy_of(weight))))
-    assert cpu_backend._C.has_interleaved_gemv() == isa.startswith("avx512")
-    reads_it = isa.startswith("avx512") and dtype != torch.float32
+    assert cpu_backend._C.has_interleaved_gemv() == (isa != "scalar")
+    reads_it = M <= INTERLEAVED_MAX_M[isa] and dtype != torch.float32
+    assert cpu_backend._C.reads_interleaved(dtype, M) == reads_it
     if reads_it:
-        assert torch.equal(zeroed, bias.expand(3, 40))
+        assert torch.equal(zeroed, bias.expand(M, 40))
         monkeypatch.setenv("NF4LORA_CPU_GEMV", "float")
         assert torch.equal(run(weight._replace(interleaved=torch.zeros_like(copy_of(weight)))), run(weight))
     else:
@@ -221,7 +229,7 @@ def test_no_copy_when_turned_off_or_without_the_kernel(monkeypatch):
         layer(torch.randn(1, 256, dtype=torch.bfloat16))
     assert kept_copy(layer) is None
     monkeypatch.delenv("NF4LORA_CPU_INTERLEAVE")
-    monkeypatch.setenv("NF4LORA_CPU_ISA", "avx2" if "avx2" in cpu_backend._C.supported_isas() else "scalar")
+    monkeypatch.setenv("NF4LORA_CPU_ISA", "scalar")
     layer = layer_of().eval()
     with torch.no_grad():
         layer(torch.randn(1, 256, dtype=torch.bfloat16))
@@ -235,8 +243,12 @@ def test_info_says_whether_eval_layers_interleave(monkeypatch, capsys, isa):
     from nf4lora import cli
     monkeypatch.setenv("NF4LORA_CPU_ISA", isa)
     assert cli.main(["info"]) == 0
-    line = next(l for l in capsys.readouterr().out.splitlines() if "eval-mode Linear4bit on CPU" in l)
-    assert line.split(": ", 1)[1].startswith("yes" if isa.startswith("avx512") else "no")
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if "eval-mode Linear4bit on CPU" in l)
+    assert line.split(": ", 1)[1].startswith("no" if isa == "scalar" else "yes")
+    if isa != "scalar":   # up to which M calls read it
+        read_to = min(INTERLEAVED_MAX_M[isa], cpu_backend.FUSED_MAX_M_INTERLEAVED)
+        assert f"read at M <= {read_to}," in out
     monkeypatch.setenv("NF4LORA_CPU_INTERLEAVE", "0")
     assert cli.main(["info"]) == 0
     assert "eval-mode Linear4bit on CPU: no" in capsys.readouterr().out
@@ -260,12 +272,19 @@ def test_copies_and_pickles_leave_the_copy_behind():
     assert kept_copy(twin) is not None and kept_copy(twin).data_ptr() != kept_copy(layer).data_ptr()
 
 
-def test_a_copy_keeps_the_fused_path_to_a_larger_m(monkeypatch):
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512bf16"])
+def test_a_copy_keeps_the_fused_path_to_a_larger_m(monkeypatch, isa):
+    # where the copy is read at FUSED_MAX_M_INTERLEAVED rows (AVX-512); AVX2 reads it only
+    # up to M = 4, so its crossover stays the row layout's
+    if isa not in cpu_backend._C.supported_isas():
+        pytest.skip(f"this CPU cannot run {isa}")
+    monkeypatch.setenv("NF4LORA_CPU_ISA", isa)
     _, _, weight = weight_of(32, 256)
     with_copy = weight._replace(interleaved=copy_of(weight))
-    reads = cpu_backend._C.reads_interleaved(torch.bfloat16)
-    assert reads == has_kernel()
+    assert cpu_backend._C.reads_interleaved(torch.bfloat16) == (isa != "scalar")
     assert not cpu_backend._C.reads_interleaved(torch.float32)
+    reads = isa.startswith("avx512")
+    assert cpu_backend._C.reads_interleaved(torch.bfloat16, cpu_backend.FUSED_MAX_M_INTERLEAVED) == reads
     largest = cpu_backend.FUSED_MAX_M_INTERLEAVED if reads else cpu_backend.fused_max_m(torch.bfloat16)
     assert cpu_backend.fused_max_m(torch.bfloat16, with_copy) == largest
     assert cpu_backend.matmul_path(largest, with_copy, torch.bfloat16) == "fused"
@@ -275,3 +294,30 @@ def test_a_copy_keeps_the_fused_path_to_a_larger_m(monkeypatch):
     monkeypatch.setenv("NF4LORA_CPU_GEMV", "float")   # another decoder: the row layout's limits
     assert not cpu_backend._C.reads_interleaved(torch.bfloat16)
     assert cpu_backend.fused_max_m(torch.bfloat16, with_copy) == cpu_backend.fused_max_m(torch.bfloat16)
+
+
+@pytest.mark.skipif(not {"avx2", "avx512bf16"} <= set(cpu_backend._C.supported_isas())
+                    if cpu_backend._C is not None else True,
+                    reason="needs a CPU that runs both AVX2 and AVX512-BF16")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M", [1, 2, 3, 4])
+@pytest.mark.parametrize("out_f, in_f, blocksize", [(16, 64, 64), (45, 192, 64), (70, 1024, 256)])
+def test_avx2_and_avx512_kernels_give_the_same_bytes(monkeypatch, dtype, M, out_f, in_f, blocksize):
+    # The AVX2 kernel walks a tile as two halves of 8 rows and adds each row's two int32
+    # lanes before the fold (gemv_interleaved.h): each fold's sum is the AVX-512 kernel's
+    # exactly, so are the bytes, LoRA term and bias included.
+    _, _, weight = weight_of(out_f, in_f, blocksize=blocksize, seed=M)
+    weight = weight._replace(interleaved=copy_of(weight))
+    gen = torch.Generator().manual_seed(out_f + M)
+    x = torch.randn(M, in_f, generator=gen).to(dtype)
+    A = (torch.randn(8, in_f, generator=gen) / 8).to(dtype)
+    B = (torch.randn(out_f, 8, generator=gen) / 8).to(dtype)
+    bias = torch.randn(out_f, generator=gen).to(dtype)
+    outputs = {}
+    for isa in ("avx2", "avx512bf16"):
+        monkeypatch.setenv("NF4LORA_CPU_ISA", isa)
+        assert cpu_backend._C.reads_interleaved(dtype, M)
+        y, h = torch.empty(M, out_f, dtype=dtype), torch.empty(M, 8, dtype=dtype)
+        cpu_backend._C.lora_gemv_4bit(x, weight, A, B, 0.5, bias, y, h)
+        outputs[isa] = y
+    assert torch.equal(outputs["avx2"], outputs["avx512bf16"])

@@ -1,7 +1,9 @@
 // gemv_interleaved.h: the fused small-M matmul of gemv_body.h on a weight's interleaved
-// copy (weight.h kInterleaved*: 16 rows of W per tile, one row per int32 lane), AVX-512
-// only. Included at the end of gemv_body.h where the ISA file defines
-// NF4LORA_GEMV_INTERLEAVED to 1 (isa_avx512.cpp; no include guard), whose phase 2
+// copy (weight.h kInterleaved*: 16 rows of W per tile, one row per int32 lane), for
+// AVX-512 and AVX2. Included at the end of gemv_body.h where the ISA file defines
+// NF4LORA_GEMV_INTERLEAVED to the rows of a tile one vector holds: 16 (isa_avx512.cpp) or
+// 8 (isa_avx2.cpp, which walks a tile's two halves; see its interleaved_tile below). No
+// include guard. Its phase 2
 // (h = x @ A^T) and epilogue (gemv_finish_row) it shares; the dispatcher runs its two
 // entries in place of gemv_prepare and gemv_rows when the call has an interleaved copy
 // (dispatch.cpp wants_interleaved).
@@ -52,11 +54,22 @@ constexpr bool fits_int32() {
          (int64_t(1) << 31);
 }
 static_assert(fits_int32<bf16>() && fits_int32<fp16>(), "a lane's products between folds must fit int32");
-static_assert(kInterleavedColumns == kGemvXGroup && kInterleavedRows == kW,
-              "a group is one x scale group, a tile one vector of rows");
+static_assert(kInterleavedColumns == kGemvXGroup && NF4LORA_GEMV_INTERLEAVED == kW &&
+                  kInterleavedRows % kW == 0,
+              "a group is one x scale group, a tile one or two vectors of rows");
 
-// Phase 1, per row m of x: its levels as int16 in column order (so a pair of adjacent
-// columns is one int32 to broadcast) at x_paired + m * K / 2 floats, its scales per group
+// The order of x's levels in x_paired within each chunk of 8 columns: AVX-512 broadcasts
+// column pairs (8c + 2s, 8c + 2s + 1) in column order; AVX2's lanes hold a row's codes
+// of columns (8c + h, 8c + 4 + h) and (8c + 2 + h, 8c + 6 + h), h = 0, 1 (below).
+#if NF4LORA_GEMV_INTERLEAVED == 16
+constexpr int kInterleavedXOrder[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+#else
+constexpr int kInterleavedXOrder[8] = {0, 4, 1, 5, 2, 6, 3, 7};
+#endif
+
+// Phase 1, per row m of x: its levels as int16 in kInterleavedXOrder (AVX-512: column
+// order, so a pair of adjacent columns is one int32 to broadcast) at x_paired + m * K / 2
+// floats, its scales per group
 // (max |x| / (16383 * W's level scale): both level scales come out in the fold), and x_natural as
 // gemv_prepare_rows writes it (phase 2 reads it).
 template <class In>
@@ -67,7 +80,8 @@ void interleaved_prepare_rows(const GemvWork& a, int64_t m) {
   alignas(64) int32_t level[kGemvXGroup];
   for (int64_t e0 = 0; e0 < a.K; e0 += kGemvXGroup) {
     const float max_abs = IntegerGemvDecoder::x_levels(x + e0, level);
-    for (int j = 0; j < kGemvXGroup; ++j) levels[e0 + j] = static_cast<int16_t>(level[j]);
+    for (int j = 0; j < kGemvXGroup; ++j)
+      levels[e0 + j] = static_cast<int16_t>(level[j - j % 8 + kInterleavedXOrder[j % 8]]);
     scales[e0 / kGemvXGroup] = static_cast<float>(
         double(max_abs) / (double(kGemvLevelScale) * double(InterleavedLevels<In>::kScale)));
   }
@@ -75,16 +89,6 @@ void interleaved_prepare_rows(const GemvWork& a, int64_t m) {
     for (int64_t k = 0; k < a.K; k += kW) store_out<float>(a.x_natural + m * a.K + k, load(x + k));
 }
 
-// Phase 3: tile t (rows 16 t .. 16 t + 15 of W) against MT rows of x from m0. Per chunk
-// (64 bytes: 8 columns of 16 rows), vpermw of each word shifted by 0, 4, 8 and 12 bits
-// gives 4 vectors of 16 lanes x (2 columns) of levels (bit 4 of an index is the next
-// code's low bit: the 16 levels repeated in lanes 16-31), and each goes into a vpdpwssd
-// per row of x with that column pair of x broadcast. Chains: a vpdpwssd has ~4 cycles of
-// latency, so at MT = 1 the four vectors go to four sums, at MT = 2-4 to two (M = 3, 4:
-// 0.86-0.93x the time with one, W in cache; the same bytes: the sums are exact). gcc emits
-// each pair as a vpbroadcastd and a register vpdpwssd; forcing vpdpwssd's embedded
-// broadcast ({1to16}, inline asm) measured 0.92-0.98x the time (one and two threads, W
-// streamed): not kept, for inline asm in a file the SIMDe check compiles without AVX-512.
 // Prefetching. A tile is one sequential stream, but the hardware prefetcher alone let a
 // thread wait on memory: one Zen 4 thread, M = 1, 4096x4096 took 436 us streamed against
 // 298 in cache, where its 9.4 MB at one thread's probed read bandwidth (29.5 GB/s) take
@@ -109,8 +113,32 @@ void interleaved_prepare_rows(const GemvWork& a, int64_t m) {
 constexpr int64_t kFarPrefetchBytes = 12 << 10;
 constexpr int kFarPrefetchMaxRows = 7;
 
+#if NF4LORA_GEMV_INTERLEAVED == 16
+// The 16 levels of W as int16, repeated in words 16-31 (vpermw reads 5 index bits).
+struct InterleavedLookup {
+  I levels;
+  InterleavedLookup(const CodeTable& table, float scale) {
+    alignas(64) int16_t level[32];
+    integer_levels(table, scale, level);
+    memcpy(level + 16, level, 16 * sizeof(int16_t));
+    levels = _mm512_load_si512(level);
+  }
+};
+
+// Phase 3: tile t (rows 16 t .. 16 t + 15 of W) against MT rows of x from m0. Per chunk
+// (64 bytes: 8 columns of 16 rows), vpermw of each word shifted by 0, 4, 8 and 12 bits
+// gives 4 vectors of 16 lanes x (2 columns) of levels (bit 4 of an index is the next
+// code's low bit: the 16 levels repeated in lanes 16-31), and each goes into a vpdpwssd
+// per row of x with that column pair of x broadcast. Chains: a vpdpwssd has ~4 cycles of
+// latency, so at MT = 1 the four vectors go to four sums, at MT = 2-4 to two (M = 3, 4:
+// 0.86-0.93x the time with one, W in cache; the same bytes: the sums are exact). gcc emits
+// each pair as a vpbroadcastd and a register vpdpwssd; forcing vpdpwssd's embedded
+// broadcast ({1to16}, inline asm) measured 0.92-0.98x the time (one and two threads, W
+// streamed): not kept, for inline asm in a file the SIMDe check compiles without AVX-512.
+
 template <class T, int MT>
-void interleaved_tile(const GemvWork& a, I levels, int64_t m0, int64_t t) {
+void interleaved_tile(const GemvWork& a, const InterleavedLookup& lookup, int64_t m0, int64_t t) {
+  const I levels = lookup.levels;
   constexpr int kChains = MT == 1 ? 4 : (MT <= 4 ? 2 : 1);
   constexpr int kFoldChunks = InterleavedLevels<T>::kFoldChunks;
   const int64_t groups = a.K / kInterleavedColumns;
@@ -127,7 +155,7 @@ void interleaved_tile(const GemvWork& a, I levels, int64_t m0, int64_t t) {
     if constexpr (MT <= kFarPrefetchMaxRows) {
       for (int64_t line = 0; line < kInterleavedGroupBytes; line += 64)
         __builtin_prefetch(p + kFarPrefetchBytes + line, 0, 2);
-      std::atomic_signal_fence(std::memory_order_seq_cst);
+      __atomic_signal_fence(__ATOMIC_SEQ_CST);  // a compiler barrier, no instruction
     }
     if constexpr (MT >= 3)
       for (int64_t line = 0; line < kInterleavedGroupBytes; line += 64)
@@ -179,15 +207,101 @@ void interleaved_tile(const GemvWork& a, I levels, int64_t m0, int64_t t) {
   }
 }
 
+#else
+// The 16 levels of W as int16, split into byte planes (low and high bytes) for pshufb, in
+// both 128-bit lanes.
+struct InterleavedLookup {
+  BytePlanes planes;
+  InterleavedLookup(const CodeTable& table, float scale) {
+    int16_t level[16];
+    integer_levels(table, scale, level);
+    planes = BytePlanes(level);
+  }
+};
+
+// Phase 3 for AVX2: the same copy, the same sums. AVX2 has no 16-bit permute and 8 int32
+// lanes, so a tile is walked as two halves of 8 rows (rows 0-7: the first 32 bytes of each
+// chunk, words 0-15; then rows 8-15, whose lines the first half brought into L2), and a
+// 32-byte half chunk is decoded the way the row layout's AVX2 decoder decodes 64 codes
+// (a 16-bit shift and two ands make one code per byte, 4 pshufb look up the low and high
+// bytes of its level, 4 unpacks make the words). Byte 2w of the half is word w's bits 0-7
+// (codes s = 0, 1), byte 2w + 1 its bits 8-15 (s = 2, 3), and word w = 2j + h holds row
+// j's columns 8c + 2s + h; unpacking within 128-bit lanes leaves in each int32 lane one
+// word's (s = 0, s = 2) levels (low nibbles) or (s = 1, s = 3) (high nibbles), for words
+// {0-3, 8-11} (vector A) and {4-7, 12-15} (B): rows {0, 0, 1, 1, 4, 4, 5, 5} and
+// {2, 2, 3, 3, 6, 6, 7, 7}, h alternating. So x is read as 4 int16 per chunk and nibble
+// plane (kInterleavedXOrder: x(8c), x(8c + 4), x(8c + 1), x(8c + 5) for the low nibbles)
+// broadcast as one 64-bit value, and vphaddd(A, B) adds each row's two lanes into rows
+// 0-7 in order. Each fold's int32 sum of a row is then exactly the AVX-512 kernel's, and
+// the fold is the same: the two kernels give the same bytes (tested).
+template <class T, int MT>
+void interleaved_tile(const GemvWork& a, const InterleavedLookup& lookup, int64_t m0, int64_t t) {
+  constexpr int kFoldChunks = InterleavedLevels<T>::kFoldChunks;
+  const int64_t groups = a.K / kInterleavedColumns;
+  const uint8_t* tile = a.interleaved + t * groups * kInterleavedGroupBytes;
+  const int64_t* x = reinterpret_cast<const int64_t*>(a.x_paired) + m0 * (a.K / 4);
+  const float* x_scales = a.x_scales + m0 * groups;
+  const I nibble = _mm256_set1_epi8(0x0F);
+  const int64_t n0 = t * kInterleavedRows;
+  for (int half = 0; half < kInterleavedRows / kW; ++half) {
+    F acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = splat(0.0f);
+    const uint8_t* p = tile + half * 32;
+    for (int64_t g = 0; g < groups; ++g, p += kInterleavedGroupBytes) {
+      if constexpr (MT <= kFarPrefetchMaxRows) {  // (the second half finds its lines in L2)
+        if (half == 0)
+          for (int64_t line = 0; line < kInterleavedGroupBytes; line += 64)
+            __builtin_prefetch(p + kFarPrefetchBytes + line, 0, 2);
+        __atomic_signal_fence(__ATOMIC_SEQ_CST);  // a compiler barrier, no instruction
+      }
+      const F constants = _mm256_loadu_ps(
+          reinterpret_cast<const float*>(p - half * 32 + kInterleavedChunks * 64) + half * kW);
+      F fold[MT];
+      for (int m = 0; m < MT; ++m) fold[m] = mul(constants, splat(x_scales[m * groups + g]));
+      const int64_t* xg = x + g * (kInterleavedColumns / 4);
+#pragma GCC unroll 8
+      for (int c0 = 0; c0 < kInterleavedChunks; c0 += kFoldChunks) {
+        I sum_a[MT], sum_b[MT];
+        for (int m = 0; m < MT; ++m) sum_a[m] = sum_b[m] = splat_i(0);
+#pragma GCC unroll 8
+        for (int c = c0; c < c0 + kFoldChunks; ++c) {
+          const I q = _mm256_loadu_si256(reinterpret_cast<const I*>(p + 64 * c));
+          const I low = _mm256_and_si256(q, nibble), high = _mm256_and_si256(_mm256_srli_epi16(q, 4), nibble);
+          const I low_lo = _mm256_shuffle_epi8(lookup.planes.lo, low), low_hi = _mm256_shuffle_epi8(lookup.planes.hi, low);
+          const I high_lo = _mm256_shuffle_epi8(lookup.planes.lo, high), high_hi = _mm256_shuffle_epi8(lookup.planes.hi, high);
+          const I low_a = _mm256_unpacklo_epi8(low_lo, low_hi), low_b = _mm256_unpackhi_epi8(low_lo, low_hi);
+          const I high_a = _mm256_unpacklo_epi8(high_lo, high_hi), high_b = _mm256_unpackhi_epi8(high_lo, high_hi);
+#pragma GCC unroll 8
+          for (int m = 0; m < MT; ++m) {
+            const I x_low = _mm256_set1_epi64x(xg[m * (a.K / 4) + 2 * c]);
+            const I x_high = _mm256_set1_epi64x(xg[m * (a.K / 4) + 2 * c + 1]);
+            sum_a[m] = _mm256_add_epi32(sum_a[m], _mm256_add_epi32(_mm256_madd_epi16(low_a, x_low),
+                                                                   _mm256_madd_epi16(high_a, x_high)));
+            sum_b[m] = _mm256_add_epi32(sum_b[m], _mm256_add_epi32(_mm256_madd_epi16(low_b, x_low),
+                                                                   _mm256_madd_epi16(high_b, x_high)));
+          }
+        }
+        for (int m = 0; m < MT; ++m)
+          acc[m] = fmadd(_mm256_cvtepi32_ps(_mm256_hadd_epi32(sum_a[m], sum_b[m])), fold[m], acc[m]);
+      }
+    }
+    alignas(32) float lanes[MT][kW];
+    for (int m = 0; m < MT; ++m) _mm256_store_ps(lanes[m], acc[m]);
+    for (int64_t j = 0; j < kW && n0 + half * kW + j < a.N; ++j) {
+      F one[MT][1];
+      for (int m = 0; m < MT; ++m) one[m][0] = _mm256_setr_ps(lanes[m][j], 0, 0, 0, 0, 0, 0, 0);
+      gemv_finish_row<T, MT, 1>(a, one, m0, n0 + half * kW + j);
+    }
+  }
+}
+#endif
+
 template <class T>
 void interleaved_tiles_impl(const GemvWork& a, int64_t t0, int64_t t1) {
-  alignas(64) int16_t level[32];
-  integer_levels(a.weight.table, float(InterleavedLevels<T>::kScale), level);
-  memcpy(level + 16, level, 16 * sizeof(int16_t));
-  const I levels = _mm512_load_si512(level);
+  const InterleavedLookup lookup(a.weight.table, float(InterleavedLevels<T>::kScale));
   for (int64_t m0 = 0; m0 < a.M; m0 += kMaxTile)
     with_tile_rows(a.M - m0, [&](auto mt) {
-      for (int64_t t = t0; t < t1; ++t) interleaved_tile<T, decltype(mt)::value>(a, levels, m0, t);
+      for (int64_t t = t0; t < t1; ++t) interleaved_tile<T, decltype(mt)::value>(a, lookup, m0, t);
     });
 }
 
@@ -204,3 +318,16 @@ void gemv_interleaved_tiles_entry(const GemvWork& a, int64_t t0, int64_t t1) {
 }
 constexpr GemvXPhase kGemvInterleavedPrepare = &gemv_interleaved_prepare_entry;
 constexpr GemvWPhase kGemvInterleavedTiles = &gemv_interleaved_tiles_entry;
+// The largest M that reads the copy (dispatch.cpp reads_interleaved). AVX-512: every fused
+// M (M = 4-8 2x the row layout's bf16 decoder). AVX2, against the row layout's integer
+// decoder, in one process, W streamed, one thread (two threads), NF4LORA_CPU_ISA=avx2 on a
+// Zen 4, time interleaved / row: 4096x4096 bf16 x M = 1 0.76 (0.86), 2 0.81 (0.85), 3 0.92
+// (0.94), 4 0.96 (1.00), 5 1.09 (1.06), 6 1.14, 8 1.12 (W in cache 1.25: with 8 lanes
+// per vector a row of x keeps two int32 sums, its float sum and its fold factors live, and
+// from MT = 3 they no longer fit 16 registers); 5632x2048, 2048x5632, 11008x4096 M = 1
+// 0.73-0.74 (0.82), 2048x2048 0.78; fp16 x M = 1 0.82.
+#if NF4LORA_GEMV_INTERLEAVED == 16
+constexpr int64_t kGemvInterleavedMaxM = INT64_MAX;
+#else
+constexpr int64_t kGemvInterleavedMaxM = 4;
+#endif

@@ -10,7 +10,6 @@
 #include <stdint.h>
 #include <string.h>
 
-#include <atomic>
 #include <numeric>
 
 #include <type_traits>
@@ -125,9 +124,11 @@ struct IsaKernels {
   void (*gemv_lora_h)(const GemvWork&, int64_t m, int64_t j);
   void (*gemv_rows)(const GemvWork&, int64_t n0, int64_t n1);
   // the same phases 1 and 3 on the weight's interleaved copy (gemv_interleaved.h; null
-  // where the ISA has none): per row m of x; tiles [t0, t1) of 16 rows of W
+  // where the ISA has none): per row m of x; tiles [t0, t1) of 16 rows of W; and the
+  // largest M they take (beyond it the row layout's kernel is faster)
   GemvXPhase gemv_interleaved_prepare;
   GemvWPhase gemv_interleaved_tiles;
+  int64_t gemv_interleaved_max_m;
   // dx[:, c0:c1] of the fused grad-input (c0, c1 on block boundaries)
   void (*grad_input_panel)(const GradInputWork&, int64_t c0, int64_t c1, float* scratch);
 };
@@ -142,7 +143,7 @@ struct IsaKernels {
                               &quantize_blockwise_entry, &dequantize_blockwise_entry,    \
                               &gemv_prepare_entry, &gemv_lora_h_entry, &gemv_rows_entry,  \
                               kGemvInterleavedPrepare, kGemvInterleavedTiles,             \
-                              &grad_input_panel_entry};                                   \
+                              kGemvInterleavedMaxM, &grad_input_panel_entry};                                   \
     return k;                                                                            \
   }                                                                                      \
   }

@@ -259,30 +259,40 @@ template <class T> struct GemvDecoderFor { using type = GemvDecoder; };
 // (2.37 / 3.83 / 6.38: 3% faster at M = 1, 9% slower at M = 2, and gemv_body.h's loop would
 // need two folds per step). GCC already adds the 4 vpmaddwd results pairwise (3 vpaddd per
 // step and row, the first add of zero folded away).
+// 16 int16 levels as two byte planes (their low and high bytes) in both 128-bit lanes, for
+// pshufb: a code's level is unpacklo/hi_epi8(shuffle(lo, code), shuffle(hi, code)).
+struct BytePlanes {
+  I lo, hi;
+  BytePlanes() = default;
+  explicit BytePlanes(const int16_t* levels) {
+    alignas(16) uint8_t low[16], high[16];
+    for (int c = 0; c < 16; ++c) {
+      low[c] = static_cast<uint8_t>(levels[c] & 0xFF);
+      high[c] = static_cast<uint8_t>((levels[c] >> 8) & 0xFF);
+    }
+    lo = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(low)));
+    hi = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(high)));
+  }
+};
+
 struct GemvInt16Decoder : IntegerGemvDecoder {
   static constexpr int kGroup = 64, kVectors = 4;
   static int source(int j) {  // vector j / 16, word j % 16: packed byte b, element 2b or 2b + 1
     const int byte = j % 8 + 8 * ((j / 16) % 2) + 16 * ((j / 8) % 2);
     return 2 * byte + j / 32;
   }
-  I plane_lo, plane_hi;
+  BytePlanes planes;
   explicit GemvInt16Decoder(const CodeTable& table) {
     int16_t levels[16];
     int16_levels(table, levels);
-    alignas(16) uint8_t lo[16], hi[16];
-    for (int c = 0; c < 16; ++c) {
-      lo[c] = static_cast<uint8_t>(levels[c] & 0xFF);
-      hi[c] = static_cast<uint8_t>((levels[c] >> 8) & 0xFF);
-    }
-    plane_lo = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(lo)));
-    plane_hi = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(hi)));
+    planes = BytePlanes(levels);
   }
   void operator()(const Table&, const uint8_t* p, I* w) const {
     const I q = _mm256_loadu_si256(reinterpret_cast<const I*>(p));
     const I nibble = _mm256_set1_epi8(0x0F);
     const I even = _mm256_and_si256(_mm256_srli_epi16(q, 4), nibble), odd = _mm256_and_si256(q, nibble);
-    const I even_lo = _mm256_shuffle_epi8(plane_lo, even), even_hi = _mm256_shuffle_epi8(plane_hi, even);
-    const I odd_lo = _mm256_shuffle_epi8(plane_lo, odd), odd_hi = _mm256_shuffle_epi8(plane_hi, odd);
+    const I even_lo = _mm256_shuffle_epi8(planes.lo, even), even_hi = _mm256_shuffle_epi8(planes.hi, even);
+    const I odd_lo = _mm256_shuffle_epi8(planes.lo, odd), odd_hi = _mm256_shuffle_epi8(planes.hi, odd);
     w[0] = _mm256_unpacklo_epi8(even_lo, even_hi);
     w[1] = _mm256_unpackhi_epi8(even_lo, even_hi);
     w[2] = _mm256_unpacklo_epi8(odd_lo, odd_hi);
@@ -294,6 +304,7 @@ struct GemvInt16Decoder : IntegerGemvDecoder {
 };
 constexpr bool kHasIntegerDecoder = true;
 using GemvIntegerDecoder = GemvInt16Decoder;
+#define NF4LORA_GEMV_INTERLEAVED 8  // gemv_interleaved.h (a tile's rows in two halves)
 
 #include "kernel_body.h"
 #include "gemv_body.h"

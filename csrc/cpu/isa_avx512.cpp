@@ -384,7 +384,7 @@ template <class T> struct GemvDecoderFor { using type = GemvDecoder; };
 #endif
 constexpr bool kHasIntegerDecoder = true;
 using GemvIntegerDecoder = GemvInt16Decoder;
-#define NF4LORA_GEMV_INTERLEAVED 1  // gemv_interleaved.h, included by gemv_body.h
+#define NF4LORA_GEMV_INTERLEAVED 16  // gemv_interleaved.h (a tile's 16 rows in one vector)
 
 #include "kernel_body.h"
 #include "gemv_body.h"

@@ -140,7 +140,8 @@ FUSED_MAX_M_NATIVE_GEMM = 24
 #   5632x2048  M = 32: 4.41 vs 6.24 / 2.16 vs 3.36;  64: 8.56 vs 9.46 / 4.30 vs 5.10;
 #              96: 13.0 vs 13.0 / 6.43 vs 6.81
 # so they cross near M = 96; 64 keeps a margin (a prompt of up to 64 tokens is prefilled
-# by the fused kernel).
+# by the fused kernel). On AVX2 a call reads the copy only up to M = 4 (csrc/cpu/
+# gemv_interleaved.h kGemvInterleavedMaxM), so there the row layout's crossover stays.
 FUSED_MAX_M_INTERLEAVED = 64
 
 # Largest M whose backward grad-input (dx = grad @ W + grad_h @ lora_A) takes the fused
@@ -197,7 +198,8 @@ def _native_16bit_gemm(dtype: torch.dtype) -> bool:
 def fused_max_m(dtype: torch.dtype, weight=None) -> int:
     """The largest M of activations of `dtype` that takes the fused kernel (see above), for
     `weight` (a PackedWeight: whether it brings an interleaved copy the call reads)."""
-    if weight is not None and weight.interleaved is not None and _C.reads_interleaved(dtype):
+    if (weight is not None and weight.interleaved is not None
+            and _C.reads_interleaved(dtype, FUSED_MAX_M_INTERLEAVED)):
         return FUSED_MAX_M_INTERLEAVED
     return FUSED_MAX_M_NATIVE_GEMM if _native_16bit_gemm(dtype) else FUSED_MAX_M
 
@@ -231,7 +233,7 @@ def interleave_unavailable() -> str | None:
     if _C is None:
         return _IMPORT_ERROR
     if not _C.has_interleaved_gemv():
-        return f"{_C.isa()} has no kernel for the interleaved copy: AVX-512 has"
+        return f"{_C.isa()} has no kernel for the interleaved copy: AVX2 and AVX-512 have"
     if os.environ.get("NF4LORA_CPU_INTERLEAVE", "1") == "0":
         return "NF4LORA_CPU_INTERLEAVE=0"
     return None
@@ -241,7 +243,7 @@ def interleave(weight) -> torch.Tensor | None:
     """The weight's interleaved copy (csrc/weight.h: 16 rows of W per tile, one row per
     vector lane, block constants decoded beside their codes), which the fused kernel reads
     instead of the bitsandbytes-layout bytes where the active ISA has a kernel for it
-    (`_C.has_interleaved_gemv()`: AVX-512); None where nothing would read one
+    (`_C.has_interleaved_gemv()`: AVX2, AVX-512); None where nothing would read one
     (`interleave_unavailable`, an empty weight, or in_features or blocksize not a multiple
     of 64: `_C.interleavable`). It costs the packed bytes once more (+12.5% for the
     constants: 9.4 MB for 4096x4096) and one pass to build (~6 ms for 4096x4096, one
