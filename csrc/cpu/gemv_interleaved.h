@@ -3,10 +3,9 @@
 // AVX-512 and AVX2. Included at the end of gemv_body.h where the ISA file defines
 // NF4LORA_GEMV_INTERLEAVED to the rows of a tile one vector holds: 16 (isa_avx512.cpp) or
 // 8 (isa_avx2.cpp, which walks a tile's two halves; see its interleaved_tile below). No
-// include guard. Its phase 2
-// (h = x @ A^T) and epilogue (gemv_finish_row) it shares; the dispatcher runs its two
-// entries in place of gemv_prepare and gemv_rows when the call has an interleaved copy
-// (dispatch.cpp wants_interleaved).
+// include guard. It shares gemv_body.h's phase 2 (h = x @ A^T) and epilogue
+// (gemv_finish_row); the dispatcher runs its two entries in place of gemv_prepare and
+// gemv_rows when the call brings an interleaved copy (dispatch.cpp wants_interleaved).
 //
 // Why a second layout: on the bitsandbytes layout a thread walks one row of W at a time,
 // and each row pays a fixed cost beyond its steps (its block constants with the nested
