@@ -143,7 +143,7 @@ struct IsaKernels {
                               &quantize_blockwise_entry, &dequantize_blockwise_entry,    \
                               &gemv_prepare_entry, &gemv_lora_h_entry, &gemv_rows_entry,  \
                               kGemvInterleavedPrepare, kGemvInterleavedTiles,             \
-                              kGemvInterleavedMaxM, &grad_input_panel_entry};                                   \
+                              kGemvInterleavedMaxM, &grad_input_panel_entry};             \
     return k;                                                                            \
   }                                                                                      \
   }

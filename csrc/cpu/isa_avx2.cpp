@@ -237,6 +237,22 @@ struct GemvDecoder : FloatGemvDecoder {
 };
 template <class T> struct GemvDecoderFor { using type = GemvDecoder; };
 
+// 16 int16 levels as two byte planes (their low and high bytes) in both 128-bit lanes, for
+// pshufb: a code's level is unpacklo/hi_epi8(shuffle(lo, code), shuffle(hi, code)).
+struct BytePlanes {
+  I lo, hi;
+  BytePlanes() = default;
+  explicit BytePlanes(const int16_t* levels) {
+    alignas(16) uint8_t low[16], high[16];
+    for (int c = 0; c < 16; ++c) {
+      low[c] = static_cast<uint8_t>(levels[c] & 0xFF);
+      high[c] = static_cast<uint8_t>((levels[c] >> 8) & 0xFF);
+    }
+    lo = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(low)));
+    hi = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(high)));
+  }
+};
+
 // 16-bit activations: the integer decoder (gemv_body.h). The same in-lane lookup with two
 // byte planes (the low and high bytes of the 16 int16 levels, built once per call, not per
 // block) and one byte interleave per vector give 64 int16 weights per 32 packed bytes: one
@@ -259,22 +275,6 @@ template <class T> struct GemvDecoderFor { using type = GemvDecoder; };
 // (2.37 / 3.83 / 6.38: 3% faster at M = 1, 9% slower at M = 2, and gemv_body.h's loop would
 // need two folds per step). GCC already adds the 4 vpmaddwd results pairwise (3 vpaddd per
 // step and row, the first add of zero folded away).
-// 16 int16 levels as two byte planes (their low and high bytes) in both 128-bit lanes, for
-// pshufb: a code's level is unpacklo/hi_epi8(shuffle(lo, code), shuffle(hi, code)).
-struct BytePlanes {
-  I lo, hi;
-  BytePlanes() = default;
-  explicit BytePlanes(const int16_t* levels) {
-    alignas(16) uint8_t low[16], high[16];
-    for (int c = 0; c < 16; ++c) {
-      low[c] = static_cast<uint8_t>(levels[c] & 0xFF);
-      high[c] = static_cast<uint8_t>((levels[c] >> 8) & 0xFF);
-    }
-    lo = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(low)));
-    hi = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(high)));
-  }
-};
-
 struct GemvInt16Decoder : IntegerGemvDecoder {
   static constexpr int kGroup = 64, kVectors = 4;
   static int source(int j) {  // vector j / 16, word j % 16: packed byte b, element 2b or 2b + 1
