@@ -179,8 +179,15 @@ void check_common(int64_t n, int64_t blocksize, int dtype, const char* dtype_nam
 // Chunks of 16 rows (32 KiB of a 4096-wide layer) broke the streams: two Zen 4 threads,
 // W cold, M = 1, interleaved in one process, 16 -> 128 rows: 4096x4096 0.46 -> 0.37 ms,
 // 11008x4096 1.09 -> 0.89, 2048x2048 0.24 -> 0.16, 5632x2048 0.46 -> 0.36 (64 rows was
-// 0.8-0.9x of those gains, 256 no better; one thread unchanged).
-constexpr int64_t kGemvRowsPerChunk = 128;
+// 0.8-0.9x of those gains, 256 no better; one thread unchanged). With the interleaved
+// copy's far prefetch (gemv_interleaved.h), which runs 12 KiB past a chunk's end into rows
+// the other thread may take, 512 rows were faster, in one process against 128 and 256, two
+// threads, W cold, M = 1, quiet: 11008x4096 0.92-0.99x (256: 0.95-0.99x), 4096x4096
+// 0.98x, 2048x5632 / 5632x2048 / 2048x2048 0.98-1.00x (their N halves the chunk), M = 2, 4
+// 0.96-0.99x; AVX2 copy 0.91x (11008x4096); row layout 0.95-0.99x (AVX-512, AVX2: one run
+// 1.12x, its rerun 0.97x); with a busy process on one core 0.94-0.95x (256: 0.83-0.93x):
+// chunks of 512 rows still balance a thread that loses its core; one thread unchanged.
+constexpr int64_t kGemvRowsPerChunk = 512;
 constexpr int64_t kGemvMinRowsPerChunk = 16;
 
 // Whether none of the n elements at x (of dtype) is an Inf or NaN: all exponent bits set.
