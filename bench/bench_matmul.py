@@ -374,7 +374,9 @@ nf4lora_eval_layers: list = []   # the layers nf4lora_eval_impl built, for nf4lo
 
 def nf4lora_eval_path() -> str:
     from nf4lora._weight import PackedWeight
-    layers = [layer for layer in nf4lora_eval_layers if layer.in_features % 64 == 0]
+    from nf4lora.backends import cpu
+    layers = [layer for layer in nf4lora_eval_layers
+              if cpu._C is None or cpu._C.interleavable(layer.in_features, layer.weight.quant_state.blocksize)]
     kept = sum(PackedWeight.kept_interleaved(layer.weight.quant_state) is not None for layer in layers)
     others = len(nf4lora_eval_layers) - len(layers)
     return (f"{NF4LORA_EVAL}: {kept} of {len(layers)} layers read an interleaved copy"

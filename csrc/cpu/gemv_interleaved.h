@@ -111,6 +111,11 @@ void interleaved_prepare_rows(const GemvWork& a, int64_t m) {
 // M = 4-8 0.62-0.70x.
 constexpr int64_t kFarPrefetchBytes = 12 << 10;
 constexpr int kFarPrefetchMaxRows = 7;
+// (The AVX-512 and AVX2 tiles below each write out this prefetch and their epilogue. Shared
+// as two inline helpers, a prefetch_group_far(p) and a finish_interleaved_rows, they made
+// the same kernels slower streamed, in one process, one thread, 4096x4096: AVX-512 M = 1
+// 0.96x the old kernel's time against 0.81x, M = 2 0.80 against 0.71x; AVX2 M = 1 0.83x
+// the row layout's against 0.78x. Re-measure before folding them together.)
 
 #if NF4LORA_GEMV_INTERLEAVED == 16
 // The 16 levels of W as int16, repeated in words 16-31 (vpermw reads 5 index bits). Passed
