@@ -16,6 +16,8 @@ Providers, all on CPU tensors in one run:
                       backend usable on CPU ("cpu", "reference"; the reference not in train)
   nf4lora-eval        an eval-mode nf4lora.nn.Linear4bit under no_grad (matmul): on CPUs with
                       AVX2 or AVX-512 it reads the interleaved copy it builds in its first forward
+  nf4lora-eval-int8   the same with the opt-in NF4LORA_CPU_GEMV=int8 (int8 sums, AVX512-VNNI;
+                      less exact than dense bf16), only when named in --providers
   bitsandbytes        bitsandbytes.matmul_4bit (its CPU path: which one ran is in the JSON),
                       plus the adapter as PEFT adds it: y + lora_B(lora_A(x)) * s
   bitsandbytes-gemv   an eval-mode bitsandbytes.nn.Linear4bit under no_grad (matmul, M = 1): on
@@ -272,6 +274,7 @@ class Impl:
     max_tokens: Optional[int] = None
     context: Callable = contextlib.nullcontext
     guarded: bool = False                       # checked against the dequantized weight
+    tolerance: float = 1.0                      # times mismatch()'s bf16 tolerance
 
     def runs(self, case: Case) -> bool:
         return case.op in self.ops and (self.max_tokens is None or case.tokens <= self.max_tokens)
@@ -340,15 +343,33 @@ def nf4lora_impl(backend: str, split_k: bool = True, triton_route: bool = True) 
 
 
 NF4LORA_EVAL = "nf4lora-eval"
+NF4LORA_EVAL_INT8 = "nf4lora-eval-int8"
 
 
-def nf4lora_eval_impl() -> Impl:
+@contextlib.contextmanager
+def gemv_sums(value: str):
+    """NF4LORA_CPU_GEMV=value around the calls (the dispatcher reads it at every call)."""
+    import os
+    previous = os.environ.get("NF4LORA_CPU_GEMV")
+    os.environ["NF4LORA_CPU_GEMV"] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("NF4LORA_CPU_GEMV")
+        else:
+            os.environ["NF4LORA_CPU_GEMV"] = previous
+
+
+def nf4lora_eval_impl(int8: bool = False) -> Impl:
     """nf4lora's drop-in for inference: an eval-mode nf4lora.nn.Linear4bit under no_grad on
     the same bytes (NF4, double quant, bf16 compute), as bitsandbytes-gemv is bitsandbytes'.
-    On CPUs with an AVX-512 kernel for it, its first forward (the warm-up) builds the
+    On CPUs with an AVX2 or AVX-512 kernel for it, its first forward (the warm-up) builds the
     interleaved copy of the weight that the fused kernel then reads (backends.cpu.interleave;
     the row's bytes are still the format's, for "% read BW"; the copy is 9% more); elsewhere
-    it is nf4lora[cpu]. nf4lora_eval_path() says which."""
+    it is nf4lora[cpu]. nf4lora_eval_path() says which. int8: the same layer with the opt-in
+    NF4LORA_CPU_GEMV=int8 (int8 levels and x, AVX512-VNNI; less exact than dense bf16: the
+    README's "CPU matmul"; where the ISA lacks it, what the default gives)."""
     import nf4lora
 
     def make_forward(case: Case) -> Forward:
@@ -366,6 +387,11 @@ def nf4lora_eval_impl() -> Impl:
                 return layer(x)
         return forward
 
+    if int8:
+        # int8 levels and x, each within 0.5 / 127 of its scale: mean |error| ~4x dense
+        # bf16's (tests/test_cpu_matmul.py test_int8_is_less_exact_than_the_16bit_baseline)
+        return Impl(NF4LORA_EVAL_INT8, make_forward, quantized_bytes, ops=("matmul",), guarded=True,
+                    tolerance=4.0, context=functools.partial(gemv_sums, "int8"))
     return Impl(NF4LORA_EVAL, make_forward, quantized_bytes, ops=("matmul",), guarded=True)
 
 
@@ -530,8 +556,9 @@ def expected(case: Case) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
             ("dB", SCALING * g.t() @ h, SCALING * root_sum_squares(g.t(), h))]
 
 
-def mismatch(got: torch.Tensor, want: torch.Tensor, terms: torch.Tensor) -> Optional[str]:
-    """None if got is want up to bf16 arithmetic, else how far off it is.
+def mismatch(got: torch.Tensor, want: torch.Tensor, terms: torch.Tensor,
+             scale: float = 1.0) -> Optional[str]:
+    """None if got is want up to bf16 arithmetic (times `scale`), else how far off it is.
 
     bf16 keeps 8 significant bits (unit roundoff u = 2^-9). Each term of a sum carries a
     rounding or two of random sign (W or h rounded to bf16), so the sum is off by ~u times
@@ -543,7 +570,7 @@ def mismatch(got: torch.Tensor, want: torch.Tensor, terms: torch.Tensor) -> Opti
     if got.shape != want.shape:
         return f"shape {list(got.shape)}, expected {list(want.shape)}"
     error = (got.float() - want).abs()
-    tolerance = 2 ** -5 * terms + 2 ** -7 * want.abs()
+    tolerance = scale * (2 ** -5 * terms + 2 ** -7 * want.abs())
     bad = error > tolerance
     if not bad.any():
         return None
@@ -567,7 +594,7 @@ def check_impl(impl: Impl, ops, tokens, device: str = "cpu") -> Optional[str]:
                 if len(got) != len(wanted):
                     return f"{op} at M={m}: {len(got)} outputs, expected {len(wanted)}"
                 for value, (name, want, terms) in zip(got, wanted):
-                    why = mismatch(value.detach(), want, terms)
+                    why = mismatch(value.detach(), want, terms, impl.tolerance)
                     if why:
                         return f"{op} {name} at M={m}, {shape[0]}x{shape[1]}: {why}"
     return None
@@ -689,7 +716,7 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true",
                         help="tiny shapes, M = 1 and 64, 64 MiB probe, 2 reps: a smoke run, not numbers")
     parser.add_argument("--providers", nargs="+", metavar="NAME",
-                        help=f"only these (nf4lora, nf4lora[cpu], {NF4LORA_EVAL}, nf4lora[reference], {BASELINE}, "
+                        help=f"only these (nf4lora, nf4lora[cpu], {NF4LORA_EVAL}, {NF4LORA_EVAL_INT8}, nf4lora[reference], {BASELINE}, "
                              f"{BNB_GEMV}, {TORCH_INT4}, "
                              f"torchao, {DENSE})")
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
@@ -763,6 +790,8 @@ def find_providers(args, notes: list[str]) -> Found:
     impls = [nf4lora_impl(backend) for backend in backends]
     if "cpu" in backends and wanted(NF4LORA_EVAL):
         impls.append(nf4lora_eval_impl())
+    if "cpu" in backends and args.providers and NF4LORA_EVAL_INT8 in args.providers:  # opt-in: asked for by name
+        impls.append(nf4lora_eval_impl(int8=True))
     bnb, bnb_messages, torchao_where = None, [], None
     bnb_rows = [(name, make) for name, make in ((BASELINE, bitsandbytes_impl),
                                                 (BNB_GEMV, bitsandbytes_gemv_impl)) if wanted(name)]
@@ -932,8 +961,14 @@ def run(args, preset: dict, found: Found, quantizer: Quantizer, notes: list[str]
     if any(impl.name == BNB_GEMV for impl in impls):
         notes.append(bnb_gemv_path())
         bnb_gemv_layers.clear()   # the run's layers (their weights) are not kept past it
-    if any(impl.name == NF4LORA_EVAL for impl in impls):
+    if any(impl.name in (NF4LORA_EVAL, NF4LORA_EVAL_INT8) for impl in impls):
         notes.append(nf4lora_eval_path())
+    if any(impl.name == NF4LORA_EVAL_INT8 for impl in impls):
+        from nf4lora.backends import cpu
+        with gemv_sums("int8"):
+            sums = cpu._C.gemv_decoder(8, DTYPE)
+        notes.append(f"{NF4LORA_EVAL_INT8}: {sums} sums" + ("" if sums == "int8" else
+                     f" ({cpu._C.isa()} has no int8 sums: the rows are {NF4LORA_EVAL}'s)"))
         nf4lora_eval_layers.clear()
     if any(r["op"] == "train" and r["provider"] in (BASELINE, DENSE) for r in rows):
         notes.append("train: the dense-bf16 and bitsandbytes steps are dominated by torch's bf16 "

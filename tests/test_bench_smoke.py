@@ -10,6 +10,7 @@ import contextlib
 import functools
 import importlib
 import json
+import os
 import sys
 import types
 from pathlib import Path
@@ -195,6 +196,21 @@ def test_matmul_peer_kernels_and_cycles_column(tmp_path):
         if mhz is not None:
             assert row["cycles_per_32_weights"] == pytest.approx(
                 row["median_ms"] * 1e-3 * mhz * 1e6 / (256 * 256 / 32))
+
+
+def test_matmul_int8_eval_row_is_opt_in_and_guarded(tmp_path):
+    # nf4lora-eval-int8 runs only when named; it passes the guard at its own (int8)
+    # tolerance, the notes say which sums ran, and the environment is left as it was
+    payload = bench_matmul.main(MATMUL_SMALL + ["--ops", "matmul", "--out", str(tmp_path)])
+    assert bench_matmul.NF4LORA_EVAL_INT8 not in {row["provider"] for row in payload["rows"]}
+    payload = bench_matmul.main(MATMUL_SMALL + ["--ops", "matmul", "--out", str(tmp_path), "--providers",
+                                                bench_matmul.NF4LORA_EVAL, bench_matmul.NF4LORA_EVAL_INT8])
+    assert {row["provider"] for row in payload["rows"]} == {bench_matmul.NF4LORA_EVAL,
+                                                            bench_matmul.NF4LORA_EVAL_INT8}
+    (note,) = [n for n in payload["notes"] if n.startswith(bench_matmul.NF4LORA_EVAL_INT8 + ": ")]
+    from nf4lora.backends import cpu
+    assert ("int8 sums" in note) == (cpu._C.isa() == "avx512bf16")
+    assert "NF4LORA_CPU_GEMV" not in os.environ
 
 
 def test_int4pack_round_trips_through_torchs_kernel():

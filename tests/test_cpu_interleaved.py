@@ -142,6 +142,10 @@ def test_kernel_reads_the_copy_where_it_has_one(monkeypatch, isa, dtype, M):
     assert cpu_backend._C.reads_interleaved(dtype, M) == reads_it
     if reads_it:
         assert torch.equal(zeroed, bias.expand(M, 40))
+        # int8 sums on the copy where the ISA has them (avx512bf16), int16 elsewhere
+        monkeypatch.setenv("NF4LORA_CPU_GEMV", "int8")
+        assert cpu_backend._C.reads_interleaved(dtype, M)
+        assert torch.equal(run(weight._replace(interleaved=torch.zeros_like(copy_of(weight)))), bias.expand(M, 40))
         monkeypatch.setenv("NF4LORA_CPU_GEMV", "float")
         assert torch.equal(run(weight._replace(interleaved=torch.zeros_like(copy_of(weight)))), run(weight))
     else:

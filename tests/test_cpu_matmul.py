@@ -318,11 +318,13 @@ def int8_emulation(x, packed, state, K):
     (8, 4096, 64, "nf4", True),     # K in slices (8-row tile)
     (9, 1152, 128, "fp4", True),    # an 8-row tile and a 1-row tile
 ])
-def test_int8_sums_are_exact(int8, dtype, M, K, blocksize, quant_type, nested):
+def test_int8_sums_are_exact(int8, layout, dtype, M, K, blocksize, quant_type, nested):
     # The kernel's integer sums equal the emulation's (vpdpbusd on level + 128 with the
-    # -128 * sum(x) start): what is left is float32 rounding (the fold, the chains,
-    # < 1e-5 of the sum of |terms|) and one rounding to the output dtype. A wrong start,
-    # lane -> scale group mapping, element order or level scale is off by far more.
+    # -128 * sum(x) start), on the row layout and on the interleaved copy (the same sum per
+    # group of 64, another float order): what is left is float32 rounding (the fold, the
+    # chains, < 1e-5 of the sum of |terms|) and one rounding to the output dtype. A wrong
+    # start, lane -> scale group mapping, element order or level scale is off by far more,
+    # and so are int16 sums (what the copy's kernel would give had it not taken int8).
     packed, state, _ = quantized(40, K, quant_type=quant_type, nested=nested, blocksize=blocksize)
     x, _, _, _ = operands(M, K, 40, 0, dtype, bias=False)
     y, _ = run_op(x, packed, state, None, None, 1.0, None)
@@ -344,7 +346,7 @@ def int8_error_bound(x, W, constants, blocksize):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M,r,bias", [(1, 0, False), (4, 8, True), (9, 3, True)])
-def test_int8_within_its_quantization_bound(int8, dtype, M, r, bias):
+def test_int8_within_its_quantization_bound(int8, layout, dtype, M, r, bias):
     # LoRA and bias: the LoRA term from the returned h (float math, as in check_forward)
     packed, state, W = quantized(48, 1088, nested=True)
     x, A, B, b = operands(M, 1088, 48, r, dtype, bias)
@@ -367,7 +369,7 @@ def test_int8_within_its_quantization_bound(int8, dtype, M, r, bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_int8_is_less_exact_than_the_16bit_baseline(int8, dtype):
+def test_int8_is_less_exact_than_the_16bit_baseline(int8, layout, dtype):
     # What the docs say: opt-in because it is less exact than dense bf16 (README "CPU
     # matmul"). Mean |error| vs float64 over 1024 outputs, K = 4096: measured (bf16 / fp16)
     # int8 0.44 / 0.42, dense baseline 0.117 / 0.0143, int16 0.075 / 0.0098.
@@ -483,8 +485,10 @@ def test_workspace_is_reused_and_released():
 
 # ---- determinism and threads -----------------------------------------------------------
 
+@pytest.mark.parametrize("gemv", ["auto", "int8"])
 @pytest.mark.parametrize("M", [1, 5, 48])
-def test_same_bytes_for_any_thread_count_and_run(layout, M):
+def test_same_bytes_for_any_thread_count_and_run(layout, M, gemv, monkeypatch):
+    monkeypatch.setenv("NF4LORA_CPU_GEMV", gemv)
     packed, state, _ = quantized(1000, 512)
     x, A, B, b = operands(M, 512, 1000, 8, torch.bfloat16)
     results = []

@@ -224,7 +224,8 @@ bool all_finite(const void* x, int dtype, int64_t n) {
 // (M = 4 is a tie).
 // NF4LORA_CPU_GEMV=int8 (opt-in, never chosen by auto: less exact than the dense bf16
 // baseline) takes the int8 decoder (isa_avx512.cpp GemvInt8Decoder, AVX512-VNNI
-// vpdpbusd) on avx512bf16, the one build with VNNI; on avx2 and avx512 it gives what
+// vpdpbusd; on a weight's interleaved copy the copy's int8 sums, interleaved_sums) on
+// avx512bf16, the one build with VNNI; on avx2 and avx512 it gives what
 // "integer" gives (the int16 decoder, more exact), on scalar and for float32 x float.
 // Measured (one Zen 4 thread, 4096x4096 in cache, bf16 x, interleaved, noisy), int8 /
 // int16 / bf16 decoder, us: M = 1 1184 / 981 / 1440, M = 4 2026 / 2262 / 2463, M = 8
@@ -260,8 +261,8 @@ GemvSums gemv_wants_sums(int64_t M, int dtype, const IsaKernels& isa) {
 
 // The interleaved copy (weight.h, gemv_interleaved.h) is read where the ISA has its
 // kernel, x is 16-bit, K and the blocksize are whole groups of 64, and NF4LORA_CPU_GEMV
-// leaves the integer arithmetic to the dispatcher (auto) or asks for it (integer): float
-// and int8 name other decoders, which read the row layout. On AVX-512 it takes every M
+// leaves the integer arithmetic to the dispatcher (auto) or asks for integer sums (integer,
+// int8: interleaved_sums); float names the row layout's float decoders. On AVX-512 it takes every M
 // up to the fused path's crossover, on AVX2 M <= 4 (kGemvInterleavedMaxM has the
 // numbers): one Zen 4 thread, 4096x4096, TSC ticks per 32 weights with W in
 // cache, interleaved int16 / the row layout's best: M = 1 1.25 / 2.5 (integer), M = 4 3.6
@@ -271,8 +272,14 @@ GemvSums gemv_wants_sums(int64_t M, int dtype, const IsaKernels& isa) {
 // 0.56, 0.35x.
 bool reads_interleaved(int dtype, int64_t M, const IsaKernels& isa) {
   if (isa.gemv_interleaved_tiles == nullptr || dtype == kF32 || M > isa.gemv_interleaved_max_m) return false;
-  const GemvEnv env = gemv_env();
-  return env == GemvEnv::kAuto || env == GemvEnv::kInteger;
+  return gemv_env() != GemvEnv::kFloat;
+}
+
+// The copy's sums: int8 where NF4LORA_CPU_GEMV=int8 gets the int8 decoder (avx512bf16:
+// gemv_wants_sums), int16 otherwise. Measured, one Zen 4 thread, 4096x4096, bf16 x, W
+// streamed, in one process, int8 / int16 time on the copy: see gemv_interleaved.h.
+GemvSums interleaved_sums(const LoraGemvArgs& op, const IsaKernels& isa) {
+  return gemv_wants_sums(op.M, op.dtype, isa) == GemvSums::kInt8 ? GemvSums::kInt8 : GemvSums::kInt16;
 }
 
 bool wants_interleaved(const LoraGemvArgs& op, const IsaKernels& isa) {
@@ -411,7 +418,8 @@ static void run_lora_gemv_4bit(const LoraGemvArgs& op, const AdapterRows* adapte
   // (an Inf or NaN in x has no integer level: the row layout's float decoders take it)
   const bool interleaved = wants_interleaved(op, k) && all_finite(op.x, op.dtype, M * K);
   // x_paired: + a decoder step's missing half (gemv_body.h paired_columns); the int8
-  // decoder's x (1 byte per column plus 64 per 128-column step) takes less than this
+  // decoders' x (the row layout's: 1 byte per column plus 64 per 128-column step; the
+  // copy's: 1 byte per column plus 4 per 64 columns) takes less than this
   // x_paired is read by 64-byte loads at multiples of 64 bytes from its start: aligned, none
   // straddles two cache lines (a split load takes two of L1's load slots, and at M = 8 the
   // bf16 decoder issues one x load per vdpbf16ps)
@@ -421,7 +429,7 @@ static void run_lora_gemv_4bit(const LoraGemvArgs& op, const AdapterRows* adapte
   float* x_paired = reinterpret_cast<float*>(
       (reinterpret_cast<uintptr_t>(x_paired_storage.data()) + 63) & ~uintptr_t(63));
   GemvWork args{op, x_paired, rank > 0 ? x_natural.data() : nullptr, h_scaled.data(),
-                x_scales.data(), interleaved ? GemvSums::kInt16 : gemv_sums(op, k)};
+                x_scales.data(), interleaved ? interleaved_sums(op, k) : gemv_sums(op, k)};
   if (!interleaved) args.interleaved = nullptr;
   const GemvXPhase prepare = interleaved ? k.gemv_interleaved_prepare : k.gemv_prepare;
   const GemvWPhase rows = interleaved ? k.gemv_interleaved_tiles : k.gemv_rows;

@@ -6,6 +6,8 @@
 // include guard. It shares gemv_body.h's phase 2 (h = x @ A^T) and epilogue
 // (gemv_finish_row); the dispatcher runs its two entries in place of gemv_prepare and
 // gemv_rows when the call brings an interleaved copy (dispatch.cpp wants_interleaved).
+// AVX-512 with VNNI also sums in int8 on the copy when NF4LORA_CPU_GEMV=int8 asks for it
+// (opt-in, less exact than dense bf16: see the AVX-512 tile).
 //
 // Why a second layout: on the bitsandbytes layout a thread walks one row of W at a time,
 // and each row pays a fixed cost beyond its steps (its block constants with the nested
@@ -47,6 +49,11 @@ template <class T> struct InterleavedLevels {
 template <> struct InterleavedLevels<fp16> {
   static constexpr int kScale = int(kInterleavedLevelScaleFp16), kFoldChunks = 2;
 };
+// The opt-in int8 sums (NF4LORA_CPU_GEMV=int8, AVX512-VNNI only: NF4LORA_GEMV_INT8): W's
+// and x's levels within 127, a lane sums its whole group (bound below at the tile).
+struct InterleavedInt8Levels {
+  static constexpr int kScale = int(kGemvInt8LevelScale), kFoldChunks = 8;
+};
 template <class T>
 constexpr bool fits_int32() {
   return int64_t(8) * InterleavedLevels<T>::kFoldChunks * int64_t(kGemvLevelScale) * InterleavedLevels<T>::kScale <
@@ -60,10 +67,14 @@ static_assert(kInterleavedColumns == kGemvXGroup && NF4LORA_GEMV_INTERLEAVED == 
 // The order of x's levels in x_paired within each chunk of 8 columns: AVX-512 broadcasts
 // column pairs (8c + 2s, 8c + 2s + 1) in column order; AVX2's lanes hold a row's codes
 // of columns (8c + h, 8c + 4 + h) and (8c + 2 + h, 8c + 6 + h), h = 0, 1 (below).
+// The int8 sums read a row's 4 bytes of a chunk as AVX2 does (low nibbles: columns 8c,
+// 8c + 4, 8c + 1, 8c + 5; high nibbles: 8c + 2, 8c + 6, 8c + 3, 8c + 7), 4 bytes of x a
+// broadcast.
+constexpr int kInterleavedNibbleOrder[8] = {0, 4, 1, 5, 2, 6, 3, 7};
 #if NF4LORA_GEMV_INTERLEAVED == 16
 constexpr int kInterleavedXOrder[8] = {0, 1, 2, 3, 4, 5, 6, 7};
 #else
-constexpr int kInterleavedXOrder[8] = {0, 4, 1, 5, 2, 6, 3, 7};
+constexpr const int* kInterleavedXOrder = kInterleavedNibbleOrder;
 #endif
 
 // Phase 1, per row m of x: its levels as int16 in kInterleavedXOrder (AVX-512: column
@@ -87,6 +98,40 @@ void interleaved_prepare_rows(const GemvWork& a, int64_t m) {
   if (a.x_natural != nullptr)
     for (int64_t k = 0; k < a.K; k += kW) store_out<float>(a.x_natural + m * a.K + k, load(x + k));
 }
+
+#if NF4LORA_GEMV_INT8
+// Phase 1 of the int8 sums, per row m of x: its levels as int8 in kInterleavedNibbleOrder,
+// group-major (row m's group g at byte (g * M + m) * 64 of x_paired, so that a tile reads
+// its rows of x at constant offsets from one pointer: 8 row pointers spilled), after all
+// of them the start value of each (group, row) sum in the same order (int32: -128 times
+// the sum of the group's x levels, see interleaved_tile), its scales per group (max |x| /
+// 127^2), and x_natural (phase 2).
+inline int32_t* interleaved_int8_starts(const GemvWork& a) {
+  return reinterpret_cast<int32_t*>(reinterpret_cast<int8_t*>(a.x_paired) + a.M * a.K);
+}
+template <class In>
+void interleaved_prepare_rows_int8(const GemvWork& a, int64_t m) {
+  const In* x = static_cast<const In*>(a.x) + m * a.K;
+  int8_t* levels = reinterpret_cast<int8_t*>(a.x_paired);
+  const int64_t groups = a.K / kGemvXGroup;
+  float* scales = a.x_scales + m * groups;
+  int32_t* starts = interleaved_int8_starts(a);
+  alignas(64) int32_t level[kGemvXGroup];
+  for (int64_t g = 0; g < groups; ++g) {
+    const float max_abs = GemvInt8Decoder::x_levels(x + g * kGemvXGroup, level);
+    int8_t* out = levels + (g * a.M + m) * kGemvXGroup;
+    int32_t sum = 0;
+    for (int j = 0; j < kGemvXGroup; ++j) {
+      out[j] = static_cast<int8_t>(level[j - j % 8 + kInterleavedNibbleOrder[j % 8]]);
+      sum += level[j];
+    }
+    starts[g * a.M + m] = -128 * sum;
+    scales[g] = static_cast<float>(double(max_abs) / (double(kGemvInt8LevelScale) * double(kGemvInt8LevelScale)));
+  }
+  if (a.x_natural != nullptr)
+    for (int64_t k = 0; k < a.K; k += kW) store_out<float>(a.x_natural + m * a.K + k, load(x + k));
+}
+#endif
 
 // Prefetching. A tile is one sequential stream, but the hardware prefetcher alone let a
 // thread wait on memory: one Zen 4 thread, M = 1, 4096x4096 took 436 us streamed against
@@ -128,6 +173,10 @@ inline InterleavedLookup interleaved_lookup(const CodeTable& table, float scale)
   memcpy(level + 16, level, 16 * sizeof(int16_t));
   return _mm512_load_si512(level);
 }
+#if NF4LORA_GEMV_INT8
+// The int8 sums' levels: the 16 levels within 127, + 128 as bytes, in every 128-bit lane.
+inline InterleavedLookup interleaved_int8_lookup(const CodeTable& table) { return GemvInt8Decoder(table).levels; }
+#endif
 
 // Phase 3: tile t (rows 16 t .. 16 t + 15 of W) against MT rows of x from m0. Per chunk
 // (64 bytes: 8 columns of 16 rows), vpermw of each word shifted by 0, 4, 8 and 12 bits
@@ -139,15 +188,56 @@ inline InterleavedLookup interleaved_lookup(const CodeTable& table, float scale)
 // each pair as a vpbroadcastd and a register vpdpwssd; forcing vpdpwssd's embedded
 // broadcast ({1to16}, inline asm) measured 0.92-0.98x the time (one and two threads, W
 // streamed): not kept, for inline asm in a file the SIMDe check compiles without AVX-512.
+//
+// The int8 sums (kInt8; opt-in NF4LORA_CPU_GEMV=int8, AVX512-VNNI): a chunk's low and
+// high nibbles (and, shift + and) looked up by vpshufb in the 16 levels + 128 as bytes make
+// 2 vectors of 16 lanes x 4 columns (kInterleavedNibbleOrder), each multiplied with 4
+// bytes of x by one vpdpbusd (u8 x s8, 64 products): half the multiply instructions of
+// int16. A lane's sum over its group starts at -128 times the sum of the group's x levels
+// (x-only, the same for every lane: interleaved_prepare_rows_int8), so it ends exactly at
+// the sum of level x x; bounds per lane and group: 64 products of at most 255 * 127 plus
+// a start of at most 128 * 64 * 127, < 2^22; the sum itself at most 64 * 127^2 < 2^24,
+// exact in float. Less exact than the dense bf16 baseline, like the row layout's int8
+// decoder (README "CPU matmul"). Time int8 / int16, one Zen 4 thread, 4096x4096, bf16 x,
+// W streamed, in one process: M = 1 1.12-1.25 (memory-bound either way), 2 0.90, 3 0.69,
+// 4 0.62-0.67, 8 0.65-0.78, 16 0.64, 32 0.58, 64 0.59.
+//
+// Code position: an earlier draft of this function with an 8-byte longer prologue (x's
+// offset written as a.K * (kInt8 ? 1 : 2) / 4) ran the same int16 M = 1 loop 1.14-1.28x
+// slower streamed, one thread, and no slower with W in cache. Over 8 builds that loop was
+// fast where it started at 8 mod 16 bytes and slow at 0 mod 16 (gdb's disassembly: the
+// target of its backward jump): an effect of where the code lies, in the front end or
+// an instruction-indexed prefetcher. After an edit here, time M = 1 streamed against a
+// kept build, or at least check where that loop starts.
 
-template <class T, int MT>
+// sum + the products of w and x's 32 bits: int16 pairs (vpdpwssd, or vpmaddwd + vpaddd
+// without VNNI), or bytes (int8: vpdpbusd, VNNI only)
+template <bool kInt8>
+inline I interleaved_dot(I sum, I w, I x) {
+#if NF4LORA_AVX512_BF16  // (the build with AVX512-VNNI)
+  if constexpr (kInt8) return _mm512_dpbusd_epi32(sum, w, x);
+  return _mm512_dpwssd_epi32(sum, w, x);
+#else
+  static_assert(!kInt8, "int8 sums: AVX512-VNNI only");
+  return _mm512_add_epi32(sum, _mm512_madd_epi16(w, x));
+#endif
+}
+
+template <class T, int MT, bool kInt8>
 void interleaved_tile(const GemvWork& a, InterleavedLookup levels, int64_t m0, int64_t t) {
   constexpr int kChains = MT == 1 ? 4 : (MT <= 4 ? 2 : 1);
-  constexpr int kFoldChunks = InterleavedLevels<T>::kFoldChunks;
+  using Levels = std::conditional_t<kInt8, InterleavedInt8Levels, InterleavedLevels<T>>;
+  constexpr int kFoldChunks = Levels::kFoldChunks;
   const int64_t groups = a.K / kInterleavedColumns;
   const uint8_t* p = a.interleaved + t * groups * kInterleavedGroupBytes;
-  const int32_t* x = reinterpret_cast<const int32_t*>(a.x_paired) + m0 * (a.K / 2);
+  const int32_t* x = reinterpret_cast<const int32_t*>(a.x_paired) + m0 * (a.K / 2);  // (int16)
   const float* x_scales = a.x_scales + m0 * groups;
+  [[maybe_unused]] const int32_t* starts = nullptr;
+#if NF4LORA_GEMV_INT8
+  if constexpr (kInt8) starts = interleaved_int8_starts(a) + m0;
+#else
+  static_assert(!kInt8, "int8 sums: AVX512-VNNI only");
+#endif
   F acc[MT];
   for (int m = 0; m < MT; ++m) acc[m] = splat(0.0f);
   for (int64_t g = 0; g < groups; ++g, p += kInterleavedGroupBytes) {
@@ -172,24 +262,36 @@ void interleaved_tile(const GemvWork& a, InterleavedLookup levels, int64_t m0, i
       I sum[MT][kChains];
       for (int m = 0; m < MT; ++m)
         for (int c = 0; c < kChains; ++c) sum[m][c] = splat_i(0);
+      if constexpr (kInt8) {
+        for (int m = 0; m < MT; ++m) sum[m][0] = _mm512_set1_epi32(starts[g * a.M + m]);
+        const int32_t* xg8 = reinterpret_cast<const int32_t*>(a.x_paired) + (g * a.M + m0) * (kGemvXGroup / 4);
 #pragma GCC unroll 8
-      for (int c = c0; c < c0 + kFoldChunks; ++c) {
-        const I q = _mm512_loadu_si512(p + 64 * c);
-        const I w[4] = {_mm512_permutexvar_epi16(q, levels),
-                        _mm512_permutexvar_epi16(_mm512_srli_epi16(q, 4), levels),
-                        _mm512_permutexvar_epi16(_mm512_srli_epi16(q, 8), levels),
-                        _mm512_permutexvar_epi16(_mm512_srli_epi16(q, 12), levels)};
+        for (int c = c0; c < c0 + kFoldChunks; ++c) {
+          const I q = _mm512_loadu_si512(p + 64 * c), nibble = _mm512_set1_epi8(0x0F);
+          const I w[2] = {_mm512_shuffle_epi8(levels, _mm512_and_si512(q, nibble)),
+                          _mm512_shuffle_epi8(levels, _mm512_and_si512(_mm512_srli_epi16(q, 4), nibble))};
 #pragma GCC unroll 8
-        for (int m = 0; m < MT; ++m)
+          for (int m = 0; m < MT; ++m)
+            for (int v = 0; v < 2; ++v)
+              sum[m][(2 * c + v) % kChains] = interleaved_dot<true>(sum[m][(2 * c + v) % kChains], w[v],
+                                                                    _mm512_set1_epi32(xg8[m * (kGemvXGroup / 4) + 2 * c + v]));
+        }
+      } else {
+#pragma GCC unroll 8
+        for (int c = c0; c < c0 + kFoldChunks; ++c) {
+          const I q = _mm512_loadu_si512(p + 64 * c);
+          const I w[4] = {_mm512_permutexvar_epi16(q, levels),
+                          _mm512_permutexvar_epi16(_mm512_srli_epi16(q, 4), levels),
+                          _mm512_permutexvar_epi16(_mm512_srli_epi16(q, 8), levels),
+                          _mm512_permutexvar_epi16(_mm512_srli_epi16(q, 12), levels)};
+#pragma GCC unroll 8
+          for (int m = 0; m < MT; ++m)
 #pragma GCC unroll 4
-          for (int v = 0; v < 4; ++v) {
-            const I pair = _mm512_set1_epi32(xg[m * (a.K / 2) + 4 * c + v]);
-#if NF4LORA_AVX512_BF16  // (the build with AVX512-VNNI)
-            sum[m][v % kChains] = _mm512_dpwssd_epi32(sum[m][v % kChains], w[v], pair);
-#else
-            sum[m][v % kChains] = _mm512_add_epi32(sum[m][v % kChains], _mm512_madd_epi16(w[v], pair));
-#endif
-          }
+            for (int v = 0; v < 4; ++v) {
+              const I pair = _mm512_set1_epi32(xg[m * (a.K / 2) + 4 * c + v]);
+              sum[m][v % kChains] = interleaved_dot<false>(sum[m][v % kChains], w[v], pair);
+            }
+        }
       }
       for (int m = 0; m < MT; ++m) {
         I total = sum[m][0];
@@ -234,8 +336,9 @@ inline InterleavedLookup interleaved_lookup(const CodeTable& table, float scale)
 // broadcast as one 64-bit value, and vphaddd(A, B) adds each row's two lanes into rows
 // 0-7 in order. Each fold's int32 sum of a row is then exactly the AVX-512 kernel's, and
 // the fold is the same: the two kernels give the same bytes (tested).
-template <class T, int MT>
+template <class T, int MT, bool kInt8>
 void interleaved_tile(const GemvWork& a, InterleavedLookup planes, int64_t m0, int64_t t) {
+  static_assert(!kInt8, "int8 sums: AVX512-VNNI only");
   constexpr int kFoldChunks = InterleavedLevels<T>::kFoldChunks;
   const int64_t groups = a.K / kInterleavedColumns;
   const uint8_t* tile = a.interleaved + t * groups * kInterleavedGroupBytes;
@@ -296,18 +399,37 @@ void interleaved_tile(const GemvWork& a, InterleavedLookup planes, int64_t m0, i
 }
 #endif
 
-template <class T>
+template <class T, bool kInt8>
 void interleaved_tiles_impl(const GemvWork& a, int64_t t0, int64_t t1) {
+#if NF4LORA_GEMV_INT8
+  const InterleavedLookup lookup = kInt8 ? interleaved_int8_lookup(a.weight.table)
+                                         : interleaved_lookup(a.weight.table, float(InterleavedLevels<T>::kScale));
+#else
   const InterleavedLookup lookup = interleaved_lookup(a.weight.table, float(InterleavedLevels<T>::kScale));
+#endif
   for (int64_t m0 = 0; m0 < a.M; m0 += kMaxTile)
     with_tile_rows(a.M - m0, [&](auto mt) {
-      for (int64_t t = t0; t < t1; ++t) interleaved_tile<T, decltype(mt)::value>(a, lookup, m0, t);
+      for (int64_t t = t0; t < t1; ++t) interleaved_tile<T, decltype(mt)::value, kInt8>(a, lookup, m0, t);
     });
+}
+
+template <class T>
+void interleaved_tiles_impl(const GemvWork& a, int64_t t0, int64_t t1) {
+#if NF4LORA_GEMV_INT8
+  if (a.sums == GemvSums::kInt8) return interleaved_tiles_impl<T, true>(a, t0, t1);
+#endif
+  interleaved_tiles_impl<T, false>(a, t0, t1);
 }
 
 void gemv_interleaved_prepare_entry(const GemvWork& a, int64_t m) {
   with_dtype(a.dtype, [&](auto x) {
-    if constexpr (!std::is_same_v<decltype(x), float>) interleaved_prepare_rows<decltype(x)>(a, m);
+    using In = decltype(x);
+    if constexpr (!std::is_same_v<In, float>) {
+#if NF4LORA_GEMV_INT8
+      if (a.sums == GemvSums::kInt8) return interleaved_prepare_rows_int8<In>(a, m);
+#endif
+      interleaved_prepare_rows<In>(a, m);
+    }
   });
 }
 

@@ -113,9 +113,10 @@ static void run_case(const IsaKernels& K_, int64_t M, int64_t K, int64_t N, int6
   }
   LoraGemvArgs op{x.data(), dt, M, N, K, w, rank ? A.data() : nullptr, rank ? B.data() : nullptr,
                   rank, scaling, has_bias ? bias.data() : nullptr, y.data(), rank ? h.data() : nullptr};
-  // half of the int16 cases read the weight's interleaved copy where the ISA has that
-  // kernel (as the dispatcher does when the call brings one: dispatch.cpp wants_interleaved)
-  const bool interleaved = sums == GemvSums::kInt16 && K_.gemv_interleaved_tiles != nullptr &&
+  // half of the integer cases (int16 and int8) read the weight's interleaved copy where the
+  // ISA has that kernel (as the dispatcher does when the call brings one: dispatch.cpp
+  // wants_interleaved)
+  const bool interleaved = integer_sums && K_.gemv_interleaved_tiles != nullptr &&
                            M <= K_.gemv_interleaved_max_m && dt != kF32 && interleavable(K, bs) &&
                            (st.cases / 4) % 2 == 0;
   std::vector<uint8_t> interleaved_copy(interleaved ? interleaved_bytes(N, K) : 0);
@@ -185,9 +186,9 @@ static void run_case(const IsaKernels& K_, int64_t M, int64_t K, int64_t N, int6
     // within 0.5 / L (times the block constant), L = 16383 (int16) or 127 (int8)
     const bool integer = integer_sums && strcmp(K_.name, "scalar") != 0 && bs % kGemvXGroup == 0;
     // (x's and W's: the interleaved kernel's W levels are smaller)
-    const double level_scale = sums == GemvSums::kInt8 && strcmp(K_.name, "avx512bf16") == 0
-                                   ? kGemvInt8LevelScale : kGemvLevelScale;
-    const double w_level_scale = !interleaved ? level_scale
+    const bool int8 = sums == GemvSums::kInt8 && strcmp(K_.name, "avx512bf16") == 0;
+    const double level_scale = int8 ? kGemvInt8LevelScale : kGemvLevelScale;
+    const double w_level_scale = !interleaved || int8 ? level_scale
                                  : dt == kBF16 ? kInterleavedLevelScaleBf16 : kInterleavedLevelScaleFp16;
     std::vector<double> group_max(K / kGemvXGroup + 1, 0.0);
     for (int64_t k = 0; k < K; ++k)
