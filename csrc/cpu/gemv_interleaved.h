@@ -199,7 +199,7 @@ inline InterleavedLookup interleaved_int8_lookup(const CodeTable& table) { retur
 // a start of at most 128 * 64 * 127, < 2^22; the sum itself at most 64 * 127^2 < 2^24,
 // exact in float. Less exact than the dense bf16 baseline, like the row layout's int8
 // decoder (README "CPU matmul"). Time int8 / int16, one Zen 4 thread, 4096x4096, bf16 x,
-// W streamed, in one process: M = 1 1.12-1.25 (memory-bound either way), 2 0.90, 3 0.69,
+// W streamed, in one process: M = 1 1.12-1.25 (memory-bound either way), 2 0.82-0.90, 3 0.69,
 // 4 0.62-0.67, 8 0.65-0.78, 16 0.64, 32 0.58, 64 0.59.
 //
 // Code position: an earlier draft of this function with an 8-byte longer prologue (x's
