@@ -59,7 +59,9 @@ def _info(_args) -> int:
                            if _C.reads_interleaved(torch.bfloat16, m)), default=0)
             beyond = (f"and fused up to M = {read_to}" if read_to == cpu.FUSED_MAX_M_INTERLEAVED
                       else "the row layout beyond")
-            interleave = (f"yes, an interleaved copy of W (integer sums, 16-bit x),\n    read at "
+            sums = ("int8 sums: NF4LORA_CPU_GEMV=int8" if _C.gemv_decoder(8, torch.bfloat16) == "int8"
+                    else "int16 sums")
+            interleave = (f"yes, an interleaved copy of W ({sums}, 16-bit x),\n    read at "
                           f"M <= {read_to}, {beyond}; 0.56 bytes per weight more while in eval; "
                           "NF4LORA_CPU_INTERLEAVE=0: off")
         print(f"  eval-mode Linear4bit on CPU: {interleave}")

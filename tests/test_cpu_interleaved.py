@@ -250,9 +250,15 @@ def test_info_says_whether_eval_layers_interleave(monkeypatch, capsys, isa):
     out = capsys.readouterr().out
     line = next(l for l in out.splitlines() if "eval-mode Linear4bit on CPU" in l)
     assert line.split(": ", 1)[1].startswith("no" if isa == "scalar" else "yes")
-    if isa != "scalar":   # up to which M calls read it
+    if isa != "scalar":   # up to which M calls read it, with which sums
         read_to = min(INTERLEAVED_MAX_M[isa], cpu_backend.FUSED_MAX_M_INTERLEAVED)
         assert f"read at M <= {read_to}," in out
+        assert "(int16 sums, 16-bit x)" in line
+        monkeypatch.setenv("NF4LORA_CPU_GEMV", "int8")
+        assert cli.main(["info"]) == 0
+        line = next(l for l in capsys.readouterr().out.splitlines() if "eval-mode Linear4bit on CPU" in l)
+        assert ("int8 sums" in line) == (isa == "avx512bf16")
+        monkeypatch.delenv("NF4LORA_CPU_GEMV")
     monkeypatch.setenv("NF4LORA_CPU_INTERLEAVE", "0")
     assert cli.main(["info"]) == 0
     assert "eval-mode Linear4bit on CPU: no" in capsys.readouterr().out
