@@ -256,8 +256,11 @@ def test_info_says_whether_eval_layers_interleave(monkeypatch, capsys, isa):
         assert "(int16 sums, 16-bit x)" in line
         monkeypatch.setenv("NF4LORA_CPU_GEMV", "int8")
         assert cli.main(["info"]) == 0
-        line = next(l for l in capsys.readouterr().out.splitlines() if "eval-mode Linear4bit on CPU" in l)
+        out = capsys.readouterr().out
+        line = next(l for l in out.splitlines() if "eval-mode Linear4bit on CPU" in l)
         assert ("int8 sums" in line) == (isa == "avx512bf16")
+        if isa == "avx512bf16":
+            assert f"fused up to M = {cpu_backend.FUSED_MAX_M_INTERLEAVED_INT8};" in out
         monkeypatch.delenv("NF4LORA_CPU_GEMV")
     monkeypatch.setenv("NF4LORA_CPU_INTERLEAVE", "0")
     assert cli.main(["info"]) == 0
@@ -301,6 +304,13 @@ def test_a_copy_keeps_the_fused_path_to_a_larger_m(monkeypatch, isa):
     assert cpu_backend.matmul_path(largest + 1, with_copy, torch.bfloat16) == "dequantize+gemm"
     assert cpu_backend.fused_max_m(torch.bfloat16, weight) == cpu_backend.fused_max_m(torch.bfloat16)
     assert cpu_backend.fused_max_m(torch.float32, with_copy) == cpu_backend.fused_max_m(torch.float32)
+    # the opt-in int8 sums (avx512bf16) keep the fused path further; elsewhere int8 is int16
+    monkeypatch.setenv("NF4LORA_CPU_GEMV", "int8")
+    int8_largest = cpu_backend.FUSED_MAX_M_INTERLEAVED_INT8 if isa == "avx512bf16" else largest
+    assert cpu_backend.fused_max_m(torch.bfloat16, with_copy) == int8_largest
+    assert cpu_backend.matmul_path(int8_largest, with_copy, torch.bfloat16) == "fused"
+    assert cpu_backend.matmul_path(int8_largest + 1, with_copy, torch.bfloat16) == "dequantize+gemm"
+    assert cpu_backend.fused_max_m(torch.bfloat16, weight) == cpu_backend.fused_max_m(torch.bfloat16)
     monkeypatch.setenv("NF4LORA_CPU_GEMV", "float")   # another decoder: the row layout's limits
     assert not cpu_backend._C.reads_interleaved(torch.bfloat16)
     assert cpu_backend.fused_max_m(torch.bfloat16, with_copy) == cpu_backend.fused_max_m(torch.bfloat16)

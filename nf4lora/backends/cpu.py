@@ -143,6 +143,15 @@ FUSED_MAX_M_NATIVE_GEMM = 24
 # by the fused kernel). On AVX2 a call reads the copy only up to M = 4 (csrc/cpu/
 # gemv_interleaved.h kGemvInterleavedMaxM), so there the row layout's crossover stays.
 FUSED_MAX_M_INTERLEAVED = 64
+# The same with the opt-in int8 sums (NF4LORA_CPU_GEMV=int8 where the ISA has them:
+# `_C.gemv_decoder` says "int8"), same machine, one thread, 4096x4096, fused (in one
+# process, W streamed) vs dequantize + bf16 GEMM (bench_matmul's nf4lora-eval past M = 64),
+# ms: M = 64: 7.0 vs 12.0 (the fused int16); 128: 13.2 vs 23.4; 256: 26.7 vs 42.2; 512:
+# 52.3 vs 84.9. vpdpbusd does 64 multiply-adds per instruction where oneDNN's bf16 GEMM
+# does 32 with vdpbf16ps, and a call reads W once (a chunk of 512 rows of the copy stays
+# in L2 while every tile of x passes over it), so the fused kernel stays ahead at every
+# M measured; 512 is the largest measured. AMX CPUs: re-measure (AMX GEMM is far faster).
+FUSED_MAX_M_INTERLEAVED_INT8 = 512
 
 # Largest M whose backward grad-input (dx = grad @ W + grad_h @ lora_A) takes the fused
 # kernel (`_C.lora_grad_input_4bit`: W read packed, never materialized) instead of
@@ -200,7 +209,8 @@ def fused_max_m(dtype: torch.dtype, weight=None) -> int:
     `weight` (a PackedWeight: whether it brings an interleaved copy the call reads)."""
     if (weight is not None and weight.interleaved is not None
             and _C.reads_interleaved(dtype, FUSED_MAX_M_INTERLEAVED)):
-        return FUSED_MAX_M_INTERLEAVED
+        int8 = _C.gemv_decoder(FUSED_MAX_M_INTERLEAVED_INT8, dtype) == "int8"   # (0.3 us)
+        return FUSED_MAX_M_INTERLEAVED_INT8 if int8 else FUSED_MAX_M_INTERLEAVED
     return FUSED_MAX_M_NATIVE_GEMM if _native_16bit_gemm(dtype) else FUSED_MAX_M
 
 
