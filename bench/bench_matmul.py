@@ -963,13 +963,13 @@ def run(args, preset: dict, found: Found, quantizer: Quantizer, notes: list[str]
         bnb_gemv_layers.clear()   # the run's layers (their weights) are not kept past it
     if any(impl.name in (NF4LORA_EVAL, NF4LORA_EVAL_INT8) for impl in impls):
         notes.append(nf4lora_eval_path())
+        nf4lora_eval_layers.clear()
     if any(impl.name == NF4LORA_EVAL_INT8 for impl in impls):
         from nf4lora.backends import cpu
         with gemv_sums("int8"):
             sums = cpu._C.gemv_decoder(8, DTYPE)
         notes.append(f"{NF4LORA_EVAL_INT8}: {sums} sums" + ("" if sums == "int8" else
                      f" ({cpu._C.isa()} has no int8 sums: the rows are {NF4LORA_EVAL}'s)"))
-        nf4lora_eval_layers.clear()
     if any(r["op"] == "train" and r["provider"] in (BASELINE, DENSE) for r in rows):
         notes.append("train: the dense-bf16 and bitsandbytes steps are dominated by torch's bf16 "
                      "grad @ W (dx of F.linear's backward, W not transposed), which on CPUs without "

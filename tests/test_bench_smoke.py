@@ -203,6 +203,7 @@ def test_matmul_int8_eval_row_is_opt_in_and_guarded(tmp_path):
     # tolerance, the notes say which sums ran, and the environment is left as it was
     payload = bench_matmul.main(MATMUL_SMALL + ["--ops", "matmul", "--out", str(tmp_path)])
     assert bench_matmul.NF4LORA_EVAL_INT8 not in {row["provider"] for row in payload["rows"]}
+    assert bench_matmul.nf4lora_eval_layers == []   # the run's layers are not kept past it
     payload = bench_matmul.main(MATMUL_SMALL + ["--ops", "matmul", "--out", str(tmp_path), "--providers",
                                                 bench_matmul.NF4LORA_EVAL, bench_matmul.NF4LORA_EVAL_INT8])
     assert {row["provider"] for row in payload["rows"]} == {bench_matmul.NF4LORA_EVAL,
@@ -211,6 +212,7 @@ def test_matmul_int8_eval_row_is_opt_in_and_guarded(tmp_path):
     from nf4lora.backends import cpu
     assert ("int8 sums" in note) == (cpu._C.isa() == "avx512bf16")
     assert "NF4LORA_CPU_GEMV" not in os.environ
+    assert bench_matmul.nf4lora_eval_layers == []
 
 
 def test_int4pack_round_trips_through_torchs_kernel():
