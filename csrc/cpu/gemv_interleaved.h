@@ -54,6 +54,8 @@ template <> struct InterleavedLevels<fp16> {
 struct InterleavedInt8Levels {
   static constexpr int kScale = int(kGemvInt8LevelScale), kFoldChunks = 8;
 };
+static_assert(int64_t(8) * InterleavedInt8Levels::kFoldChunks * (255 * 127 + 128 * 127) < (int64_t(1) << 31),
+              "a lane's int8 products (weights as level + 128) and its start must fit int32");
 template <class T>
 constexpr bool fits_int32() {
   return int64_t(8) * InterleavedLevels<T>::kFoldChunks * int64_t(kGemvLevelScale) * InterleavedLevels<T>::kScale <
