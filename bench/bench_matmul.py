@@ -344,21 +344,8 @@ def nf4lora_impl(backend: str, split_k: bool = True, triton_route: bool = True) 
 
 NF4LORA_EVAL = "nf4lora-eval"
 NF4LORA_EVAL_INT8 = "nf4lora-eval-int8"
-
-
-@contextlib.contextmanager
-def gemv_sums(value: str):
-    """NF4LORA_CPU_GEMV=value around the calls (the dispatcher reads it at every call)."""
-    import os
-    previous = os.environ.get("NF4LORA_CPU_GEMV")
-    os.environ["NF4LORA_CPU_GEMV"] = value
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("NF4LORA_CPU_GEMV")
-        else:
-            os.environ["NF4LORA_CPU_GEMV"] = previous
+# around its calls (the dispatcher reads NF4LORA_CPU_GEMV at every call)
+INT8_SUMS = functools.partial(harness.environment_variable, "NF4LORA_CPU_GEMV", "int8")
 
 
 def nf4lora_eval_impl(int8: bool = False) -> Impl:
@@ -391,7 +378,7 @@ def nf4lora_eval_impl(int8: bool = False) -> Impl:
         # int8 levels and x, each within 0.5 / 127 of its scale: mean |error| ~4x dense
         # bf16's (tests/test_cpu_matmul.py test_int8_is_less_exact_than_the_16bit_baseline)
         return Impl(NF4LORA_EVAL_INT8, make_forward, quantized_bytes, ops=("matmul",), guarded=True,
-                    tolerance=4.0, context=functools.partial(gemv_sums, "int8"))
+                    tolerance=4.0, context=INT8_SUMS)
     return Impl(NF4LORA_EVAL, make_forward, quantized_bytes, ops=("matmul",), guarded=True)
 
 
@@ -966,7 +953,7 @@ def run(args, preset: dict, found: Found, quantizer: Quantizer, notes: list[str]
         nf4lora_eval_layers.clear()
     if any(impl.name == NF4LORA_EVAL_INT8 for impl in impls):
         from nf4lora.backends import cpu
-        with gemv_sums("int8"):
+        with INT8_SUMS():
             sums = cpu._C.gemv_decoder(8, DTYPE)
         notes.append(f"{NF4LORA_EVAL_INT8}: {sums} sums" + ("" if sums == "int8" else
                      f" ({cpu._C.isa()} has no int8 sums: the rows are {NF4LORA_EVAL}'s)"))

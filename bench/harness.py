@@ -347,6 +347,20 @@ def cpu_mhz() -> Optional[float]:
 
 
 @contextlib.contextmanager
+def environment_variable(name: str, value: str):
+    """os.environ[name] = value inside the block, then as it was (unset if it was)."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
+@contextlib.contextmanager
 def threads_set_to(threads: Optional[int]):
     """Run the block on `threads` threads (None: as they are), then restore the count.
 
@@ -356,17 +370,13 @@ def threads_set_to(threads: Optional[int]):
     if not threads:
         yield
         return
-    torch_threads, omp_threads = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(torch_threads)
-        if omp_threads is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = omp_threads
+    torch_threads = torch.get_num_threads()
+    with environment_variable("OMP_NUM_THREADS", str(threads)):
+        torch.set_num_threads(threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(torch_threads)
 
 
 @contextlib.contextmanager

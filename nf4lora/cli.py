@@ -55,7 +55,7 @@ def _info(_args) -> int:
             interleave = f"no ({why_not})"
         else:
             int8 = _C.gemv_decoder(8, torch.bfloat16) == "int8"
-            fused_to = cpu.FUSED_MAX_M_INTERLEAVED_INT8 if int8 else cpu.FUSED_MAX_M_INTERLEAVED
+            fused_to = cpu.fused_max_m_interleaved(torch.bfloat16)
             # the largest M whose calls read the copy (AVX2: 4; AVX-512: every fused M)
             read_to = max((m for m in range(1, fused_to + 1) if _C.reads_interleaved(torch.bfloat16, m)),
                           default=0)

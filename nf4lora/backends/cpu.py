@@ -209,9 +209,15 @@ def fused_max_m(dtype: torch.dtype, weight=None) -> int:
     `weight` (a PackedWeight: whether it brings an interleaved copy the call reads)."""
     if (weight is not None and weight.interleaved is not None
             and _C.reads_interleaved(dtype, FUSED_MAX_M_INTERLEAVED)):
-        int8 = _C.gemv_decoder(FUSED_MAX_M_INTERLEAVED_INT8, dtype) == "int8"   # (0.3 us)
-        return FUSED_MAX_M_INTERLEAVED_INT8 if int8 else FUSED_MAX_M_INTERLEAVED
+        return fused_max_m_interleaved(dtype)
     return FUSED_MAX_M_NATIVE_GEMM if _native_16bit_gemm(dtype) else FUSED_MAX_M
+
+
+def fused_max_m_interleaved(dtype: torch.dtype) -> int:
+    """The largest fused M of a call that reads a weight's interleaved copy: further with
+    the opt-in int8 sums (see above; asked per call, 0.3 us: the environment may change)."""
+    int8 = _C.gemv_decoder(FUSED_MAX_M_INTERLEAVED_INT8, dtype) == "int8"
+    return FUSED_MAX_M_INTERLEAVED_INT8 if int8 else FUSED_MAX_M_INTERLEAVED
 
 
 def matmul_path(M: int, weight, dtype: torch.dtype) -> str:
