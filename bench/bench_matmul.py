@@ -14,6 +14,9 @@ activations x [M, in], NF4 with double quantization, blocksize 64 (perf.md):
 Providers, all on CPU tensors in one run:
   nf4lora[<backend>]  nf4lora.matmul_4bit / lora_matmul_4bit (fused base + adapter), once per
                       backend usable on CPU ("cpu", "reference"; the reference not in train)
+  nf4lora-amx         nf4lora[cpu] with NF4LORA_CPU_GEMM=amx: past the fused kernel's M, the
+                      AMX tile GEMM (W decoded into bf16 tiles in cache) instead of dequantize +
+                      oneDNN's GEMM (AMX-BF16 CPUs only; auto does not take it until measured)
   nf4lora-eval        an eval-mode nf4lora.nn.Linear4bit under no_grad (matmul): on CPUs with
                       AVX2 or AVX-512 it reads the interleaved copy it builds in its first forward
   nf4lora-eval-int8   the same with the opt-in NF4LORA_CPU_GEMV=int8 (int8 sums, AVX512-VNNI;
@@ -52,6 +55,7 @@ import contextlib
 import copy
 import functools
 import math
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -340,6 +344,24 @@ def nf4lora_impl(backend: str, split_k: bool = True, triton_route: bool = True) 
                 + ("" if triton_route else " no-triton"), make_forward,
                 quantized_bytes, ops=("matmul", "lora") if reference else OPS, slow=reference,
                 context=functools.partial(context, backend), guarded=True)
+
+
+NF4LORA_AMX = "nf4lora-amx"
+
+
+@contextlib.contextmanager
+def amx_tiles():
+    """nf4lora[cpu] with the tile GEMM on AMX (NF4LORA_CPU_GEMM=amx, read at every call)."""
+    with harness.using_backend("cpu"), harness.environment_variable("NF4LORA_CPU_GEMM", "amx"):
+        yield
+
+
+def nf4lora_amx_impl() -> Impl:
+    """nf4lora[cpu] past the fused kernel's M with its AMX tile GEMM (csrc/cpu/gemm_tiles.h:
+    W decoded into bf16 tiles in cache, never materialized) instead of dequantize + oneDNN's
+    GEMM, which is what auto takes until this row shows the tiles faster. AMX-BF16 CPUs
+    only; its rows at fused M are nf4lora[cpu]'s."""
+    return dataclasses.replace(nf4lora_impl("cpu"), name=NF4LORA_AMX, context=amx_tiles)
 
 
 NF4LORA_EVAL = "nf4lora-eval"
@@ -775,6 +797,12 @@ def find_providers(args, notes: list[str]) -> Found:
     backends, backend_notes = harness.nf4lora_cpu_backends()
     notes += backend_notes
     impls = [nf4lora_impl(backend) for backend in backends]
+    if "cpu" in backends and wanted(NF4LORA_AMX):
+        from nf4lora.backends import cpu
+        if cpu._C.has_amx():
+            impls.append(nf4lora_amx_impl())
+        else:
+            notes.append(f"{NF4LORA_AMX}: skipped, this CPU has no AMX-BF16 (or the OS did not grant it)")
     if "cpu" in backends and wanted(NF4LORA_EVAL):
         impls.append(nf4lora_eval_impl())
     if "cpu" in backends and args.providers and NF4LORA_EVAL_INT8 in args.providers:  # opt-in: asked for by name

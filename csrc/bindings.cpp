@@ -94,6 +94,33 @@ PYBIND11_MODULE(_C, m) {
       "Bytes of the interleaved copy of an N x K weight (csrc/weight.h).");
 
   m.def(
+      "tile_gemm_4bit",
+      [](py::handle x, py::handle weight, py::handle y) {
+        cpu::TileGemmArgs a;
+        if (b::float_dtype(x) != nf4lora::kBF16 || b::float_dtype(y) != nf4lora::kBF16)
+          throw py::value_error("the tile GEMM takes bfloat16 x and y");
+        a.x = b::data(x);
+        std::tie(a.M, a.K) = b::shape_2d(x, "x");
+        a.weight = b::packed_weight(weight);
+        int64_t in_features;
+        std::tie(a.N, in_features) = b::shape_2d(weight, "a matmul weight");
+        if (in_features != a.K)
+          throw py::value_error("x has " + std::to_string(a.K) + " columns, the weight's shape is [" +
+                                std::to_string(a.N) + ", " + std::to_string(in_features) + "]");
+        if (b::shape_2d(y, "y") != std::make_pair(a.M, a.N)) throw py::value_error("y must be [M, N]");
+        a.y = b::data(y);
+        b::released(cpu::tile_gemm_4bit, a);
+      },
+      py::arg("x"), py::arg("weight"), py::arg("y"),
+      "y[M,N] = x[M,K] @ W^T (W: weight, a PackedWeight [N, K], decoded into bf16 tiles in "
+      "cache), bfloat16 x and y, contiguous; by the tile GEMM tile_gemm() names");
+  m.def("tile_gemm", &cpu::tile_gemm,
+        "The tile GEMM of bf16 matmuls past the fused kernel: amx, amx-emulated (tests) or '' "
+        "(none: dequantize + torch's GEMM); NF4LORA_CPU_GEMM=auto|amx|amx-emulated|dequantize.");
+  m.def("has_amx", &cpu::has_amx,
+        "Whether this CPU runs AMX-BF16 tile instructions in this process (CPU and OS).");
+
+  m.def(
       "native_16bit_gemm",
       [](py::handle dtype) { return cpu::native_16bit_gemm(b::dtype_id(dtype)); }, py::arg("dtype"),
       "Whether this CPU has native GEMM instructions for a torch dtype (bfloat16: AVX512-BF16 / "

@@ -46,10 +46,22 @@ def _info(_args) -> int:
         print("    NF4LORA_CPU_GEMV picks a decoder, int8 = opt-in, less exact than dense bf16;")
         print("    blocksizes not a multiple of 64, or an Inf / NaN in x, take float):")
         print("      M          " + "".join(f"{m:>9}" for m in rows))
+        tiles = _C.tile_gemm()
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             name = str(dtype).replace("torch.", "")
-            paths = [_C.gemv_decoder(m, dtype) if m <= cpu.fused_max_m(dtype) else "gemm" for m in rows]
+            beyond = "amx" if tiles and dtype == torch.bfloat16 else "gemm"
+            paths = [_C.gemv_decoder(m, dtype) if m <= cpu.fused_max_m(dtype) else beyond for m in rows]
             print(f"      {name:<11}" + "".join(f"{path:>9}" for path in paths))
+        if tiles == "amx-emulated":
+            tile_gemm = "amx, its tile instructions emulated (NF4LORA_CPU_GEMM=amx-emulated: tests only)"
+        elif tiles:
+            tile_gemm = "amx (NF4LORA_CPU_GEMM=amx)"
+        elif _C.has_amx():
+            tile_gemm = ("none by default: the AMX kernel is not yet measured against dequantize + "
+                         "oneDNN's AMX GEMM;\n    NF4LORA_CPU_GEMM=amx takes it")
+        else:
+            tile_gemm = "none: no AMX-BF16 here (NF4LORA_CPU_GEMM=amx-emulated runs it emulated)"
+        print(f"  cpu tile GEMM (bf16 past the fused M): {tile_gemm}")
         why_not = cpu.interleave_unavailable()
         if why_not is not None:
             interleave = f"no ({why_not})"

@@ -41,7 +41,9 @@ trap 'rm -rf "$BUILD"' EXIT
 sed -e 's|#include <immintrin.h>|#include "simde_shim.h"|' \
     -e 's|^#pragma GCC target(.*)$||' \
     csrc/cpu/isa_avx512.cpp > "$BUILD/isa_avx512_simde.cpp"
-FLAGS=(-O2 -std=c++17 -ffp-contract=off -Wno-psabi -I"$ROOT/csrc" -I"$ROOT/csrc/cpu" -I"$HERE")
+# NF4LORA_NO_AMX: no AMX entry in the emulated avx512bf16 object (its tile GEMM's
+# instructions are AMX's, not AVX-512's; the tests run that kernel emulated on every CPU)
+FLAGS=(-O2 -std=c++17 -ffp-contract=off -Wno-psabi -DNF4LORA_NO_AMX -I"$ROOT/csrc" -I"$ROOT/csrc/cpu" -I"$HERE")
 g++ "${FLAGS[@]}" -c csrc/cpu/isa_scalar.cpp -o "$BUILD/scalar.o"
 g++ "${FLAGS[@]}" -c csrc/cpu/isa_avx2.cpp -o "$BUILD/avx2.o"
 g++ "${FLAGS[@]}" -mavx2 -mf16c -mfma -c "$BUILD/isa_avx512_simde.cpp" -o "$BUILD/avx512.o"

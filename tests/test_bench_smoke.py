@@ -215,6 +215,34 @@ def test_matmul_int8_eval_row_is_opt_in_and_guarded(tmp_path):
     assert bench_matmul.nf4lora_eval_layers == []
 
 
+def test_matmul_amx_row_runs_where_amx_is(tmp_path, monkeypatch):
+    # nf4lora-amx: a note where the CPU has no AMX-BF16; where it has (or, here, with the
+    # tiles emulated), rows past the fused M that took the tile GEMM and passed the guard
+    from nf4lora.backends import cpu
+    args = ["--quick", "--shapes", "128x256", "--tokens", "40", "--ops", "matmul", "lora",
+            "--out", str(tmp_path), "--providers", bench_matmul.NF4LORA_AMX]
+    if not cpu._C.has_amx():
+        payload = bench_matmul.main(args)
+        assert payload["rows"] == []
+        assert any(n.startswith(bench_matmul.NF4LORA_AMX + ": skipped, this CPU has no AMX")
+                   for n in payload["notes"])
+
+        @contextlib.contextmanager
+        def emulated_tiles():
+            with harness.using_backend("cpu"), harness.environment_variable("NF4LORA_CPU_GEMM", "amx-emulated"):
+                yield
+        monkeypatch.setattr(cpu._C, "has_amx", lambda: True)
+        monkeypatch.setattr(bench_matmul, "amx_tiles", emulated_tiles)
+    paths = []
+    real = cpu.matmul_path
+    monkeypatch.setattr(cpu, "matmul_path", lambda *a: paths.append(real(*a)) or paths[-1])
+    payload = bench_matmul.main(args)
+    assert {(row["provider"], row["op"], row["tokens"]) for row in payload["rows"]} == {
+        (bench_matmul.NF4LORA_AMX, "matmul", 40), (bench_matmul.NF4LORA_AMX, "lora", 40)}
+    assert "amx" in paths
+    assert "NF4LORA_CPU_GEMM" not in os.environ
+
+
 def test_int4pack_round_trips_through_torchs_kernel():
     # the torch-int4 provider's own packing: its kernel computes x @ dequantized(W)^T
     weight = torch.randn(128, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)

@@ -9,6 +9,8 @@
 #include <string.h>
 #if defined(__linux__)
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 #include <atomic>
@@ -292,7 +294,65 @@ GemvSums gemv_sums(const LoraGemvArgs& op, const IsaKernels& isa) {
   return sums == GemvSums::kFloat || all_finite(op.x, op.dtype, op.M * op.K) ? sums : GemvSums::kFloat;
 }
 
+// AMX's tile state (XTILEDATA, 8 KiB per thread) is off for a Linux process until it asks
+// once (arch_prctl ARCH_REQ_XCOMP_PERM, Linux >= 5.16); a tile instruction before that
+// faults. The permission is the process's, so asking again (oneDNN does too) is harmless.
+bool amx_granted() {
+#if defined(__linux__) && defined(__x86_64__) && defined(SYS_arch_prctl)
+  constexpr long kArchReqXcompPerm = 0x1023, kXFeatureXTileData = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXFeatureXTileData) == 0;
+#else
+  return false;
+#endif
+}
+
+// The tile GEMM's chunk of K (gemm_tiles.h): x's tiles for one chunk, 2 bytes per element
+// of x, fit kTileXChunkBytes (to stay in L2 while the panel's W tiles pass over them: 2 MiB
+// per core on Sapphire Rapids), and a panel's decoded chunk (kTilePanelRows rows) at most
+// kTileMaxChunk columns (512 KiB). Not yet tuned on an AMX CPU.
+constexpr int64_t kTileXChunkBytes = 512 << 10;
+constexpr int64_t kTileMaxChunk = 2048;
+
+int64_t tile_chunk(int64_t x_tiles, int64_t K, int64_t blocksize) {
+  int64_t chunk = kTileXChunkBytes / (x_tiles * kTileRows * 2);
+  if (chunk > kTileMaxChunk) chunk = kTileMaxChunk;
+  chunk = chunk / blocksize * blocksize;
+  if (chunk < blocksize) chunk = blocksize;
+  return chunk < K ? chunk : K;
+}
+
 }  // namespace
+
+bool has_amx() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return cpu_has("avx512bf16") && __builtin_cpu_supports("amx-tile") &&
+           __builtin_cpu_supports("amx-bf16") && amx_granted();
+  }();
+  return yes;
+}
+
+// NF4LORA_CPU_GEMM, read at every call. auto takes no tile GEMM: the AMX kernel has not yet
+// run on an AMX CPU, so it has not been measured against what auto does now (dequantize +
+// oneDNN's AMX GEMM); `python -m bench.bench_matmul` times both there (nf4lora-amx).
+std::string tile_gemm() {
+  const char* env = getenv("NF4LORA_CPU_GEMM");
+  if (env == nullptr || env[0] == '\0' || strcmp(env, "auto") == 0 || strcmp(env, "dequantize") == 0)
+    return "";
+  if (strcmp(env, "amx-emulated") == 0) return env;
+  if (strcmp(env, "amx") == 0) {
+    if (!has_amx())
+      throw std::runtime_error(
+          "NF4LORA_CPU_GEMM=amx: this CPU has no AMX-BF16, or the OS did not grant the tile state "
+          "(Linux >= 5.16); amx-emulated runs the same kernel without AMX");
+    if (select_kernels().gemm_tiles_amx == nullptr)
+      throw std::runtime_error(std::string("NF4LORA_CPU_GEMM=amx: the ") + select_kernels().name +
+                               " path has no AMX kernel (avx512bf16 has)");
+    return env;
+  }
+  throw std::runtime_error(std::string("NF4LORA_CPU_GEMM=") + env +
+                           ": expected one of auto, amx, amx-emulated, dequantize");
+}
 
 bool native_16bit_gemm(int dtype) {
   __builtin_cpu_init();
@@ -491,6 +551,47 @@ void interleave_4bit(const PackedWeight& w, int64_t N, int64_t K, uint8_t* out) 
 
 void multi_lora_gemv_4bit(const LoraGemvArgs& op, const AdapterRows& adapters) {
   run_lora_gemv_4bit(op, &adapters);
+}
+
+void tile_gemm_4bit(const TileGemmArgs& op) {
+  const int64_t M = op.M, N = op.N, K = op.K;
+  check_fused_shapes(M, K, N, 0, op.weight, kBF16);
+  if (M == 0 || N == 0) return;
+  check(op.x && op.y, "null pointer");
+  if (K == 0) {  // an empty sum
+    memset(op.y, 0, M * N * sizeof(uint16_t));
+    return;
+  }
+  check(op.weight.packed != nullptr, "null pointer");
+  check_block_constants(op.weight);
+  const std::string path = tile_gemm();
+  check(!path.empty(), "no tile GEMM chosen: NF4LORA_CPU_GEMM=amx or amx-emulated");
+  const IsaKernels& k = select_kernels();
+  const TileGemmPanel panel = path == "amx" ? k.gemm_tiles_amx : k.gemm_tiles_emulated;
+  const int64_t x_tiles = (M + kTileRows - 1) / kTileRows, pairs = K / 2;
+  std::vector<uint32_t> x_pairs(x_tiles * pairs * kTileRows);
+  TileGemmWork work{op, x_pairs.data(), x_tiles, tile_chunk(x_tiles, K, op.weight.blocksize)};
+  const int64_t panels = (N + kTilePanelRows - 1) / kTilePanelRows;
+  int64_t threads = num_threads();
+  if (threads > panels) threads = panels;
+  const int64_t scratch_bytes = (tile_scratch_bytes(work) + 63) / 64 * 64;
+  std::vector<uint8_t> scratch_all(threads * scratch_bytes + 64);
+  uint8_t* const scratch = reinterpret_cast<uint8_t*>(
+      (reinterpret_cast<uintptr_t>(scratch_all.data()) + 63) & ~uintptr_t(63));
+  const uint32_t* const x = static_cast<const uint32_t*>(op.x);  // bf16 pairs: K is even
+#pragma omp parallel num_threads((int)threads)
+  {
+    // x as pairs in tiles of 16 rows: x_pairs[t][p][j] = pair p of row 16 t + j, 0 past M
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < x_tiles; ++t)
+      for (int64_t j = 0; j < kTileRows; ++j) {
+        const int64_t m = t * kTileRows + j;
+        uint32_t* out = x_pairs.data() + t * pairs * kTileRows + j;
+        for (int64_t p = 0; p < pairs; ++p) out[p * kTileRows] = m < M ? x[m * pairs + p] : 0;
+      }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t p = 0; p < panels; ++p) panel(work, p, scratch + omp_get_thread_num() * scratch_bytes);
+  }
 }
 
 // The fused grad-input's panels (columns of W per work item): the accumulators a panel

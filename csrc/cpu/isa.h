@@ -16,6 +16,7 @@
 
 #include "../nf4_codec.h"
 #include "kernels.h"
+#include "tiles.h"
 
 namespace nf4lora {
 namespace cpu {
@@ -110,6 +111,22 @@ struct GradInputWork : GradInputArgs {
   const float* grad_f; const float* grad_h_f; int64_t panel;
 };
 
+// The tile GEMM (gemm_tiles.h): its operands, x repacked as bf16 pairs in tiles of 16 rows
+// ([x_tiles][K / 2][16] uint32, zero past M; dispatch.cpp), and the columns of W decoded
+// per pass (a multiple of the blocksize). A work item is a panel of kTilePanelRows rows of
+// W; its scratch is tile_scratch_bytes: the panel's decoded chunk, then its float32 sums.
+constexpr int64_t kTilePanelRows = 128;
+constexpr int64_t kTileWPad = 32;  // elements past a decoded row (see gemm_tiles.h)
+struct TileGemmWork : TileGemmArgs {
+  const uint32_t* x_pairs; int64_t x_tiles; int64_t k_chunk;
+};
+inline int64_t tile_w_stride(int64_t k_chunk) { return k_chunk + kTileWPad; }
+inline int64_t tile_w_bytes(int64_t k_chunk) { return kTilePanelRows * tile_w_stride(k_chunk) * 2; }
+inline int64_t tile_scratch_bytes(const TileGemmWork& a) {
+  return tile_w_bytes(a.k_chunk) + kTilePanelRows * a.x_tiles * 16 * int64_t(sizeof(float));
+}
+using TileGemmPanel = void (*)(const TileGemmWork&, int64_t panel, uint8_t* scratch);
+
 // The fused GEMV's phases: per row m of x; over rows (or tiles) [i0, i1) of W.
 using GemvXPhase = void (*)(const GemvWork&, int64_t m);
 using GemvWPhase = void (*)(const GemvWork&, int64_t i0, int64_t i1);
@@ -131,6 +148,10 @@ struct IsaKernels {
   int64_t gemv_interleaved_max_m;
   // dx[:, c0:c1] of the fused grad-input (c0, c1 on block boundaries)
   void (*grad_input_panel)(const GradInputWork&, int64_t c0, int64_t c1, float* scratch);
+  // one panel of the tile GEMM, its tile operations emulated (every ISA) or AMX (null
+  // where the ISA's translation unit holds no AMX code)
+  TileGemmPanel gemm_tiles_emulated;
+  TileGemmPanel gemm_tiles_amx;
 };
 
 // Defines nf4lora::cpu::<ns>::kernels(), the table of the entry points that kernel_body.h
@@ -143,7 +164,8 @@ struct IsaKernels {
                               &quantize_blockwise_entry, &dequantize_blockwise_entry,    \
                               &gemv_prepare_entry, &gemv_lora_h_entry, &gemv_rows_entry,  \
                               kGemvInterleavedPrepare, kGemvInterleavedTiles,             \
-                              kGemvInterleavedMaxM, &grad_input_panel_entry};             \
+                              kGemvInterleavedMaxM, &grad_input_panel_entry,              \
+                              &gemm_tiles_emulated_entry, kGemmTilesAmx};                 \
     return k;                                                                            \
   }                                                                                      \
   }

@@ -308,6 +308,7 @@ using GemvIntegerDecoder = GemvInt16Decoder;
 
 #include "kernel_body.h"
 #include "gemv_body.h"
+#include "gemm_tiles.h"
 
 #undef NF4LORA_MM
 }  // namespace nf4lora::cpu::avx2

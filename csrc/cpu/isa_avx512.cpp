@@ -386,8 +386,12 @@ constexpr bool kHasIntegerDecoder = true;
 using GemvIntegerDecoder = GemvInt16Decoder;
 #define NF4LORA_GEMV_INTERLEAVED 16  // gemv_interleaved.h (a tile's 16 rows in one vector)
 
+#if NF4LORA_AVX512_BF16 && !defined(NF4LORA_NO_AMX)  // (the SIMDe check builds without it)
+#define NF4LORA_TILE_GEMM_AMX 1  // gemm_tiles.h: the AMX entry (every AMX CPU has AVX512-BF16)
+#endif
 #include "kernel_body.h"
 #include "gemv_body.h"
+#include "gemm_tiles.h"
 
 #undef NF4LORA_MM
 }  // namespace nf4lora::cpu::NF4LORA_AVX512_NAMESPACE

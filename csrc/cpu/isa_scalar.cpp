@@ -113,6 +113,7 @@ using GemvInt8Decoder = GemvDecoder;  // never used
 
 #include "kernel_body.h"
 #include "gemv_body.h"
+#include "gemm_tiles.h"
 
 }  // namespace nf4lora::cpu::scalar
 

@@ -84,17 +84,18 @@ void quantize_4bit_impl(const Quant4Args& args, int64_t b0, int64_t b1) {
 // With double quantization each block's absmax is decoded here, once, from its 8-bit
 // code (two float32 roundings, as reference.dequantize_absmax); no absmax array.
 // kStream: the decoder writes with non-temporal stores (args.stream, see dispatch.cpp).
+// `out` receives block b0's first element (the tile GEMM decodes a row's run of blocks
+// into its own buffer: gemm_tiles.h).
 template <class Out, bool kStream>
-void dequantize_4bit_blocks(const Dequant4Args& args, int64_t b0, int64_t b1) {
-  // Locals, not args fields: the vector stores may alias anything, so the compiler would
+void dequantize_4bit_blocks(const PackedWeight& weight, int64_t b0, int64_t b1, Out* const out) {
+  // Locals, not weight fields: the vector stores may alias anything, so the compiler would
   // reload every field once per block.
-  Out* const out = static_cast<Out*>(args.out);
-  const uint8_t* const packed = args.weight.packed;
-  const float* const absmax = args.weight.absmax;
-  const NestedAbsmax nested = args.weight.nested;
-  const bool has_nested = args.weight.is_nested();
-  const int64_t n = args.weight.n, blocksize = args.weight.blocksize;
-  const CodeTable table = args.weight.table;
+  const uint8_t* const packed = weight.packed;
+  const float* const absmax = weight.absmax;
+  const NestedAbsmax nested = weight.nested;
+  const bool has_nested = weight.is_nested();
+  const int64_t n = weight.n, blocksize = weight.blocksize;
+  const CodeTable table = weight.table;
   const Levels levels = load_levels(table);  // once per call, not per block
   using Decode = Decoder<Out, kStream>;
   constexpr int kStep = Decode::kStep;
@@ -114,7 +115,7 @@ void dequantize_4bit_blocks(const Dequant4Args& args, int64_t b0, int64_t b1) {
       const int64_t begin = b * blocksize;
       const int64_t len = block_length(b, blocksize, n);
       const uint8_t* p = packed + begin / 2;
-      Out* o = out + begin;
+      Out* o = out + (begin - b0 * blocksize);
 
       const Decode decode(levels, scale);
       int64_t i = 0;
@@ -127,11 +128,12 @@ void dequantize_4bit_blocks(const Dequant4Args& args, int64_t b0, int64_t b1) {
 
 template <class Out>
 void dequantize_4bit_impl(const Dequant4Args& args, int64_t b0, int64_t b1) {
+  Out* const out = static_cast<Out*>(args.out) + b0 * args.weight.blocksize;
   if (args.stream) {
-    dequantize_4bit_blocks<Out, true>(args, b0, b1);
+    dequantize_4bit_blocks<Out, true>(args.weight, b0, b1, out);
     store_fence();  // streaming stores are weakly ordered: drain them before returning
   } else {
-    dequantize_4bit_blocks<Out, false>(args, b0, b1);
+    dequantize_4bit_blocks<Out, false>(args.weight, b0, b1, out);
   }
 }
 

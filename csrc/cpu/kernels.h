@@ -71,6 +71,27 @@ void multi_lora_gemv_4bit(const LoraGemvArgs& args, const AdapterRows& adapters)
 // rounding to dtype; output bytes do not depend on the thread count.
 void lora_grad_input_4bit(const GradInputArgs& args);
 
+// The tile GEMM for larger M (gemm_tiles.h): y[M, N] = x[M, K] @ W^T, x and y bf16, W
+// decoded into bf16 tiles in cache and multiplied with AMX (or its emulation), float32
+// sums rounded once. K must be a multiple of the blocksize, the blocksize of 32. Output
+// bytes do not depend on the thread count.
+struct TileGemmArgs {
+  const void* x = nullptr;  // [M, K] bf16
+  int64_t M = 0, N = 0, K = 0;
+  PackedWeight weight;      // [N, K]
+  void* y = nullptr;        // [M, N] bf16
+};
+void tile_gemm_4bit(const TileGemmArgs& args);
+// Which tile GEMM a bf16 call of the matmul takes past the fused kernel: "amx" (AMX-BF16
+// CPU, tile state granted by the OS), "amx-emulated" (the same kernel, its tile
+// instructions run in plain C++: tests only), or "" (none: dequantize + torch's GEMM).
+// NF4LORA_CPU_GEMM=auto|amx|amx-emulated|dequantize (read at every call) picks; auto is
+// "" until the AMX kernel has been measured against oneDNN's AMX GEMM (dispatch.cpp).
+std::string tile_gemm();
+// Whether this CPU can run AMX-BF16 tile instructions in this process (CPU flags and the
+// OS's permission for the tile state).
+bool has_amx();
+
 // True when this CPU has native instructions for GEMMs in `dtype` (kBF16:
 // AVX512-BF16 or AMX-BF16; kF16: AVX512-FP16; float32 always). Without them torch's
 // 16-bit CPU matmuls run several times slower than float32 ones.

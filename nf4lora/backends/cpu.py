@@ -11,13 +11,18 @@ lists what the CPU can run). Threads:
 (nf4lora._ops) have validated dtypes, sizes and devices; here (and in the binding, for the
 packed weight) only cheap checks guard what would otherwise read or write out of bounds.
 
-The matmul ops take one of two paths (`matmul_path` tells which):
+The matmul ops take one of three paths (`matmul_path` tells which):
 
 * "fused", M <= fused_max_m(dtype, weight) rows (decode, small batches): `_C.lora_gemv_4bit`
   reads W packed, decodes it in registers and does the LoRA and bias epilogue in the same
   pass (a mixed-adapter batch: `_C.multi_lora_gemv_4bit`, the same kernel, each row its own
   adapter); a weight that brings an interleaved copy (`interleave`) has it read instead,
   where the CPU has the kernel, and keeps the fused path to a larger M.
+* "amx", bf16 x past the fused kernel, where `_C.tile_gemm()` names a tile GEMM
+  (NF4LORA_CPU_GEMM=amx on an AMX-BF16 CPU, or amx-emulated for tests; auto names none
+  until the kernel is measured on an AMX CPU): `_C.tile_gemm_4bit` decodes W into bf16
+  tiles in cache and multiplies them with AMX (csrc/cpu/gemm_tiles.h), never materializing
+  W; the LoRA and bias terms as below.
 * "dequantize+gemm", everything else: W is dequantized chunk by chunk into a reused
   per-thread workspace and multiplied with torch's GEMM (oneDNN). On CPUs without
   native 16-bit GEMM instructions (no AVX512-BF16 / AMX / AVX512-FP16) torch's bf16 and
@@ -221,11 +226,16 @@ def fused_max_m_interleaved(dtype: torch.dtype) -> int:
 
 
 def matmul_path(M: int, weight, dtype: torch.dtype) -> str:
-    """Which path lora_matmul_4bit takes for M rows of x of `dtype`: "fused" or
+    """Which path lora_matmul_4bit takes for M rows of x of `dtype`: "fused", "amx" (the
+    tile GEMM, bf16, where `_C.tile_gemm()` names one: NF4LORA_CPU_GEMM) or
     "dequantize+gemm"."""
-    fused = (0 < M <= fused_max_m(dtype, weight) and weight.in_features > 0
-             and weight.in_features % weight.blocksize == 0)
-    return "fused" if fused else "dequantize+gemm"
+    whole_blocks = weight.in_features > 0 and weight.in_features % weight.blocksize == 0
+    if 0 < M <= fused_max_m(dtype, weight) and whole_blocks:
+        return "fused"
+    if (M > 0 and whole_blocks and dtype == torch.bfloat16 and weight.blocksize % 32 == 0
+            and _C.tile_gemm()):
+        return "amx"
+    return "dequantize+gemm"
 
 
 def _fused(x, weight, lora_A, lora_B, scaling, bias, per_row=None):
@@ -319,15 +329,23 @@ def _row_chunks(weight, dtype: torch.dtype, sums_over_rows: bool):
         yield n0, n1, w
 
 
-def _dequantize_gemm(x, weight, lora_A, lora_B, scaling, bias):
+def _unfused(x, weight, lora_A, lora_B, scaling, bias, path):
+    """The "amx" and "dequantize+gemm" paths: x @ W^T by the tile GEMM (bf16 sums rounded
+    once, as torch's bf16 GEMM rounds them) or by torch's GEMM on chunks of dequantized W,
+    then the LoRA and bias terms in the GEMM's dtype."""
     if x.shape[0] == 0:  # nothing to multiply: skip dequantizing W
         return (x.new_empty((0, weight.out_features)),
                 x.new_empty((0, 0 if lora_A is None else lora_A.shape[0])))
     dtype = _compute_dtype(x.dtype)
     xc = x.to(dtype)
-    y = torch.empty((x.shape[0], weight.out_features), dtype=dtype)
-    for n0, n1, w in _row_chunks(weight, dtype, sums_over_rows=False):
-        torch.mm(xc, w.t(), out=y[:, n0:n1])
+    if path == "amx":
+        y = torch.empty((x.shape[0], weight.out_features), dtype=x.dtype)
+        _C.tile_gemm_4bit(x, weight, y)
+        y = y.to(dtype)
+    else:
+        y = torch.empty((x.shape[0], weight.out_features), dtype=dtype)
+        for n0, n1, w in _row_chunks(weight, dtype, sums_over_rows=False):
+            torch.mm(xc, w.t(), out=y[:, n0:n1])
     h = x.new_empty((x.shape[0], 0))
     if lora_A is not None:
         h = torch.nn.functional.linear(xc, lora_A.to(dtype)).to(x.dtype)  # rounded as saved
@@ -338,9 +356,10 @@ def _dequantize_gemm(x, weight, lora_A, lora_B, scaling, bias):
 
 
 def lora_matmul_4bit(x, weight, lora_A, lora_B, scaling, bias):
-    if matmul_path(x.shape[0], weight, x.dtype) == "fused":
+    path = matmul_path(x.shape[0], weight, x.dtype)
+    if path == "fused":
         return _fused(x, weight, lora_A, lora_B, scaling, bias)
-    return _dequantize_gemm(x, weight, lora_A, lora_B, scaling, bias)
+    return _unfused(x, weight, lora_A, lora_B, scaling, bias, path)
 
 
 def multi_lora_matmul_4bit(x, weight, lora_A, lora_B, scalings, adapter_index, bias):

@@ -1,0 +1,247 @@
+"""The tile GEMM (csrc/cpu/gemm_tiles.h): bf16 x @ W^T past the fused kernel, W decoded into
+bf16 tiles in cache and multiplied with AMX's tdpbf16ps. On every CPU it runs with its
+tile instructions emulated (NF4LORA_CPU_GEMM=amx-emulated, csrc/cpu/tiles.h EmulatedTiles:
+the SDM's semantics in plain C++), through each SIMD path's W decoder; on an AMX-BF16 CPU
+also natively.
+
+The bound each output meets, derived, not fitted: the weights are exactly
+`dequantize_4bit(..., bfloat16)`, every product of two bf16 is exact in float32, a float32
+sum of K terms is within (K - 1) 2^-24 sum|terms| of the exact one, and the result is
+rounded once to bf16 (within 2^-8 of it).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nf4lora
+import nf4lora.functional as nf
+from nf4lora._weight import PackedWeight
+from nf4lora.backends import cpu as cpu_backend
+
+from test_cpu_matmul import isa  # noqa: F401  (the ISA fixture: NF4LORA_CPU_ISA)
+
+pytestmark = pytest.mark.skipif(cpu_backend.availability() is not None,
+                                reason=str(cpu_backend.availability()))
+
+_C = cpu_backend._C
+ISAS = _C.supported_isas() if _C is not None else []
+HAS_AMX = _C is not None and _C.has_amx()
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    monkeypatch.setenv("NF4LORA_CPU_GEMM", "amx-emulated")
+
+
+def weight_of(N, K, *, blocksize=64, quant_type="nf4", nested=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    packed, state = nf.quantize_4bit(torch.randn(N, K, generator=gen), blocksize=blocksize,
+                                     quant_type=quant_type, compress_statistics=nested)
+    return PackedWeight.from_state(packed, state), nf.dequantize_4bit(packed, state)
+
+
+def bf16_x(M, K, seed=1):
+    return torch.randn(M, K, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+
+
+def tile_product(x, weight):
+    y = torch.full((x.shape[0], weight.out_features), float("nan"), dtype=torch.bfloat16)
+    _C.tile_gemm_4bit(x, weight, y)
+    return y
+
+
+def assert_within_tile_bound(y, x, W_bf16, label=""):
+    """y = bf16(float32 sum of x[m, k] W[n, k]), each element within the bound above."""
+    exact = x.double() @ W_bf16.double().t()
+    terms = x.double().abs() @ W_bf16.double().abs().t()
+    K = x.shape[1]
+    summed = max(K - 1, 0) * 2.0 ** -24 * terms
+    bound = 2.0 ** -8 * (exact.abs() + summed) + summed
+    err = (y.double() - exact).abs()
+    worst = (err - bound).max().item()
+    assert worst <= 0, f"{label}: an element is {worst:.3g} past its bound (max error {err.max():.3g})"
+
+
+# ---- the kernel against its bound -------------------------------------------------------
+
+@pytest.mark.parametrize("M,N,K,blocksize", [
+    (1, 1, 64, 64),         # one row of x, one of W: 15 padded rows in each tile
+    (16, 16, 32, 32),       # one tile each way, one k step
+    (17, 129, 256, 64),     # a second x tile of one row; a 129-row W: a second panel of 1 row
+    (40, 200, 320, 64),     # x tiles 3 (a 2 x 2 block and a 1-wide one); W tiles 13
+    (70, 130, 2112, 32),    # K past one chunk: 5 x tiles -> 3264 columns a chunk
+    (130, 48, 4096, 256),   # 9 x tiles: chunks of 1792 columns (3 of them, the last 512)
+    (33, 20, 4096, 4096),   # a block wider than the chunk target: one chunk of the block
+])
+def test_matches_float64(isa, emulated, M, N, K, blocksize):
+    weight, W = weight_of(N, K, blocksize=blocksize)
+    x = bf16_x(M, K)
+    assert_within_tile_bound(tile_product(x, weight), x, W.to(torch.bfloat16), f"{isa} {M}x{N}x{K}")
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("blocksize", [32, 128, 1024])
+def test_formats_and_block_constants(emulated, quant_type, nested, blocksize):
+    weight, W = weight_of(37, 2048, blocksize=blocksize, quant_type=quant_type, nested=nested)
+    x = bf16_x(29, 2048)
+    assert_within_tile_bound(tile_product(x, weight), x, W.to(torch.bfloat16), f"{quant_type} {blocksize}")
+
+
+def test_same_bytes_for_any_thread_count_and_isa(emulated, monkeypatch):
+    weight, _ = weight_of(300, 512)  # 3 panels
+    x = bf16_x(50, 512)
+    outputs = []
+    for isa in ISAS:
+        monkeypatch.setenv("NF4LORA_CPU_ISA", isa)
+        for threads in (1, 2, 3):
+            _C.set_num_threads(threads)
+            try:
+                outputs.append(tile_product(x, weight))
+            finally:
+                _C.set_num_threads(0)
+    for y in outputs[1:]:
+        assert torch.equal(y, outputs[0])
+
+
+def test_subnormal_bf16_counts_as_zero_and_nonfinite_x_propagates(emulated):
+    weight, W = weight_of(20, 128)
+    x = bf16_x(18, 128)
+    tiny = torch.tensor(1e-39).to(torch.bfloat16)  # a bf16 subnormal
+    assert tiny.item() != 0
+    x_tiny = x.clone()
+    x_tiny[3, 5] = tiny
+    x_zero = x_tiny.clone()
+    x_zero[3, 5] = 0
+    assert torch.equal(tile_product(x_tiny, weight), tile_product(x_zero, weight))
+    x_bad = x.clone()
+    x_bad[2, 7], x_bad[9, 0] = float("nan"), float("inf")
+    y = tile_product(x_bad, weight)
+    reference = x_bad.float() @ W.to(torch.bfloat16).float().t()
+    assert torch.equal(y.isnan(), reference.isnan()) and torch.equal(y.isinf(), reference.isinf())
+
+
+# ---- the route: lora_matmul_4bit, autograd ----------------------------------------------
+
+def test_taken_only_where_named(monkeypatch):
+    weight, _ = weight_of(8, 128)
+    beyond = cpu_backend.fused_max_m(torch.bfloat16) + 1
+    monkeypatch.delenv("NF4LORA_CPU_GEMM", raising=False)
+    assert _C.tile_gemm() == ""  # auto: not until measured on an AMX CPU
+    assert cpu_backend.matmul_path(beyond, weight, torch.bfloat16) == "dequantize+gemm"
+    monkeypatch.setenv("NF4LORA_CPU_GEMM", "amx-emulated")
+    assert cpu_backend.matmul_path(beyond, weight, torch.bfloat16) == "amx"
+    assert cpu_backend.matmul_path(1, weight, torch.bfloat16) == "fused"
+    for dtype in (torch.float16, torch.float32):  # AMX-BF16 multiplies bf16 only
+        assert cpu_backend.matmul_path(64, weight, dtype) == "dequantize+gemm"
+    rows_across_blocks, _ = weight_of(8, 100)
+    assert cpu_backend.matmul_path(beyond, rows_across_blocks, torch.bfloat16) == "dequantize+gemm"
+    monkeypatch.setenv("NF4LORA_CPU_GEMM", "dequantize")
+    assert cpu_backend.matmul_path(beyond, weight, torch.bfloat16) == "dequantize+gemm"
+
+
+def test_environment_is_checked(monkeypatch):
+    monkeypatch.setenv("NF4LORA_CPU_GEMM", "tiles")
+    with pytest.raises(RuntimeError, match="auto, amx, amx-emulated, dequantize"):
+        _C.tile_gemm()
+    if not HAS_AMX:
+        monkeypatch.setenv("NF4LORA_CPU_GEMM", "amx")
+        with pytest.raises(RuntimeError, match="amx-emulated runs the same kernel"):
+            _C.tile_gemm()
+
+
+def test_rejects_what_it_cannot_do(emulated, monkeypatch):
+    weight, _ = weight_of(8, 128)
+    with pytest.raises(ValueError, match="bfloat16"):
+        _C.tile_gemm_4bit(torch.zeros(2, 128, dtype=torch.float16), weight,
+                          torch.empty(2, 8, dtype=torch.float16))
+    with pytest.raises(ValueError, match="x has 64 columns"):
+        _C.tile_gemm_4bit(torch.zeros(2, 64, dtype=torch.bfloat16), weight,
+                          torch.empty(2, 8, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"y must be \[M, N\]"):
+        _C.tile_gemm_4bit(torch.zeros(2, 128, dtype=torch.bfloat16), weight,
+                          torch.empty(2, 9, dtype=torch.bfloat16))
+    across, _ = weight_of(8, 100)
+    with pytest.raises(ValueError, match="multiple of blocksize"):
+        _C.tile_gemm_4bit(torch.zeros(2, 100, dtype=torch.bfloat16), across,
+                          torch.empty(2, 8, dtype=torch.bfloat16))
+    monkeypatch.setenv("NF4LORA_CPU_GEMM", "auto")
+    with pytest.raises(ValueError, match="no tile GEMM chosen"):
+        _C.tile_gemm_4bit(torch.zeros(2, 128, dtype=torch.bfloat16), weight,
+                          torch.empty(2, 8, dtype=torch.bfloat16))
+
+
+def test_lora_matmul_forward_and_gradients(monkeypatch):
+    """The LoRA op on the amx path against the dequantize+gemm path it replaces: y within a
+    bf16 ulp of it (both round float32 sums of the same products once, in another order),
+    then the same LoRA and bias terms, and every gradient identical (the backward never
+    reads y)."""
+    M, N, K, r = 40, 72, 256, 8
+    gen = torch.Generator().manual_seed(3)
+    packed, state = nf.quantize_4bit(torch.randn(N, K, generator=gen), blocksize=64, quant_type="nf4")
+    operands = [bf16_x(M, K), (torch.randn(r, K, generator=gen) * K ** -0.5).to(torch.bfloat16),
+                (torch.randn(N, r, generator=gen) * 0.1).to(torch.bfloat16),
+                torch.randn(N, generator=gen).to(torch.bfloat16)]
+    results = {}
+    for gemm in ("amx-emulated", "dequantize"):
+        monkeypatch.setenv("NF4LORA_CPU_GEMM", gemm)
+        x, A, B, b = leaves = [t.clone().requires_grad_(True) for t in operands]
+        y = nf4lora.lora_matmul_4bit(x, packed, state, A, B, 2.0, b)
+        y.float().square().sum().backward()
+        results[gemm] = y.detach(), [t.grad for t in leaves]
+    (y_tiles, grads_tiles), (y_dense, grads_dense) = results["amx-emulated"], results["dequantize"]
+    ulp = torch.finfo(torch.bfloat16).eps * y_dense.double().abs()
+    assert ((y_tiles.double() - y_dense.double()).abs() <= 2 * ulp + 1e-3).all()
+    for got, want in zip(grads_tiles, grads_dense):
+        assert torch.equal(got, want)
+
+
+def test_linear4bit_layer_takes_it(emulated, monkeypatch):
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(256, 96)
+    layer = nf4lora.nn.Linear4bit(256, 96, compute_dtype=torch.bfloat16, quant_type="nf4")
+    layer.load_state_dict(dense.state_dict())
+    layer = layer.to("cpu")
+    x = bf16_x(2 * cpu_backend.fused_max_m(torch.bfloat16), 256)
+    paths = []
+    real = cpu_backend.matmul_path
+    monkeypatch.setattr(cpu_backend, "matmul_path", lambda *a: paths.append(real(*a)) or paths[-1])
+    y = layer(x)
+    assert paths == ["amx"]
+    W = nf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.bfloat16)
+    base = tile_product(x, PackedWeight.from_state(layer.weight.data, layer.weight.quant_state))
+    assert torch.equal(y, base + layer.bias.to(torch.bfloat16))
+    assert_within_tile_bound(base, x, W)
+
+
+# ---- native AMX (AMX-BF16 CPUs only) ------------------------------------------------------
+
+@pytest.mark.skipif(not HAS_AMX, reason="this CPU has no AMX-BF16 (or the OS did not grant it)")
+@pytest.mark.parametrize("M,N,K,blocksize", [(17, 129, 256, 64), (130, 48, 4096, 256), (40, 300, 2112, 32)])
+def test_native_amx_matches_float64_and_its_emulation(monkeypatch, M, N, K, blocksize):
+    weight, W = weight_of(N, K, blocksize=blocksize)
+    x = bf16_x(M, K)
+    monkeypatch.setenv("NF4LORA_CPU_GEMM", "amx")
+    native = tile_product(x, weight)
+    assert_within_tile_bound(native, x, W.to(torch.bfloat16), "amx")
+    monkeypatch.setenv("NF4LORA_CPU_GEMM", "amx-emulated")
+    emulated = tile_product(x, weight)
+    # both within 2^-8 of float32 sums that differ by at most the order of the additions
+    ulp = torch.finfo(torch.bfloat16).eps * emulated.double().abs()
+    assert ((native.double() - emulated.double()).abs() <= ulp).all()
+
+
+def test_info_says_which_tile_gemm(monkeypatch, capsys):
+    from nf4lora import cli
+    monkeypatch.delenv("NF4LORA_CPU_GEMM", raising=False)
+    assert cli.main(["info"]) == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if "cpu tile GEMM" in line]
+    assert ("none by default" if HAS_AMX else "none: no AMX-BF16 here") in line
+    monkeypatch.setenv("NF4LORA_CPU_GEMM", "amx-emulated")
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "its tile instructions emulated" in out
+    (bf16_row,) = [line for line in out.splitlines() if line.strip().startswith("bfloat16")][:1]
+    past_fused = 32 > cpu_backend.fused_max_m(torch.bfloat16)   # the table's last M is 32
+    assert (bf16_row.split()[-1] == "amx") == past_fused
