@@ -68,7 +68,7 @@ def run(args) -> None:
             grad_h = torch.randn(M, args.rank).to(dtype)
             providers = {
                 "fused": lambda: cpu._fused_grad_input(grad, weight, A, grad_h),
-                "gemm": lambda: cpu._dequantize_gemm_grad_input(grad, weight, A, grad_h),
+                "gemm": lambda: cpu._unfused_grad_input(grad, weight, A, grad_h, "dequantize+gemm"),
             }
             times = {name: [] for name in providers}
             for fn in providers.values():

@@ -27,6 +27,33 @@ void convert_float(const float* src, int64_t n, uint16_t* dst, int out_dtype) {
                                         : nf4lora::float_to_bf16_bits(src[i]);
 }
 
+// tile_gemm_4bit / tile_grad_input_4bit: out = a @ W^T (a = x [M, K], out [M, N]) or
+// a @ W (a = grad [M, N], out = dx [M, K]).
+void tile_gemm(py::handle a, py::handle weight, py::handle out, bool grad_input) {
+  cpu::TileGemmArgs args;
+  const char* a_name = grad_input ? "grad" : "x";
+  if (b::float_dtype(a) != nf4lora::kBF16)
+    throw py::value_error(std::string("the tile GEMM takes a bfloat16 ") + a_name);
+  args.out_dtype = b::float_dtype(out);
+  if (args.out_dtype == nf4lora::kF16)
+    throw py::value_error("the tile GEMM writes bfloat16 or float32");
+  args.weight = b::packed_weight(weight);
+  std::tie(args.N, args.K) = b::shape_2d(weight, "a matmul weight");
+  int64_t a_columns;
+  std::tie(args.M, a_columns) = b::shape_2d(a, a_name);
+  const int64_t reduced = grad_input ? args.N : args.K, produced = grad_input ? args.K : args.N;
+  if (a_columns != reduced)
+    throw py::value_error(std::string(a_name) + " has " + std::to_string(a_columns) +
+                          " columns, the weight's shape is [" + std::to_string(args.N) + ", " +
+                          std::to_string(args.K) + "]");
+  if (b::shape_2d(out, "out") != std::make_pair(args.M, produced))
+    throw py::value_error(std::string(grad_input ? "dx must be [M, K]" : "y must be [M, N]"));
+  args.a = b::data(a);
+  args.out = b::data(out);
+  args.grad_input = grad_input;
+  b::released(cpu::tile_gemm_4bit, args);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -95,25 +122,16 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "tile_gemm_4bit",
-      [](py::handle x, py::handle weight, py::handle y) {
-        cpu::TileGemmArgs a;
-        if (b::float_dtype(x) != nf4lora::kBF16 || b::float_dtype(y) != nf4lora::kBF16)
-          throw py::value_error("the tile GEMM takes bfloat16 x and y");
-        a.x = b::data(x);
-        std::tie(a.M, a.K) = b::shape_2d(x, "x");
-        a.weight = b::packed_weight(weight);
-        int64_t in_features;
-        std::tie(a.N, in_features) = b::shape_2d(weight, "a matmul weight");
-        if (in_features != a.K)
-          throw py::value_error("x has " + std::to_string(a.K) + " columns, the weight's shape is [" +
-                                std::to_string(a.N) + ", " + std::to_string(in_features) + "]");
-        if (b::shape_2d(y, "y") != std::make_pair(a.M, a.N)) throw py::value_error("y must be [M, N]");
-        a.y = b::data(y);
-        b::released(cpu::tile_gemm_4bit, a);
-      },
+      [](py::handle x, py::handle weight, py::handle y) { tile_gemm(x, weight, y, false); },
       py::arg("x"), py::arg("weight"), py::arg("y"),
       "y[M,N] = x[M,K] @ W^T (W: weight, a PackedWeight [N, K], decoded into bf16 tiles in "
-      "cache), bfloat16 x and y, contiguous; by the tile GEMM tile_gemm() names");
+      "cache), bfloat16 x, bfloat16 or float32 y, contiguous; by the tile GEMM tile_gemm() names");
+  m.def(
+      "tile_grad_input_4bit",
+      [](py::handle grad, py::handle weight, py::handle dx) { tile_gemm(grad, weight, dx, true); },
+      py::arg("grad"), py::arg("weight"), py::arg("dx"),
+      "dx[M,K] = grad[M,N] @ W (W: weight, a PackedWeight [N, K], decoded into bf16 tiles in "
+      "cache), bfloat16 grad, bfloat16 or float32 dx, contiguous; by the tile GEMM tile_gemm() names");
   m.def("tile_gemm", &cpu::tile_gemm,
         "The tile GEMM of bf16 matmuls past the fused kernel: amx, amx-emulated (tests) or '' "
         "(none: dequantize + torch's GEMM); NF4LORA_CPU_GEMM=auto|amx|amx-emulated|dequantize.");

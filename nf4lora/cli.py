@@ -80,7 +80,8 @@ def _info(_args) -> int:
         print("  cpu backward grad-input path by rows of grad (backends/cpu.py grad_input_fused_max_m):")
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             name = str(dtype).replace("torch.", "")
-            paths = ["fused" if m <= cpu.grad_input_fused_max_m(dtype) else "gemm" for m in rows]
+            beyond = "amx" if tiles and dtype == torch.bfloat16 else "gemm"
+            paths = ["fused" if m <= cpu.grad_input_fused_max_m(dtype) else beyond for m in rows]
             print(f"      {name:<11}" + "".join(f"{path:>9}" for path in paths))
     return 0
 

@@ -641,14 +641,14 @@ def test_grad_input_by_panels_equals_the_whole_w_product(monkeypatch, dtype, M, 
     grad = torch.randn(M, out_f, generator=gen).to(dtype)
     A = (torch.randn(6, in_f, generator=gen) * in_f ** -0.5).to(dtype)
     grad_h = torch.randn(M, 6, generator=gen).to(dtype)
-    dx = cpu_backend._dequantize_gemm_grad_input(grad, weight, A, grad_h)
+    dx = cpu_backend._unfused_grad_input(grad, weight, A, grad_h, "dequantize+gemm")
     assert dx.dtype == dtype and dx.shape == (M, in_f)
     gemm_dtype = cpu_backend._compute_dtype(dtype)
     assert torch.equal(dx, grad_input_by_hand(grad, W, A, grad_h, gemm_dtype))
     exact = grad.double() @ W.double() + grad_h.double() @ A.double()
     base = grad @ W.to(dtype) + grad_h @ A
     assert_within_baseline(dx, base, exact, dtype, f"dx M={M} {out_f}x{in_f} {dtype}")
-    without_lora = cpu_backend._dequantize_gemm_grad_input(grad, weight, None, None)
+    without_lora = cpu_backend._unfused_grad_input(grad, weight, None, None, "dequantize+gemm")
     assert torch.equal(without_lora, grad_input_by_hand(grad, W, None, None, gemm_dtype))
 
 
@@ -659,7 +659,7 @@ def test_grad_input_by_panels_in_every_format(monkeypatch, fmt, nested):
     monkeypatch.setattr(cpu_backend, "PANEL_MIN_COLUMNS", 64)
     weight, W = weight_and_dense(45, 320, nested=nested, fmt=fmt)
     grad = torch.randn(40, 45, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
-    dx = cpu_backend._dequantize_gemm_grad_input(grad, weight, None, None)
+    dx = cpu_backend._unfused_grad_input(grad, weight, None, None, "dequantize+gemm")
     gemm_dtype = cpu_backend._compute_dtype(torch.bfloat16)
     assert torch.equal(dx, grad_input_by_hand(grad, W, None, None, gemm_dtype))
 
@@ -668,10 +668,10 @@ def test_grad_input_by_panels_in_every_format(monkeypatch, fmt, nested):
 def test_grad_input_by_panels_of_an_empty_weight(out_f, in_f):
     weight, _ = weight_and_dense(out_f, in_f)
     grad = torch.randn(40, out_f).to(torch.bfloat16)
-    dx = cpu_backend._dequantize_gemm_grad_input(grad, weight, None, None)
+    dx = cpu_backend._unfused_grad_input(grad, weight, None, None, "dequantize+gemm")
     assert dx.shape == (40, in_f) and torch.equal(dx, torch.zeros_like(dx))
     grad = torch.empty(0, out_f, dtype=torch.bfloat16)
-    assert cpu_backend._dequantize_gemm_grad_input(grad, weight, None, None).shape == (0, in_f)
+    assert cpu_backend._unfused_grad_input(grad, weight, None, None, "dequantize+gemm").shape == (0, in_f)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

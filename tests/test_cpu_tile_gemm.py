@@ -1,8 +1,9 @@
-"""The tile GEMM (csrc/cpu/gemm_tiles.h): bf16 x @ W^T past the fused kernel, W decoded into
-bf16 tiles in cache and multiplied with AMX's tdpbf16ps. On every CPU it runs with its
+"""The tile GEMMs (csrc/cpu/gemm_tiles.h): bf16 x @ W^T past the fused kernel and the
+backward's grad @ W past the fused grad-input, W decoded into bf16 tiles in cache and
+multiplied with AMX's tdpbf16ps. On every CPU it runs with its
 tile instructions emulated (NF4LORA_CPU_GEMM=amx-emulated, csrc/cpu/tiles.h EmulatedTiles:
 the SDM's semantics in plain C++), through each SIMD path's W decoder; on an AMX-BF16 CPU
-also natively.
+also natively, against the same bound.
 
 The bound each output meets, derived, not fitted: the weights are exactly
 `dequantize_4bit(..., bfloat16)`, every product of two bf16 is exact in float32, a float32
@@ -51,14 +52,20 @@ def tile_product(x, weight):
     return y
 
 
-def assert_within_tile_bound(y, x, W_bf16, label=""):
-    """y = bf16(float32 sum of x[m, k] W[n, k]), each element within the bound above."""
-    exact = x.double() @ W_bf16.double().t()
-    terms = x.double().abs() @ W_bf16.double().abs().t()
-    K = x.shape[1]
-    summed = max(K - 1, 0) * 2.0 ** -24 * terms
+def tile_grad_input(grad, weight):
+    dx = torch.full((grad.shape[0], weight.in_features), float("nan"), dtype=torch.bfloat16)
+    _C.tile_grad_input_4bit(grad, weight, dx)
+    return dx
+
+
+def assert_within_tile_bound(out, a, b, label=""):
+    """out = bf16(float32 sums of a @ b) (forward: x @ W^T; grad-input: grad @ W), each
+    element within the bound above."""
+    exact = a.double() @ b.double()
+    terms = a.double().abs() @ b.double().abs()
+    summed = max(a.shape[1] - 1, 0) * 2.0 ** -24 * terms
     bound = 2.0 ** -8 * (exact.abs() + summed) + summed
-    err = (y.double() - exact).abs()
+    err = (out.double() - exact).abs()
     worst = (err - bound).max().item()
     assert worst <= 0, f"{label}: an element is {worst:.3g} past its bound (max error {err.max():.3g})"
 
@@ -77,7 +84,7 @@ def assert_within_tile_bound(y, x, W_bf16, label=""):
 def test_matches_float64(isa, emulated, M, N, K, blocksize):
     weight, W = weight_of(N, K, blocksize=blocksize)
     x = bf16_x(M, K)
-    assert_within_tile_bound(tile_product(x, weight), x, W.to(torch.bfloat16), f"{isa} {M}x{N}x{K}")
+    assert_within_tile_bound(tile_product(x, weight), x, W.to(torch.bfloat16).t(), f"{isa} {M}x{N}x{K}")
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -86,23 +93,55 @@ def test_matches_float64(isa, emulated, M, N, K, blocksize):
 def test_formats_and_block_constants(emulated, quant_type, nested, blocksize):
     weight, W = weight_of(37, 2048, blocksize=blocksize, quant_type=quant_type, nested=nested)
     x = bf16_x(29, 2048)
-    assert_within_tile_bound(tile_product(x, weight), x, W.to(torch.bfloat16), f"{quant_type} {blocksize}")
+    assert_within_tile_bound(tile_product(x, weight), x, W.to(torch.bfloat16).t(), f"{quant_type} {blocksize}")
 
 
-def test_same_bytes_for_any_thread_count_and_isa(emulated, monkeypatch):
-    weight, _ = weight_of(300, 512)  # 3 panels
-    x = bf16_x(50, 512)
+@pytest.mark.parametrize("M,N,K,blocksize", [
+    (1, 1, 64, 64),         # one row of grad, one of W: padding everywhere
+    (16, 32, 32, 32),       # one tile each way, one step
+    (17, 129, 256, 64),     # a second grad tile of one row; N = 129: a padded pair of rows
+    (40, 600, 320, 64),     # W's rows in chunks of 512 (then 88, padded to 96); panels 256 + 64
+    (70, 100, 2112, 32),    # 9 panels of 256 columns, the last 64
+    (130, 48, 1024, 256),   # 9 grad tiles (a 1-wide last pair)
+    (33, 20, 4096, 4096),   # a block wider than the panel target: one panel of the block
+])
+def test_grad_input_matches_float64(isa, emulated, M, N, K, blocksize):
+    weight, W = weight_of(N, K, blocksize=blocksize)
+    grad = bf16_x(M, N)
+    assert_within_tile_bound(tile_grad_input(grad, weight), grad, W.to(torch.bfloat16), f"{isa} {M}x{N}x{K}")
+
+
+@pytest.mark.parametrize("product", [tile_product, tile_grad_input])
+def test_same_bytes_for_any_thread_count_and_isa(emulated, monkeypatch, product):
+    weight, _ = weight_of(600, 768)  # 5 forward panels, 3 grad-input panels, 2 row chunks
+    a = bf16_x(50, 768 if product is tile_product else 600)
     outputs = []
     for isa in ISAS:
         monkeypatch.setenv("NF4LORA_CPU_ISA", isa)
         for threads in (1, 2, 3):
             _C.set_num_threads(threads)
             try:
-                outputs.append(tile_product(x, weight))
+                outputs.append(product(a, weight))
             finally:
                 _C.set_num_threads(0)
-    for y in outputs[1:]:
-        assert torch.equal(y, outputs[0])
+    for out in outputs[1:]:
+        assert torch.equal(out, outputs[0])
+
+
+def test_float32_output_is_the_unrounded_sums(emulated):
+    # (the LoRA epilogue's dtype where the CPU has no bf16 GEMM: the sums, then one rounding)
+    weight, W = weight_of(40, 256)
+    for a, run in [(bf16_x(20, 256), _C.tile_gemm_4bit), (bf16_x(20, 40), _C.tile_grad_input_4bit)]:
+        out_features = 40 if run is _C.tile_gemm_4bit else 256
+        wide = torch.empty(20, out_features)
+        run(a, weight, wide)
+        narrow = torch.empty(20, out_features, dtype=torch.bfloat16)
+        run(a, weight, narrow)
+        assert torch.equal(wide.to(torch.bfloat16), narrow)
+        b = W.to(torch.bfloat16).double()
+        b = b.t() if run is _C.tile_gemm_4bit else b
+        exact = a.double() @ b
+        assert ((wide.double() - exact).abs() <= (a.shape[1] - 1) * 2.0 ** -24 * (a.double().abs() @ b.abs())).all()
 
 
 def test_subnormal_bf16_counts_as_zero_and_nonfinite_x_propagates(emulated):
@@ -130,15 +169,22 @@ def test_taken_only_where_named(monkeypatch):
     monkeypatch.delenv("NF4LORA_CPU_GEMM", raising=False)
     assert _C.tile_gemm() == ""  # auto: not until measured on an AMX CPU
     assert cpu_backend.matmul_path(beyond, weight, torch.bfloat16) == "dequantize+gemm"
+    grad_beyond = cpu_backend.grad_input_fused_max_m(torch.bfloat16) + 1
+    assert cpu_backend.grad_input_path(grad_beyond, weight, torch.bfloat16) == "dequantize+gemm"
     monkeypatch.setenv("NF4LORA_CPU_GEMM", "amx-emulated")
     assert cpu_backend.matmul_path(beyond, weight, torch.bfloat16) == "amx"
+    assert cpu_backend.grad_input_path(grad_beyond, weight, torch.bfloat16) == "amx"
     assert cpu_backend.matmul_path(1, weight, torch.bfloat16) == "fused"
+    assert cpu_backend.grad_input_path(1, weight, torch.bfloat16) == "fused"
     for dtype in (torch.float16, torch.float32):  # AMX-BF16 multiplies bf16 only
         assert cpu_backend.matmul_path(64, weight, dtype) == "dequantize+gemm"
+        assert cpu_backend.grad_input_path(64, weight, dtype) == "dequantize+gemm"
     rows_across_blocks, _ = weight_of(8, 100)
     assert cpu_backend.matmul_path(beyond, rows_across_blocks, torch.bfloat16) == "dequantize+gemm"
+    assert cpu_backend.grad_input_path(grad_beyond, rows_across_blocks, torch.bfloat16) == "dequantize+gemm"
     monkeypatch.setenv("NF4LORA_CPU_GEMM", "dequantize")
     assert cpu_backend.matmul_path(beyond, weight, torch.bfloat16) == "dequantize+gemm"
+    assert cpu_backend.grad_input_path(grad_beyond, weight, torch.bfloat16) == "dequantize+gemm"
 
 
 def test_environment_is_checked(monkeypatch):
@@ -153,9 +199,17 @@ def test_environment_is_checked(monkeypatch):
 
 def test_rejects_what_it_cannot_do(emulated, monkeypatch):
     weight, _ = weight_of(8, 128)
-    with pytest.raises(ValueError, match="bfloat16"):
+    with pytest.raises(ValueError, match="a bfloat16 x"):
         _C.tile_gemm_4bit(torch.zeros(2, 128, dtype=torch.float16), weight,
+                          torch.empty(2, 8, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="writes bfloat16 or float32"):
+        _C.tile_gemm_4bit(torch.zeros(2, 128, dtype=torch.bfloat16), weight,
                           torch.empty(2, 8, dtype=torch.float16))
+    with pytest.raises(ValueError, match="a bfloat16 grad"):
+        _C.tile_grad_input_4bit(torch.zeros(2, 8), weight, torch.empty(2, 128, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"dx must be \[M, K\]"):
+        _C.tile_grad_input_4bit(torch.zeros(2, 8, dtype=torch.bfloat16), weight,
+                                torch.empty(2, 8, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="x has 64 columns"):
         _C.tile_gemm_4bit(torch.zeros(2, 64, dtype=torch.bfloat16), weight,
                           torch.empty(2, 8, dtype=torch.bfloat16))
@@ -173,27 +227,42 @@ def test_rejects_what_it_cannot_do(emulated, monkeypatch):
 
 
 def test_lora_matmul_forward_and_gradients(monkeypatch):
-    """The LoRA op on the amx path against the dequantize+gemm path it replaces: y within a
-    bf16 ulp of it (both round float32 sums of the same products once, in another order),
-    then the same LoRA and bias terms, and every gradient identical (the backward never
-    reads y)."""
+    """The LoRA op on the amx path against the dequantize+gemm path it replaces, forward
+    and backward. Each path rounds float32 sums of the same products once to the GEMM's
+    dtype (the sums' order differs: (len - 1) 2^-24 sum|terms| apart at most), then adds
+    the same LoRA term and rounds again; so y and dx differ by at most a rounding of the
+    product (where the GEMM is bf16) and one of the result, plus the orders' difference.
+    The gradients of lora_A, lora_B and bias never read W: identical."""
     M, N, K, r = 40, 72, 256, 8
     gen = torch.Generator().manual_seed(3)
     packed, state = nf.quantize_4bit(torch.randn(N, K, generator=gen), blocksize=64, quant_type="nf4")
     operands = [bf16_x(M, K), (torch.randn(r, K, generator=gen) * K ** -0.5).to(torch.bfloat16),
                 (torch.randn(N, r, generator=gen) * 0.1).to(torch.bfloat16),
                 torch.randn(N, generator=gen).to(torch.bfloat16)]
-    results = {}
+    grad_y = bf16_x(M, N, seed=4)
+    results, paths = {}, []
+    for name in ("matmul_path", "grad_input_path"):
+        real = getattr(cpu_backend, name)
+        monkeypatch.setattr(cpu_backend, name, lambda *a, real=real: paths.append(real(*a)) or paths[-1])
     for gemm in ("amx-emulated", "dequantize"):
         monkeypatch.setenv("NF4LORA_CPU_GEMM", gemm)
         x, A, B, b = leaves = [t.clone().requires_grad_(True) for t in operands]
         y = nf4lora.lora_matmul_4bit(x, packed, state, A, B, 2.0, b)
-        y.float().square().sum().backward()
+        y.backward(grad_y)
         results[gemm] = y.detach(), [t.grad for t in leaves]
     (y_tiles, grads_tiles), (y_dense, grads_dense) = results["amx-emulated"], results["dequantize"]
-    ulp = torch.finfo(torch.bfloat16).eps * y_dense.double().abs()
-    assert ((y_tiles.double() - y_dense.double()).abs() <= 2 * ulp + 1e-3).all()
-    for got, want in zip(grads_tiles, grads_dense):
+    W = nf.dequantize_4bit(packed, state).to(torch.bfloat16).double()
+    eps = torch.finfo(torch.bfloat16).eps
+    # a bf16 GEMM: both paths round the product to bf16; else the other path sums float32
+    # weights, the tile GEMM bf16 ones (within 2^-8 of them)
+    native = cpu_backend._native_16bit_gemm(torch.bfloat16)
+    for got, want, a, b in [(y_tiles, y_dense, operands[0], W.t()), (grads_tiles[0], grads_dense[0], grad_y, W)]:
+        product, terms = a.double() @ b, a.double().abs() @ b.abs()
+        orders = 2 * (a.shape[1] - 1) * 2.0 ** -24 * terms
+        allowed = eps * want.double().abs() + (eps * product.abs() if native else 2.0 ** -8 * terms) + orders
+        assert ((got.double() - want.double()).abs() <= allowed).all()
+    assert paths == ["amx", "amx", "dequantize+gemm", "dequantize+gemm"]  # forward, grad-input
+    for got, want in zip(grads_tiles[1:], grads_dense[1:]):
         assert torch.equal(got, want)
 
 
@@ -209,27 +278,32 @@ def test_linear4bit_layer_takes_it(emulated, monkeypatch):
     monkeypatch.setattr(cpu_backend, "matmul_path", lambda *a: paths.append(real(*a)) or paths[-1])
     y = layer(x)
     assert paths == ["amx"]
+    # the product in the GEMM's dtype (float32 where the CPU has no bf16 GEMM), then the bias
+    weight = PackedWeight.from_state(layer.weight.data, layer.weight.quant_state)
+    product = torch.empty(x.shape[0], 96, dtype=cpu_backend._compute_dtype(torch.bfloat16))
+    _C.tile_gemm_4bit(x, weight, product)
+    assert torch.equal(y, (product + layer.bias.to(product.dtype)).to(torch.bfloat16))
     W = nf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.bfloat16)
-    base = tile_product(x, PackedWeight.from_state(layer.weight.data, layer.weight.quant_state))
-    assert torch.equal(y, base + layer.bias.to(torch.bfloat16))
-    assert_within_tile_bound(base, x, W)
+    assert_within_tile_bound(tile_product(x, weight), x, W.t())
 
 
 # ---- native AMX (AMX-BF16 CPUs only) ------------------------------------------------------
 
 @pytest.mark.skipif(not HAS_AMX, reason="this CPU has no AMX-BF16 (or the OS did not grant it)")
-@pytest.mark.parametrize("M,N,K,blocksize", [(17, 129, 256, 64), (130, 48, 4096, 256), (40, 300, 2112, 32)])
-def test_native_amx_matches_float64_and_its_emulation(monkeypatch, M, N, K, blocksize):
+@pytest.mark.parametrize("product", ["forward", "grad_input"])
+@pytest.mark.parametrize("M,N,K,blocksize", [(17, 129, 256, 64), (130, 48, 4096, 256), (40, 600, 2112, 32)])
+def test_native_amx_matches_float64(monkeypatch, product, M, N, K, blocksize):
     weight, W = weight_of(N, K, blocksize=blocksize)
-    x = bf16_x(M, K)
+    W = W.to(torch.bfloat16)
+    a, b, run = ((bf16_x(M, K), W.t(), tile_product) if product == "forward"
+                 else (bf16_x(M, N), W, tile_grad_input))
     monkeypatch.setenv("NF4LORA_CPU_GEMM", "amx")
-    native = tile_product(x, weight)
-    assert_within_tile_bound(native, x, W.to(torch.bfloat16), "amx")
-    monkeypatch.setenv("NF4LORA_CPU_GEMM", "amx-emulated")
-    emulated = tile_product(x, weight)
-    # both within 2^-8 of float32 sums that differ by at most the order of the additions
-    ulp = torch.finfo(torch.bfloat16).eps * emulated.double().abs()
-    assert ((native.double() - emulated.double()).abs() <= ulp).all()
+    assert_within_tile_bound(run(a, weight), a, b, f"amx {product}")
+    _C.set_num_threads(1)
+    try:
+        assert_within_tile_bound(run(a, weight), a, b, f"amx {product}, one thread")
+    finally:
+        _C.set_num_threads(0)
 
 
 def test_info_says_which_tile_gemm(monkeypatch, capsys):
@@ -242,6 +316,7 @@ def test_info_says_which_tile_gemm(monkeypatch, capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "its tile instructions emulated" in out
-    (bf16_row,) = [line for line in out.splitlines() if line.strip().startswith("bfloat16")][:1]
-    past_fused = 32 > cpu_backend.fused_max_m(torch.bfloat16)   # the table's last M is 32
-    assert (bf16_row.split()[-1] == "amx") == past_fused
+    forward_row, grad_input_row = [line for line in out.splitlines() if line.strip().startswith("bfloat16")]
+    past_fused = 32 > cpu_backend.fused_max_m(torch.bfloat16)   # the tables' last M is 32
+    assert (forward_row.split()[-1] == "amx") == past_fused
+    assert (grad_input_row.split()[-1] == "amx") == (32 > cpu_backend.grad_input_fused_max_m(torch.bfloat16))

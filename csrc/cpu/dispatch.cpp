@@ -306,20 +306,26 @@ bool amx_granted() {
 #endif
 }
 
-// The tile GEMM's chunk of K (gemm_tiles.h): x's tiles for one chunk, 2 bytes per element
-// of x, fit kTileXChunkBytes (to stay in L2 while the panel's W tiles pass over them: 2 MiB
-// per core on Sapphire Rapids), and a panel's decoded chunk (kTilePanelRows rows) at most
-// kTileMaxChunk columns (512 KiB). Not yet tuned on an AMX CPU.
-constexpr int64_t kTileXChunkBytes = 512 << 10;
-constexpr int64_t kTileMaxChunk = 2048;
+// How the tile GEMMs cut W (gemm_tiles.h). A chunk of W's reduction dimension (forward:
+// columns, grad-input: rows) is sized so that the tiles of `a` (x or grad) it meets take
+// kTileAChunkBytes, 2 bytes per element (to stay in L2 while the panel's W tiles pass over
+// them: 2 MiB per core on Sapphire Rapids), and a panel's decoded chunk stays near 512 KiB:
+// forward 128 rows x at most kTileMaxColumnChunk columns, grad-input kTileGradColumns
+// columns (or a block) x at most kTileMaxRowChunk rows, decoded and then again as pairs.
+// Not yet tuned on an AMX CPU.
+constexpr int64_t kTileAChunkBytes = 512 << 10;
+constexpr int64_t kTileMaxColumnChunk = 2048;
+constexpr int64_t kTileMaxRowChunk = 512;
+constexpr int64_t kTileGradColumns = 256;
 
-int64_t tile_chunk(int64_t x_tiles, int64_t K, int64_t blocksize) {
-  int64_t chunk = kTileXChunkBytes / (x_tiles * kTileRows * 2);
-  if (chunk > kTileMaxChunk) chunk = kTileMaxChunk;
-  chunk = chunk / blocksize * blocksize;
-  if (chunk < blocksize) chunk = blocksize;
-  return chunk < K ? chunk : K;
+int64_t tile_a_chunk(int64_t a_tiles, int64_t granule, int64_t largest) {
+  int64_t chunk = kTileAChunkBytes / (a_tiles * kTileRows * 2);
+  if (chunk > largest) chunk = largest;
+  chunk = chunk / granule * granule;
+  return chunk < granule ? granule : chunk;
 }
+
+int64_t round_up(int64_t n, int64_t granule) { return (n + granule - 1) / granule * granule; }
 
 }  // namespace
 
@@ -554,12 +560,14 @@ void multi_lora_gemv_4bit(const LoraGemvArgs& op, const AdapterRows& adapters) {
 }
 
 void tile_gemm_4bit(const TileGemmArgs& op) {
-  const int64_t M = op.M, N = op.N, K = op.K;
+  const int64_t M = op.M, N = op.N, K = op.K, blocksize = op.weight.blocksize;
   check_fused_shapes(M, K, N, 0, op.weight, kBF16);
-  if (M == 0 || N == 0) return;
-  check(op.x && op.y, "null pointer");
-  if (K == 0) {  // an empty sum
-    memset(op.y, 0, M * N * sizeof(uint16_t));
+  const int64_t columns = op.grad_input ? K : N, length = op.grad_input ? N : K;  // of out; summed
+  if (M == 0 || columns == 0) return;
+  check(op.a && op.out, "null pointer");
+  check(op.out_dtype == kBF16 || op.out_dtype == kF32, "the tile GEMM writes bfloat16 or float32");
+  if (length == 0) {  // empty sums
+    memset(op.out, 0, M * columns * dtype_size(op.out_dtype));
     return;
   }
   check(op.weight.packed != nullptr, "null pointer");
@@ -567,30 +575,50 @@ void tile_gemm_4bit(const TileGemmArgs& op) {
   const std::string path = tile_gemm();
   check(!path.empty(), "no tile GEMM chosen: NF4LORA_CPU_GEMM=amx or amx-emulated");
   const IsaKernels& k = select_kernels();
-  const TileGemmPanel panel = path == "amx" ? k.gemm_tiles_amx : k.gemm_tiles_emulated;
-  const int64_t x_tiles = (M + kTileRows - 1) / kTileRows, pairs = K / 2;
-  std::vector<uint32_t> x_pairs(x_tiles * pairs * kTileRows);
-  TileGemmWork work{op, x_pairs.data(), x_tiles, tile_chunk(x_tiles, K, op.weight.blocksize)};
-  const int64_t panels = (N + kTilePanelRows - 1) / kTilePanelRows;
+  const TileGemmPanel run_panel = path == "amx" ? k.gemm_tiles_amx : k.gemm_tiles_emulated;
+  TileGemmWork work{op, nullptr, (M + kTileRows - 1) / kTileRows, 0, 0, 0};
+  const int64_t a_rows = work.a_tiles * kTileRows;
+  if (op.grad_input) {
+    work.a_stride = round_up(N, 2 * kTileRows);
+    work.chunk = tile_a_chunk(work.a_tiles, 2 * kTileRows, kTileMaxRowChunk);
+    if (work.chunk > work.a_stride) work.chunk = work.a_stride;
+    work.panel = kTileGradColumns > blocksize ? kTileGradColumns / blocksize * blocksize : blocksize;
+    if (work.panel > K) work.panel = K;
+  } else {
+    work.a_stride = K / 2;  // pairs per row of x
+    work.chunk = tile_a_chunk(work.a_tiles, blocksize, kTileMaxColumnChunk);
+    if (work.chunk > K) work.chunk = K;
+    work.panel = kTilePanelRows;
+  }
+  // a repacked (gemm_tiles.h): grad's rows padded with zeros to a_stride bf16; x as bf16
+  // pairs, repacked[t][p][j] = pair p of row 16 t + j; zeros past M
+  std::vector<uint32_t> repacked(op.grad_input ? a_rows * work.a_stride / 2 : a_rows * work.a_stride);
+  work.a_repacked = repacked.data();
+  const int64_t panels = (columns + work.panel - 1) / work.panel;
   int64_t threads = num_threads();
   if (threads > panels) threads = panels;
-  const int64_t scratch_bytes = (tile_scratch_bytes(work) + 63) / 64 * 64;
+  const int64_t scratch_bytes = round_up(tile_scratch_bytes(work), 64);
   std::vector<uint8_t> scratch_all(threads * scratch_bytes + 64);
   uint8_t* const scratch = reinterpret_cast<uint8_t*>(
       (reinterpret_cast<uintptr_t>(scratch_all.data()) + 63) & ~uintptr_t(63));
-  const uint32_t* const x = static_cast<const uint32_t*>(op.x);  // bf16 pairs: K is even
 #pragma omp parallel num_threads((int)threads)
   {
-    // x as pairs in tiles of 16 rows: x_pairs[t][p][j] = pair p of row 16 t + j, 0 past M
+    if (op.grad_input) {
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < x_tiles; ++t)
-      for (int64_t j = 0; j < kTileRows; ++j) {
-        const int64_t m = t * kTileRows + j;
-        uint32_t* out = x_pairs.data() + t * pairs * kTileRows + j;
-        for (int64_t p = 0; p < pairs; ++p) out[p * kTileRows] = m < M ? x[m * pairs + p] : 0;
+      for (int64_t m = 0; m < M; ++m)
+        memcpy(reinterpret_cast<uint16_t*>(repacked.data()) + m * work.a_stride,
+               static_cast<const uint16_t*>(op.a) + m * N, N * sizeof(uint16_t));
+    } else {
+      const uint32_t* const x = static_cast<const uint32_t*>(op.a);  // bf16 pairs: K is even
+      const int64_t pairs = work.a_stride;
+#pragma omp for schedule(static)
+      for (int64_t m = 0; m < M; ++m) {
+        uint32_t* out = repacked.data() + (m / kTileRows * pairs) * kTileRows + m % kTileRows;
+        for (int64_t p = 0; p < pairs; ++p) out[p * kTileRows] = x[m * pairs + p];
       }
+    }
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t p = 0; p < panels; ++p) panel(work, p, scratch + omp_get_thread_num() * scratch_bytes);
+    for (int64_t p = 0; p < panels; ++p) run_panel(work, p, scratch + omp_get_thread_num() * scratch_bytes);
   }
 }
 

@@ -111,19 +111,26 @@ struct GradInputWork : GradInputArgs {
   const float* grad_f; const float* grad_h_f; int64_t panel;
 };
 
-// The tile GEMM (gemm_tiles.h): its operands, x repacked as bf16 pairs in tiles of 16 rows
-// ([x_tiles][K / 2][16] uint32, zero past M; dispatch.cpp), and the columns of W decoded
-// per pass (a multiple of the blocksize). A work item is a panel of kTilePanelRows rows of
-// W; its scratch is tile_scratch_bytes: the panel's decoded chunk, then its float32 sums.
+// The tile GEMMs (gemm_tiles.h): their operands, `a` repacked into tiles of 16 rows
+// (a_tiles of them; dispatch.cpp), and how W is cut. A work item is a panel of W: forward,
+// kTilePanelRows rows of W (columns of y), decoded `chunk` columns per pass; grad-input,
+// `panel` columns of W (of dx), decoded `chunk` rows per pass. Each work item gets
+// tile_scratch_bytes of scratch: the decoded chunk (grad-input: also as pairs), then the
+// panel's float32 sums.
 constexpr int64_t kTilePanelRows = 128;
-constexpr int64_t kTileWPad = 32;  // elements past a decoded row (see gemm_tiles.h)
+constexpr int64_t kTileWPad = 32;  // elements past a decoded row of the forward (gemm_tiles.h)
 struct TileGemmWork : TileGemmArgs {
-  const uint32_t* x_pairs; int64_t x_tiles; int64_t k_chunk;
+  // forward: x as bf16 pairs, [a_tiles][K / 2][16] uint32; grad-input: grad's rows, [a_tiles *
+  // 16][a_stride] bf16; zero past M (and past N)
+  const void* a_repacked; int64_t a_tiles; int64_t a_stride;
+  int64_t chunk; int64_t panel;
 };
-inline int64_t tile_w_stride(int64_t k_chunk) { return k_chunk + kTileWPad; }
-inline int64_t tile_w_bytes(int64_t k_chunk) { return kTilePanelRows * tile_w_stride(k_chunk) * 2; }
+inline int64_t tile_w_stride(const TileGemmWork& a) { return a.chunk + kTileWPad; }  // forward
+inline int64_t tile_sums_offset(const TileGemmWork& a) {  // bytes of the decoded chunk
+  return a.grad_input ? 2 * a.chunk * a.panel * 2 : a.panel * tile_w_stride(a) * 2;
+}
 inline int64_t tile_scratch_bytes(const TileGemmWork& a) {
-  return tile_w_bytes(a.k_chunk) + kTilePanelRows * a.x_tiles * 16 * int64_t(sizeof(float));
+  return tile_sums_offset(a) + a.a_tiles * kTileRows * a.panel * int64_t(sizeof(float));
 }
 using TileGemmPanel = void (*)(const TileGemmWork&, int64_t panel, uint8_t* scratch);
 

@@ -71,20 +71,26 @@ void multi_lora_gemv_4bit(const LoraGemvArgs& args, const AdapterRows& adapters)
 // rounding to dtype; output bytes do not depend on the thread count.
 void lora_grad_input_4bit(const GradInputArgs& args);
 
-// The tile GEMM for larger M (gemm_tiles.h): y[M, N] = x[M, K] @ W^T, x and y bf16, W
-// decoded into bf16 tiles in cache and multiplied with AMX (or its emulation), float32
-// sums rounded once. K must be a multiple of the blocksize, the blocksize of 32. Output
-// bytes do not depend on the thread count.
+// The tile GEMMs for larger M (gemm_tiles.h): bf16 operands, W decoded into bf16 tiles in
+// cache (never materialized) and multiplied with AMX (or its emulation), float32 sums
+// rounded once to the output's dtype (bf16 or float32):
+//   forward      y[M, N] = x[M, K] @ W^T      (a = x, out = y)
+//   grad_input   dx[M, K] = grad[M, N] @ W    (a = grad, out = dx)
+// K must be a multiple of the blocksize, the blocksize of 32. Output bytes do not depend
+// on the thread count.
 struct TileGemmArgs {
-  const void* x = nullptr;  // [M, K] bf16
+  const void* a = nullptr;  // x [M, K] or grad [M, N], bf16
   int64_t M = 0, N = 0, K = 0;
   PackedWeight weight;      // [N, K]
-  void* y = nullptr;        // [M, N] bf16
+  void* out = nullptr;      // y [M, N] or dx [M, K]
+  int out_dtype = kBF16;    // kBF16, or kF32 (the sums unrounded: the caller's GEMM dtype)
+  bool grad_input = false;
 };
 void tile_gemm_4bit(const TileGemmArgs& args);
-// Which tile GEMM a bf16 call of the matmul takes past the fused kernel: "amx" (AMX-BF16
-// CPU, tile state granted by the OS), "amx-emulated" (the same kernel, its tile
-// instructions run in plain C++: tests only), or "" (none: dequantize + torch's GEMM).
+// Which tile GEMM a bf16 call of the matmul (or its grad-input) takes past the fused
+// kernel: "amx" (AMX-BF16 CPU, tile state granted by the OS), "amx-emulated" (the same
+// kernels, their tile instructions run in plain C++: tests only), or "" (none: dequantize
+// + torch's GEMM).
 // NF4LORA_CPU_GEMM=auto|amx|amx-emulated|dequantize (read at every call) picks; auto is
 // "" until the AMX kernel has been measured against oneDNN's AMX GEMM (dispatch.cpp).
 std::string tile_gemm();

@@ -22,7 +22,8 @@ The matmul ops take one of three paths (`matmul_path` tells which):
   (NF4LORA_CPU_GEMM=amx on an AMX-BF16 CPU, or amx-emulated for tests; auto names none
   until the kernel is measured on an AMX CPU): `_C.tile_gemm_4bit` decodes W into bf16
   tiles in cache and multiplies them with AMX (csrc/cpu/gemm_tiles.h), never materializing
-  W; the LoRA and bias terms as below.
+  W; the LoRA and bias terms as below. The backward's grad @ W likewise
+  (`_C.tile_grad_input_4bit`).
 * "dequantize+gemm", everything else: W is dequantized chunk by chunk into a reused
   per-thread workspace and multiplied with torch's GEMM (oneDNN). On CPUs without
   native 16-bit GEMM instructions (no AVX512-BF16 / AMX / AVX512-FP16) torch's bf16 and
@@ -31,9 +32,10 @@ The matmul ops take one of three paths (`matmul_path` tells which):
   float32, rounding the result once to the activation dtype. That is also more
   accurate than a bf16 GEMM on a bf16 copy of W.
 
-The backward's grad_input (dx = grad @ W + grad_h @ lora_A) takes the same two kinds of path
-(`grad_input_path`): "fused" up to grad_input_fused_max_m(dtype) rows (`_C.lora_grad_input_4bit`:
-W read packed, column panels per thread, float32 sums), else "dequantize+gemm" as above.
+The backward's grad_input (dx = grad @ W + grad_h @ lora_A) takes the same three kinds of
+path (`grad_input_path`): "fused" up to grad_input_fused_max_m(dtype) rows
+(`_C.lora_grad_input_4bit`: W read packed, column panels per thread, float32 sums), else
+"amx" or "dequantize+gemm" as above.
 """
 from __future__ import annotations
 
@@ -225,17 +227,20 @@ def fused_max_m_interleaved(dtype: torch.dtype) -> int:
     return FUSED_MAX_M_INTERLEAVED_INT8 if int8 else FUSED_MAX_M_INTERLEAVED
 
 
+def _takes_tiles(M: int, weight, dtype: torch.dtype) -> bool:
+    """Whether a call past the fused kernel takes the tile GEMM: bf16, rows of W on block
+    boundaries, and a tile GEMM named (`_C.tile_gemm()`: NF4LORA_CPU_GEMM)."""
+    return (M > 0 and dtype == torch.bfloat16 and weight.in_features > 0
+            and weight.in_features % weight.blocksize == 0 and weight.blocksize % 32 == 0
+            and bool(_C.tile_gemm()))
+
+
 def matmul_path(M: int, weight, dtype: torch.dtype) -> str:
     """Which path lora_matmul_4bit takes for M rows of x of `dtype`: "fused", "amx" (the
-    tile GEMM, bf16, where `_C.tile_gemm()` names one: NF4LORA_CPU_GEMM) or
-    "dequantize+gemm"."""
-    whole_blocks = weight.in_features > 0 and weight.in_features % weight.blocksize == 0
-    if 0 < M <= fused_max_m(dtype, weight) and whole_blocks:
-        return "fused"
-    if (M > 0 and whole_blocks and dtype == torch.bfloat16 and weight.blocksize % 32 == 0
-            and _C.tile_gemm()):
-        return "amx"
-    return "dequantize+gemm"
+    tile GEMM) or "dequantize+gemm"."""
+    fused = (0 < M <= fused_max_m(dtype, weight) and weight.in_features > 0
+             and weight.in_features % weight.blocksize == 0)
+    return "fused" if fused else "amx" if _takes_tiles(M, weight, dtype) else "dequantize+gemm"
 
 
 def _fused(x, weight, lora_A, lora_B, scaling, bias, per_row=None):
@@ -330,18 +335,17 @@ def _row_chunks(weight, dtype: torch.dtype, sums_over_rows: bool):
 
 
 def _unfused(x, weight, lora_A, lora_B, scaling, bias, path):
-    """The "amx" and "dequantize+gemm" paths: x @ W^T by the tile GEMM (bf16 sums rounded
-    once, as torch's bf16 GEMM rounds them) or by torch's GEMM on chunks of dequantized W,
-    then the LoRA and bias terms in the GEMM's dtype."""
+    """The "amx" and "dequantize+gemm" paths: x @ W^T by the tile GEMM or by torch's GEMM
+    on chunks of dequantized W (float32 sums rounded once to the GEMM's dtype, either way),
+    then the LoRA and bias terms in that dtype."""
     if x.shape[0] == 0:  # nothing to multiply: skip dequantizing W
         return (x.new_empty((0, weight.out_features)),
                 x.new_empty((0, 0 if lora_A is None else lora_A.shape[0])))
     dtype = _compute_dtype(x.dtype)
     xc = x.to(dtype)
-    if path == "amx":
-        y = torch.empty((x.shape[0], weight.out_features), dtype=x.dtype)
+    if path == "amx":  # (in float32 where the CPU has no bf16 GEMM: only when emulated)
+        y = torch.empty((x.shape[0], weight.out_features), dtype=dtype)
         _C.tile_gemm_4bit(x, weight, y)
-        y = y.to(dtype)
     else:
         y = torch.empty((x.shape[0], weight.out_features), dtype=dtype)
         for n0, n1, w in _row_chunks(weight, dtype, sums_over_rows=False):
@@ -380,11 +384,11 @@ def grad_input_fused_max_m(dtype: torch.dtype) -> int:
 
 
 def grad_input_path(M: int, weight, dtype: torch.dtype) -> str:
-    """Which path lora_matmul_4bit_grad_input takes for M rows of grad of `dtype`: "fused"
-    or "dequantize+gemm"."""
+    """Which path lora_matmul_4bit_grad_input takes for M rows of grad of `dtype`: "fused",
+    "amx" (the tile GEMM) or "dequantize+gemm"."""
     fused = (0 < M <= grad_input_fused_max_m(dtype) and weight.in_features > 0
              and weight.in_features % weight.blocksize == 0)
-    return "fused" if fused else "dequantize+gemm"
+    return "fused" if fused else "amx" if _takes_tiles(M, weight, dtype) else "dequantize+gemm"
 
 
 def _fused_grad_input(grad, weight, lora_A, grad_h):
@@ -394,9 +398,10 @@ def _fused_grad_input(grad, weight, lora_A, grad_h):
 
 
 def lora_matmul_4bit_grad_input(grad, weight, lora_A, grad_h):
-    if grad_input_path(grad.shape[0], weight, grad.dtype) == "fused":
+    path = grad_input_path(grad.shape[0], weight, grad.dtype)
+    if path == "fused":
         return _fused_grad_input(grad, weight, lora_A, grad_h)
-    return _dequantize_gemm_grad_input(grad, weight, lora_A, grad_h)
+    return _unfused_grad_input(grad, weight, lora_A, grad_h, path)
 
 
 def _column_panels(weight, dtype: torch.dtype):
@@ -415,12 +420,18 @@ def _column_panels(weight, dtype: torch.dtype):
         yield c0, c1, w
 
 
-def _dequantize_gemm_grad_input(grad, weight, lora_A, grad_h):
+def _unfused_grad_input(grad, weight, lora_A, grad_h, path):
+    """The "amx" and "dequantize+gemm" paths of grad-input: grad @ W by the tile GEMM or by
+    torch's GEMM on dequantized column panels (or row chunks), rounded once to the GEMM's
+    dtype, then the LoRA term in that dtype."""
     if grad.shape[0] == 0:
         return grad.new_empty((0, weight.in_features))
     dtype = _compute_dtype(grad.dtype)
     gc = grad.to(dtype)
-    if weight.in_features % weight.blocksize == 0:
+    if path == "amx":
+        dx = torch.empty((grad.shape[0], weight.in_features), dtype=dtype)
+        _C.tile_grad_input_4bit(grad, weight, dx)
+    elif weight.in_features % weight.blocksize == 0:
         # dx[:, c0:c1] = grad @ W[:, c0:c1]: each element one GEMM's sum over all of W's
         # rows, rounded once, whatever the panel (see PANEL_BYTES)
         dx = torch.empty((grad.shape[0], weight.in_features), dtype=dtype)
