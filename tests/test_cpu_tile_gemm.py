@@ -77,7 +77,7 @@ def assert_within_tile_bound(out, a, b, label=""):
     (16, 16, 32, 32),       # one tile each way, one k step
     (17, 129, 256, 64),     # a second x tile of one row; a 129-row W: a second panel of 1 row
     (40, 200, 320, 64),     # x tiles 3 (a 2 x 2 block and a 1-wide one); W tiles 13
-    (70, 130, 2112, 32),    # K past one chunk: 5 x tiles -> 3264 columns a chunk
+    (70, 130, 2112, 32),    # K past one chunk: 5 x tiles -> chunks of 2048 columns, then 64
     (130, 48, 4096, 256),   # 9 x tiles: chunks of 1792 columns (3 of them, the last 512)
     (33, 20, 4096, 4096),   # a block wider than the chunk target: one chunk of the block
 ])
@@ -100,8 +100,8 @@ def test_formats_and_block_constants(emulated, quant_type, nested, blocksize):
     (1, 1, 64, 64),         # one row of grad, one of W: padding everywhere
     (16, 32, 32, 32),       # one tile each way, one step
     (17, 129, 256, 64),     # a second grad tile of one row; N = 129: a padded pair of rows
-    (40, 600, 320, 64),     # W's rows in chunks of 512 (then 88, padded to 96); panels 256 + 64
-    (70, 100, 2112, 32),    # 9 panels of 256 columns, the last 64
+    (40, 600, 640, 64),     # W's rows in chunks of 256 (then 88, padded to 96); panels 512 + 128
+    (70, 100, 2112, 32),    # 5 panels of 512 columns, the last 64
     (130, 48, 1024, 256),   # 9 grad tiles (a 1-wide last pair)
     (33, 20, 4096, 4096),   # a block wider than the panel target: one panel of the block
 ])
@@ -113,8 +113,8 @@ def test_grad_input_matches_float64(isa, emulated, M, N, K, blocksize):
 
 @pytest.mark.parametrize("product", [tile_product, tile_grad_input])
 def test_same_bytes_for_any_thread_count_and_isa(emulated, monkeypatch, product):
-    weight, _ = weight_of(600, 768)  # 5 forward panels, 3 grad-input panels, 2 row chunks
-    a = bf16_x(50, 768 if product is tile_product else 600)
+    weight, _ = weight_of(600, 1088)  # 5 forward panels; 3 grad-input panels, 3 row chunks
+    a = bf16_x(50, 1088 if product is tile_product else 600)
     outputs = []
     for isa in ISAS:
         monkeypatch.setenv("NF4LORA_CPU_ISA", isa)
