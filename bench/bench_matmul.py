@@ -14,9 +14,10 @@ activations x [M, in], NF4 with double quantization, blocksize 64 (perf.md):
 Providers, all on CPU tensors in one run:
   nf4lora[<backend>]  nf4lora.matmul_4bit / lora_matmul_4bit (fused base + adapter), once per
                       backend usable on CPU ("cpu", "reference"; the reference not in train)
-  nf4lora-amx         nf4lora[cpu] with NF4LORA_CPU_GEMM=amx: past the fused kernel's M, the
-                      AMX tile GEMM (W decoded into bf16 tiles in cache) instead of dequantize +
-                      oneDNN's GEMM (AMX-BF16 CPUs only; auto does not take it until measured)
+  nf4lora-amx         nf4lora[cpu] with NF4LORA_CPU_GEMM=amx: from M = 16 and past the fused
+                      kernel, the AMX tile GEMM (W decoded into bf16 tiles in cache) instead of
+                      the fused kernel or dequantize + oneDNN's GEMM (AMX-BF16 CPUs only; auto
+                      does not take it until measured)
   nf4lora-eval        an eval-mode nf4lora.nn.Linear4bit under no_grad (matmul): on CPUs with
                       AVX2 or AVX-512 it reads the interleaved copy it builds in its first forward
   nf4lora-eval-int8   the same with the opt-in NF4LORA_CPU_GEMV=int8 (int8 sums, AVX512-VNNI;
@@ -357,10 +358,11 @@ def amx_tiles():
 
 
 def nf4lora_amx_impl() -> Impl:
-    """nf4lora[cpu] past the fused kernel's M with its AMX tile GEMM (csrc/cpu/gemm_tiles.h:
-    W decoded into bf16 tiles in cache, never materialized) instead of dequantize + oneDNN's
-    GEMM, which is what auto takes until this row shows the tiles faster. AMX-BF16 CPUs
-    only; its rows at fused M are nf4lora[cpu]'s."""
+    """nf4lora[cpu] with its AMX tile GEMM (csrc/cpu/gemm_tiles.h: W decoded into bf16
+    tiles in cache, never materialized) from M = 16 (backends/cpu.py TILE_GEMM_MIN_M) and
+    past the fused kernel, where auto takes the fused kernel or dequantize + oneDNN's GEMM
+    until this row shows the tiles faster. AMX-BF16 CPUs only; below M = 16 its rows are
+    nf4lora[cpu]'s."""
     return dataclasses.replace(nf4lora_impl("cpu"), name=NF4LORA_AMX, context=amx_tiles)
 
 

@@ -49,8 +49,9 @@ def _info(_args) -> int:
         tiles = _C.tile_gemm()
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             name = str(dtype).replace("torch.", "")
-            beyond = "amx" if tiles and dtype == torch.bfloat16 else "gemm"
-            paths = [_C.gemv_decoder(m, dtype) if m <= cpu.fused_max_m(dtype) else beyond for m in rows]
+            paths = [cpu.route(m, dtype, cpu.fused_max_m(dtype)) for m in rows]
+            paths = [_C.gemv_decoder(m, dtype) if path == "fused" else "gemm" if path == "dequantize+gemm"
+                     else path for m, path in zip(rows, paths)]
             print(f"      {name:<11}" + "".join(f"{path:>9}" for path in paths))
         if tiles == "amx-emulated":
             tile_gemm = "amx, its tile instructions emulated (NF4LORA_CPU_GEMM=amx-emulated: tests only)"
@@ -61,7 +62,7 @@ def _info(_args) -> int:
                          "oneDNN's AMX GEMM;\n    NF4LORA_CPU_GEMM=amx takes it")
         else:
             tile_gemm = "none: no AMX-BF16 here (NF4LORA_CPU_GEMM=amx-emulated runs it emulated)"
-        print(f"  cpu tile GEMM (bf16 past the fused M): {tile_gemm}")
+        print(f"  cpu tile GEMM (bf16, M >= {cpu.TILE_GEMM_MIN_M}): {tile_gemm}")
         why_not = cpu.interleave_unavailable()
         if why_not is not None:
             interleave = f"no ({why_not})"
@@ -80,8 +81,8 @@ def _info(_args) -> int:
         print("  cpu backward grad-input path by rows of grad (backends/cpu.py grad_input_fused_max_m):")
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             name = str(dtype).replace("torch.", "")
-            beyond = "amx" if tiles and dtype == torch.bfloat16 else "gemm"
-            paths = ["fused" if m <= cpu.grad_input_fused_max_m(dtype) else beyond for m in rows]
+            paths = [cpu.route(m, dtype, cpu.grad_input_fused_max_m(dtype)).replace("dequantize+gemm", "gemm")
+                     for m in rows]
             print(f"      {name:<11}" + "".join(f"{path:>9}" for path in paths))
     return 0
 

@@ -174,8 +174,13 @@ def test_taken_only_where_named(monkeypatch):
     monkeypatch.setenv("NF4LORA_CPU_GEMM", "amx-emulated")
     assert cpu_backend.matmul_path(beyond, weight, torch.bfloat16) == "amx"
     assert cpu_backend.grad_input_path(grad_beyond, weight, torch.bfloat16) == "amx"
-    assert cpu_backend.matmul_path(1, weight, torch.bfloat16) == "fused"
-    assert cpu_backend.grad_input_path(1, weight, torch.bfloat16) == "fused"
+    smallest = cpu_backend.TILE_GEMM_MIN_M   # from there, before the fused kernel
+    for path in (cpu_backend.matmul_path, cpu_backend.grad_input_path):
+        assert path(1, weight, torch.bfloat16) == "fused"
+        assert path(smallest, weight, torch.bfloat16) == "amx"
+    assert cpu_backend.matmul_path(smallest - 1, weight, torch.bfloat16) == "fused"  # (fused to 24 or 32)
+    with_copy = weight._replace(interleaved=torch.zeros(1, dtype=torch.uint8))  # an eval layer's
+    assert cpu_backend.matmul_path(smallest, with_copy, torch.bfloat16) == "amx"
     for dtype in (torch.float16, torch.float32):  # AMX-BF16 multiplies bf16 only
         assert cpu_backend.matmul_path(64, weight, dtype) == "dequantize+gemm"
         assert cpu_backend.grad_input_path(64, weight, dtype) == "dequantize+gemm"
@@ -316,7 +321,8 @@ def test_info_says_which_tile_gemm(monkeypatch, capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "its tile instructions emulated" in out
-    forward_row, grad_input_row = [line for line in out.splitlines() if line.strip().startswith("bfloat16")]
-    past_fused = 32 > cpu_backend.fused_max_m(torch.bfloat16)   # the tables' last M is 32
-    assert (forward_row.split()[-1] == "amx") == past_fused
-    assert (grad_input_row.split()[-1] == "amx") == (32 > cpu_backend.grad_input_fused_max_m(torch.bfloat16))
+    # the tables' columns are M = 1, 2, 4, 8, 16, 24, 32: the tile GEMM from M = 16, and
+    # below where the fused kernel stops (grad-input: M = 8 with a native bf16 GEMM)
+    forward, grad_input = [line.split()[1:] for line in out.splitlines() if line.strip().startswith("bfloat16")]
+    assert forward[4:] == grad_input[4:] == ["amx"] * 3 and "amx" not in forward[:4]
+    assert ("amx" in grad_input[:4]) == (8 > cpu_backend.grad_input_fused_max_m(torch.bfloat16))

@@ -617,7 +617,8 @@ void tile_gemm_4bit(const TileGemmArgs& op) {
                static_cast<const uint16_t*>(op.a) + m * N, N * sizeof(uint16_t));
     } else {
       // a tile's 16 rows at a time, so that its 64-byte rows are written whole (row by row,
-      // one 4-byte store per 64-byte line, it cost ~0.3 ms per 100 rows of a 4096-wide x)
+      // one 4-byte store per 64-byte line: perf put the repack at 2.6% of a 4096x4096
+      // M = 512 call with no-op tiles, 2.2% this way)
       const uint32_t* const x = static_cast<const uint32_t*>(op.a);  // bf16 pairs: K is even
       const int64_t pairs = work.a_stride;
 #pragma omp for schedule(static)

@@ -127,7 +127,8 @@ struct TileGemmWork : TileGemmArgs {
 };
 inline int64_t tile_w_stride(const TileGemmWork& a) { return a.chunk + kTileWPad; }  // forward
 inline int64_t tile_sums_offset(const TileGemmWork& a) {  // bytes of the decoded chunk
-  return a.grad_input ? 2 * a.chunk * a.panel * 2 : a.panel * tile_w_stride(a) * 2;
+  const int64_t elements = a.grad_input ? 2 * a.chunk * a.panel : a.panel * tile_w_stride(a);
+  return elements * int64_t(sizeof(bf16));
 }
 inline int64_t tile_scratch_bytes(const TileGemmWork& a) {
   return tile_sums_offset(a) + a.a_tiles * kTileRows * a.panel * int64_t(sizeof(float));

@@ -87,10 +87,10 @@ struct TileGemmArgs {
   bool grad_input = false;
 };
 void tile_gemm_4bit(const TileGemmArgs& args);
-// Which tile GEMM a bf16 call of the matmul (or its grad-input) takes past the fused
-// kernel: "amx" (AMX-BF16 CPU, tile state granted by the OS), "amx-emulated" (the same
-// kernels, their tile instructions run in plain C++: tests only), or "" (none: dequantize
-// + torch's GEMM).
+// Which tile GEMM bf16 calls of the matmul and its grad-input take (from M = 16 and past
+// the fused kernel: nf4lora/backends/cpu.py): "amx" (AMX-BF16 CPU, tile state granted by
+// the OS), "amx-emulated" (the same kernels, their tile instructions run in plain C++:
+// tests only), or "" (none: the fused kernel, and dequantize + torch's GEMM past it).
 // NF4LORA_CPU_GEMM=auto|amx|amx-emulated|dequantize (read at every call) picks; auto is
 // "" until the AMX kernel has been measured against oneDNN's AMX GEMM (dispatch.cpp).
 std::string tile_gemm();

@@ -13,12 +13,13 @@ packed weight) only cheap checks guard what would otherwise read or write out of
 
 The matmul ops take one of three paths (`matmul_path` tells which):
 
-* "fused", M <= fused_max_m(dtype, weight) rows (decode, small batches): `_C.lora_gemv_4bit`
+* "fused", M <= fused_max_m(dtype, weight) rows (decode, small batches; "amx" from
+  TILE_GEMM_MIN_M rows where a tile GEMM is named): `_C.lora_gemv_4bit`
   reads W packed, decodes it in registers and does the LoRA and bias epilogue in the same
   pass (a mixed-adapter batch: `_C.multi_lora_gemv_4bit`, the same kernel, each row its own
   adapter); a weight that brings an interleaved copy (`interleave`) has it read instead,
   where the CPU has the kernel, and keeps the fused path to a larger M.
-* "amx", bf16 x past the fused kernel, where `_C.tile_gemm()` names a tile GEMM
+* "amx", bf16 x of at least TILE_GEMM_MIN_M rows, where `_C.tile_gemm()` names a tile GEMM
   (NF4LORA_CPU_GEMM=amx on an AMX-BF16 CPU, or amx-emulated for tests; auto names none
   until the kernel is measured on an AMX CPU): `_C.tile_gemm_4bit` decodes W into bf16
   tiles in cache and multiplies them with AMX (csrc/cpu/gemm_tiles.h), never materializing
@@ -227,20 +228,33 @@ def fused_max_m_interleaved(dtype: torch.dtype) -> int:
     return FUSED_MAX_M_INTERLEAVED_INT8 if int8 else FUSED_MAX_M_INTERLEAVED
 
 
-def _takes_tiles(M: int, weight, dtype: torch.dtype) -> bool:
-    """Whether a call past the fused kernel takes the tile GEMM: bf16, rows of W on block
-    boundaries, and a tile GEMM named (`_C.tile_gemm()`: NF4LORA_CPU_GEMM)."""
-    return (M > 0 and dtype == torch.bfloat16 and weight.in_features > 0
-            and weight.in_features % weight.blocksize == 0 and weight.blocksize % 32 == 0
-            and bool(_C.tile_gemm()))
+# Where a tile GEMM is named (NF4LORA_CPU_GEMM=amx), it takes every call the dequantize +
+# GEMM path would, and, before the fused kernel, every call of at least this many rows: a
+# tile holds 16 rows of x (fewer are padding), and the issue that asked for it set AMX at
+# M >= 16. Until an AMX CPU has timed the crossovers (bench_matmul's nf4lora-amx row beside
+# nf4lora[cpu] and nf4lora-eval), this is the request, not a measurement.
+TILE_GEMM_MIN_M = 16
+
+
+def route(M: int, dtype: torch.dtype, fused_max: int, weight=None) -> str:
+    """matmul_path / grad_input_path for M rows of `dtype` and a kernel fused up to
+    fused_max rows: "amx" where a tile GEMM is named (`_C.tile_gemm()`: NF4LORA_CPU_GEMM)
+    and can take the call (bf16, rows of W on block boundaries) from TILE_GEMM_MIN_M rows,
+    "fused" up to fused_max rows, then "amx" or "dequantize+gemm". weight None: one whose
+    rows are whole blocks of 64 (`nf4lora info`'s table)."""
+    whole_blocks = weight is None or (weight.in_features > 0 and weight.in_features % weight.blocksize == 0
+                                      and weight.blocksize % 32 == 0)
+    fused = 0 < M <= fused_max and whole_blocks
+    if ((M >= TILE_GEMM_MIN_M or not fused) and M > 0 and whole_blocks and dtype == torch.bfloat16
+            and _C.tile_gemm()):
+        return "amx"
+    return "fused" if fused else "dequantize+gemm"
 
 
 def matmul_path(M: int, weight, dtype: torch.dtype) -> str:
     """Which path lora_matmul_4bit takes for M rows of x of `dtype`: "fused", "amx" (the
-    tile GEMM) or "dequantize+gemm"."""
-    fused = (0 < M <= fused_max_m(dtype, weight) and weight.in_features > 0
-             and weight.in_features % weight.blocksize == 0)
-    return "fused" if fused else "amx" if _takes_tiles(M, weight, dtype) else "dequantize+gemm"
+    tile GEMM) or "dequantize+gemm" (`route`)."""
+    return route(M, dtype, fused_max_m(dtype, weight), weight)
 
 
 def _fused(x, weight, lora_A, lora_B, scaling, bias, per_row=None):
@@ -343,11 +357,10 @@ def _unfused(x, weight, lora_A, lora_B, scaling, bias, path):
                 x.new_empty((0, 0 if lora_A is None else lora_A.shape[0])))
     dtype = _compute_dtype(x.dtype)
     xc = x.to(dtype)
-    if path == "amx":  # (in float32 where the CPU has no bf16 GEMM: only when emulated)
-        y = torch.empty((x.shape[0], weight.out_features), dtype=dtype)
+    y = torch.empty((x.shape[0], weight.out_features), dtype=dtype)
+    if path == "amx":  # (float32 y where the CPU has no bf16 GEMM: only when emulated)
         _C.tile_gemm_4bit(x, weight, y)
     else:
-        y = torch.empty((x.shape[0], weight.out_features), dtype=dtype)
         for n0, n1, w in _row_chunks(weight, dtype, sums_over_rows=False):
             torch.mm(xc, w.t(), out=y[:, n0:n1])
     h = x.new_empty((x.shape[0], 0))
@@ -385,10 +398,8 @@ def grad_input_fused_max_m(dtype: torch.dtype) -> int:
 
 def grad_input_path(M: int, weight, dtype: torch.dtype) -> str:
     """Which path lora_matmul_4bit_grad_input takes for M rows of grad of `dtype`: "fused",
-    "amx" (the tile GEMM) or "dequantize+gemm"."""
-    fused = (0 < M <= grad_input_fused_max_m(dtype) and weight.in_features > 0
-             and weight.in_features % weight.blocksize == 0)
-    return "fused" if fused else "amx" if _takes_tiles(M, weight, dtype) else "dequantize+gemm"
+    "amx" (the tile GEMM) or "dequantize+gemm" (`route`)."""
+    return route(M, dtype, grad_input_fused_max_m(dtype), weight)
 
 
 def _fused_grad_input(grad, weight, lora_A, grad_h):
