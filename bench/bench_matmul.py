@@ -277,12 +277,14 @@ class Impl:
     ops: tuple = OPS
     slow: bool = False
     max_tokens: Optional[int] = None
+    min_tokens: int = 1
     context: Callable = contextlib.nullcontext
     guarded: bool = False                       # checked against the dequantized weight
     tolerance: float = 1.0                      # times mismatch()'s bf16 tolerance
 
     def runs(self, case: Case) -> bool:
-        return case.op in self.ops and (self.max_tokens is None or case.tokens <= self.max_tokens)
+        return (case.op in self.ops and case.tokens >= self.min_tokens
+                and (self.max_tokens is None or case.tokens <= self.max_tokens))
 
     def bytes_moved(self, case: Case) -> int:
         return case.bytes_moved(self.weight_bytes(case.weights.numel))
@@ -361,9 +363,11 @@ def nf4lora_amx_impl() -> Impl:
     """nf4lora[cpu] with its AMX tile GEMM (csrc/cpu/gemm_tiles.h: W decoded into bf16
     tiles in cache, never materialized) from M = 16 (backends/cpu.py TILE_GEMM_MIN_M) and
     past the fused kernel, where auto takes the fused kernel or dequantize + oneDNN's GEMM
-    until this row shows the tiles faster. AMX-BF16 CPUs only; below M = 16 its rows are
-    nf4lora[cpu]'s."""
-    return dataclasses.replace(nf4lora_impl("cpu"), name=NF4LORA_AMX, context=amx_tiles)
+    until this row shows the tiles faster. AMX-BF16 CPUs only; no rows below M = 16 (they
+    would be nf4lora[cpu]'s)."""
+    from nf4lora.backends import cpu
+    return dataclasses.replace(nf4lora_impl("cpu"), name=NF4LORA_AMX, context=amx_tiles,
+                               min_tokens=cpu.TILE_GEMM_MIN_M)
 
 
 NF4LORA_EVAL = "nf4lora-eval"
