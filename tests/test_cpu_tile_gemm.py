@@ -128,6 +128,16 @@ def test_same_bytes_for_any_thread_count_and_isa(emulated, monkeypatch, product)
         assert torch.equal(out, outputs[0])
 
 
+def test_empty_operands(emulated):
+    weight, _ = weight_of(8, 128)
+    assert tile_product(torch.zeros(0, 128, dtype=torch.bfloat16), weight).shape == (0, 8)
+    assert tile_grad_input(torch.zeros(0, 8, dtype=torch.bfloat16), weight).shape == (0, 128)
+    no_rows = PackedWeight(torch.zeros(0, dtype=torch.uint8), torch.zeros(0), 64, "nf4", (0, 128), None)
+    assert torch.equal(tile_grad_input(torch.zeros(3, 0, dtype=torch.bfloat16), no_rows),
+                       torch.zeros(3, 128, dtype=torch.bfloat16))  # sums of nothing
+    assert tile_product(torch.ones(3, 128, dtype=torch.bfloat16), no_rows).shape == (3, 0)
+
+
 def test_float32_output_is_the_unrounded_sums(emulated):
     # (the LoRA epilogue's dtype where the CPU has no bf16 GEMM: the sums, then one rounding)
     weight, W = weight_of(40, 256)

@@ -571,13 +571,13 @@ void tile_gemm_4bit(const TileGemmArgs& op) {
   check_fused_shapes(M, K, N, 0, op.weight, kBF16);
   const int64_t columns = op.grad_input ? K : N, length = op.grad_input ? N : K;  // of out; summed
   if (M == 0 || columns == 0) return;
-  check(op.a && op.out, "null pointer");
+  check(op.out != nullptr, "null pointer");
   check(op.out_dtype == kBF16 || op.out_dtype == kF32, "the tile GEMM writes bfloat16 or float32");
-  if (length == 0) {  // empty sums
+  if (length == 0) {  // empty sums (a has no elements)
     memset(op.out, 0, M * columns * dtype_size(op.out_dtype));
     return;
   }
-  check(op.weight.packed != nullptr, "null pointer");
+  check(op.a && op.weight.packed, "null pointer");
   check_block_constants(op.weight);
   const std::string path = tile_gemm();
   check(!path.empty(), "no tile GEMM chosen: NF4LORA_CPU_GEMM=amx or amx-emulated");
