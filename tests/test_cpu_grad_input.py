@@ -10,6 +10,8 @@ scripts/check_avx512_emulated.sh (cmp_grad_input).
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -190,10 +192,14 @@ def test_autograd_takes_the_fused_kernel(monkeypatch, M):
     assert_within_baseline(x.grad, base, exact, torch.bfloat16, "x.grad")
 
 
-def test_bench_quick_run(capsys):
+def test_bench_quick_run(capsys, tmp_path):
     from bench import bench_grad_input
     threads = torch.get_num_threads()
-    bench_grad_input.main(["--shapes", "40x128", "--tokens", "1", "3", "--repeats", "1"])
+    payload = bench_grad_input.main(["--shapes", "40x128", "--tokens", "1", "3", "--repeats", "1",
+                                     "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert "fused ms" in out and len([l for l in out.splitlines() if l.strip().startswith("40x128")]) == 2
     assert torch.get_num_threads() == threads  # restored
+    saved = json.loads((tmp_path / "grad-input-latest.json").read_text())
+    assert saved["rows"] == payload["rows"] and [row["tokens"] for row in saved["rows"]] == [1, 3]
+    assert all((row["amx_ms"] is None) != cpu_backend._C.has_amx() for row in saved["rows"])
