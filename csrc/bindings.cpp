@@ -133,8 +133,8 @@ PYBIND11_MODULE(_C, m) {
       "dx[M,K] = grad[M,N] @ W (W: weight, a PackedWeight [N, K], decoded into bf16 tiles in "
       "cache), bfloat16 grad, bfloat16 or float32 dx, contiguous; by the tile GEMM tile_gemm() names");
   m.def("tile_gemm", &cpu::tile_gemm,
-        "The tile GEMM of bf16 matmuls past the fused kernel: amx, amx-emulated (tests) or '' "
-        "(none: dequantize + torch's GEMM); NF4LORA_CPU_GEMM=auto|amx|amx-emulated|dequantize.");
+        "The tile GEMM of bf16 matmuls from M = 16 and past the fused kernel (backends/cpu.py "
+        "route): amx, amx-emulated (tests) or '' (none); NF4LORA_CPU_GEMM=auto|amx|amx-emulated|dequantize.");
   m.def("has_amx", &cpu::has_amx,
         "Whether this CPU runs AMX-BF16 tile instructions in this process (CPU and OS).");
 

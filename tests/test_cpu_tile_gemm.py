@@ -1,5 +1,5 @@
-"""The tile GEMMs (csrc/cpu/gemm_tiles.h): bf16 x @ W^T past the fused kernel and the
-backward's grad @ W past the fused grad-input, W decoded into bf16 tiles in cache and
+"""The tile GEMMs (csrc/cpu/gemm_tiles.h): bf16 x @ W^T and the backward's grad @ W from
+M = 16 and past the fused kernels (backends/cpu.py route), W decoded into bf16 tiles in cache and
 multiplied with AMX's tdpbf16ps. On every CPU it runs with its
 tile instructions emulated (NF4LORA_CPU_GEMM=amx-emulated, csrc/cpu/tiles.h EmulatedTiles:
 the SDM's semantics in plain C++), through each SIMD path's W decoder; on an AMX-BF16 CPU

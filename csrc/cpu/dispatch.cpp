@@ -358,8 +358,9 @@ std::string tile_gemm() {
       throw std::runtime_error(
           "NF4LORA_CPU_GEMM=amx: this CPU has no AMX-BF16, or the OS did not grant the tile state "
           "(Linux >= 5.16); amx-emulated runs the same kernel without AMX");
-    if (select_kernels().gemm_tiles_amx == nullptr)
-      throw std::runtime_error(std::string("NF4LORA_CPU_GEMM=amx: the ") + select_kernels().name +
+    const IsaKernels& k = select_kernels();
+    if (k.gemm_tiles_amx == nullptr)
+      throw std::runtime_error(std::string("NF4LORA_CPU_GEMM=amx: the ") + k.name +
                                " path has no AMX kernel (avx512bf16 has)");
     return env;
   }
