@@ -105,11 +105,9 @@ PYBIND11_MODULE(_C, m) {
         "Whether the active ISA's fused GEMV reads a weight's interleaved copy (AVX2, AVX-512).");
   m.def(
       "reads_interleaved",
-      [](py::handle dtype, int64_t M) { return cpu::reads_interleaved(b::dtype_id(dtype), M); },
-      py::arg("dtype"), py::arg("M") = 1,
-      "Whether a fused call with M finite rows of x of a torch dtype reads the interleaved copy "
-      "its weight brings (AVX-512 at any M, AVX2 up to M = 4; 16-bit x; NF4LORA_CPU_GEMV auto "
-      "or integer).");
+      [](py::handle dtype) { return cpu::reads_interleaved(b::dtype_id(dtype)); }, py::arg("dtype"),
+      "Whether a fused call with finite x of a torch dtype reads the interleaved copy its weight "
+      "brings (AVX2, AVX-512; 16-bit x; NF4LORA_CPU_GEMV auto, integer or int8).");
   m.def(
       "interleavable", [](int64_t K, int64_t blocksize) { return nf4lora::interleavable(K, blocksize); },
       py::arg("K"), py::arg("blocksize"),

@@ -69,13 +69,9 @@ def _info(_args) -> int:
         else:
             int8 = _C.gemv_decoder(8, torch.bfloat16) == "int8"
             fused_to = cpu.fused_max_m_interleaved(torch.bfloat16)
-            # the largest M whose calls read the copy (AVX2: 4; AVX-512: every fused M)
-            read_to = max((m for m in range(1, fused_to + 1) if _C.reads_interleaved(torch.bfloat16, m)),
-                          default=0)
-            beyond = f"and fused up to M = {read_to}" if read_to == fused_to else "the row layout beyond"
             sums = "int8 sums: NF4LORA_CPU_GEMV=int8" if int8 else "int16 sums"
-            interleave = (f"yes, an interleaved copy of W ({sums}, 16-bit x),\n    read at "
-                          f"M <= {read_to}, {beyond}; 0.56 bytes per weight more while in eval; "
+            interleave = (f"yes, an interleaved copy of W ({sums}, 16-bit x),\n    read by every "
+                          f"fused call, M <= {fused_to}; 0.56 bytes per weight more while in eval; "
                           "NF4LORA_CPU_INTERLEAVE=0: off")
         print(f"  eval-mode Linear4bit on CPU: {interleave}")
         print("  cpu backward grad-input path by rows of grad (backends/cpu.py grad_input_fused_max_m):")

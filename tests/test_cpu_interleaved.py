@@ -111,18 +111,13 @@ def test_kernel_checks_the_copy_it_is_given():
         cpu_backend._C.lora_gemv_4bit(x, wrong, None, None, 1.0, None, y, h)
 
 
-# Where the active ISA's fused kernel reads a copy: AVX-512 at every M, AVX2 up to M = 4
-# (csrc/cpu/gemv_interleaved.h kGemvInterleavedMaxM: beyond it the row layout is faster).
-INTERLEAVED_MAX_M = {"scalar": 0, "avx2": 4, "avx512": 1 << 62, "avx512bf16": 1 << 62}
-
-
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512bf16"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("M", [1, 4, 5])
+@pytest.mark.parametrize("M", [1, 2, 3, 9])
 def test_kernel_reads_the_copy_where_it_has_one(monkeypatch, isa, dtype, M):
-    # A zeroed copy gives y = bias where the copy is read (AVX2 up to M = 4, AVX-512, 16-bit
-    # x), and changes nothing where it is not (scalar, AVX2 from M = 5, float32 x,
-    # NF4LORA_CPU_GEMV=float).
+    # A zeroed copy gives y = bias where the copy is read (AVX2 and AVX-512 at every M, the
+    # AVX2 tile's halves together or one by one, 16-bit x), and changes nothing where it is
+    # not (scalar, float32 x, NF4LORA_CPU_GEMV=float).
     if isa not in cpu_backend._C.supported_isas():
         pytest.skip(f"this CPU cannot run {isa}")
     monkeypatch.setenv("NF4LORA_CPU_ISA", isa)
@@ -138,13 +133,13 @@ def test_kernel_reads_the_copy_where_it_has_one(monkeypatch, isa, dtype, M):
     rows = run(weight)
     zeroed = run(weight._replace(interleaved=torch.zeros_like(copy_of(weight))))
     assert cpu_backend._C.has_interleaved_gemv() == (isa != "scalar")
-    reads_it = M <= INTERLEAVED_MAX_M[isa] and dtype != torch.float32
-    assert cpu_backend._C.reads_interleaved(dtype, M) == reads_it
+    reads_it = isa != "scalar" and dtype != torch.float32
+    assert cpu_backend._C.reads_interleaved(dtype) == reads_it
     if reads_it:
         assert torch.equal(zeroed, bias.expand(M, 40))
         # int8 sums on the copy where the ISA has them (avx512bf16), int16 elsewhere
         monkeypatch.setenv("NF4LORA_CPU_GEMV", "int8")
-        assert cpu_backend._C.reads_interleaved(dtype, M)
+        assert cpu_backend._C.reads_interleaved(dtype)
         assert torch.equal(run(weight._replace(interleaved=torch.zeros_like(copy_of(weight)))), bias.expand(M, 40))
         monkeypatch.setenv("NF4LORA_CPU_GEMV", "float")
         assert torch.equal(run(weight._replace(interleaved=torch.zeros_like(copy_of(weight)))), run(weight))
@@ -251,8 +246,7 @@ def test_info_says_whether_eval_layers_interleave(monkeypatch, capsys, isa):
     line = next(l for l in out.splitlines() if "eval-mode Linear4bit on CPU" in l)
     assert line.split(": ", 1)[1].startswith("no" if isa == "scalar" else "yes")
     if isa != "scalar":   # up to which M calls read it, with which sums
-        read_to = min(INTERLEAVED_MAX_M[isa], cpu_backend.FUSED_MAX_M_INTERLEAVED)
-        assert f"read at M <= {read_to}," in out
+        assert f"read by every fused call, M <= {cpu_backend.FUSED_MAX_M_INTERLEAVED};" in out
         assert "(int16 sums, 16-bit x)" in line
         monkeypatch.setenv("NF4LORA_CPU_GEMV", "int8")
         assert cli.main(["info"]) == 0
@@ -260,7 +254,7 @@ def test_info_says_whether_eval_layers_interleave(monkeypatch, capsys, isa):
         line = next(l for l in out.splitlines() if "eval-mode Linear4bit on CPU" in l)
         assert ("int8 sums" in line) == (isa == "avx512bf16")
         if isa == "avx512bf16":
-            assert f"fused up to M = {cpu_backend.FUSED_MAX_M_INTERLEAVED_INT8};" in out
+            assert f"read by every fused call, M <= {cpu_backend.FUSED_MAX_M_INTERLEAVED_INT8};" in out
         monkeypatch.delenv("NF4LORA_CPU_GEMV")
     monkeypatch.setenv("NF4LORA_CPU_INTERLEAVE", "0")
     assert cli.main(["info"]) == 0
@@ -287,8 +281,7 @@ def test_copies_and_pickles_leave_the_copy_behind():
 
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512bf16"])
 def test_a_copy_keeps_the_fused_path_to_a_larger_m(monkeypatch, isa):
-    # where the copy is read at FUSED_MAX_M_INTERLEAVED rows (AVX-512); AVX2 reads it only
-    # up to M = 4, so its crossover stays the row layout's
+    # where the copy is read (AVX2, AVX-512), the fused path goes to FUSED_MAX_M_INTERLEAVED
     if isa not in cpu_backend._C.supported_isas():
         pytest.skip(f"this CPU cannot run {isa}")
     monkeypatch.setenv("NF4LORA_CPU_ISA", isa)
@@ -296,8 +289,7 @@ def test_a_copy_keeps_the_fused_path_to_a_larger_m(monkeypatch, isa):
     with_copy = weight._replace(interleaved=copy_of(weight))
     assert cpu_backend._C.reads_interleaved(torch.bfloat16) == (isa != "scalar")
     assert not cpu_backend._C.reads_interleaved(torch.float32)
-    reads = isa.startswith("avx512")
-    assert cpu_backend._C.reads_interleaved(torch.bfloat16, cpu_backend.FUSED_MAX_M_INTERLEAVED) == reads
+    reads = isa != "scalar"
     largest = cpu_backend.FUSED_MAX_M_INTERLEAVED if reads else cpu_backend.fused_max_m(torch.bfloat16)
     assert cpu_backend.fused_max_m(torch.bfloat16, with_copy) == largest
     assert cpu_backend.matmul_path(largest, with_copy, torch.bfloat16) == "fused"
@@ -320,12 +312,13 @@ def test_a_copy_keeps_the_fused_path_to_a_larger_m(monkeypatch, isa):
                     if cpu_backend._C is not None else True,
                     reason="needs a CPU that runs both AVX2 and AVX512-BF16")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("M", [1, 2, 3, 4])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 9])
 @pytest.mark.parametrize("out_f, in_f, blocksize", [(16, 64, 64), (45, 192, 64), (70, 1024, 256)])
 def test_avx2_and_avx512_kernels_give_the_same_bytes(monkeypatch, dtype, M, out_f, in_f, blocksize):
-    # The AVX2 kernel walks a tile as two halves of 8 rows and adds each row's two int32
-    # lanes before the fold (gemv_interleaved.h): each fold's sum is the AVX-512 kernel's
-    # exactly, so are the bytes, LoRA term and bias included.
+    # The AVX2 kernel walks a tile as two halves of 8 rows (together up to 2 rows of x, one
+    # by one beyond) and adds each row's two int32 lanes before the fold
+    # (gemv_interleaved.h): each fold's sum is the AVX-512 kernel's exactly, so are the
+    # bytes, LoRA term and bias included.
     _, _, weight = weight_of(out_f, in_f, blocksize=blocksize, seed=M)
     weight = weight._replace(interleaved=copy_of(weight))
     gen = torch.Generator().manual_seed(out_f + M)
@@ -336,7 +329,7 @@ def test_avx2_and_avx512_kernels_give_the_same_bytes(monkeypatch, dtype, M, out_
     outputs = {}
     for isa in ("avx2", "avx512bf16"):
         monkeypatch.setenv("NF4LORA_CPU_ISA", isa)
-        assert cpu_backend._C.reads_interleaved(dtype, M)
+        assert cpu_backend._C.reads_interleaved(dtype)
         y, h = torch.empty(M, out_f, dtype=dtype), torch.empty(M, 8, dtype=dtype)
         cpu_backend._C.lora_gemv_4bit(x, weight, A, B, 0.5, bias, y, h)
         outputs[isa] = y

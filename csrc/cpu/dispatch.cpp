@@ -264,16 +264,18 @@ GemvSums gemv_wants_sums(int64_t M, int dtype, const IsaKernels& isa) {
 // The interleaved copy (weight.h, gemv_interleaved.h) is read where the ISA has its
 // kernel, x is 16-bit, K and the blocksize are whole groups of 64, and NF4LORA_CPU_GEMV
 // leaves the integer arithmetic to the dispatcher (auto) or asks for integer sums (integer,
-// int8: interleaved_sums); float names the row layout's float decoders. On AVX-512 it takes every M
-// up to the fused path's crossover, on AVX2 M <= 4 (kGemvInterleavedMaxM has the
-// numbers): one Zen 4 thread, 4096x4096, TSC ticks per 32 weights with W in
-// cache, interleaved int16 / the row layout's best: M = 1 1.25 / 2.5 (integer), M = 4 3.6
-// / 8.9 (bf16), M = 8 6.6 / 17.5 (bf16) (prototype; README "CPU matmul" has the bench). W
-// streamed, in one process, time of the copy against the row layout's best: bf16 x M = 1,
-// 4, 8: 0.71, 0.46, 0.48x; fp16 x (levels within 8191, a fold every 16 columns): 0.87,
-// 0.56, 0.35x.
-bool reads_interleaved(int dtype, int64_t M, const IsaKernels& isa) {
-  if (isa.gemv_interleaved_tiles == nullptr || dtype == kF32 || M > isa.gemv_interleaved_max_m) return false;
+// int8: interleaved_sums); float names the row layout's float decoders. It takes every M up
+// to the fused path's crossover (backends/cpu.py FUSED_MAX_M_INTERLEAVED), on AVX-512: one
+// Zen 4 thread, 4096x4096, TSC ticks per 32 weights with W in cache, interleaved int16 /
+// the row layout's best: M = 1 1.25 / 2.5 (integer), M = 4 3.6 / 8.9 (bf16), M = 8 6.6 /
+// 17.5 (bf16) (prototype; README "CPU matmul" has the bench); W streamed, in one process,
+// time of the copy against the row layout's best: bf16 x M = 1, 4, 8: 0.71, 0.46, 0.48x;
+// fp16 x (levels within 8191, a fold every 16 columns): 0.87, 0.56, 0.35x. And on AVX2:
+// one thread of an AVX2-only AMD EPYC (Zen 1), W streamed, in one process, time of the
+// copy against the row layout's integer decoder: bf16 x M = 1 0.63x, 2 0.79, 3 0.75, 4
+// 0.75, 5 0.83, 6 0.83, 8 0.77, 16 0.78, 32 0.79 (gemv_interleaved.h).
+bool reads_interleaved(int dtype, const IsaKernels& isa) {
+  if (isa.gemv_interleaved_tiles == nullptr || dtype == kF32) return false;
   return gemv_env() != GemvEnv::kFloat;
 }
 
@@ -286,7 +288,7 @@ GemvSums interleaved_sums(const LoraGemvArgs& op, const IsaKernels& isa) {
 
 bool wants_interleaved(const LoraGemvArgs& op, const IsaKernels& isa) {
   return op.interleaved != nullptr && interleavable(op.K, op.weight.blocksize) &&
-         reads_interleaved(op.dtype, op.M, isa);
+         reads_interleaved(op.dtype, isa);
 }
 
 GemvSums gemv_sums(const LoraGemvArgs& op, const IsaKernels& isa) {
@@ -541,7 +543,7 @@ void lora_gemv_4bit(const LoraGemvArgs& op) { run_lora_gemv_4bit(op, nullptr); }
 
 bool has_interleaved_gemv() { return select_kernels().gemv_interleaved_tiles != nullptr; }
 
-bool reads_interleaved(int dtype, int64_t M) { return reads_interleaved(dtype, M, select_kernels()); }
+bool reads_interleaved(int dtype) { return reads_interleaved(dtype, select_kernels()); }
 
 // Scalar: it runs once per weight (4096x4096: ~6 ms on one Zen 4 thread, a dozen calls'
 // worth of the GEMV it speeds up). Threads take tiles (interleave.h).

@@ -596,5 +596,4 @@ void grad_input_panel_entry(const GradInputWork& a, int64_t c0, int64_t c1, floa
 #else
 constexpr GemvXPhase kGemvInterleavedPrepare = nullptr;
 constexpr GemvWPhase kGemvInterleavedTiles = nullptr;
-constexpr int64_t kGemvInterleavedMaxM = 0;
 #endif

@@ -338,64 +338,97 @@ inline InterleavedLookup interleaved_lookup(const CodeTable& table, float scale)
 // broadcast as one 64-bit value, and vphaddd(A, B) adds each row's two lanes into rows
 // 0-7 in order. Each fold's int32 sum of a row is then exactly the AVX-512 kernel's, and
 // the fold is the same: the two kernels give the same bytes (tested).
+//
+// Up to kAvx2BothHalvesMaxRows rows of x the two halves are walked together (each chunk's
+// 64 bytes in one pass, 4 int32 sums per row of x); beyond, their sums and fold factors
+// would not fit 16 registers, and the halves go one after the other (the second finds its
+// lines in L2). Measured on an AVX2-only AMD EPYC (Zen 1: a 256-bit instruction is two
+// 128-bit halves; vpmaddwd runs on one pipe, 2 cycles per ymm: 4 cycles per 32 weights and
+// row of x, as much as its 4 pshufb + 4 unpacks take on the two shuffle pipes), one thread,
+// 4096x4096, W streamed, in one process, time against the kernel before (halves one by one,
+// chunk adds reassociated by gcc: see the barrier below): M = 1 0.84x (5.0 TSC ticks per 32
+// weights, ~7.3 core cycles), 2 0.88x, 3 0.80x, 4 0.81x. Bit-identical. Decode-free and
+// multiply-free variants of the same loop (wrong sums, timing only) took 0.81x and 0.96x at
+// M = 1: neither the lookups nor the multiplies alone bound it. On Zen 1 this kernel beats
+// the row layout at every M measured (1-32: dispatch.cpp reads_interleaved); under
+// NF4LORA_CPU_ISA=avx2 on a Zen 4, before the barrier, M = 5-8 had been 1.06-1.25x slower
+// than the row layout (spills).
+constexpr int kAvx2BothHalvesMaxRows = 2;
 template <class T, int MT, bool kInt8>
 void interleaved_tile(const GemvWork& a, InterleavedLookup planes, int64_t m0, int64_t t) {
   static_assert(!kInt8, "int8 sums: AVX512-VNNI only");
   constexpr int kFoldChunks = InterleavedLevels<T>::kFoldChunks;
+  constexpr int kHalves = kInterleavedRows / kW;
+  constexpr int kPass = MT <= kAvx2BothHalvesMaxRows ? kHalves : 1;  // halves walked together
   const int64_t groups = a.K / kInterleavedColumns;
   const uint8_t* tile = a.interleaved + t * groups * kInterleavedGroupBytes;
   const int64_t* x = reinterpret_cast<const int64_t*>(a.x_paired) + m0 * (a.K / 4);
   const float* x_scales = a.x_scales + m0 * groups;
   const I nibble = _mm256_set1_epi8(0x0F);
   const int64_t n0 = t * kInterleavedRows;
-  for (int half = 0; half < kInterleavedRows / kW; ++half) {
-    F acc[MT];
-    for (int m = 0; m < MT; ++m) acc[m] = splat(0.0f);
-    const uint8_t* p = tile + half * 32;
+  for (int half0 = 0; half0 < kHalves; half0 += kPass) {
+    F acc[MT][kPass];
+    for (int m = 0; m < MT; ++m)
+      for (int h = 0; h < kPass; ++h) acc[m][h] = splat(0.0f);
+    const uint8_t* p = tile + half0 * 32;
     for (int64_t g = 0; g < groups; ++g, p += kInterleavedGroupBytes) {
-      if constexpr (MT <= kFarPrefetchMaxRows) {  // (the second half finds its lines in L2)
-        if (half == 0)
+      if constexpr (MT <= kFarPrefetchMaxRows) {  // (a second pass finds its lines in L2)
+        if (half0 == 0)
           for (int64_t line = 0; line < kInterleavedGroupBytes; line += 64)
             __builtin_prefetch(p + kFarPrefetchBytes + line, 0, 2);
         __atomic_signal_fence(__ATOMIC_SEQ_CST);  // a compiler barrier, no instruction
       }
-      const F constants = _mm256_loadu_ps(
-          reinterpret_cast<const float*>(p - half * 32 + kInterleavedChunks * 64) + half * kW);
-      F fold[MT];
-      for (int m = 0; m < MT; ++m) fold[m] = mul(constants, splat(x_scales[m * groups + g]));
+      F fold[MT][kPass];
+      for (int h = 0; h < kPass; ++h) {
+        const F constants = _mm256_loadu_ps(
+            reinterpret_cast<const float*>(p - half0 * 32 + kInterleavedChunks * 64) + (half0 + h) * kW);
+        for (int m = 0; m < MT; ++m) fold[m][h] = mul(constants, splat(x_scales[m * groups + g]));
+      }
       const int64_t* xg = x + g * (kInterleavedColumns / 4);
 #pragma GCC unroll 8
       for (int c0 = 0; c0 < kInterleavedChunks; c0 += kFoldChunks) {
-        I sum_a[MT], sum_b[MT];
-        for (int m = 0; m < MT; ++m) sum_a[m] = sum_b[m] = splat_i(0);
+        I sum_a[MT][kPass], sum_b[MT][kPass];
+        for (int m = 0; m < MT; ++m)
+          for (int h = 0; h < kPass; ++h) sum_a[m][h] = sum_b[m][h] = splat_i(0);
 #pragma GCC unroll 8
         for (int c = c0; c < c0 + kFoldChunks; ++c) {
-          const I q = _mm256_loadu_si256(reinterpret_cast<const I*>(p + 64 * c));
-          const I low = _mm256_and_si256(q, nibble), high = _mm256_and_si256(_mm256_srli_epi16(q, 4), nibble);
-          const I low_lo = _mm256_shuffle_epi8(planes.lo, low), low_hi = _mm256_shuffle_epi8(planes.hi, low);
-          const I high_lo = _mm256_shuffle_epi8(planes.lo, high), high_hi = _mm256_shuffle_epi8(planes.hi, high);
-          const I low_a = _mm256_unpacklo_epi8(low_lo, low_hi), low_b = _mm256_unpackhi_epi8(low_lo, low_hi);
-          const I high_a = _mm256_unpacklo_epi8(high_lo, high_hi), high_b = _mm256_unpackhi_epi8(high_lo, high_hi);
+#pragma GCC unroll 2
+          for (int h = 0; h < kPass; ++h) {
+            const I q = _mm256_loadu_si256(reinterpret_cast<const I*>(p + 64 * c + 32 * h));
+            const I low = _mm256_and_si256(q, nibble), high = _mm256_and_si256(_mm256_srli_epi16(q, 4), nibble);
+            const I low_lo = _mm256_shuffle_epi8(planes.lo, low), low_hi = _mm256_shuffle_epi8(planes.hi, low);
+            const I high_lo = _mm256_shuffle_epi8(planes.lo, high), high_hi = _mm256_shuffle_epi8(planes.hi, high);
+            const I low_a = _mm256_unpacklo_epi8(low_lo, low_hi), low_b = _mm256_unpackhi_epi8(low_lo, low_hi);
+            const I high_a = _mm256_unpacklo_epi8(high_lo, high_hi), high_b = _mm256_unpackhi_epi8(high_lo, high_hi);
 #pragma GCC unroll 8
-          for (int m = 0; m < MT; ++m) {
-            const I x_low = _mm256_set1_epi64x(xg[m * (a.K / 4) + 2 * c]);
-            const I x_high = _mm256_set1_epi64x(xg[m * (a.K / 4) + 2 * c + 1]);
-            sum_a[m] = _mm256_add_epi32(sum_a[m], _mm256_add_epi32(_mm256_madd_epi16(low_a, x_low),
-                                                                   _mm256_madd_epi16(high_a, x_high)));
-            sum_b[m] = _mm256_add_epi32(sum_b[m], _mm256_add_epi32(_mm256_madd_epi16(low_b, x_low),
-                                                                   _mm256_madd_epi16(high_b, x_high)));
+            for (int m = 0; m < MT; ++m) {
+              const I x_low = _mm256_set1_epi64x(xg[m * (a.K / 4) + 2 * c]);
+              const I x_high = _mm256_set1_epi64x(xg[m * (a.K / 4) + 2 * c + 1]);
+              sum_a[m][h] = _mm256_add_epi32(sum_a[m][h], _mm256_add_epi32(_mm256_madd_epi16(low_a, x_low),
+                                                                           _mm256_madd_epi16(high_a, x_high)));
+              sum_b[m][h] = _mm256_add_epi32(sum_b[m][h], _mm256_add_epi32(_mm256_madd_epi16(low_b, x_low),
+                                                                           _mm256_madd_epi16(high_b, x_high)));
+              // (no instruction) keeps each chunk's products added as they come: gcc
+              // otherwise reassociates the unrolled integer adds into a tree whose leaves
+              // spill (2 stores per ymm on Zen 1); M = 1 took 1.13x the time, M = 4 1.25x
+              __asm__("" : "+x"(sum_a[m][h]), "+x"(sum_b[m][h]));
+            }
           }
         }
         for (int m = 0; m < MT; ++m)
-          acc[m] = fmadd(_mm256_cvtepi32_ps(_mm256_hadd_epi32(sum_a[m], sum_b[m])), fold[m], acc[m]);
+          for (int h = 0; h < kPass; ++h)
+            acc[m][h] = fmadd(_mm256_cvtepi32_ps(_mm256_hadd_epi32(sum_a[m][h], sum_b[m][h])), fold[m][h], acc[m][h]);
       }
     }
-    alignas(32) float lanes[MT][kW];
-    for (int m = 0; m < MT; ++m) _mm256_store_ps(lanes[m], acc[m]);
-    for (int64_t j = 0; j < kW && n0 + half * kW + j < a.N; ++j) {
-      F one[MT][1];
-      for (int m = 0; m < MT; ++m) one[m][0] = _mm256_setr_ps(lanes[m][j], 0, 0, 0, 0, 0, 0, 0);
-      gemv_finish_row<T, MT, 1>(a, one, m0, n0 + half * kW + j);
+    for (int h = 0; h < kPass; ++h) {
+      alignas(32) float lanes[MT][kW];
+      for (int m = 0; m < MT; ++m) _mm256_store_ps(lanes[m], acc[m][h]);
+      const int64_t r0 = n0 + (half0 + h) * kW;
+      for (int64_t j = 0; j < kW && r0 + j < a.N; ++j) {
+        F one[MT][1];
+        for (int m = 0; m < MT; ++m) one[m][0] = _mm256_setr_ps(lanes[m][j], 0, 0, 0, 0, 0, 0, 0);
+        gemv_finish_row<T, MT, 1>(a, one, m0, r0 + j);
+      }
     }
   }
 }
@@ -442,16 +475,3 @@ void gemv_interleaved_tiles_entry(const GemvWork& a, int64_t t0, int64_t t1) {
 }
 constexpr GemvXPhase kGemvInterleavedPrepare = &gemv_interleaved_prepare_entry;
 constexpr GemvWPhase kGemvInterleavedTiles = &gemv_interleaved_tiles_entry;
-// The largest M that reads the copy (dispatch.cpp reads_interleaved). AVX-512: every fused
-// M (M = 4-8 2x the row layout's bf16 decoder). AVX2, against the row layout's integer
-// decoder, in one process, W streamed, one thread (two threads), NF4LORA_CPU_ISA=avx2 on a
-// Zen 4, time interleaved / row: 4096x4096 bf16 x M = 1 0.76 (0.86), 2 0.81 (0.85), 3 0.92
-// (0.94), 4 0.96 (1.00), 5 1.09 (1.06), 6 1.14, 8 1.12 (W in cache 1.25: with 8 lanes
-// per vector a row of x keeps two int32 sums, its float sum and its fold factors live, and
-// from MT = 3 they no longer fit 16 registers); 5632x2048, 2048x5632, 11008x4096 M = 1
-// 0.73-0.74 (0.82), 2048x2048 0.78; fp16 x M = 1 0.82.
-#if NF4LORA_GEMV_INTERLEAVED == 16
-constexpr int64_t kGemvInterleavedMaxM = INT64_MAX;
-#else
-constexpr int64_t kGemvInterleavedMaxM = 4;
-#endif

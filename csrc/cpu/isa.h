@@ -149,11 +149,9 @@ struct IsaKernels {
   void (*gemv_lora_h)(const GemvWork&, int64_t m, int64_t j);
   void (*gemv_rows)(const GemvWork&, int64_t n0, int64_t n1);
   // the same phases 1 and 3 on the weight's interleaved copy (gemv_interleaved.h; null
-  // where the ISA has none): per row m of x; tiles [t0, t1) of 16 rows of W; and the
-  // largest M they take (beyond it the row layout's kernel is faster)
+  // where the ISA has none): per row m of x; tiles [t0, t1) of 16 rows of W
   GemvXPhase gemv_interleaved_prepare;
   GemvWPhase gemv_interleaved_tiles;
-  int64_t gemv_interleaved_max_m;
   // dx[:, c0:c1] of the fused grad-input (c0, c1 on block boundaries)
   void (*grad_input_panel)(const GradInputWork&, int64_t c0, int64_t c1, float* scratch);
   // one panel of the tile GEMM, its tile operations emulated (every ISA) or AMX (null
@@ -172,7 +170,7 @@ struct IsaKernels {
                               &quantize_blockwise_entry, &dequantize_blockwise_entry,    \
                               &gemv_prepare_entry, &gemv_lora_h_entry, &gemv_rows_entry,  \
                               kGemvInterleavedPrepare, kGemvInterleavedTiles,             \
-                              kGemvInterleavedMaxM, &grad_input_panel_entry,              \
+                              &grad_input_panel_entry,                                    \
                               &gemm_tiles_emulated_entry, kGemmTilesAmx};                 \
     return k;                                                                            \
   }                                                                                      \

@@ -54,10 +54,10 @@ void interleave_4bit(const PackedWeight& weight, int64_t N, int64_t K, uint8_t* 
 // Whether the active ISA has the kernel that reads an interleaved copy (AVX2, AVX-512);
 // where it has not, lora_gemv_4bit reads the row layout and ignores args.interleaved.
 bool has_interleaved_gemv();
-// Whether a call with M rows of x of `dtype` reads the copy it brings (x finite, K and
-// blocksize of 64): an ISA with the kernel, M within its range (AVX2: up to 4), 16-bit x,
-// NF4LORA_CPU_GEMV auto or integer (dispatch.cpp).
-bool reads_interleaved(int dtype, int64_t M);
+// Whether a fused call with x of `dtype` reads the copy its weight brings (x finite, K and
+// blocksize of 64): an ISA with the kernel, 16-bit x, NF4LORA_CPU_GEMV auto, integer or
+// int8 (dispatch.cpp).
+bool reads_interleaved(int dtype);
 
 // lora_gemv_4bit for a mixed-adapter batch (weight.h AdapterRows; args.scaling unused):
 // the same kernel and one pass over W; row m gets the bytes lora_gemv_4bit gives it on the

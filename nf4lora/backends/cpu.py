@@ -147,9 +147,12 @@ FUSED_MAX_M_NATIVE_GEMM = 24
 #              64: 11.5 vs 13.6 / 6.10 vs 7.28;  96: 18.2 vs 18.5 / 9.07 vs 9.71
 #   5632x2048  M = 32: 4.41 vs 6.24 / 2.16 vs 3.36;  64: 8.56 vs 9.46 / 4.30 vs 5.10;
 #              96: 13.0 vs 13.0 / 6.43 vs 6.81
-# so they cross near M = 96; 64 keeps a margin (a prompt of up to 64 tokens is prefilled
-# by the fused kernel). On AVX2 a call reads the copy only up to M = 4 (csrc/cpu/
-# gemv_interleaved.h kGemvInterleavedMaxM), so there the row layout's crossover stays.
+# and against dequantize + float32 GEMM (no native bf16 GEMM) on an AVX2-only AMD EPYC
+# (Zen 1), one thread, the same weight and method:
+#   4096x4096  M = 16: 16.1 vs 35.0;  32: 31.9 vs 47.5;  48: 47.9 vs 60.7;  64: 63.9 vs 73.5;
+#              96: 96.0 vs 99.4
+# so they cross near M = 96 on both; 64 keeps a margin (a prompt of up to 64 tokens is
+# prefilled by the fused kernel).
 FUSED_MAX_M_INTERLEAVED = 64
 # The same with the opt-in int8 sums (NF4LORA_CPU_GEMV=int8 where the ISA has them:
 # `_C.gemv_decoder` says "int8"), same machine, one thread, 4096x4096, fused (in one
@@ -216,7 +219,7 @@ def fused_max_m(dtype: torch.dtype, weight=None) -> int:
     """The largest M of activations of `dtype` that takes the fused kernel (see above), for
     `weight` (a PackedWeight: whether it brings an interleaved copy the call reads)."""
     if (weight is not None and weight.interleaved is not None
-            and _C.reads_interleaved(dtype, FUSED_MAX_M_INTERLEAVED)):
+            and _C.reads_interleaved(dtype)):
         return fused_max_m_interleaved(dtype)
     return FUSED_MAX_M_NATIVE_GEMM if _native_16bit_gemm(dtype) else FUSED_MAX_M
 

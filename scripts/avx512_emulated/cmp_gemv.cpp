@@ -116,9 +116,8 @@ static void run_case(const IsaKernels& K_, int64_t M, int64_t K, int64_t N, int6
   // half of the integer cases (int16 and int8) read the weight's interleaved copy where the
   // ISA has that kernel (as the dispatcher does when the call brings one: dispatch.cpp
   // wants_interleaved)
-  const bool interleaved = integer_sums && K_.gemv_interleaved_tiles != nullptr &&
-                           M <= K_.gemv_interleaved_max_m && dt != kF32 && interleavable(K, bs) &&
-                           (st.cases / 4) % 2 == 0;
+  const bool interleaved = integer_sums && K_.gemv_interleaved_tiles != nullptr && dt != kF32 &&
+                           interleavable(K, bs) && (st.cases / 4) % 2 == 0;
   std::vector<uint8_t> interleaved_copy(interleaved ? interleaved_bytes(N, K) : 0);
   if (interleaved) {
     interleave_tiles(w, N, K, 0, interleaved_tiles(N), interleaved_copy.data());
