@@ -128,14 +128,31 @@ def test_routing():
         assert cpu_backend.grad_input_path(largest, weight, dtype) == "fused"
         assert cpu_backend.grad_input_path(largest + 1, weight, dtype) == "dequantize+gemm"
         assert cpu_backend.grad_input_path(0, weight, dtype) == "dequantize+gemm"
-    # a dtype the CPU multiplies natively crosses over sooner (the measured constants)
-    assert cpu_backend.grad_input_fused_max_m(torch.float32) == cpu_backend.GRAD_INPUT_FUSED_MAX_M
+    # a dtype the CPU multiplies natively crosses over sooner, and so does the AVX2 kernel
+    # (the measured constants)
+    unnative = (cpu_backend.GRAD_INPUT_FUSED_MAX_M_AVX2 if cpu_backend._C.isa() == "avx2"
+                else cpu_backend.GRAD_INPUT_FUSED_MAX_M)
+    assert cpu_backend.grad_input_fused_max_m(torch.float32) == unnative
     assert cpu_backend.grad_input_fused_max_m(torch.bfloat16) == (
         cpu_backend.GRAD_INPUT_FUSED_MAX_M_NATIVE_GEMM
-        if cpu_backend._C.native_16bit_gemm(torch.bfloat16) else cpu_backend.GRAD_INPUT_FUSED_MAX_M)
+        if cpu_backend._C.native_16bit_gemm(torch.bfloat16) else unnative)
     weight, _ = quantized(8, 100)  # rows do not start on block boundaries
     assert cpu_backend.grad_input_path(1, weight, torch.bfloat16) == "dequantize+gemm"
     check(2, 8, 100, 3, torch.bfloat16)  # and that path still gives the right dx
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_avx2_crosses_over_sooner(monkeypatch, isa):
+    # float32 grad (no native 16-bit GEMM on any CPU): the AVX2 kernel up to
+    # GRAD_INPUT_FUSED_MAX_M_AVX2 rows, the others up to GRAD_INPUT_FUSED_MAX_M
+    if isa not in cpu_backend._C.supported_isas():
+        pytest.skip(f"this CPU cannot run {isa}")
+    monkeypatch.setenv("NF4LORA_CPU_ISA", isa)
+    weight, _ = quantized(8, 128)
+    largest = (cpu_backend.GRAD_INPUT_FUSED_MAX_M_AVX2 if isa == "avx2" else cpu_backend.GRAD_INPUT_FUSED_MAX_M)
+    assert cpu_backend.grad_input_fused_max_m(torch.float32) == largest
+    assert cpu_backend.grad_input_path(largest, weight, torch.float32) == "fused"
+    assert cpu_backend.grad_input_path(largest + 1, weight, torch.float32) == "dequantize+gemm"
 
 
 def test_info_reports_the_grad_input_path(capsys):

@@ -177,8 +177,15 @@ FUSED_MAX_M_INTERLEAVED_INT8 = 512
 #                                        32: 15.3-16.4 vs 20.9-24.0
 # (ranges: 2-4 runs, load average 0.9-2.5 on the 2 cores).
 # The fused kernel is float32 FMAs, ~2 per 32 weights and row of grad (plus a decode shared
-# by the rows), so it gains most where the other path pays for a dequantized W.
+# by the rows), so it gains most where the other path pays for a dequantized W. Its AVX2
+# build has half the lanes, and on an AVX2-only AMD EPYC (Zen 1: one 256-bit FMA per
+# cycle, as two halves) it crosses sooner, bf16 (float32 GEMM), the same bench:
+#   4096x4096:  M = 1: 5.1 vs 18.9;  8: 17.9 vs 28.9;  16: 31.5-32.3 vs 34.2-35.7;
+#               20: 39.5 vs 36.9;  24: 45.9 vs 40.5;  32: 60.0 vs 49.3
+#   11008x4096: M = 16: 83.5-89.2 vs 108.6-120.0;  20: 101.6 vs 114.7;  24: 125.3 vs 125.9;
+#               32: 166.8 vs 153.0
 GRAD_INPUT_FUSED_MAX_M = 32
+GRAD_INPUT_FUSED_MAX_M_AVX2 = 16
 GRAD_INPUT_FUSED_MAX_M_NATIVE_GEMM = 8
 
 # Size of one dequantized chunk of W on the float32 path: small enough that the chunk
@@ -395,8 +402,11 @@ def multi_lora_matmul_4bit(x, weight, lora_A, lora_B, scalings, adapter_index, b
 
 
 def grad_input_fused_max_m(dtype: torch.dtype) -> int:
-    """The largest M of gradients of `dtype` whose grad-input takes the fused kernel."""
-    return GRAD_INPUT_FUSED_MAX_M_NATIVE_GEMM if _native_16bit_gemm(dtype) else GRAD_INPUT_FUSED_MAX_M
+    """The largest M of gradients of `dtype` whose grad-input takes the fused kernel (the
+    active ISA is asked per call, 0.3 us: NF4LORA_CPU_ISA may change)."""
+    if _native_16bit_gemm(dtype):
+        return GRAD_INPUT_FUSED_MAX_M_NATIVE_GEMM
+    return GRAD_INPUT_FUSED_MAX_M_AVX2 if _C.isa() == "avx2" else GRAD_INPUT_FUSED_MAX_M
 
 
 def grad_input_path(M: int, weight, dtype: torch.dtype) -> str:
