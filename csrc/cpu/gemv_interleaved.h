@@ -347,7 +347,9 @@ inline InterleavedLookup interleaved_lookup(const CodeTable& table, float scale)
 // row of x, as much as its 4 pshufb + 4 unpacks take on the two shuffle pipes), one thread,
 // 4096x4096, W streamed, in one process, time against the kernel before (halves one by one,
 // chunk adds reassociated by gcc: see the barrier below): M = 1 0.84x (5.0 TSC ticks per 32
-// weights, ~7.3 core cycles), 2 0.88x, 3 0.80x, 4 0.81x. Bit-identical. Decode-free and
+// weights, ~7.3 core cycles), 2 0.88x, 3 0.80x, 4 0.81x. Bit-identical. The limit, in one
+// process (noisier, +-7%): both halves together up to 1 / 2 / 3 rows, M = 2 0.99 / 1.00 /
+// 0.98x, M = 3 1.00 / 1.00 / 1.10x (spills). Decode-free and
 // multiply-free variants of the same loop (wrong sums, timing only) took 0.81x and 0.96x at
 // M = 1: neither the lookups nor the multiplies alone bound it. On Zen 1 this kernel beats
 // the row layout at every M measured (1-32: dispatch.cpp reads_interleaved); under
