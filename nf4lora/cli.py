@@ -49,9 +49,9 @@ def _info(_args) -> int:
         tiles = _C.tile_gemm()
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             name = str(dtype).replace("torch.", "")
-            paths = [cpu.route(m, dtype, cpu.fused_max_m(dtype)) for m in rows]
-            paths = [_C.gemv_decoder(m, dtype) if path == "fused" else "gemm" if path == "dequantize+gemm"
-                     else path for m, path in zip(rows, paths)]
+            paths = [cpu.route(m, dtype, cpu.fused_max_m(dtype)).replace("dequantize+gemm", "gemm")
+                     for m in rows]
+            paths = [_C.gemv_decoder(m, dtype) if path == "fused" else path for m, path in zip(rows, paths)]
             print(f"      {name:<11}" + "".join(f"{path:>9}" for path in paths))
         if tiles == "amx-emulated":
             tile_gemm = "amx, its tile instructions emulated (NF4LORA_CPU_GEMM=amx-emulated: tests only)"

@@ -249,11 +249,11 @@ TILE_GEMM_MIN_M = 16
 def route(M: int, dtype: torch.dtype, fused_max: int, weight=None) -> str:
     """matmul_path / grad_input_path for M rows of `dtype` and a kernel fused up to
     fused_max rows: "amx" where a tile GEMM is named (`_C.tile_gemm()`: NF4LORA_CPU_GEMM)
-    and can take the call (bf16, rows of W on block boundaries) from TILE_GEMM_MIN_M rows,
-    "fused" up to fused_max rows, then "amx" or "dequantize+gemm". weight None: one whose
-    rows are whole blocks of 64 (`nf4lora info`'s table)."""
-    whole_blocks = weight is None or (weight.in_features > 0 and weight.in_features % weight.blocksize == 0
-                                      and weight.blocksize % 32 == 0)
+    and can take the call (bf16, rows of W on block boundaries; every blocksize is a
+    multiple of 32, a tile's pairs) from TILE_GEMM_MIN_M rows, "fused" up to fused_max rows,
+    then "amx" or "dequantize+gemm". weight None: one whose rows are whole blocks of 64
+    (`nf4lora info`'s table)."""
+    whole_blocks = weight is None or (weight.in_features > 0 and weight.in_features % weight.blocksize == 0)
     fused = 0 < M <= fused_max and whole_blocks
     if ((M >= TILE_GEMM_MIN_M or not fused) and M > 0 and whole_blocks and dtype == torch.bfloat16
             and _C.tile_gemm()):
