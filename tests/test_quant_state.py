@@ -73,6 +73,23 @@ def test_packed_weight_is_kept_until_the_state_or_storage_changes():
     assert "_nf4lora_weight" not in vars(pickle.loads(pickle.dumps(state)))
 
 
+def test_packed_weight_of_a_params4bit_follows_its_storage():
+    # from_state reads a tensor subclass's storage without its __torch_function__ (a
+    # Params4bit's reads cost ~4 us each through it): a `.data` swap must still be seen
+    from nf4lora._weight import PackedWeight
+    from nf4lora.nn import Params4bit
+    packed, state = _state()
+    param = Params4bit(packed, requires_grad=False, quant_state=state, bnb_quantized=True)
+    first = PackedWeight.from_state(param, state)
+    assert type(first.packed) is torch.Tensor and first.packed.data_ptr() == packed.data_ptr()
+    assert PackedWeight.from_state(param, state) is first
+    param.data = packed.clone()
+    moved = PackedWeight.from_state(param, state)
+    assert moved is not first and type(moved.packed) is torch.Tensor
+    assert moved.packed.data_ptr() == param.data_ptr() != packed.data_ptr()
+    assert torch.equal(moved.packed, first.packed)
+
+
 def test_legacy_list_access():
     _, state = _state()
     absmax, shape, dtype, blocksize, (offset, state2), quant_type = [state[i] for i in range(6)]

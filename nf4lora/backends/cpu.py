@@ -272,8 +272,8 @@ def _fused(x, weight, lora_A, lora_B, scaling, bias, per_row=None):
     or (scalings float32 [n], adapter_index int64 [M]) for a mixed batch with lora_A
     [n, r, K], lora_B [n, N, r] (h is then each row's own, 0 on rows without adapter)."""
     M, N, rank = x.shape[0], weight.out_features, (0 if lora_A is None else lora_A.shape[-2])
-    y = torch.empty(M, N, dtype=x.dtype)      # (sizes as arguments: ~0.4 us less than a tuple)
-    h = torch.empty(M, rank, dtype=x.dtype)
+    y = x.new_empty(M, N)     # (x.new_empty(sizes): 2.4 us on a 2-core Zen 1; torch.empty
+    h = x.new_empty(M, rank)  # with dtype= 3.2, a tuple of sizes 3.8)
     bias = None if bias is None else bias.contiguous()
     if per_row is None:
         _C.lora_gemv_4bit(x, weight, lora_A, lora_B, float(scaling), bias, y, h)
