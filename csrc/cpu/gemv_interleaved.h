@@ -164,6 +164,41 @@ constexpr int kFarPrefetchMaxRows = 7;
 // 0.96x the old kernel's time against 0.81x, M = 2 0.80 against 0.71x; AVX2 M = 1 0.83x
 // the row layout's against 0.78x. Re-measure before folding them together.)
 
+// The epilogue of kW rows of W from r0 (one vector's lanes, `sums[m]` for each row m of x
+// from m0): y[m0 + m, r0 .. r0 + kW). Without a LoRA term, a vector at a time: + 0.0f
+// (what gemv_finish_row's horizontal sum of the lane and zeros does: -0 becomes +0), + the
+// bias, one rounding to T: the same bytes as gemv_finish_row per row, which the rest still
+// takes (LoRA, and a last tile's rows past N). Per row it had cost its lane alone in a
+// vector, a horizontal sum and a scalar rounding, for each of a tile's 16 rows: at K = 2048
+// a tile's steps are short enough for that to show. Against the per-row epilogue, in one
+// process, bf16 x, W streamed (AVX2-only EPYC Zen 1, the one CPU that timed it), time:
+// one thread M = 1 2048x2048 0.94x, 5632x2048 0.92x, 1024x1024 (W in cache) 0.92x,
+// 4096x4096 0.98x, M = 2 2048x2048 0.95x, M = 4 / 8 4096x4096 0.96 / 0.99x; two threads
+// M = 1 5632x2048 0.95x, 2048x5632 0.98x, 256x2048 0.97x. Bit-identical.
+template <class T, int MT>
+inline void finish_interleaved_rows(const GemvWork& a, const F (&sums)[MT], int64_t m0, int64_t r0) {
+  if (a.rank == 0 && r0 + kW <= a.N) {
+    const T* bias = static_cast<const T*>(a.bias);
+    for (int m = 0; m < MT; ++m) {
+      F v = add(sums[m], splat(0.0f));
+      if (bias != nullptr) v = add(v, load(bias + r0));
+      store_out<T>(static_cast<T*>(a.y) + (m0 + m) * a.N + r0, v);
+    }
+    return;
+  }
+  alignas(64) float lanes[MT][kW];
+  for (int m = 0; m < MT; ++m) NF4LORA_MM(store_ps)(lanes[m], sums[m]);
+  for (int64_t j = 0; j < kW && r0 + j < a.N; ++j) {
+    F one[MT][1];
+    for (int m = 0; m < MT; ++m) {
+      alignas(64) float lane[kW] = {};
+      lane[0] = lanes[m][j];
+      one[m][0] = load(lane);
+    }
+    gemv_finish_row<T, MT, 1>(a, one, m0, r0 + j);
+  }
+}
+
 #if NF4LORA_GEMV_INTERLEAVED == 16
 // The 16 levels of W as int16, repeated in words 16-31 (vpermw reads 5 index bits). Passed
 // by value: the tile took 1.08x the time streamed (M = 1, 4096x4096, one thread) with it
@@ -302,16 +337,7 @@ void interleaved_tile(const GemvWork& a, InterleavedLookup levels, int64_t m0, i
       }
     }
   }
-  // the epilogue per row of W: its lane alone in a vector, so gemv_finish_row adds the
-  // LoRA term and bias as it does for the row layout's sums
-  alignas(64) float lanes[MT][kW];
-  for (int m = 0; m < MT; ++m) _mm512_store_ps(lanes[m], acc[m]);
-  const int64_t n0 = t * kInterleavedRows;
-  for (int64_t j = 0; j < kInterleavedRows && n0 + j < a.N; ++j) {
-    F one[MT][1];
-    for (int m = 0; m < MT; ++m) one[m][0] = _mm512_maskz_mov_ps(1, splat(lanes[m][j]));
-    gemv_finish_row<T, MT, 1>(a, one, m0, n0 + j);
-  }
+  finish_interleaved_rows<T, MT>(a, acc, m0, t * kInterleavedRows);
 }
 
 #else
@@ -423,14 +449,9 @@ void interleaved_tile(const GemvWork& a, InterleavedLookup planes, int64_t m0, i
       }
     }
     for (int h = 0; h < kPass; ++h) {
-      alignas(32) float lanes[MT][kW];
-      for (int m = 0; m < MT; ++m) _mm256_store_ps(lanes[m], acc[m][h]);
-      const int64_t r0 = n0 + (half0 + h) * kW;
-      for (int64_t j = 0; j < kW && r0 + j < a.N; ++j) {
-        F one[MT][1];
-        for (int m = 0; m < MT; ++m) one[m][0] = _mm256_setr_ps(lanes[m][j], 0, 0, 0, 0, 0, 0, 0);
-        gemv_finish_row<T, MT, 1>(a, one, m0, r0 + j);
-      }
+      F sums[MT];
+      for (int m = 0; m < MT; ++m) sums[m] = acc[m][h];
+      finish_interleaved_rows<T, MT>(a, sums, m0, n0 + (half0 + h) * kW);
     }
   }
 }
