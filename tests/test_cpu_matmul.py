@@ -490,10 +490,11 @@ def test_workspace_is_reused_and_released():
 
 @pytest.mark.parametrize("gemv", ["auto", "int8"])
 @pytest.mark.parametrize("M", [1, 5, 48])
-def test_same_bytes_for_any_thread_count_and_run(layout, M, gemv, monkeypatch):
+@pytest.mark.parametrize("N", [1000, 1200])  # two threads: 8 chunks of rows; 5 evened to 6
+def test_same_bytes_for_any_thread_count_and_run(layout, M, N, gemv, monkeypatch):
     monkeypatch.setenv("NF4LORA_CPU_GEMV", gemv)
-    packed, state, _ = quantized(1000, 512)
-    x, A, B, b = operands(M, 512, 1000, 8, torch.bfloat16)
+    packed, state, _ = quantized(N, 512)
+    x, A, B, b = operands(M, 512, N, 8, torch.bfloat16)
     results = []
     try:
         for threads in (1, 2, 1, 2):
