@@ -158,11 +158,12 @@ void interleaved_prepare_rows_int8(const GemvWork& a, int64_t m) {
 // M = 4-8 0.62-0.70x.
 constexpr int64_t kFarPrefetchBytes = 12 << 10;
 constexpr int kFarPrefetchMaxRows = 7;
-// (The AVX-512 and AVX2 tiles below each write out this prefetch and their epilogue. Shared
-// as two inline helpers, a prefetch_group_far(p) and a finish_interleaved_rows, they made
-// the same kernels slower streamed, in one process, one thread, 4096x4096: AVX-512 M = 1
-// 0.96x the old kernel's time against 0.81x, M = 2 0.80 against 0.71x; AVX2 M = 1 0.83x
-// the row layout's against 0.78x. Re-measure before folding them together.)
+// (The AVX-512 and AVX2 tiles below each write out this prefetch. Shared as an inline
+// helper, together with an earlier shared per-row epilogue, it made the same kernels
+// slower streamed, in one process, one thread, 4096x4096: AVX-512 M = 1 0.96x the old
+// kernel's time against 0.81x, M = 2 0.80 against 0.71x; AVX2 M = 1 0.83x the row
+// layout's against 0.78x. Re-measure before folding it in. The vector epilogue below is
+// shared, and was measured so on AVX2 only.)
 
 // The epilogue of kW rows of W from r0 (one vector's lanes, `sums[m]` for each row m of x
 // from m0): y[m0 + m, r0 .. r0 + kW). Without a LoRA term, a vector at a time: + 0.0f
