@@ -158,6 +158,23 @@ void interleaved_prepare_rows_int8(const GemvWork& a, int64_t m) {
 // M = 4-8 0.62-0.70x.
 constexpr int64_t kFarPrefetchBytes = 12 << 10;
 constexpr int kFarPrefetchMaxRows = 7;
+// How far ahead tile t prefetches: kFarPrefetchBytes where every group's lines that far
+// ahead lie inside the copy, else 0 (its own lines, on their way already; a distance kept
+// in a register leaves the loop as it was, where a branch on it had gcc write the loop
+// twice). Past the copy's end a prefetch may land on memory that is not mapped, where the
+// page walk finds nothing and is not kept, and every call walks again (`perf annotate` of
+// a 384x384 layer, one thread: ~40% of its tile time on them). Against prefetching past
+// the end, in one process, bf16 x, W in cache (AVX2-only EPYC Zen 1): 384x384 one thread
+// M = 1 / 3 / 5 0.72 / 0.81 / 0.87x the time, two threads M = 1 / 2 0.70 / 0.75x;
+// 256x2048 one thread M = 1 0.84x, two threads M = 1 / 2 0.76 / 0.83x; W streamed
+// (2048x2048 to 5632x2048, the copies back to back) 0.99-1.01x; a 1B decode step, two
+// threads, 0.97-0.98x (two pairs of runs). Where the memory past the end happens to be
+// mapped it changes nothing. Larger copies lose the far prefetch on their last tile only.
+inline int64_t far_prefetch_distance(const GemvWork& a, int64_t t, int64_t groups) {
+  return (t + 1) * groups * kInterleavedGroupBytes + kFarPrefetchBytes <= interleaved_bytes(a.N, a.K)
+             ? kFarPrefetchBytes
+             : 0;
+}
 // (The AVX-512 and AVX2 tiles below each write out this prefetch. Shared as an inline
 // helper, together with an earlier shared per-row epilogue, it made the same kernels
 // slower streamed, in one process, one thread, 4096x4096: AVX-512 M = 1 0.96x the old
@@ -276,6 +293,7 @@ void interleaved_tile(const GemvWork& a, InterleavedLookup levels, int64_t m0, i
 #else
   static_assert(!kInt8, "int8 sums: AVX512-VNNI only");
 #endif
+  const int64_t far = far_prefetch_distance(a, t, groups);
   F acc[MT];
   for (int m = 0; m < MT; ++m) acc[m] = splat(0.0f);
   for (int64_t g = 0; g < groups; ++g, p += kInterleavedGroupBytes) {
@@ -284,8 +302,7 @@ void interleaved_tile(const GemvWork& a, InterleavedLookup levels, int64_t m0, i
     // keeps the far ones ahead of the group's loads: where gcc spread them among the first
     // chunk's instructions, M = 1 / 2 / 4 took 1.07 / 1.21 / 1.04x the time.
     if constexpr (MT <= kFarPrefetchMaxRows) {
-      for (int64_t line = 0; line < kInterleavedGroupBytes; line += 64)
-        __builtin_prefetch(p + kFarPrefetchBytes + line, 0, 2);
+      for (int64_t line = 0; line < kInterleavedGroupBytes; line += 64) __builtin_prefetch(p + far + line, 0, 2);
       __atomic_signal_fence(__ATOMIC_SEQ_CST);  // a compiler barrier, no instruction
     }
     if constexpr (MT >= 3)
@@ -395,6 +412,7 @@ void interleaved_tile(const GemvWork& a, InterleavedLookup planes, int64_t m0, i
   const float* x_scales = a.x_scales + m0 * groups;
   const I nibble = _mm256_set1_epi8(0x0F);
   const int64_t n0 = t * kInterleavedRows;
+  const int64_t far = far_prefetch_distance(a, t, groups);
   for (int half0 = 0; half0 < kHalves; half0 += kPass) {
     F acc[MT][kPass];
     for (int m = 0; m < MT; ++m)
@@ -403,8 +421,7 @@ void interleaved_tile(const GemvWork& a, InterleavedLookup planes, int64_t m0, i
     for (int64_t g = 0; g < groups; ++g, p += kInterleavedGroupBytes) {
       if constexpr (MT <= kFarPrefetchMaxRows) {  // (a second pass finds its lines in L2)
         if (half0 == 0)
-          for (int64_t line = 0; line < kInterleavedGroupBytes; line += 64)
-            __builtin_prefetch(p + kFarPrefetchBytes + line, 0, 2);
+          for (int64_t line = 0; line < kInterleavedGroupBytes; line += 64) __builtin_prefetch(p + far + line, 0, 2);
         __atomic_signal_fence(__ATOMIC_SEQ_CST);  // a compiler barrier, no instruction
       }
       F fold[MT][kPass];
