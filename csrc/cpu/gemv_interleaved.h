@@ -185,20 +185,59 @@ inline int64_t far_prefetch_distance(const GemvWork& a, int64_t t, int64_t group
 // The epilogue of kW rows of W from r0 (one vector's lanes, `sums[m]` for each row m of x
 // from m0): y[m0 + m, r0 .. r0 + kW). Without a LoRA term, a vector at a time: + 0.0f
 // (what gemv_finish_row's horizontal sum of the lane and zeros does: -0 becomes +0), + the
-// bias, one rounding to T: the same bytes as gemv_finish_row per row, which the rest still
-// takes (LoRA, and a last tile's rows past N). Per row it had cost its lane alone in a
+// bias, one rounding to T: the same bytes as gemv_finish_row per row, which a last tile
+// still takes where its rows pass N. Per row it had cost its lane alone in a
 // vector, a horizontal sum and a scalar rounding, for each of a tile's 16 rows: at K = 2048
 // a tile's steps are short enough for that to show. Against the per-row epilogue, in one
 // process, bf16 x, W streamed (AVX2-only EPYC Zen 1, the one CPU that timed it), time:
 // one thread M = 1 2048x2048 0.94x, 5632x2048 0.92x, 1024x1024 (W in cache) 0.92x,
 // 4096x4096 0.98x, M = 2 2048x2048 0.95x, M = 4 / 8 4096x4096 0.96 / 0.99x; two threads
 // M = 1 5632x2048 0.95x, 2048x5632 0.98x, 256x2048 0.97x. Bit-identical.
+//
+// With a LoRA term the rows are a vector at a time too, in gemv_finish_row's order for a
+// lane alone: that adds the term into a vector whose lane 0 is the row's sum and the rest
+// +0 (one FMA per kW ranks: lane l takes ranks j + l), sums its lanes by hsum's tree (the
+// upper half onto the lower, down to one lane), then the ranks past the last whole kW
+// one by one (a multiply, an add), the bias, one rounding. Here part[l] holds lane l of
+// kW rows, and the same operations run on the parts (B's kW x kW blocks read through a
+// transposing copy), so the bytes are the per-row epilogue's: 600 random calls (ranks
+// 1-33, a mixed-adapter batch, bias, bf16 and fp16 x) natively, and SIMDe's AVX-512
+// (cmp_gemv's outputs, every case) against the build before. Per row it had cost a
+// store and reload of its lane, a horizontal sum and a scalar rounding. Rank 16, bf16 x,
+// W in cache, in one process, against the per-row epilogue (AVX2-only EPYC Zen 1): one
+// thread M = 1 0.90x the time at 256x2048, 2048x2048 and 5632x2048, 0.97x at 2048x5632,
+// M = 4 0.96-0.98x; two threads M = 1 0.91-0.95x; without LoRA 0.99-1.01x.
 template <class T, int MT>
 inline void finish_interleaved_rows(const GemvWork& a, const F (&sums)[MT], int64_t m0, int64_t r0) {
-  if (a.rank == 0 && r0 + kW <= a.N) {
-    const T* bias = static_cast<const T*>(a.bias);
+  const T* bias = static_cast<const T*>(a.bias);
+  if (r0 + kW <= a.N) {
     for (int m = 0; m < MT; ++m) {
-      F v = add(sums[m], splat(0.0f));
+      const int64_t adapter = a.rank > 0 ? a.adapter(m0 + m) : -1;
+      const int64_t rank = adapter < 0 ? 0 : a.rank;
+      F v;
+      if (rank == 0) {
+        v = add(sums[m], splat(0.0f));
+      } else {
+        const T* b = static_cast<const T*>(a.lora_B) + (adapter * a.N + r0) * rank;  // [kW rows, rank]
+        const float* hs = a.h_scaled + (m0 + m) * a.rank;
+        F part[kW];
+        part[0] = sums[m];
+        for (int l = 1; l < kW; ++l) part[l] = splat(0.0f);
+        alignas(64) float column[kW][kW];  // column[l][i] = B[r0 + i, j + l]
+        int64_t j = 0;
+        for (; j + kW <= rank; j += kW) {
+          for (int i = 0; i < kW; ++i)
+            for (int l = 0; l < kW; ++l) column[l][i] = to_float(b[i * rank + j + l]);
+          for (int l = 0; l < kW; ++l) part[l] = fmadd(splat(hs[j + l]), load(column[l]), part[l]);
+        }
+        for (int width = kW / 2; width >= 1; width /= 2)
+          for (int l = 0; l < width; ++l) part[l] = add(part[l], part[l + width]);
+        v = part[0];
+        for (; j < rank; ++j) {
+          for (int i = 0; i < kW; ++i) column[0][i] = to_float(b[i * rank + j]);
+          v = add(v, mul(splat(hs[j]), load(column[0])));
+        }
+      }
       if (bias != nullptr) v = add(v, load(bias + r0));
       store_out<T>(static_cast<T*>(a.y) + (m0 + m) * a.N + r0, v);
     }
