@@ -77,7 +77,7 @@ from ..autograd import (dora_row_norms_4bit, lora_matmul_4bit, matmul_4bit,
                         multi_lora_matmul_4bit, pad_adapters)
 from ..merge import (MergeReport, dora_factor, dora_merge_delta, dora_unmerge_delta, merge_into,
                      resolve_options)
-from ..nn.linear4bit import Linear4bit
+from ..nn.linear4bit import Linear4bit, in_dtype
 from ..nn.lora import DoraNormCache
 
 __all__ = [
@@ -255,19 +255,22 @@ class LoraLinear4bitPeft(_Requantize4bit, nn.Module, LoraLayer):
         base layer's compute dtype, the float32 adapter weights cast to it (gradients still
         reach them through the cast)."""
         base = self.get_base_layer()
-        dtype = base.prepare(x)         # restore/quantize the weight, fix the compute dtype
-        bias = None if base.bias is None else base.bias.to(dtype)
-        args = (x.to(dtype), base.weight, base.weight.quant_state,
-                self.lora_A[adapter].weight.to(dtype), self.lora_B[adapter].weight.to(dtype),
-                self.scaling[adapter])
+        dtype = base.prepare(x)   # restore/quantize the weight, fix the compute dtype, cast the bias
+        # (read from `_modules` / `_parameters`, as LoraLinear4bit.forward does, and why)
+        modules = self._modules
+        lora_A = modules["lora_A"][adapter]._parameters["weight"]
+        lora_B = modules["lora_B"][adapter]._parameters["weight"]
+        weight, bias = base._parameters["weight"], base._parameters["bias"]
+        args = (in_dtype(x, dtype), weight, weight.quant_state, in_dtype(lora_A, dtype),
+                in_dtype(lora_B, dtype), self.scaling[adapter])
         if adapter in self.lora_variant:        # DoRA, the only variant resolve_lora_variant allows
             norms = self.__dict__.setdefault("_dora_norms", {})
             y = norms.setdefault(adapter, DoraNormCache())(
                 *args, self.lora_magnitude_vector[adapter].weight, bias, base.row_sq_norms(),
-                (self.lora_A[adapter].weight, self.lora_B[adapter].weight))
+                (lora_A, lora_B))
         else:
             y = lora_matmul_4bit(*args, bias)
-        return y.to(x.dtype)
+        return in_dtype(y, x.dtype)
 
     def _mixed_batch_plain(self, adapter_names) -> bool:
         """Whether a mixed batch can run as one multi_lora_matmul_4bit call: each adapter it
