@@ -71,8 +71,8 @@ def _info(_args) -> int:
             fused_to = cpu.fused_max_m_interleaved(torch.bfloat16)
             sums = "int8 sums: NF4LORA_CPU_GEMV=int8" if int8 else "int16 sums"
             interleave = (f"yes, an interleaved copy of W ({sums}, 16-bit x),\n    read by every "
-                          f"fused call, M <= {fused_to}; 0.56 bytes per weight more while in eval; "
-                          "NF4LORA_CPU_INTERLEAVE=0: off")
+                          f"fused call, M <= {fused_to}; 0.56 bytes per weight more while in eval "
+                          "(none for float32 compute);\n    NF4LORA_CPU_INTERLEAVE=0: off")
         print(f"  eval-mode Linear4bit on CPU: {interleave}")
         print("  cpu backward grad-input path by rows of grad (backends/cpu.py grad_input_fused_max_m):")
         for dtype in (torch.bfloat16, torch.float16, torch.float32):

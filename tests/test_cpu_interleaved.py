@@ -235,6 +235,28 @@ def test_no_copy_when_turned_off_or_without_the_kernel(monkeypatch):
     assert kept_copy(layer) is None
 
 
+@pytest.mark.skipif(not has_kernel(), reason="this CPU's ISA has no kernel for the copy")
+def test_no_copy_for_float32_compute():
+    # float32 x takes the float decoder on the bitsandbytes layout: a copy would be 0.56
+    # bytes per weight that no call reads
+    layer = layer_of()
+    layer.compute_dtype = torch.float32
+    layer.eval()
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        y = layer(x)
+    assert kept_copy(layer) is None
+    assert not cpu_backend.reads_interleaved(torch.float32)
+    assert cpu_backend.reads_interleaved(torch.bfloat16) and cpu_backend.reads_interleaved(torch.float16)
+    W = nf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).double()
+    expected = x.double() @ W.t() + layer.bias.double()
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():   # a 16-bit call later: the copy is made then
+        layer.compute_dtype = torch.bfloat16
+        layer(x.bfloat16())
+    assert kept_copy(layer) is not None
+
+
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512bf16"])
 def test_info_says_whether_eval_layers_interleave(monkeypatch, capsys, isa):
     if isa not in cpu_backend._C.supported_isas():

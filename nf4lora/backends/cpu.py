@@ -225,8 +225,7 @@ def _native_16bit_gemm(dtype: torch.dtype) -> bool:
 def fused_max_m(dtype: torch.dtype, weight=None) -> int:
     """The largest M of activations of `dtype` that takes the fused kernel (see above), for
     `weight` (a PackedWeight: whether it brings an interleaved copy the call reads)."""
-    if (weight is not None and weight.interleaved is not None
-            and _C.reads_interleaved(dtype)):
+    if weight is not None and weight.interleaved is not None and reads_interleaved(dtype):
         return fused_max_m_interleaved(dtype)
     return FUSED_MAX_M_NATIVE_GEMM if _native_16bit_gemm(dtype) else FUSED_MAX_M
 
@@ -292,6 +291,13 @@ def interleave_unavailable() -> str | None:
     if os.environ.get("NF4LORA_CPU_INTERLEAVE", "1") == "0":
         return "NF4LORA_CPU_INTERLEAVE=0"
     return None
+
+
+def reads_interleaved(dtype: torch.dtype) -> bool:
+    """Whether the fused kernel reads a weight's interleaved copy for activations of `dtype`
+    (16-bit ones, with an integer decoder: float32 x takes the float decoder on the
+    bitsandbytes layout, csrc/cpu/dispatch.cpp), so that making one is worth its bytes."""
+    return _C is not None and _C.reads_interleaved(dtype)
 
 
 def interleave(weight) -> torch.Tensor | None:

@@ -532,20 +532,22 @@ class Linear4bit(_Layer4bit, nn.Linear):
             # a cast on every call (its test_linear_kbit_fp32_bias checks the bias dtype).
             bias.data = bias.data.to(dtype)
         if not self.training and x.is_cpu:
-            self._keep_interleaved(weight)
+            self._keep_interleaved(weight, dtype)
         return dtype
 
-    def _keep_interleaved(self, weight: "Params4bit") -> None:
+    def _keep_interleaved(self, weight: "Params4bit", dtype: torch.dtype) -> None:
         """In eval mode on a CPU: make the weight's interleaved copy for the fused kernel
         (backends.cpu.interleave: small-M calls 1.4-2.3x faster, for 0.56 bytes per weight
-        more; none where the CPU has no kernel for it or NF4LORA_CPU_INTERLEAVE=0) and keep
-        it in the weight state's cache (PackedWeight.keep_interleaved) until train() or a
-        write into the codes. bitsandbytes repacks its weight for its CPU kernel in eval mode
-        too; here the weight, its state and the state dict stay in the format."""
+        more; none where the CPU has no kernel for it, NF4LORA_CPU_INTERLEAVE=0, or the
+        kernel would not read it for activations of `dtype`: float32's) and keep it in the
+        weight state's cache (PackedWeight.keep_interleaved) until train() or a write into
+        the codes. bitsandbytes repacks its weight for its CPU kernel in eval mode too; here
+        the weight, its state and the state dict stay in the format."""
         state = weight.quant_state
         if PackedWeight.kept_interleaved(state) is not None or torch.compiler.is_compiling():
             return  # (traced code reads the row layout: the op schema has no place for a copy)
-        if backend_for(weight.device, state.quant_type) is cpu_backend:
+        if (backend_for(weight.device, state.quant_type) is cpu_backend
+                and cpu_backend.reads_interleaved(dtype)):
             PackedWeight.keep_interleaved(weight, state, cpu_backend.interleave)
 
     def train(self, mode: bool = True):
