@@ -356,8 +356,11 @@ void gemv_tile(const GemvWork& a, const Decoder& decode, int64_t m0, int64_t n0,
   using X = typename Decoder::X;
   // Independent accumulator chains per row of x: an FMA has 4 cycles of latency and a
   // group issues kVectors of them per row, so small tiles split them over up to
-  // kVectors chains (kGemvAccumulators in all at most: 8 of AVX2's 16 registers).
-  constexpr int kChains = MT * kVectors <= kGemvAccumulators ? kVectors
+  // kVectors chains, at most half of kGemvAccumulators (8 of AVX2's 16 registers; AVX2's
+  // 64-weight float step, 8 vectors, spilled 6 of 8 chains to the stack at M = 1), and
+  // kGemvAccumulators in all.
+  constexpr int kRowChains = kVectors < kGemvAccumulators / 2 ? kVectors : kGemvAccumulators / 2;
+  constexpr int kChains = MT * kRowChains <= kGemvAccumulators ? kRowChains
                           : (MT * 2 <= kGemvAccumulators ? 2 : 1);
   const int64_t blocksize = a.weight.blocksize;
   const int64_t blocks_per_row = a.K / blocksize;
