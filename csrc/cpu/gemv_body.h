@@ -305,6 +305,9 @@ void walk_integer(const GemvWork& a, const Decoder& decode, int64_t block, const
   F chains[MT][kChains];
   for (int m = 0; m < MT; ++m)
     for (int c = 0; c < kChains; ++c) chains[m][c] = acc[m][c];
+  // the prefetches stay inside W: past its end one can hit memory that is not mapped, a
+  // failed page walk each (gemv_interleaved.h far_prefetch_distance)
+  const uint8_t* const last_ahead = a.weight.packed + (a.weight.n + 1) / 2 - kPrefetchBytes;
   for (int64_t c0 = k0; c0 < k1; c0 += kFoldColumns) {
     const int64_t columns = k1 - c0 < kFoldColumns ? k1 - c0 : kFoldColumns;
     const int64_t scales = columns / kGemvXGroup, blocks = columns / a.weight.blocksize;
@@ -324,7 +327,7 @@ void walk_integer(const GemvWork& a, const Decoder& decode, int64_t block, const
     for (int64_t j0 = 0; j0 < steps; j0 += kChains) {
       for (int c = 0; c < kChains && j0 + c < steps; ++c, p += kGroup / 2, xg += MT * kStride) {
         typename Decoder::Weights w[kVectors];
-        __builtin_prefetch(p + kPrefetchBytes);
+        __builtin_prefetch(p < last_ahead ? p + kPrefetchBytes : p);
         if (pipe.next_block >= 0 && j0 + c == steps / 2)
           block_constants(a.weight, pipe.next_block, blocks, pipe.next);
         if (kScales > 1 && (j0 + c + 1) * kGroup > columns) {
