@@ -546,8 +546,8 @@ class Linear4bit(_Layer4bit, nn.Linear):
         state = weight.quant_state
         if PackedWeight.kept_interleaved(state) is not None or torch.compiler.is_compiling():
             return  # (traced code reads the row layout: the op schema has no place for a copy)
-        if (backend_for(weight.device, state.quant_type) is cpu_backend
-                and cpu_backend.reads_interleaved(dtype)):
+        if (cpu_backend.reads_interleaved(dtype)   # (first: a float32 call asks at every call)
+                and backend_for(weight.device, state.quant_type) is cpu_backend):
             PackedWeight.keep_interleaved(weight, state, cpu_backend.interleave)
 
     def train(self, mode: bool = True):
