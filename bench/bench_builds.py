@@ -12,7 +12,7 @@ Builds (positional; the first is the baseline of the ratios and of the byte comp
   REV        a git revision of this checkout (sha, branch, HEAD~1, ...), built once and
              kept in ~/.cache/nf4lora/builds/<sha> (NF4LORA_BUILD_CACHE moves it)
   .          the working tree as it is, uncommitted edits and new files included (rebuilt
-             on every run)
+             on every run, into <cache>/worktree)
   installed  the nf4lora._C this Python imports (no build)
 A build is the CPU extension alone (NF4LORA_SKIP_CUDA_BUILD=1, ~2 min on a 2-core Zen 1),
 its module renamed (`rename_module`) so that several load side by side. Every build is
@@ -92,13 +92,10 @@ def build_module(build: str):
     if build == INSTALLED:
         from nf4lora import _C
         return _C
-    if build == WORKTREE:
-        sha, cached = "worktree", None
-    else:
-        sha = _git("rev-parse", "--verify", build + "^{commit}").strip()
-        cached = cache_dir() / sha
+    sha = "worktree" if build == WORKTREE else _git("rev-parse", "--verify", build + "^{commit}").strip()
+    target = cache_dir() / sha
     name = "_C_ab_" + hashlib.sha1(sha.encode()).hexdigest()[:10]
-    found = sorted(cached.glob(name + "*.so")) if cached is not None and cached.is_dir() else []
+    found = sorted(target.glob(name + "*.so")) if build != WORKTREE and target.is_dir() else []
     if not found:
         with tempfile.TemporaryDirectory(prefix="nf4lora-build-") as tmp:
             source = Path(tmp)
@@ -110,8 +107,8 @@ def build_module(build: str):
                                   text=True, env={**os.environ, "NF4LORA_SKIP_CUDA_BUILD": "1"})
             if done.returncode != 0:
                 raise RuntimeError(f"building {build} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
-            target = cached or Path(tempfile.mkdtemp(prefix="nf4lora-worktree-build-"))
-            target.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(target, ignore_errors=True)   # (the working tree's last build)
+            target.mkdir(parents=True)
             for so in (source / "nf4lora").glob(name + "*.so"):
                 shutil.copy2(so, target / so.name)
             found = sorted(target.glob(name + "*.so"))
@@ -255,7 +252,8 @@ def main(argv=None) -> dict:
     for row in rows:
         N, K = map(int, row["shape"].split("x"))
         row["tsc_per_32w"] = row["median_ms"] * 1e-3 * hz / (N * K / 32) if hz else None
-        row["time_vs_first"] = row["median_ms"] / first[(row["shape"], row["tokens"], row["layout"], row["mode"])]
+        base = first.get((row["shape"], row["tokens"], row["layout"], row["mode"]))
+        row["time_vs_first"] = row["median_ms"] / base if base else None   # (None: the first failed)
     harness.print_notes(notes)
     heading = (f"fused matmul of {len(names)} builds in one process, {args.dtype} x, rank {args.rank}, "
                f"{torch.get_num_threads() if args.threads is None else args.threads} thread(s), "
