@@ -131,7 +131,7 @@ class Case:
         return {"shape": "x".join(map(str, self.shape)), "tokens": self.tokens, "layout": self.layout}
 
 
-_weights: dict = {}   # (shape, layer) -> PackedWeight, shared by every build of a run
+_weights: dict = {}   # (shape, layer) -> PackedWeight, shared by every build; one shape at a time
 
 
 def packed_weight(shape: tuple[int, int], layer: int) -> PackedWeight:
@@ -145,13 +145,12 @@ def packed_weight(shape: tuple[int, int], layer: int) -> PackedWeight:
 
 
 def operands(case: Case) -> dict:
-    """x, LoRA (rank > 0) and outputs of a case, the same for every build (seeded)."""
+    """x and the LoRA factors (None at rank 0) of a case, the same for every build (seeded)."""
     (N, K), M, r = case.shape, case.tokens, case.rank
     gen = torch.Generator().manual_seed(1)
-    ops = {"x": torch.randn(M, K, generator=gen).to(case.dtype),
-           "lora_A": (torch.randn(r, K, generator=gen) * K ** -0.5).to(case.dtype) if r else None,
-           "lora_B": torch.randn(N, r, generator=gen).to(case.dtype) if r else None}
-    return ops
+    return {"x": torch.randn(M, K, generator=gen).to(case.dtype),
+            "lora_A": (torch.randn(r, K, generator=gen) * K ** -0.5).to(case.dtype) if r else None,
+            "lora_B": torch.randn(N, r, generator=gen).to(case.dtype) if r else None}
 
 
 def call_of(module, case: Case, weight: PackedWeight, ops: dict):
@@ -233,6 +232,8 @@ def main(argv=None) -> dict:
         providers = [provider_of(name, module, args.reps) for name, module in modules.items()]
         with harness.gc_frozen():
             for case in cases:
+                if any(shape != case.shape for shape, _ in _weights):
+                    _weights.clear()   # (the cases go shape by shape: hold one shape's layers)
                 try:
                     same = compare(case, modules)
                 except Exception as error:   # a build that cannot run this case
@@ -246,6 +247,7 @@ def main(argv=None) -> dict:
                 rows += case_rows
         for module in modules.values():
             module.set_num_threads(0)
+    _weights.clear()
     hz = (harness.cpu_mhz() or 0) * 1e6
     first = {(r["shape"], r["tokens"], r["layout"], r["mode"]): r["median_ms"]
              for r in rows if r["provider"] == names[0]}

@@ -363,8 +363,9 @@ void gemv_tile(const GemvWork& a, const Decoder& decode, int64_t m0, int64_t n0,
   // kGemvAccumulators in all; half of that for a decoder of more vectors than that (its
   // weights take the registers: AVX2's 64-weight float step, 8 vectors, spilled 6 of 8
   // chains to the stack at M = 1, and 4 per row at M = 2 took 1.09x the time of 2).
-  constexpr int kRowChains = kVectors < kGemvAccumulators / 2 ? kVectors : kGemvAccumulators / 2;
-  constexpr int kBudget = kVectors > kGemvAccumulators / 2 ? kGemvAccumulators / 2 : kGemvAccumulators;
+  constexpr bool kWide = kVectors > kGemvAccumulators / 2;
+  constexpr int kRowChains = kWide ? kGemvAccumulators / 2 : kVectors;
+  constexpr int kBudget = kWide ? kGemvAccumulators / 2 : kGemvAccumulators;
   constexpr int kChains = MT * kRowChains <= kBudget ? kRowChains : (MT * 2 <= kBudget ? 2 : 1);
   const int64_t blocksize = a.weight.blocksize;
   const int64_t blocks_per_row = a.K / blocksize;

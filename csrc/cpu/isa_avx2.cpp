@@ -240,8 +240,17 @@ struct GemvDecoder : FloatGemvDecoder {
     w[3] = mul(_mm256_castsi256_ps(_mm256_unpackhi_epi16(high01, high23)), scale);
   }
 };
+// 32 packed bytes as 64 codes, one per byte: `high` holds the high nibbles (element 2b of
+// byte b), `low` the low ones (element 2b + 1).
+inline void split_nibbles(const uint8_t* p, I& high, I& low) {
+  const I q = _mm256_loadu_si256(reinterpret_cast<const I*>(p));
+  const I nibble = _mm256_set1_epi8(0x0F);
+  high = _mm256_and_si256(_mm256_srli_epi16(q, 4), nibble);
+  low = _mm256_and_si256(q, nibble);
+}
+
 // Blocksizes that are a multiple of 64: the same lookup, 64 weights per step from one
-// 32-byte load, a 16-bit shift and two ands (the integer decoder's split, below), where
+// 32-byte load, a 16-bit shift and two ands (split_nibbles, as the integer decoder), where
 // 32-weight steps took a broadcast load, a variable shift and an and for every 32. Lane 0
 // holds packed bytes 0-15, lane 1 bytes 16-31; w[0..3] their high nibbles (element 2b of
 // byte b), w[4..7] the low ones (2b + 1). A micro-benchmark of the step loop (AVX2-only
@@ -256,10 +265,10 @@ struct GemvDecoder64 : GemvDecoder {
   }
   using GemvDecoder::GemvDecoder;
   void operator()(const Table& scale, const uint8_t* p, F* w) const {
-    const I q = _mm256_loadu_si256(reinterpret_cast<const I*>(p));
-    const I nibble = _mm256_set1_epi8(0x0F);
-    scaled_levels(_mm256_and_si256(_mm256_srli_epi16(q, 4), nibble), scale, w);
-    scaled_levels(_mm256_and_si256(q, nibble), scale, w + 4);
+    I high, low;
+    split_nibbles(p, high, low);
+    scaled_levels(high, scale, w);
+    scaled_levels(low, scale, w + 4);
   }
 };
 template <class T> struct GemvDecoderFor { using type = GemvDecoder64; };
@@ -315,9 +324,8 @@ struct GemvInt16Decoder : IntegerGemvDecoder {
     planes = BytePlanes(levels);
   }
   void operator()(const Table&, const uint8_t* p, I* w) const {
-    const I q = _mm256_loadu_si256(reinterpret_cast<const I*>(p));
-    const I nibble = _mm256_set1_epi8(0x0F);
-    const I even = _mm256_and_si256(_mm256_srli_epi16(q, 4), nibble), odd = _mm256_and_si256(q, nibble);
+    I even, odd;
+    split_nibbles(p, even, odd);
     const I even_lo = _mm256_shuffle_epi8(planes.lo, even), even_hi = _mm256_shuffle_epi8(planes.hi, even);
     const I odd_lo = _mm256_shuffle_epi8(planes.lo, odd), odd_hi = _mm256_shuffle_epi8(planes.hi, odd);
     w[0] = _mm256_unpacklo_epi8(even_lo, even_hi);
